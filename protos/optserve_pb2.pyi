@@ -1,0 +1,270 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    FLOAT32: _ClassVar[DType]
+    FLOAT64: _ClassVar[DType]
+    FLOAT16: _ClassVar[DType]
+    INT32: _ClassVar[DType]
+    INT64: _ClassVar[DType]
+
+class SyncMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SYNC_MODE_UNSPECIFIED: _ClassVar[SyncMode]
+    SYNC: _ClassVar[SyncMode]
+    ASYNC: _ClassVar[SyncMode]
+
+class TimeoutPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TIMEOUT_POLICY_UNSPECIFIED: _ClassVar[TimeoutPolicy]
+    FAIL: _ClassVar[TimeoutPolicy]
+    APPLY_PARTIAL: _ClassVar[TimeoutPolicy]
+DTYPE_UNSPECIFIED: DType
+FLOAT32: DType
+FLOAT64: DType
+FLOAT16: DType
+INT32: DType
+INT64: DType
+SYNC_MODE_UNSPECIFIED: SyncMode
+SYNC: SyncMode
+ASYNC: SyncMode
+TIMEOUT_POLICY_UNSPECIFIED: TimeoutPolicy
+FAIL: TimeoutPolicy
+APPLY_PARTIAL: TimeoutPolicy
+
+class TensorChunk(_message.Message):
+    __slots__ = ("name", "slot", "dtype", "shape", "offset", "data")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SLOT_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    slot: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    data: bytes
+    def __init__(self, name: _Optional[str] = ..., slot: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class ModelSpec(_message.Message):
+    __slots__ = ("model_id", "optimizer_config_json", "num_workers", "mode", "sync_timeout_s", "timeout_policy")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    SYNC_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    optimizer_config_json: str
+    num_workers: int
+    mode: SyncMode
+    sync_timeout_s: float
+    timeout_policy: TimeoutPolicy
+    def __init__(self, model_id: _Optional[str] = ..., optimizer_config_json: _Optional[str] = ..., num_workers: _Optional[int] = ..., mode: _Optional[_Union[SyncMode, str]] = ..., sync_timeout_s: _Optional[float] = ..., timeout_policy: _Optional[_Union[TimeoutPolicy, str]] = ...) -> None: ...
+
+class CreateModelRequest(_message.Message):
+    __slots__ = ("spec", "variables")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    spec: ModelSpec
+    variables: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+
+class CreateModelResponse(_message.Message):
+    __slots__ = ("created", "model")
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    created: bool
+    model: ModelInfo
+    def __init__(self, created: _Optional[bool] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
+
+class ApplyGradientsHeader(_message.Message):
+    __slots__ = ("model_id", "worker_index", "step", "aggregated", "return_variables")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATED_FIELD_NUMBER: _ClassVar[int]
+    RETURN_VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    worker_index: int
+    step: int
+    aggregated: bool
+    return_variables: bool
+    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ..., step: _Optional[int] = ..., aggregated: _Optional[bool] = ..., return_variables: _Optional[bool] = ...) -> None: ...
+
+class ApplyGradientsRequest(_message.Message):
+    __slots__ = ("header", "gradients")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    header: ApplyGradientsHeader
+    gradients: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, header: _Optional[_Union[ApplyGradientsHeader, _Mapping]] = ..., gradients: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+
+class StepResult(_message.Message):
+    __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors")
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    iterations: int
+    learning_rate: float
+    duplicate: bool
+    contributors: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., duplicate: _Optional[bool] = ..., contributors: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ApplyGradientsResponse(_message.Message):
+    __slots__ = ("result", "variables")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    result: StepResult
+    variables: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, result: _Optional[_Union[StepResult, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+
+class PullRequest(_message.Message):
+    __slots__ = ("model_id", "names")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class PullResponse(_message.Message):
+    __slots__ = ("state", "variables")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    state: StepResult
+    variables: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, state: _Optional[_Union[StepResult, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+
+class GetWeightsRequest(_message.Message):
+    __slots__ = ("model_id", "names", "include_variables")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    names: _containers.RepeatedScalarFieldContainer[str]
+    include_variables: bool
+    def __init__(self, model_id: _Optional[str] = ..., names: _Optional[_Iterable[str]] = ..., include_variables: _Optional[bool] = ...) -> None: ...
+
+class GetWeightsResponse(_message.Message):
+    __slots__ = ("state", "tensors")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    state: OptimizerState
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, state: _Optional[_Union[OptimizerState, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+
+class OptimizerState(_message.Message):
+    __slots__ = ("iterations", "raw_iterations", "learning_rate", "step", "scalars")
+    class ScalarsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    RAW_ITERATIONS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    SCALARS_FIELD_NUMBER: _ClassVar[int]
+    iterations: int
+    raw_iterations: int
+    learning_rate: float
+    step: int
+    scalars: _containers.ScalarMap[str, float]
+    def __init__(self, iterations: _Optional[int] = ..., raw_iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., step: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class SetWeightsRequest(_message.Message):
+    __slots__ = ("model_id", "state", "has_state", "tensors")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    HAS_STATE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    state: OptimizerState
+    has_state: bool
+    tensors: _containers.RepeatedCompositeFieldContainer[TensorChunk]
+    def __init__(self, model_id: _Optional[str] = ..., state: _Optional[_Union[OptimizerState, _Mapping]] = ..., has_state: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+
+class SetWeightsResponse(_message.Message):
+    __slots__ = ("state",)
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    state: OptimizerState
+    def __init__(self, state: _Optional[_Union[OptimizerState, _Mapping]] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ("model_id", "with_stats")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    WITH_STATS_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    with_stats: bool
+    def __init__(self, model_id: _Optional[str] = ..., with_stats: _Optional[bool] = ...) -> None: ...
+
+class VariableInfo(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "slots", "norm")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    SLOTS_FIELD_NUMBER: _ClassVar[int]
+    NORM_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    slots: _containers.RepeatedScalarFieldContainer[str]
+    norm: float
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., slots: _Optional[_Iterable[str]] = ..., norm: _Optional[float] = ...) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("spec", "state", "variables", "waiting_workers")
+    SPEC_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    WAITING_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    spec: ModelSpec
+    state: OptimizerState
+    variables: _containers.RepeatedCompositeFieldContainer[VariableInfo]
+    waiting_workers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., state: _Optional[_Union[OptimizerState, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[VariableInfo, _Mapping]]] = ..., waiting_workers: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models",)
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+
+class DeleteModelRequest(_message.Message):
+    __slots__ = ("model_id",)
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+
+class DeleteModelResponse(_message.Message):
+    __slots__ = ("deleted",)
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    deleted: bool
+    def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
+class CheckpointRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class CheckpointResponse(_message.Message):
+    __slots__ = ("path", "models")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    models: int
+    def __init__(self, path: _Optional[str] = ..., models: _Optional[int] = ...) -> None: ...
