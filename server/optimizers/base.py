@@ -1,0 +1,881 @@
+"""Keras 3.15's optimizer apply pipeline over named variables held by a backend.
+
+One ``apply(grads)`` call does what ``keras.optimizers.Optimizer.apply`` does:
+drop missing gradients, divide by ``loss_scale_factor``, accumulate over
+``gradient_accumulation_steps``, clip (``clipnorm`` / ``global_clipnorm`` /
+``clipvalue``), decoupled ``weight_decay``, the optimizer's own update, the EMA
+of the variables, and the iteration counter. Every elementwise stage is an
+``UpdateKernel``; scalars that depend on the step or the learning rate are
+computed here on the host, in the variable's dtype, the way Keras computes them
+with 0-d tensors, so that the kernels see the very same numbers Keras uses.
+
+Gradients are never written: a stage that must change a gradient writes it
+into a buffer the optimizer owns (the gradient accumulator under gradient
+accumulation, else a per-variable scratch buffer allocated once at build).
+
+State layout, per variable, in the order Keras 3 creates its variables:
+``average`` (``use_ema``), ``gradient_accumulator`` (gradient accumulation),
+then the optimizer's own slots (e.g. RMSprop: ``velocity``, ``momentum``,
+``average_gradient``). ``get_weights()`` is tf.keras's layout,
+``[iterations, *slots variable by variable]``, so EMA averages and gradient
+accumulators are part of it; optimizer-wide scalars (Nadam's ``u_product``) are
+in ``get_scalars()``, and ``state_dict()`` holds everything, raw counter included.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from ..errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
+from ..kernels import UpdateKernel
+from . import validation as check
+from .validation import Hyperparameter
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+# Keras keeps a float learning rate in a float32 variable and evaluates its
+# schedules in float32: every rate the updates see is a float32 value.
+LEARNING_RATE_DTYPE = np.float32
+STATE_FORMAT = "optserve.optimizer_state/1"
+
+COMMON_HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
+    Hyperparameter("weight_decay", None, check.optional_non_negative),
+    Hyperparameter("clipnorm", None, check.optional_positive),
+    Hyperparameter("global_clipnorm", None, check.optional_positive),
+    Hyperparameter("clipvalue", None, check.optional_positive),
+    Hyperparameter("use_ema", False, check.boolean),
+    Hyperparameter("ema_momentum", 0.99, check.ema_momentum),
+    Hyperparameter("ema_overwrite_frequency", None, check.ema_overwrite_frequency),
+    Hyperparameter("loss_scale_factor", None, check.optional_positive),
+    Hyperparameter("gradient_accumulation_steps", None, check.accumulation_steps),
+)
+
+EMA_SLOT = "average"
+ACCUMULATOR_SLOT = "gradient_accumulator"
+
+
+def _pipeline_kernels(name: str, expression: str, scalars: tuple[str, ...]):
+    """The same gradient transform twice: into an owned buffer, and in place."""
+    copying = UpdateKernel(
+        name=f"{name}_into", inputs=("grad",), state=("out",), scalars=scalars,
+        body=f"out = {expression}\n",
+    )
+    in_place = UpdateKernel(
+        name=f"{name}_in_place", inputs=(), state=("grad",), scalars=scalars,
+        body=f"grad = {expression}\n",
+    )
+    return copying, in_place
+
+
+# Keras divides (`g / scale`), it does not multiply by the reciprocal.
+UNSCALE = UpdateKernel(
+    name="loss_unscale", inputs=("grad",), state=("out",), scalars=("loss_scale",),
+    body="out = grad / loss_scale\n",
+)
+ACCUMULATE = UpdateKernel(
+    name="accumulate_gradient", inputs=("grad",), state=("accumulator",), scalars=(),
+    body="accumulator = accumulator + grad\n",
+)
+ACCUMULATE_UNSCALED = UpdateKernel(
+    name="accumulate_unscaled_gradient", inputs=("grad",), state=("accumulator",), scalars=("loss_scale",),
+    body="accumulator = accumulator + grad / loss_scale\n",
+)
+# On the k-th call the accumulator becomes the gradient the update uses.
+ACCUMULATED_MEAN = UpdateKernel(
+    name="accumulated_mean", inputs=("grad",), state=("accumulator",), scalars=("steps",),
+    body="accumulator = (grad + accumulator) / steps\n",
+)
+ACCUMULATED_MEAN_UNSCALED = UpdateKernel(
+    name="accumulated_mean_unscaled", inputs=("grad",), state=("accumulator",), scalars=("steps", "loss_scale"),
+    body="accumulator = (grad / loss_scale + accumulator) / steps\n",
+)
+RESET = UpdateKernel(name="reset_to_zero", inputs=(), state=("buffer",), scalars=(), body="buffer = 0\n")
+# Keras: values * clipnorm / maximum(l2norm, clipnorm), with the norm on the host.
+CLIP_BY_NORM = _pipeline_kernels("clip_by_norm", "grad * clipnorm / norm_or_clipnorm", ("clipnorm", "norm_or_clipnorm"))
+SCALE_BY_GLOBAL_NORM = _pipeline_kernels("clip_by_global_norm", "grad * scale", ("scale",))
+CLIP_BY_VALUE = _pipeline_kernels("clip_by_value", "clip(grad, -clipvalue, clipvalue)", ("clipvalue",))
+WEIGHT_DECAY = UpdateKernel(
+    name="decoupled_weight_decay", inputs=(), state=("var",), scalars=("weight_decay", "lr"),
+    body="var = var - var * weight_decay * lr\n",
+)
+EMA = UpdateKernel(
+    name="exponential_moving_average", inputs=("var",), state=("average",), scalars=("ema_momentum",),
+    body="average = ema_momentum * average + (1 - ema_momentum) * var\n",
+)
+
+
+def _resolve_backend(backend: Any) -> Any:
+    """A backend object as is; a device name ("cpu", "gpu", "auto") or None (cpu) looked up."""
+    if backend is not None and not isinstance(backend, str):
+        return backend
+    from ..backends import get_backend
+
+    return get_backend(backend or "cpu")
+
+
+def _finite_float(value: Any) -> float | None:
+    """``value`` as a float when it is a finite real number, else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def snake_case(class_name: str) -> str:
+    """Keras's default optimizer name (``keras.src.utils.naming.to_snake_case``)."""
+    name = re.sub(r"\W+", "", class_name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _describe(names: Sequence[str], limit: int = 10) -> str:
+    shown = ", ".join(repr(n) for n in list(names)[:limit])
+    more = len(names) - limit
+    return f"{shown}, ... ({more} more)" if more > 0 else shown
+
+
+class _Variable:
+    """One model variable, its slots (Keras order) and its scratch buffer."""
+
+    __slots__ = ("name", "shape", "dtype", "value", "slots", "scratch")
+
+    def __init__(self, name: str, value: Any, shape: tuple, dtype: np.dtype):
+        self.name = name
+        self.value = value
+        self.shape = shape
+        self.dtype = dtype
+        self.slots: dict[str, Any] = {}
+        self.scratch = None
+
+
+class Optimizer:
+    """Base class: the Keras apply pipeline; subclasses add slots and one update kernel.
+
+    Subclasses set ``class_name`` (Keras's), ``default_learning_rate`` and
+    ``hyperparameters`` (their own constructor arguments in Keras's order), and
+    implement ``slot_groups``, ``update_kernel`` and ``update_scalars``.
+    """
+
+    class_name = "Optimizer"
+    default_learning_rate = 0.001
+    hyperparameters: tuple[Hyperparameter, ...] = ()
+
+    def __init__(self, backend: Any = None, **kwargs: Any):
+        self._backend = _resolve_backend(backend)
+        self._config = self._validated_config(kwargs)
+        self.name = self._config["name"]
+        self._set_learning_rate_config(self._config.pop("learning_rate"))
+        self._variables: dict[str, _Variable] = {}
+        self._built = False
+        self._raw_iterations = 0
+        self._weight_decay_pattern: re.Pattern | None = None
+        self._weight_decay_names: list[str] | None = None
+        self._weight_decay_cache: dict[str, bool] = {}
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def argument_names(cls) -> list[str]:
+        """Every accepted constructor argument, in Keras's get_config order."""
+        common = [h.name for h in COMMON_HYPERPARAMETERS]
+        return ["name", "learning_rate", *common, *(h.name for h in cls.hyperparameters)]
+
+    @classmethod
+    def _validated_config(cls, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        kwargs = dict(kwargs)
+        cls._pop_legacy_decay(kwargs)
+        unknown = {k: v for k, v in kwargs.items() if k not in cls.argument_names()}
+        if unknown:
+            raise InvalidArgumentError(
+                f"Argument(s) not recognized: {unknown}. "
+                f"{cls.class_name} accepts: {', '.join(cls.argument_names())}"
+            )
+        config: dict[str, Any] = {"name": check.name_string("name", kwargs.get("name"))}
+        if config["name"] is None:
+            config["name"] = snake_case(cls.class_name)
+        for hyper in COMMON_HYPERPARAMETERS:
+            config[hyper.name] = hyper.check(hyper.name, kwargs.get(hyper.name, hyper.default))
+        cls._check_single_clipping(config)
+        config["learning_rate"] = cls._validated_learning_rate(kwargs.get("learning_rate", cls.default_learning_rate))
+        for hyper in cls.hyperparameters:
+            config[hyper.name] = hyper.check(hyper.name, kwargs.get(hyper.name, hyper.default))
+        cls.check_hyperparameters(config)
+        return config
+
+    @staticmethod
+    def _pop_legacy_decay(kwargs: dict) -> None:
+        # Keras 3 drops `decay` with a warning; an ignored non-zero decay would
+        # silently train differently, so only the no-op values pass.
+        decay = kwargs.pop("decay", None)
+        if decay is not None and decay != 0:
+            raise InvalidArgumentError(
+                "Argument `decay` is no longer supported (Keras 3 ignores it); use a learning rate "
+                f"schedule instead. Received: decay={decay!r}"
+            )
+
+    @staticmethod
+    def _check_single_clipping(config: Mapping[str, Any]) -> None:
+        kinds = ("clipnorm", "clipvalue", "global_clipnorm")
+        if sum(config[k] is not None for k in kinds) > 1:
+            raise InvalidArgumentError(
+                "Only one of `clipnorm`, `clipvalue` and `global_clipnorm` can be set. "
+                f"Received: clipnorm={config['clipnorm']}, clipvalue={config['clipvalue']}, "
+                f"global_clipnorm={config['global_clipnorm']}"
+            )
+
+    @classmethod
+    def _validated_learning_rate(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return schedules_deserialize(value)
+        if isinstance(value, float):
+            value = check.learning_rate_float("learning_rate", value)
+            with np.errstate(over="ignore"):
+                rounded = float(LEARNING_RATE_DTYPE(value))
+            if not math.isfinite(rounded):
+                raise InvalidArgumentError(
+                    f"`learning_rate` must be finite in float32. Received: learning_rate={value!r}"
+                )
+            return rounded
+        from .. import schedules
+
+        if isinstance(value, schedules.LearningRateSchedule):
+            return value
+        return check.learning_rate_float("learning_rate", value)
+
+    @classmethod
+    def check_hyperparameters(cls, config: Mapping[str, Any]) -> None:
+        """Checks that involve several arguments; subclasses extend."""
+
+    def _set_learning_rate_config(self, value: Any) -> None:
+        self._schedule = None if isinstance(value, float) else value
+        self._learning_rate = value if isinstance(value, float) else None
+
+    def __getattr__(self, name: str) -> Any:
+        # Hyperparameters read as attributes, as on a Keras optimizer.
+        config = self.__dict__.get("_config")
+        if config is not None and name in config:
+            return config[name]
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
+
+    def get_config(self) -> dict[str, Any]:
+        """What ``keras.optimizers.serialize`` returns for the same optimizer."""
+        from .. import schedules
+
+        learning_rate = self._learning_rate if self._schedule is None else schedules.serialize(self._schedule)
+        config: dict[str, Any] = {"name": self.name, "learning_rate": learning_rate}
+        for hyper in COMMON_HYPERPARAMETERS:
+            config[hyper.name] = self._config[hyper.name]
+        for hyper in self.hyperparameters:
+            config[hyper.name] = self._config[hyper.name]
+        return {"module": "keras.optimizers", "class_name": self.class_name, "config": config, "registered_name": None}
+
+    @property
+    def learning_rate(self) -> float:
+        return self.current_learning_rate()
+
+    def current_learning_rate(self) -> float:
+        """The rate the next update uses (a schedule reads the raw counter, as in Keras)."""
+        if self._schedule is None:
+            return self._learning_rate
+        return float(LEARNING_RATE_DTYPE(self._schedule(self._raw_iterations)))
+
+    def set_learning_rate(self, value: float) -> None:
+        """Keras's ``optimizer.learning_rate = value``; only for a float learning rate."""
+        if self._schedule is not None:
+            raise FailedPreconditionError(
+                "This optimizer was created with a learning rate schedule, hence its learning rate "
+                "is not settable. Create it with a float `learning_rate` to set it."
+            )
+        if check.is_real_number(value):
+            value = float(value)
+        self._learning_rate = self._validated_learning_rate(value)
+
+    # --------------------------------------------------------------- subclass
+    def slot_groups(self) -> list[list[tuple[str, float]]]:
+        """Slots as Keras creates them: each group is one ``add_optimizer_variables``
+        call (its names interleaved per variable), groups in call order;
+        each entry is ``(slot name, initial value)``."""
+        return []
+
+    def update_kernel(self) -> UpdateKernel:
+        raise NotImplementedError
+
+    def update_scalars(self, dtype: type, lr: np.floating) -> dict[str, float]:
+        """Host-side scalars of this step for variables of ``dtype`` (a NumPy scalar type)."""
+        raise NotImplementedError
+
+    def before_update_step(self) -> None:
+        """Optimizer-wide state updated once per real update (Nadam's u_product)."""
+
+    def optimizer_scalars(self) -> dict[str, tuple[float, np.dtype]]:
+        """Optimizer-wide state as ``{name: (value, dtype)}``."""
+        return {}
+
+    def assign_optimizer_scalars(self, values: Mapping[str, float]) -> None:
+        """Assign already validated optimizer-wide state."""
+
+    def on_build(self) -> None:
+        """Called once the variables exist."""
+
+    # ---------------------------------------------------------------- layout
+    def _all_slot_groups(self) -> list[list[tuple[str, float]]]:
+        groups = []
+        if self._config["use_ema"]:
+            groups.append([(EMA_SLOT, 0.0)])
+        if self._config["gradient_accumulation_steps"]:
+            groups.append([(ACCUMULATOR_SLOT, 0.0)])
+        return groups + self.slot_groups()
+
+    def _slot_names(self) -> list[str]:
+        return [slot for group in self._all_slot_groups() for slot, _ in group]
+
+    def _weights_layout(self) -> list[tuple[str, str]]:
+        """(variable, slot) pairs of ``get_weights()``: variable by variable, slots in Keras order."""
+        slots = self._slot_names()
+        return [(name, slot) for name in self._variables for slot in slots]
+
+    @property
+    def built(self) -> bool:
+        return self._built
+
+    @property
+    def variable_names(self) -> list[str]:
+        return list(self._variables)
+
+    @property
+    def raw_iterations(self) -> int:
+        return self._raw_iterations
+
+    @property
+    def iterations(self) -> int:
+        steps = self._config["gradient_accumulation_steps"]
+        return self._raw_iterations // steps if steps else self._raw_iterations
+
+    def slot_names(self, name: str) -> list[str]:
+        """Slot names of one variable, in Keras order (EMA average and gradient
+        accumulator first when configured, as Keras creates them first)."""
+        self._require_variable(name)
+        return self._slot_names()
+
+    # ----------------------------------------------------------------- build
+    def build(self, variables: Mapping[str, Any]) -> None:
+        """Copy the variables (order kept) into owned storage and create the slots."""
+        if self._built:
+            raise FailedPreconditionError(
+                f"Optimizer '{self.name}' is already built on {len(self._variables)} variables."
+            )
+        if not isinstance(variables, Mapping) or not variables:
+            raise InvalidArgumentError("`build` needs a non-empty {name: array} mapping of variables.")
+        hosts = {}
+        for name, value in variables.items():
+            if not isinstance(name, str) or not name:
+                raise InvalidArgumentError(f"Variable names must be non-empty strings. Received: {name!r}")
+            host = np.asarray(value)
+            if host.dtype not in SUPPORTED_DTYPES:
+                raise InvalidArgumentError(
+                    f"Variable '{name}' has dtype {host.dtype}; supported dtypes are float32 and float64."
+                )
+            hosts[name] = host
+        for name, host in hosts.items():
+            self._variables[name] = self._new_variable(name, host)
+        self._built = True
+        self.on_build()
+
+    def _new_variable(self, name: str, host: np.ndarray) -> _Variable:
+        backend = self._backend
+        value = backend.asarray(host, host.dtype)  # an owned, C-contiguous copy
+        variable = _Variable(name, value, tuple(host.shape), host.dtype)
+        for group in self._all_slot_groups():
+            for slot, initial in group:
+                variable.slots[slot] = backend.full(variable.shape, initial, variable.dtype)
+        if self._needs_scratch():
+            variable.scratch = backend.full(variable.shape, 0, variable.dtype)
+        return variable
+
+    def _needs_scratch(self) -> bool:
+        # Under gradient accumulation the accumulator holds the gradient to change.
+        if self._config["gradient_accumulation_steps"]:
+            return False
+        clipping = any(self._config[k] is not None for k in ("clipnorm", "global_clipnorm", "clipvalue"))
+        return clipping or self._config["loss_scale_factor"] is not None
+
+    def _require_built(self) -> None:
+        if not self._built:
+            raise FailedPreconditionError(
+                f"Optimizer '{self.name}' has no variables yet; call build(variables) first."
+            )
+
+    def _require_variable(self, name: str) -> _Variable:
+        self._require_built()
+        variable = self._variables.get(name)
+        if variable is None:
+            raise NotFoundError(
+                f"Unknown variable {name!r}. This optimizer holds: {_describe(list(self._variables))}"
+            )
+        return variable
+
+    def _require_variables(self, names: Iterable[str]) -> list[_Variable]:
+        return [self._require_variable(name) for name in names]
+
+    # ------------------------------------------------------------ weight decay
+    def exclude_from_weight_decay(self, var_names: Sequence[str] | None = None) -> None:
+        """Keras's ``exclude_from_weight_decay(var_names=...)``: a variable whose
+        name contains a match of any of these regular expressions is not decayed."""
+        names = list(var_names or [])
+        if not all(isinstance(n, str) and n for n in names):
+            raise InvalidArgumentError(
+                f"`var_names` must be a list of non-empty strings. Received: var_names={names!r}"
+            )
+        try:
+            pattern = re.compile("|".join(sorted(set(names)))) if names else None
+        except re.error as error:
+            raise InvalidArgumentError(f"`var_names` is not a valid regular expression list: {error}") from None
+        self._weight_decay_names = names or None
+        self._weight_decay_pattern = pattern
+        self._weight_decay_cache = {}
+
+    def _uses_weight_decay(self, name: str) -> bool:
+        cached = self._weight_decay_cache.get(name)
+        if cached is None:
+            pattern = self._weight_decay_pattern
+            cached = pattern is None or pattern.search(name) is None
+            self._weight_decay_cache[name] = cached
+        return cached
+
+    # ----------------------------------------------------------------- apply
+    def apply(self, grads: Mapping[str, Any]) -> None:
+        """One Keras ``optimizer.apply``: checked as a whole first, then applied."""
+        self._require_built()
+        gradients = self._validated_gradients(grads)
+        lr = self._learning_rate_for_step()
+        steps = self._config["gradient_accumulation_steps"]
+        if steps and (self._raw_iterations + 1) % steps != 0:
+            self._accumulate(gradients)
+        elif steps:
+            self._update(self._accumulated_means(gradients, steps), lr)
+            self._reset_accumulators()
+        else:
+            self._update(self._unscaled(gradients), lr)
+        if self._config["use_ema"]:
+            self._update_moving_averages()
+        self._raw_iterations += 1
+
+    def _validated_gradients(self, grads: Mapping[str, Any]) -> list[tuple[_Variable, Any]]:
+        if not isinstance(grads, Mapping):
+            raise InvalidArgumentError(f"Gradients must be a {{name: array}} mapping. Received: {type(grads).__name__}")
+        unknown = [name for name in grads if name not in self._variables]
+        if unknown:
+            raise NotFoundError(
+                f"Gradient(s) for unknown variable(s) {_describe(unknown)}. "
+                f"This optimizer holds: {_describe(list(self._variables))}"
+            )
+        checked = []
+        for name, variable in self._variables.items():
+            grad = grads.get(name)
+            if grad is None:
+                continue  # Keras drops missing gradients; the variable is left alone
+            if not (hasattr(grad, "shape") and hasattr(grad, "dtype")):
+                grad = np.asarray(grad)
+            if tuple(grad.shape) != variable.shape:
+                raise InvalidArgumentError(
+                    f"Gradient for variable '{name}' has shape {tuple(grad.shape)}; expected {variable.shape}."
+                )
+            if np.dtype(grad.dtype) != variable.dtype:
+                raise InvalidArgumentError(
+                    f"Gradient for variable '{name}' has dtype {np.dtype(grad.dtype)}; expected {variable.dtype}."
+                )
+            checked.append((variable, grad))
+        if not checked:
+            raise InvalidArgumentError("No gradients provided for any variable.")
+        return [(variable, self._device_array(grad)) for variable, grad in checked]
+
+    def _device_array(self, grad):
+        # On the host backend the incoming array is read as is: kernels never
+        # write their inputs, so no per-step copy is needed.
+        if getattr(self._backend, "xp", None) is np:
+            return np.asarray(grad)
+        return self._backend.asarray(grad)
+
+    def _learning_rate_for_step(self) -> float:
+        lr = self.current_learning_rate()
+        if not math.isfinite(lr):
+            raise FailedPreconditionError(
+                f"The learning rate schedule gives a non-finite learning rate ({lr}) at iteration "
+                f"{self._raw_iterations}; nothing was applied."
+            )
+        return lr
+
+    def _run(self, kernel: UpdateKernel, arrays: dict[str, Any], scalars: dict[str, float]) -> None:
+        self._backend.run(kernel, arrays, scalars)
+
+    # Each gradient travels as (variable, array, owned): `owned` says the array
+    # is a buffer of this optimizer that later stages may overwrite.
+    def _unscaled(self, gradients):
+        scale = self._config["loss_scale_factor"]
+        if scale is None:
+            return [(variable, grad, False) for variable, grad in gradients]
+        for variable, grad in gradients:
+            self._run(UNSCALE, {"grad": grad, "out": variable.scratch}, {"loss_scale": scale})
+        return [(variable, variable.scratch, True) for variable, _ in gradients]
+
+    def _accumulate(self, gradients) -> None:
+        scale = self._config["loss_scale_factor"]
+        for variable, grad in gradients:
+            arrays = {"grad": grad, "accumulator": variable.slots[ACCUMULATOR_SLOT]}
+            if scale is None:
+                self._run(ACCUMULATE, arrays, {})
+            else:
+                self._run(ACCUMULATE_UNSCALED, arrays, {"loss_scale": scale})
+
+    def _accumulated_means(self, gradients, steps: int):
+        scale = self._config["loss_scale_factor"]
+        means = []
+        for variable, grad in gradients:
+            accumulator = variable.slots[ACCUMULATOR_SLOT]
+            arrays = {"grad": grad, "accumulator": accumulator}
+            if scale is None:
+                self._run(ACCUMULATED_MEAN, arrays, {"steps": steps})
+            else:
+                self._run(ACCUMULATED_MEAN_UNSCALED, arrays, {"steps": steps, "loss_scale": scale})
+            means.append((variable, accumulator, True))
+        return means
+
+    def _reset_accumulators(self) -> None:
+        # Keras zeroes every accumulator, also those of variables without a gradient now.
+        for variable in self._variables.values():
+            self._run(RESET, {"buffer": variable.slots[ACCUMULATOR_SLOT]}, {})
+
+    def _update(self, gradients, lr: float) -> None:
+        gradients = self._clipped(gradients)
+        self._apply_weight_decay(gradients, lr)
+        self.before_update_step()
+        kernel = self.update_kernel()
+        scalars_by_dtype: dict[np.dtype, dict[str, float]] = {}
+        for variable, grad, _ in gradients:
+            scalars = scalars_by_dtype.get(variable.dtype)
+            if scalars is None:
+                with np.errstate(all="ignore"):
+                    scalars = self.update_scalars(variable.dtype.type, variable.dtype.type(lr))
+                scalars_by_dtype[variable.dtype] = scalars
+            arrays = {"grad": grad, "var": variable.value, **variable.slots}
+            self._run(kernel, {k: arrays[k] for k in kernel.array_names}, {k: scalars[k] for k in kernel.scalars})
+
+    # ---------------------------------------------------------------- clipping
+    def _clipped(self, gradients):
+        config = self._config
+        if config["clipnorm"] is not None:
+            return [self._clip_by_norm(variable, grad, owned) for variable, grad, owned in gradients]
+        if config["global_clipnorm"] is not None:
+            return self._clip_by_global_norm(gradients)
+        if config["clipvalue"] is not None:
+            limit = {"clipvalue": config["clipvalue"]}
+            return [self._transform(CLIP_BY_VALUE, variable, grad, owned, limit) for variable, grad, owned in gradients]
+        return gradients
+
+    def _transform(self, kernels, variable: _Variable, grad, owned: bool, scalars: dict[str, float]):
+        copying, in_place = kernels
+        if owned:
+            self._run(in_place, {"grad": grad}, scalars)
+            return variable, grad, True
+        self._run(copying, {"grad": grad, "out": variable.scratch}, scalars)
+        return variable, variable.scratch, True
+
+    def _clip_by_norm(self, variable: _Variable, grad, owned: bool):
+        # Keras: l2norm = sqrt(sum(g^2)) when the sum is > 0, else the sum itself
+        # (0, or NaN that then propagates); g * clipnorm / maximum(l2norm, clipnorm).
+        dtype = variable.dtype.type
+        clipnorm = dtype(self._config["clipnorm"])
+        with np.errstate(all="ignore"):
+            l2sum = dtype(self._backend.sum_squares(grad))
+            l2norm = np.sqrt(l2sum) if l2sum > 0 else l2sum
+            denominator = np.maximum(l2norm, clipnorm)
+        scalars = {"clipnorm": float(clipnorm), "norm_or_clipnorm": float(denominator)}
+        return self._transform(CLIP_BY_NORM, variable, grad, owned, scalars)
+
+    def _clip_by_global_norm(self, gradients):
+        # Keras: scale = clip * minimum(1 / norm, 1 / clip) + (norm - norm), in
+        # the gradients' common dtype; a non-finite norm makes every gradient NaN.
+        dtype = np.result_type(*(variable.dtype for variable, _, _ in gradients)).type
+        clip_norm = self._config["global_clipnorm"]
+        with np.errstate(all="ignore"):
+            # np.sum over the stacked per-tensor sums, as Keras adds them.
+            squared = np.sum(np.array([self._backend.sum_squares(grad) for _, grad, _ in gradients], dtype=dtype))
+            norm = np.sqrt(squared)
+            scale = dtype(clip_norm) * np.minimum(dtype(1.0) / norm, dtype(1.0 / clip_norm)) + (norm - norm)
+        scalars = {"scale": float(scale)}
+        return [
+            self._transform(SCALE_BY_GLOBAL_NORM, variable, grad, owned, scalars) for variable, grad, owned in gradients
+        ]
+
+    # ------------------------------------------------------------- decay, EMA
+    def _apply_weight_decay(self, gradients, lr: float) -> None:
+        weight_decay = self._config["weight_decay"]
+        if weight_decay is None:
+            return
+        scalars = {"weight_decay": weight_decay, "lr": lr}
+        for variable, _, _ in gradients:
+            if self._uses_weight_decay(variable.name):
+                self._run(WEIGHT_DECAY, {"var": variable.value}, scalars)
+
+    def _update_moving_averages(self) -> None:
+        # Keras averages every variable, also those without a gradient this call;
+        # the first average (public iterations == 0) is the variable itself.
+        first_step = self.iterations == 0
+        for variable in self._variables.values():
+            dtype = variable.dtype.type
+            momentum = dtype(0.0) if first_step else dtype(self._config["ema_momentum"])
+            arrays = {"var": variable.value, "average": variable.slots[EMA_SLOT]}
+            self._run(EMA, arrays, {"ema_momentum": float(momentum)})
+        frequency = self._config["ema_overwrite_frequency"]
+        if frequency and (self.iterations + 1) % frequency == 0:
+            for variable in self._variables.values():
+                self._backend.copy_into(variable.value, variable.slots[EMA_SLOT])
+
+    def finalize_variable_values(self) -> None:
+        """Keras's end-of-training step: with ``use_ema``, variables take their averages."""
+        self._require_built()
+        if self._config["use_ema"]:
+            for variable in self._variables.values():
+                self._backend.copy_into(variable.value, variable.slots[EMA_SLOT])
+
+    # ---------------------------------------------------------- state access
+    def _host_copy(self, array) -> np.ndarray:
+        return np.asarray(self._backend.to_host(array))  # to_host returns a fresh copy
+
+    def read_variables(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        self._require_built()
+        selected = self._variables.values() if names is None else self._require_variables(names)
+        return {variable.name: self._host_copy(variable.value) for variable in selected}
+
+    @staticmethod
+    def _checked_value(what: str, value: Any, variable: _Variable) -> np.ndarray:
+        """A host array of the variable's shape, cast to its dtype as Keras's assign does."""
+        shape, dtype = variable.shape, variable.dtype
+        try:
+            host = np.asarray(value)
+        except Exception as error:  # noqa: BLE001 - any unconvertible value is the caller's error
+            raise InvalidArgumentError(f"{what}: not an array ({error}).") from None
+        if host.dtype.kind not in "fiu" or host.dtype == np.bool_:
+            raise InvalidArgumentError(f"{what} has dtype {host.dtype}; expected a real number array ({dtype}).")
+        if tuple(host.shape) != tuple(shape):
+            raise InvalidArgumentError(f"{what} has shape {tuple(host.shape)}; expected {tuple(shape)}.")
+        return np.ascontiguousarray(host, dtype=dtype)
+
+    def assign_variables(self, values: Mapping[str, Any]) -> None:
+        """Overwrite variables (any subset); every value is checked before any is written."""
+        self._require_built()
+        checked = []
+        for name, value in self._mapping("values", values).items():
+            variable = self._require_variable(name)
+            checked.append((variable, self._checked_value(f"Value for variable '{name}'", value, variable)))
+        for variable, host in checked:
+            self._backend.copy_into(variable.value, host)
+
+    @staticmethod
+    def _mapping(what: str, value: Any) -> Mapping:
+        if not isinstance(value, Mapping):
+            raise InvalidArgumentError(f"`{what}` must be a mapping. Received: {type(value).__name__}")
+        return value
+
+    def get_slots(self, names: Iterable[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """``{variable: {slot: host copy}}``, slots in Keras order."""
+        self._require_built()
+        selected = self._variables.values() if names is None else self._require_variables(names)
+        return {v.name: {slot: self._host_copy(array) for slot, array in v.slots.items()} for v in selected}
+
+    def set_slots(self, values: Mapping[str, Mapping[str, Any]]) -> None:
+        """Overwrite slots (any subset of variables and slots), all checked first."""
+        self._require_built()
+        checked = []
+        for name, slots in self._mapping("values", values).items():
+            variable = self._require_variable(name)
+            for slot, value in self._mapping(f"values[{name!r}]", slots).items():
+                if slot not in variable.slots:
+                    raise NotFoundError(
+                        f"Variable '{name}' has no slot {slot!r}. Its slots: {_describe(list(variable.slots))}"
+                    )
+                what = f"Slot '{slot}' of variable '{name}'"
+                checked.append((variable.slots[slot], self._checked_value(what, value, variable)))
+        for array, host in checked:
+            self._backend.copy_into(array, host)
+
+    def get_scalars(self) -> dict[str, float]:
+        return {name: value for name, (value, _) in self.optimizer_scalars().items()}
+
+    def set_scalars(self, values: Mapping[str, Any]) -> None:
+        known = self.optimizer_scalars()
+        values = dict(self._mapping("values", values))
+        for name, value in values.items():
+            if name not in known:
+                allowed = ", ".join(known) or "none"
+                raise NotFoundError(f"{self.class_name} has no optimizer-wide scalar {name!r}. Known: {allowed}")
+            if _finite_float(value) is None:
+                raise InvalidArgumentError(f"Scalar {name!r} must be a finite number. Received: {name}={value!r}")
+        self.assign_optimizer_scalars({name: float(value) for name, value in values.items()})
+
+    def set_iterations(self, raw_iterations: int) -> None:
+        """Set the raw iteration counter (the public one follows from it)."""
+        self._raw_iterations = self._checked_iterations("raw_iterations", raw_iterations)
+
+    @staticmethod
+    def _checked_iterations(what: str, value: Any) -> int:
+        host = np.asarray(value)
+        is_count = host.shape == () and host.dtype.kind in "iuf" and np.isfinite(host) and host >= 0
+        if not (is_count and host == np.floor(host)):
+            raise InvalidArgumentError(f"{what} must be an integer >= 0. Received: {value!r}")
+        return int(host)
+
+    def get_weights(self) -> list[np.ndarray]:
+        """tf.keras's layout: ``[iterations, *slots]``, variable by variable, each
+        variable's slots in Keras order (see ``weights_description()``)."""
+        self._require_built()
+        weights = [np.array(self.iterations, dtype=np.int64)]
+        weights += [self._host_copy(self._variables[name].slots[slot]) for name, slot in self._weights_layout()]
+        return weights
+
+    def weights_description(self) -> list[str]:
+        """What each ``get_weights()`` entry is, e.g. ``"dense/kernel:velocity"``."""
+        self._require_built()
+        return ["iterations"] + [f"{name}:{slot}" for name, slot in self._weights_layout()]
+
+    def set_weights(self, weights: Sequence[Any]) -> None:
+        """Inverse of ``get_weights``; checked entry by entry before anything is assigned.
+
+        Entry 0 is the public iteration counter; under gradient accumulation the
+        position inside the current accumulation cycle is kept.
+        """
+        self._require_built()
+        layout = self._weights_layout()
+        expected = 1 + len(layout)
+        if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Sequence):
+            raise InvalidArgumentError(f"`weights` must be a list of {expected} arrays.")
+        if len(weights) != expected:
+            raise InvalidArgumentError(
+                f"`weights` has {len(weights)} entries; expected {expected}: "
+                f"{', '.join(self.weights_description())}."
+            )
+        iterations = self._checked_iterations("Entry 0 (iterations)", weights[0])
+        slot_values = []
+        for index, (name, slot) in enumerate(layout, start=1):
+            variable = self._variables[name]
+            what = f"Entry {index} (slot '{slot}' of variable '{name}')"
+            slot_values.append((variable.slots[slot], self._checked_value(what, weights[index], variable)))
+        for array, host in slot_values:
+            self._backend.copy_into(array, host)
+        steps = self._config["gradient_accumulation_steps"]
+        self._raw_iterations = iterations * steps + self._raw_iterations % steps if steps else iterations
+
+    # ----------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume, as plain NumPy arrays and Python values."""
+        self._require_built()
+        return {
+            "format": STATE_FORMAT,
+            "config": self.get_config(),
+            "raw_iterations": self._raw_iterations,
+            "learning_rate": self._learning_rate,
+            "scalars": self.get_scalars(),
+            "weight_decay_exclusions": list(self._weight_decay_names) if self._weight_decay_names else None,
+            "variables": self.read_variables(),
+            "slots": self.get_slots(),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore ``state_dict()`` output; builds the optimizer first when it is not built.
+
+        The optimizer must be of the same class; the variables (names, shapes)
+        must match when it is already built. Everything is checked first.
+        """
+        state = self._mapping("state", state)
+        if state.get("format") != STATE_FORMAT:
+            raise InvalidArgumentError(
+                f"Unknown optimizer state format {state.get('format')!r}; expected {STATE_FORMAT!r}."
+            )
+        saved_class = (state.get("config") or {}).get("class_name")
+        if saved_class != self.class_name:
+            raise InvalidArgumentError(f"State was saved by a {saved_class} optimizer; this one is {self.class_name}.")
+        variables = self._mapping("state['variables']", state.get("variables"))
+        slots = self._mapping("state['slots']", state.get("slots"))
+        if self._built:
+            if list(variables) != list(self._variables):
+                raise InvalidArgumentError(
+                    f"State holds variables {_describe(list(variables))}; this optimizer holds "
+                    f"{_describe(list(self._variables))}."
+                )
+            self._checked_slot_sets(slots)
+            self._load_built_state(state, variables, slots)
+            return
+        self.build(variables)
+        try:
+            self._checked_slot_sets(slots)
+            self._load_built_state(state, {}, slots)
+        except Exception:
+            self._variables, self._built = {}, False  # a failed load leaves it unbuilt
+            raise
+
+    def _checked_slot_sets(self, slots: Mapping[str, Any]) -> None:
+        expected = self._slot_names()
+        for name in self._variables:
+            saved = list(self._mapping(f"state['slots'][{name!r}]", slots.get(name, {})))
+            if saved != expected:
+                raise InvalidArgumentError(f"State has slots {saved} for variable '{name}'; expected {expected}.")
+
+    def _load_built_state(self, state, variables, slots) -> None:
+        raw_iterations = self._checked_iterations("state['raw_iterations']", state.get("raw_iterations"))
+        exclusions = state.get("weight_decay_exclusions")
+        if exclusions is not None and not isinstance(exclusions, (list, tuple)):
+            raise InvalidArgumentError(
+                f"state['weight_decay_exclusions'] must be a list or None. Received: {exclusions!r}"
+            )
+        learning_rate = state.get("learning_rate")
+        if self._schedule is None and learning_rate is not None:
+            learning_rate = self._validated_learning_rate(learning_rate)
+        # Check everything, then write.
+        scalars = dict(self._mapping("state['scalars']", state.get("scalars", {})))
+        for name in scalars:
+            if name not in self.optimizer_scalars():
+                raise InvalidArgumentError(f"State has unknown optimizer-wide scalar {name!r}.")
+        checked_variables = {
+            name: self._checked_value(f"State value of variable '{name}'", value, self._variables[name])
+            for name, value in variables.items()
+        }
+        checked_slots = {
+            (name, slot): self._checked_value(f"State slot '{slot}' of variable '{name}'", value, self._variables[name])
+            for name, variable_slots in slots.items()
+            for slot, value in variable_slots.items()
+        }
+        for name, value in scalars.items():
+            if _finite_float(value) is None:
+                raise InvalidArgumentError(f"State scalar {name!r} must be a finite number. Received: {value!r}")
+        if exclusions is not None:
+            self.exclude_from_weight_decay(exclusions)
+        for name, host in checked_variables.items():
+            self._backend.copy_into(self._variables[name].value, host)
+        for (name, slot), host in checked_slots.items():
+            self._backend.copy_into(self._variables[name].slots[slot], host)
+        self.assign_optimizer_scalars({name: float(value) for name, value in scalars.items()})
+        if self._schedule is None and learning_rate is not None:
+            self._learning_rate = learning_rate
+        self._raw_iterations = raw_iterations
+
+    def __repr__(self) -> str:
+        lr = "schedule" if self._schedule is not None else self._learning_rate
+        return f"<{self.class_name} name={self.name!r} learning_rate={lr} variables={len(self._variables)}>"
+
+
+def schedules_deserialize(value: Mapping[str, Any]) -> Any:
+    """A serialized Keras schedule -> schedule object; any failure is the caller's error."""
+    from .. import schedules
+    from ..errors import OptserveError
+
+    try:
+        return schedules.deserialize(dict(value))
+    except OptserveError:
+        raise
+    except (ValueError, TypeError, KeyError) as error:
+        raise InvalidArgumentError(f"Invalid learning rate schedule {dict(value)!r}: {error}") from None

@@ -1,0 +1,151 @@
+"""Keras-style eager argument checks for optimizer configs.
+
+Each checker takes ``(name, value)`` and returns the value unchanged, or raises
+``InvalidArgumentError`` with a message naming the argument, the allowed range
+and the received value, e.g. "`rho` must be in [0, 1]. Received: rho=1.5".
+Checks that Keras itself performs keep Keras's wording; the others add range
+checks for values Keras would accept but that cannot produce a sensible update.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ..errors import InvalidArgumentError
+
+Checker = Callable[[str, Any], Any]
+
+
+@dataclass(frozen=True)
+class Hyperparameter:
+    """One constructor argument: its Keras name, Keras default and its check."""
+
+    name: str
+    default: Any
+    check: Checker
+
+
+def is_real_number(value: Any) -> bool:
+    # bool is an int subclass, but `rho=True` is a mistake, not a number.
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_finite_number(value: Any) -> bool:
+    return is_real_number(value) and math.isfinite(value)
+
+
+def received(name: str, value: Any) -> str:
+    return f"Received: {name}={value!r}"
+
+
+def in_interval(low: float, high: float, *, high_open: bool = False) -> Checker:
+    """A finite number in [low, high] (or [low, high) when ``high_open``)."""
+    closing = ")" if high_open else "]"
+
+    def check(name: str, value: Any) -> Any:
+        ok = is_finite_number(value) and low <= value and (value < high if high_open else value <= high)
+        if not ok:
+            raise InvalidArgumentError(
+                f"`{name}` must be in [{low:g}, {high:g}{closing}. {received(name, value)}"
+            )
+        return value
+
+    return check
+
+
+def non_negative(name: str, value: Any) -> Any:
+    if not (is_finite_number(value) and value >= 0):
+        raise InvalidArgumentError(f"`{name}` must be a finite number >= 0. {received(name, value)}")
+    return value
+
+
+def boolean(name: str, value: Any) -> Any:
+    if not isinstance(value, bool):
+        raise InvalidArgumentError(f"`{name}` must be a boolean (true or false). {received(name, value)}")
+    return value
+
+
+def optional_positive(name: str, value: Any) -> Any:
+    """None (option off) or a finite number > 0.
+
+    Keras treats 0 and negative clip values as "off"; a value that silently
+    disables the option it names is rejected here instead.
+    """
+    if value is None:
+        return None
+    if not (is_finite_number(value) and value > 0):
+        raise InvalidArgumentError(f"`{name}` must be a finite number > 0 or None. {received(name, value)}")
+    return value
+
+
+def optional_non_negative(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    return non_negative(name, value)
+
+
+def keras_non_negative(name: str, value: Any) -> Any:
+    """Ftrl's own checks, worded as Keras words them."""
+    if not is_finite_number(value) or value < 0:
+        raise InvalidArgumentError(f"`{name}` needs to be positive or zero. Received: {name}={value!r}.")
+    return value
+
+
+def keras_non_positive(name: str, value: Any) -> Any:
+    if not is_finite_number(value) or value > 0:
+        raise InvalidArgumentError(f"`{name}` needs to be negative or zero. Received: {name}={value!r}.")
+    return value
+
+
+def learning_rate_float(name: str, value: Any) -> float:
+    """Keras accepts only a Python float (or a schedule) as `learning_rate`."""
+    if not isinstance(value, float):
+        raise InvalidArgumentError(
+            "Argument `learning_rate` should be float, or a serialized LearningRateSchedule "
+            "(a dict with 'class_name' and 'config'). "
+            f"Received instead: learning_rate={value!r}"
+        )
+    if not math.isfinite(value) or value < 0:
+        raise InvalidArgumentError(f"`learning_rate` must be a finite number >= 0. {received(name, value)}")
+    return value
+
+
+def name_string(name: str, value: Any) -> Any:
+    if value is not None and not (isinstance(value, str) and value):
+        raise InvalidArgumentError(f"`{name}` must be a non-empty string or None. {received(name, value)}")
+    return value
+
+
+def accumulation_steps(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 2):
+        raise InvalidArgumentError(
+            f"`gradient_accumulation_steps` must be an integer >= 2. Received: gradient_accumulation_steps={value!r}"
+        )
+    return value
+
+
+def ema_momentum(name: str, value: Any) -> Any:
+    if not (is_finite_number(value) and 0 <= value <= 1):
+        raise InvalidArgumentError(f"`ema_momentum` must be in the range [0, 1]. Received: ema_momentum={value!r}")
+    return value
+
+
+def ema_overwrite_frequency(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise InvalidArgumentError(
+            "`ema_overwrite_frequency` must be an integer >= 1 or None. "
+            f"Received: ema_overwrite_frequency={value!r}"
+        )
+    return value
+
+
+def sgd_momentum(name: str, value: Any) -> Any:
+    # Keras's own wording; like Keras, an int such as 0 is rejected.
+    if not isinstance(value, float) or not math.isfinite(value) or value < 0 or value > 1:
+        raise InvalidArgumentError(f"`momentum` must be a float between [0, 1]. Received: momentum={value!r}")
+    return value
