@@ -1,0 +1,302 @@
+"""Compute backends: where variables and slots live and where kernels run.
+
+``get_backend("cpu")`` is the NumPy backend below; ``get_backend("gpu")`` is the
+CuPy backend of ``optserve.server.cupy_backend``, which is imported only then
+(importing this module never imports CuPy). ``"auto"`` picks the GPU when CuPy
+imports and sees a device, else the CPU.
+
+The NumPy backend runs a kernel's generated program over cache-sized blocks:
+every temporary lives in a small per-thread scratch buffer, so one update reads
+and writes each array exactly once from main memory instead of once per ufunc,
+and the blocks are shared among a few threads (ufuncs release the GIL).
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Mapping
+
+import numpy as np
+
+from optserve.server.errors import FailedPreconditionError, InvalidArgumentError
+from optserve.server.kernels import UpdateKernel
+
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+DEVICES = ("auto", "cpu", "gpu")
+
+# Bytes of one block's working set (all arrays' slices plus scratch). It should
+# fit comfortably in a core's L2 cache (1 MiB on the machines we tune for) so
+# that the intermediate ufunc passes never reach main memory.
+DEFAULT_WORKING_SET_BYTES = 384 * 1024
+# Below this many elements a call runs on the calling thread only: handing work
+# to the pool costs more than it saves.
+DEFAULT_PARALLEL_THRESHOLD = 1 << 17
+# With threads, each gets about this many blocks (blocks are never made smaller
+# than MIN_PARALLEL_BLOCK elements, where per-call overhead starts to show).
+BLOCKS_PER_THREAD = 4
+MIN_PARALLEL_BLOCK = 16 * 1024
+
+
+def check_dtype(dtype, what="arrays") -> np.dtype:
+    dtype = np.dtype(dtype)
+    if dtype not in SUPPORTED_DTYPES:
+        raise InvalidArgumentError(f"{what} must be float32 or float64. Received: dtype={dtype.name}")
+    return dtype
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def check_kernel_arrays(kernel: UpdateKernel, arrays: Mapping, array_type) -> tuple:
+    """Validates the arrays of one kernel call; returns (arrays in kernel order, dtype, shape).
+
+    Shared by every backend so that they reject exactly the same calls.
+    """
+    if not isinstance(arrays, (dict, Mapping)):
+        raise InvalidArgumentError(f"Kernel `{kernel.name}`: `arrays` must be a dict. Received: {type(arrays).__name__}")
+    names = kernel.array_names
+    if len(arrays) != len(names) or any(name not in arrays for name in names):
+        missing = [name for name in names if name not in arrays]
+        unexpected = [name for name in arrays if name not in names]
+        raise InvalidArgumentError(
+            f"Kernel `{kernel.name}` takes arrays {list(names)}. Missing: {missing}; unexpected: {unexpected}."
+        )
+    ordered = [arrays[name] for name in names]
+    for name, array in zip(names, ordered):
+        if not isinstance(array, array_type):
+            raise InvalidArgumentError(
+                f"Kernel `{kernel.name}`: `{name}` must be a {array_type.__module__}.{array_type.__name__}. "
+                f"Received: {type(array).__name__}"
+            )
+    first = ordered[0]
+    dtype, shape = first.dtype, first.shape
+    if dtype not in SUPPORTED_DTYPES:
+        check_dtype(dtype, f"Kernel `{kernel.name}`: arrays")
+    for name, array in zip(names, ordered):
+        if array.dtype != dtype or array.shape != shape:
+            raise InvalidArgumentError(
+                f"Kernel `{kernel.name}`: all arrays must share one shape and dtype. "
+                f"`{names[0]}` is {shape} {dtype.name}, `{name}` is {array.shape} {array.dtype.name}"
+            )
+    for name, array in zip(names[len(kernel.inputs):], ordered[len(kernel.inputs):]):
+        flags = array.flags
+        if not flags.c_contiguous:
+            raise InvalidArgumentError(
+                f"Kernel `{kernel.name}`: state array `{name}` must be C-contiguous (it is updated in place)."
+            )
+        if not flags.writeable:
+            raise InvalidArgumentError(f"Kernel `{kernel.name}`: state array `{name}` is read-only.")
+    return ordered, dtype, shape
+
+
+class NumpyBackend:
+    """Arrays are NumPy arrays in host memory; kernels run blocked and in place."""
+
+    name = "cpu"
+    xp = np
+
+    def __init__(self, threads: int | None = None, working_set_bytes: int = DEFAULT_WORKING_SET_BYTES,
+                 parallel_threshold: int = DEFAULT_PARALLEL_THRESHOLD):
+        self.threads = max(1, min(_usable_cores(), 8) if threads is None else int(threads))
+        self.working_set_bytes = int(working_set_bytes)
+        self.parallel_threshold = int(parallel_threshold)
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_lock = threading.Lock()
+        self._scratch = threading.local()
+        self._block_sizes: dict = {}
+        if hasattr(os, "register_at_fork"):
+            # A forked child has none of the parent's threads: start a new pool there.
+            os.register_at_fork(after_in_child=self._forget_pool)
+
+    def _forget_pool(self) -> None:
+        self._pool = None
+        self._pool_lock = threading.Lock()
+
+    def __repr__(self):
+        return f"NumpyBackend(threads={self.threads})"
+
+    # ------------------------------------------------------------ storage
+
+    def asarray(self, host_array, dtype=None) -> np.ndarray:
+        """An owned, C-contiguous copy."""
+        return np.array(host_array, dtype=dtype, order="C", copy=True)
+
+    def to_host(self, array) -> np.ndarray:
+        return np.array(array, copy=True)
+
+    def full(self, shape, value, dtype) -> np.ndarray:
+        return np.full(shape, value, dtype=dtype)
+
+    def copy_into(self, dst: np.ndarray, src) -> None:
+        src = np.asarray(src)
+        if src.shape != dst.shape:
+            raise InvalidArgumentError(f"copy_into: shapes differ. Received: dst {dst.shape}, src {src.shape}")
+        np.copyto(dst, src, casting="same_kind")
+
+    def sum_squares(self, array) -> float:
+        """sum(array ** 2) in the array's own dtype, as Keras computes norms for clipping."""
+        array = np.asarray(array)
+        return float(np.sum(np.square(array), keepdims=True).reshape(()))
+
+    # ------------------------------------------------------------- kernels
+
+    def run(self, kernel: UpdateKernel, arrays: Mapping, scalars: Mapping) -> None:
+        """Applies ``kernel`` in place; validates everything before touching any array."""
+        ordered, dtype, _ = check_kernel_arrays(kernel, arrays, np.ndarray)
+        constants = kernel.host_constants(scalars, dtype)
+        check_no_overlap(kernel, ordered)
+        size = ordered[0].size
+        if size == 0:
+            return
+        # State is C-contiguous (checked), so reshape gives a view that writes
+        # through; a strided input is copied once.
+        inputs = len(kernel.inputs)
+        flat = [np.ascontiguousarray(array).reshape(-1) for array in ordered[:inputs]]
+        flat += [array.reshape(-1) for array in ordered[inputs:]]
+        program = kernel.numpy_program
+        block = self._block_for(program, dtype, size)
+        blocks = -(-size // block)
+        workers = 1 if size < self.parallel_threshold else min(self.threads, blocks)
+        if workers == 1:
+            self._run_blocks(program, flat, constants, block, range(blocks))
+            return
+        # Blocks are handed out one at a time from a shared counter (its next()
+        # is atomic under the GIL) rather than split in fixed halves, so a core
+        # that is busy with something else simply takes fewer blocks instead of
+        # holding up the whole update.
+        next_blocks = itertools.count()
+        pool = self._get_pool()
+        futures = [
+            pool.submit(self._run_blocks, program, flat, constants, block, next_blocks)
+            for _ in range(workers - 1)
+        ]
+        try:
+            self._run_blocks(program, flat, constants, block, next_blocks)
+        finally:
+            for future in futures:
+                future.result()
+
+    def _block_for(self, program, dtype, size) -> int:
+        block = self.block_size(program, dtype)
+        if self.threads > 1 and size >= self.parallel_threshold:
+            # Several blocks per thread, so that no thread is left alone with a
+            # long last block while the others idle.
+            wanted = -(-size // (self.threads * BLOCKS_PER_THREAD))
+            block = min(block, max(MIN_PARALLEL_BLOCK, -(-wanted // 1024) * 1024))
+        return block
+
+    def block_size(self, program, dtype) -> int:
+        """Elements per block so that all slices plus scratch fit the working-set budget."""
+        key = (program, dtype)
+        block = self._block_sizes.get(key)
+        if block is None:
+            block = self._block_sizes[key] = self._compute_block_size(program, dtype)
+        return block
+
+    def _compute_block_size(self, program, dtype) -> int:
+        buffers = len(program.array_names) + program.float_scratch
+        bytes_per_element = buffers * np.dtype(dtype).itemsize + program.bool_scratch
+        block = self.working_set_bytes // max(bytes_per_element, 1)
+        return max(1024, block // 1024 * 1024)  # whole cache lines, SIMD-friendly
+
+    def _get_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            with self._pool_lock:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(
+                        max_workers=self.threads - 1, thread_name_prefix="optserve-kernel"
+                    )
+        return self._pool
+
+    def _scratch_buffers(self, program, dtype, block):
+        """This thread's scratch for ``block`` elements, kept across calls so that
+        no page is allocated or faulted in per step."""
+        cache = getattr(self._scratch, "buffers", None)
+        if cache is None:
+            cache = self._scratch.buffers = {}
+        floats, bools = cache.get(dtype, ((), ()))
+        enough = (
+            len(floats) >= program.float_scratch
+            and len(bools) >= program.bool_scratch
+            and all(buffer.size >= block for buffer in floats[:1] + bools[:1])
+        )
+        if not enough:
+            capacity = max([block] + [buffer.size for buffer in floats[:1] + bools[:1]])
+            floats = tuple(np.empty(capacity, dtype) for _ in range(max(program.float_scratch, len(floats))))
+            bools = tuple(np.empty(capacity, np.bool_) for _ in range(max(program.bool_scratch, len(bools))))
+            cache[dtype] = (floats, bools)
+        return [buffer[:block] for buffer in floats[: program.float_scratch] + bools[: program.bool_scratch]]
+
+    def _run_blocks(self, program, flat, constants, block, block_indices):
+        """Runs the program on blocks taken from ``block_indices`` until they run out."""
+        scratch = self._scratch_buffers(program, flat[0].dtype, block)
+        step = program.step
+        size = flat[0].size
+        with np.errstate(all="ignore"):  # inf/nan follow IEEE, as in Keras; no warnings
+            for index in block_indices:
+                low = index * block
+                if low >= size:
+                    break
+                high = low + block
+                if high <= size:
+                    step(*[array[low:high] for array in flat], *scratch, *constants)
+                else:
+                    tail = size - low
+                    step(*[array[low:] for array in flat], *[buffer[:tail] for buffer in scratch], *constants)
+
+
+def check_no_overlap(kernel: UpdateKernel, ordered, may_share_memory=np.may_share_memory) -> None:
+    """A state array sharing memory with another array would be read after being
+    written within one element's update; refuse it."""
+    names = kernel.array_names
+    for i in range(len(kernel.inputs), len(names)):
+        state = ordered[i]
+        for j in range(len(names)):
+            if j == i or (j > len(kernel.inputs) - 1 and j < i):
+                continue  # each pair once; inputs may overlap one another
+            other = ordered[j]
+            if other is state or (
+                # Two arrays that each own their buffer cannot overlap: skip the memory check.
+                (state.base is not None or other.base is not None) and may_share_memory(state, other)
+            ):
+                raise InvalidArgumentError(
+                    f"Kernel `{kernel.name}`: arrays `{names[min(i, j)]}` and `{names[max(i, j)]}` overlap "
+                    "in memory; a state array must not share memory with any other array."
+                )
+
+
+_BACKENDS: dict = {}
+_BACKENDS_LOCK = threading.Lock()
+
+
+def _gpu_backend():
+    from optserve.server import cupy_backend  # the only path that imports CuPy
+
+    return cupy_backend.CupyBackend()
+
+
+def get_backend(device: str = "auto"):
+    """The shared backend for ``device`` ("auto", "cpu" or "gpu")."""
+    if device not in DEVICES:
+        raise InvalidArgumentError(f"`device` must be one of {list(DEVICES)}. Received: device={device!r}")
+    with _BACKENDS_LOCK:
+        if device in _BACKENDS:
+            return _BACKENDS[device]
+        if device == "cpu":
+            backend = NumpyBackend()
+        elif device == "gpu":
+            backend = _gpu_backend()
+        else:
+            try:
+                backend = _gpu_backend()
+            except FailedPreconditionError:
+                backend = _BACKENDS.get("cpu") or NumpyBackend()
+        _BACKENDS[device] = backend
+        _BACKENDS.setdefault(backend.name, backend)
+        return backend
