@@ -1,0 +1,531 @@
+"""One Keras worker process for tests/test_keras_integration.py.
+
+A process can only use one Keras backend, and importing Keras with torch or
+JAX costs seconds, so each backend runs every check in one process:
+
+    KERAS_BACKEND=torch python tests/keras_worker.py --address 127.0.0.1:PORT \
+        --report out.json [--peer-model halves --worker-index 0 --num-workers 2]
+
+With ``--peer-model`` the process first trains, as one of ``--num-workers``
+synchronous workers, a model shared with its peers (each on its own half of
+the batch). Then it runs the single-worker checks. Every check's outcome goes
+to the JSON report: ``{"checks": {name: "ok" | "skip: why" | traceback}, "facts": {...}}``.
+A failed check does not stop the others.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import traceback
+
+import numpy as np
+
+ATOL = 1e-5   # float32 results of two implementations of the same math
+RTOL = 1e-5
+SEED = 1234
+
+
+class SkipCheck(Exception):
+    """A check that does not apply to this backend; the reason goes into the report."""
+
+
+# --------------------------------------------------------------------------- backend-specific pieces
+
+
+def backend_name():
+    import keras
+
+    return keras.backend.backend()
+
+
+def gradients(model, loss_fn, x, y):
+    """The gradients of ``loss_fn(y, model(x))`` with respect to ``model.trainable_weights``."""
+    import keras
+
+    if keras.backend.backend() == "torch":
+        import torch
+
+        for variable in model.trainable_weights:
+            variable.value.grad = None
+        loss = loss_fn(torch.as_tensor(y), model(torch.as_tensor(x)))
+        loss.backward()
+        return [variable.value.grad for variable in model.trainable_weights]
+
+    if keras.backend.backend() == "jax":
+        import jax
+
+        def compute_loss(trainable_values, non_trainable_values, x, y):
+            y_pred, non_trainable_values = model.stateless_call(trainable_values, non_trainable_values, x)
+            return loss_fn(y, y_pred), non_trainable_values
+
+        grad_fn = jax.value_and_grad(compute_loss, has_aux=True)
+        (_, _), grads = grad_fn(
+            [v.value for v in model.trainable_variables],
+            [v.value for v in model.non_trainable_variables],
+            x,
+            y,
+        )
+        return grads
+
+    raise RuntimeError(f"No gradient recipe for backend {keras.backend.backend()!r}")
+
+
+# --------------------------------------------------------------------------- models and data
+
+
+def make_model(prefix, units=8):
+    """The issue's model, smaller, with explicit layer names (workers must agree on variable paths)."""
+    import keras
+    from keras import layers
+
+    return keras.Sequential(
+        [
+            keras.Input((10,)),
+            layers.Dense(units, kernel_initializer="uniform", name=f"{prefix}_dense"),
+            layers.Activation("softmax", name=f"{prefix}_softmax"),
+        ],
+        name=prefix,
+    )
+
+
+def twin(model, prefix):
+    """A second model with the same architecture and weights."""
+    other = make_model(prefix, units=model.layers[0].units)
+    other.set_weights(model.get_weights())
+    return other
+
+
+def data(n=32, classes=8, seed=SEED):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 10)).astype("float32")
+    y = np.eye(classes, dtype="float32")[rng.integers(0, classes, size=n)]
+    return x, y
+
+
+def assert_close(actual, expected, what):
+    actual, expected = list(actual), list(expected)
+    assert len(actual) == len(expected), f"{what}: {len(actual)} arrays, expected {len(expected)}"
+    for index, (a, e) in enumerate(zip(actual, expected)):
+        a, e = np.asarray(a), np.asarray(e)
+        assert a.shape == e.shape, f"{what}[{index}]: shape {a.shape}, expected {e.shape}"
+        np.testing.assert_allclose(a, e, rtol=RTOL, atol=ATOL, err_msg=f"{what}[{index}]")
+
+
+def keras_state(optimizer):
+    """A local Keras optimizer's state in tf.keras's layout: [iterations, *slots]."""
+    skip = {id(optimizer._learning_rate)}
+    iterations = np.asarray(optimizer.iterations)
+    slots = [np.asarray(v) for v in optimizer.variables if v is not optimizer._iterations and id(v) not in skip]
+    return [iterations, *slots]
+
+
+def keras_slots(optimizer, model_variables):
+    """{(index of the model variable, slot name): value} of a local Keras optimizer."""
+    # Keras names a slot "<variable path with _ for />_<slot>".
+    prefixes = sorted(
+        ((v.path.replace("/", "_") + "_", index) for index, v in enumerate(model_variables)),
+        key=lambda item: -len(item[0]),
+    )
+    slots = {}
+    for variable in optimizer.variables:
+        for prefix, index in prefixes:
+            if variable.name.startswith(prefix):
+                slots[(index, variable.name[len(prefix):])] = np.asarray(variable)
+                break
+    return slots
+
+
+def remote_slots(optimizer, model_variables):
+    """The same, read from the server."""
+    index = {v.path: i for i, v in enumerate(model_variables)}
+    slots = optimizer.client.get_weights(optimizer.model_id).slots
+    return {(index[name], slot): value for name, per_var in slots.items() for slot, value in per_var.items()}
+
+
+def assert_state_like_keras(remote_opt, remote_model, local_opt, local_model):
+    """Iterations and every slot, matched by variable and slot name (the order may differ)."""
+    assert int(remote_opt.iterations) == int(local_opt.iterations), (
+        f"iterations {int(remote_opt.iterations)}, Keras has {int(local_opt.iterations)}"
+    )
+    remote = remote_slots(remote_opt, remote_model.trainable_weights)
+    local = keras_slots(local_opt, local_model.trainable_weights)
+    assert sorted(remote) == sorted(local), f"slots {sorted(remote)}, Keras has {sorted(local)}"
+    keys = sorted(local)
+    assert_close([remote[k] for k in keys], [local[k] for k in keys], f"slots {keys}")
+
+
+def digest(arrays):
+    hasher = hashlib.sha256()
+    for array in arrays:
+        hasher.update(np.ascontiguousarray(np.asarray(array, dtype=np.float32)).tobytes())
+    return hasher.hexdigest()
+
+
+# --------------------------------------------------------------------------- checks
+
+
+class Checks:
+    def __init__(self, address, backend):
+        self.address = address
+        self.backend = backend
+        self.facts = {}
+
+    def model_id(self, name):
+        # The process id keeps a second run against the same server from joining the first's models.
+        return f"{self.backend}-{name}-{os.getpid()}"
+
+    # ------------------------------------------------------------------ the issue's programs
+
+    def check_issue_fit_program(self):
+        """Program 1 of the issue, and the same training with a local Keras Adam."""
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        x, y = data()
+        model = make_model("fit_remote")
+        local_model = twin(model, "fit_local")
+        opt = RemoteOptimizer(keras.optimizers.Adam(learning_rate=0.01), self.address,
+                              model_id=self.model_id("fit"))
+        local_opt = keras.optimizers.Adam(learning_rate=0.01)
+        model.compile(loss="categorical_crossentropy", optimizer=opt)
+        local_model.compile(loss="categorical_crossentropy", optimizer=local_opt)
+        seen = []
+
+        def on_train_batch_end(batch, logs):
+            seen.append(int(model.optimizer.iterations))
+            # A read mid-fit; the JAX trainer then writes its stale copy back at the epoch's end.
+            np.asarray(model.optimizer.variables[-1])
+
+        record = keras.callbacks.LambdaCallback(on_train_batch_end=on_train_batch_end)
+        history = model.fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0, callbacks=[record])
+        local_history = local_model.fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0)
+        self.facts["fit_jit_compile"] = bool(model.jit_compile)
+
+        assert seen == list(range(1, 9)), f"iterations seen by a callback after each batch: {seen}"
+        assert int(opt.iterations) == 8, f"iterations {int(opt.iterations)}, expected 8"
+        assert_close(model.get_weights(), local_model.get_weights(), "model weights")
+        np.testing.assert_allclose(history.history["loss"], local_history.history["loss"], rtol=1e-5)
+        _, server_values = opt.client.pull(opt.model_id)
+        assert_close([server_values[v.path] for v in model.trainable_weights], model.get_weights(),
+                     "server values")
+        assert_close(opt.get_weights(), keras_state(local_opt), "get_weights()")
+        # `variables` read through to the server, also after the trainer wrote them back.
+        assert_close([np.asarray(v) for v in opt.variables], keras_state(local_opt), "variables")
+        np.testing.assert_allclose(float(opt.learning_rate), float(local_opt.learning_rate), rtol=1e-7)
+
+    def check_fit_with_schedule_matches_local(self):
+        """A learning-rate schedule, evaluated on the server, as Keras evaluates it."""
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        def schedule():
+            return keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=3, decay_rate=0.5)
+
+        x, y = data(seed=7)
+        model = make_model("sched_remote")
+        local_model = twin(model, "sched_local")
+        opt = RemoteOptimizer(keras.optimizers.SGD(learning_rate=schedule(), momentum=0.9), self.address,
+                              model_id=self.model_id("schedule"))
+        local_opt = keras.optimizers.SGD(learning_rate=schedule(), momentum=0.9)
+        # JAX also runs several steps per compiled call (PyTorch refuses steps_per_execution > 1).
+        steps_per_execution = 2 if self.backend == "jax" else 1
+        model.compile(loss="categorical_crossentropy", optimizer=opt, steps_per_execution=steps_per_execution)
+        local_model.compile(loss="categorical_crossentropy", optimizer=local_opt,
+                            steps_per_execution=steps_per_execution)
+        model.fit(x, y, epochs=1, batch_size=4, shuffle=False, verbose=0)
+        local_model.fit(x, y, epochs=1, batch_size=4, shuffle=False, verbose=0)
+
+        assert_close(model.get_weights(), local_model.get_weights(), "model weights")
+        np.testing.assert_allclose(float(opt.learning_rate), float(local_opt.learning_rate), rtol=1e-6)
+        assert_close(opt.get_weights(), keras_state(local_opt), "get_weights()")
+
+    def check_fit_eager_matches_local(self):
+        """`run_eagerly=True` (the JAX trainer then calls stateless_apply without jit)."""
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        x, y = data(seed=11)
+        model = make_model("eager_remote")
+        local_model = twin(model, "eager_local")
+        opt = RemoteOptimizer("rmsprop", self.address, model_id=self.model_id("eager"))
+        local_opt = keras.optimizers.get("rmsprop")
+        model.compile(loss="categorical_crossentropy", optimizer=opt, run_eagerly=True)
+        local_model.compile(loss="categorical_crossentropy", optimizer=local_opt, run_eagerly=True)
+        model.fit(x, y, epochs=1, batch_size=16, shuffle=False, verbose=0)
+        local_model.fit(x, y, epochs=1, batch_size=16, shuffle=False, verbose=0)
+        assert_close(model.get_weights(), local_model.get_weights(), "model weights")
+        assert_close(opt.get_weights(), keras_state(local_opt), "get_weights()")
+
+    def check_fit_with_ema_matches_local(self):
+        """`use_ema`: the server keeps the averages; at the end of fit the variables take them."""
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        def adam():
+            return keras.optimizers.Adam(learning_rate=0.05, use_ema=True, ema_momentum=0.8)
+
+        x, y = data(seed=13)
+        model = make_model("ema_remote")
+        local_model = twin(model, "ema_local")
+        opt = RemoteOptimizer(adam(), self.address, model_id=self.model_id("ema"))
+        local_opt = adam()
+        model.compile(loss="categorical_crossentropy", optimizer=opt)
+        local_model.compile(loss="categorical_crossentropy", optimizer=local_opt)
+        model.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+        local_model.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+        assert_close(model.get_weights(), local_model.get_weights(), "model weights (the averages)")
+        _, server_values = opt.client.pull(opt.model_id)
+        assert_close([server_values[v.path] for v in model.trainable_weights], model.get_weights(),
+                     "server values")
+        assert_state_like_keras(opt, model, local_opt, local_model)
+
+    def check_fit_with_constraint_matches_local(self):
+        """Keras constrains a variable after each update; the server must continue from that value."""
+        import keras
+        from keras import layers
+        from optserve.client import RemoteOptimizer
+
+        def constrained(prefix):
+            return keras.Sequential(
+                [keras.Input((10,)),
+                 layers.Dense(8, kernel_constraint=keras.constraints.NonNeg(), name=f"{prefix}_dense"),
+                 layers.Activation("softmax", name=f"{prefix}_softmax")],
+                name=prefix,
+            )
+
+        x, y = data(seed=17)
+        model = constrained("nonneg_remote")
+        local_model = constrained("nonneg_local")
+        local_model.set_weights(model.get_weights())
+        opt = RemoteOptimizer(keras.optimizers.SGD(learning_rate=0.5), self.address,
+                              model_id=self.model_id("constraint"))
+        local_opt = keras.optimizers.SGD(learning_rate=0.5)
+        model.compile(loss="categorical_crossentropy", optimizer=opt)
+        local_model.compile(loss="categorical_crossentropy", optimizer=local_opt)
+        model.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+        local_model.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+        assert_close(model.get_weights(), local_model.get_weights(), "model weights")
+        _, server_values = opt.client.pull(opt.model_id)
+        assert_close([server_values[v.path] for v in model.trainable_weights], model.get_weights(),
+                     "server values")
+
+    def check_issue_custom_loop(self):
+        """Program 2 of the issue: a custom loop with the backend's gradients."""
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        x, y = data(seed=3)
+        model = make_model("loop_remote")
+        local_model = twin(model, "loop_local")
+        loss_fn = keras.losses.CategoricalCrossentropy()
+        optimizer = RemoteOptimizer("adam", self.address, model_id=self.model_id("loop"))
+        local_optimizer = keras.optimizers.Adam()
+        dataset = [(x[i:i + 8], y[i:i + 8]) for i in range(0, len(x), 8)]
+        for batch_x, batch_y in dataset:
+            grads = gradients(model, loss_fn, batch_x, batch_y)
+            optimizer.apply_gradients(zip(grads, model.trainable_weights))
+            local_grads = gradients(local_model, loss_fn, batch_x, batch_y)
+            local_optimizer.apply_gradients(zip(local_grads, local_model.trainable_weights))
+
+        assert int(optimizer.iterations) == len(dataset)
+        assert_close(model.get_weights(), local_model.get_weights(), "model weights")
+        assert_close(optimizer.get_weights(), keras_state(local_optimizer), "get_weights()")
+
+    # ------------------------------------------------------------------ optimizer state
+
+    def check_set_weights_then_training_continues_like_keras(self):
+        """Local Keras trains k steps; a fresh RemoteOptimizer takes its state; both go on alike."""
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        x, y = data(seed=5)
+        loss_fn = keras.losses.CategoricalCrossentropy()
+        local_model = make_model("resume_local")
+        local_opt = keras.optimizers.Adam(learning_rate=0.05)
+        batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, len(x), 8)]
+        for batch_x, batch_y in batches[:2]:
+            local_opt.apply(gradients(local_model, loss_fn, batch_x, batch_y), local_model.trainable_weights)
+
+        model = twin(local_model, "resume_remote")
+        opt = RemoteOptimizer(keras.optimizers.Adam(learning_rate=0.05), self.address,
+                              model_id=self.model_id("resume"))
+        opt.build(model.trainable_weights)
+        opt.set_weights(keras_state(local_opt))
+        assert int(opt.iterations) == 2
+        assert_close(opt.get_weights(), keras_state(local_opt), "state after set_weights")
+
+        for batch_x, batch_y in batches[2:]:
+            local_opt.apply(gradients(local_model, loss_fn, batch_x, batch_y), local_model.trainable_weights)
+            opt.apply(gradients(model, loss_fn, batch_x, batch_y), model.trainable_weights)
+        assert_close(model.get_weights(), local_model.get_weights(), "model weights")
+        assert_close(opt.get_weights(), keras_state(local_opt), "get_weights()")
+
+    def check_set_weights_rejects_bad_lists(self):
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        model = make_model("reject")
+        opt = RemoteOptimizer(keras.optimizers.SGD(momentum=0.5), self.address, model_id=self.model_id("reject"))
+        opt.build(model.trainable_weights)
+        before = opt.get_weights()
+        bad_lists = {
+            "count": before[:-1],
+            "shape": [before[0], np.ones((3, 3), "float32"), *before[2:]],
+        }
+        for what, weights in bad_lists.items():
+            try:
+                opt.set_weights(weights)
+            except ValueError as error:
+                assert ("weights" in str(error)) or ("expects" in str(error)), str(error)
+            else:
+                raise AssertionError(f"set_weights accepted a list with a wrong {what}")
+            assert_close(opt.get_weights(), before, f"state after the rejected {what}")
+
+    def check_save_and_load_model_restores_server_state(self):
+        """model.save() stores the server's optimizer state; load_model() writes it back."""
+        import tempfile
+
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        x, y = data(seed=19)
+        model = make_model("saved")
+        opt = RemoteOptimizer(keras.optimizers.Adam(learning_rate=0.01), self.address,
+                              model_id=self.model_id("saved"))
+        model.compile(loss="categorical_crossentropy", optimizer=opt)
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        saved_state = opt.get_weights()
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "model.keras")
+            model.save(path)
+            # A restarted server has lost the model. (A reloaded Sequential model's variable
+            # paths lack the model's name, so it could not join the old model anyway.)
+            opt.client.delete_model(opt.model_id)
+            loaded = keras.models.load_model(path)
+        assert isinstance(loaded.optimizer, RemoteOptimizer)
+        assert_close(loaded.optimizer.get_weights(), saved_state, "state after load_model")
+        loaded.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        assert int(loaded.optimizer.iterations) == 8
+
+    def check_apply_inside_jit_is_refused_clearly(self):
+        """apply() assigns variables, so it cannot be traced; the message says what to do instead."""
+        if self.backend != "jax":
+            raise SkipCheck("only JAX traces Python functions into compiled ones")
+        import jax
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        variable = keras.Variable(np.zeros(3, "float32"), name="traced")
+        opt = RemoteOptimizer("sgd", self.address, model_id=self.model_id("traced"))
+        opt.build([variable])
+        try:
+            jax.jit(lambda g: opt.apply([g], [variable]))(np.ones(3, "float32"))
+        except ValueError as error:
+            assert "stateless_apply" in str(error), str(error)
+        else:
+            raise AssertionError("apply() ran inside jax.jit")
+        assert int(opt.iterations) == 0
+
+    def check_serialization_round_trip(self):
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=10000, decay_rate=0.9)
+        opt = RemoteOptimizer(keras.optimizers.Adam(learning_rate=schedule), self.address,
+                              model_id="never-built", num_workers=2, worker_index=1)
+        again = RemoteOptimizer.from_config(opt.get_config())
+        assert again.get_config() == opt.get_config()
+        revived = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
+        assert isinstance(revived, RemoteOptimizer)
+        assert revived.get_config() == opt.get_config()
+        assert opt.get_config()["optimizer"]["module"] == "keras.optimizers"
+
+    # ------------------------------------------------------------------ several workers
+
+    def run_two_workers(self, model_id, worker_index, num_workers, steps=3):
+        """Each worker pushes the gradient of its half of the batch, loss scaled so the sum is the full one."""
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        x, y = data(n=16, seed=21)
+        half = len(x) // num_workers
+        my_x = x[worker_index * half:(worker_index + 1) * half]
+        my_y = y[worker_index * half:(worker_index + 1) * half]
+        full_loss = keras.losses.CategoricalCrossentropy()
+
+        def my_loss(y_true, y_pred):
+            # mean over my half * (my share of the batch): the workers' sum is the full-batch mean.
+            return full_loss(y_true, y_pred) * (half / len(x))
+
+        model = make_model("shared")
+        opt = RemoteOptimizer(keras.optimizers.Adam(learning_rate=0.02), self.address, model_id=model_id,
+                              num_workers=num_workers, worker_index=worker_index, sync_timeout_s=120)
+        opt.build(model.trainable_weights)
+        initial = model.get_weights()  # the server's values, whoever created the model
+        for _ in range(steps):
+            opt.apply_gradients(zip(gradients(model, my_loss, my_x, my_y), model.trainable_weights))
+
+        reference = twin(model, "shared_reference")
+        reference.set_weights(initial)
+        reference_opt = keras.optimizers.Adam(learning_rate=0.02)
+        for _ in range(steps):
+            reference_opt.apply(gradients(reference, full_loss, x, y), reference.trainable_weights)
+
+        self.facts["two_workers_digest"] = digest(model.get_weights())
+        assert int(opt.iterations) == steps
+        assert_close(model.get_weights(), reference.get_weights(), "weights vs one process on the full batch")
+        assert_close(opt.get_weights(), keras_state(reference_opt), "get_weights() vs local Keras")
+
+
+def run(checks, names, results):
+    for name in names:
+        try:
+            getattr(checks, f"check_{name}")()
+            results[name] = "ok"
+        except SkipCheck as reason:
+            results[name] = f"skip: {reason}"
+        except Exception:  # noqa: BLE001 - every failure goes into the report
+            results[name] = traceback.format_exc()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--address", required=True)
+    parser.add_argument("--report", required=True)
+    parser.add_argument("--peer-model")
+    parser.add_argument("--worker-index", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--only", nargs="*", help="run only these checks")
+    args = parser.parse_args(argv)
+
+    results, facts = {}, {}
+    report = {"backend": os.environ.get("KERAS_BACKEND"), "checks": results, "facts": facts}
+
+    # Before anything imports Keras: the plain client must not.
+    import optserve.client  # noqa: F401
+
+    facts["keras_imported_by_client"] = "keras" in sys.modules
+
+    checks = Checks(args.address, backend_name())
+    checks.facts = facts
+    if args.peer_model:
+        try:
+            checks.run_two_workers(args.peer_model, args.worker_index, args.num_workers)
+            results["two_workers_sum_like_full_batch"] = "ok"
+        except Exception:  # noqa: BLE001
+            results["two_workers_sum_like_full_batch"] = traceback.format_exc()
+
+    names = args.only if args.only is not None else [
+        name[len("check_"):] for name in vars(Checks) if name.startswith("check_")
+    ]
+    run(checks, names, results)
+    with open(args.report, "w") as handle:
+        json.dump(report, handle, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
