@@ -9,6 +9,10 @@ the translation of gRPC status codes into :class:`OptserveError` subclasses.
 Tensors travel chunked (``optserve.protos.tensors``), so no single message ever
 holds a whole large tensor.
 
+Several addresses (``Client(["h1:50051", "h2:50051"])`` or ``"h1:50051,h2:50051"``)
+give a ``ShardedClient`` (``optserve.client.sharded``): the same methods, with each
+model's variables spread over those servers.
+
 This module imports neither the server, nor Keras, nor CuPy.
 """
 from __future__ import annotations
@@ -305,24 +309,32 @@ def _model_info(message: pb.ModelInfo, *, created: bool | None = None, with_stat
 # --------------------------------------------------------------------------- argument helpers
 
 
-def parse_address(address: str | Sequence[str]) -> str:
-    """One ``host:port``; lists and comma-separated strings are reserved for sharding."""
+def parse_addresses(address: str | Sequence[str]) -> list[str]:
+    """``"host:port"``, ``"h1:p1,h2:p2"`` or a list of ``host:port`` -> the list, each one checked."""
     if isinstance(address, str):
         addresses = [a.strip() for a in address.split(",")]
-    else:
+    elif isinstance(address, Sequence):
         addresses = [str(a).strip() for a in address]
+    else:
+        raise ValueError(f"`address` must be 'host:port' or a list of them. Received: address={address!r}")
     addresses = [a for a in addresses if a]
     if not addresses:
         raise ValueError(f"`address` must be 'host:port'. Received: address={address!r}")
-    if len(addresses) > 1:
-        raise ValueError(
-            "Sharding across several servers is not supported yet; pass one 'host:port'. "
-            f"Received {len(addresses)} addresses: {', '.join(addresses)}"
-        )
-    host, sep, port = addresses[0].rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(f"`address` must be 'host:port'. Received: address={addresses[0]!r}")
-    return addresses[0]
+    for one in addresses:
+        host, sep, port = one.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"`address` must be 'host:port'. Received: address={one!r}")
+    repeated = sorted({a for a in addresses if addresses.count(a) > 1})
+    if repeated:
+        # Two shards on one server would store their pieces under the same model id.
+        raise ValueError(f"Each shard address may be listed once. Received {', '.join(repeated)} more than once "
+                         f"in address={address!r}")
+    return addresses
+
+
+def parse_address(address: str | Sequence[str]) -> str:
+    """One ``host:port``, or several joined by commas (a sharded client's address)."""
+    return ",".join(parse_addresses(address))
 
 
 def _json_default(value):
@@ -416,10 +428,14 @@ def _with_chunks(first, field: str, chunks: Iterator[pb.TensorChunk], make: Call
 
 
 class Client:
-    """Connection to one optserve server.
+    """Connection to one optserve server, or to several shards of one.
+
+    Given several addresses (a list, or one string with commas), ``Client(...)``
+    returns a :class:`optserve.client.sharded.ShardedClient`, a subclass with the
+    same methods that spreads each model's variables over those servers.
 
     Args:
-        address: ``"host:port"``.
+        address: ``"host:port"``, or several of them for a sharded client.
         timeout: seconds a call may take in all, retries included (None: no limit).
             Each method also takes ``timeout=`` to override it for one call.
         retries: how many times a call is retried after UNAVAILABLE (server not up,
@@ -434,6 +450,15 @@ class Client:
             out of it is retried (keep it above the time a synchronous step may take).
         options: extra gRPC channel options, ``[(key, value), ...]``.
     """
+
+    def __new__(cls, address: str | Sequence[str], *args, **kwargs):
+        # Several addresses select the sharded client; Python then runs its __init__
+        # with the same arguments, so every caller of Client(...) gets sharding for free.
+        if cls is Client and len(parse_addresses(address)) > 1:
+            from optserve.client.sharded import ShardedClient
+
+            return super().__new__(ShardedClient)
+        return super().__new__(cls)
 
     def __init__(
         self,

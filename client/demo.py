@@ -9,6 +9,20 @@ pushes them; the server sums the workers' gradients and applies one Adam step.
 Workers report their losses on stdout as JSON lines; the parent draws the
 progress and the falling loss, then prints a summary. The exit status is
 nonzero when the loss did not fall.
+
+Sharding: ``--address h1:50051,h2:50051`` spreads the model over those servers
+(see ``optserve.client.sharded``); ``--shards N`` starts N servers instead of one.
+
+Join mode, for workers in separate processes or containers that share one job:
+
+    optserve demo --address server:50051 --worker-index 0 --num-workers 2 --model-id job --steps 1000
+
+runs worker 0 of 2 in this process. It creates the model or joins the identical
+one another worker created, continues from the model's step (so a restarted
+worker picks up where the job is), trains until the model reaches ``--steps``,
+and leaves the model on the server. It exits 0 when done, and nonzero when the
+server stays unreachable after ``--retries`` retries (EXIT_UNAVAILABLE) or on any
+other failure, so that a restart policy brings it back.
 """
 from __future__ import annotations
 
@@ -27,7 +41,13 @@ from typing import Sequence
 
 import numpy as np
 
-from optserve.client.client import Client, OptserveError
+from optserve.client.client import (
+    Client,
+    DeadlineExceededError,
+    OptserveError,
+    StepMismatchError,
+    UnavailableError,
+)
 
 INPUTS, HIDDEN, CLASSES = 16, 32, 4
 TEACHER_SEED = 1234          # the task: identical in every process
@@ -36,6 +56,13 @@ EVAL_SIZE = 2048
 LISTENING = re.compile(r"optserve listening on (\S+:\d+)")
 SERVER_START_TIMEOUT_S = 60.0
 BAR_WIDTH = 24
+SYNC_TIMEOUT_S = 60.0
+JOIN_MODEL_ID = "demo"
+EXIT_FAILED = 1
+EXIT_UNAVAILABLE = 3
+# A joined worker pushes a step again after it timed out waiting for another worker
+# (which may be restarting); this many times in a row, then it gives up.
+MAX_STEP_TIMEOUTS = 10
 
 
 # --------------------------------------------------------------------------- the model (NumPy)
@@ -113,6 +140,93 @@ def run_worker(args) -> int:
             result, params = client.push_pull(args.model_id, grads, worker_index=args.worker)
             print(json.dumps({"worker": args.worker, "step": result.step, "loss": loss}), flush=True)
     return 0
+
+
+# --------------------------------------------------------------------------- join mode
+
+
+def run_joined_worker(args) -> int:
+    """Worker ``--worker-index`` of ``--num-workers``, in this process; see the module docstring."""
+    problem = _join_mode_problem(args)
+    if problem:
+        print(f"optserve demo: {problem}", file=sys.stderr)
+        return 2
+    try:
+        optimizer = optimizer_config(args.optimizer, args.learning_rate)
+    except ValueError as error:
+        print(f"optserve demo: --optimizer is neither a name nor valid JSON ({error}).", file=sys.stderr)
+        return 2
+    model_id = args.model_id or JOIN_MODEL_ID
+    me = f"worker {args.worker_index}/{args.num_workers}"
+    try:
+        with Client(args.address, retries=args.retries) as client:
+            info = client.create_model(model_id, optimizer, initial_params(args.seed),
+                                       num_workers=args.num_workers, mode="sync", sync_timeout_s=SYNC_TIMEOUT_S)
+            # Restarted, or joining late: go on from the job's step and values.
+            step = client.resync(model_id, args.worker_index)
+            _, params = client.pull(model_id)
+            print(f"{me}: {'created' if info.created else 'joined'} model {model_id!r} on {client.address}, "
+                  f"{info.optimizer}; step {step} of {args.steps}.", flush=True)
+            losses = train_joined(client, args, model_id, params, step, me)
+    except UnavailableError as error:
+        print(f"optserve demo: {me}: no server at {args.address} after {args.retries} retries: {error}",
+              file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    except (OptserveError, ValueError) as error:
+        print(f"optserve demo: {me}: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"\noptserve demo: {me}: interrupted; the model stays on the server.", file=sys.stderr)
+        return 130
+    if losses:
+        print(f"{me}: done at step {args.steps}; loss {losses[0]:.4f} -> {losses[-1]:.4f}.", flush=True)
+    else:
+        print(f"{me}: the model is already at step {args.steps}; nothing to do.", flush=True)
+    return 0
+
+
+def _join_mode_problem(args) -> str | None:
+    if args.num_workers is None:
+        return "--worker-index needs --num-workers (the number of workers of the job)"
+    if not 0 <= args.worker_index < args.num_workers:
+        return f"--worker-index must be in [0, {args.num_workers}). Received: {args.worker_index}"
+    if not args.address:
+        return "--worker-index needs --address (the server, or the shards, the workers share)"
+    if args.workers not in (None, 1):
+        return f"--worker-index runs one worker in this process; --workers must be 1. Received: {args.workers}"
+    return None
+
+
+def train_joined(client: Client, args, model_id: str, params: dict, step: int, me: str) -> list[float]:
+    """Push until the model reaches ``args.steps``; returns this worker's losses."""
+    task = teacher()
+    every = max(1, args.steps // 10)
+    losses: list[float] = []
+    timeouts = 0
+    while step < args.steps:
+        # Batches depend on (seed, worker, step) only: a restarted worker sees the same data.
+        rng = np.random.default_rng((args.seed, args.worker_index, step))
+        loss, grads = loss_and_grads(params, *make_batch(rng, args.batch_size, task))
+        grads = {name: g / args.num_workers for name, g in grads.items()}
+        try:
+            result, params = client.push_pull(model_id, grads, worker_index=args.worker_index, step=step)
+        except StepMismatchError:
+            # The job moved on without this push (or was restored from a checkpoint): follow it.
+            step = client.resync(model_id, args.worker_index)
+            _, params = client.pull(model_id)
+            continue
+        except DeadlineExceededError:
+            timeouts += 1
+            if timeouts > MAX_STEP_TIMEOUTS:
+                raise
+            print(f"{me}: step {step} timed out waiting for the other workers; pushing it again.", flush=True)
+            continue
+        timeouts = 0
+        step = result.step
+        losses.append(loss)
+        if step % every == 0 or step == args.steps:
+            print(f"{me}: step {step}/{args.steps}  loss {loss:.4f}", flush=True)
+    return losses
 
 
 # --------------------------------------------------------------------------- server process
@@ -276,20 +390,31 @@ def run_demo(args) -> int:
     except ValueError as error:
         print(f"optserve demo: --optimizer is neither a name nor valid JSON ({error}).", file=sys.stderr)
         return 2
-    server = None
-    if args.address is None:
-        print(f"Starting an optserve server (device {args.device}) ...", flush=True)
-        server = ServerProcess(args.device)
-    address = args.address or server.address
-    model_id = f"demo-{os.getpid()}"
+    args.workers = args.workers or 2
+    servers: list[ServerProcess] = []
     workers: list[subprocess.Popen] = []
+    try:
+        if args.address is None:
+            print(f"Starting {args.shards} optserve server{'s' if args.shards > 1 else ''} "
+                  f"(device {args.device}) ...", flush=True)
+            for _ in range(args.shards):
+                servers.append(ServerProcess(args.device))
+    except RuntimeError as error:
+        for server in servers:
+            server.stop()
+        print(f"optserve demo: {error}", file=sys.stderr)
+        return 1
+    address = args.address or ",".join(server.address for server in servers)
+    model_id = args.model_id or f"demo-{os.getpid()}"
     try:
         with Client(address) as client:
             params = initial_params(args.seed)
             info = client.create_model(model_id, optimizer, params,
-                                       num_workers=args.workers, mode="sync", sync_timeout_s=60.0)
+                                       num_workers=args.workers, mode="sync", sync_timeout_s=SYNC_TIMEOUT_S)
             initial = eval_loss(params)
-            print(f"Server {address}: model {model_id!r}, {info.optimizer} "
+            where = f"Server {address}" if "," not in address else \
+                f"{address.count(',') + 1} shards {address} (plan {info.fingerprint})"
+            print(f"{where}: model {model_id!r}, {info.optimizer} "
                   f"(learning rate {info.learning_rate:g}), {args.workers} workers in sync mode, "
                   f"{sum(p.size for p in params.values()):,} parameters.")
             print(f"Training {args.steps} steps, batch {args.batch_size} per worker; "
@@ -301,7 +426,8 @@ def run_demo(args) -> int:
             train_seconds = time.monotonic() - train_started
             state, final_params = client.pull(model_id)
             final = eval_loss(final_params)
-            client.delete_model(model_id)
+            if info.created:  # a model the demo joined is someone else's to delete
+                client.delete_model(model_id)
     except (OptserveError, RuntimeError) as error:
         print(f"optserve demo: {error}", file=sys.stderr)
         return 1
@@ -310,7 +436,7 @@ def run_demo(args) -> int:
         return 130
     finally:
         stop_workers(workers)
-        server_status = server.stop() if server is not None else None
+        server_statuses = [server.stop() for server in servers]
     print(f"\nDone: {state.step} synchronous steps ({state.iterations} optimizer updates) "
           f"in {train_seconds:.1f} s, {time.monotonic() - started:.1f} s in all.")
     if args.steps > 1:
@@ -323,30 +449,45 @@ def run_demo(args) -> int:
         print("The loss did not fall.", file=sys.stderr)
         return 1
     print("The loss fell: the server applied the workers' summed gradients.")
-    if server_status not in (None, 0):
-        print(f"The server exited with status {server_status}:\n" + "\n".join(server.output), file=sys.stderr)
-        return 1
+    for server, status in zip(servers, server_statuses):
+        if status != 0:
+            print(f"The server exited with status {status}:\n" + "\n".join(server.output), file=sys.stderr)
+            return 1
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="optserve demo",
-        description="Start a server and workers that train a small NumPy model against it.",
+        description="Start a server and workers that train a small NumPy model against it; or, with "
+                    "--worker-index, run one worker of a job shared with other processes.",
     )
-    parser.add_argument("--steps", type=_positive_int, default=200, help="synchronous steps (default 200)")
-    parser.add_argument("--workers", type=_positive_int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--steps", type=_positive_int, default=200,
+                        help="synchronous steps (default 200); in join mode, the step the job trains to")
+    parser.add_argument("--workers", type=_positive_int, default=None,
+                        help="worker processes (default 2); 1 in join mode")
     parser.add_argument("--optimizer", default="adam",
                         help="Keras optimizer name or JSON config (default adam)")
     parser.add_argument("--learning-rate", type=float, default=0.01,
                         help="learning rate when --optimizer is a name (default 0.01)")
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="examples per worker per step")
-    parser.add_argument("--address", help="use the server at host:port instead of starting one")
+    parser.add_argument("--address", help="use the server at host:port instead of starting one; several "
+                                           "addresses joined by commas shard the model over those servers")
+    parser.add_argument("--shards", type=_positive_int, default=1,
+                        help="without --address: servers to start and shard the model over (default 1)")
     parser.add_argument("--device", default="auto", help="device of the server the demo starts (auto|cpu|gpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the workers' data")
+    parser.add_argument("--model-id",
+                        help=f"model name on the server (default demo-<pid>; {JOIN_MODEL_ID!r} in join mode)")
+    parser.add_argument("--worker-index", type=_non_negative_int, metavar="N",
+                        help="join mode: run worker N of --num-workers in this process, against --address")
+    parser.add_argument("--num-workers", type=_positive_int, metavar="M",
+                        help="join mode: workers of the job (each started with its own --worker-index)")
+    parser.add_argument("--retries", type=_non_negative_int, default=5,
+                        help="retries of a call the server does not answer (default 5); "
+                             f"join mode then exits with status {EXIT_UNAVAILABLE}")
     # Internal: the parent starts each worker as `python -m optserve.client.demo --worker I ...`.
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
-    parser.add_argument("--model-id", help=argparse.SUPPRESS)
     return parser
 
 
@@ -357,12 +498,25 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.worker is not None:
         if not args.address or not args.model_id:
             raise SystemExit("optserve demo: --worker needs --address and --model-id")
         return run_worker(args)
+    if args.worker_index is not None:
+        return run_joined_worker(args)
+    if args.num_workers is not None:
+        print("optserve demo: --num-workers is for join mode; give --worker-index too "
+              "(or use --workers to start that many local worker processes).", file=sys.stderr)
+        return 2
     return run_demo(args)
 
 

@@ -4,6 +4,12 @@ Without MODEL: one row per model (optimizer, mode, workers, step, iterations,
 learning rate). With MODEL: the model's settings and a row per variable (shape,
 dtype, L2 norm, slots); ``--slots`` also fetches every slot and shows its norm.
 ``--json`` prints the same information as JSON for scripts.
+
+``ADDRESS`` may list the shards of a sharded deployment, ``h1:50051,h2:50051``
+(in the order the workers use). Models are then shown whole, with their
+placement: which variable, or which rows of a split one, lives on which shard,
+the bytes each shard holds and the imbalance (largest shard over the mean);
+``--json`` adds the full plan.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from optserve.client.client import Client, ModelInfo, NotFoundError, OptserveError, UnavailableError
+from optserve.client.sharded import ShardedModelInfo
 
 EXIT_UNREACHABLE = 2
 EXIT_NOT_FOUND = 3
@@ -27,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="optserve inspect",
         description="Show the models a running optserve server holds.",
     )
-    parser.add_argument("address", help="server address, host:port")
+    parser.add_argument("address", help="server address, host:port; or the shards' addresses joined by commas")
     parser.add_argument("model", nargs="?", help="show this model's variables and slots")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--slots", action="store_true",
@@ -58,7 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _show_models(client: Client, args) -> int:
     models = client.list_models()
     if args.json:
-        print(json.dumps({"address": client.address, "models": [_model_json(m) for m in models]}, indent=2))
+        data = {"address": client.address, "models": [_model_json(m) for m in models]}
+        if getattr(client, "addresses", None) is not None:
+            data["shards"] = list(client.addresses)
+        print(json.dumps(data, indent=2))
         return 0
     if not models:
         print(f"No models on {client.address}.")
@@ -68,10 +78,23 @@ def _show_models(client: Client, args) -> int:
          _number(m.learning_rate), str(len(m.variables)), _count(sum(_size(v.shape) for v in m.variables))]
         for m in models
     ]
-    print(f"{len(models)} model{'s' if len(models) != 1 else ''} on {client.address}\n")
-    print(format_table(["MODEL", "OPTIMIZER", "MODE", "WORKERS", "STEP", "ITERATIONS", "LEARNING RATE",
-                        "VARIABLES", "PARAMETERS"], rows))
+    header = ["MODEL", "OPTIMIZER", "MODE", "WORKERS", "STEP", "ITERATIONS", "LEARNING RATE",
+              "VARIABLES", "PARAMETERS"]
+    sharded = [m for m in models if isinstance(m, ShardedModelInfo)]
+    if sharded:
+        header += ["PLAN", "IMBALANCE"]
+        for row, model in zip(rows, sharded):
+            row += [model.fingerprint, f"{model.plan.imbalance():.3f}"]
+    print(f"{len(models)} model{'s' if len(models) != 1 else ''} on {_where(client)}\n")
+    print(format_table(header, rows))
     return 0
+
+
+def _where(client: Client) -> str:
+    addresses = getattr(client, "addresses", None)
+    if addresses is None:
+        return client.address
+    return f"{len(addresses)} shards ({', '.join(addresses)})"
 
 
 def _show_model(client: Client, args) -> int:
@@ -92,6 +115,13 @@ def _show_model(client: Client, args) -> int:
         return 0
     print(_model_header(model))
     print()
+    if isinstance(model, ShardedModelInfo):
+        print(format_table(["SHARD", "ADDRESS", "MODEL ON SHARD", "STEP", "PIECES", "BYTES", "SHARE"],
+                           _shard_rows(model)))
+        print()
+        print(format_table(["VARIABLE", "SHAPE", "DTYPE", "L2 NORM", "SLOTS", "SHARDS"],
+                           _variable_rows(model, slot_tensors)))
+        return 0
     print(format_table(["VARIABLE", "SHAPE", "DTYPE", "L2 NORM", "SLOTS"], _variable_rows(model, slot_tensors)))
     return 0
 
@@ -118,6 +148,13 @@ def _model_header(model: ModelInfo) -> str:
         lines.append(("scalars", ", ".join(f"{k}={_number(v)}" for k, v in model.scalars.items())))
     if model.waiting_workers:
         lines.append(("waiting", "workers " + ", ".join(map(str, model.waiting_workers)) + " pushed this step"))
+    if isinstance(model, ShardedModelInfo):
+        plan = model.plan
+        split = plan.split_variables()
+        lines.append(("placement", f"{plan.num_shards} shards, plan {model.fingerprint}, imbalance "
+                                   f"{plan.imbalance():.3f} (largest shard / mean), "
+                                   + (f"{len(split)} variable{'s' if len(split) != 1 else ''} split by rows"
+                                      if split else "no variable split")))
     width = max(len(key) for key, _ in lines)
     return "\n".join(f"{key + ':':<{width + 1}} {value}" for key, value in lines)
 
@@ -138,25 +175,70 @@ def _optimizer_summary(model: ModelInfo) -> str:
     return f"{model.optimizer}({', '.join(shown)})" if shown else model.optimizer
 
 
+def _shard_rows(model: ShardedModelInfo) -> list[list[str]]:
+    loads = model.plan.loads()
+    total = sum(loads) or 1
+    rows = []
+    for index, (address, info, load) in enumerate(zip(model.addresses, model.shards, loads)):
+        rows.append([str(index), address, info.model_id if info is not None else "-",
+                     str(info.step) if info is not None else "-", str(len(model.plan.shards[index])),
+                     _count(load), f"{100 * load / total:.1f}%"])
+    return rows
+
+
+def _placement(model: ModelInfo, name: str) -> list[str]:
+    """``["1"]`` for a whole variable on shard 1; ``["0[0:500]", "2[500:1000]"]`` for a split one."""
+    if not isinstance(model, ShardedModelInfo):
+        return []
+    located = model.plan.locate(name)
+    if len(located) == 1:
+        return [str(located[0][0])]
+    return [f"{shard}[{piece.row_start}:{piece.row_stop}]" for shard, piece in located]
+
+
 def _variable_rows(model: ModelInfo, slot_tensors) -> list[list[str]]:
     rows = []
     for variable in model.variables:
         rows.append([variable.name, _shape(variable.shape), variable.dtype,
                      _number(variable.norm) if variable.norm is not None else "-",
-                     ", ".join(variable.slots) or "-"])
+                     ", ".join(variable.slots) or "-", *([" ".join(_placement(model, variable.name))]
+                                                         if isinstance(model, ShardedModelInfo) else [])])
         if slot_tensors is None:
             continue
         for slot, array in slot_tensors.get(variable.name, {}).items():
-            rows.append([f"  /{slot}", _shape(array.shape), array.dtype.name, _number(_norm(array)), ""])
+            rows.append([f"  /{slot}", _shape(array.shape), array.dtype.name, _number(_norm(array)), "",
+                         *([""] if isinstance(model, ShardedModelInfo) else [])])
     return rows
 
 
 def _model_json(model: ModelInfo) -> dict:
-    data = dataclasses.asdict(model)
+    data = {field.name: getattr(model, field.name) for field in dataclasses.fields(ModelInfo)}
+    data["variables"] = [dataclasses.asdict(variable) for variable in model.variables]
     for variable in data["variables"]:
         variable["shape"] = list(variable["shape"])
     data.pop("created")
+    if isinstance(model, ShardedModelInfo):
+        data["placement"] = _placement_json(model)
     return data
+
+
+def _placement_json(model: ShardedModelInfo) -> dict:
+    plan = model.plan
+    return {
+        "fingerprint": plan.fingerprint(),
+        "num_shards": plan.num_shards,
+        "imbalance": plan.imbalance(),
+        "split_variables": plan.split_variables(),
+        "shards": [
+            {"index": index, "address": address, "model_id": info.model_id if info is not None else None,
+             "step": info.step if info is not None else None,
+             "iterations": info.iterations if info is not None else None,
+             "bytes": load, "parts": [piece.part_name for piece in pieces]}
+            for index, (address, info, load, pieces)
+            in enumerate(zip(model.addresses, model.shards, plan.loads(), plan.shards))
+        ],
+        "plan": plan.to_dict(),
+    }
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:

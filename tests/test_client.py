@@ -63,12 +63,6 @@ def test_importing_the_client_imports_no_server_keras_or_cupy():
     assert run.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize("address", ["a:1,b:2", ["a:1", "b:2"]])
-def test_several_addresses_are_refused_until_sharding_exists(address):
-    with pytest.raises(ValueError, match="Sharding across several servers"):
-        Client(address)
-
-
 @pytest.mark.parametrize("address", ["", "localhost", ":50051", "host:port"])
 def test_malformed_address(address):
     with pytest.raises(ValueError, match="host:port"):

@@ -34,7 +34,6 @@ SERVER_PORT = "50051"
 # while absent; any other unknown flag fails.
 PENDING_FLAGS = {
     "serve": {"--checkpoint-dir", "--checkpoint-every"},
-    "demo": {"--worker-index", "--num-workers"},
 }
 
 
