@@ -7,8 +7,8 @@ imports and sees a device, else the CPU.
 
 The NumPy backend runs a kernel's generated program over cache-sized blocks:
 every temporary lives in a small per-thread scratch buffer, so one update reads
-and writes each array exactly once from main memory instead of once per ufunc,
-and the blocks are shared among a few threads (ufuncs release the GIL).
+and writes each array once from main memory instead of once per ufunc, and the
+blocks are shared among the usable cores' threads (ufuncs release the GIL).
 """
 from __future__ import annotations
 
@@ -26,10 +26,12 @@ from optserve.server.kernels import UpdateKernel
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 DEVICES = ("auto", "cpu", "gpu")
 
-# Bytes of one block's working set (all arrays' slices plus scratch). It should
-# fit comfortably in a core's L2 cache (1 MiB on the machines we tune for) so
-# that the intermediate ufunc passes never reach main memory.
-DEFAULT_WORKING_SET_BYTES = 384 * 1024
+# Bytes of one block's working set (all arrays' slices plus scratch), per
+# thread. Not L2-sized on purpose: each ufunc call costs about a microsecond of
+# Python dispatch plus a GIL hand-off between the threads, which L2-sized blocks
+# (16K float32 elements for Adam) cannot amortise; 2 MiB blocks stay in L3
+# across a kernel's passes and measured fastest (benchmarks/README.md).
+DEFAULT_WORKING_SET_BYTES = 2 * 1024 * 1024
 # Below this many elements a call runs on the calling thread only: handing work
 # to the pool costs more than it saves.
 DEFAULT_PARALLEL_THRESHOLD = 1 << 17
@@ -180,7 +182,10 @@ class NumpyBackend:
             self._run_blocks(program, flat, constants, block, next_blocks)
         finally:
             for future in futures:
-                future.result()
+                # A helper still queued (the pool busy with another call) has
+                # nothing left to do: drop it instead of waiting for it.
+                if not future.cancel():
+                    future.result()
 
     def _block_for(self, program, dtype, size) -> int:
         block = self.block_size(program, dtype)

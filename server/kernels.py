@@ -825,11 +825,14 @@ def _real_number(kernel_name, name, value) -> float:
     is_real = isinstance(value, (int, float, np.integer, np.floating)) or (
         isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf"
     )
-    if not is_real or isinstance(value, (bool, np.bool_)):
-        raise InvalidArgumentError(
-            f"Kernel `{kernel_name}`: scalar `{name}` must be a real number. Received: {name}={value!r}"
-        )
-    return float(value)
+    if is_real and not isinstance(value, (bool, np.bool_)):
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond float64
+            pass
+    raise InvalidArgumentError(
+        f"Kernel `{kernel_name}`: scalar `{name}` must be a real number. Received: {name}={value!r}"
+    )
 
 
 def _collect_state_reads(node, found: set):

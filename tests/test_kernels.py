@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import threading
 import tracemalloc
 
 import numpy as np
@@ -430,10 +431,39 @@ def test_repeated_steps_match_reference():
     np.testing.assert_array_equal(var, expected[0])
 
 
+def test_concurrent_calls_from_several_threads():
+    """Server threads may update different models at once: scratch is per thread, the pool shared."""
+    kernel = adam_kernel()
+    backend = NumpyBackend(threads=2, working_set_bytes=64 * 1024, parallel_threshold=8192)
+    jobs = []
+    for seed in range(4):
+        grad, var, m, v = random_arrays(4, 50_000 + seed, np.float32, seed=seed)
+        np.abs(v, out=v)
+        expected = [var.copy(), m.copy(), v.copy()]
+        for _ in range(3):
+            adam_reference(grad, *expected, **ADAM_SCALARS)
+        jobs.append(({"grad": grad, "var": var, "m": m, "v": v}, expected))
+
+    def work(arrays):
+        for _ in range(3):
+            backend.run(kernel, arrays, ADAM_SCALARS)
+
+    threads = [threading.Thread(target=work, args=(arrays,)) for arrays, _ in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for arrays, expected in jobs:
+        for name, value in zip(("var", "m", "v"), expected):
+            np.testing.assert_array_equal(arrays[name], value)
+
+
 def test_scalars_take_the_arrays_dtype():
     out = run_once("x = x * s", {"x": np.array([1.0], np.float32)}, {"s": np.float64(1 / 3)})
     assert out["x"].dtype == np.float32
     assert out["x"][0] == np.float32(1.0) * np.float32(1 / 3)
+    for value in (2, np.int64(2), np.float32(2.0), np.array(2.0)):
+        assert run_once("x = x * s", {"x": np.array([1.5])}, {"s": value})["x"].tolist() == [3.0]
 
 
 def test_non_contiguous_input_is_handled():
@@ -474,6 +504,7 @@ def adam_arrays(size=10, dtype=np.float32):
         (lambda a, s: s.update(alpha="big"), "must be a real number"),
         (lambda a, s: s.update(alpha=np.ones(2)), "must be a real number"),
         (lambda a, s: s.update(alpha=True), "must be a real number"),
+        (lambda a, s: s.update(alpha=10**400), "must be a real number"),
     ],
 )
 def test_invalid_calls_are_rejected_and_change_nothing(change, message):
