@@ -111,18 +111,20 @@ class ApplyGradientsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[ApplyGradientsHeader, _Mapping]] = ..., gradients: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors")
+    __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors", "missing_workers")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
+    MISSING_WORKERS_FIELD_NUMBER: _ClassVar[int]
     step: int
     iterations: int
     learning_rate: float
     duplicate: bool
     contributors: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., duplicate: _Optional[bool] = ..., contributors: _Optional[_Iterable[int]] = ...) -> None: ...
+    missing_workers: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, step: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., duplicate: _Optional[bool] = ..., contributors: _Optional[_Iterable[int]] = ..., missing_workers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ApplyGradientsResponse(_message.Message):
     __slots__ = ("result", "variables")

@@ -50,8 +50,8 @@ def dtype_from_proto(code: int) -> np.dtype:
         raise TensorFormatError(f"Unknown or unspecified tensor dtype code {code}.") from None
 
 
-def encode(name: str, array, slot: str = "", chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
-    """Yield the chunks of one tensor (at least one, even when it is empty)."""
+def _pieces(array, chunk_bytes: int) -> Iterator[tuple[int, list[int], int, memoryview]]:
+    """``(dtype code, shape, byte offset, payload view)`` of each chunk of one tensor (at least one)."""
     array = np.asarray(array)
     code = dtype_to_proto(array.dtype)
     little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
@@ -60,10 +60,16 @@ def encode(name: str, array, slot: str = "", chunk_bytes: int = CHUNK_BYTES) -> 
     offset = 0
     while True:
         piece = raw[offset:offset + chunk_bytes]
-        yield pb.TensorChunk(name=name, slot=slot, dtype=code, shape=shape, offset=offset, data=bytes(piece))
+        yield code, shape, offset, piece
         offset += len(piece)
         if offset >= len(raw):
             return
+
+
+def encode(name: str, array, slot: str = "", chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
+    """Yield the chunks of one tensor (at least one, even when it is empty)."""
+    for code, shape, offset, piece in _pieces(array, chunk_bytes):
+        yield pb.TensorChunk(name=name, slot=slot, dtype=code, shape=shape, offset=offset, data=bytes(piece))
 
 
 def encode_many(tensors: Iterable[tuple[str, str, np.ndarray]], chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
@@ -85,6 +91,64 @@ def batch_chunks(chunks: Iterable[pb.TensorChunk], max_bytes: int = CHUNK_BYTES)
         size += n
     if batch:
         yield batch
+
+
+def chunk_messages(first, field: str, tensors: Iterable[tuple[str, str, np.ndarray]],
+                   chunk_bytes: int = CHUNK_BYTES) -> Iterator:
+    """Stream messages carrying ``(name, slot, array)`` tensors as chunks in their repeated ``field``.
+
+    Yields ``first`` (always, with the first batch), then new messages of its type.
+    Chunks and batching are those of ``batch_chunks(encode_many(tensors))``, but
+    each chunk is built inside its message: no intermediate TensorChunk, whose
+    payload a ``field.extend`` would copy once more.
+    """
+    message, size = first, 0
+    for name, slot, array in tensors:
+        for code, shape, offset, piece in _pieces(array, chunk_bytes):
+            if size and size + len(piece) > chunk_bytes:
+                yield message
+                message, size = type(first)(), 0
+            getattr(message, field).add(name=name, slot=slot, dtype=code, shape=shape, offset=offset,
+                                        data=bytes(piece))
+            size += len(piece)
+    yield message
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+_DATA_TAG = _varint(pb.TensorChunk.DESCRIPTOR.fields_by_name["data"].number << 3 | 2)
+
+
+def serialized_chunk_messages(first, field: str, tensors: Iterable[tuple[str, str, np.ndarray]],
+                              chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+    """The wire bytes of the messages :func:`chunk_messages` would yield, built directly.
+
+    Each payload is copied once, from the array into the message bytes (instead
+    of into a ``bytes``, then into the message, then into its serialization), and
+    the result can be written to any number of streams without serializing again.
+    Receivers parse it as ordinary messages of ``first``'s type.
+    """
+    tag = _varint(first.DESCRIPTOR.fields_by_name[field].number << 3 | 2)
+    parts: list = [first.SerializeToString()]
+    size = 0
+    for name, slot, array in tensors:
+        for code, shape, offset, piece in _pieces(array, chunk_bytes):
+            if size and size + len(piece) > chunk_bytes:
+                yield b"".join(parts)
+                parts, size = [], 0
+            head = pb.TensorChunk(name=name, slot=slot, dtype=code, shape=shape, offset=offset).SerializeToString()
+            data_length = _varint(len(piece))
+            body = len(head) + len(_DATA_TAG) + len(data_length) + len(piece)
+            parts += [tag, _varint(body), head, _DATA_TAG, data_length, piece]
+            size += len(piece)
+    yield b"".join(parts)
 
 
 class TensorAssembler:

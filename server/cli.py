@@ -1,0 +1,102 @@
+"""The ``optserve`` command: ``serve`` a parameter server; ``inspect``, ``demo``, ``health`` use one.
+
+    optserve serve --host 127.0.0.1 --port 50051 --device auto
+    optserve inspect ...     (optserve.client.inspect)
+    optserve demo ...        (optserve.client.demo)
+    optserve health ...      (optserve.client.health)
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from optserve.server.app import DEFAULT_GRACE_S, DEFAULT_SYNC_TIMEOUT_S
+from optserve.server.errors import OptserveError
+from optserve.server.servicer import DEFAULT_MAX_REQUEST_BYTES
+
+# Subcommands implemented by the client package; imported only when run, so `serve` never loads them.
+CLIENT_COMMANDS = {
+    "inspect": ("optserve.client.inspect", "show the models, optimizer state and variables of a server"),
+    "demo": ("optserve.client.demo", "start a server and two workers that train a small model against it"),
+    "health": ("optserve.client.health", "ask a server for its gRPC health status (exit 0 when SERVING)"),
+}
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="optserve", description="Keras optimizers as a service.")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = commands.add_parser("serve", help="run a parameter server in the foreground (SIGTERM/SIGINT stop it)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    serve.add_argument("--port", type=_port, default=50051, help="port; 0 picks a free one (default: %(default)s)")
+    serve.add_argument("--device", choices=("auto", "cpu", "gpu"), default="auto",
+                       help="where updates run: gpu needs CuPy and a CUDA device; auto picks it when present")
+    serve.add_argument("--sync-timeout", type=_positive_float, default=DEFAULT_SYNC_TIMEOUT_S, metavar="S",
+                       help="seconds a synchronous step waits for its last worker, for models that do not "
+                            "set sync_timeout_s (default: %(default)s)")
+    serve.add_argument("--max-request-bytes", type=_positive_int, default=DEFAULT_MAX_REQUEST_BYTES, metavar="B",
+                       help="largest total tensor payload of one request (default: %(default)s)")
+    serve.add_argument("--apply-threads", type=_positive_int, default=None, metavar="N",
+                       help="threads running optimizer updates (default: min(8, cores), at least 2)")
+    serve.add_argument("--grace", type=float, default=DEFAULT_GRACE_S, metavar="S",
+                       help="seconds calls in flight get to finish on shutdown (default: %(default)s)")
+    serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                       help="log verbosity on stderr (default: %(default)s)")
+    for name, (_, help_text) in CLIENT_COMMANDS.items():
+        commands.add_parser(name, help=help_text, add_help=False)
+    return parser
+
+
+def _announce(address: str) -> None:
+    print(f"optserve listening on {address}", flush=True)
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from optserve.server.app import serve
+
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return serve(args.host, args.port, args.device, grace=args.grace, on_listening=_announce,
+                     sync_timeout_s=args.sync_timeout, max_request_bytes=args.max_request_bytes,
+                     apply_threads=args.apply_threads)
+    except (OptserveError, OSError) as exc:
+        # Startup problems (busy port, no GPU) are the operator's to fix: a message, not a traceback.
+        print(f"optserve serve: error: {exc}", file=sys.stderr, flush=True)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in CLIENT_COMMANDS:
+        import importlib
+
+        module = importlib.import_module(CLIENT_COMMANDS[argv[0]][0])
+        return module.main(argv[1:]) or 0
+    args = build_parser().parse_args(argv)
+    return run_serve(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,805 @@
+"""One training job: an optimizer engine, its variables and the step protocol.
+
+SYNC mode keeps one merge buffer per step, as MXNet's ``dist_sync`` server does:
+each worker's push for step k is validated on arrival and summed into the step's
+accumulators (in arrival order); the push that completes the set of
+``num_workers`` triggers exactly one optimizer update, and every waiting worker
+is answered with the same result. A step that waits longer than its
+``sync_timeout_s`` fails (FAIL) or applies what arrived (APPLY_PARTIAL).
+ASYNC mode applies each push as it arrives; there ``step`` only names the push
+(each worker numbers its own), while the model's step counts applied updates.
+In both modes a push is identified by ``(worker, step)`` and a repeated push is
+answered without being applied again, so clients can retry safely.
+
+The engine is not thread-safe, and its updates run on an executor thread (NumPy
+releases the GIL, so the event loop keeps answering other calls meanwhile). Every
+change to a model happens while holding the model's asyncio lock, inside a task
+that runs to completion even when the RPC that started it is cancelled: a client
+hanging up can never leave a half-applied update or a lock held by nobody.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import dataclasses
+import functools
+import json
+import logging
+import math
+from concurrent.futures import Executor
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from optserve.server.errors import (
+    DeadlineExceededError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    OptserveError,
+)
+
+log = logging.getLogger(__name__)
+
+SYNC = "sync"
+ASYNC = "async"
+MODES = (SYNC, ASYNC)
+FAIL = "fail"
+APPLY_PARTIAL = "apply_partial"
+TIMEOUT_POLICIES = (FAIL, APPLY_PARTIAL)
+
+# Completed steps (sync) or pushed steps per worker (async) remembered to
+# recognise a retried push. A client retries within seconds, so a few
+# thousand steps of memory is generous while staying a few hundred KiB.
+REMEMBERED_STEPS = 4096
+MAX_MODEL_ID_LENGTH = 256
+MAX_LISTED_NAMES = 10
+
+
+# --------------------------------------------------------------------------- spec
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableMeta:
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    def describe(self) -> str:
+        return f"shape {self.shape} {self.dtype.name}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """What defines a model; two CreateModel calls join the same model when these agree."""
+
+    model_id: str
+    optimizer_config: dict
+    num_workers: int
+    mode: str
+    sync_timeout_s: float          # effective timeout (the server default already filled in)
+    timeout_policy: str
+    variables: tuple[VariableMeta, ...]
+
+    @property
+    def optimizer_config_json(self) -> str:
+        return json.dumps(self.optimizer_config, sort_keys=True)
+
+    def differences(self, other: "ModelSpec") -> list[str]:
+        """Human-readable list of what differs between an existing spec and a requested one."""
+        found = []
+        for path, mine, theirs in _dict_differences(self.optimizer_config, other.optimizer_config):
+            found.append(f"optimizer config {path}: existing {mine!r}, requested {theirs!r}")
+        for field in ("num_workers", "mode"):
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine != theirs:
+                found.append(f"{field}: existing {mine!r}, requested {theirs!r}")
+        found.extend(_variable_differences(self.variables, other.variables))
+        return found
+
+
+def _dict_differences(mine: Any, theirs: Any, path: str = "") -> Iterable[tuple[str, Any, Any]]:
+    if isinstance(mine, dict) and isinstance(theirs, dict):
+        for key in sorted(set(mine) | set(theirs), key=str):
+            sub = f"{path}.{key}" if path else str(key)
+            yield from _dict_differences(mine.get(key, "<absent>"), theirs.get(key, "<absent>"), sub)
+    elif mine != theirs:
+        yield path or "<whole>", mine, theirs
+
+
+def _variable_differences(mine: tuple[VariableMeta, ...], theirs: tuple[VariableMeta, ...]) -> list[str]:
+    by_name = {v.name: v for v in theirs}
+    found = []
+    for var in mine:
+        other = by_name.get(var.name)
+        if other is None:
+            found.append(f"variable {var.name!r}: existing {var.describe()}, missing from the request")
+        elif other != var:
+            found.append(f"variable {var.name!r}: existing {var.describe()}, requested {other.describe()}")
+    known = {v.name for v in mine}
+    found.extend(f"variable {v.name!r}: not in the existing model" for v in theirs if v.name not in known)
+    if not found and [v.name for v in mine] != [v.name for v in theirs]:
+        found.append("variable order differs")
+    return found
+
+
+def parse_optimizer_config(text: str):
+    """The JSON text of a ModelSpec's optimizer config -> what ``optimizers.deserialize`` takes."""
+    if not text.strip():
+        raise InvalidArgumentError(
+            "`optimizer_config_json` is empty. Send keras.optimizers.serialize(optimizer) as JSON, "
+            'or a name such as "\\"adam\\"".'
+        )
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"`optimizer_config_json` is not valid JSON ({exc}). Received: {text[:200]!r}") from None
+    if not isinstance(config, (str, dict)):
+        raise InvalidArgumentError(
+            "`optimizer_config_json` must be a JSON object (a serialized optimizer) or a JSON string "
+            f"(an optimizer name). Received: {text[:200]!r}"
+        )
+    return config
+
+
+def check_model_id(model_id: str) -> str:
+    if not model_id:
+        raise InvalidArgumentError("`model_id` must be a non-empty string naming the training job.")
+    if len(model_id) > MAX_MODEL_ID_LENGTH or not model_id.isprintable():
+        raise InvalidArgumentError(
+            f"`model_id` must be at most {MAX_MODEL_ID_LENGTH} printable characters. Received: model_id={model_id[:300]!r}"
+        )
+    return model_id
+
+
+def make_spec(
+    *,
+    model_id: str,
+    optimizer_config: dict,
+    variables: Mapping[str, np.ndarray],
+    num_workers: int = 1,
+    mode: str = SYNC,
+    sync_timeout_s: float = 0.0,
+    timeout_policy: str = FAIL,
+    default_sync_timeout_s: float = 60.0,
+) -> ModelSpec:
+    """Check a requested spec eagerly and fill in defaults; nothing is created here."""
+    check_model_id(model_id)
+    if num_workers < 1:
+        raise InvalidArgumentError(f"`num_workers` must be >= 1. Received: num_workers={num_workers}")
+    if mode not in MODES:
+        raise InvalidArgumentError(f"`mode` must be one of {MODES}. Received: mode={mode!r}")
+    if timeout_policy not in TIMEOUT_POLICIES:
+        raise InvalidArgumentError(
+            f"`timeout_policy` must be one of {TIMEOUT_POLICIES}. Received: timeout_policy={timeout_policy!r}"
+        )
+    if math.isnan(sync_timeout_s) or sync_timeout_s < 0:
+        raise InvalidArgumentError(
+            f"`sync_timeout_s` must be >= 0 (0: the server default). Received: sync_timeout_s={sync_timeout_s}"
+        )
+    if not variables:
+        raise InvalidArgumentError(
+            f"CreateModel for {model_id!r} carried no variables; send the initial value of every variable."
+        )
+    metas = tuple(VariableMeta(name, tuple(a.shape), np.dtype(a.dtype)) for name, a in variables.items())
+    return ModelSpec(
+        model_id=model_id,
+        optimizer_config=optimizer_config,
+        num_workers=int(num_workers),
+        mode=mode,
+        sync_timeout_s=float(sync_timeout_s or default_sync_timeout_s),
+        timeout_policy=timeout_policy,
+        variables=metas,
+    )
+
+
+# ------------------------------------------------------------------ results
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerStatus:
+    iterations: int
+    raw_iterations: int
+    learning_rate: float
+    step: int
+    scalars: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class StepOutcome:
+    """What a push is answered with."""
+
+    step: int                      # the model's step after the update: the next step to push
+    iterations: int
+    learning_rate: float
+    duplicate: bool
+    contributors: tuple[int, ...]
+    missing: tuple[int, ...] = ()  # workers left out of a step applied under APPLY_PARTIAL
+    variables: dict | None = None  # {name: array} after the update, when asked for
+    # Shared by the outcomes of every waiter of one step (dataclasses.replace keeps it), so
+    # work done once per step for the answer (encoding the variables) can be reused.
+    memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class VariableSummary:
+    meta: VariableMeta
+    slots: tuple[str, ...]
+    norm: float | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSummary:
+    spec: ModelSpec
+    status: OptimizerStatus
+    variables: tuple[VariableSummary, ...]
+    waiting_workers: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class _StepRecord:
+    contributors: tuple[int, ...]
+    missing: tuple[int, ...]
+    aggregated: bool
+
+    def covers(self, worker: int) -> bool:
+        # An aggregated push carries every worker's gradients: the step is done for all of them.
+        return self.aggregated or worker in self.contributors
+
+
+class _PendingStep:
+    """The merge buffer of one synchronous step."""
+
+    def __init__(self, step: int, loop: asyncio.AbstractEventLoop):
+        self.step = step
+        self.contributors: list[int] = []
+        self.sums: dict[str, np.ndarray] = {}
+        self.return_variables = False
+        self.future: asyncio.Future = loop.create_future()
+        # Waiters may all have hung up; the result must not warn as "never retrieved".
+        self.future.add_done_callback(_retrieve)
+        self.timer: asyncio.TimerHandle | None = None
+
+    def accumulate(self, gradients: Mapping[str, np.ndarray]) -> None:
+        """Sum a validated push into the step (runs on an executor thread).
+
+        The first push's decoded arrays become the step's accumulators: they are
+        fresh, owned copies already, so adopting them saves an allocation and a
+        copy per variable, and later pushes add into them in place.
+        """
+        for name, gradient in gradients.items():
+            total = self.sums.get(name)
+            if total is None:
+                self.sums[name] = gradient
+            else:
+                np.add(total, gradient, out=total)
+
+    def missing(self, num_workers: int) -> tuple[int, ...]:
+        return tuple(w for w in range(num_workers) if w not in self.contributors)
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def fail(self, error: BaseException) -> None:
+        self.cancel_timer()
+        if not self.future.done():
+            self.future.set_exception(error)
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
+def _done_future(value) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
+def _names(names: Iterable[str]) -> str:
+    names = list(names)
+    shown = ", ".join(repr(n) for n in names[:MAX_LISTED_NAMES])
+    return shown + (f" and {len(names) - MAX_LISTED_NAMES} more" if len(names) > MAX_LISTED_NAMES else "")
+
+
+class _RecentSteps:
+    """A bounded set of the steps one worker pushed (async mode duplicate detection)."""
+
+    def __init__(self, size: int = REMEMBERED_STEPS):
+        self._order: collections.deque[int] = collections.deque()
+        self._steps: set[int] = set()
+        self._size = size
+
+    def __contains__(self, step: int) -> bool:
+        return step in self._steps
+
+    def add(self, step: int) -> None:
+        self._order.append(step)
+        self._steps.add(step)
+        if len(self._order) > self._size:
+            self._steps.discard(self._order.popleft())
+
+
+# -------------------------------------------------------------------- model
+
+
+class Model:
+    """A training job: variables, optimizer state and the step protocol. Use on one event loop."""
+
+    def __init__(self, spec: ModelSpec, engine, executor: Executor | None = None):
+        self.spec = spec
+        self._engine = engine
+        self._executor = executor
+        self._variables = {v.name: v for v in spec.variables}
+        self._lock = asyncio.Lock()
+        self._step = 0
+        self._pending: _PendingStep | None = None
+        self._history: collections.OrderedDict[int, _StepRecord] = collections.OrderedDict()
+        self._recent_async: dict[int, _RecentSteps] = {}
+        self._closed: OptserveError | None = None
+
+    @classmethod
+    async def create(cls, spec: ModelSpec, engine, variables: Mapping[str, np.ndarray],
+                     executor: Executor | None = None) -> "Model":
+        """Build the engine's slots and copy the initial variables, off the event loop."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(executor, engine.build, dict(variables))
+        return cls(spec, engine, executor)
+
+    # ----------------------------------------------------------- properties
+
+    @property
+    def model_id(self) -> str:
+        return self.spec.model_id
+
+    @property
+    def step(self) -> int:
+        return self._step
+
+    @property
+    def closed(self) -> bool:
+        return self._closed is not None
+
+    def waiting_workers(self) -> tuple[int, ...]:
+        return tuple(sorted(self._pending.contributors)) if self._pending else ()
+
+    # ------------------------------------------------------------- pushes
+
+    def check_push_header(self, worker: int, step: int) -> None:
+        """Cheap checks that need no gradients; lets a bad push fail before its payload is read."""
+        self._ensure_open()
+        if not 0 <= worker < self.spec.num_workers:
+            raise InvalidArgumentError(
+                f"`worker_index` must be in [0, {self.spec.num_workers}) for model {self.model_id!r} "
+                f"(num_workers={self.spec.num_workers}). Received: worker_index={worker}"
+            )
+        if step < 0:
+            raise InvalidArgumentError(f"`step` must be >= 0. Received: step={step}")
+        if self.spec.mode == SYNC and step > self._step:
+            raise self._future_step_error(worker, step)
+
+    async def push(self, worker: int, step: int, gradients: Mapping[str, np.ndarray], *,
+                   aggregated: bool = False, return_variables: bool = False) -> StepOutcome:
+        """Contribute one worker's gradients for ``step``; returns once the step is applied.
+
+        Takes ownership of the gradient arrays (a sync step sums into them in place).
+        """
+        self.check_push_header(worker, step)
+        self.check_gradients(gradients)
+        if self.spec.mode == ASYNC:
+            return await self._exclusive(
+                lambda: self._push_async(worker, step, gradients, return_variables))
+        future, duplicate = await self._exclusive(
+            lambda: self._push_sync(worker, step, gradients, aggregated, return_variables))
+        # Shielded: one waiter hanging up must not cancel the result the others wait for.
+        outcome: StepOutcome = await asyncio.shield(future)
+        return dataclasses.replace(
+            outcome, duplicate=duplicate, variables=outcome.variables if return_variables else None)
+
+    def check_gradients(self, gradients: Mapping[str, np.ndarray]) -> None:
+        """Validate a whole push before any of it touches a buffer or the engine."""
+        if not gradients:
+            raise InvalidArgumentError(
+                f"The push to model {self.model_id!r} carried no gradients; send at least one variable's gradient.")
+        unknown = [name for name in gradients if name not in self._variables]
+        if unknown:
+            raise NotFoundError(
+                f"Model {self.model_id!r} has no variable {_names(unknown)}; "
+                f"its variables are {_names(self._variables)}."
+            )
+        for name, gradient in gradients.items():
+            var = self._variables[name]
+            if tuple(gradient.shape) != var.shape or gradient.dtype != var.dtype:
+                raise InvalidArgumentError(
+                    f"Gradient for {name!r} has shape {tuple(gradient.shape)} {gradient.dtype.name}, "
+                    f"but the variable has {var.describe()}; send gradients of the variable's shape and dtype."
+                )
+
+    async def _push_sync(self, worker, step, gradients, aggregated, return_variables):
+        """Holding the lock: answer, merge or apply one push. Returns (future of the outcome, duplicate)."""
+        self._ensure_open()
+        if step < self._step:
+            return await self._answer_completed_step(worker, step, return_variables), True
+        if step > self._step:
+            raise self._future_step_error(worker, step)
+        pending = self._pending
+        if pending is not None and worker in pending.contributors:
+            pending.return_variables |= return_variables
+            return pending.future, True
+        if aggregated or (pending is None and self.spec.num_workers == 1):
+            if pending is not None:
+                raise FailedPreconditionError(
+                    f"Worker {worker} pushed aggregated gradients for step {step}, but workers "
+                    f"{sorted(pending.contributors)} already pushed per-worker gradients for it; every worker "
+                    "of a model must push the same way (aggregated or not).",
+                    details={"current_step": self._step},
+                )
+            outcome = await self._apply_step(step, gradients, (worker,), (), aggregated, return_variables)
+            return _done_future(outcome), False
+        if pending is None:
+            pending = self._open_step(step)
+        try:
+            await self._run(pending.accumulate, gradients)
+        except BaseException as exc:
+            # A half-summed buffer is useless: end the step for everyone, apply nothing.
+            self._pending = None
+            pending.fail(exc)
+            raise
+        pending.contributors.append(worker)
+        pending.return_variables |= return_variables
+        if len(pending.contributors) == self.spec.num_workers:
+            await self._complete(pending, missing=())
+        return pending.future, False
+
+    async def _push_async(self, worker, step, gradients, return_variables) -> StepOutcome:
+        self._ensure_open()
+        recent = self._recent_async.setdefault(worker, _RecentSteps())
+        if step in recent:
+            variables = await self._read_all_variables() if return_variables else None
+            return self._outcome((worker,), (), variables, duplicate=True)
+        outcome = await self._apply_step(step, gradients, (worker,), (), False, return_variables)
+        recent.add(step)
+        return outcome
+
+    async def _apply_step(self, step, gradients, contributors, missing, aggregated, return_variables) -> StepOutcome:
+        await self._run(self._engine.apply, dict(gradients))
+        self._step += 1
+        self._remember(step, _StepRecord(tuple(sorted(contributors)), tuple(missing), aggregated))
+        variables = await self._read_all_variables() if return_variables else None
+        return self._outcome(contributors, missing, variables)
+
+    def _open_step(self, step: int) -> _PendingStep:
+        loop = asyncio.get_running_loop()
+        pending = self._pending = _PendingStep(step, loop)
+        timeout = self.spec.sync_timeout_s
+        if math.isfinite(timeout):
+            pending.timer = loop.call_later(timeout, self._on_timeout, pending)
+        return pending
+
+    async def _complete(self, pending: _PendingStep, missing: tuple[int, ...]) -> None:
+        """Holding the lock: apply the merged step once and answer every waiter."""
+        pending.cancel_timer()
+        self._pending = None
+        try:
+            outcome = await self._apply_step(
+                pending.step, pending.sums, pending.contributors, missing, False, pending.return_variables)
+        except BaseException as exc:
+            pending.fail(exc)
+            return
+        if not pending.future.done():
+            pending.future.set_result(outcome)
+
+    def _on_timeout(self, pending: _PendingStep) -> None:
+        pending.timer = None
+        task = asyncio.ensure_future(self._exclusive(lambda: self._expire(pending)))
+        task.add_done_callback(_log_failure)
+
+    async def _expire(self, pending: _PendingStep) -> None:
+        if self._pending is not pending:
+            return  # the step completed (or the model closed) while the timer fired
+        missing = pending.missing(self.spec.num_workers)
+        arrived = sorted(pending.contributors)
+        timeout = self.spec.sync_timeout_s
+        if self.spec.timeout_policy == APPLY_PARTIAL:
+            log.warning("model %r step %d: applying the pushes of workers %s after %.3g s; missing workers %s",
+                        self.model_id, pending.step, arrived, timeout, list(missing))
+            await self._complete(pending, missing)
+            return
+        log.warning("model %r step %d timed out after %.3g s; missing workers %s",
+                    self.model_id, pending.step, timeout, list(missing))
+        self._pending = None
+        pending.fail(DeadlineExceededError(
+            f"Step {pending.step} of model {self.model_id!r} timed out after {timeout:g} s waiting for "
+            f"workers {list(missing)} (workers {arrived} pushed); nothing was applied. Push step "
+            f"{pending.step} again once every worker is running, raise the model's sync_timeout_s "
+            "(or the server's --sync-timeout), or create the model with timeout_policy APPLY_PARTIAL.",
+            details={"current_step": self._step, "missing_workers": ",".join(map(str, missing))},
+        ))
+
+    async def _answer_completed_step(self, worker, step, return_variables) -> asyncio.Future:
+        record = self._history.get(step)
+        if record is None or not record.covers(worker):
+            why = (f"was completed without it (contributors {list(record.contributors)})" if record
+                   else "is already complete")
+            raise FailedPreconditionError(
+                f"Worker {worker} pushed step {step} of model {self.model_id!r}, but step {step} {why}; "
+                f"the current step is {self._step}. Pull the variables and push step {self._step}.",
+                details={"current_step": self._step},
+            )
+        variables = await self._read_all_variables() if return_variables else None
+        return _done_future(self._outcome(record.contributors, record.missing, variables))
+
+    def _future_step_error(self, worker: int, step: int) -> FailedPreconditionError:
+        return FailedPreconditionError(
+            f"Worker {worker} pushed step {step} of model {self.model_id!r}, but the current step is "
+            f"{self._step}; steps are pushed in order. Pull the variables and push step {self._step}.",
+            details={"current_step": self._step},
+        )
+
+    def _remember(self, step: int, record: _StepRecord) -> None:
+        self._history[step] = record
+        while len(self._history) > REMEMBERED_STEPS:
+            self._history.popitem(last=False)
+
+    def _outcome(self, contributors, missing, variables, duplicate=False) -> StepOutcome:
+        return StepOutcome(
+            step=self._step,
+            iterations=int(self._engine.iterations),
+            learning_rate=float(self._engine.current_learning_rate()),
+            duplicate=duplicate,
+            contributors=tuple(sorted(contributors)),
+            missing=tuple(missing),
+            variables=variables,
+        )
+
+    # --------------------------------------------------------------- reads
+
+    def select_names(self, names: Iterable[str] | None) -> list[str]:
+        """Validate a name filter; empty or None selects every variable, in build order."""
+        names = list(names or ())
+        if not names:
+            return list(self._variables)
+        unknown = [n for n in names if n not in self._variables]
+        if unknown:
+            raise NotFoundError(
+                f"Model {self.model_id!r} has no variable {_names(unknown)}; "
+                f"its variables are {_names(self._variables)}."
+            )
+        return list(dict.fromkeys(names))
+
+    async def pull(self, names: Iterable[str] | None = None) -> tuple[OptimizerStatus, dict]:
+        selected = self.select_names(names)
+
+        async def read():
+            self._ensure_open()
+            values = await self._run(self._engine.read_variables, selected)
+            return self._status(), values
+
+        return await self._exclusive(read)
+
+    async def get_weights(self, names: Iterable[str] | None = None, include_variables: bool = False
+                          ) -> tuple[OptimizerStatus, list[tuple[str, str, np.ndarray]]]:
+        """Optimizer state, then ``(variable, slot, value)`` in Keras order, variable by variable."""
+        selected = self.select_names(names)
+
+        def read_tensors():
+            slots = self._engine.get_slots(selected)
+            values = self._engine.read_variables(selected) if include_variables else {}
+            tensors = []
+            for name in selected:
+                if include_variables:
+                    tensors.append((name, "", values[name]))
+                tensors.extend((name, slot, value) for slot, value in slots.get(name, {}).items())
+            return tensors
+
+        async def read():
+            self._ensure_open()
+            tensors = await self._run(read_tensors)
+            return self._status(), tensors
+
+        return await self._exclusive(read)
+
+    async def summary(self, with_stats: bool = False) -> ModelSummary:
+        def norms() -> dict[str, float]:
+            values = self._engine.read_variables()
+            return {name: float(np.linalg.norm(value.reshape(-1))) for name, value in values.items()}
+
+        async def read():
+            self._ensure_open()
+            norm_by_name = await self._run(norms) if with_stats else {}
+            variables = tuple(
+                VariableSummary(meta, tuple(self._engine.slot_names(meta.name)), norm_by_name.get(meta.name))
+                for meta in self.spec.variables
+            )
+            return ModelSummary(self.spec, self._status(), variables, self.waiting_workers())
+
+        return await self._exclusive(read)
+
+    def _status(self) -> OptimizerStatus:
+        return OptimizerStatus(
+            iterations=int(self._engine.iterations),
+            raw_iterations=int(self._engine.raw_iterations),
+            learning_rate=float(self._engine.current_learning_rate()),
+            step=self._step,
+            scalars={k: float(v) for k, v in self._engine.get_scalars().items()},
+        )
+
+    async def _read_all_variables(self) -> dict:
+        return await self._run(self._engine.read_variables)
+
+    # -------------------------------------------------------------- writes
+
+    async def set_weights(self, tensors: Mapping[tuple[str, str], np.ndarray],
+                          state: OptimizerStatus | None = None) -> OptimizerStatus:
+        """Overwrite variables (slot ""), slots and/or the optimizer state: all of it, or nothing."""
+
+        async def write():
+            self._ensure_open()
+            variables, slots = self._split_weights(tensors)
+            self._check_state(state)
+            await self._run(self._write_weights, variables, slots, state)
+            if state is not None and state.step != self._step:
+                self._step = int(state.step)
+                # Step numbers may be reused now (a restore rewinds them): forget which pushes were seen.
+                self._history.clear()
+                self._recent_async.clear()
+            return self._status()
+
+        return await self._exclusive(write)
+
+    def _split_weights(self, tensors) -> tuple[dict, dict]:
+        variables: dict[str, np.ndarray] = {}
+        slots: dict[str, dict[str, np.ndarray]] = {}
+        for (name, slot), value in tensors.items():
+            if name not in self._variables:
+                raise NotFoundError(
+                    f"Model {self.model_id!r} has no variable {name!r}; its variables are {_names(self._variables)}."
+                )
+            if slot:
+                allowed = list(self._engine.slot_names(name))
+                if slot not in allowed:
+                    raise NotFoundError(
+                        f"Variable {name!r} of model {self.model_id!r} has no slot {slot!r}; "
+                        f"its slots are {allowed or 'none'} (slot '' is the variable itself)."
+                    )
+                slots.setdefault(name, {})[slot] = value
+            else:
+                var = self._variables[name]
+                if tuple(value.shape) != var.shape or value.dtype != var.dtype:
+                    raise InvalidArgumentError(
+                        f"New value for {name!r} has shape {tuple(value.shape)} {value.dtype.name}, "
+                        f"but the variable has {var.describe()}."
+                    )
+                variables[name] = value
+        return variables, slots
+
+    def _check_state(self, state: OptimizerStatus | None) -> None:
+        if state is None:
+            return
+        for field in ("iterations", "raw_iterations", "step"):
+            value = getattr(state, field)
+            if value < 0:
+                raise InvalidArgumentError(f"`{field}` must be >= 0. Received: {field}={value}")
+        _raw_iterations(self._engine, state)
+        if not math.isfinite(state.learning_rate) or state.learning_rate < 0:
+            raise InvalidArgumentError(
+                f"`learning_rate` must be a finite number >= 0 (0 keeps the current one). "
+                f"Received: learning_rate={state.learning_rate}")
+        unknown = sorted(set(state.scalars) - set(self._engine.get_scalars()))
+        if unknown:
+            known = sorted(self._engine.get_scalars()) or "none"
+            raise NotFoundError(f"The optimizer of model {self.model_id!r} has no scalar {unknown}; it has {known}.")
+        if state.step != self._step and self._pending is not None:
+            raise FailedPreconditionError(
+                f"Step {self._step} of model {self.model_id!r} is in progress (workers "
+                f"{sorted(self._pending.contributors)} pushed it); set `step` between steps.",
+                details={"current_step": self._step},
+            )
+
+    def _write_weights(self, variables, slots, state) -> None:
+        """Executor thread: write everything, restoring what was written if any part is refused."""
+        engine = self._engine
+        previous_slots = engine.get_slots(list(slots)) if slots else {}
+        previous_slots = {n: {s: previous_slots[n][s] for s in wanted} for n, wanted in slots.items()}
+        previous_variables = engine.read_variables(list(variables)) if variables else {}
+        previous_state = _read_counters(engine)
+        try:
+            if slots:
+                engine.set_slots(slots)
+            if variables:
+                engine.assign_variables(variables)
+            if state is not None:
+                _write_counters(engine, state)
+        except BaseException:
+            if slots:
+                engine.set_slots(previous_slots)
+            if variables:
+                engine.assign_variables(previous_variables)
+            _write_counters(engine, previous_state)
+            raise
+
+    # ----------------------------------------------------------- lifecycle
+
+    def close(self, error: OptserveError) -> None:
+        """Refuse every later call with ``error``; workers waiting in a step get it now (loop thread)."""
+        if self._closed is not None:
+            return
+        self._closed = error
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.fail(error)
+
+    def _ensure_open(self) -> None:
+        if self._closed is not None:
+            raise type(self._closed)(self._closed.message, details=self._closed.details)
+
+    async def _exclusive(self, body: Callable[[], Any]):
+        """Run the coroutine ``body()`` holding the model lock, to completion even if the caller is cancelled."""
+
+        async def locked():
+            async with self._lock:
+                return await body()
+
+        task = asyncio.ensure_future(locked())
+        task.add_done_callback(_retrieve_task)
+        return await asyncio.shield(task)
+
+    async def _run(self, function, *args):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(function, *args))
+
+
+def _retrieve_task(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+def _log_failure(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.error("sync step timeout handling failed", exc_info=task.exception())
+
+
+# ------------------------------------------------------- engine counters
+
+
+def _read_counters(engine) -> OptimizerStatus:
+    return OptimizerStatus(
+        iterations=int(engine.iterations),
+        raw_iterations=int(engine.raw_iterations),
+        learning_rate=float(engine.current_learning_rate()),
+        step=0,
+        scalars=dict(engine.get_scalars()),
+    )
+
+
+def _accumulation_steps(engine) -> int:
+    return int(engine.get_config()["config"].get("gradient_accumulation_steps") or 1)
+
+
+def _raw_iterations(engine, state: OptimizerStatus) -> int:
+    """The raw counter a state asks for: ``raw_iterations``, or derived from ``iterations`` when only that is set."""
+    steps = _accumulation_steps(engine)
+    if state.raw_iterations or not state.iterations:
+        raw = int(state.raw_iterations)
+    else:
+        raw = int(state.iterations) * steps
+    if raw // steps != state.iterations:
+        raise InvalidArgumentError(
+            f"`iterations` ({state.iterations}) and `raw_iterations` ({state.raw_iterations}) disagree: with "
+            f"gradient_accumulation_steps={steps}, iterations must be raw_iterations // {steps}. "
+            "Set one of them (the other 0) or both consistently."
+        )
+    return raw
+
+
+def _write_counters(engine, state: OptimizerStatus) -> None:
+    engine.set_iterations(_raw_iterations(engine, state))
+    # A learning rate of 0 leaves it alone; a schedule's own value (at the new counter) is accepted as is.
+    rate = state.learning_rate
+    if rate and not math.isclose(rate, engine.current_learning_rate(), rel_tol=1e-6, abs_tol=0.0):
+        engine.set_learning_rate(rate)
+    if state.scalars:
+        engine.set_scalars(dict(state.scalars))

@@ -1,0 +1,363 @@
+"""The gRPC face of the parameter server: decode requests, call the models, encode answers.
+
+Exceptions become gRPC status codes in exactly one place, :func:`status_for`.
+Tensor payloads travel as 1 MiB chunks both ways (``optserve.protos.tensors``).
+Large responses are serialized off the event loop, straight from the arrays
+(``tensors.serialized_chunk_messages``), and the new values of a synchronous
+step are serialized once for all of its workers.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import math
+from typing import AsyncIterator, Iterable
+
+import grpc
+import numpy as np
+
+from optserve.protos import optserve_pb2 as pb
+from optserve.protos import optserve_pb2_grpc as pb_grpc
+from optserve.protos import tensors as codec
+from optserve.server.errors import InvalidArgumentError, OptserveError, ResourceExhaustedError
+from optserve.server.model import (
+    APPLY_PARTIAL,
+    ASYNC,
+    FAIL,
+    SYNC,
+    ModelSummary,
+    OptimizerStatus,
+    StepOutcome,
+    check_model_id,
+    parse_optimizer_config,
+)
+from optserve.server.registry import ModelRegistry
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
+DEFAULT_MAX_REQUEST_BYTES = 4 << 30
+# Trailing metadata keys of error details: "current_step" -> "optserve-current-step".
+METADATA_PREFIX = "optserve-"
+
+_MODE_FROM_PROTO = {pb.SYNC_MODE_UNSPECIFIED: SYNC, pb.SYNC: SYNC, pb.ASYNC: ASYNC}
+_MODE_TO_PROTO = {SYNC: pb.SYNC, ASYNC: pb.ASYNC}
+_POLICY_FROM_PROTO = {pb.TIMEOUT_POLICY_UNSPECIFIED: FAIL, pb.FAIL: FAIL, pb.APPLY_PARTIAL: APPLY_PARTIAL}
+_POLICY_TO_PROTO = {FAIL: pb.FAIL, APPLY_PARTIAL: pb.APPLY_PARTIAL}
+
+
+# ------------------------------------------------------------------ errors
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, str], ...]]:
+    """The one mapping from an exception to (status code, message, trailing metadata)."""
+    if isinstance(exc, OptserveError):
+        code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
+        metadata = tuple((METADATA_PREFIX + key.replace("_", "-"), str(value)) for key, value in exc.details.items())
+        return code, exc.message, metadata
+    if isinstance(exc, codec.TensorFormatError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
+    if isinstance(exc, MemoryError):
+        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "The server ran out of memory for this request; send smaller requests or give the server more memory.", ())
+    return (grpc.StatusCode.INTERNAL,
+            f"Internal server error ({type(exc).__name__}); the server log has the details.", ())
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: Exception, rpc: str) -> None:
+    code, message, metadata = status_for(exc)
+    if code == grpc.StatusCode.INTERNAL:
+        log.error("%s failed", rpc, exc_info=exc)
+    else:
+        log.debug("%s refused: %s %s", rpc, code.name, message)
+    await context.abort(code, message, trailing_metadata=metadata)
+
+
+def _translating_errors(method):
+    """Wrap an RPC handler (coroutine or async generator) so every exception reaches the client as a status."""
+    rpc = method.__name__
+
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def streaming(self, request, context):
+            try:
+                async for response in method(self, request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the single translation point
+                await _abort(context, exc, rpc)
+        return streaming
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the single translation point
+            await _abort(context, exc, rpc)
+    return unary
+
+
+# ---------------------------------------------------------------- tensors
+
+
+class _RequestTensors:
+    """Reassembles a request's tensors, refusing one over ``max_bytes`` before allocating it."""
+
+    def __init__(self, max_bytes: int):
+        self._assembler = codec.TensorAssembler()
+        self._max_bytes = max_bytes
+
+    def add_all(self, chunks: Iterable[pb.TensorChunk]) -> None:
+        for chunk in chunks:
+            if chunk.offset == 0:
+                self._check_room(chunk)
+            self._assembler.add(chunk)
+
+    def _check_room(self, chunk: pb.TensorChunk) -> None:
+        shape = [int(d) for d in chunk.shape]
+        if any(d < 0 for d in shape):
+            return  # the assembler names the malformed shape
+        # Python integers: an absurd shape must not wrap around to a small size.
+        nbytes = math.prod(shape) * codec.dtype_from_proto(chunk.dtype).itemsize
+        if self._assembler.total_bytes + nbytes > self._max_bytes:
+            raise ResourceExhaustedError(
+                f"The request's tensors exceed the server's limit of {self._max_bytes} bytes (at tensor "
+                f"{chunk.name!r}). Start the server with a larger --max-request-bytes, or send fewer "
+                "variables per call."
+            )
+
+    def result(self) -> dict[tuple[str, str], np.ndarray]:
+        return self._assembler.result()
+
+    def variables(self, what: str) -> dict[str, np.ndarray]:
+        """The tensors as ``{name: array}``; every one must be a variable (slot "")."""
+        tensors = self.result()
+        slotted = [f"{name}/{slot}" for name, slot in tensors if slot]
+        if slotted:
+            raise InvalidArgumentError(
+                f"{what} tensors must have an empty slot; received slot tensors {slotted[:10]}.")
+        return codec.variables_only(tensors)
+
+
+def _as_variables(values: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+    return [(name, "", value) for name, value in values.items()]
+
+
+def _payload_bytes(arrays: Iterable[np.ndarray]) -> int:
+    return sum(np.asarray(a).nbytes for a in arrays)
+
+
+def _serializer(message_type):
+    """Response serializer that also passes through messages already serialized to bytes."""
+    serialize = message_type.SerializeToString
+
+    def serialize_response(message) -> bytes:
+        return message if isinstance(message, bytes) else serialize(message)
+
+    return serialize_response
+
+
+_HANDLER_FACTORIES = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def add_to_server(servicer: "ParameterServerServicer", server) -> None:
+    """Register the servicer as the generated ``add_ParameterServerServicer_to_server`` does,
+    except that streamed responses may be pre-serialized bytes."""
+    service = pb.DESCRIPTOR.services_by_name["ParameterServer"]
+    handlers = {}
+    for method in service.methods:
+        factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = factory(
+            getattr(servicer, method.name),
+            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            response_serializer=_serializer(getattr(pb, method.output_type.name)),
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+
+
+# -------------------------------------------------------------- messages
+
+
+def _state_message(status: OptimizerStatus) -> pb.OptimizerState:
+    return pb.OptimizerState(iterations=status.iterations, raw_iterations=status.raw_iterations,
+                             learning_rate=status.learning_rate, step=status.step, scalars=status.scalars)
+
+
+def _step_result(outcome: StepOutcome) -> pb.StepResult:
+    return pb.StepResult(step=outcome.step, iterations=outcome.iterations, learning_rate=outcome.learning_rate,
+                         duplicate=outcome.duplicate, contributors=outcome.contributors,
+                         missing_workers=outcome.missing)
+
+
+def _model_info(summary: ModelSummary) -> pb.ModelInfo:
+    spec = summary.spec
+    return pb.ModelInfo(
+        spec=pb.ModelSpec(
+            model_id=spec.model_id,
+            optimizer_config_json=spec.optimizer_config_json,
+            num_workers=spec.num_workers,
+            mode=_MODE_TO_PROTO[spec.mode],
+            sync_timeout_s=spec.sync_timeout_s,
+            timeout_policy=_POLICY_TO_PROTO[spec.timeout_policy],
+        ),
+        state=_state_message(summary.status),
+        variables=[
+            pb.VariableInfo(name=v.meta.name, dtype=codec.dtype_to_proto(v.meta.dtype), shape=v.meta.shape,
+                            slots=v.slots, norm=v.norm or 0.0)
+            for v in summary.variables
+        ],
+        waiting_workers=summary.waiting_workers,
+    )
+
+
+def _enum(value: int, table: dict, field: str):
+    try:
+        return table[value]
+    except KeyError:
+        raise InvalidArgumentError(f"Unknown `{field}` value {value}.") from None
+
+
+# -------------------------------------------------------------- servicer
+
+
+class ParameterServerServicer(pb_grpc.ParameterServerServicer):
+    """optserve.v1.ParameterServer on grpc.aio; every handler runs on the server's event loop."""
+
+    def __init__(self, registry: ModelRegistry, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+        self.registry = registry
+        self.max_request_bytes = int(max_request_bytes)
+
+    @_translating_errors
+    async def CreateModel(self, request_iterator: AsyncIterator[pb.CreateModelRequest], context):
+        spec = None
+        tensors = _RequestTensors(self.max_request_bytes)
+        async for request in request_iterator:
+            if spec is None:
+                if not request.HasField("spec"):
+                    raise InvalidArgumentError("The first CreateModelRequest must carry `spec`.")
+                spec = request.spec
+                # Refuse a bad spec before its (possibly large) variables are read.
+                check_model_id(spec.model_id)
+                optimizer_config = parse_optimizer_config(spec.optimizer_config_json)
+            tensors.add_all(request.variables)
+        if spec is None:
+            raise InvalidArgumentError("CreateModel received no messages; send the spec, then the variables.")
+        model, created = await self.registry.create_or_join(
+            model_id=spec.model_id,
+            optimizer_config=optimizer_config,
+            variables=tensors.variables("Initial variable"),
+            num_workers=spec.num_workers or 1,  # proto3 default 0: one worker
+            mode=_enum(spec.mode, _MODE_FROM_PROTO, "mode"),
+            sync_timeout_s=spec.sync_timeout_s,
+            timeout_policy=_enum(spec.timeout_policy, _POLICY_FROM_PROTO, "timeout_policy"),
+        )
+        return pb.CreateModelResponse(created=created, model=_model_info(await model.summary()))
+
+    @_translating_errors
+    async def ApplyGradients(self, request_iterator: AsyncIterator[pb.ApplyGradientsRequest], context):
+        header = model = None
+        tensors = _RequestTensors(self.max_request_bytes)
+        async for request in request_iterator:
+            if header is None:
+                if not request.HasField("header"):
+                    raise InvalidArgumentError("The first ApplyGradientsRequest must carry `header`.")
+                header = request.header
+                model = self.registry.get(header.model_id)
+                model.check_push_header(header.worker_index, header.step)
+            tensors.add_all(request.gradients)
+        if header is None:
+            raise InvalidArgumentError("ApplyGradients received no messages; send a header, then the gradients.")
+        outcome = await model.push(header.worker_index, header.step, tensors.variables("Gradient"),
+                                   aggregated=header.aggregated, return_variables=header.return_variables)
+        first = pb.ApplyGradientsResponse(result=_step_result(outcome))
+        values = outcome.variables or {}
+        if _payload_bytes(values.values()) <= codec.CHUNK_BYTES:
+            for message in codec.chunk_messages(first, "variables", _as_variables(values)):
+                yield message
+            return
+        # Every worker of a synchronous step gets the same values: encode them once for all.
+        yield first
+        encoding = outcome.memo.get("encoded_variables")
+        if encoding is None:
+            encoding = outcome.memo["encoded_variables"] = asyncio.ensure_future(
+                self._encode(pb.ApplyGradientsResponse(), "variables", _as_variables(values)))
+        for message in await asyncio.shield(encoding):
+            yield message
+
+    @_translating_errors
+    async def Pull(self, request: pb.PullRequest, context):
+        model = self.registry.get(request.model_id)
+        status, values = await model.pull(request.names)
+        first = pb.PullResponse(state=pb.StepResult(step=status.step, iterations=status.iterations,
+                                                    learning_rate=status.learning_rate))
+        for message in await self._encode(first, "variables", _as_variables(values)):
+            yield message
+
+    @_translating_errors
+    async def GetWeights(self, request: pb.GetWeightsRequest, context):
+        model = self.registry.get(request.model_id)
+        status, tensors = await model.get_weights(request.names, request.include_variables)
+        for message in await self._encode(pb.GetWeightsResponse(state=_state_message(status)), "tensors", tensors):
+            yield message
+
+    async def _encode(self, first, field: str, tensors: list[tuple[str, str, np.ndarray]]) -> list:
+        """Response messages for ``tensors``: large ones as wire bytes built off the event loop."""
+        if _payload_bytes(a for _, _, a in tensors) <= codec.CHUNK_BYTES:
+            return list(codec.chunk_messages(first, field, tensors))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self.registry.executor, lambda: list(codec.serialized_chunk_messages(first, field, tensors)))
+
+    @_translating_errors
+    async def SetWeights(self, request_iterator: AsyncIterator[pb.SetWeightsRequest], context):
+        first = None
+        tensors = _RequestTensors(self.max_request_bytes)
+        async for request in request_iterator:
+            if first is None:
+                first = request
+                self.registry.get(request.model_id)  # fail fast, before the payload
+            tensors.add_all(request.tensors)
+        if first is None:
+            raise InvalidArgumentError("SetWeights received no messages; send the model_id first.")
+        model = self.registry.get(first.model_id)
+        state = None
+        if first.has_state:
+            s = first.state
+            state = OptimizerStatus(iterations=s.iterations, raw_iterations=s.raw_iterations,
+                                    learning_rate=s.learning_rate, step=s.step, scalars=dict(s.scalars))
+        status = await model.set_weights(tensors.result(), state)
+        return pb.SetWeightsResponse(state=_state_message(status))
+
+    @_translating_errors
+    async def ListModels(self, request: pb.ListModelsRequest, context):
+        summaries = []
+        for model in self.registry.models(request.model_id):
+            try:
+                summaries.append(await model.summary(request.with_stats))
+            except OptserveError:
+                if request.model_id or not model.closed:
+                    raise  # a model deleted while listing everything is simply left out
+        return pb.ListModelsResponse(models=[_model_info(s) for s in summaries])
+
+    @_translating_errors
+    async def DeleteModel(self, request: pb.DeleteModelRequest, context):
+        return pb.DeleteModelResponse(deleted=self.registry.delete(request.model_id))
+
+    @_translating_errors
+    async def Checkpoint(self, request: pb.CheckpointRequest, context):
+        await context.abort(
+            grpc.StatusCode.UNIMPLEMENTED,
+            "Checkpoints are not available in this server version yet; save state with GetWeights "
+            "(include_variables=true) and restore it with SetWeights.",
+        )
