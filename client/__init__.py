@@ -5,49 +5,20 @@ never imports Keras (nor the server, nor CuPy).
 """
 from __future__ import annotations
 
-from optserve.client.client import (
-    AlreadyExistsError,
-    Client,
-    DeadlineExceededError,
-    FailedPreconditionError,
-    InvalidArgumentError,
-    ModelInfo,
-    NotFoundError,
-    OptimizerState,
-    OptimizerWeights,
-    OptserveError,
-    ResourceExhaustedError,
-    StepMismatchError,
-    StepResult,
-    UnauthenticatedError,
-    UnavailableError,
-    VariableInfo,
-)
+from optserve.client import client as _client
+from optserve.client.client import *  # noqa: F401,F403 - the public names listed in client.__all__
 
-__all__ = [
-    "Client",
-    "ModelInfo",
-    "VariableInfo",
-    "StepResult",
-    "OptimizerState",
-    "OptimizerWeights",
-    "OptserveError",
-    "InvalidArgumentError",
-    "NotFoundError",
-    "AlreadyExistsError",
-    "FailedPreconditionError",
-    "StepMismatchError",
-    "DeadlineExceededError",
-    "ResourceExhaustedError",
-    "UnavailableError",
-    "UnauthenticatedError",
-]
+__all__ = [*_client.__all__, "ShardedClient", "RemoteOptimizer"]
 
-_LAZY = {"RemoteOptimizer": "optserve.client.keras_optimizer"}
+_LAZY = {
+    "RemoteOptimizer": "optserve.client.keras_optimizer",
+    "ShardedClient": "optserve.client.sharded",
+}
 
 
 def __getattr__(name: str):
     # Keras is heavy and optional: import it only when RemoteOptimizer is asked for.
+    # (ShardedClient is reached through Client(addresses) anyway; exported for isinstance checks.)
     if name in _LAZY:
         import importlib
 
