@@ -3,6 +3,11 @@
 The server is a grpc.aio server: a worker parked in a synchronous step is an
 awaiting coroutine, not a blocked thread, so any number of them never starve the
 health service or reads. Optimizer updates run on a small thread pool.
+
+With a checkpoint directory the server restores the newest valid checkpoint on
+start (health NOT_SERVING, every call UNAVAILABLE meanwhile), checkpoints on its
+schedule and on request (the Checkpoint RPC), and writes a final checkpoint when
+it stops: after the models stop taking pushes and the updates in flight finish.
 """
 from __future__ import annotations
 
@@ -19,7 +24,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from optserve.protos.tensors import GRPC_OPTIONS
-from optserve.server.errors import InvalidArgumentError
+from optserve.server.checkpoint import (
+    DEFAULT_CHECKPOINT_EVERY,
+    DEFAULT_CHECKPOINT_KEEP,
+    Checkpointer,
+    CheckpointStore,
+    describe_models,
+    parse_checkpoint_every,
+)
+from optserve.server.errors import FailedPreconditionError, InvalidArgumentError, OptserveError
 from optserve.server.registry import ModelRegistry
 from optserve.server.servicer import DEFAULT_MAX_REQUEST_BYTES, SERVICE_NAME, ParameterServerServicer, add_to_server
 
@@ -45,7 +58,10 @@ class ParameterServer:
     def __init__(self, host: str = "127.0.0.1", port: int = 0, device: str = "auto", *,
                  sync_timeout_s: float = DEFAULT_SYNC_TIMEOUT_S,
                  max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 apply_threads: int | None = None):
+                 apply_threads: int | None = None,
+                 checkpoint_dir: str | os.PathLike | None = None,
+                 checkpoint_every=DEFAULT_CHECKPOINT_EVERY,
+                 checkpoint_keep: int = DEFAULT_CHECKPOINT_KEEP):
         _check_options(sync_timeout_s, max_request_bytes, apply_threads)
         self.host = host
         self.requested_port = port
@@ -53,11 +69,17 @@ class ParameterServer:
         self.sync_timeout_s = float(sync_timeout_s)
         self.max_request_bytes = int(max_request_bytes)
         self.apply_threads = apply_threads or _default_apply_threads()
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_schedule = parse_checkpoint_every(checkpoint_every)
+        self.checkpoint_keep = checkpoint_keep
         self.port: int | None = None
+        # Set by stop() when the final checkpoint could not be written.
+        self.final_checkpoint_error: BaseException | None = None
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._registry: ModelRegistry | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._checkpointer: Checkpointer | None = None
 
     @property
     def address(self) -> str:
@@ -67,11 +89,19 @@ class ParameterServer:
         from optserve.server.backends import get_backend
 
         backend = get_backend(self.device)
+        store = None
+        if self.checkpoint_dir is not None:
+            store = CheckpointStore(self.checkpoint_dir, keep=self.checkpoint_keep)  # checks before binding
         self._executor = ThreadPoolExecutor(self.apply_threads, thread_name_prefix="optserve-apply")
         self._registry = ModelRegistry(backend, self._executor, self.sync_timeout_s)
+        if store is not None:
+            self._checkpointer = Checkpointer(store, self.checkpoint_schedule, self._registry.snapshot)
+            self._registry.on_change = self._checkpointer.note_change
+            self._registry.begin_restore()
         # No SO_REUSEPORT: a second server on a busy port must fail, not silently share it.
         self._server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
-        add_to_server(ParameterServerServicer(self._registry, self.max_request_bytes), self._server)
+        add_to_server(ParameterServerServicer(self._registry, self.max_request_bytes, self._checkpointer),
+                      self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -86,16 +116,64 @@ class ParameterServer:
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
+        if self._checkpointer is not None:
+            # Listening already, so health checks see NOT_SERVING (and calls UNAVAILABLE) while restoring.
+            try:
+                await self._restore()
+            except BaseException:
+                await self._abandon_start()
+                raise
+            self._registry.end_restore()
+            self._checkpointer.start()
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("optserve serving on %s (device %s, %r)", self.address, self.device, backend)
+        checkpoints = (f"; checkpoints in {self.checkpoint_dir} {self.checkpoint_schedule}, keeping "
+                       f"{self.checkpoint_keep}" if self._checkpointer is not None else "")
+        log.info("optserve serving on %s (device %s, %r)%s", self.address, self.device, backend, checkpoints)
 
-    async def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
-        """NOT_SERVING first, then refuse waiting workers, then let calls in flight finish within ``grace``."""
+    async def _restore(self) -> None:
+        found = await self._checkpointer.load_latest()
+        if found is None:
+            log.info("No checkpoint in %s yet; starting without models.", self.checkpoint_dir)
+            return
+        state, path = found
+        try:
+            await self._registry.restore(state)
+        except (OptserveError, KeyError, TypeError, ValueError, AttributeError) as error:
+            message = error.message if isinstance(error, OptserveError) else repr(error)
+            raise FailedPreconditionError(
+                f"Cannot restore checkpoint {path}: {message}. Its files are intact but their content does not "
+                f"fit this optserve version; move it out of {self.checkpoint_dir} to start from the one before it."
+            ) from error
+        log.info("Restored checkpoint %s: %s.", path, describe_models(state["models"]))
+
+    async def _abandon_start(self) -> None:
+        await self._server.stop(None)
+        if self._checkpointer is not None:
+            await self._checkpointer.close(final=False)
+        self._executor.shutdown(wait=True)
+        self._server = None
+
+    async def stop(self, grace: float | None = DEFAULT_GRACE_S, *, final_checkpoint: bool = True) -> None:
+        """NOT_SERVING first, then refuse waiting workers, write the final checkpoint (with a
+        checkpoint directory, unless ``final_checkpoint`` is False), then let calls in flight
+        finish within ``grace``."""
         if self._server is None:
             return
         await self._health.enter_graceful_shutdown()
         self._registry.close()
+        if self._checkpointer is not None:
+            # After close(): no new update starts; the snapshot waits for those in flight.
+            try:
+                path = await self._checkpointer.close(final=final_checkpoint)
+            except Exception as error:  # noqa: BLE001 - the shutdown goes on; the caller is told
+                self.final_checkpoint_error = error
+                message = error.message if isinstance(error, OptserveError) else repr(error)
+                log.error("The final checkpoint failed: %s. The updates since the last checkpoint are lost.",
+                          message)
+            else:
+                if path is not None:
+                    log.info("Final checkpoint: %s", path)
         await self._server.stop(grace)
         self._executor.shutdown(wait=True)
         self._server = None
@@ -103,6 +181,7 @@ class ParameterServer:
 
 
 def _check_options(sync_timeout_s, max_request_bytes, apply_threads) -> None:
+    # The checkpoint options are checked by parse_checkpoint_every and CheckpointStore.
     if not sync_timeout_s > 0:
         raise InvalidArgumentError(f"`sync_timeout_s` must be > 0. Received: sync_timeout_s={sync_timeout_s}")
     if max_request_bytes <= 0:
@@ -122,10 +201,17 @@ class RunningServer:
         self.port = server.port
         self.address = server.address
 
-    def stop(self, grace: float | None = DEFAULT_GRACE_S) -> None:
+    @property
+    def final_checkpoint_error(self) -> BaseException | None:
+        return self._server.final_checkpoint_error
+
+    def stop(self, grace: float | None = DEFAULT_GRACE_S, *, final_checkpoint: bool = True) -> None:
+        """Stop as ``ParameterServer.stop`` does; ``final_checkpoint=False`` loses what changed
+        since the last checkpoint, as a crash would."""
         if not self._thread.is_alive():
             return
-        asyncio.run_coroutine_threadsafe(self._server.stop(grace), self._loop).result()
+        asyncio.run_coroutine_threadsafe(
+            self._server.stop(grace, final_checkpoint=final_checkpoint), self._loop).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
 
@@ -151,7 +237,8 @@ def _finish_tasks(loop: asyncio.AbstractEventLoop) -> None:
 def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "auto", **options) -> RunningServer:
     """Start a server on a background thread and return once it is serving.
 
-    ``options``: ``sync_timeout_s``, ``max_request_bytes``, ``apply_threads`` (see ParameterServer).
+    ``options``: ``sync_timeout_s``, ``max_request_bytes``, ``apply_threads``, ``checkpoint_dir``,
+    ``checkpoint_every``, ``checkpoint_keep`` (see ParameterServer and ``optserve serve --help``).
     """
     server = ParameterServer(host, port, device, **options)
     loop = asyncio.new_event_loop()
@@ -204,25 +291,28 @@ def keep_freed_memory_for_reuse() -> bool:
 
 def serve(host: str = "127.0.0.1", port: int = 50051, device: str = "auto", *,
           grace: float = DEFAULT_GRACE_S, on_listening=None, **options) -> int:
-    """Serve in the foreground until SIGTERM or SIGINT; returns the exit status (0 on a clean stop).
+    """Serve in the foreground until SIGTERM or SIGINT; returns the exit status: 0 on a clean
+    stop, 1 when the final checkpoint could not be written.
 
     Meant for a process of its own (``optserve serve``): it tunes the process's allocator
-    (:func:`keep_freed_memory_for_reuse`) and installs signal handlers.
+    (:func:`keep_freed_memory_for_reuse`) and installs signal handlers. ``on_listening(address)``
+    is called once the server is serving (after restoring its checkpoint).
     """
     keep_freed_memory_for_reuse()
 
-    async def main() -> None:
+    async def main() -> int:
         server = ParameterServer(host, port, device, **options)
-        await server.start()
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
+        # Installed before start: a signal during a long restore stops the server once it is up.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
+        await server.start()
         if on_listening is not None:
             on_listening(server.address)
         await stopping.wait()
         log.info("signal received; shutting down")
         await server.stop(grace)
+        return 1 if server.final_checkpoint_error is not None else 0
 
-    asyncio.run(main())
-    return 0
+    return asyncio.run(main())

@@ -24,10 +24,18 @@ loading a checkpoint cannot run code.
 Loading verifies the manifest's own checksum, the data file's size and every
 array's checksum. :meth:`CheckpointStore.load_latest` skips a damaged
 checkpoint with a warning naming it and falls back to the previous one.
+
+:class:`Checkpointer` drives a store for a running server: periodic checkpoints
+(every so many seconds, or every so many applied updates, see
+:func:`parse_checkpoint_every`), checkpoints on request and a final one at
+shutdown, each state collected on the event loop and written on a thread of its own.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -39,11 +47,18 @@ import secrets
 import shutil
 import threading
 import time
-from typing import Any, Iterator, NamedTuple
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Awaitable, Callable, Iterator, NamedTuple
 
 import numpy as np
 
-from optserve.server.errors import FailedPreconditionError, InvalidArgumentError
+from optserve.server.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    OptserveError,
+    ResourceExhaustedError,
+    UnavailableError,
+)
 
 try:  # advisory lock between processes; absent on Windows, where only threads are serialized
     import fcntl
@@ -467,3 +482,217 @@ def _read_one_array(handle, number: int, entry: dict, file_size: int) -> np.ndar
     if digest.hexdigest() != entry.get("sha256"):
         raise CorruptCheckpointError(f"array {number} (dtype {dtype}, shape {shape}) checksum mismatch")
     return array
+
+
+# ---------------------------------------------------------------------- a running server's checkpoints
+
+DEFAULT_CHECKPOINT_EVERY = "60s"
+DEFAULT_CHECKPOINT_KEEP = 3
+
+_SECONDS_PER_UNIT = {"": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
+                     "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
+                     "h": 3600, "hour": 3600, "hours": 3600}
+_STEP_UNITS = ("step", "steps")
+_EVERY = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)$")
+_OFF = ("0", "off", "never", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSchedule:
+    """When a running server checkpoints on its own: every ``seconds``, every ``steps``
+    applied updates (all models together), or neither (only on request and at shutdown)."""
+
+    seconds: float | None = None
+    steps: int | None = None
+
+    def __str__(self) -> str:
+        if self.seconds:
+            return f"every {self.seconds:g} s"
+        if self.steps:
+            return f"every {self.steps} step{'s' if self.steps > 1 else ''}"
+        return "only on request and at shutdown"
+
+
+def parse_checkpoint_every(value: Any) -> CheckpointSchedule:
+    """``--checkpoint-every``: ``60s``, ``5m``, ``1h``, ``30`` (seconds), ``500steps`` or
+    ``500 steps`` (applied updates, all models together), ``0`` or ``off`` (never).
+
+    Also takes a number of seconds, None (never) or a CheckpointSchedule.
+    """
+    if isinstance(value, CheckpointSchedule):
+        return value
+    if value is None:
+        return CheckpointSchedule()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        text = repr(float(value)) if math.isfinite(value) and value >= 0 else "?"
+    elif isinstance(value, str):
+        text = value.strip().lower()
+    else:
+        text = "?"
+    if text in _OFF:
+        return CheckpointSchedule()
+    match = _EVERY.match(text)
+    if match:
+        number, unit = match.groups()
+        if unit in _STEP_UNITS and number.isdigit():
+            return CheckpointSchedule(steps=int(number)) if int(number) else CheckpointSchedule()
+        if unit in _SECONDS_PER_UNIT:
+            seconds = float(number) * _SECONDS_PER_UNIT[unit]
+            return CheckpointSchedule(seconds=seconds) if seconds else CheckpointSchedule()
+    raise InvalidArgumentError(
+        "`checkpoint_every` must be a time (60s, 5m, 1h, or seconds as 30), a number of applied "
+        f"updates (500steps), or 0/off. Received: checkpoint_every={value!r}"
+    )
+
+
+class Checkpointer:
+    """Checkpoints of a running server into ``store``; use on the server's event loop.
+
+    ``snapshot()`` is a coroutine function returning the state to save; it runs on
+    the event loop (so it can take the models' locks). The state is written on a
+    thread of this checkpointer, one save at a time, while the loop keeps serving.
+    A periodic save that fails is logged and retried at the next period; serving
+    goes on either way.
+    """
+
+    def __init__(self, store: CheckpointStore, schedule: CheckpointSchedule,
+                 snapshot: Callable[[], Awaitable[Any]]):
+        self.store = store
+        self.schedule = schedule
+        self._snapshot = snapshot
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="optserve-checkpoint")
+        self._lock = asyncio.Lock()
+        self._changes = 0          # changes of state not in a checkpoint yet
+        self._steps = 0            # updates applied since the last save started
+        self._periodic: asyncio.Task | None = None
+        self._step_save: asyncio.Task | None = None
+        self._saves: set[asyncio.Task] = set()   # saves started and not finished
+        self._closed = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def load_latest(self) -> tuple[Any, pathlib.Path] | None:
+        """The newest readable checkpoint (damaged ones are skipped with a warning), or None."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer, self.store.load_latest)
+
+    def start(self) -> None:
+        """Begin periodic checkpoints by time (step-based ones follow ``note_change``)."""
+        if self.schedule.seconds and self._periodic is None:
+            self._periodic = asyncio.ensure_future(self._every(self.schedule.seconds))
+
+    async def close(self, final: bool = True) -> pathlib.Path | None:
+        """Stop the periodic saves; with ``final``, write what changed since the last checkpoint.
+
+        Returns the final checkpoint's path (None when nothing had changed or ``final``
+        is False); a failure to write it is raised, after the checkpointer is closed.
+        """
+        if self._closed:
+            return None
+        self._closed = True  # from now on no save is started but this final one
+        if self._periodic is not None:
+            self._periodic.cancel()
+        try:
+            if self._saves:
+                await asyncio.wait(set(self._saves))  # saves in flight finish first
+            if not final:
+                return None
+            if not self._changes:
+                logger.info("Nothing changed since the last checkpoint; no final checkpoint needed.")
+                return None
+            path, _ = await self._shielded_save("final")
+            return path
+        finally:
+            self._writer.shutdown(wait=True)
+
+    # ------------------------------------------------------------ saving
+
+    def note_change(self, applied: int = 0) -> None:
+        """A change of the server's state, with ``applied`` optimizer updates (loop thread)."""
+        self._changes += 1
+        self._steps += applied
+        self._maybe_save_for_steps()
+
+    async def save(self, reason: str = "requested") -> tuple[pathlib.Path, int]:
+        """Write a checkpoint now; returns (its path, the number of models in it)."""
+        if self._closed:
+            raise UnavailableError("The server is shutting down; it writes its final checkpoint itself.")
+        return await self._shielded_save(reason)
+
+    async def _save_logged(self, reason: str) -> None:
+        """A save of the checkpointer's own (periodic): a failure is logged, never raised."""
+        if self._closed:
+            return
+        try:
+            await self._shielded_save(reason)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # noqa: BLE001 - a failed save must not stop the server
+            message = error.message if isinstance(error, OptserveError) else repr(error)
+            logger.error("Checkpoint (%s) failed: %s. The server keeps serving; the previous checkpoints "
+                         "are intact.", reason, message)
+
+    async def _shielded_save(self, reason: str) -> tuple[pathlib.Path, int]:
+        # Runs to completion even if the caller (an RPC, the periodic loop) is cancelled.
+        task = asyncio.ensure_future(self._save(reason))
+        self._saves.add(task)
+        task.add_done_callback(self._saves.discard)
+        task.add_done_callback(_retrieve_exception)
+        return await asyncio.shield(task)
+
+    async def _save(self, reason: str) -> tuple[pathlib.Path, int]:
+        async with self._lock:
+            changes, self._changes, self._steps = self._changes, 0, 0
+            started = time.monotonic()
+            try:
+                state = await self._snapshot()
+                loop = asyncio.get_running_loop()
+                path = await loop.run_in_executor(self._writer, self.store.save, state)
+            except BaseException as error:
+                # Those changes are still in no checkpoint. (Step counting starts over, so
+                # a disk that stays full is tried again after as many steps, not at once.)
+                self._changes += changes
+                if isinstance(error, OSError):
+                    raise _write_error(self.store.directory, error) from error
+                raise
+        models = state.get("models", []) if isinstance(state, dict) else []
+        logger.info("Checkpoint %s written (%s) in %.2f s: %s", path, reason, time.monotonic() - started,
+                    describe_models(models))
+        return path, len(models)
+
+    async def _every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            if self._changes:
+                await self._save_logged(f"every {seconds:g} s")
+
+    def _maybe_save_for_steps(self) -> None:
+        every = self.schedule.steps
+        if not every or self._closed or self._steps < every:
+            return
+        if self._step_save is not None and not self._step_save.done():
+            return  # the running save's successor is decided when it ends
+        self._step_save = asyncio.ensure_future(self._save_logged(f"after {self._steps} updates"))
+        self._step_save.add_done_callback(lambda _: self._maybe_save_for_steps())
+
+
+def describe_models(models: list) -> str:
+    """``"model 'a' at step 10"``-style summary of a server state's models, for the log."""
+    if not models:
+        return "no models"
+    shown = [f"model {m['spec']['model_id']!r} at step {m['step']}" for m in models[:10]]
+    more = f" and {len(models) - 10} more" if len(models) > 10 else ""
+    return ", ".join(shown) + more
+
+
+def _write_error(directory: pathlib.Path, error: OSError) -> OptserveError:
+    what = f"Could not write a checkpoint into {directory}: {error.strerror or error}"
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return ResourceExhaustedError(f"{what}. Free space there (or lower --checkpoint-keep); the previous "
+                                      "checkpoints are intact.")
+    return OptserveError(f"{what}. The previous checkpoints are intact.")
+
+
+def _retrieve_exception(task: asyncio.Task) -> None:
+    if not task.cancelled():
+        task.exception()

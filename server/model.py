@@ -9,7 +9,15 @@ is answered with the same result. A step that waits longer than its
 ASYNC mode applies each push as it arrives; there ``step`` only names the push
 (each worker numbers its own), while the model's step counts applied updates.
 In both modes a push is identified by ``(worker, step)`` and a repeated push is
-answered without being applied again, so clients can retry safely.
+answered without being applied again, so clients can retry safely. A push without
+any gradient is a step too (a shard of a sharded model whose variables got no
+gradient): it counts as the worker's contribution and advances the counters.
+
+``checkpoint_state`` / ``Model.restore`` carry everything across a restart: the
+spec, the engine's state and the step bookkeeping (the current step and which
+workers made up each recent step), so a push the checkpoint already counted is
+answered as a duplicate after a restart, and a push for a step the restored model
+has not reached yet is told the current step.
 
 The engine is not thread-safe, and its updates run on an executor thread (NumPy
 releases the GIL, so the event loop keeps answering other calls meanwhile). Every
@@ -48,6 +56,7 @@ FAIL = "fail"
 APPLY_PARTIAL = "apply_partial"
 TIMEOUT_POLICIES = (FAIL, APPLY_PARTIAL)
 
+MODEL_STATE_FORMAT = "optserve.model_state/1"
 # Completed steps (sync) or pushed steps per worker (async) remembered to
 # recognise a retried push. A client retries within seconds, so a few
 # thousand steps of memory is generous while staying a few hundred KiB.
@@ -322,6 +331,17 @@ class _RecentSteps:
         if len(self._order) > self._size:
             self._steps.discard(self._order.popleft())
 
+    def steps(self) -> list[int]:
+        """Oldest first, as ``add`` received them."""
+        return list(self._order)
+
+    @classmethod
+    def of(cls, steps: Iterable[int]) -> "_RecentSteps":
+        recent = cls()
+        for step in steps:
+            recent.add(int(step))
+        return recent
+
 
 # -------------------------------------------------------------------- model
 
@@ -340,6 +360,9 @@ class Model:
         self._history: collections.OrderedDict[int, _StepRecord] = collections.OrderedDict()
         self._recent_async: dict[int, _RecentSteps] = {}
         self._closed: OptserveError | None = None
+        # Told of every change of state (loop thread): the number of updates applied
+        # (0 for other changes). The registry counts them for step-based checkpoints.
+        self.on_change: Callable[[int], None] | None = None
 
     @classmethod
     async def create(cls, spec: ModelSpec, engine, variables: Mapping[str, np.ndarray],
@@ -400,10 +423,11 @@ class Model:
             outcome, duplicate=duplicate, variables=outcome.variables if return_variables else None)
 
     def check_gradients(self, gradients: Mapping[str, np.ndarray]) -> None:
-        """Validate a whole push before any of it touches a buffer or the engine."""
-        if not gradients:
-            raise InvalidArgumentError(
-                f"The push to model {self.model_id!r} carried no gradients; send at least one variable's gradient.")
+        """Validate a whole push before any of it touches a buffer or the engine.
+
+        No gradient at all is valid: a step in which no variable of this model got a
+        gradient (a shard of a sharded model), so that its counters stay with the others'.
+        """
         unknown = [name for name in gradients if name not in self._variables]
         if unknown:
             raise NotFoundError(
@@ -448,6 +472,10 @@ class Model:
             self._pending = None
             pending.fail(exc)
             raise
+        if pending is not self._pending:
+            # The model was closed (shutdown, delete) while this push was being summed: the
+            # step has failed for every waiter and nothing of it may be applied any more.
+            return pending.future, False
         pending.contributors.append(worker)
         pending.return_variables |= return_variables
         if len(pending.contributors) == self.spec.num_workers:
@@ -465,9 +493,11 @@ class Model:
         return outcome
 
     async def _apply_step(self, step, gradients, contributors, missing, aggregated, return_variables) -> StepOutcome:
-        await self._run(self._engine.apply, dict(gradients))
+        # Gradients for none of the variables (every push of the step was empty) still make a step.
+        await self._run(functools.partial(self._engine.apply, dict(gradients), count_empty_step=True))
         self._step += 1
         self._remember(step, _StepRecord(tuple(sorted(contributors)), tuple(missing), aggregated))
+        self._notify(applied=1)
         variables = await self._read_all_variables() if return_variables else None
         return self._outcome(contributors, missing, variables)
 
@@ -646,6 +676,7 @@ class Model:
                 # Step numbers may be reused now (a restore rewinds them): forget which pushes were seen.
                 self._history.clear()
                 self._recent_async.clear()
+            self._notify(applied=0)
             return self._status()
 
         return await self._exclusive(write)
@@ -721,6 +752,57 @@ class Model:
             _write_counters(engine, previous_state)
             raise
 
+    # ---------------------------------------------------------- checkpoints
+
+    async def checkpoint_state(self) -> dict:
+        """Everything needed to resume this model, taken between two updates.
+
+        Taken under the model's lock, so no update is half-applied in it. A step whose
+        pushes are still being collected is not part of it: its workers push it again
+        to a restored server. A closed model can still be saved (the final checkpoint
+        of a shutdown is taken after the models stopped taking pushes).
+        """
+
+        async def read():
+            engine_state = await self._run(self._engine.state_dict)
+            return {
+                "format": MODEL_STATE_FORMAT,
+                "spec": spec_state(self.spec),
+                "step": self._step,
+                "history": [[step, list(record.contributors), list(record.missing), record.aggregated]
+                            for step, record in self._history.items()],
+                "recent_async": {worker: recent.steps() for worker, recent in self._recent_async.items()},
+                "engine": engine_state,
+            }
+
+        return await self._exclusive(read)
+
+    @classmethod
+    async def restore(cls, state: Mapping[str, Any], new_engine: Callable[[dict], Any],
+                      executor: Executor | None = None) -> "Model":
+        """The model ``checkpoint_state`` described; ``new_engine(config)`` gives an unbuilt engine."""
+        if state.get("format") != MODEL_STATE_FORMAT:
+            raise InvalidArgumentError(
+                f"Unknown model state format {state.get('format')!r}; expected {MODEL_STATE_FORMAT!r}.")
+        spec = spec_from_state(state["spec"])
+        engine = new_engine(spec.optimizer_config)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(executor, engine.load_state_dict, state["engine"])
+        if list(engine.variable_names) != [v.name for v in spec.variables]:
+            raise InvalidArgumentError(
+                f"The checkpoint of model {spec.model_id!r} is inconsistent: its optimizer holds variables "
+                f"{_names(engine.variable_names)}, its spec {_names(v.name for v in spec.variables)}.")
+        model = cls(spec, engine, executor)
+        model._step = int(state["step"])
+        for step, contributors, missing, aggregated in state["history"]:
+            model._remember(int(step), _StepRecord(tuple(contributors), tuple(missing), bool(aggregated)))
+        model._recent_async = {int(worker): _RecentSteps.of(steps) for worker, steps in state["recent_async"].items()}
+        return model
+
+    def _notify(self, applied: int) -> None:
+        if self.on_change is not None:
+            self.on_change(applied)
+
     # ----------------------------------------------------------- lifecycle
 
     def close(self, error: OptserveError) -> None:
@@ -750,6 +832,32 @@ class Model:
     async def _run(self, function, *args):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(function, *args))
+
+
+def spec_state(spec: ModelSpec) -> dict:
+    """A spec as plain values, for a checkpoint."""
+    return {
+        "model_id": spec.model_id,
+        "optimizer_config": spec.optimizer_config,
+        "num_workers": spec.num_workers,
+        "mode": spec.mode,
+        "sync_timeout_s": spec.sync_timeout_s,
+        "timeout_policy": spec.timeout_policy,
+        "variables": [[v.name, list(v.shape), v.dtype.str] for v in spec.variables],
+    }
+
+
+def spec_from_state(state: Mapping[str, Any]) -> ModelSpec:
+    return ModelSpec(
+        model_id=check_model_id(state["model_id"]),
+        optimizer_config=state["optimizer_config"],
+        num_workers=int(state["num_workers"]),
+        mode=state["mode"],
+        sync_timeout_s=float(state["sync_timeout_s"]),
+        timeout_policy=state["timeout_policy"],
+        variables=tuple(VariableMeta(name, tuple(int(d) for d in shape), np.dtype(dtype))
+                        for name, shape, dtype in state["variables"]),
+    )
 
 
 def _retrieve_task(task: asyncio.Task) -> None:

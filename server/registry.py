@@ -1,10 +1,15 @@
-"""The models a server holds, by model_id: create-or-join, lookup, delete."""
+"""The models a server holds, by model_id: create-or-join, lookup, delete; their checkpoint state.
+
+``snapshot()`` collects every model's checkpoint state (each one consistent, taken
+between two of its updates); ``restore()`` rebuilds the models from one, while the
+registry refuses every call with UNAVAILABLE so that nothing sees half of them.
+"""
 from __future__ import annotations
 
 import asyncio
 import logging
 from concurrent.futures import Executor
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -20,6 +25,8 @@ from optserve.server.model import MAX_LISTED_NAMES, Model, ModelSpec, make_spec
 
 log = logging.getLogger(__name__)
 
+SERVER_STATE_FORMAT = "optserve.server_state/1"
+
 
 def _engine_module():
     # Imported on first use so that the server's modules load without the engine's dependencies.
@@ -31,13 +38,17 @@ def _engine_module():
 class ModelRegistry:
     """Holds every model of one server. Use on the server's event loop."""
 
-    def __init__(self, backend=None, executor: Executor | None = None, default_sync_timeout_s: float = 60.0):
+    def __init__(self, backend=None, executor: Executor | None = None, default_sync_timeout_s: float = 60.0,
+                 on_change: Callable[[int], None] | None = None):
         self.backend = backend
         self.executor = executor
         self.default_sync_timeout_s = float(default_sync_timeout_s)
+        # Told of every change to the models (loop thread), with the number of updates applied.
+        self.on_change = on_change
         self._models: dict[str, Model] = {}
         self._creating: dict[str, asyncio.Task] = {}
         self._closed = False
+        self._restoring = False
 
     def new_engine(self, optimizer_config):
         """An unbuilt engine for a config; any complaint about the config is INVALID_ARGUMENT."""
@@ -75,10 +86,19 @@ class ModelRegistry:
         model = await Model.create(spec, engine, variables, self.executor)
         if self._closed:
             raise UnavailableError("The server is shutting down; create the model on a running server.")
-        self._models[spec.model_id] = model
+        self._add(model)
         log.info("created model %r: %s, %d variables, %d worker(s), %s", spec.model_id,
                  spec.optimizer_config.get("class_name", "?"), len(spec.variables), spec.num_workers, spec.mode)
         return model
+
+    def _add(self, model: Model) -> None:
+        model.on_change = self._note_change
+        self._models[model.model_id] = model
+        self._note_change(0)
+
+    def _note_change(self, applied: int) -> None:
+        if self.on_change is not None:
+            self.on_change(applied)
 
     @staticmethod
     def _check_joinable(existing: ModelSpec, requested: ModelSpec) -> None:
@@ -103,17 +123,57 @@ class ModelRegistry:
     def models(self, model_id: str = "") -> list[Model]:
         if model_id:
             return [self.get(model_id)]
+        self._ensure_restored()
         return list(self._models.values())
 
     def delete(self, model_id: str) -> bool:
         """Remove a model; workers waiting in one of its steps are refused. False if it did not exist."""
+        self._ensure_restored()
         model = self._models.pop(model_id, None)
         if model is None:
             return False
         model.close(FailedPreconditionError(
             f"Model {model_id!r} was deleted; create it again (CreateModel) before pushing to it."))
+        model.on_change = None
+        self._note_change(0)
         log.info("deleted model %r", model_id)
         return True
+
+    # ------------------------------------------------------------ checkpoints
+
+    async def snapshot(self) -> dict[str, Any]:
+        """Every model's checkpoint state, as one tree for ``CheckpointStore.save``.
+
+        Also works once the registry is closed: the final checkpoint of a shutdown is
+        taken after the models stopped taking pushes.
+        """
+        self._ensure_restored()
+        models = list(self._models.values())
+        states = [await model.checkpoint_state() for model in models]
+        # A model deleted while the others were being read is not part of the server any more.
+        kept = [state for model, state in zip(models, states) if self._models.get(model.model_id) is model]
+        return {"format": SERVER_STATE_FORMAT, "models": kept}
+
+    def begin_restore(self) -> None:
+        """Refuse every call with UNAVAILABLE until ``end_restore``."""
+        self._restoring = True
+
+    def end_restore(self) -> None:
+        self._restoring = False
+
+    async def restore(self, state: Mapping[str, Any]) -> list[Model]:
+        """Rebuild the models of a ``snapshot()``; the registry must hold none yet. Returns them."""
+        if not isinstance(state, Mapping) or state.get("format") != SERVER_STATE_FORMAT:
+            found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
+            raise InvalidArgumentError(f"Unknown server state format {found!r}; expected {SERVER_STATE_FORMAT!r}.")
+        if self._models:
+            raise FailedPreconditionError(
+                f"Cannot restore a checkpoint into a server that holds models ({_quoted(self._models)}).")
+        models = [await Model.restore(model_state, self.new_engine, self.executor) for model_state in state["models"]]
+        for model in models:
+            model.on_change = self._note_change
+            self._models[model.model_id] = model
+        return models
 
     def close(self) -> None:
         """Server shutdown: every model refuses further calls, waiting workers are told to go elsewhere."""
@@ -124,3 +184,14 @@ class ModelRegistry:
     def _ensure_open(self) -> None:
         if self._closed:
             raise UnavailableError("The server is shutting down; retry against a running server.")
+        self._ensure_restored()
+
+    def _ensure_restored(self) -> None:
+        if self._restoring:
+            raise UnavailableError("The server is restoring its models from a checkpoint; retry in a moment.")
+
+
+def _quoted(names) -> str:
+    names = sorted(names)
+    shown = ", ".join(map(repr, names[:MAX_LISTED_NAMES]))
+    return shown + (f" and {len(names) - MAX_LISTED_NAMES} more" if len(names) > MAX_LISTED_NAMES else "")

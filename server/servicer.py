@@ -21,7 +21,12 @@ import numpy as np
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors as codec
-from optserve.server.errors import InvalidArgumentError, OptserveError, ResourceExhaustedError
+from optserve.server.errors import (
+    FailedPreconditionError,
+    InvalidArgumentError,
+    OptserveError,
+    ResourceExhaustedError,
+)
 from optserve.server.model import (
     APPLY_PARTIAL,
     ASYNC,
@@ -234,9 +239,11 @@ def _enum(value: int, table: dict, field: str):
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     """optserve.v1.ParameterServer on grpc.aio; every handler runs on the server's event loop."""
 
-    def __init__(self, registry: ModelRegistry, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES):
+    def __init__(self, registry: ModelRegistry, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+                 checkpointer=None):
         self.registry = registry
         self.max_request_bytes = int(max_request_bytes)
+        self.checkpointer = checkpointer  # optserve.server.checkpoint.Checkpointer, when checkpointing
 
     @_translating_errors
     async def CreateModel(self, request_iterator: AsyncIterator[pb.CreateModelRequest], context):
@@ -356,8 +363,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     @_translating_errors
     async def Checkpoint(self, request: pb.CheckpointRequest, context):
-        await context.abort(
-            grpc.StatusCode.UNIMPLEMENTED,
-            "Checkpoints are not available in this server version yet; save state with GetWeights "
-            "(include_variables=true) and restore it with SetWeights.",
-        )
+        if self.checkpointer is None:
+            raise FailedPreconditionError(
+                "This server was started without a checkpoint directory, so it cannot write checkpoints. "
+                "Start it with `optserve serve --checkpoint-dir DIR`, or save a model's state with "
+                "GetWeights (include_variables=true) and restore it with SetWeights."
+            )
+        path, models = await self.checkpointer.save("requested")
+        return pb.CheckpointResponse(path=str(path), models=models)

@@ -156,10 +156,10 @@ def test_models_are_independent(stub):
     np.testing.assert_array_equal(values["x"], np.zeros(3, np.float32))
 
 
-def test_checkpoint_is_not_implemented_yet(stub):
+def test_checkpoint_needs_a_checkpoint_directory(stub):
     error = rpc.rpc_error(stub.Checkpoint, pb.CheckpointRequest(), timeout=5)
-    assert error.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "GetWeights" in error.details()
+    assert error.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "--checkpoint-dir" in error.details() and "GetWeights" in error.details()
 
 
 def test_a_64_mib_variable_round_trips(stub):
@@ -241,6 +241,56 @@ def test_optimizer_wide_scalars_travel_with_the_state(stub):
     response = rpc.set_weights(stub, "nadam", state=state)
     assert response.state.scalars["u_product"] == pytest.approx(0.5)
     assert rpc.get_weights(stub, "nadam")[0] == response.state
+
+
+# Empty pushes: a shard of a sharded model whose variables got no gradient in a step.
+
+def test_an_empty_push_is_a_step_that_changes_no_variable(stub):
+    rpc.create_model(stub, "job", _variables(), rpc.sgd(0.5, 0.9))
+    result, values = rpc.push(stub, "job", 0, 0, {}, return_variables=True)
+    assert (result.step, result.iterations, result.duplicate) == (1, 1, False)
+    for name, value in _variables().items():
+        np.testing.assert_array_equal(values[name], value)
+    assert rpc.push(stub, "job", 0, 0, {})[0].duplicate  # a retried empty push is a duplicate too
+
+
+def test_an_empty_push_is_a_workers_contribution_to_a_sync_step(stub):
+    rpc.create_model(stub, "job", _variables(), rpc.sgd(1.0), num_workers=2)
+    empty = threading.Thread(target=rpc.push, args=(stub, "job", 0, 0, {}))
+    empty.start()
+    rpc.wait_until(lambda: rpc.waiting_workers(stub, "job") == [0])
+    result, values = rpc.push(stub, "job", 1, 0, {"b": np.ones(2, np.float32)}, return_variables=True)
+    empty.join()
+    assert (result.step, result.iterations, list(result.contributors)) == (1, 1, [0, 1])
+    np.testing.assert_array_equal(values["b"], _variables()["b"] - 1)
+    np.testing.assert_array_equal(values["w"], _variables()["w"])
+
+
+@pytest.mark.filterwarnings("ignore:Gradients do not exist for variables")
+def test_an_empty_push_does_what_keras_does_to_variables_without_a_gradient(stub):
+    """The server holds `b` only (one shard); Keras holds `w` and `b` and gets no gradient for `b`
+    on most steps. Counters, u_product, the EMA and the accumulators must agree."""
+    keras = pytest.importorskip("keras")
+    config = {"learning_rate": 0.1, "use_ema": True, "gradient_accumulation_steps": 2}
+    rpc.create_model(stub, "shard", {"b": _variables()["b"]}, {"class_name": "Nadam", "config": config})
+    kw, kb = keras.Variable(_variables()["w"], name="w"), keras.Variable(_variables()["b"], name="b")
+    optimizer = keras.optimizers.Nadam(**config)
+    optimizer.build([kw, kb])
+    rng = np.random.default_rng(0)
+    for step in range(7):
+        gw = rng.standard_normal((2, 3)).astype(np.float32)
+        gb = rng.standard_normal(2).astype(np.float32) if step % 3 == 2 else None
+        optimizer.apply([gw, gb], [kw, kb])
+        rpc.push(stub, "shard", 0, step, {} if gb is None else {"b": gb})
+    state, tensors = rpc.get_weights(stub, "shard", include_variables=True)
+    assert (state.iterations, state.raw_iterations) == (int(optimizer.iterations), int(optimizer._iterations))
+    assert state.raw_iterations == 7
+    assert state.scalars["u_product"] == pytest.approx(float(optimizer._u_product), rel=0, abs=0)
+    keras_slots = {v.path.rsplit("/", 1)[-1]: np.asarray(v) for v in optimizer.variables}
+    np.testing.assert_array_equal(tensors[("b", "")], np.asarray(kb))
+    for (name, slot), value in tensors.items():
+        if slot:
+            np.testing.assert_array_equal(value, keras_slots[f"b_{slot}"], err_msg=slot)
 
 
 # The server's response encoders (protos/tensors.py): same messages as batch_chunks(encode_many(...)).

@@ -448,10 +448,20 @@ class Optimizer:
         return cached
 
     # ----------------------------------------------------------------- apply
-    def apply(self, grads: Mapping[str, Any]) -> None:
-        """One Keras ``optimizer.apply``: checked as a whole first, then applied."""
+    def apply(self, grads: Mapping[str, Any], *, count_empty_step: bool = False) -> None:
+        """One Keras ``optimizer.apply``: checked as a whole first, then applied.
+
+        Like Keras, a call without any gradient is an error, unless ``count_empty_step``:
+        then it is a step that changes no variable through a gradient, and everything
+        else a step does happens as in a Keras apply whose gradients all belong to
+        other variables: the counters (and so the schedule) advance, optimizer-wide
+        state such as Nadam's ``u_product`` is updated on an update step, gradient
+        accumulators are reset at the end of an accumulation cycle, and the EMA of the
+        variables is taken. A sharded model's server gets such a step when none of its
+        variables got a gradient, so that every shard's state stays in step.
+        """
         self._require_built()
-        gradients = self._validated_gradients(grads)
+        gradients = self._validated_gradients(grads, allow_empty=count_empty_step)
         lr = self._learning_rate_for_step()
         steps = self._config["gradient_accumulation_steps"]
         if steps and (self._raw_iterations + 1) % steps != 0:
@@ -465,7 +475,8 @@ class Optimizer:
             self._update_moving_averages()
         self._raw_iterations += 1
 
-    def _validated_gradients(self, grads: Mapping[str, Any]) -> list[tuple[_Variable, Any]]:
+    def _validated_gradients(self, grads: Mapping[str, Any], allow_empty: bool = False
+                             ) -> list[tuple[_Variable, Any]]:
         if not isinstance(grads, Mapping):
             raise InvalidArgumentError(f"Gradients must be a {{name: array}} mapping. Received: {type(grads).__name__}")
         unknown = [name for name in grads if name not in self._variables]
@@ -490,7 +501,7 @@ class Optimizer:
                     f"Gradient for variable '{name}' has dtype {np.dtype(grad.dtype)}; expected {variable.dtype}."
                 )
             checked.append((variable, grad))
-        if not checked:
+        if not checked and not allow_empty:
             raise InvalidArgumentError("No gradients provided for any variable.")
         return [(variable, self._device_array(grad)) for variable, grad in checked]
 
@@ -568,6 +579,8 @@ class Optimizer:
     # ---------------------------------------------------------------- clipping
     def _clipped(self, gradients):
         config = self._config
+        if not gradients:
+            return gradients  # an empty step: no norm to take
         if config["clipnorm"] is not None:
             return [self._clip_by_norm(variable, grad, owned) for variable, grad, owned in gradients]
         if config["global_clipnorm"] is not None:
