@@ -44,6 +44,7 @@ import numpy as np
 from optserve.client.client import (
     Client,
     DeadlineExceededError,
+    FailedPreconditionError,
     OptserveError,
     StepMismatchError,
     UnavailableError,
@@ -168,6 +169,8 @@ def run_joined_worker(args) -> int:
             print(f"{me}: {'created' if info.created else 'joined'} model {model_id!r} on {client.address}, "
                   f"{info.optimizer}; step {step} of {args.steps}.", flush=True)
             losses = train_joined(client, args, model_id, params, step, me)
+            if losses and args.worker_index == 0:
+                save_final_checkpoint(client, me)
     except UnavailableError as error:
         print(f"optserve demo: {me}: no server at {args.address} after {args.retries} retries: {error}",
               file=sys.stderr)
@@ -183,6 +186,20 @@ def run_joined_worker(args) -> int:
     else:
         print(f"{me}: the model is already at step {args.steps}; nothing to do.", flush=True)
     return 0
+
+
+def save_final_checkpoint(client: Client, me: str) -> None:
+    """Make the job's last steps durable before the workers exit.
+
+    Finished workers do not come back: if the server died after the last step
+    and before its next periodic checkpoint, a restored job would wait forever
+    for them. A server without --checkpoint-dir answers FAILED_PRECONDITION.
+    """
+    try:
+        path, _ = client.checkpoint()
+    except FailedPreconditionError:
+        return
+    print(f"{me}: final state checkpointed at {path}.", flush=True)
 
 
 def _join_mode_problem(args) -> str | None:

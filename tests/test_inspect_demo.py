@@ -118,3 +118,28 @@ def test_optserve_demo_starts_its_own_server():
     assert len(losses) >= 3 and losses[-1] < losses[0]
     assert re.search(r"Held-out loss:\s+(\S+) -> (\S+)", run.stdout)
     assert "listening" not in run.stderr or "Traceback" not in run.stderr
+
+
+def test_join_mode_worker_checkpoints_the_finished_job(tmp_path, capsys):
+    """A finished job is made durable: restored workers would never come back for its last steps."""
+    from optserve.server.app import start_server
+    from optserve.server.checkpoint import CheckpointStore
+
+    running = start_server(device="cpu", checkpoint_dir=str(tmp_path), checkpoint_every="off")
+    try:
+        code = demo.main(["--address", running.address, "--workers", "1", "--worker-index", "0",
+                          "--num-workers", "1", "--steps", "5", "--model-id", "joined"])
+        assert code == 0, capsys.readouterr().err
+        state, _ = CheckpointStore(tmp_path).load_latest()
+        saved, = state["models"]
+        assert saved["spec"]["model_id"] == "joined" and saved["step"] == 5
+    finally:
+        running.stop()
+    assert "final state checkpointed" in capsys.readouterr().out
+
+
+def test_join_mode_worker_without_checkpoints_still_succeeds(address, capsys):
+    code = demo.main(["--address", address, "--workers", "1", "--worker-index", "0",
+                      "--num-workers", "1", "--steps", "3", "--model-id", "joined"])
+    assert code == 0
+    assert "checkpointed" not in capsys.readouterr().out
