@@ -251,14 +251,14 @@ def _set(schedule, **values) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class ExponentialDecay(LearningRateSchedule):
-    """``initial_learning_rate * decay_rate ** (step / decay_steps)``, floored exponent if staircase."""
+class _StepDecay(LearningRateSchedule):
+    """What ExponentialDecay and InverseTimeDecay share: their arguments and decay progress."""
 
     initial_learning_rate: float
     decay_steps: float
     decay_rate: float
     staircase: bool = False
-    name: str = "ExponentialDecay"
+    name: str = ""
 
     def __post_init__(self):
         _set(
@@ -271,7 +271,8 @@ class ExponentialDecay(LearningRateSchedule):
         )
         self._check_evaluates()
 
-    def _evaluate(self, step):
+    def _progress(self, step):
+        """(initial rate, decay rate, step / decay_steps floored if staircase), in Keras's dtypes."""
         initial_learning_rate = _convert(self.initial_learning_rate)
         dtype = initial_learning_rate.dtype
         decay_steps = _convert(self.decay_steps, dtype)
@@ -279,6 +280,17 @@ class ExponentialDecay(LearningRateSchedule):
         p = _convert(step, dtype) / decay_steps
         if self.staircase:
             p = _floor(p)
+        return initial_learning_rate, decay_rate, p
+
+
+@dataclasses.dataclass(frozen=True)
+class ExponentialDecay(_StepDecay):
+    """``initial_learning_rate * decay_rate ** (step / decay_steps)``, floored exponent if staircase."""
+
+    name: str = "ExponentialDecay"
+
+    def _evaluate(self, step):
+        initial_learning_rate, decay_rate, p = self._progress(step)
         return _multiply(initial_learning_rate, _power(decay_rate, p))
 
 
@@ -376,35 +388,14 @@ class PolynomialDecay(LearningRateSchedule):
 
 
 @dataclasses.dataclass(frozen=True)
-class InverseTimeDecay(LearningRateSchedule):
+class InverseTimeDecay(_StepDecay):
     """``initial_learning_rate / (1 + decay_rate * step / decay_steps)``, floored ratio if staircase."""
 
-    initial_learning_rate: float
-    decay_steps: float
-    decay_rate: float
-    staircase: bool = False
     name: str = "InverseTimeDecay"
 
-    def __post_init__(self):
-        _set(
-            self,
-            initial_learning_rate=_plain_number("initial_learning_rate", self.initial_learning_rate),
-            decay_steps=_positive_number("decay_steps", self.decay_steps),
-            decay_rate=_plain_number("decay_rate", self.decay_rate),
-            staircase=_boolean("staircase", self.staircase),
-            name=_scope_name(self.name),
-        )
-        self._check_evaluates()
-
     def _evaluate(self, step):
-        initial_learning_rate = _convert(self.initial_learning_rate)
-        dtype = initial_learning_rate.dtype
-        decay_steps = _convert(self.decay_steps, dtype)
-        decay_rate = _convert(self.decay_rate, dtype)
-        p = _convert(step, dtype) / decay_steps
-        if self.staircase:
-            p = _floor(p)
-        one = _convert(_convert(1), dtype)
+        initial_learning_rate, decay_rate, p = self._progress(step)
+        one = _convert(_convert(1), initial_learning_rate.dtype)
         return _divide(initial_learning_rate, _add(one, _multiply(decay_rate, p)))
 
 
