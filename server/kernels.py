@@ -93,7 +93,8 @@ _NUMPY_FUNCTIONS = {
     "not_equal": "not_equal",
 }
 
-_C_OPERATORS = {
+# Infix operators: the same symbols in C and in Python.
+_OPERATOR_SYMBOLS = {
     "add": "+",
     "subtract": "-",
     "multiply": "*",
@@ -105,6 +106,7 @@ _C_OPERATORS = {
     "equal": "==",
     "not_equal": "!=",
 }
+_C_OPERATORS = _OPERATOR_SYMBOLS
 _C_FUNCTIONS = {
     "sqrt": "sqrt",
     "exp": "exp",
@@ -394,15 +396,8 @@ def _drop_dead_temps(statements):
 # ------------------------------------------------------------ host evaluation
 
 
-_PYTHON_OPERATORS = {"add": "+", "subtract": "-", "multiply": "*"}
-_PYTHON_COMPARISONS = {
-    "less": "<",
-    "less_equal": "<=",
-    "greater": ">",
-    "greater_equal": ">=",
-    "equal": "==",
-    "not_equal": "!=",
-}
+_PYTHON_OPERATORS = {name: _OPERATOR_SYMBOLS[name] for name in ("add", "subtract", "multiply")}
+_PYTHON_COMPARISONS = {name: _OPERATOR_SYMBOLS[name] for name in _COMPARISON_FUNCTIONS}
 
 
 def _host_python(node) -> str:
