@@ -25,3 +25,13 @@ def server():
 @pytest.fixture
 def address(server):
     return server.address
+
+
+@pytest.fixture
+def stub(address):
+    """The generated ParameterServer stub on a channel to the `server` fixture."""
+    import rpc_helpers
+
+    channel, stub = rpc_helpers.connect(address)
+    with channel:
+        yield stub

@@ -5,20 +5,12 @@ import threading
 
 import grpc
 import numpy as np
-import pytest
 
 import rpc_helpers as rpc
 from optserve.protos import optserve_pb2 as pb
 
 WORKERS = 8
 PUSHES = 50
-
-
-@pytest.fixture
-def stub(address):
-    channel, stub = rpc.connect(address)
-    with channel:
-        yield stub
 
 
 def test_concurrent_pushes_lose_no_update(address):

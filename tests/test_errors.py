@@ -23,13 +23,6 @@ SCHEDULED = {"class_name": "SGD", "config": {"momentum": 0.9, "learning_rate": {
     "config": {"initial_learning_rate": 0.1, "decay_steps": 10, "decay_rate": 0.5}}}}
 
 
-@pytest.fixture
-def stub(address):
-    channel, stub = rpc.connect(address)
-    with channel:
-        yield stub
-
-
 def _variables():
     return {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(2, np.float32)}
 

@@ -25,13 +25,6 @@ from optserve.server.app import start_server
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def stub(address):
-    channel, stub = rpc.connect(address)
-    with channel:
-        yield stub
-
-
 def _variables():
     return {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.array([0.5, -1.0], dtype=np.float32)}
 

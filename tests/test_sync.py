@@ -16,13 +16,6 @@ from optserve.server.app import start_server
 ADAM = {"class_name": "Adam", "config": {"learning_rate": 0.01}}
 
 
-@pytest.fixture
-def stub(address):
-    channel, stub = rpc.connect(address)
-    with channel:
-        yield stub
-
-
 class Push(threading.Thread):
     """One worker's push on its own thread (it blocks until the step completes)."""
 
