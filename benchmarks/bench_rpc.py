@@ -3,23 +3,27 @@
     python benchmarks/bench_rpc.py              # full table (about a minute)
     python benchmarks/bench_rpc.py --quick      # fewer sizes and rounds
 
-    python benchmarks/bench_rpc.py --protobuf-requests   # build requests as generated messages
+    python benchmarks/bench_rpc.py --protobuf-requests   # workers built on generated messages
 
 The server runs in its own process (``python -m optserve.server serve``), as in
-a deployment; workers are threads of this process. Each payload is one float32
-variable, updated by SGD in a synchronous model of 1 or 2 workers. Requests are
-encoded like the server's responses (``tensors.serialized_chunk_messages``, each
-payload copied once) unless ``--protobuf-requests`` builds them as generated
-messages the way ``batch_chunks`` callers do. Times are medians over many steps.
+a deployment; workers are threads of this process, each an ``optserve.client.Client``
+(requests built as wire bytes, replies split without copying payloads) unless
+``--protobuf-requests`` makes them generated-message stubs, as ``batch_chunks``
+callers build them. Each payload is one float32 variable, updated by SGD in a
+synchronous model of 1 or 2 workers. Times are medians over many steps.
 
 * ``round trips/s``: steps per second, each worker's push answered with the
   new values (push + sum + apply + pull);
 * ``GB/s``: tensor bytes moved per second, both directions, all workers;
-* ``push GB/s`` and ``push/raw``: one worker's gradient upload and apply alone
-  (return_variables off) against a plain socket sending the same bytes over
-  the same loopback, measured just before and after (target: >= 50% at 64 MB);
-* ``bare gRPC GB/s``: the same bytes streamed as raw 1 MiB messages to a gRPC
-  server that does nothing with them, the ceiling gRPC itself sets.
+* ``push GB/s``: one worker's gradient upload and apply alone (return_variables off);
+* ``raw GB/s`` and ``push/raw``: a plain socket sending the same bytes over the
+  same loopback to a thread receiving into a preallocated buffer, one transfer
+  before each push, so that both see the same machine (target: push/raw >= 50%
+  at 64 MB);
+* ``raw alone`` and ``push/alone``: the same raw transfers back to back, with no
+  push in between (caches and the TCP stack stay warm: usually faster);
+* ``bare gRPC``: the same bytes streamed as raw ``CHUNK_BYTES`` messages to a
+  gRPC server that does nothing with them, the ceiling gRPC itself sets.
 """
 from __future__ import annotations
 
@@ -37,48 +41,69 @@ import time
 import grpc
 import numpy as np
 
+from optserve.client import Client
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors as codec
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MB = 1 << 20
+SGD_CONFIG = {"class_name": "SGD", "config": {"learning_rate": 1e-3}}
 
 
 # ------------------------------------------------------------- raw socket
 
 
-def raw_socket_gbps(nbytes: int, repeats: int) -> float:
-    """Median throughput of sending ``nbytes`` over loopback TCP to a receiving thread.
+class RawLoopback:
+    """Plain TCP over loopback to a receiving thread: the best case for moving bytes.
 
-    Both ends use buffers allocated (and touched) once, so this is the socket's
-    best case: no allocation or page faults per transfer.
+    Both ends use buffers allocated (and touched) once, so no transfer pays for
+    allocation or page faults. Each transfer gets a fresh connection (set up
+    before the clock starts): measured here, that is faster than reusing one
+    connection, whose later transfers restart from TCP's idle congestion window.
     """
-    payload = np.ones(nbytes // 4, np.float32).tobytes()
-    buffer = memoryview(bytearray(payload))
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    rates = []
-    for _ in range(repeats):
-        receiver = threading.Thread(target=_receive, args=(listener, buffer))
-        receiver.start()
-        with socket.create_connection(("127.0.0.1", port)) as sender:
+
+    def __init__(self, nbytes: int):
+        self.nbytes = nbytes
+        self._payload = np.ones(nbytes // 4, np.float32).tobytes()
+        self._buffer = memoryview(bytearray(len(self._payload)))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._closing = False
+        self._receiver = threading.Thread(target=self._receive, daemon=True)
+        self._receiver.start()
+
+    def _receive(self) -> None:
+        while True:
+            connection, _ = self._listener.accept()
+            if self._closing:
+                connection.close()
+                return
+            with connection:
+                received = 0
+                while received < len(self._buffer):
+                    got = connection.recv_into(self._buffer[received:], len(self._buffer) - received)
+                    if not got:
+                        break
+                    received += got
+                connection.sendall(b"k")  # acknowledge once every byte arrived
+
+    def seconds(self) -> float:
+        """Time of one transfer of ``nbytes``, until the receiver has all of them."""
+        with socket.create_connection(self._listener.getsockname()) as sender:
             start = time.perf_counter()
-            sender.sendall(payload)
-            sender.recv(1)  # the receiver acknowledges once every byte arrived
-            rates.append(nbytes / (time.perf_counter() - start) / 1e9)
-        receiver.join()
-    listener.close()
-    return statistics.median(rates)
+            sender.sendall(self._payload)
+            sender.recv(1)
+            return time.perf_counter() - start
 
+    def gbps(self, repeats: int) -> float:
+        return self.nbytes / statistics.median(self.seconds() for _ in range(repeats)) / 1e9
 
-def _receive(listener: socket.socket, buffer: memoryview) -> None:
-    connection, _ = listener.accept()
-    with connection:
-        received = 0
-        while received < len(buffer):
-            received += connection.recv_into(buffer[received:], len(buffer) - received)
-        connection.sendall(b"k")
+    def close(self) -> None:
+        # Closing a listening socket does not wake a thread blocked in accept(): connect once more.
+        self._closing = True
+        socket.create_connection(self._listener.getsockname()).close()
+        self._receiver.join()
+        self._listener.close()
 
 
 # ------------------------------------------------------------- bare gRPC
@@ -154,59 +179,104 @@ def _passthrough(message) -> bytes:
 
 
 class Worker:
-    """One worker's connection. Requests are encoded as the server encodes its responses
-    (``tensors.serialized_chunk_messages``: each payload copied once), so the numbers
-    measure the server rather than the request encoding."""
+    """One worker's connection: an optserve ``Client``, used as an application uses it."""
+
+    def __init__(self, address: str):
+        self.client = Client(address, timeout=120)
+
+    def create_model(self, model_id: str, arrays: dict, num_workers: int) -> None:
+        self.client.create_model(model_id, SGD_CONFIG, arrays, num_workers=num_workers)
+
+    def push(self, model_id: str, step: int, worker: int, arrays: dict, return_variables: bool) -> int:
+        """One push; returns the payload bytes received back."""
+        if not return_variables:
+            self.client.push(model_id, arrays, worker_index=worker, step=step)
+            return 0
+        _, values = self.client.push_pull(model_id, arrays, worker_index=worker, step=step)
+        return sum(value.nbytes for value in values.values())
+
+    def delete_model(self, model_id: str) -> None:
+        self.client.delete_model(model_id)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class ProtobufWorker(Worker):
+    """A worker that builds and reads generated protobuf messages (``batch_chunks``), for comparison:
+    every payload is copied into a ``bytes``, into the message, and again when gRPC serializes it."""
 
     def __init__(self, address: str):
         self.channel = grpc.insecure_channel(address, options=codec.GRPC_OPTIONS)
         self.stub = pb_grpc.ParameterServerStub(self.channel)
-        self.apply_gradients = self.channel.stream_stream(
-            "/optserve.v1.ParameterServer/ApplyGradients", request_serializer=_passthrough,
-            response_deserializer=pb.ApplyGradientsResponse.FromString)
-        self.create = self.channel.stream_unary(
-            "/optserve.v1.ParameterServer/CreateModel", request_serializer=_passthrough,
-            response_deserializer=pb.CreateModelResponse.FromString)
-
-    encode = staticmethod(lambda first, field, arrays: _serialized(first, field, arrays))
 
     def create_model(self, model_id: str, arrays: dict, num_workers: int) -> None:
-        config = json.dumps({"class_name": "SGD", "config": {"learning_rate": 1e-3}})
-        spec = pb.ModelSpec(model_id=model_id, num_workers=num_workers, mode=pb.SYNC, optimizer_config_json=config)
-        self.create(self.encode(pb.CreateModelRequest(spec=spec), "variables", arrays), timeout=120)
+        spec = pb.ModelSpec(model_id=model_id, num_workers=num_workers, mode=pb.SYNC,
+                            optimizer_config_json=json.dumps(SGD_CONFIG))
+        self.stub.CreateModel(_protobuf_messages(pb.CreateModelRequest(spec=spec), "variables", arrays), timeout=120)
 
     def push(self, model_id: str, step: int, worker: int, arrays: dict, return_variables: bool) -> int:
-        """One push; returns the payload bytes received back."""
         header = pb.ApplyGradientsHeader(model_id=model_id, worker_index=worker, step=step,
                                          return_variables=return_variables)
-        requests = self.encode(pb.ApplyGradientsRequest(header=header), "gradients", arrays)
-        received = 0
-        for response in self.apply_gradients(requests, timeout=120):
-            received += sum(len(chunk.data) for chunk in response.variables)
-        return received
+        requests = _protobuf_messages(pb.ApplyGradientsRequest(header=header), "gradients", arrays)
+        assembler = codec.TensorAssembler()
+        for response in self.stub.ApplyGradients(requests, timeout=120):
+            assembler.add_all(response.variables)
+        return sum(value.nbytes for value in assembler.result().values())
+
+    def delete_model(self, model_id: str) -> None:
+        self.stub.DeleteModel(pb.DeleteModelRequest(model_id=model_id), timeout=30)
 
     def close(self) -> None:
         self.channel.close()
-
-
-def _serialized(first, field: str, arrays: dict):
-    return codec.serialized_chunk_messages(first, field, [(name, "", a) for name, a in arrays.items()])
 
 
 def _protobuf_messages(first, field: str, arrays: dict):
     """Generated messages built as ``batch_chunks`` callers build them, serialized by gRPC."""
     batches = codec.batch_chunks(codec.encode_many((name, "", a) for name, a in arrays.items()))
     getattr(first, field).extend(next(batches, []))
-    yield first.SerializeToString()
+    yield first
     for batch in batches:
-        yield type(first)(**{field: batch}).SerializeToString()
+        yield type(first)(**{field: batch})
 
 
-def run_case(address: str, nbytes: int, workers: int, rounds: int, return_variables: bool = True) -> dict:
+def push_against_raw(address: str, nbytes: int, rounds: int, worker_type: type[Worker] = Worker) -> dict:
+    """One worker's pushes (return_variables off) against raw loopback transfers of the same bytes.
+
+    ``push`` and ``raw`` (GB/s) are medians over ``rounds`` pushes and raw transfers
+    taken in turn, so that both see the same machine: the same load from other jobs,
+    the same caches (each pushes 64 MB through them). ``raw_alone`` is the median
+    of as many raw transfers back to back, before the pushes, with nothing in between.
+    """
+    model_id = f"bench-push-{nbytes}"
+    arrays = {"w": np.ones(nbytes // 4, np.float32)}
+    worker = worker_type(address)
+    raw = RawLoopback(nbytes)
+    try:
+        worker.create_model(model_id, arrays, 1)
+        raw_alone = raw.gbps(rounds)
+        push_times, raw_times = [], []
+        for step in range(rounds + 1):  # step 0 warms up connections and allocators
+            raw_seconds = raw.seconds()
+            start = time.perf_counter()
+            worker.push(model_id, step, 0, arrays, False)
+            if step:
+                push_times.append(time.perf_counter() - start)
+                raw_times.append(raw_seconds)
+        worker.delete_model(model_id)
+    finally:
+        raw.close()
+        worker.close()
+    return {"push": nbytes / statistics.median(push_times) / 1e9, "raw": nbytes / statistics.median(raw_times) / 1e9,
+            "raw_alone": raw_alone}
+
+
+def run_case(address: str, nbytes: int, workers: int, rounds: int, return_variables: bool = True,
+             worker_type: type[Worker] = Worker) -> dict:
     """Each worker pushes ``rounds`` steps; returns throughput and the median step time."""
     model_id = f"bench-{nbytes}-{workers}-{return_variables}"
     arrays = {"w": np.ones(nbytes // 4, np.float32)}
-    clients = [Worker(address) for _ in range(workers)]
+    clients = [worker_type(address) for _ in range(workers)]
     clients[0].create_model(model_id, arrays, workers)
     moved = [0] * workers
     step_times: list[float] = []
@@ -227,7 +297,7 @@ def run_case(address: str, nbytes: int, workers: int, rounds: int, return_variab
         t.start()
     for t in threads:
         t.join()
-    clients[0].stub.DeleteModel(pb.DeleteModelRequest(model_id=model_id), timeout=30)
+    clients[0].delete_model(model_id)
     for c in clients:
         c.close()
     step = statistics.median(step_times)
@@ -249,27 +319,27 @@ def main(argv=None) -> int:
     if args.bare_grpc_server:
         run_bare_grpc_server()
         return 0
-    if args.protobuf_requests:
-        Worker.encode = staticmethod(_protobuf_messages)
+    worker_type = ProtobufWorker if args.protobuf_requests else Worker
     sizes = [1 * MB, 64 * MB] if args.quick else [1 * MB, 16 * MB, 64 * MB]
     repeats = 5 if args.quick else 9
     server = ServerProcess()
-    encoding = "generated messages" if args.protobuf_requests else "wire-encoded"
+    encoding = "generated-message" if args.protobuf_requests else "optserve Client"
     print(f"optserve bench_rpc: server {server.address} (separate process), {os.cpu_count()} cores, "
-          f"float32, SGD, {encoding} requests")
+          f"float32, SGD, {encoding} workers")
     try:
         rows = []
         for nbytes in sizes:
-            raw_before = raw_socket_gbps(nbytes, repeats)
-            single = run_case(server.address, nbytes, 1, rounds_for(nbytes, args.quick), return_variables=False)
-            raw = (raw_before + raw_socket_gbps(nbytes, repeats)) / 2
-            bare = bare_grpc_gbps(nbytes, repeats)
-            push_gbps = nbytes / single["seconds_per_step"] / 1e9
+            # Raw loopback throughput varies a lot from one transfer to the next on a shared
+            # machine: take at least 15 pairs (9 with --quick) for the ratio.
+            pairs = max(rounds_for(nbytes, args.quick), 9 if args.quick else 15)
+            push = push_against_raw(server.address, nbytes, pairs, worker_type)
+            push["bare"] = bare_grpc_gbps(nbytes, repeats)
             for workers in (1, 2):
-                case = run_case(server.address, nbytes, workers, rounds_for(nbytes, args.quick))
-                rows.append((f"{nbytes // MB}MB", workers, case, (push_gbps, raw, bare)))
+                case = run_case(server.address, nbytes, workers, rounds_for(nbytes, args.quick), worker_type=worker_type)
+                rows.append((f"{nbytes // MB}MB", workers, case, push))
         for workers in (1, 2):
-            rows.append(("4KB", workers, run_case(server.address, 4096, workers, 300 if args.quick else 2000), None))
+            case = run_case(server.address, 4096, workers, 300 if args.quick else 2000, worker_type=worker_type)
+            rows.append(("4KB", workers, case, None))
     finally:
         server.stop()
     print_table(rows)
@@ -278,14 +348,15 @@ def main(argv=None) -> int:
 
 def print_table(rows) -> None:
     header = (f"{'payload':>8} {'workers':>7} {'round trips/s':>13} {'GB/s':>6} {'push GB/s':>9} "
-              f"{'raw GB/s':>8} {'push/raw':>8} {'bare gRPC GB/s':>14} {'push/bare':>9}")
+              f"{'raw GB/s':>8} {'push/raw':>8} {'raw alone':>9} {'push/alone':>10} {'bare gRPC':>9} {'push/bare':>9}")
     print(header)
     print("-" * len(header))
     for payload, workers, case, push in rows:
         line = f"{payload:>8} {workers:>7} {case['round_trips_per_s']:>13.1f} {case['gbps']:>6.3f}"
         if push:
-            push_gbps, raw, bare = push
-            line += f" {push_gbps:>9.3f} {raw:>8.3f} {push_gbps / raw:>8.0%} {bare:>14.3f} {push_gbps / bare:>9.0%}"
+            line += (f" {push['push']:>9.3f} {push['raw']:>8.3f} {push['push'] / push['raw']:>8.0%}"
+                     f" {push['raw_alone']:>9.3f} {push['push'] / push['raw_alone']:>10.0%}"
+                     f" {push['bare']:>9.3f} {push['push'] / push['bare']:>9.0%}")
         print(line)
 
 

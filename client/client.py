@@ -7,7 +7,8 @@
 Every call goes through :meth:`Client._invoke`, which owns retries, deadlines and
 the translation of gRPC status codes into :class:`OptserveError` subclasses.
 Tensors travel chunked (``optserve.protos.tensors``), so no single message ever
-holds a whole large tensor.
+holds a whole large tensor; requests are built as wire bytes and replies split
+without copying their payloads (see ``_wire_stub``).
 
 Several addresses (``Client(["h1:50051", "h2:50051"])`` or ``"h1:50051,h2:50051"``)
 give a ``ShardedClient`` (``optserve.client.sharded``): the same methods, with each
@@ -23,7 +24,7 @@ import random
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import grpc
 import numpy as np
@@ -414,14 +415,39 @@ def _names(names) -> list[str]:
     return [_check_name(n, "names") for n in names]
 
 
-def _with_chunks(first, field: str, chunks: Iterator[pb.TensorChunk], make: Callable[[list], Any]):
-    """Request stream: ``first`` carrying the first batch of chunks in ``field``, then one
-    message per further batch (``make(batch)``). Small requests are a single message."""
-    batches = tensors.batch_chunks(chunks)
-    getattr(first, field).extend(next(batches, []))
-    yield first
-    for batch in batches:
-        yield make(batch)
+def _variable_tensors(arrays: Mapping[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
+    return [(name, "", array) for name, array in arrays.items()]
+
+
+_SERVICE_PATH = "/" + pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name + "/"
+
+
+def _wire_stub(channel: grpc.Channel) -> pb_grpc.ParameterServerStub:
+    """The generated stub, except that the calls carrying tensors send and receive wire bytes.
+
+    Requests are built by ``tensors.serialized_chunk_messages`` (each payload copied
+    once, from the array into the message) and responses are split by
+    ``tensors.split_message`` (payloads copied once, into the arrays), instead of
+    going through protobuf objects, which copy every payload two more times.
+    A serializer or deserializer of None makes gRPC pass the bytes through.
+    """
+    stub = pb_grpc.ParameterServerStub(channel)
+    stub.CreateModel = channel.stream_unary(
+        _SERVICE_PATH + "CreateModel", request_serializer=None,
+        response_deserializer=pb.CreateModelResponse.FromString, _registered_method=True)
+    stub.ApplyGradients = channel.stream_stream(
+        _SERVICE_PATH + "ApplyGradients", request_serializer=None, response_deserializer=None,
+        _registered_method=True)
+    stub.Pull = channel.unary_stream(
+        _SERVICE_PATH + "Pull", request_serializer=pb.PullRequest.SerializeToString, response_deserializer=None,
+        _registered_method=True)
+    stub.GetWeights = channel.unary_stream(
+        _SERVICE_PATH + "GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString,
+        response_deserializer=None, _registered_method=True)
+    stub.SetWeights = channel.stream_unary(
+        _SERVICE_PATH + "SetWeights", request_serializer=None,
+        response_deserializer=pb.SetWeightsResponse.FromString, _registered_method=True)
+    return stub
 
 
 # --------------------------------------------------------------------------- the client
@@ -492,7 +518,7 @@ class Client:
         channel_options["grpc.max_reconnect_backoff_ms"] = max(1, int(self.max_backoff * 1000))
         channel_options.update(dict(options or ()))
         self._channel = grpc.insecure_channel(self.address, options=list(channel_options.items()))
-        self._stub = pb_grpc.ParameterServerStub(self._channel)
+        self._stub = _wire_stub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._lock = threading.Lock()
         self._model_steps: dict[str, int] = {}
@@ -639,11 +665,8 @@ class Client:
             raise ValueError("`variables` must hold at least one variable. Received: {}")
 
         def attempt(deadline):
-            requests = _with_chunks(
-                pb.CreateModelRequest(spec=spec), "variables",
-                tensors.encode_many((name, "", a) for name, a in arrays.items()),
-                lambda batch: pb.CreateModelRequest(variables=batch),
-            )
+            requests = tensors.serialized_chunk_messages(
+                pb.CreateModelRequest(spec=spec), "variables", _variable_tensors(arrays))
             return self._stub.CreateModel(requests, timeout=deadline)
 
         response = self._invoke(attempt, self._timeout(timeout, self.timeout))
@@ -717,13 +740,12 @@ class Client:
         )
 
         def attempt(deadline):
-            requests = _with_chunks(
-                pb.ApplyGradientsRequest(header=header), "gradients",
-                tensors.encode_many((name, "", a) for name, a in arrays.items()),
-                lambda batch: pb.ApplyGradientsRequest(gradients=batch),
-            )
+            # Built lazily, one message at a time as gRPC sends them: a push holds one extra
+            # message of memory, not a copy of all its gradients (measured faster, too).
+            requests = tensors.serialized_chunk_messages(
+                pb.ApplyGradientsRequest(header=header), "gradients", _variable_tensors(arrays))
             responses = self._stub.ApplyGradients(requests, timeout=deadline)
-            return _read_stream(responses, "result", "variables")
+            return _read_stream(responses, pb.ApplyGradientsResponse, "result", "variables")
 
         try:
             result_message, values = self._invoke(attempt, timeout)
@@ -747,7 +769,7 @@ class Client:
         request = pb.PullRequest(model_id=_check_name(model_id, "model_id"), names=_names(names))
 
         def attempt(deadline):
-            return _read_stream(self._stub.Pull(request, timeout=deadline), "state", "variables")
+            return _read_stream(self._stub.Pull(request, timeout=deadline), pb.PullResponse, "state", "variables")
 
         state, values = self._invoke(attempt, self._timeout(timeout, self.timeout))
         result = _step_result(state)
@@ -765,7 +787,8 @@ class Client:
         )
 
         def attempt(deadline):
-            return _read_stream(self._stub.GetWeights(request, timeout=deadline), "state", "tensors")
+            return _read_stream(self._stub.GetWeights(request, timeout=deadline), pb.GetWeightsResponse, "state",
+                                "tensors")
 
         state_message, values = self._invoke(attempt, self._timeout(timeout, self.timeout))
         state = _state(state_message)
@@ -799,9 +822,7 @@ class Client:
             first = pb.SetWeightsRequest(model_id=model_id, has_state=state is not None)
             if state is not None:
                 first.state.CopyFrom(state)
-            requests = _with_chunks(
-                first, "tensors", tensors.encode_many(tensor_list), lambda batch: pb.SetWeightsRequest(tensors=batch)
-            )
+            requests = tensors.serialized_chunk_messages(first, "tensors", tensor_list)
             return self._stub.SetWeights(requests, timeout=deadline)
 
         response = self._invoke(attempt, timeout)
@@ -874,17 +895,22 @@ def _model_spec(model_id, optimizer, num_workers, mode, sync_timeout_s, timeout_
     )
 
 
-def _read_stream(responses, head_field: str, chunk_field: str):
-    """(first message's ``head_field``, {(name, slot): array}) from a server stream."""
+def _read_stream(responses: Iterable[bytes], message_type, head_field: str, chunk_field: str):
+    """(first message's ``head_field``, {(name, slot): array}) from a server stream of wire bytes."""
     head = None
     assembler = tensors.TensorAssembler()
-    for response in responses:
-        if head is None and response.HasField(head_field):
-            head = getattr(response, head_field)
-        assembler.add_all(getattr(response, chunk_field))
+    try:
+        for raw in responses:
+            response, chunks = tensors.split_message(raw, message_type, chunk_field)
+            if head is None and response.HasField(head_field):
+                head = getattr(response, head_field)
+            assembler.add_all(chunks)
+        values = assembler.result()
+    except tensors.TensorFormatError as error:
+        raise OptserveError("INTERNAL", f"The server's reply is malformed: {error}") from None
     if head is None:
         raise OptserveError("INTERNAL", f"The server's reply carried no {head_field!r}.")
-    return head, assembler.result()
+    return head, values
 
 
 def _slot_tensors(slots) -> list[tuple[str, str, np.ndarray]]:

@@ -1,14 +1,24 @@
 """Tensor codec shared by client and server: NumPy arrays <-> TensorChunk messages.
 
 A tensor travels as dtype + shape + raw little-endian C-order bytes, split into
-chunks of at most ``CHUNK_BYTES`` so no message nears gRPC's 4 MiB default.
+chunks of at most ``CHUNK_BYTES`` so no message nears gRPC's default limit: 4 MiB
+(4194304 bytes) for each received message, whatever the length of the stream;
+senders have no default limit. A peer with default options can take them all.
 Small tensors are batched several to a message by :func:`batch_chunks`.
+
+Large payloads are the cost to watch: each copy of a 64 MB tensor costs a few
+milliseconds. Senders build wire bytes straight from the arrays
+(:func:`serialized_chunk_messages`: one copy) and receivers may split wire bytes
+without parsing the payloads into protobuf objects (:func:`split_message`: no
+copy), so that :class:`TensorAssembler` copies each payload once, into its array.
 """
 from __future__ import annotations
 
-from typing import Iterable, Iterator, Mapping
+import sys
+from typing import Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from optserve.protos import optserve_pb2 as pb
 
@@ -151,72 +161,246 @@ def serialized_chunk_messages(first, field: str, tensors: Iterable[tuple[str, st
     yield b"".join(parts)
 
 
+class WireChunk(NamedTuple):
+    """A TensorChunk read by :func:`split_message`: ``data`` is a view into the received bytes."""
+
+    name: str
+    slot: str
+    dtype: int
+    shape: tuple[int, ...]
+    offset: int
+    data: memoryview
+
+
+# Messages at least this large are split by hand (payload views, no copies); smaller
+# ones are parsed by protobuf, whose copies cost nothing at that size.
+SPLIT_MIN_BYTES = 64 << 10
+# Chunks this small on average are parsed by protobuf too: splitting by hand costs a
+# few microseconds of Python per chunk, more than copying a small payload.
+SPLIT_MIN_AVERAGE_CHUNK_BYTES = 16 << 10
+
+_WIRE_VARINT, _WIRE_FIXED64, _WIRE_LENGTH_DELIMITED, _WIRE_FIXED32 = 0, 1, 2, 5
+_DATA_FIELD = pb.TensorChunk.DESCRIPTOR.fields_by_name["data"].number
+
+
+def _read_varint(buffer: bytes, position: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while position < end:
+        byte = buffer[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+        if shift >= 70:
+            break
+    raise TensorFormatError("Malformed message: a varint is truncated or too long.")
+
+
+def _fields(buffer: bytes, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+    """``(field number, wire type, key start, value start, value end)`` of each field in ``buffer[start:end]``.
+
+    For length-delimited fields the value excludes its length prefix.
+    """
+    position = start
+    while position < end:
+        key_start = position
+        key, position = _read_varint(buffer, position, end)
+        number, wire_type = key >> 3, key & 7
+        if wire_type == _WIRE_VARINT:
+            _, value_end = _read_varint(buffer, position, end)
+        elif wire_type == _WIRE_FIXED64:
+            value_end = position + 8
+        elif wire_type == _WIRE_LENGTH_DELIMITED:
+            length, position = _read_varint(buffer, position, end)
+            value_end = position + length
+        elif wire_type == _WIRE_FIXED32:
+            value_end = position + 4
+        else:  # groups: not part of any proto3 message
+            raise TensorFormatError(f"Malformed message: unsupported wire type {wire_type} in field {number}.")
+        if number == 0 or value_end > end:
+            raise TensorFormatError("Malformed message: a field is truncated or has number 0.")
+        yield number, wire_type, key_start, position, value_end
+        position = value_end
+
+
+def _parse(message_type, data):
+    try:
+        return message_type.FromString(data)
+    except DecodeError as error:
+        raise TensorFormatError(f"Malformed {message_type.DESCRIPTOR.name}: {error}") from None
+
+
+def _wire_chunk(buffer: bytes, view: memoryview, start: int, end: int) -> WireChunk:
+    """One TensorChunk from ``buffer[start:end]``: payload as a view, the rest parsed by protobuf."""
+    rest: list[bytes] = []
+    data_span = (start, start)
+    for number, wire_type, key_start, value_start, value_end in _fields(buffer, start, end):
+        if number == _DATA_FIELD and wire_type == _WIRE_LENGTH_DELIMITED:
+            data_span = (value_start, value_end)  # protobuf semantics: the last one wins
+        else:
+            rest.append(buffer[key_start:value_end])
+    head = _parse(pb.TensorChunk, b"".join(rest))
+    return WireChunk(head.name, head.slot, head.dtype, tuple(head.shape), head.offset,
+                     view[data_span[0]:data_span[1]])
+
+
+def split_message(data: bytes, message_type, field: str) -> tuple:
+    """``(message without its chunks, chunks)`` from the wire bytes of a message with a repeated TensorChunk ``field``.
+
+    The result is what ``message_type.FromString(data)`` holds, with ``field``
+    moved out: a large message's chunks are :class:`WireChunk` whose ``data`` is a
+    view into ``data`` (no payload is copied); a small one's are ordinary
+    TensorChunk messages. Either kind goes to :meth:`TensorAssembler.add`.
+    Raises TensorFormatError on malformed bytes.
+    """
+    if len(data) >= SPLIT_MIN_BYTES:
+        split = _split_large(data, message_type, field)
+        if split is not None:
+            return split
+    message = _parse(message_type, data)
+    chunks = list(getattr(message, field))
+    message.ClearField(field)
+    return message, chunks
+
+
+def _split_large(data: bytes, message_type, field: str) -> tuple | None:
+    """:func:`split_message` by hand, or None when the message holds many small chunks."""
+    number = message_type.DESCRIPTOR.fields_by_name[field].number
+    most_chunks = len(data) // SPLIT_MIN_AVERAGE_CHUNK_BYTES
+    rest: list[bytes] = []
+    spans: list[tuple[int, int]] = []
+    for field_number, wire_type, key_start, value_start, value_end in _fields(data, 0, len(data)):
+        if field_number == number and wire_type == _WIRE_LENGTH_DELIMITED:
+            spans.append((value_start, value_end))
+            if len(spans) > most_chunks:
+                return None
+        else:
+            rest.append(data[key_start:value_end])
+    view = memoryview(data)
+    chunks = [_wire_chunk(data, view, start, end) for start, end in spans]
+    return _parse(message_type, b"".join(rest)), chunks
+
+
+class SplitMessage:
+    """A received message with its TensorChunk field split off by :func:`split_message`.
+
+    Reads like the message itself (``request.HasField("header")``, ``request.header``),
+    except that the chunk field is a list of chunks whose payloads were not copied.
+    """
+
+    __slots__ = ("message", "chunks", "field")
+
+    def __init__(self, message, chunks: list, field: str):
+        self.message = message
+        self.chunks = chunks
+        self.field = field
+
+    def __getattr__(self, name: str):
+        if name == self.field:
+            return self.chunks
+        return getattr(self.message, name)
+
+
+def split_deserializer(message_type, field: str):
+    """A gRPC request or response deserializer: wire bytes -> :class:`SplitMessage`.
+
+    For handlers that feed the chunks to a :class:`TensorAssembler`: each payload is
+    then copied once, into its array, instead of three times (protobuf parsing,
+    reading ``data``, the array).
+    """
+    def deserialize(data: bytes) -> SplitMessage:
+        message, chunks = split_message(data, message_type, field)
+        return SplitMessage(message, chunks, field)
+
+    return deserialize
+
+
 class TensorAssembler:
     """Reassembles tensors from chunks; checks dtype, shape, offsets and byte counts.
 
+    Chunks are TensorChunk messages or :class:`WireChunk` (anything with their fields).
     ``result()`` returns ``{(name, slot): ndarray}`` in order of first appearance.
     Arrays are writable, native-endian copies owned by the caller.
     """
 
     def __init__(self, max_total_bytes: int | None = None):
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
+        self._bytes: dict[tuple[str, str], memoryview] = {}  # each array's memory, as bytes
         self._filled: dict[tuple[str, str], int] = {}
         self._max_total = max_total_bytes
         self.total_bytes = 0
 
-    def add(self, chunk: pb.TensorChunk) -> None:
+    def add(self, chunk) -> None:
+        # Read the payload once: each read of a TensorChunk's ``data`` copies it.
+        data = chunk.data
         key = (chunk.name, chunk.slot)
-        label = chunk.name + (f"/{chunk.slot}" if chunk.slot else "")
+        array = self._arrays.get(key)
+        if array is None:
+            self._start(key, chunk)
+        else:
+            self._check_same_tensor(key, chunk)
+        filled = self._filled[key]
+        if chunk.offset != filled:
+            raise TensorFormatError(f"Tensor {_label(key)!r}: chunk at offset {chunk.offset}, expected {filled}.")
+        end = filled + len(data)
+        target = self._bytes[key]
+        if end > len(target):
+            array = self._arrays[key]
+            raise TensorFormatError(
+                f"Tensor {_label(key)!r}: {end} bytes received for shape {array.shape} and dtype "
+                f"{array.dtype.name} ({array.nbytes} bytes expected)."
+            )
+        if end > filled:
+            target[filled:end] = data
+        self._filled[key] = end
+
+    def _start(self, key: tuple[str, str], chunk) -> None:
+        """Allocate the array of a tensor seen for the first time."""
         dtype = dtype_from_proto(chunk.dtype)
         shape = tuple(int(d) for d in chunk.shape)
         if any(d < 0 for d in shape):
-            raise TensorFormatError(f"Tensor {label!r} has a negative dimension in shape {shape}.")
-        array = self._arrays.get(key)
-        if array is None:
-            if chunk.offset != 0:
-                raise TensorFormatError(f"Tensor {label!r}: first chunk must start at offset 0, got {chunk.offset}.")
-            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-            self.total_bytes += nbytes
-            if self._max_total is not None and self.total_bytes > self._max_total:
-                raise TensorFormatError(
-                    f"Request tensors exceed the server's limit of {self._max_total} bytes "
-                    f"(at tensor {label!r}); raise --max-request-bytes or send fewer variables per call."
-                )
-            array = np.empty(shape, dtype=dtype.newbyteorder("="))
-            self._arrays[key] = array
-            self._filled[key] = 0
-        elif array.dtype != dtype.newbyteorder("=") or array.shape != shape:
-            raise TensorFormatError(f"Tensor {label!r}: chunks disagree on dtype or shape.")
-        filled = self._filled[key]
-        if chunk.offset != filled:
-            raise TensorFormatError(f"Tensor {label!r}: chunk at offset {chunk.offset}, expected {filled}.")
-        end = filled + len(chunk.data)
-        if end > array.nbytes:
+            raise TensorFormatError(f"Tensor {_label(key)!r} has a negative dimension in shape {shape}.")
+        if chunk.offset != 0:
             raise TensorFormatError(
-                f"Tensor {label!r}: {end} bytes received for shape {shape} and dtype {dtype.name} "
-                f"({array.nbytes} bytes expected)."
+                f"Tensor {_label(key)!r}: first chunk must start at offset 0, got {chunk.offset}.")
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        self.total_bytes += nbytes
+        if self._max_total is not None and self.total_bytes > self._max_total:
+            raise TensorFormatError(
+                f"Request tensors exceed the server's limit of {self._max_total} bytes "
+                f"(at tensor {_label(key)!r}); raise --max-request-bytes or send fewer variables per call."
             )
-        if chunk.data:
-            flat = array.reshape(-1).view(np.uint8)
-            src = np.frombuffer(chunk.data, dtype=np.uint8)
-            flat[filled:end] = src
-        self._filled[key] = end
+        array = np.empty(shape, dtype=dtype.newbyteorder("="))
+        self._arrays[key] = array
+        self._bytes[key] = memoryview(array.reshape(-1).view(np.uint8))
+        self._filled[key] = 0
 
-    def add_all(self, chunks: Iterable[pb.TensorChunk]) -> None:
+    def _check_same_tensor(self, key: tuple[str, str], chunk) -> None:
+        array = self._arrays[key]
+        dtype = dtype_from_proto(chunk.dtype)
+        if array.dtype != dtype.newbyteorder("=") or array.shape != tuple(int(d) for d in chunk.shape):
+            raise TensorFormatError(f"Tensor {_label(key)!r}: chunks disagree on dtype or shape.")
+
+    def add_all(self, chunks: Iterable) -> None:
         for chunk in chunks:
             self.add(chunk)
 
     def result(self) -> dict[tuple[str, str], np.ndarray]:
         for key, array in self._arrays.items():
             if self._filled[key] != array.nbytes:
-                label = key[0] + (f"/{key[1]}" if key[1] else "")
                 raise TensorFormatError(
-                    f"Tensor {label!r}: only {self._filled[key]} of {array.nbytes} bytes received."
+                    f"Tensor {_label(key)!r}: only {self._filled[key]} of {array.nbytes} bytes received."
                 )
-        if np.little_endian is False:  # pragma: no cover - big-endian hosts
+        if sys.byteorder == "big":  # pragma: no cover - the bytes arrived little-endian
             for array in self._arrays.values():
                 array.byteswap(inplace=True)
         return dict(self._arrays)
+
+
+def _label(key: tuple[str, str]) -> str:
+    name, slot = key
+    return name + (f"/{slot}" if slot else "")
 
 
 def decode_all(chunks: Iterable[pb.TensorChunk]) -> dict[tuple[str, str], np.ndarray]:

@@ -371,6 +371,30 @@ def test_push_pull_of_a_64_mib_tensor(client):
     np.testing.assert_array_equal(values["w"][::65537], -gradient[::65537])
 
 
+def test_large_state_round_trips_exactly_through_wire_bytes(client):
+    """Requests built as wire bytes and replies split by hand, several messages each way, every dtype."""
+    variables = {
+        "w": np.random.default_rng(0).standard_normal((700, 1001)).astype(np.float32),  # 2.8 MB: 3 messages
+        "d": np.linspace(-3, 3, 150_001),                                                # float64, odd size
+        "b": np.arange(5, dtype=">f4"),                                                  # big-endian input
+    }
+    client.create_model("m", {"class_name": "SGD", "config": {"learning_rate": 0.5, "momentum": 0.5}}, variables)
+    _, pulled = client.pull("m")
+    for name, value in variables.items():
+        assert pulled[name].dtype == value.dtype.newbyteorder("=") and pulled[name].flags.writeable
+        np.testing.assert_array_equal(pulled[name], value)
+    grads = {name: np.ones_like(value) for name, value in variables.items()}
+    _, values = client.push_pull("m", grads)
+    weights = client.get_weights("m", include_variables=True)
+    for name, value in variables.items():
+        np.testing.assert_array_equal(values[name], value - 0.5)
+        np.testing.assert_array_equal(weights.variables[name], value - 0.5)
+        np.testing.assert_array_equal(weights.slots[name]["momentum"], np.full(value.shape, -0.5))
+    momentum = {name: {"momentum": np.full(value.shape, 2.0, value.dtype)} for name, value in variables.items()}
+    client.set_weights("m", slots=momentum)
+    np.testing.assert_array_equal(client.get_weights("m").slots["w"]["momentum"], momentum["w"]["momentum"])
+
+
 # ------------------------------------------------------------------ retries (fake server)
 
 
@@ -429,6 +453,32 @@ def test_unavailable_is_retried_and_a_push_keeps_its_step(fake_server):
     messages, = servicer.received_messages
     assert len(messages) == 2 and messages[0].header.step == 4
     assert all(m.ByteSize() < 2 * tensors.CHUNK_BYTES for m in messages)
+
+
+def test_requests_are_the_messages_protobuf_would_build(fake_server):
+    servicer = _FlakyServicer(failures=0)
+    grads = {"w": np.arange(700_000, dtype=np.float32), "b": np.arange(3, dtype=">f8")}
+    with Client(fake_server(servicer)) as c:
+        c.push("m", grads, step=2, worker_index=1)
+    messages, = servicer.received_messages
+    header = pb.ApplyGradientsHeader(model_id="m", worker_index=1, step=2)
+    batches = list(tensors.batch_chunks(tensors.encode_many((n, "", a) for n, a in grads.items())))
+    expected = [pb.ApplyGradientsRequest(header=header, gradients=batches[0])]
+    expected += [pb.ApplyGradientsRequest(gradients=batch) for batch in batches[1:]]
+    assert messages == expected
+
+
+class _MalformedReplyServicer(pb_grpc.ParameterServerServicer):
+    def Pull(self, request, context):
+        yield pb.PullResponse(state=pb.StepResult(step=1), variables=[
+            pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[4], data=b"\0" * 12)])  # 12 of 16 bytes
+
+
+def test_a_malformed_reply_is_an_internal_error(fake_server):
+    with Client(fake_server(_MalformedReplyServicer()), retries=0) as c:
+        with pytest.raises(OptserveError, match="malformed.*only 12 of 16 bytes") as caught:
+            c.pull("m")
+    assert caught.value.code == "INTERNAL"
 
 
 def test_retries_give_up_with_unavailable(fake_server):
