@@ -175,16 +175,31 @@ _HANDLER_FACTORIES = {
 }
 
 
+# Requests whose tensor chunks are split out of the wire bytes without copying
+# their payloads: the TensorAssembler then copies each payload once, into its array.
+_CHUNKED_REQUEST_FIELDS = {
+    "CreateModelRequest": "variables",
+    "ApplyGradientsRequest": "gradients",
+    "SetWeightsRequest": "tensors",
+}
+
+
+def _request_deserializer(message_type):
+    field = _CHUNKED_REQUEST_FIELDS.get(message_type.DESCRIPTOR.name)
+    return codec.split_deserializer(message_type, field) if field else message_type.FromString
+
+
 def add_to_server(servicer: "ParameterServerServicer", server) -> None:
     """Register the servicer as the generated ``add_ParameterServerServicer_to_server`` does,
-    except that streamed responses may be pre-serialized bytes."""
+    except that streamed responses may be pre-serialized bytes and tensor-carrying
+    requests arrive split (see ``_CHUNKED_REQUEST_FIELDS``)."""
     service = pb.DESCRIPTOR.services_by_name["ParameterServer"]
     handlers = {}
     for method in service.methods:
         factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = factory(
             getattr(servicer, method.name),
-            request_deserializer=getattr(pb, method.input_type.name).FromString,
+            request_deserializer=_request_deserializer(getattr(pb, method.input_type.name)),
             response_serializer=_serializer(getattr(pb, method.output_type.name)),
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))

@@ -276,3 +276,19 @@ def test_an_absurd_declared_shape_is_refused_before_allocating(stub, trained):
     error = rpc.rpc_error(_raw_push, stub, [pb.ApplyGradientsRequest(header=_header(), gradients=[chunk])])
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     rpc.assert_same_snapshot(trained, rpc.snapshot(stub, "job"))
+
+
+@pytest.mark.parametrize("method", ["CreateModel", "ApplyGradients", "SetWeights"])
+def test_corrupt_request_bytes_are_invalid_argument(address, method):
+    """Tensor-carrying requests are split from their wire bytes by the server's own parser."""
+    channel = grpc.insecure_channel(address)
+    with channel:
+        kind = channel.stream_stream if method == "ApplyGradients" else channel.stream_unary
+        call = kind(f"/optserve.v1.ParameterServer/{method}",
+                    request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw)
+        with pytest.raises(grpc.RpcError) as error:
+            response = call(iter([b"\x12\x05\x0a\x01w\x18"]), timeout=10)
+            if method == "ApplyGradients":
+                list(response)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "Malformed" in error.value.details()
