@@ -15,7 +15,9 @@ copy, and ``set_weights()`` writes it.
 
 Backends: with JAX, ``model.fit`` compiles the train step, which calls
 ``stateless_apply``; the round trip runs there as an ordered
-``jax.experimental.io_callback``. With PyTorch the trainer calls ``apply``
+``jax.experimental.io_callback``. With TensorFlow the trainer traces the step
+with ``tf.function``, and the round trip runs there as one ``tf.py_function``
+(``client/keras_tensorflow.py``). With PyTorch the trainer calls ``apply``
 eagerly. See docs/keras.md for what is supported.
 
 This module imports Keras; ``optserve.client`` loads it only when
@@ -23,6 +25,7 @@ This module imports Keras; ``optserve.client`` loads it only when
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 import weakref
@@ -61,6 +64,26 @@ _BASE_ARGUMENTS = (
     "loss_scale_factor",
     "gradient_accumulation_steps",
 )
+
+
+def _tensorflow():
+    """The TensorFlow helpers on the TensorFlow backend, else None (TensorFlow stays unimported)."""
+    if keras.backend.backend() != "tensorflow":
+        return None
+    from optserve.client import keras_tensorflow
+
+    return keras_tensorflow
+
+
+def _in_tf_graph():
+    tf_helpers = _tensorflow()
+    return tf_helpers is not None and not tf_helpers.executing_eagerly()
+
+
+def _eager_scope():
+    """Out of a `tf.function` being traced (building the optimizer there talks to the server)."""
+    tf_helpers = _tensorflow()
+    return contextlib.nullcontext() if tf_helpers is None else tf_helpers.eager_scope()
 
 
 def _run_eagerly_under_torch_compile(function):
@@ -208,7 +231,10 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         """
         if self.built:
             return
-        variables = list(variables)
+        with _eager_scope():
+            self._build_on_server(list(variables))
+
+    def _build_on_server(self, variables):
         names = _variable_names(variables)
         initial_values = {name: _to_numpy(v) for name, v in zip(names, variables)}
         info = self.client.create_model(
@@ -267,10 +293,43 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         variables = self._variables_for(grads, trainable_variables)
         grads, variables = self._filter_empty_gradients(grads, variables)
         names = [self._name_of(v) for v in variables]
-        values = self._push_pull({name: _to_numpy(g) for name, g in zip(names, grads)}, aggregated)
+        if _in_tf_graph():
+            self._graph_apply(list(zip(names, grads)), aggregated)
+            return
+        values = self._push_pull({name: _host_gradient(g) for name, g in zip(names, grads)}, aggregated)
         for name, variable in zip(self._variable_names, self._trainable_variables):
             variable.assign(values[name])
         self._apply_constraints()
+
+    def _graph_apply(self, named_grads, aggregated):
+        """Inside a `tf.function`: the round trip as one host call, then in-graph assignments."""
+        dtypes = [v.dtype for v in self._trainable_variables] + [self._iterations.dtype]
+
+        def host_step(host_grads):
+            values = self._push_pull(host_grads, aggregated)
+            return [values[name] for name in self._variable_names] + [
+                np.asarray(self._server_iterations, dtype=self._iterations.dtype)
+            ]
+
+        outputs = _tensorflow().graph_round_trip(named_grads, host_step, dtypes)
+        for variable, value in zip(self._trainable_variables, outputs[:-1]):
+            variable.assign(ops.reshape(value, variable.shape))
+        self._iterations.assign(ops.reshape(outputs[-1], ()))
+        self._graph_apply_constraints()
+
+    def _graph_apply_constraints(self):
+        constrained = [(n, v) for n, v in zip(self._variable_names, self._trainable_variables) if v.constraint]
+        if not constrained:
+            return
+        for _, variable in constrained:
+            variable.assign(variable.constraint(variable.value))
+        names = [name for name, _ in constrained]
+
+        def write_back(values):
+            self.client.set_weights(self.model_id, variables={n: np.asarray(values[n]) for n in names})
+            return []
+
+        _tensorflow().graph_round_trip([(n, v.value) for n, v in constrained], write_back, [])
 
     def _variables_for(self, grads, trainable_variables):
         # The same checks, in the same words, as Keras's BaseOptimizer.apply.
@@ -532,7 +591,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
 
     def _refresh_mirror(self, mirror):
         """Bring a mirror up to date with the server before its value is read."""
-        if self._refreshing or in_stateless_scope():
+        if self._refreshing or in_stateless_scope() or _in_tf_graph():
             return
         self._refreshing = True
         try:
@@ -724,6 +783,14 @@ def _to_numpy(value):
         # The tensor, not the Variable: Variable.__array__ predates NumPy 2's `copy` argument.
         value = value.value
     return np.asarray(ops.convert_to_numpy(value))
+
+
+def _host_gradient(gradient):
+    """A gradient as the client sends it; TensorFlow's IndexedSlices stay sparse."""
+    tf_helpers = _tensorflow()
+    if tf_helpers is not None:
+        return tf_helpers.host_gradient(gradient)
+    return _to_numpy(gradient)
 
 
 def _refuse_traced(grads):

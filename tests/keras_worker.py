@@ -4,11 +4,11 @@ A process can only use one Keras backend, and importing Keras with torch or
 JAX costs seconds, so each backend runs every check in one process:
 
     KERAS_BACKEND=torch python tests/keras_worker.py --address 127.0.0.1:PORT \
-        --report out.json [--peer-model halves --worker-index 0 --num-workers 2]
+        --report out.json [--peer MODEL:WORKER_INDEX:NUM_WORKERS ...]
 
-With ``--peer-model`` the process first trains, as one of ``--num-workers``
-synchronous workers, a model shared with its peers (each on its own half of
-the batch). Then it runs the single-worker checks. Every check's outcome goes
+With ``--peer`` the process first trains, as one of NUM_WORKERS synchronous
+workers, each named model shared with its peers (each on its own slice of the
+batch), in the order given. Then it runs the single-worker checks. Every check's outcome goes
 to the JSON report: ``{"checks": {name: "ok" | "skip: why" | traceback}, "facts": {...}}``.
 A failed check does not stop the others.
 """
@@ -69,6 +69,13 @@ def gradients(model, loss_fn, x, y):
             y,
         )
         return grads
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        with tf.GradientTape() as tape:
+            loss = loss_fn(tf.convert_to_tensor(y), model(tf.convert_to_tensor(x)))
+        return tape.gradient(loss, model.trainable_weights)
 
     raise RuntimeError(f"No gradient recipe for backend {keras.backend.backend()!r}")
 
@@ -230,8 +237,9 @@ class Checks:
         opt = RemoteOptimizer(keras.optimizers.SGD(learning_rate=schedule(), momentum=0.9), self.address,
                               model_id=self.model_id("schedule"))
         local_opt = keras.optimizers.SGD(learning_rate=schedule(), momentum=0.9)
-        # JAX also runs several steps per compiled call (PyTorch refuses steps_per_execution > 1).
-        steps_per_execution = 2 if self.backend == "jax" else 1
+        # JAX and TensorFlow also run several steps per compiled call (PyTorch refuses
+        # steps_per_execution > 1).
+        steps_per_execution = 1 if self.backend == "torch" else 2
         model.compile(loss="categorical_crossentropy", optimizer=opt, steps_per_execution=steps_per_execution)
         local_model.compile(loss="categorical_crossentropy", optimizer=local_opt,
                             steps_per_execution=steps_per_execution)
@@ -443,6 +451,163 @@ class Checks:
         assert revived.get_config() == opt.get_config()
         assert opt.get_config()["optimizer"]["module"] == "keras.optimizers"
 
+    # ------------------------------------------------------------------ TensorFlow
+
+    def require_tensorflow(self):
+        if self.backend != "tensorflow":
+            raise SkipCheck("a TensorFlow program")
+
+    def check_tf_function_custom_loop_matches_local(self):
+        """A `tf.GradientTape` step inside `@tf.function`: traced once, one round trip per step."""
+        self.require_tensorflow()
+        import keras
+        import tensorflow as tf
+        from optserve.client import RemoteOptimizer
+
+        x, y = data(seed=23)
+        loss_fn = keras.losses.CategoricalCrossentropy()
+
+        def make_step(model, optimizer, traces):
+            @tf.function
+            def train_step(batch_x, batch_y):
+                traces.append(1)
+                with tf.GradientTape() as tape:
+                    loss = loss_fn(batch_y, model(batch_x, training=True))
+                grads = tape.gradient(loss, model.trainable_weights)
+                optimizer.apply_gradients(zip(grads, model.trainable_weights))
+                return loss
+
+            return train_step
+
+        model = make_model("tff_remote")
+        local_model = twin(model, "tff_local")
+        # Not built before the first traced step: building inside the trace must work.
+        optimizer = RemoteOptimizer(keras.optimizers.Adam(0.02), self.address, model_id=self.model_id("tff"))
+        local_optimizer = keras.optimizers.Adam(0.02)
+        traces, local_traces = [], []
+        step, local_step = make_step(model, optimizer, traces), make_step(local_model, local_optimizer, local_traces)
+        batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, len(x), 8)] * 2
+        for batch_x, batch_y in batches:
+            step(tf.constant(batch_x), tf.constant(batch_y))
+            local_step(tf.constant(batch_x), tf.constant(batch_y))
+        # tf.function traces a step that creates variables (the optimizer's) twice, then never again.
+        assert len(traces) == len(local_traces) <= 2, f"traced {len(traces)} times, Keras {len(local_traces)}"
+        assert int(optimizer.iterations) == len(batches), int(optimizer.iterations)
+        assert_close(model.get_weights(), local_model.get_weights(), "model weights")
+        assert_close(optimizer.get_weights(), keras_state(local_optimizer), "get_weights()")
+        _, server_values = optimizer.client.pull(optimizer.model_id)
+        assert_close([server_values[v.path] for v in model.trainable_weights], model.get_weights(),
+                     "server values")
+
+    def check_tf_data_and_callbacks_during_fit(self):
+        """`tf.data` input; callbacks read iterations and the learning rate after every batch."""
+        self.require_tensorflow()
+        import keras
+        import tensorflow as tf
+        from optserve.client import RemoteOptimizer
+
+        def sgd():
+            schedule = keras.optimizers.schedules.InverseTimeDecay(0.1, decay_steps=1, decay_rate=0.5)
+            return keras.optimizers.SGD(learning_rate=schedule, momentum=0.5)
+
+        x, y = data(seed=29)
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+        model = make_model("tfdata_remote")
+        local_model = twin(model, "tfdata_local")
+        opt = RemoteOptimizer(sgd(), self.address, model_id=self.model_id("tfdata"))
+        local_opt = sgd()
+        model.compile(loss="categorical_crossentropy", optimizer=opt)
+        local_model.compile(loss="categorical_crossentropy", optimizer=local_opt)
+
+        def recorder(optimizer, seen):
+            def on_train_batch_end(batch, logs):
+                seen.append((int(optimizer.iterations), float(optimizer.learning_rate)))
+            return keras.callbacks.LambdaCallback(on_train_batch_end=on_train_batch_end)
+
+        seen, local_seen = [], []
+        model.fit(dataset, epochs=2, verbose=0, callbacks=[recorder(opt, seen)])
+        local_model.fit(dataset, epochs=2, verbose=0, callbacks=[recorder(local_opt, local_seen)])
+        assert [s[0] for s in seen] == list(range(1, 9)), seen
+        np.testing.assert_allclose(seen, local_seen, rtol=1e-6)
+        assert_close(model.get_weights(), local_model.get_weights(), "model weights")
+        assert_close(opt.get_weights(), keras_state(local_opt), "get_weights()")
+
+    def check_tf_rmsprop_get_and_set_weights(self):
+        """The tf.keras docs' example: RMSprop state after fit, then set_weights and iterations."""
+        self.require_tensorflow()
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        opt = RemoteOptimizer(keras.optimizers.RMSprop(), self.address, model_id=self.model_id("rms_docs"))
+        model = keras.Sequential([keras.Input((20,)), keras.layers.Dense(10, name="rms_docs_dense")])
+        model.compile(optimizer=opt, loss="mse")
+        data_x = np.arange(100, dtype="float32").reshape(5, 20)
+        labels = np.zeros((5, 10), dtype="float32")
+        model.fit(data_x, labels, verbose=0)
+        weights = opt.get_weights()
+        assert [np.shape(w) for w in weights] == [(), (20, 10), (10,)], [np.shape(w) for w in weights]
+        assert int(weights[0]) == 1
+        opt.set_weights([np.array(10), np.ones([20, 10]), np.zeros([10])])
+        assert int(opt.iterations) == 10, int(opt.iterations)
+        after = opt.get_weights()
+        assert int(after[0]) == 10
+        np.testing.assert_array_equal(after[1], np.ones([20, 10]))
+        np.testing.assert_array_equal(after[2], np.zeros([10]))
+
+    def check_tf_jit_compile_is_refused_clearly(self):
+        """XLA cannot compile the host call: the error says what to set, and nothing is applied."""
+        self.require_tensorflow()
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        x, y = data(seed=31)
+        model = make_model("xla_remote")
+        opt = RemoteOptimizer("sgd", self.address, model_id=self.model_id("xla"))
+        model.compile(loss="categorical_crossentropy", optimizer=opt, jit_compile=True)
+        try:
+            model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        except ValueError as error:
+            assert "jit_compile=False" in str(error), str(error)
+        else:
+            raise AssertionError("fit with jit_compile=True ran")
+        assert int(opt.iterations) == 0
+
+    def check_tf_errors_inside_fit_are_clear(self):
+        """A deleted model and a server that is gone, met inside the traced train step."""
+        self.require_tensorflow()
+        import keras
+        import tensorflow as tf
+        from optserve.client import RemoteOptimizer
+        from optserve.server.app import start_server
+
+        x, y = data(seed=37)
+        model = make_model("gone_remote")
+        opt = RemoteOptimizer("adam", self.address, model_id=self.model_id("deleted"))
+        model.compile(loss="categorical_crossentropy", optimizer=opt)
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        opt.client.delete_model(opt.model_id)
+        try:
+            model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        except tf.errors.OpError as error:
+            # Keras's nested train functions may report the host call's error as UnknownError;
+            # the optserve exception's name and message are in the text either way.
+            assert f"optserve.client.client.NotFoundError: No model {opt.model_id!r}" in str(error), str(error)
+        else:
+            raise AssertionError("fit went on after its model was deleted")
+
+        server = start_server(host="127.0.0.1", port=0, device="cpu")
+        model = make_model("gone_server")
+        opt = RemoteOptimizer("adam", server.address, model_id=self.model_id("gone"), timeout=3)
+        model.compile(loss="categorical_crossentropy", optimizer=opt)
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        server.stop()
+        try:
+            model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        except tf.errors.OpError as error:
+            assert "optserve.client.client.UnavailableError" in str(error), str(error)
+        else:
+            raise AssertionError("fit went on after the server stopped")
+
     # ------------------------------------------------------------------ several workers
 
     def run_two_workers(self, model_id, worker_index, num_workers, steps=3):
@@ -474,7 +639,7 @@ class Checks:
         for _ in range(steps):
             reference_opt.apply(gradients(reference, full_loss, x, y), reference.trainable_weights)
 
-        self.facts["two_workers_digest"] = digest(model.get_weights())
+        self.facts[f"digest:{model_id}"] = digest(model.get_weights())
         assert int(opt.iterations) == steps
         assert_close(model.get_weights(), reference.get_weights(), "weights vs one process on the full batch")
         assert_close(opt.get_weights(), keras_state(reference_opt), "get_weights() vs local Keras")
@@ -495,9 +660,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", required=True)
     parser.add_argument("--report", required=True)
-    parser.add_argument("--peer-model")
-    parser.add_argument("--worker-index", type=int, default=0)
-    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--peer", action="append", default=[], metavar="MODEL:WORKER_INDEX:NUM_WORKERS")
     parser.add_argument("--only", nargs="*", help="run only these checks")
     args = parser.parse_args(argv)
 
@@ -511,12 +674,13 @@ def main(argv=None):
 
     checks = Checks(args.address, backend_name())
     checks.facts = facts
-    if args.peer_model:
+    for peer in args.peer:
+        model_id, worker_index, num_workers = peer.rsplit(":", 2)
         try:
-            checks.run_two_workers(args.peer_model, args.worker_index, args.num_workers)
-            results["two_workers_sum_like_full_batch"] = "ok"
+            checks.run_two_workers(model_id, int(worker_index), int(num_workers))
+            results[f"peer:{model_id}"] = "ok"
         except Exception:  # noqa: BLE001
-            results["two_workers_sum_like_full_batch"] = traceback.format_exc()
+            results[f"peer:{model_id}"] = traceback.format_exc()
 
     names = args.only if args.only is not None else [
         name[len("check_"):] for name in vars(Checks) if name.startswith("check_")

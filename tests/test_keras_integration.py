@@ -24,10 +24,17 @@ import pytest
 import keras_worker
 
 WORKER = pathlib.Path(__file__).with_name("keras_worker.py")
-BACKENDS = ("torch", "jax")
+BACKENDS = ("torch", "jax", "tensorflow")
 CHECKS = [name[len("check_"):] for name in vars(keras_worker.Checks) if name.startswith("check_")]
 WORKER_TIMEOUT_S = 300
-SHARED_MODEL = "two-workers"
+# Models trained by two synchronous worker processes, each on half of the batch:
+# {model: (backend of worker 0, backend of worker 1)}. A backend listed twice in
+# one model gets an extra process that trains that model only.
+SHARED_MODELS = {
+    "torch-jax": ("torch", "jax"),
+    "tf-torch": ("tensorflow", "torch"),
+    "tf-tf": ("tensorflow", "tensorflow"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,26 +57,43 @@ def _installed(backend):
     return importlib.util.find_spec(backend) is not None
 
 
+def _worker_roles(backends):
+    """[(backend, [peer arguments], runs the checks)]: one main process per backend, plus extras.
+
+    Every process trains its shared models in the order of SHARED_MODELS, so no
+    two processes wait for each other in opposite orders.
+    """
+    main = {backend: [] for backend in backends}
+    extras = []
+    for model, pair in SHARED_MODELS.items():
+        if not all(backend in main for backend in pair):
+            continue
+        for worker_index, backend in enumerate(pair):
+            peer = f"{model}:{worker_index}:{len(pair)}"
+            if worker_index == 1 and pair[0] == backend:
+                extras.append((backend, [peer], False))
+            else:
+                main[backend].append(peer)
+    return [(backend, peers, True) for backend, peers in main.items()] + extras
+
+
 @pytest.fixture(scope="module")
 def worker_reports(server_address, tmp_path_factory):
-    """{backend: report} from one worker process per installed backend, all run at the same time."""
+    """{backend: [report, ...]} from the worker processes of every installed backend, run at the same time."""
     backends = [b for b in BACKENDS if _installed(b)]
     if not backends:
-        pytest.skip("neither torch nor jax is installed")
+        pytest.skip("no Keras backend (torch, jax, tensorflow) is installed")
     folder = tmp_path_factory.mktemp("keras_workers")
-    # The shared-model check needs two processes; with one backend installed, it runs twice.
-    roles = list(enumerate(backends if len(backends) == 2 else backends * 2))
     processes = []
-    for worker_index, backend in roles:
-        report = folder / f"{worker_index}-{backend}.json"
-        log = open(folder / f"{worker_index}-{backend}.log", "w")
-        command = [
-            sys.executable, str(WORKER), "--address", server_address, "--report", str(report),
-            "--peer-model", SHARED_MODEL, "--worker-index", str(worker_index), "--num-workers", "2",
-        ]
-        if worker_index >= len(backends):
-            command += ["--only"]  # the extra peer: shared model only
-        env = {**os.environ, "KERAS_BACKEND": backend}
+    for number, (backend, peers, runs_checks) in enumerate(_worker_roles(backends)):
+        report = folder / f"{number}-{backend}.json"
+        log = open(folder / f"{number}-{backend}.log", "w")
+        command = [sys.executable, str(WORKER), "--address", server_address, "--report", str(report)]
+        for peer in peers:
+            command += ["--peer", peer]
+        if not runs_checks:
+            command += ["--only"]  # an extra peer: its shared models only
+        env = {**os.environ, "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
         processes.append((backend, report, log, subprocess.Popen(command, env=env, stdout=log, stderr=log)))
 
     reports = {}
@@ -105,13 +129,18 @@ def test_backend(worker_reports, backend, check):
     assert outcome == "ok", f"{backend} / {check}:\n{outcome}"
 
 
-def test_two_workers_on_half_batches_train_like_one_process_on_the_full_batch(worker_reports):
-    reports = [report for per_backend in worker_reports.values() for report in per_backend]
+@pytest.mark.parametrize("model", list(SHARED_MODELS))
+def test_two_workers_on_half_batches_train_like_one_process_on_the_full_batch(worker_reports, model):
+    """torch + jax, TensorFlow + torch, and two TensorFlow processes each share one model."""
+    missing = [b for b in SHARED_MODELS[model] if b not in worker_reports]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed")
+    reports = [r for per_backend in worker_reports.values() for r in per_backend if f"peer:{model}" in r["checks"]]
     assert len(reports) == 2
     for report in reports:
-        outcome = report["checks"].get("two_workers_sum_like_full_batch", "not run")
+        outcome = report["checks"][f"peer:{model}"]
         assert outcome == "ok", f"{report['backend']} worker:\n{outcome}"
-    digests = {report["facts"]["two_workers_digest"] for report in reports}
+    digests = {report["facts"][f"digest:{model}"] for report in reports}
     assert len(digests) == 1, "the two workers ended with different weights"
 
 
