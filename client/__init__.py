@@ -8,21 +8,25 @@ from __future__ import annotations
 from optserve.client import client as _client
 from optserve.client.client import *  # noqa: F401,F403 - the public names listed in client.__all__
 
-__all__ = [*_client.__all__, "ShardedClient", "RemoteOptimizer"]
+__all__ = [*_client.__all__, "ShardedClient", "RemoteOptimizer", "TFKerasRemoteOptimizer"]
 
+# name -> (module, attribute)
 _LAZY = {
-    "RemoteOptimizer": "optserve.client.keras_optimizer",
-    "ShardedClient": "optserve.client.sharded",
+    "RemoteOptimizer": ("optserve.client.keras_optimizer", "RemoteOptimizer"),
+    "TFKerasRemoteOptimizer": ("optserve.client.tf_keras_optimizer", "RemoteOptimizer"),
+    "ShardedClient": ("optserve.client.sharded", "ShardedClient"),
 }
 
 
 def __getattr__(name: str):
-    # Keras is heavy and optional: import it only when RemoteOptimizer is asked for.
+    # Keras is heavy and optional: import it only when RemoteOptimizer (or the
+    # tf_keras one, TFKerasRemoteOptimizer) is asked for.
     # (ShardedClient is reached through Client(addresses) anyway; exported for isinstance checks.)
     if name in _LAZY:
         import importlib
 
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+        module, attribute = _LAZY[name]
+        value = getattr(importlib.import_module(module), attribute)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

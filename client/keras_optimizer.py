@@ -43,10 +43,10 @@ from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras.src.utils import tracking
 
 from optserve.client.client import Client, parse_address
+from optserve.client.remote_job import check_job_arguments, check_server_layout, check_unique_names
 
 __all__ = ["RemoteOptimizer"]
 
-_MODES = ("sync", "async")
 # `variables` is tf.keras's layout, [iterations, *slots]: the counter comes first.
 _ITERATIONS_POSITION = 0
 
@@ -144,7 +144,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
     ):
         name = kwargs.pop("name", None)
         address = parse_address(address)
-        _check_job_arguments(model_id, num_workers, worker_index, mode, sync_timeout_s, timeout)
+        check_job_arguments(model_id, num_workers, worker_index, mode, sync_timeout_s, timeout)
         wrapped = _wrapped_optimizer(optimizer, kwargs)
         wrapped_config = _portable_config(wrapped)
         initial_learning_rate = _initial_learning_rate(wrapped)
@@ -245,7 +245,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             mode=self.mode,
             sync_timeout_s=self.sync_timeout_s,
         )
-        _check_server_layout(self.model_id, info, names, initial_values)
+        check_server_layout(self.model_id, info, names, initial_values)
         # One more round trip, at build only: the slots' shapes and initial values
         # (and, when joining, the variables' values).
         weights = self.client.get_weights(self.model_id, include_variables=not info.created)
@@ -661,34 +661,6 @@ def _overwrite(mirror, value):
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_job_arguments(model_id, num_workers, worker_index, mode, sync_timeout_s, timeout):
-    if not isinstance(model_id, str) or not model_id:
-        raise ValueError(f"`model_id` must be a non-empty string. Received: model_id={model_id!r}")
-    if not _is_int(num_workers) or num_workers < 1:
-        raise ValueError(f"`num_workers` must be an integer >= 1. Received: num_workers={num_workers!r}")
-    if not _is_int(worker_index) or not 0 <= worker_index < num_workers:
-        raise ValueError(
-            f"`worker_index` must be an integer in [0, num_workers). "
-            f"Received: worker_index={worker_index!r} with num_workers={num_workers}"
-        )
-    if mode not in _MODES:
-        raise ValueError(f"`mode` must be one of {_MODES}. Received: mode={mode!r}")
-    if not _is_number(sync_timeout_s) or not sync_timeout_s >= 0:
-        raise ValueError(
-            f"`sync_timeout_s` must be a number >= 0 (0: the server's default). Received: sync_timeout_s={sync_timeout_s!r}"
-        )
-    if timeout is not None and (not _is_number(timeout) or not timeout > 0):
-        raise ValueError(f"`timeout` must be a number > 0 or None. Received: timeout={timeout!r}")
-
-
-def _is_int(value):
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def _is_number(value):
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
 def _wrapped_optimizer(optimizer, overrides):
     """A Keras optimizer instance from any accepted form, with `overrides` applied (validates eagerly)."""
     if isinstance(optimizer, RemoteOptimizer):
@@ -757,25 +729,7 @@ def _initial_learning_rate(instance):
 
 
 def _variable_names(variables):
-    names = [getattr(v, "path", None) or v.name for v in variables]
-    seen = set()
-    duplicates = sorted({n for n in names if n in seen or seen.add(n)})
-    if duplicates:
-        raise ValueError(
-            "RemoteOptimizer identifies variables by `variable.path`, which must be unique; "
-            f"these appear more than once: {duplicates}. Give the layers distinct names."
-        )
-    return names
-
-
-def _check_server_layout(model_id, info, names, values):
-    server = [(v.name, tuple(v.shape)) for v in info.variables]
-    local = [(name, tuple(np.shape(values[name]))) for name in names]
-    if server != local:
-        raise ValueError(
-            f"Model {model_id!r} on the server has the variables {server}, but this worker's are "
-            f"{local}. Every worker must build the same model (same layer names), or use another `model_id`."
-        )
+    return check_unique_names([getattr(v, "path", None) or v.name for v in variables], "`variable.path`")
 
 
 def _to_numpy(value):

@@ -1,0 +1,107 @@
+"""What every remote optimizer shares, whatever its Keras: the job's arguments and layout checks.
+
+`RemoteOptimizer` (Keras 3, `client/keras_optimizer.py`) and its tf_keras twin
+(`client/tf_keras_optimizer.py`) name a training job on a server the same way
+and check a worker's variables against it the same way. Nothing here imports
+a Keras.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = [
+    "MODES",
+    "check_job_arguments",
+    "check_unique_names",
+    "check_server_layout",
+    "server_config",
+    "is_int",
+    "is_number",
+]
+
+MODES = ("sync", "async")
+
+
+def is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+def check_job_arguments(model_id, num_workers, worker_index, mode, sync_timeout_s, timeout) -> None:
+    """Keras-style eager checks of the arguments that name and shape a job."""
+    if not isinstance(model_id, str) or not model_id:
+        raise ValueError(f"`model_id` must be a non-empty string. Received: model_id={model_id!r}")
+    if not is_int(num_workers) or num_workers < 1:
+        raise ValueError(f"`num_workers` must be an integer >= 1. Received: num_workers={num_workers!r}")
+    if not is_int(worker_index) or not 0 <= worker_index < num_workers:
+        raise ValueError(
+            f"`worker_index` must be an integer in [0, num_workers). "
+            f"Received: worker_index={worker_index!r} with num_workers={num_workers}"
+        )
+    if mode not in MODES:
+        raise ValueError(f"`mode` must be one of {MODES}. Received: mode={mode!r}")
+    if not is_number(sync_timeout_s) or not sync_timeout_s >= 0:
+        raise ValueError(
+            "`sync_timeout_s` must be a number >= 0 (0: the server's default). "
+            f"Received: sync_timeout_s={sync_timeout_s!r}"
+        )
+    if timeout is not None and (not is_number(timeout) or not timeout > 0):
+        raise ValueError(f"`timeout` must be a number > 0 or None. Received: timeout={timeout!r}")
+
+
+def check_unique_names(names, identified_by: str) -> list[str]:
+    """The server knows variables by name: two variables with one name would be one."""
+    seen: set[str] = set()
+    duplicates = sorted({n for n in names if n in seen or seen.add(n)})
+    if duplicates:
+        raise ValueError(
+            f"The remote optimizer identifies variables by {identified_by}, which must be unique; "
+            f"these appear more than once: {duplicates}. Give the layers distinct names."
+        )
+    return list(names)
+
+
+def check_server_layout(model_id, info, names, values) -> None:
+    """A worker joining a model must have the variables the server holds, in the same order."""
+    server = [(v.name, tuple(v.shape)) for v in info.variables]
+    local = [(name, tuple(np.shape(values[name]))) for name in names]
+    if server != local:
+        raise ValueError(
+            f"Model {model_id!r} on the server has the variables {server}, but this worker's are "
+            f"{local}. Every worker must build the same model (same layer names), or use another `model_id`."
+        )
+
+
+def server_config(class_name: str, config: dict, schedule_module: str = "keras.optimizers.schedules") -> dict:
+    """A Keras optimizer's `get_config()` in the serialized form the server reads.
+
+    The instance name stays out: Keras numbers names in creation order ("adam",
+    "adam_1"), and the server compares configs to let workers join.
+    """
+    config = {key: _plain(value) for key, value in config.items() if key != "name"}
+    learning_rate = config.get("learning_rate")
+    if isinstance(learning_rate, dict) and "class_name" in learning_rate:
+        schedule = dict(learning_rate)
+        # tf_keras leaves an unnamed schedule's name None; Keras 3 names it by its class.
+        schedule_config = {k: v for k, v in schedule.get("config", {}).items() if not (k == "name" and v is None)}
+        config["learning_rate"] = {
+            "module": schedule_module,
+            "registered_name": None,
+            **schedule,
+            "config": schedule_config,
+        }
+    return {"module": "keras.optimizers", "class_name": class_name, "config": config, "registered_name": None}
+
+
+def _plain(value):
+    """NumPy scalars (tf_keras keeps the learning rate as np.float32) as JSON-ready Python values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
