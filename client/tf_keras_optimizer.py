@@ -395,7 +395,7 @@ def _wrapped_optimizer(optimizer, overrides):
     if isinstance(instance, tf_keras.optimizers.legacy.Optimizer):
         raise ValueError(
             f"`tf.keras.optimizers.legacy.{type(instance).__name__}` is not supported: the legacy "
-            "optimizers' math differs from the server's. Use "
+            "optimizers' configs and some of their updates differ from the server's. Use "
             f"`tf.keras.optimizers.{type(instance).__name__}` instead."
         )
     if type(instance).__module__.split(".")[0] != "tf_keras":
