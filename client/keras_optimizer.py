@@ -27,6 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import time
+import uuid
 import warnings
 import weakref
 
@@ -42,10 +45,30 @@ from keras import ops
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras.src.utils import tracking
 
-from optserve.client.client import Client, parse_address
-from optserve.client.remote_job import check_job_arguments, check_server_layout, check_unique_names
+from optserve.client.client import (
+    Client,
+    FailedPreconditionError,
+    NotFoundError,
+    StepMismatchError,
+    UnavailableError,
+    parse_address,
+)
+from optserve.client.remote_job import (
+    check_job_arguments,
+    check_resume,
+    check_server_layout,
+    check_unique_names,
+    match_variables,
+)
 
 __all__ = ["RemoteOptimizer"]
+
+log = logging.getLogger("optserve.client.keras")
+
+# How long a step waits for a server that is down (a container restart takes
+# seconds to minutes) before the error reaches the training loop.
+DEFAULT_RETRY_WINDOW_S = 300.0
+_MAX_RETRY_PAUSE_S = 5.0
 
 # `variables` is tf.keras's layout, [iterations, *slots]: the counter comes first.
 _ITERATIONS_POSITION = 0
@@ -86,17 +109,26 @@ def _eager_scope():
     return contextlib.nullcontext() if tf_helpers is None else tf_helpers.eager_scope()
 
 
-def _run_eagerly_under_torch_compile(function):
-    """With `jit_compile=True` on torch, the round trip runs between compiled graphs.
+def _host_code(function):
+    """Code that talks to the server: no graph compiler may try to convert it.
 
-    TorchDynamo cannot trace gRPC calls; left to itself it would try, warn at
-    every unsupported call, and break the graph there anyway.
+    With `jit_compile=True` on torch, TorchDynamo cannot trace gRPC calls; left
+    to itself it would try, warn at every unsupported call, and break the graph
+    there anyway: the round trip runs between compiled graphs. Inside a user's
+    `@tf.function`, AutoGraph would convert every function the step calls, gRPC
+    included, and warn about each; the graph parts here have no Python control
+    flow on tensors, so they need no conversion.
     """
-    if keras.backend.backend() != "torch":
-        return function
-    import torch
+    backend = keras.backend.backend()
+    if backend == "torch":
+        import torch
 
-    return torch.compiler.disable(function, recursive=True)
+        return torch.compiler.disable(function, recursive=True)
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.autograph.experimental.do_not_convert(function)
+    return function
 
 
 @keras.saving.register_keras_serializable(package="optserve")
@@ -111,6 +143,14 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         model_id: names the training job on the server. Workers that use the
             same `model_id`, optimizer, variables and `num_workers` share one
             model; the first creates it, the others join it and adopt its values.
+            None (the default, one worker only): a new job of its own, named
+            after the optimizer plus a random suffix, so a rerun never
+            continues an earlier run by accident.
+        resume: what to do when the server already holds `model_id`:
+            `"auto"` (the default) joins it, logging what was joined; `False`
+            refuses a job that has already trained (iterations > 0); `True`
+            requires the job to exist. An optimizer rebuilt from its config
+            (`load_model`) always resumes.
         num_workers: workers whose gradients the server sums for each
             synchronous step (an all-reduce "sum": scale each worker's loss so
             that the sum is the gradient you want).
@@ -121,12 +161,15 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             synchronous step; 0 uses the server's default.
         timeout: seconds a call to the server may take (retries included),
             except a push, which waits as long as its synchronous step does.
+        retry_window_s: how long a training step waits for a server that is
+            down or restarting before it fails (default 5 minutes).
         **kwargs: `name` names this optimizer; any other argument (for example
             `learning_rate=0.01` or `clipnorm=1.0`) overrides the wrapped
             optimizer's configuration.
 
-    The variables are identified on the server by `variable.path`, so every
-    worker must build the same model with the same layer names.
+    The variables are identified on the server by `variable.path`; a worker
+    whose paths differ but whose variables have the same shapes and dtypes in
+    the same order (an auto-named rerun of the same model) joins by position.
     """
 
     def __init__(
@@ -134,18 +177,24 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         optimizer,
         address,
         *,
-        model_id="default",
+        model_id=None,
         num_workers=1,
         worker_index=0,
         mode="sync",
         sync_timeout_s=0.0,
         timeout=60.0,
+        resume="auto",
+        retry_window_s=DEFAULT_RETRY_WINDOW_S,
         **kwargs,
     ):
         name = kwargs.pop("name", None)
         address = parse_address(address)
-        check_job_arguments(model_id, num_workers, worker_index, mode, sync_timeout_s, timeout)
         wrapped = _wrapped_optimizer(optimizer, kwargs)
+        model_id = _job_id(model_id, num_workers, name or wrapped.name)
+        check_job_arguments(model_id, num_workers, worker_index, mode, sync_timeout_s, timeout)
+        check_resume(resume)
+        if not isinstance(retry_window_s, (int, float)) or isinstance(retry_window_s, bool) or retry_window_s < 0:
+            raise ValueError(f"`retry_window_s` must be a number >= 0. Received: retry_window_s={retry_window_s!r}")
         wrapped_config = _portable_config(wrapped)
         initial_learning_rate = _initial_learning_rate(wrapped)
 
@@ -163,6 +212,8 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         self.mode = mode
         self.sync_timeout_s = float(sync_timeout_s)
         self.timeout = None if timeout is None else float(timeout)
+        self.resume = resume
+        self.retry_window_s = float(retry_window_s)
         # JSON text, not a dict: an attribute dict would be wrapped by Keras's tracker.
         self._wrapped_config_json = json.dumps(wrapped_config)
         self._client = None
@@ -172,6 +223,11 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         self._refreshing = False
         self._variable_names = []
         self._slot_mirrors = []
+        # What each model variable held when it last agreed with the server:
+        # {name: (host array, cheap token)}. A variable that differs before a
+        # step was written outside the optimizer and goes to the server first.
+        self._pulled = {}
+        self._warned_learning_rate_writer = False
         self._replace_iterations_variable()
 
     # ------------------------------------------------------------------ configuration
@@ -192,10 +248,13 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             "mode": self.mode,
             "sync_timeout_s": self.sync_timeout_s,
             "timeout": self.timeout,
+            "retry_window_s": self.retry_window_s,
         }
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
+        # `resume` is not in the config: an optimizer rebuilt from it (load_model)
+        # continues its job, joining it if the server still holds it.
         return cls(**config)
 
     def _server_optimizer_config(self):
@@ -223,6 +282,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
     # ------------------------------------------------------------------ build
 
     @tracking.no_automatic_dependency_tracking
+    @_host_code
     def build(self, variables):
         """Create the model on the server from `variables`' current values, or join it.
 
@@ -235,8 +295,24 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             self._build_on_server(list(variables))
 
     def _build_on_server(self, variables):
-        names = _variable_names(variables)
-        initial_values = {name: _to_numpy(v) for name, v in zip(names, variables)}
+        local_names = _variable_names(variables)
+        local_values = {name: _to_numpy(v) for name, v in zip(local_names, variables)}
+        existing = self._existing_job()
+        names = local_names
+        if existing is not None:
+            names = match_variables(self.model_id, existing, local_names, local_values)
+            if self.resume is False and existing.iterations > 0:
+                raise ValueError(
+                    f"Model {self.model_id!r} on {self.address} has already trained {existing.iterations} "
+                    "iterations, and resume=False. Pass resume='auto' to continue it, delete it "
+                    f"(`optserve delete {self.address} {self.model_id}`), or use another `model_id`."
+                )
+        elif self.resume is True:
+            raise ValueError(
+                f"resume=True, but the server at {self.address} holds no model {self.model_id!r}. "
+                "Pass resume='auto' to create it."
+            )
+        initial_values = {name: local_values[local] for name, local in zip(names, local_names)}
         info = self.client.create_model(
             self.model_id,
             self._server_optimizer_config(),
@@ -249,7 +325,14 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         # One more round trip, at build only: the slots' shapes and initial values
         # (and, when joining, the variables' values).
         weights = self.client.get_weights(self.model_id, include_variables=not info.created)
-        if not info.created:
+        if info.created:
+            log.info("Created model %r on %s (%d variables).", self.model_id, self.address, len(names))
+        else:
+            log.info(
+                "Joined model %r on %s at step %d (iterations %d)%s; this worker adopts its variables.",
+                self.model_id, self.address, weights.step, weights.iterations,
+                "" if names == local_names else ", matching variables by position",
+            )
             for name, variable in zip(names, variables):
                 variable.assign(weights.variables[name])
 
@@ -263,8 +346,16 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
                     mirror = self._add_mirror(value, f"{name.replace('/', '_')}_{slot}")
                     self._slot_mirrors.append((name, slot, mirror))
         self._adopt_state(weights.iterations, weights.learning_rate)
+        for name, variable in zip(names, variables):
+            self._note_pulled(name, variable, weights.variables[name] if not info.created else initial_values[name])
         self._slots_stale = False
         self.built = True
+
+    def _existing_job(self):
+        try:
+            return self.client.list_models(self.model_id)[0]
+        except NotFoundError:
+            return None
 
     # ------------------------------------------------------------------ applying gradients
 
@@ -285,7 +376,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         """Push `grads` (one per variable, `None` to skip one); one round trip."""
         self._apply(list(grads), trainable_variables, aggregated=False)
 
-    @_run_eagerly_under_torch_compile
+    @_host_code
     def _apply(self, grads, trainable_variables, aggregated):
         if len(grads) == 0:
             return
@@ -296,22 +387,28 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         if _in_tf_graph():
             self._graph_apply(list(zip(names, grads)), aggregated)
             return
+        self._write_back(self._changed_variables())
         values = self._push_pull({name: _host_gradient(g) for name, g in zip(names, grads)}, aggregated)
         for name, variable in zip(self._variable_names, self._trainable_variables):
             variable.assign(values[name])
+            self._note_pulled(name, variable, values[name])
+        _overwrite(self._iterations, np.asarray(self._server_iterations, dtype=self._iterations.dtype))
         self._apply_constraints()
 
     def _graph_apply(self, named_grads, aggregated):
         """Inside a `tf.function`: the round trip as one host call, then in-graph assignments."""
         dtypes = [v.dtype for v in self._trainable_variables] + [self._iterations.dtype]
 
-        def host_step(host_grads):
+        def host_step(host_grads, current_values):
+            self._write_back(self._changed_values(current_values))
             values = self._push_pull(host_grads, aggregated)
+            self._note_all_pulled(values)
             return [values[name] for name in self._variable_names] + [
                 np.asarray(self._server_iterations, dtype=self._iterations.dtype)
             ]
 
-        outputs = _tensorflow().graph_round_trip(named_grads, host_step, dtypes)
+        current = [v.value for v in self._trainable_variables]
+        outputs = _tensorflow().graph_round_trip(named_grads, host_step, dtypes, current)
         for variable, value in zip(self._trainable_variables, outputs[:-1]):
             variable.assign(ops.reshape(value, variable.shape))
         self._iterations.assign(ops.reshape(outputs[-1], ()))
@@ -325,8 +422,8 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             variable.assign(variable.constraint(variable.value))
         names = [name for name, _ in constrained]
 
-        def write_back(values):
-            self.client.set_weights(self.model_id, variables={n: np.asarray(values[n]) for n in names})
+        def write_back(values, _):
+            self._write_back({n: np.asarray(values[n]) for n in names})
             return []
 
         _tensorflow().graph_round_trip([(n, v.value) for n, v in constrained], write_back, [])
@@ -395,23 +492,32 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         value_types = [jax.ShapeDtypeStruct(np.shape(v), v.dtype) for v in trainable_variables]
         iterations_type = jax.ShapeDtypeStruct((), self._iterations.dtype)
 
-        def host_step(*host_grads):
-            # Runs on the host with NumPy arrays, once per step, in program order.
+        count = len(self._variable_names)
+
+        def host_step(*arrays):
+            # Runs on the host with NumPy arrays, once per step, in program order:
+            # the gradients, then the values the trainer carries (changed if the
+            # user wrote the model's variables since the last step).
+            host_grads, current_values = arrays[:count], arrays[count:]
+            self._write_back(self._changed_values(current_values))
             values = self._push_pull(dict(zip(self._variable_names, host_grads)), aggregated=False)
             new_values = [
                 np.asarray(values[name], dtype=t.dtype) for name, t in zip(self._variable_names, value_types)
             ]
+            self._note_all_pulled(dict(zip(self._variable_names, new_values)))
             return new_values, np.asarray(self._server_iterations, dtype=iterations_type.dtype)
 
         new_values, new_iterations = io_callback(
-            host_step, (value_types, iterations_type), *grads, ordered=True
+            host_step, (value_types, iterations_type), *grads, *trainable_variables, ordered=True
         )
         new_values = self._stateless_constraints(list(new_values), io_callback)
         return new_values, new_iterations
 
     def _eager_stateless_step(self, grads, trainable_variables):
         host_grads = {name: _to_numpy(g) for name, g in zip(self._variable_names, grads)}
+        self._write_back(self._changed_values([_to_numpy(v) for v in trainable_variables]))
         values = self._push_pull(host_grads, aggregated=False)
+        self._note_all_pulled(values)
         new_values = [
             ops.convert_to_tensor(values[name], dtype=v.dtype)
             for name, v in zip(self._variable_names, self._trainable_variables)
@@ -420,10 +526,26 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         return new_values, ops.convert_to_tensor(self._server_iterations, dtype=self._iterations.dtype)
 
     def _push_pull(self, grads, aggregated):
-        """The one round trip of a step: push gradients, receive every variable's new value."""
-        result, values = self.client.push_pull(
-            self.model_id, grads, worker_index=self.worker_index, aggregated=aggregated
-        )
+        """The one round trip of a step: push gradients, receive every variable's new value.
+
+        A server that is down is waited for (up to `retry_window_s`); one that
+        came back at another step (it restored an older checkpoint) is
+        followed: this worker adopts its step and pushes the gradients there.
+        """
+        waiting_since = None
+        while True:
+            try:
+                result, values = self.client.push_pull(
+                    self.model_id, grads, worker_index=self.worker_index, aggregated=aggregated
+                )
+                break
+            except StepMismatchError as error:
+                self._adopt_server_step(error)
+            except UnavailableError as error:
+                waiting_since = self._wait_for_server(error, waiting_since)
+        if waiting_since is not None:
+            log.warning("Model %r: the server at %s is back after %.0f s.", self.model_id, self.address,
+                        time.monotonic() - waiting_since)
         missing = [name for name in self._variable_names if name not in values]
         if missing:
             raise RuntimeError(
@@ -433,6 +555,73 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         self._slots_stale = True
         return values
 
+    def _adopt_server_step(self, error):
+        behind = error.step - error.current_step
+        if behind > 0:
+            log.warning(
+                "Model %r: the server is at step %d, behind this worker's step %d: it restored an "
+                "older checkpoint, and %d step(s) are lost. Going on from the server's step and variables.",
+                self.model_id, error.current_step, error.step, behind,
+            )
+        else:
+            log.warning("Model %r: the server is at step %d, ahead of this worker's step %d; adopting it.",
+                        self.model_id, error.current_step, error.step)
+        self.client.resync(self.model_id, self.worker_index)
+
+    def _wait_for_server(self, error, waiting_since):
+        now = time.monotonic()
+        if waiting_since is None:
+            waiting_since = now
+            log.warning("Model %r: the server at %s is unavailable (%s); retrying for up to %.0f s.",
+                        self.model_id, self.address, error, self.retry_window_s)
+        if now - waiting_since >= self.retry_window_s:
+            raise error
+        time.sleep(min(_MAX_RETRY_PAUSE_S, max(0.0, self.retry_window_s - (now - waiting_since))))
+        return waiting_since
+
+    # ------------------------------------------------------------------ writes outside the optimizer
+
+    def _note_pulled(self, name, variable, value):
+        """`variable` now holds `value`, the server's: remember both, with a cheap change token."""
+        self._pulled[name] = (np.asarray(value), _change_token(variable))
+
+    def _note_all_pulled(self, values):
+        # Stateless steps: the trainer holds the values, so no token (compare by value).
+        for name in self._variable_names:
+            self._pulled[name] = (np.asarray(values[name]), None)
+
+    def _changed_variables(self):
+        """Eagerly: the model variables written since they last agreed with the server."""
+        changed = {}
+        for name, variable in zip(self._variable_names, self._trainable_variables):
+            pulled, token = self._pulled[name]
+            if token is not None and _change_token(variable) == token:
+                continue
+            value = _to_numpy(variable)
+            if not _same_values(value, pulled):
+                changed[name] = value.copy()
+        return changed
+
+    def _changed_values(self, current_values):
+        changed = {}
+        for name, value in zip(self._variable_names, current_values):
+            value = np.asarray(value)
+            if not _same_values(value, self._pulled[name][0]):
+                changed[name] = value.copy()
+        return changed
+
+    def _write_back(self, changed):
+        """Send variables written outside the optimizer (set_weights, load_weights, ...) to the server."""
+        if not changed:
+            return
+        log.info("Model %r: %d variable(s) changed outside the optimizer; writing them to the server.",
+                 self.model_id, len(changed))
+        self.client.set_weights(self.model_id, variables=changed)
+        for name, value in changed.items():
+            previous_token = self._pulled[name][1]
+            self._pulled[name] = (value, previous_token)
+        self._slots_stale = True
+
     # ------------------------------------------------------------------ constraints
 
     def _apply_constraints(self):
@@ -441,9 +630,12 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         for name, variable in zip(self._variable_names, self._trainable_variables):
             if variable.constraint is not None:
                 variable.assign(variable.constraint(variable))
-                constrained[name] = _to_numpy(variable)
+                constrained[name] = _to_numpy(variable).copy()
         if constrained:
             self.client.set_weights(self.model_id, variables=constrained)
+            for name, variable in zip(self._variable_names, self._trainable_variables):
+                if name in constrained:
+                    self._note_pulled(name, variable, constrained[name])
 
     def _stateless_constraints(self, new_values, io_callback):
         constrained = {}
@@ -456,7 +648,10 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         names = list(constrained)
 
         def write_back(*arrays):
-            self.client.set_weights(self.model_id, variables=dict(zip(names, map(np.asarray, arrays))))
+            values = {name: np.array(array) for name, array in zip(names, arrays)}
+            self.client.set_weights(self.model_id, variables=values)
+            for name, value in values.items():
+                self._pulled[name] = (value, None)
 
         if io_callback is None:
             write_back(*[_to_numpy(constrained[name]) for name in names])
@@ -493,12 +688,51 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
 
     @learning_rate.setter
     def learning_rate(self, learning_rate):
-        raise TypeError(
-            "The learning rate of a RemoteOptimizer lives on the optserve server and cannot be set "
-            "from the worker. Give the wrapped optimizer the rate or a "
-            "`keras.optimizers.schedules.LearningRateSchedule` instead. "
-            f"Received: learning_rate={learning_rate}"
-        )
+        """Sets the server's rate for the next update, as Keras's `optimizer.learning_rate = ...` does.
+
+        A float, or a new `LearningRateSchedule`; as in Keras, a float cannot
+        replace a schedule. With several workers, worker 0's setting is the
+        one sent (callbacks such as ReduceLROnPlateau run on every worker);
+        every worker reads the server's rate after its next step.
+        """
+        schedule = isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule)
+        if not schedule:
+            if callable(learning_rate):
+                raise ValueError(
+                    "A RemoteOptimizer's learning rate must be a float or a "
+                    "`keras.optimizers.schedules.LearningRateSchedule` (the server evaluates it). "
+                    f"Received: learning_rate={learning_rate!r}"
+                )
+            learning_rate = float(_to_numpy(learning_rate))
+        if not self.built:
+            self._set_wrapped_learning_rate(learning_rate, schedule)
+            return
+        if self.worker_index != 0:
+            if not self._warned_learning_rate_writer:
+                log.warning(
+                    "Model %r: worker %d does not send learning rates; worker 0 sets the rate, and "
+                    "this worker reads the server's after each step.", self.model_id, self.worker_index,
+                )
+                self._warned_learning_rate_writer = True
+            return
+        value = keras.optimizers.schedules.serialize(learning_rate) if schedule else learning_rate
+        try:
+            state = self.client.set_weights(self.model_id, learning_rate=value)
+        except FailedPreconditionError as error:
+            raise TypeError(str(error)) from None
+        self._adopt_state(state.iterations, state.learning_rate)
+
+    def _set_wrapped_learning_rate(self, learning_rate, schedule):
+        """Before the job exists: the wrapped optimizer is created with the new rate."""
+        wrapped = keras.optimizers.deserialize(self.wrapped_config)
+        if schedule:
+            wrapped_config = wrapped.get_config()
+            wrapped_config["learning_rate"] = learning_rate
+            wrapped = type(wrapped).from_config(wrapped_config)
+        else:
+            wrapped.learning_rate = learning_rate  # Keras's own check: a float cannot replace a schedule
+        self._wrapped_config_json = json.dumps(_portable_config(wrapped))
+        self._learning_rate_value = _initial_learning_rate(wrapped)
 
     def _server_learning_rate(self):
         return ops.convert_to_tensor(self._learning_rate_value, dtype=keras.backend.floatx())
@@ -534,6 +768,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         state = self.client.set_weights_list(self.model_id, [_to_numpy(w) for w in weights])
         self._adopt_state(state.iterations, state.learning_rate)
         self._slots_stale = True
+        _overwrite(self._iterations, np.asarray(self._server_iterations, dtype=self._iterations.dtype))
 
     def save_own_variables(self, store):
         """Saving a model (`model.save`) stores the server's optimizer state."""
@@ -648,6 +883,10 @@ def _mirror_class(base):
                     owner._refresh_mirror(self)
                 return super().value
 
+            def __repr__(self):
+                self.value  # noqa: B018 - brings the value up to date before Keras prints it
+                return super().__repr__()
+
         ServerStateVariable.__qualname__ = ServerStateVariable.__name__ = f"ServerState{base.__name__}"
         _MIRROR_CLASSES[base] = ServerStateVariable
     return _MIRROR_CLASSES[base]
@@ -737,6 +976,36 @@ def _to_numpy(value):
         # The tensor, not the Variable: Variable.__array__ predates NumPy 2's `copy` argument.
         value = value.value
     return np.asarray(ops.convert_to_numpy(value))
+
+
+def _job_id(model_id, num_workers, optimizer_name):
+    if model_id is not None:
+        return model_id
+    if num_workers > 1:
+        raise ValueError(
+            "With num_workers > 1, every worker must name the job with the same `model_id` "
+            f"(e.g. model_id='my-run'). Received: model_id=None, num_workers={num_workers}"
+        )
+    return f"{optimizer_name}-{uuid.uuid4().hex[:12]}"
+
+
+def _change_token(variable):
+    """Something that changes whenever `variable` is written, or None where no such thing is cheap.
+
+    torch counts in-place writes on a tensor (`_version`); a JAX variable holds
+    a new immutable array after every write. TensorFlow variables have neither:
+    their values are compared.
+    """
+    backend = keras.backend.backend()
+    if backend == "torch":
+        return variable.value._version
+    if backend == "jax":
+        return id(variable._value)
+    return None
+
+
+def _same_values(a, b):
+    return a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
 
 
 def _host_gradient(gradient):

@@ -78,14 +78,16 @@ def host_gradient(gradient):
     return np.asarray(gradient)
 
 
-def graph_round_trip(named_gradients, push, output_dtypes):
+def graph_round_trip(named_gradients, push, output_dtypes, current_values=()):
     """One ordered host call inside the graph being traced.
 
     Args:
         named_gradients: `[(name, gradient)]`, dense tensors or `tf.IndexedSlices`.
-        push: called on the host with `{name: ndarray | SparseGradient}`; returns
-            one array per entry of `output_dtypes`.
+        push: called on the host with `({name: ndarray | SparseGradient}, [ndarray])`:
+            the gradients and `current_values` as arrays; returns one array per
+            entry of `output_dtypes`.
         output_dtypes: the dtypes of what `push` returns.
+        current_values: more tensors for the host (e.g. the variables' values).
 
     Returns the graph tensors of `push`'s results. An optserve error raised by
     `push` reaches the caller as the TensorFlow error of the same status code
@@ -101,13 +103,18 @@ def graph_round_trip(named_gradients, push, output_dtypes):
             layout.append((name, False))
             flat.append(gradient)
 
+    count = len(flat)
+    flat += list(current_values)
+
+    # Plain Python on the host: AutoGraph would only try (and fail) to convert the gRPC calls.
+    @tf.autograph.experimental.do_not_convert
     def host_call(*tensors):
-        arrays = iter(t.numpy() for t in tensors)
+        arrays = iter(t.numpy() for t in tensors[:count])
         grads = {}
         for name, sparse in layout:
             grads[name] = _sparse_gradient(next(arrays), next(arrays)) if sparse else next(arrays)
         try:
-            return push(grads)
+            return push(grads, [t.numpy() for t in tensors[count:]])
         except Exception as error:  # noqa: BLE001 - re-raised as TensorFlow's error of the same code
             failure = as_tf_error(error)
         # Raised outside the handler: TensorFlow turns an OpError with a chained

@@ -14,6 +14,8 @@ __all__ = [
     "check_job_arguments",
     "check_unique_names",
     "check_server_layout",
+    "match_variables",
+    "check_resume",
     "server_config",
     "is_int",
     "is_number",
@@ -73,6 +75,42 @@ def check_server_layout(model_id, info, names, values) -> None:
             f"Model {model_id!r} on the server has the variables {server}, but this worker's are "
             f"{local}. Every worker must build the same model (same layer names), or use another `model_id`."
         )
+
+
+def check_resume(resume) -> None:
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"`resume` must be True, False or 'auto'. Received: resume={resume!r}")
+
+
+def match_variables(model_id, info, names, values) -> list[str]:
+    """The server's names for this worker's variables, when it joins the model `info` describes.
+
+    Variables match by name when every name agrees. Otherwise, when the worker
+    has the same number of variables with the same shapes and dtypes in the
+    same order (the same model, auto-named differently: a notebook cell run
+    twice, a scratch model built first, a reloaded Sequential), they match by
+    position. Anything else is a different model: the error names the first
+    variable that differs.
+    """
+    server = [(v.name, tuple(v.shape), v.dtype) for v in info.variables]
+    local = [(name, tuple(np.shape(values[name])), np.asarray(values[name]).dtype.name) for name in names]
+    if [entry[0] for entry in server] == list(names):
+        return list(names)
+    for index, (theirs, ours) in enumerate(zip(server, local)):
+        if theirs[1:] != ours[1:]:
+            raise ValueError(
+                f"Model {model_id!r} on the server is another model: its variable {index} is {theirs[0]!r} "
+                f"{list(theirs[1])} {theirs[2]}, this worker's is {ours[0]!r} {list(ours[1])} {ours[2]}. "
+                "Build the same model on every worker, delete the old job (`optserve delete ADDRESS "
+                f"{model_id}`), or use another `model_id`."
+            )
+    if len(server) != len(local):
+        raise ValueError(
+            f"Model {model_id!r} on the server has {len(server)} variables, this worker has {len(local)}. "
+            "Build the same model on every worker, delete the old job (`optserve delete ADDRESS "
+            f"{model_id}`), or use another `model_id`."
+        )
+    return [entry[0] for entry in server]
 
 
 def server_config(class_name: str, config: dict, schedule_module: str = "keras.optimizers.schedules") -> dict:

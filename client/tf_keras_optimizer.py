@@ -150,6 +150,7 @@ class RemoteOptimizer(tf_keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------ build
 
+    @tf.autograph.experimental.do_not_convert
     def build(self, var_list):
         """Create the model on the server from `var_list`'s values, or join it and adopt its values."""
         if getattr(self, "_built", False):
@@ -187,6 +188,8 @@ class RemoteOptimizer(tf_keras.optimizers.Optimizer):
 
     # ------------------------------------------------------------------ applying gradients
 
+    # Talks to the server: AutoGraph (inside a user's tf.function) must not try to convert it.
+    @tf.autograph.experimental.do_not_convert
     def apply_gradients(self, grads_and_vars, name=None, skip_gradients_aggregation=False, **kwargs):
         """Push `(gradient, variable)` pairs and take the new values: one round trip. Returns `iterations`.
 

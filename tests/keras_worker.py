@@ -597,7 +597,7 @@ class Checks:
 
         server = start_server(host="127.0.0.1", port=0, device="cpu")
         model = make_model("gone_server")
-        opt = RemoteOptimizer("adam", server.address, model_id=self.model_id("gone"), timeout=3)
+        opt = RemoteOptimizer("adam", server.address, model_id=self.model_id("gone"), timeout=3, retry_window_s=1)
         model.compile(loss="categorical_crossentropy", optimizer=opt)
         model.fit(x, y, epochs=1, batch_size=8, verbose=0)
         server.stop()
