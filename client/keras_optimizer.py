@@ -39,6 +39,7 @@ from keras import ops
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras.src.utils import tracking
 
+from optserve.client import security
 from optserve.client.client import Client, parse_address
 
 __all__ = ["RemoteOptimizer"]
@@ -98,6 +99,12 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             synchronous step; 0 uses the server's default.
         timeout: seconds a call to the server may take (retries included),
             except a push, which waits as long as its synchronous step does.
+        tls: TLS settings as `optserve.client.Client` takes them (a CA bundle
+            path, a dict with `ca`, `cert`, `key`, `server_name`, ...); None
+            reads `OPTSERVE_TLS_*`. `get_config()` keeps file paths, never PEM bytes.
+        token: the bearer token; None reads `OPTSERVE_TOKEN`. Never part of
+            `get_config()`, so `model.save` does not store it: a loaded model
+            takes it from the environment.
         **kwargs: `name` names this optimizer; any other argument (for example
             `learning_rate=0.01` or `clipnorm=1.0`) overrides the wrapped
             optimizer's configuration.
@@ -117,10 +124,14 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         mode="sync",
         sync_timeout_s=0.0,
         timeout=60.0,
+        tls=None,
+        token=None,
         **kwargs,
     ):
         name = kwargs.pop("name", None)
         address = parse_address(address)
+        tls = tls if tls is None or isinstance(tls, bool) else security.resolve_tls(tls)
+        token = None if token is None else security.resolve_token(token)
         _check_job_arguments(model_id, num_workers, worker_index, mode, sync_timeout_s, timeout)
         wrapped = _wrapped_optimizer(optimizer, kwargs)
         wrapped_config = _portable_config(wrapped)
@@ -140,6 +151,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         self.mode = mode
         self.sync_timeout_s = float(sync_timeout_s)
         self.timeout = None if timeout is None else float(timeout)
+        self._tls, self._token = tls, token
         # JSON text, not a dict: an attribute dict would be wrapped by Keras's tracker.
         self._wrapped_config_json = json.dumps(wrapped_config)
         self._client = None
@@ -169,6 +181,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             "mode": self.mode,
             "sync_timeout_s": self.sync_timeout_s,
             "timeout": self.timeout,
+            "tls": self._tls.to_config() if isinstance(self._tls, security.TLSOptions) else self._tls,
         }
 
     @classmethod
@@ -188,7 +201,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
     def client(self):
         """The `optserve.client.Client` this optimizer talks through (created on first use)."""
         if self._client is None:
-            self._client = Client(self.address, timeout=self.timeout)
+            self._client = Client(self.address, timeout=self.timeout, tls=self._tls, token=self._token)
         return self._client
 
     def close(self):
