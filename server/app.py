@@ -146,6 +146,9 @@ class ParameterServer:
                  self._security_summary())
         for warning in tls.exposure_warnings(self.host, self.tls, self.tokens is not None):
             log.warning("%s", warning)
+        if self.tokens is not None and not len(self.tokens):
+            log.warning("The token file %s lists nobody: every call but health and reflection is refused.",
+                        self.tokens.path)
 
     def _security_summary(self) -> str:
         transport = "plaintext" if self.tls is None else ("mTLS" if self.tls.mutual else "TLS")

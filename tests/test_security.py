@@ -238,6 +238,24 @@ def test_each_role_gets_the_documented_answer_from_each_rpc(secure, pki, rpc, ca
                     root.list_models(model_id + "-new")
 
 
+def test_an_rpc_without_a_rule_is_refused_for_everybody():
+    root = auth.parse_token_file("name=root role=admin models=* token=sha256:" + "0" * 64)[0]
+    with pytest.raises(auth.Refused) as refused:
+        auth.authorize(root, "SomeNewRpc", None)
+    assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED and "no access rule" in refused.value.message
+
+
+@pytest.mark.parametrize("messages, says", [
+    ([], "received no messages"),
+    ([pb.CreateModelRequest()], "must carry `spec`"),
+])
+def test_a_stream_that_names_no_model_reaches_the_handlers_own_check(secure, pki, messages, says):
+    channel, stub = stub_for(secure, pki, "worker-a")
+    with channel:
+        error = rpc_helpers.rpc_error(stub.CreateModel, iter(messages), timeout=10)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and says in error.details()
+
+
 def test_health_and_reflection_need_no_token(secure):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
