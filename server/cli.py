@@ -92,9 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                             help="host:port of the server; several, joined by commas, for the shards of a model")
     checkpoint.add_argument("--timeout", type=_positive_float, default=600.0, metavar="S",
                             help="seconds to wait for each checkpoint to be written (default: %(default)s)")
-    from optserve.client.security import add_connection_arguments
-
-    add_connection_arguments(checkpoint)
+    _add_connection_arguments(checkpoint)
     _add_token_command(commands)
     for name, (_, help_text) in CLIENT_COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)
@@ -112,6 +110,19 @@ def _add_security_arguments(serve: argparse.ArgumentParser) -> None:
                        help="require a bearer token (or a listed client certificate) on every call except health "
                             "and reflection; one principal per line with its role and models (see "
                             "`optserve token --help`); reread on SIGHUP")
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    # The client side's options (optserve.client.security.add_connection_arguments, which a test
+    # compares with these), spelled out here so that building this parser never imports the client.
+    group = parser.add_argument_group("connection security", "TLS and token; unset options come from "
+                                      "OPTSERVE_TLS_CA, OPTSERVE_TLS_CERT, OPTSERVE_TLS_KEY, OPTSERVE_TOKEN, ...")
+    group.add_argument("--tls", action="store_true", help="use TLS (implied by --tls-ca/--tls-cert)")
+    group.add_argument("--tls-ca", metavar="FILE", help="CA bundle (PEM) that signed the server's certificate")
+    group.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM), for mTLS")
+    group.add_argument("--tls-key", metavar="FILE", help="client private key (PEM), for mTLS")
+    group.add_argument("--tls-server-name", metavar="NAME", help="name the server's certificate must carry")
+    group.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
 
 
 def _add_token_command(commands) -> None:

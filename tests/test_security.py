@@ -533,6 +533,21 @@ def test_a_token_sent_in_clear_text_off_loopback_warns():
         security.open_channel("192.0.2.1:50051", tls=False, token="osk_x").close()
 
 
+def test_optserve_checkpoint_has_the_same_connection_options_as_the_client_commands():
+    import argparse
+
+    from optserve.server import cli
+
+    def flags(parser):
+        return sorted((a.dest, tuple(a.option_strings), a.nargs, a.const) for a in parser._actions if a.dest != "help")
+
+    checkpoint = next(action for action in cli.build_parser()._actions
+                      if isinstance(action, argparse._SubParsersAction)).choices["checkpoint"]
+    reference = argparse.ArgumentParser()
+    security.add_connection_arguments(reference)
+    assert set(flags(reference)) <= set(flags(checkpoint))
+
+
 def test_cli_subcommands_take_the_tls_and_token_options(secure, pki, tmp_path):
     server, tokens, _ = secure
     fresh_model(secure)
