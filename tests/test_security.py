@@ -621,3 +621,19 @@ def test_remote_optimizer_trains_through_tls_and_a_token_on_torch(pki, tmp_path)
     assert report["server_matches"]
     assert report["config_tls"] == {"ca": str(pki["ca"])} == report["revived_tls"]
     assert report["token_in_config"] is False
+
+
+def test_a_sharded_client_reaches_its_shards_through_tls_with_an_exact_scope(pki, tmp_path):
+    path = tmp_path / "tokens.txt"
+    secret, line = auth.new_token_line("job-worker", "worker", "sharded-job")
+    path.write_text(line + "\n")
+    options = dict(device="cpu", tls_cert=pki["server"].cert, tls_key=pki["server"].key, auth_tokens=path)
+    with start_server(**options) as first, start_server(**options) as second:
+        variables = {f"v{i}": np.full(64, i, np.float32) for i in range(4)}
+        with Client([first.address, second.address], tls={"ca": pki["ca"]}, token=secret, retries=0) as client:
+            client.create_model("sharded-job", "sgd", variables)
+            result = client.push("sharded-job", {name: np.ones(64, np.float32) for name in variables})
+            assert result.step == 1
+            assert [m.model_id for m in client.list_models()] == ["sharded-job"]
+            with pytest.raises(UnauthenticatedError, match="outside that scope"):
+                client.create_model("sharded-job-2", "sgd", variables)
