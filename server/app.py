@@ -107,7 +107,9 @@ class ParameterServer:
             self._registry.on_change = self._checkpointer.note_change
             self._registry.begin_restore()
         # No SO_REUSEPORT: a second server on a busy port must fail, not silently share it.
-        interceptors = [auth.AuthInterceptor(self.tokens)] if self.tokens is not None else []
+        mutual_tls = self.tls is not None and self.tls.mutual
+        interceptors = ([auth.AuthInterceptor(self.tokens, verified_certificates=mutual_tls)]
+                        if self.tokens is not None else [])
         self._server = grpc.aio.server(interceptors=interceptors,
                                        options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
         add_to_server(ParameterServerServicer(self._registry, self.max_request_bytes, self._checkpointer),
@@ -149,6 +151,9 @@ class ParameterServer:
         if self.tokens is not None and not len(self.tokens):
             log.warning("The token file %s lists nobody: every call but health and reflection is refused.",
                         self.tokens.path)
+        if self.tokens is not None and self.tokens.lists_certificates and not (self.tls and self.tls.mutual):
+            log.warning("The token file %s has cert_cn= lines, which count only with --tls-client-ca "
+                        "(client certificates verified); without it they are ignored.", self.tokens.path)
 
     def _security_summary(self) -> str:
         transport = "plaintext" if self.tls is None else ("mTLS" if self.tls.mutual else "TLS")

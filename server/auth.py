@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextvars
 import dataclasses
-import functools
 import hashlib
 import hmac
 import logging
@@ -244,6 +243,10 @@ class TokenTable:
     def __len__(self) -> int:
         return len(self._principals)
 
+    @property
+    def lists_certificates(self) -> bool:
+        return any(p.cert_cn is not None for p in self._principals)
+
     def by_token(self, token: str) -> Principal | None:
         digest = hashlib.sha256(token.encode("utf-8")).digest()
         found = None
@@ -317,7 +320,9 @@ def _certificate_names(context) -> list[str]:
     return [value.decode("utf-8", "replace") for value in auth_context.get("x509_common_name", ())]
 
 
-def authenticate(table: TokenTable, metadata, context) -> Principal:
+def authenticate(table: TokenTable, metadata, context, certificates: bool = True) -> Principal:
+    """The caller: by its token, else (``certificates``: the port verifies client certificates) by its
+    certificate's common name."""
     token = bearer_token(metadata)
     if token is not None:
         principal = table.by_token(token)
@@ -326,7 +331,7 @@ def authenticate(table: TokenTable, metadata, context) -> Principal:
                           "The bearer token is not known to this server (revoked, mistyped, or meant for another "
                           "server). Ask the server's operator for a token.")
         return principal
-    names = _certificate_names(context)
+    names = _certificate_names(context) if certificates else []
     principal = table.by_certificate(names) if names else None
     if principal is not None:
         return principal
@@ -377,29 +382,32 @@ async def _prepended(first, rest):
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Checks every ParameterServer call before its handler sees the request; other services pass."""
 
-    def __init__(self, table: TokenTable):
+    def __init__(self, table: TokenTable, *, verified_certificates: bool = False):
         self.table = table
+        # cert_cn lines count only where the port verified the client's certificate (mTLS).
+        self.verified_certificates = verified_certificates
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         service, _, rpc = handler_call_details.method.lstrip("/").rpartition("/")
         if handler is None or service != SERVICE_NAME:
             return handler  # health and reflection stay reachable for probes
-        return _guarded(handler, _Admission(self.table, rpc, handler_call_details.invocation_metadata))
+        return _guarded(handler, _Admission(self, rpc, handler_call_details.invocation_metadata))
 
 
 class _Admission:
     """One call's checks: the caller first (before any request byte is read), then the request."""
 
-    def __init__(self, table: TokenTable, rpc: str, metadata):
-        self.table, self.rpc, self.metadata = table, rpc, metadata
+    def __init__(self, interceptor: AuthInterceptor, rpc: str, metadata):
+        self.interceptor, self.rpc, self.metadata = interceptor, rpc, metadata
         self.audited = RPC_RULES.get(rpc, Rule(ADMIN, "all")).audited
         self.principal: Principal | None = None
         self.model_id = ""
 
     async def authenticate(self, context) -> None:
         try:
-            self.principal = authenticate(self.table, self.metadata, context)
+            self.principal = authenticate(self.interceptor.table, self.metadata, context,
+                                          self.interceptor.verified_certificates)
         except Refused as refusal:
             await self._refuse(refusal, context)
 
