@@ -63,6 +63,7 @@ def pki(tmp_path_factory):
         "server": ca.issue("server", server=True),
         "client": ca.issue("worker-7"),            # listed in the token file (cert_cn)
         "unlisted_client": ca.issue("unlisted"),   # signed by the right CA, but no principal
+        "rogue_ca": rogue.bundle,
         "rogue_client": rogue.issue("worker-7-rogue"),
     }
 
@@ -155,7 +156,7 @@ def test_a_tls_client_works_and_a_plaintext_one_fails(tls_only, pki):
 
 
 def test_a_tls_client_that_does_not_trust_the_servers_ca_is_refused(tls_only, pki):
-    with Client(tls_only.address, tls={"ca": pki["rogue_client"].cert}, retries=0, timeout=5) as client:
+    with Client(tls_only.address, tls={"ca": pki["rogue_ca"]}, retries=0, timeout=5) as client:
         with pytest.raises(UnavailableError):
             client.list_models()
 
