@@ -4,6 +4,7 @@
     python benchmarks/bench_rpc.py --quick      # fewer sizes and rounds
 
     python benchmarks/bench_rpc.py --protobuf-requests   # workers built on generated messages
+    python benchmarks/bench_rpc.py --tls [--quick]       # cost of TLS (and tokens) against plaintext
 
 The server runs in its own process (``python -m optserve.server serve``), as in
 a deployment; workers are threads of this process, each an ``optserve.client.Client``
@@ -24,6 +25,11 @@ synchronous model of 1 or 2 workers. Times are medians over many steps.
   push in between (caches and the TCP stack stay warm: usually faster);
 * ``bare gRPC``: the same bytes streamed as raw ``CHUNK_BYTES`` messages to a
   gRPC server that does nothing with them, the ceiling gRPC itself sets.
+
+``--tls`` instead starts three servers (plaintext, TLS, TLS with a bearer token
+checked on every call) and pushes 4 KB and 64 MB to each in turn, round by
+round, so that all three see the same machine; it reports the median push time
+of each and its ratio to plaintext in the same run.
 """
 from __future__ import annotations
 
@@ -159,9 +165,9 @@ def bare_grpc_gbps(nbytes: int, repeats: int) -> float:
 
 
 class ServerProcess:
-    def __init__(self):
+    def __init__(self, *extra_args: str):
         command = [sys.executable, "-m", "optserve.server", "serve", "--port", "0", "--device", "cpu",
-                   "--log-level", "WARNING"]
+                   "--log-level", "WARNING", *extra_args]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         line = self.process.stdout.readline().strip()
         if not line.startswith("optserve listening on "):
@@ -181,8 +187,8 @@ def _passthrough(message) -> bytes:
 class Worker:
     """One worker's connection: an optserve ``Client``, used as an application uses it."""
 
-    def __init__(self, address: str):
-        self.client = Client(address, timeout=120)
+    def __init__(self, address: str, **client_options):
+        self.client = Client(address, timeout=120, **client_options)
 
     def create_model(self, model_id: str, arrays: dict, num_workers: int) -> None:
         self.client.create_model(model_id, SGD_CONFIG, arrays, num_workers=num_workers)
@@ -304,6 +310,102 @@ def run_case(address: str, nbytes: int, workers: int, rounds: int, return_variab
     return {"round_trips_per_s": 1 / step, "gbps": sum(moved) / rounds / step / 1e9, "seconds_per_step": step}
 
 
+# ------------------------------------------------------------- TLS cost
+
+
+def make_test_pki(directory: pathlib.Path) -> dict:
+    """A throwaway CA and a certificate for 127.0.0.1 (needs `cryptography`, in the `test` extra)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def certificate(subject, issuer, public_key, signing_key, ca: bool):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench CA")])
+    server_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench server")])
+    ca = certificate(ca_name, ca_name, ca_key.public_key(), ca_key, True)
+    server = certificate(server_name, ca_name, server_key.public_key(), ca_key, False)
+    paths = {name: directory / name for name in ("ca.pem", "server.pem", "server.key")}
+    paths["ca.pem"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["server.pem"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    paths["server.key"].write_bytes(server_key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return paths
+
+
+def tls_cost(quick: bool) -> int:
+    import tempfile
+
+    from optserve.server.auth import new_token_line
+
+    with tempfile.TemporaryDirectory() as scratch:
+        pki = make_test_pki(pathlib.Path(scratch))
+        token, line = new_token_line("bench", "admin", "*")
+        (pathlib.Path(scratch) / "tokens.txt").write_text(line + "\n")
+        tls_args = ("--tls-cert", str(pki["server.pem"]), "--tls-key", str(pki["server.key"]))
+        setups = {
+            "plaintext": ((), {"tls": False, "token": False}),
+            "TLS": (tls_args, {"tls": {"ca": pki["ca.pem"]}, "token": False}),
+            "TLS + token": ((*tls_args, "--auth-tokens", str(pathlib.Path(scratch) / "tokens.txt")),
+                            {"tls": {"ca": pki["ca.pem"]}, "token": token}),
+        }
+        servers = {name: ServerProcess(*args) for name, (args, _) in setups.items()}
+        print(f"optserve bench_rpc --tls: 3 servers (separate processes), {os.cpu_count()} cores, one worker "
+              "each, push without return_variables, setups taken in turn every round")
+        try:
+            rows = [(nbytes, tls_case(servers, setups, nbytes, quick)) for nbytes in (4096, 64 * MB)]
+        finally:
+            for server in servers.values():
+                server.stop()
+    header = f"{'payload':>8} {'setup':>12} {'median push':>12} {'GB/s':>7} {'vs plaintext':>12}"
+    print(header)
+    print("-" * len(header))
+    for nbytes, times in rows:
+        for name, seconds in times.items():
+            label = "64MB" if nbytes >= MB else "4KB"
+            print(f"{label:>8} {name:>12} {seconds * 1e3:>9.3f} ms {nbytes / seconds / 1e9:>7.3f} "
+                  f"{seconds / times['plaintext']:>11.2f}x")
+    return 0
+
+
+def tls_case(servers: dict, setups: dict, nbytes: int, quick: bool) -> dict:
+    rounds = (9 if quick else 25) if nbytes >= MB else (300 if quick else 2000)
+    arrays = {"w": np.ones(nbytes // 4, np.float32)}
+    model_id = f"bench-tls-{nbytes}"
+    workers = {name: Worker(servers[name].address, **setups[name][1]) for name in servers}
+    times: dict[str, list[float]] = {name: [] for name in servers}
+    try:
+        for worker in workers.values():
+            worker.create_model(model_id, arrays, 1)
+        for step in range(rounds + 1):  # step 0 warms up connections and allocators
+            for name, worker in workers.items():
+                start = time.perf_counter()
+                worker.push(model_id, step, 0, arrays, False)
+                if step:
+                    times[name].append(time.perf_counter() - start)
+        for worker in workers.values():
+            worker.delete_model(model_id)
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
 def rounds_for(nbytes: int, quick: bool) -> int:
     budget = (128 if quick else 640) * MB  # bytes pushed per case: a few seconds each
     return max(5 if quick else 9, min(300 if quick else 1000, budget // nbytes))
@@ -314,11 +416,14 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer sizes and rounds")
     parser.add_argument("--protobuf-requests", action="store_true",
                         help="build requests as generated messages (as batch_chunks callers do)")
+    parser.add_argument("--tls", action="store_true", help="the cost of TLS and tokens against plaintext")
     parser.add_argument("--bare-grpc-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.bare_grpc_server:
         run_bare_grpc_server()
         return 0
+    if args.tls:
+        return tls_cost(args.quick)
     worker_type = ProtobufWorker if args.protobuf_requests else Worker
     sizes = [1 * MB, 64 * MB] if args.quick else [1 * MB, 16 * MB, 64 * MB]
     repeats = 5 if args.quick else 9

@@ -33,6 +33,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors
+from optserve.client import security
 
 __all__ = [
     "Client",
@@ -475,6 +476,8 @@ class Client:
         attempt_timeout: optional deadline of a single attempt; an attempt that runs
             out of it is retried (keep it above the time a synchronous step may take).
         options: extra gRPC channel options, ``[(key, value), ...]``.
+        tls, token: TLS settings and bearer token (``optserve.client.security``);
+            None reads them from ``OPTSERVE_TLS_*`` and ``OPTSERVE_TOKEN``.
     """
 
     def __new__(cls, address: str | Sequence[str], *args, **kwargs):
@@ -497,6 +500,8 @@ class Client:
         options: Sequence[tuple[str, Any]] | None = None,
         push_timeout: float | None = None,
         attempt_timeout: float | None = None,
+        tls=None,
+        token=None,
     ):
         self.address = parse_address(address)
         _check_non_negative("timeout", timeout, allow_none=True)
@@ -517,7 +522,7 @@ class Client:
         channel_options["grpc.initial_reconnect_backoff_ms"] = max(1, int(backoff * 1000))
         channel_options["grpc.max_reconnect_backoff_ms"] = max(1, int(self.max_backoff * 1000))
         channel_options.update(dict(options or ()))
-        self._channel = grpc.insecure_channel(self.address, options=list(channel_options.items()))
+        self._channel = security.open_channel(self.address, list(channel_options.items()), tls=tls, token=token)
         self._stub = _wire_stub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._lock = threading.Lock()

@@ -20,6 +20,8 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from optserve.client import security
+
 EXIT_SERVING = 0
 EXIT_NOT_SERVING = 1
 
@@ -28,9 +30,12 @@ EXIT_NOT_SERVING = 1
 _CHANNEL_OPTIONS = [("grpc.enable_http_proxy", 0)]
 
 
-def check(address: str, service: str = "", timeout: float = 3.0) -> str:
-    """The serving status name ("SERVING", "NOT_SERVING", ...); raises grpc.RpcError on failure."""
-    with grpc.insecure_channel(address, options=_CHANNEL_OPTIONS) as channel:
+def check(address: str, service: str = "", timeout: float = 3.0, *, tls=None, token=None) -> str:
+    """The serving status name ("SERVING", "NOT_SERVING", ...); raises grpc.RpcError on failure.
+
+    ``tls``, ``token``: as ``Client`` takes them (health needs no token, but a TLS port needs TLS).
+    """
+    with security.open_channel(address, _CHANNEL_OPTIONS, tls=tls, token=token) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
@@ -47,13 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=_positive_float, default=3.0,
                         help="seconds to wait for the answer (default 3)")
     parser.add_argument("--quiet", action="store_true", help="print nothing; only set the exit status")
+    security.add_connection_arguments(parser)
     return parser
 
 
 def health_main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        status = check(args.address, args.service, args.timeout)
+        status = check(args.address, args.service, args.timeout, **security.connection_options(args))
+    except (ValueError, TypeError) as error:
+        parser.error(str(error))
     except grpc.RpcError as error:
         if not args.quiet:
             print(f"optserve health: {args.address}: {error.code().name}: {error.details()}", file=sys.stderr)

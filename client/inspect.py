@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from optserve.client import security
 from optserve.client.client import Client, ModelInfo, NotFoundError, OptserveError, UnavailableError
 from optserve.client.sharded import ShardedModelInfo
 
@@ -40,13 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slots", action="store_true",
                         help="with MODEL: also fetch every slot and show its shape and L2 norm")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server (default 10)")
+    security.add_connection_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with Client(args.address, timeout=args.timeout, retries=1) as client:
+        with Client(args.address, timeout=args.timeout, retries=1, **security.connection_options(args)) as client:
             if args.model:
                 return _show_model(client, args)
             return _show_models(client, args)

@@ -60,6 +60,7 @@ from optserve.client.remote_job import (
     check_unique_names,
     match_variables,
 )
+from optserve.client import security
 
 __all__ = ["RemoteOptimizer"]
 
@@ -163,6 +164,12 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             except a push, which waits as long as its synchronous step does.
         retry_window_s: how long a training step waits for a server that is
             down or restarting before it fails (default 5 minutes).
+        tls: TLS settings as `optserve.client.Client` takes them (a CA bundle
+            path, a dict with `ca`, `cert`, `key`, `server_name`, ...); None
+            reads `OPTSERVE_TLS_*`. `get_config()` keeps file paths, never PEM bytes.
+        token: the bearer token; None reads `OPTSERVE_TOKEN`. Never part of
+            `get_config()`, so `model.save` does not store it: a loaded model
+            takes it from the environment.
         **kwargs: `name` names this optimizer; any other argument (for example
             `learning_rate=0.01` or `clipnorm=1.0`) overrides the wrapped
             optimizer's configuration.
@@ -185,10 +192,14 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         timeout=60.0,
         resume="auto",
         retry_window_s=DEFAULT_RETRY_WINDOW_S,
+        tls=None,
+        token=None,
         **kwargs,
     ):
         name = kwargs.pop("name", None)
         address = parse_address(address)
+        tls = tls if tls is None or isinstance(tls, bool) else security.resolve_tls(tls)
+        token = None if token is None else security.resolve_token(token)
         wrapped = _wrapped_optimizer(optimizer, kwargs)
         model_id = _job_id(model_id, num_workers, name or wrapped.name)
         check_job_arguments(model_id, num_workers, worker_index, mode, sync_timeout_s, timeout)
@@ -214,6 +225,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         self.timeout = None if timeout is None else float(timeout)
         self.resume = resume
         self.retry_window_s = float(retry_window_s)
+        self._tls, self._token = tls, token
         # JSON text, not a dict: an attribute dict would be wrapped by Keras's tracker.
         self._wrapped_config_json = json.dumps(wrapped_config)
         self._client = None
@@ -249,6 +261,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             "sync_timeout_s": self.sync_timeout_s,
             "timeout": self.timeout,
             "retry_window_s": self.retry_window_s,
+            "tls": self._tls.to_config() if isinstance(self._tls, security.TLSOptions) else self._tls,
         }
 
     @classmethod
@@ -270,7 +283,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
     def client(self):
         """The `optserve.client.Client` this optimizer talks through (created on first use)."""
         if self._client is None:
-            self._client = Client(self.address, timeout=self.timeout)
+            self._client = Client(self.address, timeout=self.timeout, tls=self._tls, token=self._token)
         return self._client
 
     def close(self):

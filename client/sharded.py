@@ -262,11 +262,14 @@ class ShardedClient(Client):
         options: Sequence[tuple[str, Any]] | None = None,
         push_timeout: float | None = None,
         attempt_timeout: float | None = None,
+        tls=None,
+        token=None,
     ):
         self.addresses = parse_addresses(address)
         self.address = ",".join(self.addresses)
         settings = dict(timeout=timeout, retries=retries, backoff=backoff, max_backoff=max_backoff,
-                        options=options, push_timeout=push_timeout, attempt_timeout=attempt_timeout)
+                        options=options, push_timeout=push_timeout, attempt_timeout=attempt_timeout,
+                        tls=tls, token=token)
         self.shards: list[Client] = []
         try:
             for one in self.addresses:

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 import tf_keras
 
-from optserve.client import keras_tensorflow
+from optserve.client import keras_tensorflow, security
 from optserve.client.client import Client, parse_address
 from optserve.client.remote_job import check_job_arguments, check_server_layout, check_unique_names, server_config
 
@@ -61,7 +61,7 @@ class RemoteOptimizer(tf_keras.optimizers.Optimizer):
             `get_config()` with `"class_name"`, its `tf_keras.optimizers.serialize()`
             dict, or a name such as `"adam"`.
         address, model_id, num_workers, worker_index, mode, sync_timeout_s,
-        timeout: as for `optserve.client.RemoteOptimizer` (docs/keras.md).
+        timeout, tls, token: as for `optserve.client.RemoteOptimizer` (docs/keras.md).
         name: this optimizer's name; other keyword arguments override the
             wrapped optimizer's config (`learning_rate=0.1`).
 
@@ -80,10 +80,14 @@ class RemoteOptimizer(tf_keras.optimizers.Optimizer):
         mode="sync",
         sync_timeout_s=0.0,
         timeout=60.0,
+        tls=None,
+        token=None,
         name=None,
         **overrides,
     ):
         address = parse_address(address)
+        tls = tls if tls is None or isinstance(tls, bool) else security.resolve_tls(tls)
+        token = None if token is None else security.resolve_token(token)
         check_job_arguments(model_id, num_workers, worker_index, mode, sync_timeout_s, timeout)
         wrapped = _wrapped_optimizer(optimizer, overrides)
         super().__init__(
@@ -98,6 +102,7 @@ class RemoteOptimizer(tf_keras.optimizers.Optimizer):
         self.mode = mode
         self.sync_timeout_s = float(sync_timeout_s)
         self.timeout = None if timeout is None else float(timeout)
+        self._tls, self._token = tls, token
         # JSON text, not dicts: attribute containers would be wrapped by the tracker.
         self._wrapped_config_json = json.dumps(_plain_config(tf_keras.optimizers.serialize(wrapped)))
         self._server_config_json = json.dumps(
@@ -129,6 +134,8 @@ class RemoteOptimizer(tf_keras.optimizers.Optimizer):
             "mode": self.mode,
             "sync_timeout_s": self.sync_timeout_s,
             "timeout": self.timeout,
+            # File paths only; the token never (a loaded model reads OPTSERVE_TOKEN).
+            "tls": self._tls.to_config() if isinstance(self._tls, security.TLSOptions) else self._tls,
         }
 
     @classmethod
@@ -139,7 +146,7 @@ class RemoteOptimizer(tf_keras.optimizers.Optimizer):
     def client(self):
         """The `optserve.client.Client` this optimizer talks through (created on first use)."""
         if self._client is None:
-            self._client = Client(self.address, timeout=self.timeout)
+            self._client = Client(self.address, timeout=self.timeout, tls=self._tls, token=self._token)
         return self._client
 
     def close(self):

@@ -24,6 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from optserve.protos.tensors import GRPC_OPTIONS
+from optserve.server import auth, tls
 from optserve.server.checkpoint import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_CHECKPOINT_KEEP,
@@ -61,8 +62,15 @@ class ParameterServer:
                  apply_threads: int | None = None,
                  checkpoint_dir: str | os.PathLike | None = None,
                  checkpoint_every=DEFAULT_CHECKPOINT_EVERY,
-                 checkpoint_keep: int = DEFAULT_CHECKPOINT_KEEP):
+                 checkpoint_keep: int = DEFAULT_CHECKPOINT_KEEP,
+                 tls_cert: str | os.PathLike | None = None,
+                 tls_key: str | os.PathLike | None = None,
+                 tls_client_ca: str | os.PathLike | None = None,
+                 auth_tokens: str | os.PathLike | None = None):
         _check_options(sync_timeout_s, max_request_bytes, apply_threads)
+        # Security (optserve.server.tls, optserve.server.auth): checked here, before anything binds.
+        self.tls = tls.server_tls(tls_cert, tls_key, tls_client_ca)
+        self.tokens = auth.TokenTable(auth_tokens) if auth_tokens is not None else None
         self.host = host
         self.requested_port = port
         self.device = device
@@ -99,7 +107,11 @@ class ParameterServer:
             self._registry.on_change = self._checkpointer.note_change
             self._registry.begin_restore()
         # No SO_REUSEPORT: a second server on a busy port must fail, not silently share it.
-        self._server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
+        mutual_tls = self.tls is not None and self.tls.mutual
+        interceptors = ([auth.AuthInterceptor(self.tokens, verified_certificates=mutual_tls)]
+                        if self.tokens is not None else [])
+        self._server = grpc.aio.server(interceptors=interceptors,
+                                       options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
         add_to_server(ParameterServerServicer(self._registry, self.max_request_bytes, self._checkpointer),
                       self._server)
         self._health = health.aio.HealthServicer()
@@ -108,7 +120,10 @@ class ParameterServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
         where = _format_address(self.host, self.requested_port)
         try:
-            self.port = self._server.add_insecure_port(where)
+            if self.tls is None:
+                self.port = self._server.add_insecure_port(where)
+            else:
+                self.port = self._server.add_secure_port(where, self.tls.credentials())
         except RuntimeError as exc:  # grpc raises when the bind fails
             raise OSError(f"Could not listen on {where} ({exc}); is another server using the port?") from None
         if not self.port:
@@ -129,7 +144,25 @@ class ParameterServer:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         checkpoints = (f"; checkpoints in {self.checkpoint_dir} {self.checkpoint_schedule}, keeping "
                        f"{self.checkpoint_keep}" if self._checkpointer is not None else "")
-        log.info("optserve serving on %s (device %s, %r)%s", self.address, self.device, backend, checkpoints)
+        log.info("optserve serving on %s (device %s, %r)%s%s", self.address, self.device, backend, checkpoints,
+                 self._security_summary())
+        for warning in tls.exposure_warnings(self.host, self.tls, self.tokens is not None):
+            log.warning("%s", warning)
+        if self.tokens is not None and not len(self.tokens):
+            log.warning("The token file %s lists nobody: every call but health and reflection is refused.",
+                        self.tokens.path)
+        if self.tokens is not None and self.tokens.lists_certificates and not (self.tls and self.tls.mutual):
+            log.warning("The token file %s has cert_cn= lines, which count only with --tls-client-ca "
+                        "(client certificates verified); without it they are ignored.", self.tokens.path)
+
+    def _security_summary(self) -> str:
+        transport = "plaintext" if self.tls is None else ("mTLS" if self.tls.mutual else "TLS")
+        tokens = f", {len(self.tokens)} principal(s) from {self.tokens.path}" if self.tokens is not None else ""
+        return f"; {transport}{tokens}"
+
+    def reload_auth(self) -> bool:
+        """Reread the token file (SIGHUP); False when there is none or it did not parse (old tokens stay)."""
+        return self.tokens.reload() if self.tokens is not None else False
 
     async def _restore(self) -> None:
         found = await self._checkpointer.load_latest()
@@ -205,6 +238,10 @@ class RunningServer:
     def final_checkpoint_error(self) -> BaseException | None:
         return self._server.final_checkpoint_error
 
+    def reload_auth(self) -> bool:
+        """Reread the token file, as SIGHUP does for ``optserve serve``."""
+        return asyncio.run_coroutine_threadsafe(_call(self._server.reload_auth), self._loop).result()
+
     def stop(self, grace: float | None = DEFAULT_GRACE_S, *, final_checkpoint: bool = True) -> None:
         """Stop as ``ParameterServer.stop`` does; ``final_checkpoint=False`` loses what changed
         since the last checkpoint, as a crash would."""
@@ -225,6 +262,10 @@ class RunningServer:
         return f"RunningServer({self.address!r})"
 
 
+async def _call(function):
+    return function()
+
+
 def _finish_tasks(loop: asyncio.AbstractEventLoop) -> None:
     """Cancel what is still pending on a stopped loop (as asyncio.run does) so nothing is destroyed mid-flight."""
     pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
@@ -238,7 +279,8 @@ def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "auto", *
     """Start a server on a background thread and return once it is serving.
 
     ``options``: ``sync_timeout_s``, ``max_request_bytes``, ``apply_threads``, ``checkpoint_dir``,
-    ``checkpoint_every``, ``checkpoint_keep`` (see ParameterServer and ``optserve serve --help``).
+    ``checkpoint_every``, ``checkpoint_keep``, ``tls_cert``, ``tls_key``, ``tls_client_ca``, ``auth_tokens``
+    (see ParameterServer and ``optserve serve --help``).
     """
     server = ParameterServer(host, port, device, **options)
     loop = asyncio.new_event_loop()
@@ -307,6 +349,8 @@ def serve(host: str = "127.0.0.1", port: int = 50051, device: str = "auto", *,
         # Installed before start: a signal during a long restore stops the server once it is up.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stopping.set)
+        if hasattr(signal, "SIGHUP"):
+            loop.add_signal_handler(signal.SIGHUP, server.reload_auth)  # reread --auth-tokens
         await server.start()
         if on_listening is not None:
             on_listening(server.address)

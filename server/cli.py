@@ -2,6 +2,7 @@
 
     optserve serve --host 127.0.0.1 --port 50051 --device auto --checkpoint-dir DIR --checkpoint-every 60s
     optserve checkpoint 127.0.0.1:50051      (prints the new checkpoint's path)
+    optserve token --name team-a --role worker --models 'team-a/*'   (a new token and its file line)
     optserve inspect ...     (optserve.client.inspect)
     optserve demo ...        (optserve.client.demo)
     optserve health ...      (optserve.client.health)
@@ -80,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"on request (`optserve checkpoint`) and at shutdown (default: {DEFAULT_CHECKPOINT_EVERY})")
     serve.add_argument("--checkpoint-keep", type=_positive_int, default=None, metavar="K",
                        help=f"with --checkpoint-dir: checkpoints kept, newest first (default: {DEFAULT_CHECKPOINT_KEEP})")
+    _add_security_arguments(serve)
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                        help="log verbosity on stderr (default: %(default)s)")
     checkpoint = commands.add_parser(
@@ -90,9 +92,81 @@ def build_parser() -> argparse.ArgumentParser:
                             help="host:port of the server; several, joined by commas, for the shards of a model")
     checkpoint.add_argument("--timeout", type=_positive_float, default=600.0, metavar="S",
                             help="seconds to wait for each checkpoint to be written (default: %(default)s)")
+    _add_connection_arguments(checkpoint)
+    _add_token_command(commands)
     for name, (_, help_text) in CLIENT_COMMANDS.items():
         commands.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def _add_security_arguments(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group("security", "TLS, client certificates and tokens (see deploy/README.md)")
+    group.add_argument("--tls-cert", metavar="FILE", help="the server's certificate chain (PEM); with --tls-key, "
+                                                          "the port speaks only TLS")
+    group.add_argument("--tls-key", metavar="FILE", help="the server's private key (PEM)")
+    group.add_argument("--tls-client-ca", metavar="FILE",
+                       help="require client certificates signed by these CA certificates (PEM): mTLS")
+    group.add_argument("--auth-tokens", metavar="FILE",
+                       help="require a bearer token (or a listed client certificate) on every call except health "
+                            "and reflection; one principal per line with its role and models (see "
+                            "`optserve token --help`); reread on SIGHUP")
+
+
+def _add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    # The client side's options (optserve.client.security.add_connection_arguments, which a test
+    # compares with these), spelled out here so that building this parser never imports the client.
+    group = parser.add_argument_group("connection security", "TLS and token; unset options come from "
+                                      "OPTSERVE_TLS_CA, OPTSERVE_TLS_CERT, OPTSERVE_TLS_KEY, OPTSERVE_TOKEN, ...")
+    group.add_argument("--tls", action="store_true", help="use TLS (implied by --tls-ca/--tls-cert)")
+    group.add_argument("--tls-ca", metavar="FILE", help="CA bundle (PEM) that signed the server's certificate")
+    group.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM), for mTLS")
+    group.add_argument("--tls-key", metavar="FILE", help="client private key (PEM), for mTLS")
+    group.add_argument("--tls-server-name", metavar="NAME", help="name the server's certificate must carry")
+    group.add_argument("--token-file", metavar="FILE", help="file holding the bearer token")
+
+
+def _add_token_command(commands) -> None:
+    from optserve.server.auth import RIGHTS, ROLES
+
+    token = commands.add_parser(
+        "token", help="print a new random token and its line for an --auth-tokens file",
+        description="Make a new token. Prints the token (shown only here: hand it to the client, e.g. as "
+                    "OPTSERVE_TOKEN) and then the line for the --auth-tokens file, which holds only its SHA-256. "
+                    "With --append FILE the line goes into FILE instead, and only the token is printed.")
+    token.add_argument("--name", required=True, help="who holds the token, for messages and the audit log")
+    token.add_argument("--role", required=True, choices=ROLES, help="reader, worker (+ create, push) or admin")
+    token.add_argument("--models", required=True, metavar="IDS",
+                       help="model ids or prefixes ending in '*', comma-separated (team-a/*); '*' for all")
+    token.add_argument("--rights", default="", metavar="RIGHTS",
+                       help=f"extra rights, comma-separated: {', '.join(RIGHTS)}")
+    token.add_argument("--append", metavar="FILE", help="append the line to FILE (created with mode 0600)")
+
+
+def run_token(args: argparse.Namespace) -> int:
+    import os
+
+    from optserve.server.auth import new_token_line
+
+    try:
+        secret, line = new_token_line(args.name, args.role, args.models, args.rights)
+    except OptserveError as error:
+        print(f"optserve token: error: {error.message}", file=sys.stderr)
+        return 2
+    print(secret, flush=True)
+    if args.append is None:
+        print(line, flush=True)
+        return 0
+    descriptor = os.open(args.append, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(descriptor, "a", encoding="utf-8") as file:
+        file.write(line + "\n")
+    print(f"optserve token: appended {args.name!r} to {args.append}; send the server SIGHUP to load it.",
+          file=sys.stderr)
+    return 0
+
+
+def _security_options(args: argparse.Namespace) -> dict:
+    return {"tls_cert": args.tls_cert, "tls_key": args.tls_key, "tls_client_ca": args.tls_client_ca,
+            "auth_tokens": args.auth_tokens}
 
 
 def _announce(address: str) -> None:
@@ -122,7 +196,7 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         return serve(args.host, args.port, args.device, grace=args.grace, on_listening=_announce,
                      sync_timeout_s=args.sync_timeout, max_request_bytes=args.max_request_bytes,
-                     apply_threads=args.apply_threads, **checkpoint_options)
+                     apply_threads=args.apply_threads, **checkpoint_options, **_security_options(args))
     except (OptserveError, OSError) as exc:
         # Startup problems (busy port, no GPU) are the operator's to fix: a message, not a traceback.
         print(f"optserve serve: error: {exc}", file=sys.stderr, flush=True)
@@ -132,16 +206,22 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 def run_checkpoint(args: argparse.Namespace) -> int:
     """``optserve checkpoint ADDRESS``: one checkpoint per server; prints where each went."""
     from optserve.client.client import Client, OptserveError as ClientError, parse_addresses
+    from optserve.client.security import connection_options
 
     try:
         addresses = parse_addresses(args.address)
     except ValueError as error:
         print(f"optserve checkpoint: error: {error}", file=sys.stderr)
         return 2
+    try:
+        security = connection_options(args)
+    except ValueError as error:
+        print(f"optserve checkpoint: error: {error}", file=sys.stderr)
+        return 2
     status = 0
     for address in addresses:
         try:
-            with Client(address, timeout=args.timeout) as client:
+            with Client(address, timeout=args.timeout, **security) as client:
                 path, models = client.checkpoint()
         except ClientError as error:
             print(f"optserve checkpoint: {address}: {error.code}: {error.message}", file=sys.stderr, flush=True)
@@ -164,6 +244,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "checkpoint":
         return run_checkpoint(args)
+    if args.command == "token":
+        return run_token(args)
     return run_serve(args, parser)
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from optserve.server import auth
 from optserve.server.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -115,7 +116,7 @@ class ModelRegistry:
         self._ensure_open()
         model = self._models.get(model_id)
         if model is None:
-            known = sorted(self._models)
+            known = sorted(filter(auth.visible, self._models))  # never name another tenant's models
             hint = f"models on this server: {', '.join(map(repr, known[:MAX_LISTED_NAMES]))}" if known else "this server holds no models"
             raise NotFoundError(f"No model {model_id!r} ({hint}); call CreateModel first.")
         return model

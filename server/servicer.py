@@ -21,6 +21,7 @@ import numpy as np
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors as codec
+from optserve.server import auth
 from optserve.server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -365,6 +366,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context):
         summaries = []
         for model in self.registry.models(request.model_id):
+            if not auth.visible(model.model_id):
+                continue  # another tenant's model (optserve.server.auth)
             try:
                 summaries.append(await model.summary(request.with_stats))
             except OptserveError:
