@@ -59,6 +59,7 @@ from optserve.client.remote_job import (
     check_server_layout,
     check_unique_names,
     match_variables,
+    PulledValues,
 )
 from optserve.client import security
 
@@ -235,10 +236,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         self._refreshing = False
         self._variable_names = []
         self._slot_mirrors = []
-        # What each model variable held when it last agreed with the server:
-        # {name: (host array, cheap token)}. A variable that differs before a
-        # step was written outside the optimizer and goes to the server first.
-        self._pulled = {}
+        self._pulled = PulledValues()
         self._warned_learning_rate_writer = False
         self._replace_iterations_variable()
 
@@ -595,33 +593,24 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
     # ------------------------------------------------------------------ writes outside the optimizer
 
     def _note_pulled(self, name, variable, value):
-        """`variable` now holds `value`, the server's: remember both, with a cheap change token."""
-        self._pulled[name] = (np.asarray(value), _change_token(variable))
+        """`variable` now holds `value`, the server's."""
+        self._pulled.note(name, value, _change_token(variable))
 
     def _note_all_pulled(self, values):
         # Stateless steps: the trainer holds the values, so no token (compare by value).
         for name in self._variable_names:
-            self._pulled[name] = (np.asarray(values[name]), None)
+            self._pulled.note(name, values[name])
 
     def _changed_variables(self):
         """Eagerly: the model variables written since they last agreed with the server."""
-        changed = {}
-        for name, variable in zip(self._variable_names, self._trainable_variables):
-            pulled, token = self._pulled[name]
-            if token is not None and _change_token(variable) == token:
-                continue
-            value = _to_numpy(variable)
-            if not _same_values(value, pulled):
-                changed[name] = value.copy()
-        return changed
+        candidates = [
+            (name, variable) for name, variable in zip(self._variable_names, self._trainable_variables)
+            if self._pulled.token(name) is None or _change_token(variable) != self._pulled.token(name)
+        ]
+        return self._pulled.changed([n for n, _ in candidates], [_to_numpy(v) for _, v in candidates])
 
     def _changed_values(self, current_values):
-        changed = {}
-        for name, value in zip(self._variable_names, current_values):
-            value = np.asarray(value)
-            if not _same_values(value, self._pulled[name][0]):
-                changed[name] = value.copy()
-        return changed
+        return self._pulled.changed(self._variable_names, current_values)
 
     def _write_back(self, changed):
         """Send variables written outside the optimizer (set_weights, load_weights, ...) to the server."""
@@ -630,9 +619,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         log.info("Model %r: %d variable(s) changed outside the optimizer; writing them to the server.",
                  self.model_id, len(changed))
         self.client.set_weights(self.model_id, variables=changed)
-        for name, value in changed.items():
-            previous_token = self._pulled[name][1]
-            self._pulled[name] = (value, previous_token)
+        self._pulled.keep(changed)
         self._slots_stale = True
 
     # ------------------------------------------------------------------ constraints
@@ -664,7 +651,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             values = {name: np.array(array) for name, array in zip(names, arrays)}
             self.client.set_weights(self.model_id, variables=values)
             for name, value in values.items():
-                self._pulled[name] = (value, None)
+                self._pulled.note(name, value)
 
         if io_callback is None:
             write_back(*[_to_numpy(constrained[name]) for name in names])
@@ -1015,10 +1002,6 @@ def _change_token(variable):
     if backend == "jax":
         return id(variable._value)
     return None
-
-
-def _same_values(a, b):
-    return a.shape == b.shape and np.array_equal(a, b, equal_nan=True)
 
 
 def _host_gradient(gradient):

@@ -17,6 +17,7 @@ __all__ = [
     "match_variables",
     "check_resume",
     "server_config",
+    "PulledValues",
     "is_int",
     "is_number",
 ]
@@ -143,3 +144,37 @@ def _plain(value):
     if isinstance(value, (list, tuple)):
         return [_plain(item) for item in value]
     return value
+
+
+class PulledValues:
+    """What each model variable held when it last agreed with the server.
+
+    A variable that holds something else before a step was written outside the
+    optimizer (`model.set_weights`, `load_weights`, `restore_best_weights`, an
+    assignment) and must reach the server before that step. A `token` is a
+    cheap stand-in that changes whenever the variable is written (None: compare
+    values).
+    """
+
+    def __init__(self):
+        self._entries: dict[str, tuple[np.ndarray, object]] = {}
+
+    def note(self, name: str, value, token=None) -> None:
+        self._entries[name] = (np.asarray(value), token)
+
+    def token(self, name: str):
+        return self._entries[name][1]
+
+    def differs(self, name: str, value) -> bool:
+        pulled = self._entries[name][0]
+        value = np.asarray(value)
+        return value.shape != pulled.shape or not np.array_equal(value, pulled, equal_nan=True)
+
+    def changed(self, names, values) -> dict[str, np.ndarray]:
+        """{name: a copy of the value} for each value that differs from the one pulled."""
+        return {name: np.array(value) for name, value in zip(names, values) if self.differs(name, value)}
+
+    def keep(self, changed) -> None:
+        """The server now has `changed` (written back): they are the values to compare with."""
+        for name, value in changed.items():
+            self._entries[name] = (np.asarray(value), self._entries[name][1])

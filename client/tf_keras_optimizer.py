@@ -31,7 +31,13 @@ import tf_keras
 
 from optserve.client import keras_tensorflow, security
 from optserve.client.client import Client, parse_address
-from optserve.client.remote_job import check_job_arguments, check_server_layout, check_unique_names, server_config
+from optserve.client.remote_job import (
+    PulledValues,
+    check_job_arguments,
+    check_server_layout,
+    check_unique_names,
+    server_config,
+)
 
 __all__ = ["RemoteOptimizer"]
 
@@ -115,6 +121,7 @@ class RemoteOptimizer(tf_keras.optimizers.Optimizer):
         self._variable_names = ()
         self._model_variables = self._no_dependency([])
         self._slot_variables = self._no_dependency([])  # [(variable name, slot name, tf.Variable)]
+        self._pulled = self._no_dependency(PulledValues())
 
     # ------------------------------------------------------------------ configuration
 
@@ -181,6 +188,8 @@ class RemoteOptimizer(tf_keras.optimizers.Optimizer):
         if not info.created:
             for name, variable in zip(names, variables):
                 variable.assign(weights.variables[name])
+        for name, variable in zip(names, variables):
+            self._pulled.note(name, variable.numpy())
         self._build_index_dict(variables)
         self._variable_names = tuple(names)
         self._model_variables[:] = variables
@@ -214,9 +223,11 @@ class RemoteOptimizer(tf_keras.optimizers.Optimizer):
         self.build(variables)
         names = [self._name_of(v) for v in variables]
         if keras_tensorflow.executing_eagerly():
+            self._write_back(self._pulled.changed(self._variable_names, [v.numpy() for v in self._model_variables]))
             values = self._push_pull({n: keras_tensorflow.host_gradient(g) for n, g in zip(names, grads)}, aggregated)
             for variable, name in zip(self._model_variables, self._variable_names):
                 variable.assign(values[name])
+                self._pulled.note(name, values[name])
             self._iterations.assign(self._server_iterations)
         else:
             self._graph_step(list(zip(names, grads)), aggregated)
@@ -226,11 +237,15 @@ class RemoteOptimizer(tf_keras.optimizers.Optimizer):
     def _graph_step(self, named_grads, aggregated):
         dtypes = [v.dtype for v in self._model_variables] + [tf.int64]
 
-        def host_step(host_grads):
+        def host_step(host_grads, current_values):
+            self._write_back(self._pulled.changed(self._variable_names, current_values))
             values = self._push_pull(host_grads, aggregated)
+            for name in self._variable_names:
+                self._pulled.note(name, values[name])
             return [values[name] for name in self._variable_names] + [np.int64(self._server_iterations)]
 
-        outputs = keras_tensorflow.graph_round_trip(named_grads, host_step, dtypes)
+        current = [v.read_value() for v in self._model_variables]
+        outputs = keras_tensorflow.graph_round_trip(named_grads, host_step, dtypes, current)
         for variable, value in zip(self._model_variables, outputs[:-1]):
             variable.assign(tf.reshape(value, variable.shape))
         self._iterations.assign(tf.reshape(outputs[-1], ()))
@@ -243,14 +258,20 @@ class RemoteOptimizer(tf_keras.optimizers.Optimizer):
         for _, variable in constrained:
             variable.assign(variable.constraint(variable))
         if keras_tensorflow.executing_eagerly():
-            self.client.set_weights(self.model_id, variables={n: v.numpy() for n, v in constrained})
+            self._write_back({n: v.numpy() for n, v in constrained})
             return
 
-        def write_back(values):
-            self.client.set_weights(self.model_id, variables={n: np.asarray(a) for n, a in values.items()})
+        def write_back(values, _):
+            self._write_back({n: np.asarray(a) for n, a in values.items()})
             return []
 
         keras_tensorflow.graph_round_trip([(n, v.read_value()) for n, v in constrained], write_back, [])
+
+    def _write_back(self, changed):
+        """Variables written outside the optimizer (set_weights, load_weights, ...) go to the server first."""
+        if changed:
+            self.client.set_weights(self.model_id, variables=changed)
+            self._pulled.keep(changed)
 
     def _push_pull(self, grads, aggregated):
         result, values = self.client.push_pull(
