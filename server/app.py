@@ -61,7 +61,8 @@ class ParameterServer:
                  apply_threads: int | None = None,
                  checkpoint_dir: str | os.PathLike | None = None,
                  checkpoint_every=DEFAULT_CHECKPOINT_EVERY,
-                 checkpoint_keep: int = DEFAULT_CHECKPOINT_KEEP):
+                 checkpoint_keep: int = DEFAULT_CHECKPOINT_KEEP,
+                 metrics_port: int | None = None):
         _check_options(sync_timeout_s, max_request_bytes, apply_threads)
         self.host = host
         self.requested_port = port
@@ -73,6 +74,9 @@ class ParameterServer:
         self.checkpoint_schedule = parse_checkpoint_every(checkpoint_every)
         self.checkpoint_keep = checkpoint_keep
         self.port: int | None = None
+        self.requested_metrics_port = metrics_port  # None: no /metrics endpoint
+        self.metrics_port: int | None = None        # the port bound, once serving
+        self.metrics = None                         # optserve.server.metrics.ServerMetrics
         # Set by stop() when the final checkpoint could not be written.
         self.final_checkpoint_error: BaseException | None = None
         self._server: grpc.aio.Server | None = None
@@ -98,8 +102,18 @@ class ParameterServer:
             self._checkpointer = Checkpointer(store, self.checkpoint_schedule, self._registry.snapshot)
             self._registry.on_change = self._checkpointer.note_change
             self._registry.begin_restore()
+        interceptors = []
+        if self.requested_metrics_port is not None:
+            from optserve.server.metrics import ServerMetrics
+
+            self.metrics = ServerMetrics()
+            self._registry.observer = self.metrics
+            if self._checkpointer is not None:
+                self._checkpointer.observer = self.metrics
+            interceptors.append(self.metrics.interceptor())
         # No SO_REUSEPORT: a second server on a busy port must fail, not silently share it.
-        self._server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
+        self._server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)],
+                                       interceptors=interceptors)
         add_to_server(ParameterServerServicer(self._registry, self.max_request_bytes, self._checkpointer),
                       self._server)
         self._health = health.aio.HealthServicer()
@@ -113,6 +127,9 @@ class ParameterServer:
             raise OSError(f"Could not listen on {where} ({exc}); is another server using the port?") from None
         if not self.port:
             raise OSError(f"Could not listen on {where}; is another server using the port?")
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve_http(self.host, self.requested_metrics_port)
+            log.info("Prometheus metrics on http://%s/metrics", _format_address(self.host, self.metrics_port))
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
@@ -148,6 +165,8 @@ class ParameterServer:
         log.info("Restored checkpoint %s: %s.", path, describe_models(state["models"]))
 
     async def _abandon_start(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop_http()
         await self._server.stop(None)
         if self._checkpointer is not None:
             await self._checkpointer.close(final=False)
@@ -177,6 +196,8 @@ class ParameterServer:
         await self._server.stop(grace)
         self._executor.shutdown(wait=True)
         self._server = None
+        if self.metrics is not None:
+            self.metrics.stop_http()
         log.info("optserve on %s stopped", self.address)
 
 
@@ -200,6 +221,10 @@ class RunningServer:
         self.host = server.host
         self.port = server.port
         self.address = server.address
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._server.metrics_port
 
     @property
     def final_checkpoint_error(self) -> BaseException | None:

@@ -568,6 +568,8 @@ class Checkpointer:
         self._step_save: asyncio.Task | None = None
         self._saves: set[asyncio.Task] = set()   # saves started and not finished
         self._closed = False
+        # Told of each save's outcome (``optserve.server.metrics.ServerMetrics``), when set.
+        self.observer = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -649,12 +651,16 @@ class Checkpointer:
                 loop = asyncio.get_running_loop()
                 path = await loop.run_in_executor(self._writer, self.store.save, state)
             except BaseException as error:
+                if self.observer is not None:
+                    self.observer.checkpoint_failed(time.monotonic() - started)
                 # Those changes are still in no checkpoint. (Step counting starts over, so
                 # a disk that stays full is tried again after as many steps, not at once.)
                 self._changes += changes
                 if isinstance(error, OSError):
                     raise _write_error(self.store.directory, error) from error
                 raise
+        if self.observer is not None:
+            self.observer.checkpoint_saved(time.monotonic() - started, path)
         models = state.get("models", []) if isinstance(state, dict) else []
         logger.info("Checkpoint %s written (%s) in %.2f s: %s", path, reason, time.monotonic() - started,
                     describe_models(models))

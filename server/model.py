@@ -34,6 +34,7 @@ import functools
 import json
 import logging
 import math
+import time
 from concurrent.futures import Executor
 from typing import Any, Callable, Iterable, Mapping
 
@@ -343,6 +344,22 @@ class _RecentSteps:
         return recent
 
 
+class ModelEvents:
+    """What a model reports as it works; these do nothing (``optserve.server.metrics`` counts them).
+    Called on the event loop thread."""
+
+    def pushed(self, payload_bytes: int, duplicate: bool) -> None: ...
+    def received(self, payload_bytes: int) -> None: ...
+    def sent(self, payload_bytes: int) -> None: ...
+    def applied(self, seconds: float, partial: bool) -> None: ...
+    def waited(self, seconds: float) -> None: ...
+    def timed_out(self) -> None: ...
+
+
+def _nbytes(arrays: Iterable[np.ndarray]) -> int:
+    return sum(int(a.nbytes) for a in arrays)
+
+
 # -------------------------------------------------------------------- model
 
 
@@ -363,6 +380,7 @@ class Model:
         # Told of every change of state (loop thread): the number of updates applied
         # (0 for other changes). The registry counts them for step-based checkpoints.
         self.on_change: Callable[[int], None] | None = None
+        self.events = ModelEvents()
 
     @classmethod
     async def create(cls, spec: ModelSpec, engine, variables: Mapping[str, np.ndarray],
@@ -389,6 +407,15 @@ class Model:
     def waiting_workers(self) -> tuple[int, ...]:
         return tuple(sorted(self._pending.contributors)) if self._pending else ()
 
+    def gauges(self) -> dict[str, float]:
+        """Current readings for monitoring; cheap, and safe to take from another thread."""
+        pending = self._pending
+        held = sum(math.prod(v.shape) * v.dtype.itemsize * (1 + len(self._engine.slot_names(v.name)))
+                   for v in self.spec.variables)
+        return {"waiting": len(pending.contributors) if pending else 0,
+                "lr": float(self._engine.current_learning_rate()),
+                "iterations": int(self._engine.iterations), "step": self._step, "bytes": held}
+
     # ------------------------------------------------------------- pushes
 
     def check_push_header(self, worker: int, step: int) -> None:
@@ -412,15 +439,26 @@ class Model:
         """
         self.check_push_header(worker, step)
         self.check_gradients(gradients)
+        payload = _nbytes(gradients.values())
         if self.spec.mode == ASYNC:
-            return await self._exclusive(
+            outcome = await self._exclusive(
                 lambda: self._push_async(worker, step, gradients, return_variables))
+            self.events.pushed(payload, outcome.duplicate)
+            self.events.sent(_nbytes((outcome.variables or {}).values()))
+            return outcome
         future, duplicate = await self._exclusive(
             lambda: self._push_sync(worker, step, gradients, aggregated, return_variables))
-        # Shielded: one waiter hanging up must not cancel the result the others wait for.
-        outcome: StepOutcome = await asyncio.shield(future)
-        return dataclasses.replace(
-            outcome, duplicate=duplicate, variables=outcome.variables if return_variables else None)
+        self.events.pushed(payload, duplicate)
+        waiting_since = time.perf_counter()
+        try:
+            # Shielded: one waiter hanging up must not cancel the result the others wait for.
+            outcome: StepOutcome = await asyncio.shield(future)
+        finally:
+            if not duplicate:
+                self.events.waited(time.perf_counter() - waiting_since)
+        variables = outcome.variables if return_variables else None
+        self.events.sent(_nbytes((variables or {}).values()))
+        return dataclasses.replace(outcome, duplicate=duplicate, variables=variables)
 
     def check_gradients(self, gradients: Mapping[str, np.ndarray]) -> None:
         """Validate a whole push before any of it touches a buffer or the engine.
@@ -494,7 +532,9 @@ class Model:
 
     async def _apply_step(self, step, gradients, contributors, missing, aggregated, return_variables) -> StepOutcome:
         # Gradients for none of the variables (every push of the step was empty) still make a step.
+        started = time.perf_counter()
         await self._run(functools.partial(self._engine.apply, dict(gradients), count_empty_step=True))
+        self.events.applied(time.perf_counter() - started, partial=bool(missing))
         self._step += 1
         self._remember(step, _StepRecord(tuple(sorted(contributors)), tuple(missing), aggregated))
         self._notify(applied=1)
@@ -533,6 +573,7 @@ class Model:
         missing = pending.missing(self.spec.num_workers)
         arrived = sorted(pending.contributors)
         timeout = self.spec.sync_timeout_s
+        self.events.timed_out()
         if self.spec.timeout_policy == APPLY_PARTIAL:
             log.warning("model %r step %d: applying the pushes of workers %s after %.3g s; missing workers %s",
                         self.model_id, pending.step, arrived, timeout, list(missing))
@@ -606,6 +647,7 @@ class Model:
         async def read():
             self._ensure_open()
             values = await self._run(self._engine.read_variables, selected)
+            self.events.sent(_nbytes(values.values()))
             return self._status(), values
 
         return await self._exclusive(read)
@@ -628,6 +670,7 @@ class Model:
         async def read():
             self._ensure_open()
             tensors = await self._run(read_tensors)
+            self.events.sent(_nbytes(value for _, _, value in tensors))
             return self._status(), tensors
 
         return await self._exclusive(read)
@@ -668,6 +711,7 @@ class Model:
 
         async def write():
             self._ensure_open()
+            self.events.received(_nbytes(tensors.values()))
             variables, slots = self._split_weights(tensors)
             self._check_state(state)
             await self._run(self._write_weights, variables, slots, state)
