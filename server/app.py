@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from optserve.protos.tensors import GRPC_OPTIONS
 from optserve.server.checkpoint import (
@@ -33,6 +32,7 @@ from optserve.server.checkpoint import (
     parse_checkpoint_every,
 )
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError, OptserveError
+from optserve.server.reflection import enable_reflection
 from optserve.server.registry import ModelRegistry
 from optserve.server.servicer import DEFAULT_MAX_REQUEST_BYTES, SERVICE_NAME, ParameterServerServicer, add_to_server
 
@@ -118,8 +118,7 @@ class ParameterServer:
                       self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), self._server)
         where = _format_address(self.host, self.requested_port)
         try:
             self.port = self._server.add_insecure_port(where)

@@ -40,6 +40,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from optserve.server import text
 from optserve.server.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -76,7 +77,7 @@ class VariableMeta:
     dtype: np.dtype
 
     def describe(self) -> str:
-        return f"shape {self.shape} {self.dtype.name}"
+        return text.tensor(self.shape, self.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,13 +100,18 @@ class ModelSpec:
         """Human-readable list of what differs between an existing spec and a requested one."""
         found = []
         for path, mine, theirs in _dict_differences(self.optimizer_config, other.optimizer_config):
-            found.append(f"optimizer config {path}: existing {mine!r}, requested {theirs!r}")
+            found.append(f"optimizer config {path}: existing {_config_value(mine)}, "
+                         f"requested {_config_value(theirs)}")
         for field in ("num_workers", "mode"):
             mine, theirs = getattr(self, field), getattr(other, field)
             if mine != theirs:
-                found.append(f"{field}: existing {mine!r}, requested {theirs!r}")
+                found.append(f"{field}: existing {text.value(mine)}, requested {text.value(theirs)}")
         found.extend(_variable_differences(self.variables, other.variables))
         return found
+
+
+def _config_value(item: Any) -> str:
+    return item if item == "<absent>" else text.value(item)
 
 
 def _dict_differences(mine: Any, theirs: Any, path: str = "") -> Iterable[tuple[str, Any, Any]]:
@@ -133,21 +139,22 @@ def _variable_differences(mine: tuple[VariableMeta, ...], theirs: tuple[Variable
     return found
 
 
-def parse_optimizer_config(text: str):
+def parse_optimizer_config(config_json: str):
     """The JSON text of a ModelSpec's optimizer config -> what ``optimizers.deserialize`` takes."""
-    if not text.strip():
+    if not config_json.strip():
         raise InvalidArgumentError(
             "`optimizer_config_json` is empty. Send keras.optimizers.serialize(optimizer) as JSON, "
             'or a name such as "\\"adam\\"".'
         )
     try:
-        config = json.loads(text)
+        config = json.loads(config_json)
     except ValueError as exc:
-        raise InvalidArgumentError(f"`optimizer_config_json` is not valid JSON ({exc}). Received: {text[:200]!r}") from None
+        raise InvalidArgumentError(
+            f"`optimizer_config_json` is not valid JSON ({exc}). Received: {text.name(config_json[:200])}") from None
     if not isinstance(config, (str, dict)):
         raise InvalidArgumentError(
             "`optimizer_config_json` must be a JSON object (a serialized optimizer) or a JSON string "
-            f"(an optimizer name). Received: {text[:200]!r}"
+            f"(an optimizer name). Received: {config_json[:200]}"
         )
     return config
 
@@ -476,7 +483,7 @@ class Model:
             var = self._variables[name]
             if tuple(gradient.shape) != var.shape or gradient.dtype != var.dtype:
                 raise InvalidArgumentError(
-                    f"Gradient for {name!r} has shape {tuple(gradient.shape)} {gradient.dtype.name}, "
+                    f"Gradient for {name!r} has {text.tensor(gradient.shape, gradient.dtype)}, "
                     f"but the variable has {var.describe()}; send gradients of the variable's shape and dtype."
                 )
 
@@ -745,7 +752,7 @@ class Model:
                 var = self._variables[name]
                 if tuple(value.shape) != var.shape or value.dtype != var.dtype:
                     raise InvalidArgumentError(
-                        f"New value for {name!r} has shape {tuple(value.shape)} {value.dtype.name}, "
+                        f"New value for {name!r} has {text.tensor(value.shape, value.dtype)}, "
                         f"but the variable has {var.describe()}."
                     )
                 variables[name] = value
