@@ -22,6 +22,7 @@ CLIENT_COMMANDS = {
     "inspect": ("optserve.client.inspect", "show the models, optimizer state and variables of a server"),
     "demo": ("optserve.client.demo", "start a server and two workers that train a small model against it"),
     "health": ("optserve.client.health", "ask a server for its gRPC health status (exit 0 when SERVING)"),
+    "top": ("optserve.client.watch", "a live table of a server's models (optserve inspect ADDRESS --watch)"),
 }
 
 

@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from optserve.server import text
+from optserve.server.activity import ModelActivity, update_norm
 from optserve.server.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -251,6 +252,7 @@ class ModelSummary:
     status: OptimizerStatus
     variables: tuple[VariableSummary, ...]
     waiting_workers: tuple[int, ...]
+    activity: ModelActivity | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -388,6 +390,7 @@ class Model:
         # (0 for other changes). The registry counts them for step-based checkpoints.
         self.on_change: Callable[[int], None] | None = None
         self.events = ModelEvents()
+        self.activity = ModelActivity()
 
     @classmethod
     async def create(cls, spec: ModelSpec, engine, variables: Mapping[str, np.ndarray],
@@ -446,6 +449,13 @@ class Model:
         """
         self.check_push_header(worker, step)
         self.check_gradients(gradients)
+        started = time.perf_counter()
+        try:
+            return await self._push(worker, step, gradients, aggregated, return_variables)
+        finally:
+            self.activity.pushed(time.perf_counter() - started)
+
+    async def _push(self, worker, step, gradients, aggregated, return_variables) -> StepOutcome:
         payload = _nbytes(gradients.values())
         if self.spec.mode == ASYNC:
             outcome = await self._exclusive(
@@ -539,9 +549,12 @@ class Model:
 
     async def _apply_step(self, step, gradients, contributors, missing, aggregated, return_variables) -> StepOutcome:
         # Gradients for none of the variables (every push of the step was empty) still make a step.
+        before = await self._read_all_variables() if self.activity.tracking else None
         started = time.perf_counter()
         await self._run(functools.partial(self._engine.apply, dict(gradients), count_empty_step=True))
         self.events.applied(time.perf_counter() - started, partial=bool(missing))
+        if before is not None:
+            self.activity.update_norm = await self._run(update_norm, before, await self._read_all_variables())
         self._step += 1
         self._remember(step, _StepRecord(tuple(sorted(contributors)), tuple(missing), aggregated))
         self._notify(applied=1)
@@ -694,7 +707,7 @@ class Model:
                 VariableSummary(meta, tuple(self._engine.slot_names(meta.name)), norm_by_name.get(meta.name))
                 for meta in self.spec.variables
             )
-            return ModelSummary(self.spec, self._status(), variables, self.waiting_workers())
+            return ModelSummary(self.spec, self._status(), variables, self.waiting_workers(), self.activity)
 
         return await self._exclusive(read)
 

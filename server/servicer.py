@@ -236,7 +236,17 @@ def _model_info(summary: ModelSummary) -> pb.ModelInfo:
             _variable_info(v) for v in summary.variables
         ],
         waiting_workers=summary.waiting_workers,
+        **_activity_fields(summary.activity),
     )
+
+
+def _activity_fields(activity) -> dict:
+    if activity is None:
+        return {}
+    fields = {"pushes": activity.pushes, "push_seconds": activity.push_seconds}
+    if activity.update_norm is not None:
+        fields["update_norm"] = activity.update_norm
+    return fields
 
 
 def _variable_info(summary) -> pb.VariableInfo:
@@ -371,6 +381,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context):
         summaries = []
         for model in self.registry.models(request.model_id):
+            if request.track_updates:
+                model.activity.track_updates()
             try:
                 summaries.append(await model.summary(request.with_stats))
             except OptserveError:
