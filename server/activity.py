@@ -1,7 +1,9 @@
-"""What a live view shows of a model beyond its state: push counts and times, and update norms.
+"""What a model reports as it works, beyond its state.
 
-Always on, and cheap: a count and a sum of seconds per push. The norm of each
-update is measured only while someone watches (``ListModels`` with
+:class:`ModelEvents` are the model's hooks for the metrics (``optserve.server.metrics``
+replaces the no-op default). :class:`ModelActivity` is what a live view shows:
+push counts and times, always on and cheap (a count and a sum of seconds per
+push), and the norm of each update, measured only while someone watches (``ListModels`` with
 ``track_updates``, renewed by each refresh of ``optserve inspect --watch``): it
 needs a copy of the variables before each update, about as much memory traffic as
 the update itself, so it stops ``TRACK_UPDATES_S`` seconds after the last request.
@@ -9,7 +11,7 @@ the update itself, so it stops ``TRACK_UPDATES_S`` seconds after the last reques
 from __future__ import annotations
 
 import time
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
@@ -42,3 +44,19 @@ def update_norm(before: Mapping[str, np.ndarray], after: Mapping[str, np.ndarray
         change = after[name].astype(np.float64) - old
         total += float(np.dot(change.reshape(-1), change.reshape(-1)))
     return float(np.sqrt(total))
+
+
+class ModelEvents:
+    """What a model reports as it works; these do nothing (``optserve.server.metrics`` counts them).
+    Called on the event loop thread."""
+
+    def pushed(self, payload_bytes: int, duplicate: bool) -> None: ...
+    def received(self, payload_bytes: int) -> None: ...
+    def sent(self, payload_bytes: int) -> None: ...
+    def applied(self, seconds: float, partial: bool) -> None: ...
+    def waited(self, seconds: float) -> None: ...
+    def timed_out(self) -> None: ...
+
+
+def nbytes(arrays: Iterable[np.ndarray]) -> int:
+    return sum(int(a.nbytes) for a in arrays)

@@ -37,7 +37,7 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 
-from optserve.server.model import ModelEvents
+from optserve.server.activity import ModelEvents
 
 DEFAULT_MAX_MODEL_LABELS = 100
 OTHER_MODELS = "_other"

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 from optserve.server import text
-from optserve.server.activity import ModelActivity, update_norm
+from optserve.server.activity import ModelActivity, ModelEvents, nbytes as _nbytes, update_norm
 from optserve.server.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -351,22 +351,6 @@ class _RecentSteps:
         for step in steps:
             recent.add(int(step))
         return recent
-
-
-class ModelEvents:
-    """What a model reports as it works; these do nothing (``optserve.server.metrics`` counts them).
-    Called on the event loop thread."""
-
-    def pushed(self, payload_bytes: int, duplicate: bool) -> None: ...
-    def received(self, payload_bytes: int) -> None: ...
-    def sent(self, payload_bytes: int) -> None: ...
-    def applied(self, seconds: float, partial: bool) -> None: ...
-    def waited(self, seconds: float) -> None: ...
-    def timed_out(self) -> None: ...
-
-
-def _nbytes(arrays: Iterable[np.ndarray]) -> int:
-    return sum(int(a.nbytes) for a in arrays)
 
 
 # -------------------------------------------------------------------- model
