@@ -10,6 +10,9 @@ dtype, L2 norm, slots); ``--slots`` also fetches every slot and shows its norm.
 placement: which variable, or which rows of a split one, lives on which shard,
 the bytes each shard holds and the imbalance (largest shard over the mean);
 ``--json`` adds the full plan.
+
+``--watch`` refreshes a live table instead (``optserve.client.watch``): step rate,
+push latency, waiting workers, learning rate, iterations, update and variable norms.
 """
 from __future__ import annotations
 
@@ -42,11 +45,37 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with MODEL: also fetch every slot and show its shape and L2 norm")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server (default 10)")
     security.add_connection_arguments(parser)
+    parser.add_argument("--watch", action="store_true",
+                        help="refresh a live table (step rate, push latency, waiting workers, learning rate, "
+                             "iterations, update and variable norms) until Ctrl-C")
+    parser.add_argument("--interval", type=_positive_float, default=2.0, metavar="S",
+                        help="with --watch: seconds between refreshes (default 2)")
+    parser.add_argument("--count", type=_positive_int, default=None, metavar="N",
+                        help="with --watch: stop after N refreshes (default: run until Ctrl-C)")
     return parser
 
 
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.watch:
+        return _watch(args, parser)
+    if args.count is not None:
+        parser.error("--count needs --watch")
     try:
         with Client(args.address, timeout=args.timeout, retries=1, **security.connection_options(args)) as client:
             if args.model:
@@ -62,6 +91,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OptserveError, ValueError) as error:
         print(f"optserve inspect: {error}", file=sys.stderr)
         return 1
+
+
+def _watch(args, parser) -> int:
+    from optserve.client.client import parse_addresses
+    from optserve.client.watch import watch
+
+    if args.json or args.slots:
+        parser.error("--watch shows a table; it does not combine with --json or --slots")
+    try:
+        addresses = parse_addresses(args.address)
+    except ValueError as error:
+        parser.error(str(error))
+    return watch(addresses, model_id=args.model or "", interval=args.interval, count=args.count,
+                 timeout=args.timeout, **security.connection_options(args))
 
 
 def _show_models(client: Client, args) -> int:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eoptserve/protos/optserve.proto\x12\x0boptserve.v1\"y\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\t\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.optserve.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"\xc2\x01\n\tModelSpec\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1d\n\x15optimizer_config_json\x18\x02 \x01(\t\x12\x13\n\x0bnum_workers\x18\x03 \x01(\x05\x12#\n\x04mode\x18\x04 \x01(\x0e\x32\x15.optserve.v1.SyncMode\x12\x16\n\x0esync_timeout_s\x18\x05 \x01(\x01\x12\x32\n\x0etimeout_policy\x18\x06 \x01(\x0e\x32\x1a.optserve.v1.TimeoutPolicy\"g\n\x12\x43reateModelRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.optserve.v1.ModelSpec\x12+\n\tvariables\x18\x02 \x03(\x0b\x32\x18.optserve.v1.TensorChunk\"M\n\x13\x43reateModelResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.optserve.v1.ModelInfo\"z\n\x14\x41pplyGradientsHeader\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0cworker_index\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\naggregated\x18\x04 \x01(\x08\x12\x18\n\x10return_variables\x18\x05 \x01(\x08\"w\n\x15\x41pplyGradientsRequest\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32!.optserve.v1.ApplyGradientsHeader\x12+\n\tgradients\x18\x02 \x03(\x0b\x32\x18.optserve.v1.TensorChunk\"\x87\x01\n\nStepResult\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x12\n\niterations\x18\x02 \x01(\x03\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x14\n\x0c\x63ontributors\x18\x05 \x03(\x05\x12\x17\n\x0fmissing_workers\x18\x06 \x03(\x05\"n\n\x16\x41pplyGradientsResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.optserve.v1.StepResult\x12+\n\tvariables\x18\x02 \x03(\x0b\x32\x18.optserve.v1.TensorChunk\".\n\x0bPullRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\"c\n\x0cPullResponse\x12&\n\x05state\x18\x01 \x01(\x0b\x32\x17.optserve.v1.StepResult\x12+\n\tvariables\x18\x02 \x03(\x0b\x32\x18.optserve.v1.TensorChunk\"O\n\x11GetWeightsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x19\n\x11include_variables\x18\x03 \x01(\x08\"k\n\x12GetWeightsResponse\x12*\n\x05state\x18\x01 \x01(\x0b\x32\x1b.optserve.v1.OptimizerState\x12)\n\x07tensors\x18\x02 \x03(\x0b\x32\x18.optserve.v1.TensorChunk\"\xcc\x01\n\x0eOptimizerState\x12\x12\n\niterations\x18\x01 \x01(\x03\x12\x16\n\x0eraw_iterations\x18\x02 \x01(\x03\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x39\n\x07scalars\x18\x05 \x03(\x0b\x32(.optserve.v1.OptimizerState.ScalarsEntry\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x8f\x01\n\x11SetWeightsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12*\n\x05state\x18\x02 \x01(\x0b\x32\x1b.optserve.v1.OptimizerState\x12\x11\n\thas_state\x18\x03 \x01(\x08\x12)\n\x07tensors\x18\x04 \x03(\x0b\x32\x18.optserve.v1.TensorChunk\"@\n\x12SetWeightsResponse\x12*\n\x05state\x18\x01 \x01(\x0b\x32\x1b.optserve.v1.OptimizerState\"9\n\x11ListModelsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nwith_stats\x18\x02 \x01(\x08\"k\n\x0cVariableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.optserve.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05slots\x18\x04 \x03(\t\x12\x0c\n\x04norm\x18\x05 \x01(\x01\"\xa4\x01\n\tModelInfo\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.optserve.v1.ModelSpec\x12*\n\x05state\x18\x02 \x01(\x0b\x32\x1b.optserve.v1.OptimizerState\x12,\n\tvariables\x18\x03 \x03(\x0b\x32\x19.optserve.v1.VariableInfo\x12\x17\n\x0fwaiting_workers\x18\x04 \x03(\x05\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.optserve.v1.ModelInfo\"&\n\x12\x44\x65leteModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"&\n\x13\x44\x65leteModelResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x13\n\x11\x43heckpointRequest\"2\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x01(\x03*[\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05*:\n\x08SyncMode\x12\x19\n\x15SYNC_MODE_UNSPECIFIED\x10\x00\x12\x08\n\x04SYNC\x10\x01\x12\t\n\x05\x41SYNC\x10\x02*L\n\rTimeoutPolicy\x12\x1e\n\x1aTIMEOUT_POLICY_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46\x41IL\x10\x01\x12\x11\n\rAPPLY_PARTIAL\x10\x02\x32\x95\x05\n\x0fParameterServer\x12R\n\x0b\x43reateModel\x12\x1f.optserve.v1.CreateModelRequest\x1a .optserve.v1.CreateModelResponse(\x01\x12]\n\x0e\x41pplyGradients\x12\".optserve.v1.ApplyGradientsRequest\x1a#.optserve.v1.ApplyGradientsResponse(\x01\x30\x01\x12=\n\x04Pull\x12\x18.optserve.v1.PullRequest\x1a\x19.optserve.v1.PullResponse0\x01\x12O\n\nGetWeights\x12\x1e.optserve.v1.GetWeightsRequest\x1a\x1f.optserve.v1.GetWeightsResponse0\x01\x12O\n\nSetWeights\x12\x1e.optserve.v1.SetWeightsRequest\x1a\x1f.optserve.v1.SetWeightsResponse(\x01\x12M\n\nListModels\x12\x1e.optserve.v1.ListModelsRequest\x1a\x1f.optserve.v1.ListModelsResponse\x12P\n\x0b\x44\x65leteModel\x12\x1f.optserve.v1.DeleteModelRequest\x1a .optserve.v1.DeleteModelResponse\x12M\n\nCheckpoint\x12\x1e.optserve.v1.CheckpointRequest\x1a\x1f.optserve.v1.CheckpointResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eoptserve/protos/optserve.proto\x12\x0boptserve.v1\"y\n\x0bTensorChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04slot\x18\x02 \x01(\t\x12!\n\x05\x64type\x18\x03 \x01(\x0e\x32\x12.optserve.v1.DType\x12\r\n\x05shape\x18\x04 \x03(\x03\x12\x0e\n\x06offset\x18\x05 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"\xc2\x01\n\tModelSpec\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1d\n\x15optimizer_config_json\x18\x02 \x01(\t\x12\x13\n\x0bnum_workers\x18\x03 \x01(\x05\x12#\n\x04mode\x18\x04 \x01(\x0e\x32\x15.optserve.v1.SyncMode\x12\x16\n\x0esync_timeout_s\x18\x05 \x01(\x01\x12\x32\n\x0etimeout_policy\x18\x06 \x01(\x0e\x32\x1a.optserve.v1.TimeoutPolicy\"g\n\x12\x43reateModelRequest\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.optserve.v1.ModelSpec\x12+\n\tvariables\x18\x02 \x03(\x0b\x32\x18.optserve.v1.TensorChunk\"M\n\x13\x43reateModelResponse\x12\x0f\n\x07\x63reated\x18\x01 \x01(\x08\x12%\n\x05model\x18\x02 \x01(\x0b\x32\x16.optserve.v1.ModelInfo\"z\n\x14\x41pplyGradientsHeader\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x14\n\x0cworker_index\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x12\n\naggregated\x18\x04 \x01(\x08\x12\x18\n\x10return_variables\x18\x05 \x01(\x08\"w\n\x15\x41pplyGradientsRequest\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32!.optserve.v1.ApplyGradientsHeader\x12+\n\tgradients\x18\x02 \x03(\x0b\x32\x18.optserve.v1.TensorChunk\"\x87\x01\n\nStepResult\x12\x0c\n\x04step\x18\x01 \x01(\x03\x12\x12\n\niterations\x18\x02 \x01(\x03\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x11\n\tduplicate\x18\x04 \x01(\x08\x12\x14\n\x0c\x63ontributors\x18\x05 \x03(\x05\x12\x17\n\x0fmissing_workers\x18\x06 \x03(\x05\"n\n\x16\x41pplyGradientsResponse\x12\'\n\x06result\x18\x01 \x01(\x0b\x32\x17.optserve.v1.StepResult\x12+\n\tvariables\x18\x02 \x03(\x0b\x32\x18.optserve.v1.TensorChunk\".\n\x0bPullRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\"c\n\x0cPullResponse\x12&\n\x05state\x18\x01 \x01(\x0b\x32\x17.optserve.v1.StepResult\x12+\n\tvariables\x18\x02 \x03(\x0b\x32\x18.optserve.v1.TensorChunk\"O\n\x11GetWeightsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\r\n\x05names\x18\x02 \x03(\t\x12\x19\n\x11include_variables\x18\x03 \x01(\x08\"k\n\x12GetWeightsResponse\x12*\n\x05state\x18\x01 \x01(\x0b\x32\x1b.optserve.v1.OptimizerState\x12)\n\x07tensors\x18\x02 \x03(\x0b\x32\x18.optserve.v1.TensorChunk\"\xcc\x01\n\x0eOptimizerState\x12\x12\n\niterations\x18\x01 \x01(\x03\x12\x16\n\x0eraw_iterations\x18\x02 \x01(\x03\x12\x15\n\rlearning_rate\x18\x03 \x01(\x01\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x39\n\x07scalars\x18\x05 \x03(\x0b\x32(.optserve.v1.OptimizerState.ScalarsEntry\x1a.\n\x0cScalarsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xa2\x01\n\x11SetWeightsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12/\n\x05state\x18\x02 \x01(\x0b\x32\x1b.optserve.v1.OptimizerStateH\x00\x88\x01\x01\x12\x15\n\thas_state\x18\x03 \x01(\x08\x42\x02\x18\x01\x12)\n\x07tensors\x18\x04 \x03(\x0b\x32\x18.optserve.v1.TensorChunkB\x08\n\x06_state\"@\n\x12SetWeightsResponse\x12*\n\x05state\x18\x01 \x01(\x0b\x32\x1b.optserve.v1.OptimizerState\"P\n\x11ListModelsRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x12\n\nwith_stats\x18\x02 \x01(\x08\x12\x15\n\rtrack_updates\x18( \x01(\x08\"y\n\x0cVariableInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.optserve.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\r\n\x05slots\x18\x04 \x03(\t\x12\x11\n\x04norm\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x07\n\x05_norm\"\xf4\x01\n\tModelInfo\x12$\n\x04spec\x18\x01 \x01(\x0b\x32\x16.optserve.v1.ModelSpec\x12*\n\x05state\x18\x02 \x01(\x0b\x32\x1b.optserve.v1.OptimizerState\x12,\n\tvariables\x18\x03 \x03(\x0b\x32\x19.optserve.v1.VariableInfo\x12\x17\n\x0fwaiting_workers\x18\x04 \x03(\x05\x12\x18\n\x0bupdate_norm\x18( \x01(\x01H\x00\x88\x01\x01\x12\x0e\n\x06pushes\x18) \x01(\x03\x12\x14\n\x0cpush_seconds\x18* \x01(\x01\x42\x0e\n\x0c_update_norm\"<\n\x12ListModelsResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.optserve.v1.ModelInfo\"&\n\x12\x44\x65leteModelRequest\x12\x10\n\x08model_id\x18\x01 \x01(\t\"&\n\x13\x44\x65leteModelResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\x08\"\x13\n\x11\x43heckpointRequest\"2\n\x12\x43heckpointResponse\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06models\x18\x02 \x01(\x03*[\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT64\x10\x02\x12\x0b\n\x07\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x12\t\n\x05INT64\x10\x05*:\n\x08SyncMode\x12\x19\n\x15SYNC_MODE_UNSPECIFIED\x10\x00\x12\x08\n\x04SYNC\x10\x01\x12\t\n\x05\x41SYNC\x10\x02*L\n\rTimeoutPolicy\x12\x1e\n\x1aTIMEOUT_POLICY_UNSPECIFIED\x10\x00\x12\x08\n\x04\x46\x41IL\x10\x01\x12\x11\n\rAPPLY_PARTIAL\x10\x02\x32\x95\x05\n\x0fParameterServer\x12R\n\x0b\x43reateModel\x12\x1f.optserve.v1.CreateModelRequest\x1a .optserve.v1.CreateModelResponse(\x01\x12]\n\x0e\x41pplyGradients\x12\".optserve.v1.ApplyGradientsRequest\x1a#.optserve.v1.ApplyGradientsResponse(\x01\x30\x01\x12=\n\x04Pull\x12\x18.optserve.v1.PullRequest\x1a\x19.optserve.v1.PullResponse0\x01\x12O\n\nGetWeights\x12\x1e.optserve.v1.GetWeightsRequest\x1a\x1f.optserve.v1.GetWeightsResponse0\x01\x12O\n\nSetWeights\x12\x1e.optserve.v1.SetWeightsRequest\x1a\x1f.optserve.v1.SetWeightsResponse(\x01\x12M\n\nListModels\x12\x1e.optserve.v1.ListModelsRequest\x1a\x1f.optserve.v1.ListModelsResponse\x12P\n\x0b\x44\x65leteModel\x12\x1f.optserve.v1.DeleteModelRequest\x1a .optserve.v1.DeleteModelResponse\x12M\n\nCheckpoint\x12\x1e.optserve.v1.CheckpointRequest\x1a\x1f.optserve.v1.CheckpointResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,12 +33,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_OPTIMIZERSTATE_SCALARSENTRY']._loaded_options = None
   _globals['_OPTIMIZERSTATE_SCALARSENTRY']._serialized_options = b'8\001'
-  _globals['_DTYPE']._serialized_start=2354
-  _globals['_DTYPE']._serialized_end=2445
-  _globals['_SYNCMODE']._serialized_start=2447
-  _globals['_SYNCMODE']._serialized_end=2505
-  _globals['_TIMEOUTPOLICY']._serialized_start=2507
-  _globals['_TIMEOUTPOLICY']._serialized_end=2583
+  _globals['_SETWEIGHTSREQUEST'].fields_by_name['has_state']._loaded_options = None
+  _globals['_SETWEIGHTSREQUEST'].fields_by_name['has_state']._serialized_options = b'\030\001'
+  _globals['_DTYPE']._serialized_start=2490
+  _globals['_DTYPE']._serialized_end=2581
+  _globals['_SYNCMODE']._serialized_start=2583
+  _globals['_SYNCMODE']._serialized_end=2641
+  _globals['_TIMEOUTPOLICY']._serialized_start=2643
+  _globals['_TIMEOUTPOLICY']._serialized_end=2719
   _globals['_TENSORCHUNK']._serialized_start=47
   _globals['_TENSORCHUNK']._serialized_end=168
   _globals['_MODELSPEC']._serialized_start=171
@@ -68,25 +70,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPTIMIZERSTATE_SCALARSENTRY']._serialized_start=1544
   _globals['_OPTIMIZERSTATE_SCALARSENTRY']._serialized_end=1590
   _globals['_SETWEIGHTSREQUEST']._serialized_start=1593
-  _globals['_SETWEIGHTSREQUEST']._serialized_end=1736
-  _globals['_SETWEIGHTSRESPONSE']._serialized_start=1738
-  _globals['_SETWEIGHTSRESPONSE']._serialized_end=1802
-  _globals['_LISTMODELSREQUEST']._serialized_start=1804
-  _globals['_LISTMODELSREQUEST']._serialized_end=1861
-  _globals['_VARIABLEINFO']._serialized_start=1863
-  _globals['_VARIABLEINFO']._serialized_end=1970
-  _globals['_MODELINFO']._serialized_start=1973
-  _globals['_MODELINFO']._serialized_end=2137
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2139
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2199
-  _globals['_DELETEMODELREQUEST']._serialized_start=2201
-  _globals['_DELETEMODELREQUEST']._serialized_end=2239
-  _globals['_DELETEMODELRESPONSE']._serialized_start=2241
-  _globals['_DELETEMODELRESPONSE']._serialized_end=2279
-  _globals['_CHECKPOINTREQUEST']._serialized_start=2281
-  _globals['_CHECKPOINTREQUEST']._serialized_end=2300
-  _globals['_CHECKPOINTRESPONSE']._serialized_start=2302
-  _globals['_CHECKPOINTRESPONSE']._serialized_end=2352
-  _globals['_PARAMETERSERVER']._serialized_start=2586
-  _globals['_PARAMETERSERVER']._serialized_end=3247
+  _globals['_SETWEIGHTSREQUEST']._serialized_end=1755
+  _globals['_SETWEIGHTSRESPONSE']._serialized_start=1757
+  _globals['_SETWEIGHTSRESPONSE']._serialized_end=1821
+  _globals['_LISTMODELSREQUEST']._serialized_start=1823
+  _globals['_LISTMODELSREQUEST']._serialized_end=1903
+  _globals['_VARIABLEINFO']._serialized_start=1905
+  _globals['_VARIABLEINFO']._serialized_end=2026
+  _globals['_MODELINFO']._serialized_start=2029
+  _globals['_MODELINFO']._serialized_end=2273
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2275
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2335
+  _globals['_DELETEMODELREQUEST']._serialized_start=2337
+  _globals['_DELETEMODELREQUEST']._serialized_end=2375
+  _globals['_DELETEMODELRESPONSE']._serialized_start=2377
+  _globals['_DELETEMODELRESPONSE']._serialized_end=2415
+  _globals['_CHECKPOINTREQUEST']._serialized_start=2417
+  _globals['_CHECKPOINTREQUEST']._serialized_end=2436
+  _globals['_CHECKPOINTRESPONSE']._serialized_start=2438
+  _globals['_CHECKPOINTRESPONSE']._serialized_end=2488
+  _globals['_PARAMETERSERVER']._serialized_start=2722
+  _globals['_PARAMETERSERVER']._serialized_end=3383
 # @@protoc_insertion_point(module_scope)

@@ -208,12 +208,14 @@ class SetWeightsResponse(_message.Message):
     def __init__(self, state: _Optional[_Union[OptimizerState, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
-    __slots__ = ("model_id", "with_stats")
+    __slots__ = ("model_id", "with_stats", "track_updates")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WITH_STATS_FIELD_NUMBER: _ClassVar[int]
+    TRACK_UPDATES_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     with_stats: bool
-    def __init__(self, model_id: _Optional[str] = ..., with_stats: _Optional[bool] = ...) -> None: ...
+    track_updates: bool
+    def __init__(self, model_id: _Optional[str] = ..., with_stats: _Optional[bool] = ..., track_updates: _Optional[bool] = ...) -> None: ...
 
 class VariableInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "slots", "norm")
@@ -230,16 +232,22 @@ class VariableInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., slots: _Optional[_Iterable[str]] = ..., norm: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("spec", "state", "variables", "waiting_workers")
+    __slots__ = ("spec", "state", "variables", "waiting_workers", "update_norm", "pushes", "push_seconds")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     VARIABLES_FIELD_NUMBER: _ClassVar[int]
     WAITING_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
+    PUSHES_FIELD_NUMBER: _ClassVar[int]
+    PUSH_SECONDS_FIELD_NUMBER: _ClassVar[int]
     spec: ModelSpec
     state: OptimizerState
     variables: _containers.RepeatedCompositeFieldContainer[VariableInfo]
     waiting_workers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., state: _Optional[_Union[OptimizerState, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[VariableInfo, _Mapping]]] = ..., waiting_workers: _Optional[_Iterable[int]] = ...) -> None: ...
+    update_norm: float
+    pushes: int
+    push_seconds: float
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., state: _Optional[_Union[OptimizerState, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[VariableInfo, _Mapping]]] = ..., waiting_workers: _Optional[_Iterable[int]] = ..., update_norm: _Optional[float] = ..., pushes: _Optional[int] = ..., push_seconds: _Optional[float] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

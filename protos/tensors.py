@@ -348,7 +348,7 @@ class TensorAssembler:
         if end > len(target):
             array = self._arrays[key]
             raise TensorFormatError(
-                f"Tensor {_label(key)!r}: {end} bytes received for shape {array.shape} and dtype "
+                f"Tensor {_label(key)!r}: {end} bytes received for shape {list(array.shape)} and dtype "
                 f"{array.dtype.name} ({array.nbytes} bytes expected)."
             )
         if end > filled:
@@ -360,7 +360,7 @@ class TensorAssembler:
         dtype = dtype_from_proto(chunk.dtype)
         shape = tuple(int(d) for d in chunk.shape)
         if any(d < 0 for d in shape):
-            raise TensorFormatError(f"Tensor {_label(key)!r} has a negative dimension in shape {shape}.")
+            raise TensorFormatError(f"Tensor {_label(key)!r} has a negative dimension in shape {list(shape)}.")
         if chunk.offset != 0:
             raise TensorFormatError(
                 f"Tensor {_label(key)!r}: first chunk must start at offset 0, got {chunk.offset}.")

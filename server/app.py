@@ -21,7 +21,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from optserve.protos.tensors import GRPC_OPTIONS
 from optserve.server import auth, tls
@@ -34,6 +33,7 @@ from optserve.server.checkpoint import (
     parse_checkpoint_every,
 )
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError, OptserveError
+from optserve.server.reflection import enable_reflection
 from optserve.server.registry import ModelRegistry
 from optserve.server.servicer import DEFAULT_MAX_REQUEST_BYTES, SERVICE_NAME, ParameterServerServicer, add_to_server
 
@@ -66,7 +66,8 @@ class ParameterServer:
                  tls_cert: str | os.PathLike | None = None,
                  tls_key: str | os.PathLike | None = None,
                  tls_client_ca: str | os.PathLike | None = None,
-                 auth_tokens: str | os.PathLike | None = None):
+                 auth_tokens: str | os.PathLike | None = None,
+                 metrics_port: int | None = None):
         _check_options(sync_timeout_s, max_request_bytes, apply_threads)
         # Security (optserve.server.tls, optserve.server.auth): checked here, before anything binds.
         self.tls = tls.server_tls(tls_cert, tls_key, tls_client_ca)
@@ -81,6 +82,9 @@ class ParameterServer:
         self.checkpoint_schedule = parse_checkpoint_every(checkpoint_every)
         self.checkpoint_keep = checkpoint_keep
         self.port: int | None = None
+        self.requested_metrics_port = metrics_port  # None: no /metrics endpoint
+        self.metrics_port: int | None = None        # the port bound, once serving
+        self.metrics = None                         # optserve.server.metrics.ServerMetrics
         # Set by stop() when the final checkpoint could not be written.
         self.final_checkpoint_error: BaseException | None = None
         self._server: grpc.aio.Server | None = None
@@ -106,18 +110,26 @@ class ParameterServer:
             self._checkpointer = Checkpointer(store, self.checkpoint_schedule, self._registry.snapshot)
             self._registry.on_change = self._checkpointer.note_change
             self._registry.begin_restore()
+        interceptors = []
+        if self.requested_metrics_port is not None:
+            from optserve.server.metrics import ServerMetrics
+
+            self.metrics = ServerMetrics()
+            self._registry.observer = self.metrics
+            if self._checkpointer is not None:
+                self._checkpointer.observer = self.metrics
+            interceptors.append(self.metrics.interceptor())
         # No SO_REUSEPORT: a second server on a busy port must fail, not silently share it.
         mutual_tls = self.tls is not None and self.tls.mutual
-        interceptors = ([auth.AuthInterceptor(self.tokens, verified_certificates=mutual_tls)]
-                        if self.tokens is not None else [])
+        if self.tokens is not None:
+            interceptors.append(auth.AuthInterceptor(self.tokens, verified_certificates=mutual_tls))
         self._server = grpc.aio.server(interceptors=interceptors,
                                        options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
         add_to_server(ParameterServerServicer(self._registry, self.max_request_bytes, self._checkpointer),
                       self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server)
+        enable_reflection((SERVICE_NAME, health.SERVICE_NAME), self._server)
         where = _format_address(self.host, self.requested_port)
         try:
             if self.tls is None:
@@ -128,6 +140,9 @@ class ParameterServer:
             raise OSError(f"Could not listen on {where} ({exc}); is another server using the port?") from None
         if not self.port:
             raise OSError(f"Could not listen on {where}; is another server using the port?")
+        if self.metrics is not None:
+            self.metrics_port = self.metrics.serve_http(self.host, self.requested_metrics_port)
+            log.info("Prometheus metrics on http://%s/metrics", _format_address(self.host, self.metrics_port))
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self._server.start()
@@ -181,6 +196,8 @@ class ParameterServer:
         log.info("Restored checkpoint %s: %s.", path, describe_models(state["models"]))
 
     async def _abandon_start(self) -> None:
+        if self.metrics is not None:
+            self.metrics.stop_http()
         await self._server.stop(None)
         if self._checkpointer is not None:
             await self._checkpointer.close(final=False)
@@ -210,6 +227,8 @@ class ParameterServer:
         await self._server.stop(grace)
         self._executor.shutdown(wait=True)
         self._server = None
+        if self.metrics is not None:
+            self.metrics.stop_http()
         log.info("optserve on %s stopped", self.address)
 
 
@@ -233,6 +252,10 @@ class RunningServer:
         self.host = server.host
         self.port = server.port
         self.address = server.address
+
+    @property
+    def metrics_port(self) -> int | None:
+        return self._server.metrics_port
 
     @property
     def final_checkpoint_error(self) -> BaseException | None:

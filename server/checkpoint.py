@@ -4,7 +4,7 @@ A store is one directory::
 
     <directory>/
       ckpt-00000007/                 a complete checkpoint
-        arrays.bin                   every array's raw C-order bytes, each 64-byte aligned
+        tensors.safetensors          every array, in the safetensors format (optserve.server.checkpoint_files)
         manifest.json                structure, array index, SHA-256 of every array and of itself
       ckpt-00000008/
       .tmp-ckpt-00000009-1f2e3d4c/   a save in progress or an interrupted one: never read
@@ -18,8 +18,11 @@ next one is above every name in the directory, damaged and unfinished included).
 
 The state is a tree of dicts, lists and tuples whose leaves are JSON values
 (str, int, float, bool, None), NumPy arrays and NumPy scalars. Arrays are stored
-as raw bytes with dtype and shape in the manifest; nothing is ever pickled, so
-loading a checkpoint cannot run code.
+in ``tensors.safetensors``, each named by its path in the tree (a list item that
+is a model's state, with ``spec.model_id``, is named by that id), so standard
+tools read them: ``safetensors.numpy.load_file(".../tensors.safetensors")``.
+Nothing is ever pickled, so loading a checkpoint cannot run code. Checkpoints of
+version 1 (``arrays.bin``) are still read.
 
 Loading verifies the manifest's own checksum, the data file's size and every
 array's checksum. :meth:`CheckpointStore.load_latest` skips a damaged
@@ -45,6 +48,7 @@ import pathlib
 import re
 import secrets
 import shutil
+import struct
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -52,6 +56,14 @@ from typing import Any, Awaitable, Callable, Iterator, NamedTuple
 
 import numpy as np
 
+from optserve.server.checkpoint_files import (
+    RAW_FILE,
+    SAFETENSORS_FILE,
+    ArrayFileError,
+    read_raw,
+    read_safetensors,
+    write_safetensors,
+)
 from optserve.server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -68,14 +80,13 @@ except ImportError:  # pragma: no cover - non-POSIX hosts
 logger = logging.getLogger(__name__)
 
 FORMAT_NAME = "optserve-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = {1: RAW_FILE, 2: SAFETENSORS_FILE}  # version -> its data file
 MANIFEST_FILE = "manifest.json"
-DATA_FILE = "arrays.bin"
+DATA_FILE = SAFETENSORS_FILE
 LOCK_FILE = ".lock"
 TEMP_PREFIX = ".tmp-"
 
-_ALIGNMENT = 64               # array offsets in arrays.bin; lets readers map arrays in place
-_IO_BLOCK = 16 << 20          # hash and write in blocks so a large array is read once, while cache-warm
 _CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{8,})$")
 _TEMP_NAME = re.compile(r"^\.tmp-ckpt-(\d+)-")
 _ARRAY_KINDS = "biufc"        # bool, signed/unsigned int, float, complex: plain bytes, no objects
@@ -126,7 +137,7 @@ class CheckpointStore:
         Arrays are written straight from their memory (no copy when C-contiguous);
         the caller must not modify them until ``save`` returns.
         """
-        tree, arrays = _encode_tree(state)  # reject a bad state before touching the disk
+        tree, names, arrays = _encode_tree(state)  # reject a bad state before touching the disk
         with self._lock, self._process_lock(exclusive=True):
             sequence = self._next_sequence()
             self._remove_temp_entries()
@@ -134,7 +145,8 @@ class CheckpointStore:
             temp = self.directory / f"{TEMP_PREFIX}ckpt-{sequence:08d}-{secrets.token_hex(4)}"
             temp.mkdir()
             try:
-                index, data_bytes = _write_arrays(temp / DATA_FILE, arrays)
+                index, data_bytes = write_safetensors(
+                    temp / DATA_FILE, names, arrays, {"format": FORMAT_NAME, "sequence": str(sequence)})
                 _write_manifest(temp / MANIFEST_FILE, _manifest_body(sequence, tree, index, data_bytes))
                 _fsync_directory(temp)
                 os.rename(temp, final)
@@ -243,9 +255,21 @@ class CheckpointStore:
 # ---------------------------------------------------------------------- tree encoding
 
 
-def _encode_tree(state: Any) -> tuple[Any, list[np.ndarray]]:
-    """JSON-able tree with arrays replaced by ``{"$array": i}``, plus the arrays in index order."""
+def _encode_tree(state: Any) -> tuple[Any, list[str], list[np.ndarray]]:
+    """JSON-able tree with arrays replaced by ``{"$array": i}``, plus the arrays' names and the
+    arrays, in index order."""
     arrays: list[np.ndarray] = []
+    names: list[str] = []
+    taken: set[str] = set()
+
+    def add(array: np.ndarray, where: str) -> int:
+        name = where.lstrip("/") or "state"
+        if name in taken:  # keys with "/" in them could make two paths alike
+            name = f"{name}#{len(arrays)}"
+        taken.add(name)
+        names.append(name)
+        arrays.append(_checked_array(array, where))
+        return len(arrays) - 1
 
     def encode(value: Any, where: str) -> Any:
         if value is None or isinstance(value, (bool, str)):
@@ -255,13 +279,11 @@ def _encode_tree(state: Any) -> tuple[Any, list[np.ndarray]]:
         if isinstance(value, float) and not isinstance(value, np.generic):
             return float(value)
         if isinstance(value, np.ndarray):
-            arrays.append(_checked_array(value, where))
-            return {_TAG_ARRAY: len(arrays) - 1}
+            return {_TAG_ARRAY: add(value, where)}
         if isinstance(value, np.generic):
-            arrays.append(_checked_array(np.asarray(value), where))
-            return {_TAG_SCALAR: len(arrays) - 1}
+            return {_TAG_SCALAR: add(np.asarray(value), where)}
         if isinstance(value, list):
-            return [encode(item, f"{where}/{i}") for i, item in enumerate(value)]
+            return [encode(item, f"{where}/{_segment(i, item)}") for i, item in enumerate(value)]
         if isinstance(value, tuple):
             return {_TAG_TUPLE: [encode(item, f"{where}/{i}") for i, item in enumerate(value)]}
         if isinstance(value, dict):
@@ -282,7 +304,15 @@ def _encode_tree(state: Any) -> tuple[Any, list[np.ndarray]]:
             return {key: encode(item, f"{where}/{key}") for key, item in value.items()}
         return {_TAG_DICT: [[key, encode(item, f"{where}/{key}")] for key, item in value.items()]}
 
-    return encode(state, ""), arrays
+    tree = encode(state, "")
+    return tree, names, arrays
+
+
+def _segment(index: int, item: Any) -> str:
+    """A list item's part of an array name: a model's state is named by its model_id."""
+    spec = item.get("spec") if isinstance(item, dict) else None
+    model_id = spec.get("model_id") if isinstance(spec, dict) else None
+    return model_id if isinstance(model_id, str) and model_id else str(index)
 
 
 def _is_json_key(key: Any) -> bool:
@@ -320,38 +350,6 @@ def _decode_tree(tree: Any, arrays: list[np.ndarray]) -> Any:
 
 
 # ---------------------------------------------------------------------- writing
-
-
-def _byte_view(array: np.ndarray) -> memoryview:
-    """The bytes of a C-contiguous array, without copying them."""
-    return memoryview(array.reshape(-1).view(np.uint8))
-
-
-def _write_arrays(path: pathlib.Path, arrays: list[np.ndarray]) -> tuple[list[dict], int]:
-    index = []
-    offset = 0
-    with open(path, "wb") as handle:
-        for array in arrays:
-            padding = -offset % _ALIGNMENT
-            handle.write(b"\0" * padding)
-            offset += padding
-            raw = _byte_view(np.ascontiguousarray(array))  # copies only a non-contiguous view
-            digest = hashlib.sha256()
-            for start in range(0, len(raw), _IO_BLOCK):
-                block = raw[start:start + _IO_BLOCK]
-                digest.update(block)
-                handle.write(block)
-            index.append({
-                "dtype": array.dtype.str,
-                "shape": list(array.shape),
-                "offset": offset,
-                "nbytes": len(raw),
-                "sha256": digest.hexdigest(),
-            })
-            offset += len(raw)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return index, offset
 
 
 def _manifest_body(sequence: int, tree: Any, index: list[dict], data_bytes: int) -> dict:
@@ -431,57 +429,25 @@ def _read_manifest(path: pathlib.Path) -> dict:
         raise CorruptCheckpointError(f"{MANIFEST_FILE} is not a checkpoint manifest (truncated?)") from None
     if hashlib.sha256(_canonical_json(manifest)).hexdigest() != claimed:
         raise CorruptCheckpointError(f"{MANIFEST_FILE} checksum mismatch")
-    if manifest.get("format") != FORMAT_NAME or manifest.get("version") != FORMAT_VERSION:
+    version = manifest.get("version")
+    if manifest.get("format") != FORMAT_NAME or version not in READABLE_VERSIONS:
         raise CorruptCheckpointError(
-            f"unknown format {manifest.get('format')!r} version {manifest.get('version')!r}; "
-            f"this optserve reads {FORMAT_NAME!r} version {FORMAT_VERSION}"
+            f"unknown format {manifest.get('format')!r} version {version!r}; this optserve reads "
+            f"{FORMAT_NAME!r} versions {sorted(READABLE_VERSIONS)}"
         )
-    if manifest.get("data_file") != DATA_FILE:  # never follow a path out of the checkpoint
+    if manifest.get("data_file") != READABLE_VERSIONS[version]:  # never follow a path out of the checkpoint
         raise CorruptCheckpointError(f"unexpected data file {manifest.get('data_file')!r}")
     return manifest
 
 
 def _read_arrays(data_path: pathlib.Path, body: dict) -> list[np.ndarray]:
+    read = read_safetensors if body["version"] == 2 else read_raw
     try:
-        size = data_path.stat().st_size
-    except OSError as error:
-        raise CorruptCheckpointError(f"cannot read {DATA_FILE}: {error}") from None
-    if size != body["data_bytes"]:
-        raise CorruptCheckpointError(
-            f"{DATA_FILE} holds {size} bytes, the manifest expects {body['data_bytes']} (truncated?)"
-        )
-    arrays = []
-    try:
-        with open(data_path, "rb") as handle:
-            for number, entry in enumerate(body["arrays"]):
-                arrays.append(_read_one_array(handle, number, entry, size))
-    except OSError as error:
-        raise CorruptCheckpointError(f"cannot read {DATA_FILE}: {error}") from None
-    return arrays
-
-
-def _read_one_array(handle, number: int, entry: dict, file_size: int) -> np.ndarray:
-    try:
-        dtype = np.dtype(entry["dtype"])
-        shape = tuple(int(d) for d in entry["shape"])
-        offset, nbytes = int(entry["offset"]), int(entry["nbytes"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise CorruptCheckpointError(f"array {number}: malformed index entry ({error!r})") from None
-    if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None or min(shape, default=0) < 0:
-        raise CorruptCheckpointError(f"array {number}: unsupported dtype {dtype} or shape {shape}")
-    if math.prod(shape) * dtype.itemsize != nbytes or offset < 0 or offset + nbytes > file_size:
-        raise CorruptCheckpointError(f"array {number}: index entry does not fit {DATA_FILE}")
-    array = np.empty(shape, dtype=dtype)
-    raw = _byte_view(array)
-    handle.seek(offset)
-    if handle.readinto(raw) != nbytes:
-        raise CorruptCheckpointError(f"array {number}: short read from {DATA_FILE}")
-    digest = hashlib.sha256()
-    for start in range(0, nbytes, _IO_BLOCK):
-        digest.update(raw[start:start + _IO_BLOCK])
-    if digest.hexdigest() != entry.get("sha256"):
-        raise CorruptCheckpointError(f"array {number} (dtype {dtype}, shape {shape}) checksum mismatch")
-    return array
+        return read(data_path, body["arrays"], body["data_bytes"])
+    except ArrayFileError as error:
+        raise CorruptCheckpointError(str(error)) from None
+    except (OSError, struct.error) as error:
+        raise CorruptCheckpointError(f"cannot read {data_path.name}: {error}") from None
 
 
 # ---------------------------------------------------------------------- a running server's checkpoints
@@ -568,6 +534,8 @@ class Checkpointer:
         self._step_save: asyncio.Task | None = None
         self._saves: set[asyncio.Task] = set()   # saves started and not finished
         self._closed = False
+        # Told of each save's outcome (``optserve.server.metrics.ServerMetrics``), when set.
+        self.observer = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -649,12 +617,16 @@ class Checkpointer:
                 loop = asyncio.get_running_loop()
                 path = await loop.run_in_executor(self._writer, self.store.save, state)
             except BaseException as error:
+                if self.observer is not None:
+                    self.observer.checkpoint_failed(time.monotonic() - started)
                 # Those changes are still in no checkpoint. (Step counting starts over, so
                 # a disk that stays full is tried again after as many steps, not at once.)
                 self._changes += changes
                 if isinstance(error, OSError):
                     raise _write_error(self.store.directory, error) from error
                 raise
+        if self.observer is not None:
+            self.observer.checkpoint_saved(time.monotonic() - started, path)
         models = state.get("models", []) if isinstance(state, dict) else []
         logger.info("Checkpoint %s written (%s) in %.2f s: %s", path, reason, time.monotonic() - started,
                     describe_models(models))

@@ -23,6 +23,7 @@ CLIENT_COMMANDS = {
     "inspect": ("optserve.client.inspect", "show the models, optimizer state and variables of a server"),
     "demo": ("optserve.client.demo", "start a server and two workers that train a small model against it"),
     "health": ("optserve.client.health", "ask a server for its gRPC health status (exit 0 when SERVING)"),
+    "top": ("optserve.client.watch", "a live table of a server's models (optserve inspect ADDRESS --watch)"),
 }
 
 
@@ -82,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--checkpoint-keep", type=_positive_int, default=None, metavar="K",
                        help=f"with --checkpoint-dir: checkpoints kept, newest first (default: {DEFAULT_CHECKPOINT_KEEP})")
     _add_security_arguments(serve)
+    serve.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
+                       help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST as --host; 0 picks a "
+                            "free port, printed at start); default: no metrics endpoint")
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                        help="log verbosity on stderr (default: %(default)s)")
     checkpoint = commands.add_parser(
@@ -196,7 +200,8 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         return serve(args.host, args.port, args.device, grace=args.grace, on_listening=_announce,
                      sync_timeout_s=args.sync_timeout, max_request_bytes=args.max_request_bytes,
-                     apply_threads=args.apply_threads, **checkpoint_options, **_security_options(args))
+                     apply_threads=args.apply_threads, metrics_port=args.metrics_port, **checkpoint_options,
+                     **_security_options(args))
     except (OptserveError, OSError) as exc:
         # Startup problems (busy port, no GPU) are the operator's to fix: a message, not a traceback.
         print(f"optserve serve: error: {exc}", file=sys.stderr, flush=True)

@@ -34,11 +34,14 @@ import functools
 import json
 import logging
 import math
+import time
 from concurrent.futures import Executor
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from optserve.server import text
+from optserve.server.activity import ModelActivity, ModelEvents, nbytes as _nbytes, update_norm
 from optserve.server.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -75,7 +78,7 @@ class VariableMeta:
     dtype: np.dtype
 
     def describe(self) -> str:
-        return f"shape {self.shape} {self.dtype.name}"
+        return text.tensor(self.shape, self.dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,13 +101,18 @@ class ModelSpec:
         """Human-readable list of what differs between an existing spec and a requested one."""
         found = []
         for path, mine, theirs in _dict_differences(self.optimizer_config, other.optimizer_config):
-            found.append(f"optimizer config {path}: existing {mine!r}, requested {theirs!r}")
+            found.append(f"optimizer config {path}: existing {_config_value(mine)}, "
+                         f"requested {_config_value(theirs)}")
         for field in ("num_workers", "mode"):
             mine, theirs = getattr(self, field), getattr(other, field)
             if mine != theirs:
-                found.append(f"{field}: existing {mine!r}, requested {theirs!r}")
+                found.append(f"{field}: existing {text.value(mine)}, requested {text.value(theirs)}")
         found.extend(_variable_differences(self.variables, other.variables))
         return found
+
+
+def _config_value(item: Any) -> str:
+    return item if item == "<absent>" else text.value(item)
 
 
 def _dict_differences(mine: Any, theirs: Any, path: str = "") -> Iterable[tuple[str, Any, Any]]:
@@ -132,21 +140,22 @@ def _variable_differences(mine: tuple[VariableMeta, ...], theirs: tuple[Variable
     return found
 
 
-def parse_optimizer_config(text: str):
+def parse_optimizer_config(config_json: str):
     """The JSON text of a ModelSpec's optimizer config -> what ``optimizers.deserialize`` takes."""
-    if not text.strip():
+    if not config_json.strip():
         raise InvalidArgumentError(
             "`optimizer_config_json` is empty. Send keras.optimizers.serialize(optimizer) as JSON, "
             'or a name such as "\\"adam\\"".'
         )
     try:
-        config = json.loads(text)
+        config = json.loads(config_json)
     except ValueError as exc:
-        raise InvalidArgumentError(f"`optimizer_config_json` is not valid JSON ({exc}). Received: {text[:200]!r}") from None
+        raise InvalidArgumentError(
+            f"`optimizer_config_json` is not valid JSON ({exc}). Received: {text.name(config_json[:200])}") from None
     if not isinstance(config, (str, dict)):
         raise InvalidArgumentError(
             "`optimizer_config_json` must be a JSON object (a serialized optimizer) or a JSON string "
-            f"(an optimizer name). Received: {text[:200]!r}"
+            f"(an optimizer name). Received: {config_json[:200]}"
         )
     return config
 
@@ -243,6 +252,7 @@ class ModelSummary:
     status: OptimizerStatus
     variables: tuple[VariableSummary, ...]
     waiting_workers: tuple[int, ...]
+    activity: ModelActivity | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,6 +373,8 @@ class Model:
         # Told of every change of state (loop thread): the number of updates applied
         # (0 for other changes). The registry counts them for step-based checkpoints.
         self.on_change: Callable[[int], None] | None = None
+        self.events = ModelEvents()
+        self.activity = ModelActivity()
 
     @classmethod
     async def create(cls, spec: ModelSpec, engine, variables: Mapping[str, np.ndarray],
@@ -389,6 +401,15 @@ class Model:
     def waiting_workers(self) -> tuple[int, ...]:
         return tuple(sorted(self._pending.contributors)) if self._pending else ()
 
+    def gauges(self) -> dict[str, float]:
+        """Current readings for monitoring; cheap, and safe to take from another thread."""
+        pending = self._pending
+        held = sum(math.prod(v.shape) * v.dtype.itemsize * (1 + len(self._engine.slot_names(v.name)))
+                   for v in self.spec.variables)
+        return {"waiting": len(pending.contributors) if pending else 0,
+                "lr": float(self._engine.current_learning_rate()),
+                "iterations": int(self._engine.iterations), "step": self._step, "bytes": held}
+
     # ------------------------------------------------------------- pushes
 
     def check_push_header(self, worker: int, step: int) -> None:
@@ -412,15 +433,33 @@ class Model:
         """
         self.check_push_header(worker, step)
         self.check_gradients(gradients)
+        started = time.perf_counter()
+        try:
+            return await self._push(worker, step, gradients, aggregated, return_variables)
+        finally:
+            self.activity.pushed(time.perf_counter() - started)
+
+    async def _push(self, worker, step, gradients, aggregated, return_variables) -> StepOutcome:
+        payload = _nbytes(gradients.values())
         if self.spec.mode == ASYNC:
-            return await self._exclusive(
+            outcome = await self._exclusive(
                 lambda: self._push_async(worker, step, gradients, return_variables))
+            self.events.pushed(payload, outcome.duplicate)
+            self.events.sent(_nbytes((outcome.variables or {}).values()))
+            return outcome
         future, duplicate = await self._exclusive(
             lambda: self._push_sync(worker, step, gradients, aggregated, return_variables))
-        # Shielded: one waiter hanging up must not cancel the result the others wait for.
-        outcome: StepOutcome = await asyncio.shield(future)
-        return dataclasses.replace(
-            outcome, duplicate=duplicate, variables=outcome.variables if return_variables else None)
+        self.events.pushed(payload, duplicate)
+        waiting_since = time.perf_counter()
+        try:
+            # Shielded: one waiter hanging up must not cancel the result the others wait for.
+            outcome: StepOutcome = await asyncio.shield(future)
+        finally:
+            if not duplicate:
+                self.events.waited(time.perf_counter() - waiting_since)
+        variables = outcome.variables if return_variables else None
+        self.events.sent(_nbytes((variables or {}).values()))
+        return dataclasses.replace(outcome, duplicate=duplicate, variables=variables)
 
     def check_gradients(self, gradients: Mapping[str, np.ndarray]) -> None:
         """Validate a whole push before any of it touches a buffer or the engine.
@@ -438,7 +477,7 @@ class Model:
             var = self._variables[name]
             if tuple(gradient.shape) != var.shape or gradient.dtype != var.dtype:
                 raise InvalidArgumentError(
-                    f"Gradient for {name!r} has shape {tuple(gradient.shape)} {gradient.dtype.name}, "
+                    f"Gradient for {name!r} has {text.tensor(gradient.shape, gradient.dtype)}, "
                     f"but the variable has {var.describe()}; send gradients of the variable's shape and dtype."
                 )
 
@@ -494,7 +533,12 @@ class Model:
 
     async def _apply_step(self, step, gradients, contributors, missing, aggregated, return_variables) -> StepOutcome:
         # Gradients for none of the variables (every push of the step was empty) still make a step.
+        before = await self._read_all_variables() if self.activity.tracking else None
+        started = time.perf_counter()
         await self._run(functools.partial(self._engine.apply, dict(gradients), count_empty_step=True))
+        self.events.applied(time.perf_counter() - started, partial=bool(missing))
+        if before is not None:
+            self.activity.update_norm = await self._run(update_norm, before, await self._read_all_variables())
         self._step += 1
         self._remember(step, _StepRecord(tuple(sorted(contributors)), tuple(missing), aggregated))
         self._notify(applied=1)
@@ -533,6 +577,7 @@ class Model:
         missing = pending.missing(self.spec.num_workers)
         arrived = sorted(pending.contributors)
         timeout = self.spec.sync_timeout_s
+        self.events.timed_out()
         if self.spec.timeout_policy == APPLY_PARTIAL:
             log.warning("model %r step %d: applying the pushes of workers %s after %.3g s; missing workers %s",
                         self.model_id, pending.step, arrived, timeout, list(missing))
@@ -606,6 +651,7 @@ class Model:
         async def read():
             self._ensure_open()
             values = await self._run(self._engine.read_variables, selected)
+            self.events.sent(_nbytes(values.values()))
             return self._status(), values
 
         return await self._exclusive(read)
@@ -628,6 +674,7 @@ class Model:
         async def read():
             self._ensure_open()
             tensors = await self._run(read_tensors)
+            self.events.sent(_nbytes(value for _, _, value in tensors))
             return self._status(), tensors
 
         return await self._exclusive(read)
@@ -644,7 +691,7 @@ class Model:
                 VariableSummary(meta, tuple(self._engine.slot_names(meta.name)), norm_by_name.get(meta.name))
                 for meta in self.spec.variables
             )
-            return ModelSummary(self.spec, self._status(), variables, self.waiting_workers())
+            return ModelSummary(self.spec, self._status(), variables, self.waiting_workers(), self.activity)
 
         return await self._exclusive(read)
 
@@ -668,6 +715,7 @@ class Model:
 
         async def write():
             self._ensure_open()
+            self.events.received(_nbytes(tensors.values()))
             variables, slots = self._split_weights(tensors)
             self._check_state(state)
             await self._run(self._write_weights, variables, slots, state)
@@ -701,7 +749,7 @@ class Model:
                 var = self._variables[name]
                 if tuple(value.shape) != var.shape or value.dtype != var.dtype:
                     raise InvalidArgumentError(
-                        f"New value for {name!r} has shape {tuple(value.shape)} {value.dtype.name}, "
+                        f"New value for {name!r} has {text.tensor(value.shape, value.dtype)}, "
                         f"but the variable has {var.describe()}."
                     )
                 variables[name] = value

@@ -46,6 +46,8 @@ class ModelRegistry:
         self.default_sync_timeout_s = float(default_sync_timeout_s)
         # Told of every change to the models (loop thread), with the number of updates applied.
         self.on_change = on_change
+        # Told of models added and removed (``optserve.server.metrics.ServerMetrics``), when set.
+        self.observer = None
         self._models: dict[str, Model] = {}
         self._creating: dict[str, asyncio.Task] = {}
         self._closed = False
@@ -95,7 +97,12 @@ class ModelRegistry:
     def _add(self, model: Model) -> None:
         model.on_change = self._note_change
         self._models[model.model_id] = model
+        self._observe("model_added", model)
         self._note_change(0)
+
+    def _observe(self, event: str, model: Model) -> None:
+        if self.observer is not None:
+            getattr(self.observer, event)(model)
 
     def _note_change(self, applied: int) -> None:
         if self.on_change is not None:
@@ -136,6 +143,7 @@ class ModelRegistry:
         model.close(FailedPreconditionError(
             f"Model {model_id!r} was deleted; create it again (CreateModel) before pushing to it."))
         model.on_change = None
+        self._observe("model_removed", model)
         self._note_change(0)
         log.info("deleted model %r", model_id)
         return True
@@ -174,6 +182,7 @@ class ModelRegistry:
         for model in models:
             model.on_change = self._note_change
             self._models[model.model_id] = model
+            self._observe("model_added", model)
         return models
 
     def close(self) -> None:

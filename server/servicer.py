@@ -234,12 +234,28 @@ def _model_info(summary: ModelSummary) -> pb.ModelInfo:
         ),
         state=_state_message(summary.status),
         variables=[
-            pb.VariableInfo(name=v.meta.name, dtype=codec.dtype_to_proto(v.meta.dtype), shape=v.meta.shape,
-                            slots=v.slots, norm=v.norm or 0.0)
-            for v in summary.variables
+            _variable_info(v) for v in summary.variables
         ],
         waiting_workers=summary.waiting_workers,
+        **_activity_fields(summary.activity),
     )
+
+
+def _activity_fields(activity) -> dict:
+    if activity is None:
+        return {}
+    fields = {"pushes": activity.pushes, "push_seconds": activity.push_seconds}
+    if activity.update_norm is not None:
+        fields["update_norm"] = activity.update_norm
+    return fields
+
+
+def _variable_info(summary) -> pb.VariableInfo:
+    info = pb.VariableInfo(name=summary.meta.name, dtype=codec.dtype_to_proto(summary.meta.dtype),
+                           shape=summary.meta.shape, slots=summary.slots)
+    if summary.norm is not None:  # only when asked for (with_stats)
+        info.norm = summary.norm
+    return info
 
 
 def _enum(value: int, table: dict, field: str):
@@ -355,7 +371,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             raise InvalidArgumentError("SetWeights received no messages; send the model_id first.")
         model = self.registry.get(first.model_id)
         state = None
-        if first.has_state:
+        if first.HasField("state") or first.has_state:  # has_state: clients from before field presence
             s = first.state
             state = OptimizerStatus(iterations=s.iterations, raw_iterations=s.raw_iterations,
                                     learning_rate=s.learning_rate, step=s.step, scalars=dict(s.scalars))
@@ -368,6 +384,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         for model in self.registry.models(request.model_id):
             if not auth.visible(model.model_id):
                 continue  # another tenant's model (optserve.server.auth)
+            if request.track_updates:
+                model.activity.track_updates()
             try:
                 summaries.append(await model.summary(request.with_stats))
             except OptserveError:

@@ -367,7 +367,7 @@ def test_joining_with_other_variables_fails_with_the_differences(RemoteOptimizer
              keras.Variable(np.zeros((3,), "float32"), name="w_bias")]
     from optserve.client import AlreadyExistsError
 
-    with pytest.raises(AlreadyExistsError, match=r"w_kernel.*\(4, 3\).*\(5, 3\)"):
+    with pytest.raises(AlreadyExistsError, match=r"w_kernel.*\[4, 3\].*\[5, 3\]"):
         RemoteOptimizer("sgd", server_address, model_id=model_id).build(other)
 
 
