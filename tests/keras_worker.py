@@ -451,6 +451,175 @@ class Checks:
         assert revived.get_config() == opt.get_config()
         assert opt.get_config()["optimizer"]["module"] == "keras.optimizers"
 
+    # ------------------------------------------------------------------ one source of truth
+
+    def check_model_set_weights_and_load_weights_reach_the_server(self):
+        """Writes to the model between fits are on the server before the next step, as with local Keras."""
+        import tempfile
+
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        x, y = data(seed=41)
+        model = make_model("writes_remote")
+        local = twin(model, "writes_local")
+        opt = RemoteOptimizer(keras.optimizers.Adam(0.05), self.address, model_id=self.model_id("writes"))
+        local_opt = keras.optimizers.Adam(0.05)
+        model.compile(loss="categorical_crossentropy", optimizer=opt)
+        local.compile(loss="categorical_crossentropy", optimizer=local_opt)
+        start = model.get_weights()
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "start.weights.h5")
+            model.save_weights(path)
+            for m in (model, local):
+                m.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+            for m in (model, local):
+                m.set_weights([w * 0.5 for w in start])
+                m.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+            assert_close(model.get_weights(), local.get_weights(), "weights after set_weights + fit")
+            for m in (model, local):
+                m.load_weights(path)
+                m.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+        assert_close(model.get_weights(), local.get_weights(), "weights after load_weights + fit")
+        _, server_values = opt.client.pull(opt.model_id)
+        assert_close([server_values[v.path] for v in model.trainable_weights], model.get_weights(), "server")
+        assert_close(opt.get_weights(), keras_state(local_opt), "get_weights()")
+
+    def check_restore_best_weights_reaches_the_server(self):
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        x, y = data(seed=43)
+        vx, vy = data(seed=44, n=16)
+        model = make_model("best_remote")
+        local = twin(model, "best_local")
+        # A learning rate large enough for the validation loss to go up again.
+        opt = RemoteOptimizer(keras.optimizers.SGD(2.0), self.address, model_id=self.model_id("best"))
+        local_opt = keras.optimizers.SGD(2.0)
+        for m, o in ((model, opt), (local, local_opt)):
+            m.compile(loss="categorical_crossentropy", optimizer=o)
+            stop = keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)
+            m.fit(x, y, validation_data=(vx, vy), epochs=6, batch_size=8, shuffle=False, verbose=0,
+                  callbacks=[stop])
+            m.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+        assert_close(model.get_weights(), local.get_weights(), "weights")
+
+    def check_save_server_loses_job_load_model_fit_equals_uninterrupted(self):
+        """model.save, the server loses the job (restart without checkpoint), load_model, fit."""
+        import tempfile
+
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        x, y = data(seed=47)
+        # Auto-named layers: a reloaded Sequential's variable paths differ from the saved one's.
+        model = keras.Sequential([keras.Input((10,)), keras.layers.Dense(8, activation="softmax")])
+        local = keras.Sequential([keras.Input((10,)), keras.layers.Dense(8, activation="softmax")])
+        local.set_weights(model.get_weights())
+        opt = RemoteOptimizer(keras.optimizers.Adam(0.02), self.address, model_id=self.model_id("reload"))
+        local_opt = keras.optimizers.Adam(0.02)
+        model.compile(loss="categorical_crossentropy", optimizer=opt)
+        local.compile(loss="categorical_crossentropy", optimizer=local_opt)
+        for m in (model, local):
+            m.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, "m.keras")
+            model.save(path)
+            # The server still holds the job: the loaded model joins it by position and continues.
+            joined = keras.models.load_model(path)
+            joined.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+            opt.client.delete_model(opt.model_id)  # now the server has lost it
+            loaded = keras.models.load_model(path)
+        local.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+        assert_close(joined.get_weights(), local.get_weights(), "load_model while the server holds the job")
+        loaded.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
+        assert int(loaded.optimizer.iterations) == 8, int(loaded.optimizer.iterations)
+        assert_close(loaded.get_weights(), local.get_weights(), "load_model after the server lost the job")
+        assert_close(loaded.optimizer.get_weights(), keras_state(local_opt), "optimizer state")
+
+    def check_auto_named_reruns_join_one_job(self):
+        """A notebook cell run twice: the same model, other auto names, one job."""
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        def cell():
+            return keras.Sequential([keras.Input((10,)), keras.layers.Dense(8), keras.layers.Dense(3)])
+
+        x, y = data(seed=53, classes=3)
+        first = cell()
+        model_id = self.model_id("rerun")
+        opt = RemoteOptimizer("sgd", self.address, model_id=model_id)
+        first.compile(loss="mse", optimizer=opt)
+        first.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        cell()  # a scratch model built in between takes the next auto names
+        second = cell()
+        assert [v.path for v in second.trainable_weights] != [v.path for v in first.trainable_weights]
+        again = RemoteOptimizer("sgd", self.address, model_id=model_id)
+        second.compile(loss="mse", optimizer=again)
+        again.build(second.trainable_weights)
+        assert_close(second.get_weights(), first.get_weights(), "the joined model adopts the job's values")
+        assert int(again.iterations) == 4
+        second.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        assert int(again.iterations) == 8
+
+        different = keras.Sequential([keras.Input((10,)), keras.layers.Dense(5), keras.layers.Dense(3)])
+        try:
+            RemoteOptimizer("sgd", self.address, model_id=model_id).build(different.trainable_weights)
+        except ValueError as error:
+            assert "variable 0" in str(error) and model_id in str(error), str(error)
+        else:
+            raise AssertionError("a different model joined the job")
+
+    def check_default_job_is_fresh_and_resume_is_explicit(self):
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        x, y = data(seed=59)
+        ids = []
+        for prefix in ("fresh_a", "fresh_b"):
+            model = make_model(prefix)
+            opt = RemoteOptimizer("adam", self.address)
+            model.compile(loss="categorical_crossentropy", optimizer=opt)
+            model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+            assert int(opt.iterations) == 4, int(opt.iterations)
+            ids.append(opt.model_id)
+        assert ids[0] != ids[1] and ids[0].startswith("adam"), ids
+        strict = RemoteOptimizer("adam", self.address, model_id=ids[0], resume=False)
+        try:
+            strict.build(make_model("fresh_a").trainable_weights)
+        except ValueError as error:
+            assert "resume" in str(error) and "iterations" in str(error), str(error)
+        else:
+            raise AssertionError("resume=False joined a trained job")
+        try:
+            RemoteOptimizer("adam", self.address, model_id=self.model_id("absent"), resume=True).build(
+                make_model("absent").trainable_weights)
+        except ValueError as error:
+            assert "resume=True" in str(error), str(error)
+        else:
+            raise AssertionError("resume=True created a job")
+        try:
+            RemoteOptimizer("adam", self.address, num_workers=2)
+        except ValueError as error:
+            assert "model_id" in str(error), str(error)
+        else:
+            raise AssertionError("several workers without a model_id")
+
+    def check_iterations_read_right_after_set_weights_and_fit(self):
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        x, y = data(seed=61)
+        model = make_model("stale")
+        opt = RemoteOptimizer(keras.optimizers.SGD(momentum=0.5), self.address, model_id=self.model_id("stale"))
+        model.compile(loss="categorical_crossentropy", optimizer=opt)
+        model.fit(x, y, epochs=1, batch_size=8, verbose=0)
+        assert "value=4" in repr(opt.iterations), repr(opt.iterations)
+        weights = opt.get_weights()
+        opt.set_weights([np.array(10), *weights[1:]])
+        assert "value=10" in repr(opt.iterations), repr(opt.iterations)
+        assert int(opt.iterations) == 10
+
     # ------------------------------------------------------------------ TensorFlow
 
     def require_tensorflow(self):
