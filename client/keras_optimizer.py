@@ -202,8 +202,9 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         tls = tls if tls is None or isinstance(tls, bool) else security.resolve_tls(tls)
         token = None if token is None else security.resolve_token(token)
         wrapped = _wrapped_optimizer(optimizer, kwargs)
+        check_job_arguments("unnamed" if model_id is None else model_id, num_workers, worker_index, mode,
+                            sync_timeout_s, timeout)
         model_id = _job_id(model_id, num_workers, name or wrapped.name)
-        check_job_arguments(model_id, num_workers, worker_index, mode, sync_timeout_s, timeout)
         check_resume(resume)
         if not isinstance(retry_window_s, (int, float)) or isinstance(retry_window_s, bool) or retry_window_s < 0:
             raise ValueError(f"`retry_window_s` must be a number >= 0. Received: retry_window_s={retry_window_s!r}")

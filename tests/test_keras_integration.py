@@ -345,10 +345,25 @@ def test_state_methods_need_a_built_optimizer(RemoteOptimizer):
         opt.apply([np.zeros(3, "float32")])
 
 
-def test_the_learning_rate_cannot_be_set_from_the_worker(RemoteOptimizer):
-    opt = RemoteOptimizer("adam", "127.0.0.1:1")
-    with pytest.raises(TypeError, match="lives on the optserve server"):
+def test_a_learning_rate_set_before_build_creates_the_job_with_it(RemoteOptimizer, keras, server_address,
+                                                                     model_id):
+    opt = RemoteOptimizer("adam", server_address, model_id=model_id)
+    opt.learning_rate = 0.5
+    assert float(opt.learning_rate) == 0.5
+    opt.build(_variables(keras, "lr_before"))
+    assert opt.client.list_models(model_id)[0].learning_rate == 0.5
+    assert opt.wrapped_config["config"]["learning_rate"] == 0.5
+
+
+def test_learning_rates_keras_refuses_are_refused(RemoteOptimizer, keras):
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.1, decay_steps=10, decay_rate=0.5)
+    opt = RemoteOptimizer(keras.optimizers.SGD(schedule), "127.0.0.1:1")
+    with pytest.raises(TypeError, match="not settable"):
         opt.learning_rate = 0.5
+    with pytest.raises(ValueError, match="float or a `keras.optimizers.schedules.LearningRateSchedule`"):
+        opt.learning_rate = lambda: 0.1
+    opt.learning_rate = keras.optimizers.schedules.ExponentialDecay(0.2, decay_steps=10, decay_rate=0.5)
+    assert opt.wrapped_config["config"]["learning_rate"]["config"]["initial_learning_rate"] == 0.2
 
 
 def test_a_second_worker_joins_and_adopts_the_servers_values(RemoteOptimizer, keras, server_address, model_id):
