@@ -25,20 +25,28 @@ from .adadelta import Adadelta
 from .adagrad import Adagrad
 from .adam import Adam
 from .adamax import Adamax
+from .adamw import AdamW
 from .base import Optimizer
 from .ftrl import Ftrl
+from .lamb import Lamb
+from .lion import Lion
 from .nadam import Nadam
 from .rmsprop import RMSprop
+from .schedule_free_adamw import ScheduleFreeAdamW
 from .sgd import SGD
 
 __all__ = [
-    "Adadelta", "Adagrad", "Adam", "Adamax", "Ftrl", "Nadam", "Optimizer", "RMSprop", "SGD",
+    "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Ftrl", "Lamb", "Lion", "Nadam", "Optimizer", "RMSprop",
+    "SGD", "ScheduleFreeAdamW",
     "REGISTRY", "deserialize", "get", "serialize",
 ]
 
 # Keras class name, lower-cased -> class (Keras looks names up the same way).
 REGISTRY: dict[str, type[Optimizer]] = {
-    cls.class_name.lower(): cls for cls in (SGD, RMSprop, Adam, Adadelta, Adagrad, Adamax, Nadam, Ftrl)
+    cls.class_name.lower(): cls
+    for cls in (
+        SGD, RMSprop, Adam, Adadelta, Adagrad, Adamax, Nadam, Ftrl, AdamW, Lion, Lamb, ScheduleFreeAdamW,
+    )
 }
 _ENVELOPE_KEYS = ("module", "class_name", "config", "registered_name")
 
