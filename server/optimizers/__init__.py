@@ -30,24 +30,27 @@ from .base import Optimizer
 from .ftrl import Ftrl
 from .lamb import Lamb
 from .lion import Lion
+from .loss_scale_optimizer import LossScaleOptimizer
 from .nadam import Nadam
 from .rmsprop import RMSprop
 from .schedule_free_adamw import ScheduleFreeAdamW
 from .sgd import SGD
 
 __all__ = [
-    "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Ftrl", "Lamb", "Lion", "Nadam", "Optimizer", "RMSprop",
+    "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Ftrl", "Lamb", "Lion", "LossScaleOptimizer", "Nadam", "Optimizer", "RMSprop",
     "SGD", "ScheduleFreeAdamW",
     "REGISTRY", "deserialize", "get", "serialize",
 ]
 
 # Keras class name, lower-cased -> class (Keras looks names up the same way).
-REGISTRY: dict[str, type[Optimizer]] = {
+REGISTRY: dict[str, type] = {
     cls.class_name.lower(): cls
     for cls in (
         SGD, RMSprop, Adam, Adadelta, Adagrad, Adamax, Nadam, Ftrl, AdamW, Lion, Lamb, ScheduleFreeAdamW,
+        LossScaleOptimizer,
     )
 }
+ENGINE_TYPES = (Optimizer, LossScaleOptimizer)
 _ENVELOPE_KEYS = ("module", "class_name", "config", "registered_name")
 
 
@@ -57,14 +60,14 @@ def supported_names() -> list[str]:
 
 def serialize(optimizer: Optimizer) -> dict[str, Any]:
     """``keras.optimizers.serialize``'s form of ``optimizer``."""
-    if not isinstance(optimizer, Optimizer):
+    if not isinstance(optimizer, ENGINE_TYPES):
         raise InvalidArgumentError(f"Expected an optimizer. Received: {optimizer!r}")
     return optimizer.get_config()
 
 
 def get(identifier: Any, backend: Any = None) -> Optimizer:
     """``keras.optimizers.get``: an optimizer is returned as is; anything else is deserialized."""
-    if isinstance(identifier, Optimizer):
+    if isinstance(identifier, ENGINE_TYPES):
         return identifier
     return deserialize(identifier, backend=backend)
 

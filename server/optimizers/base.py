@@ -186,6 +186,9 @@ class Optimizer:
         self._weight_decay_pattern: re.Pattern | None = None
         self._weight_decay_names: list[str] | None = None
         self._weight_decay_cache: dict[str, bool] = {}
+        # Set by a LossScaleOptimizer wrapping this one: the dynamic scale that
+        # divides the gradients, exactly where `loss_scale_factor` would.
+        self.dynamic_loss_scale: float | None = None
 
     # ------------------------------------------------------------------ config
     @classmethod
@@ -433,7 +436,7 @@ class Optimizer:
         if self._config["gradient_accumulation_steps"]:
             return False
         clipping = any(self._config[k] is not None for k in ("clipnorm", "global_clipnorm", "clipvalue"))
-        return clipping or self._config["loss_scale_factor"] is not None
+        return clipping or self._config["loss_scale_factor"] is not None or self.dynamic_loss_scale is not None
 
     def _require_built(self) -> None:
         if not self._built:
@@ -555,10 +558,14 @@ class Optimizer:
     def _run(self, kernel: UpdateKernel, arrays: dict[str, Any], scalars: dict[str, float]) -> None:
         self._backend.run(kernel, arrays, scalars)
 
+    def _loss_scale(self) -> float | None:
+        scale = self._config["loss_scale_factor"]
+        return self.dynamic_loss_scale if scale is None else scale
+
     # Each gradient travels as (variable, array, owned): `owned` says the array
     # is a buffer of this optimizer that later stages may overwrite.
     def _unscaled(self, gradients):
-        scale = self._config["loss_scale_factor"]
+        scale = self._loss_scale()
         if scale is None:
             return [(variable, grad, False) for variable, grad in gradients]
         for variable, grad in gradients:
@@ -566,7 +573,7 @@ class Optimizer:
         return [(variable, variable.scratch, True) for variable, _ in gradients]
 
     def _accumulate(self, gradients) -> None:
-        scale = self._config["loss_scale_factor"]
+        scale = self._loss_scale()
         for variable, grad in gradients:
             arrays = {"grad": grad, "accumulator": variable.slots[ACCUMULATOR_SLOT]}
             if scale is None:
@@ -575,7 +582,7 @@ class Optimizer:
                 self._run(ACCUMULATE_UNSCALED, arrays, {"loss_scale": scale})
 
     def _accumulated_means(self, gradients, steps: int):
-        scale = self._config["loss_scale_factor"]
+        scale = self._loss_scale()
         means = []
         for variable, grad in gradients:
             accumulator = variable.slots[ACCUMULATOR_SLOT]
