@@ -22,6 +22,7 @@ from typing import Any
 
 from ..errors import InvalidArgumentError
 from .adadelta import Adadelta
+from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam
 from .adamax import Adamax
@@ -37,7 +38,7 @@ from .schedule_free_adamw import ScheduleFreeAdamW
 from .sgd import SGD
 
 __all__ = [
-    "Adadelta", "Adagrad", "Adam", "AdamW", "Adamax", "Ftrl", "Lamb", "Lion", "LossScaleOptimizer", "Nadam", "Optimizer", "RMSprop",
+    "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Ftrl", "Lamb", "Lion", "LossScaleOptimizer", "Nadam", "Optimizer", "RMSprop",
     "SGD", "ScheduleFreeAdamW",
     "REGISTRY", "deserialize", "get", "serialize",
 ]
@@ -47,7 +48,7 @@ REGISTRY: dict[str, type] = {
     cls.class_name.lower(): cls
     for cls in (
         SGD, RMSprop, Adam, Adadelta, Adagrad, Adamax, Nadam, Ftrl, AdamW, Lion, Lamb, ScheduleFreeAdamW,
-        LossScaleOptimizer,
+        Adafactor, LossScaleOptimizer,
     )
 }
 ENGINE_TYPES = (Optimizer, LossScaleOptimizer)
