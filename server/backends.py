@@ -168,6 +168,9 @@ class NumpyBackend:
         with np.errstate(all="ignore"):
             getattr(np, function)(left, right, out=out)
 
+    def transpose_into(self, out, array) -> None:
+        np.copyto(out, np.swapaxes(array, -1, -2))
+
     def matmul(self, out, left, right, transpose_left=False, transpose_right=False) -> None:
         left = np.swapaxes(left, -1, -2) if transpose_left else left
         right = np.swapaxes(right, -1, -2) if transpose_right else right

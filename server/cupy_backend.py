@@ -97,6 +97,9 @@ class CupyBackend:
         right = right if right_axis is None else xp.expand_dims(right, right_axis)
         getattr(xp, function)(left, right, out=out)
 
+    def transpose_into(self, out, array) -> None:
+        self.xp.copyto(out, self.xp.swapaxes(array, -1, -2))
+
     def matmul(self, out, left, right, transpose_left=False, transpose_right=False) -> None:
         xp = self.xp
         left = xp.swapaxes(left, -1, -2) if transpose_left else left

@@ -24,7 +24,7 @@ variable's slots and the program's ``scratch`` arrays (allocated once per
 variable at build, so a steady-state step allocates no array); host values are
 the step's scalars plus what ``Reduce`` and ``Host`` stages add. The primitives
 are the same few calls on every backend (``reduce_scalar``, ``axis_mean``,
-``broadcast``, ``matmul`` besides ``run``), so a program is one definition of
+``broadcast``, ``matmul``, ``transpose_into`` besides ``run``), so a program is one definition of
 the math for NumPy and CuPy alike; each primitive is the very NumPy call Keras's
 NumPy backend makes, which keeps the CPU results bit-identical to Keras.
 """
@@ -114,7 +114,15 @@ class MatMul:
     transpose_right: bool = False
 
 
-Stage = Elementwise | Reduce | Host | AxisMean | Broadcast | MatMul
+@dataclasses.dataclass(frozen=True)
+class Transpose:
+    """``into = array`` with its last two axes swapped, copied into ``into``'s own layout."""
+
+    into: str
+    array: str
+
+
+STAGE_TYPES = (Elementwise, Reduce, Host, AxisMean, Broadcast, MatMul, Transpose)
 
 
 class UpdateProgram:
@@ -134,7 +142,7 @@ class UpdateProgram:
                     f"Program `{name}`: unknown broadcast function {stage.function!r}; "
                     f"allowed: {list(BROADCAST_FUNCTIONS)}"
                 )
-            if not isinstance(stage, (Elementwise, Reduce, Host, AxisMean, Broadcast, MatMul)):
+            if not isinstance(stage, STAGE_TYPES):
                 raise InvalidArgumentError(f"Program `{name}`: not a stage: {stage!r}")
 
     def __repr__(self):
@@ -172,6 +180,8 @@ class UpdateProgram:
                     stage.function, arrays[stage.into], arrays[stage.left], arrays[stage.right],
                     stage.left_axis, stage.right_axis,
                 )
+            elif isinstance(stage, Transpose):
+                backend.transpose_into(arrays[stage.into], arrays[stage.array])
             else:
                 backend.matmul(
                     arrays[stage.into], arrays[stage.left], arrays[stage.right],

@@ -32,13 +32,14 @@ from .ftrl import Ftrl
 from .lamb import Lamb
 from .lion import Lion
 from .loss_scale_optimizer import LossScaleOptimizer
+from .muon import Muon
 from .nadam import Nadam
 from .rmsprop import RMSprop
 from .schedule_free_adamw import ScheduleFreeAdamW
 from .sgd import SGD
 
 __all__ = [
-    "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Ftrl", "Lamb", "Lion", "LossScaleOptimizer", "Nadam", "Optimizer", "RMSprop",
+    "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Ftrl", "Lamb", "Lion", "LossScaleOptimizer", "Muon", "Nadam", "Optimizer", "RMSprop",
     "SGD", "ScheduleFreeAdamW",
     "REGISTRY", "deserialize", "get", "serialize",
 ]
@@ -48,7 +49,7 @@ REGISTRY: dict[str, type] = {
     cls.class_name.lower(): cls
     for cls in (
         SGD, RMSprop, Adam, Adadelta, Adagrad, Adamax, Nadam, Ftrl, AdamW, Lion, Lamb, ScheduleFreeAdamW,
-        Adafactor, LossScaleOptimizer,
+        Adafactor, Muon, LossScaleOptimizer,
     )
 }
 ENGINE_TYPES = (Optimizer, LossScaleOptimizer)
