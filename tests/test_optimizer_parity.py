@@ -81,7 +81,7 @@ def _short(value):
 
 
 OPTIMIZERS = ["SGD", "RMSprop", "Adam", "Adadelta", "Adagrad", "Adamax", "Nadam", "Ftrl", "AdamW", "Lion", "Lamb",
-              "ScheduleFreeAdamW"]
+              "ScheduleFreeAdamW", "Adafactor", "Muon"]
 # LossScaleOptimizer wraps these; its parity runs (injected non-finite gradients) are in
 # tests/test_keras3_optimizers.py.
 WRAPPERS = {"lossscaleoptimizer"}
@@ -128,11 +128,21 @@ OWN_OPTIONS = [
     Case("ScheduleFreeAdamW"),
     Case("ScheduleFreeAdamW", learning_rate=0.02, beta_1=0.5, beta_2=0.9, epsilon=1e-3),
     Case("ScheduleFreeAdamW", learning_rate=0.05, warmup_steps=3),
+    Case("Adafactor"),
+    Case("Adafactor", learning_rate=0.05, relative_step=False, beta_2_decay=-0.5, epsilon_1=1e-20, epsilon_2=1e-2,
+         clip_threshold=0.5),
+    Case("Adafactor", learning_rate=0.5, clip_threshold=2.0),
+    Case("Muon"),
+    Case("Muon", learning_rate=0.02, nesterov=False, ns_steps=3, rms_rate=None, adam_lr_ratio=0.1),
+    Case("Muon", learning_rate=0.05, weight_decay=0.1, adam_weight_decay=0.2, momentum=0.5, muon_a=3.0, muon_b=-4.0,
+         muon_c=2.0, exclude_layers=["conv"], adam_beta_1=0.5, adam_beta_2=0.9, epsilon=1e-3, rms_rate=0.5),
+    Case("Muon", learning_rate=0.02, exclude_layers=["^kernel$"], exclude_embeddings=False, ns_steps=0),
 ]
 
 # Learning rates large enough that every option visibly changes the result.
 _LR = {"SGD": 0.1, "RMSprop": 0.01, "Adam": 0.02, "Adadelta": 1.0, "Adagrad": 0.1, "Adamax": 0.02, "Nadam": 0.02,
-       "Ftrl": 0.1, "AdamW": 0.02, "Lion": 0.01, "Lamb": 0.02, "ScheduleFreeAdamW": 0.02}
+       "Ftrl": 0.1, "AdamW": 0.02, "Lion": 0.01, "Lamb": 0.02, "ScheduleFreeAdamW": 0.02, "Adafactor": 0.05,
+       "Muon": 0.02}
 COMMON_OPTIONS = [
     {"clipnorm": 0.5},
     {"clipvalue": 0.3},
@@ -195,6 +205,10 @@ SCHEDULE_CASES = [
     Case("Lamb", learning_rate=_SCHEDULES[9], weight_decay=0.2),
     Case("ScheduleFreeAdamW", learning_rate=_SCHEDULES[3]),
     Case("ScheduleFreeAdamW", learning_rate=_SCHEDULES[5], warmup_steps=2),
+    Case("Adafactor", learning_rate=_SCHEDULES[1]),
+    Case("Adafactor", learning_rate=_SCHEDULES[6], relative_step=False),
+    Case("Muon", learning_rate=_SCHEDULES[0], adam_lr_ratio=0.1),
+    Case("Muon", learning_rate=_SCHEDULES[8]),
 ]
 
 FLOAT64_CASES = [
@@ -216,6 +230,9 @@ FLOAT64_CASES = [
     Case("Lamb", dtype="float64", learning_rate=0.02, global_clipnorm=1.0, weight_decay=0.1),
     Case("ScheduleFreeAdamW", dtype="float64", learning_rate=0.02, warmup_steps=2, gradient_accumulation_steps=2,
          steps=7),
+    Case("Adafactor", dtype="float64", learning_rate=0.05, clipnorm=0.5),
+    Case("Muon", dtype="float64", learning_rate=0.02, adam_lr_ratio=0.1, weight_decay=0.3, loss_scale_factor=4.0,
+         grad_scale=4.0),
 ]
 
 FLOAT32_CASES = OWN_OPTIONS + COMMON_CASES + COMBINED_CASES + SCHEDULE_CASES
@@ -426,6 +443,8 @@ BIT_EXACT_CASES = [
     Case("Lion", learning_rate=0.01, beta_1=0.5, weight_decay=0.2, use_ema=True),
     Case("Lamb", learning_rate=0.02, beta_1=0.5, global_clipnorm=1.0, gradient_accumulation_steps=2),
     Case("ScheduleFreeAdamW", learning_rate=0.02, warmup_steps=3, clipvalue=0.3),
+    Case("Adafactor", learning_rate=0.05, use_ema=True, weight_decay=0.1),
+    Case("Muon", learning_rate=0.02, global_clipnorm=1.0, gradient_accumulation_steps=2),
 ]
 for _case in BIT_EXACT_CASES:
     _normalize(_case)
