@@ -153,9 +153,11 @@ class NumpyBackend:
     def reduce_scalar(self, function: str, array, scratch=None):
         """One host value in the array's dtype: sum or mean of squares, or a matrix norm."""
         with np.errstate(all="ignore"):
-            if function == "frobenius_norm":
-                return np.linalg.norm(array, axis=(-2, -1))
             squares = np.square(array) if scratch is None else np.square(array, out=scratch)
+            if function == "frobenius_norm":
+                # np.linalg.norm(x, axis=(-2, -1)) is sqrt(add.reduce(x * x, axis=(-2, -1))):
+                # the same sum, with the squares kept in scratch instead of a new array.
+                return np.sqrt(np.sum(squares))
             return np.sum(squares) if function == "sum_squares" else np.mean(squares)
 
     def axis_mean(self, out, array, axis: int, keepdims: bool) -> None:

@@ -716,7 +716,7 @@ class Optimizer:
             raise InvalidArgumentError(f"{what} has dtype {host.dtype}; expected a real number array ({dtype}).")
         if tuple(host.shape) != tuple(shape):
             raise InvalidArgumentError(f"{what} has shape {tuple(host.shape)}; expected {tuple(shape)}.")
-        return np.ascontiguousarray(host, dtype=dtype)
+        return np.ascontiguousarray(host, dtype=dtype).reshape(shape)  # (ascontiguousarray makes 0-d 1-d)
 
     def assign_variables(self, values: Mapping[str, Any]) -> None:
         """Overwrite variables (any subset); every value is checked before any is written."""

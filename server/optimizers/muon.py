@@ -93,7 +93,8 @@ def newton_schulz_program(shape: tuple, steps: int, nesterov: bool, adjusted: bo
         scratch["update"] = SAME
     stages = [
         Elementwise(NESTEROV_MOMENTUM, {"out": "ns_input"}) if nesterov else Elementwise(MOMENTUM),
-        Reduce("norm", "frobenius_norm", source),
+        # The squares go to a buffer of the input's shape that is free at this point.
+        Reduce("norm", "frobenius_norm", source, scratch="update" if transposed else "product"),
         Host(_normalizer),
         Elementwise(NORMALIZE, {"matrix": source, "out": "y" if transposed else "x"}),
     ]
