@@ -115,3 +115,34 @@ def test_an_unknown_optimizer_is_refused_at_creation_naming_the_supported_ones(s
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "Unknown optimizer: 'Yogi'. Supported: Adadelta, Adafactor, Adagrad, Adam, AdamW" in raised.value.details()
     assert "LossScaleOptimizer, Muon" in raised.value.details()
+
+
+def test_loss_scale_optimizer_on_a_server_skips_non_finite_steps_and_reports_its_scale(server_address):
+    import rpc_helpers
+
+    config = {"class_name": "LossScaleOptimizer", "config": {
+        "inner_optimizer": {"class_name": "Adam", "config": {"learning_rate": 0.01}},
+        "initial_scale": 256.0, "dynamic_growth_steps": 2}}
+    variables = {"w": np.ones((2, 3), np.float32)}
+    channel, stub = rpc_helpers.connect(server_address)
+    with channel:
+        rpc_helpers.create_model(stub, "loss-scaled", variables, config)
+        finite = {"w": np.full((2, 3), 256.0, np.float32)}
+        rpc_helpers.push(stub, "loss-scaled", 0, 0, finite)
+        before = rpc_helpers.snapshot(stub, "loss-scaled")
+        assert (before[0].iterations, before[0].scalars["dynamic_scale"], before[0].scalars["step_counter"]) == (1, 256, 1)
+        poisoned = {"w": finite["w"].copy()}
+        poisoned["w"][1, 2] = np.inf
+        rpc_helpers.push(stub, "loss-scaled", 0, 1, poisoned)
+        state, tensors = rpc_helpers.snapshot(stub, "loss-scaled")
+        # Skipped: nothing of the Adam state moved; the scale halved and the counter restarted.
+        assert (state.iterations, state.scalars["dynamic_scale"], state.scalars["step_counter"]) == (1, 128, 0)
+        for key, value in before[1].items():
+            np.testing.assert_array_equal(tensors[key], value, err_msg=str(key))
+        rpc_helpers.push(stub, "loss-scaled", 0, 2, {"w": np.full((2, 3), 128.0, np.float32)})
+        rpc_helpers.push(stub, "loss-scaled", 0, 3, {"w": np.full((2, 3), 128.0, np.float32)})
+        state, _ = rpc_helpers.get_weights(stub, "loss-scaled")
+        assert (state.iterations, state.scalars["dynamic_scale"], state.scalars["step_counter"]) == (3, 256, 0)
+        # The scale is settable like any optimizer-wide scalar (a restore, an operator's fix).
+        state.scalars["dynamic_scale"] = 1024.0
+        assert rpc_helpers.set_weights(stub, "loss-scaled", state=state).state.scalars["dynamic_scale"] == 1024.0
