@@ -51,7 +51,8 @@ OPTIMIZERS = {
     "Lamb": {"class_name": "Lamb", "config": {"learning_rate": 0.001}},
     "ScheduleFreeAdamW": {"class_name": "ScheduleFreeAdamW", "config": {"learning_rate": 0.0025}},
     "LossScaleOptimizer(Adam)": {"class_name": "LossScaleOptimizer", "config": {
-        "inner_optimizer": {"class_name": "Adam", "config": {"learning_rate": 0.001}}}},
+        "inner_optimizer": {"module": "keras.optimizers", "class_name": "Adam", "config": {"learning_rate": 0.001},
+                            "registered_name": None}}},
     "Adafactor": {"class_name": "Adafactor", "config": {"learning_rate": 0.001}},
     "Muon": {"class_name": "Muon", "config": {"learning_rate": 0.001}},
 }
