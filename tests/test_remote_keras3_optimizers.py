@@ -146,3 +146,52 @@ def test_loss_scale_optimizer_on_a_server_skips_non_finite_steps_and_reports_its
         # The scale is settable like any optimizer-wide scalar (a restore, an operator's fix).
         state.scalars["dynamic_scale"] = 1024.0
         assert rpc_helpers.set_weights(stub, "loss-scaled", state=state).state.scalars["dynamic_scale"] == 1024.0
+
+
+@pytest.mark.parametrize("config", [
+    {"class_name": "LossScaleOptimizer", "config": {
+        "inner_optimizer": {"class_name": "Adafactor", "config": {"learning_rate": 0.05}}, "initial_scale": 4.0,
+        "dynamic_growth_steps": 2}},
+    {"class_name": "Muon", "config": {"learning_rate": 0.05}},
+    {"class_name": "ScheduleFreeAdamW", "config": {"learning_rate": 0.05, "warmup_steps": 3}},
+], ids=["LossScaleOptimizer(Adafactor)", "Muon", "ScheduleFreeAdamW"])
+def test_a_checkpoint_restores_the_new_optimizers_exactly(tmp_path, config):
+    """Factored slots of their own shapes, per-variable slot sets and the loss scale survive a restart."""
+    from optserve.client import Client
+    from optserve.server.app import start_server
+
+    variables = {"w": np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "b": np.ones(3, np.float32)}
+
+    def gradients(step):
+        rng = np.random.default_rng(step)
+        grads = {name: (rng.normal(size=value.shape) * 4).astype(np.float32) for name, value in variables.items()}
+        if step == 1:
+            grads["b"][0] = np.nan  # skipped by the LossScaleOptimizer, a NaN update for the others
+        return grads
+
+    def run(client, steps):
+        for step in steps:
+            client.push("job", gradients(step), step=step)
+
+    with start_server(device="cpu") as reference, Client(reference.address) as straight:
+        straight.create_model("job", config, variables)
+        run(straight, range(5))
+        expected = straight.get_weights("job", include_variables=True)
+        expected_scalars = straight.list_models("job")[0].scalars
+        server = start_server(device="cpu", checkpoint_dir=tmp_path, checkpoint_every="off")
+        with Client(server.address) as first:
+            first.create_model("job", config, variables)
+            run(first, range(3))
+            first.checkpoint()
+        server.stop(final_checkpoint=False)
+        with start_server(device="cpu", checkpoint_dir=tmp_path, checkpoint_every="off") as restarted, \
+                Client(restarted.address) as resumed:
+            run(resumed, range(3, 5))
+            actual = resumed.get_weights("job", include_variables=True)
+            assert resumed.list_models("job")[0].scalars == expected_scalars
+    for name, value in expected.variables.items():
+        assert actual.variables[name].tobytes() == value.tobytes(), name
+        assert list(actual.slots[name]) == list(expected.slots[name])
+        for slot, slot_value in expected.slots[name].items():
+            assert actual.slots[name][slot].shape == slot_value.shape
+            assert actual.slots[name][slot].tobytes() == slot_value.tobytes(), (name, slot)
