@@ -210,6 +210,14 @@ def test_adafactor_slots_are_factored_and_checked_by_their_own_shapes():
     np.testing.assert_array_equal(restored.get_slots()["w"]["r"], adafactor.get_slots()["w"]["r"])
     assert restored.weights_description() == adafactor.weights_description() == [
         "iterations", "w:r", "w:c", "w:velocity", "b:r", "b:c", "b:velocity"]
+    weights = adafactor.get_weights()
+    assert [w.shape for w in weights] == [(), (4, 3), (4, 5), (4, 3, 5), (), (), (5,)]
+    weights[2] = np.full((4, 5), 3.0, np.float32)
+    restored.set_weights(weights)
+    assert restored.get_slots(["w"])["w"]["c"][0, 0] == 3.0
+    weights[5] = np.zeros(5, np.float32)  # b's c is a scalar placeholder
+    with pytest.raises(InvalidArgumentError, match=r"Entry 5 \(slot 'c' of variable 'b'\) has shape \(5,\); expected \(\)"):
+        restored.set_weights(weights)
 
 
 def test_muon_slots_differ_per_variable_like_keras():

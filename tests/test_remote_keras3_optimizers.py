@@ -195,3 +195,25 @@ def test_a_checkpoint_restores_the_new_optimizers_exactly(tmp_path, config):
         for slot, slot_value in expected.slots[name].items():
             assert actual.slots[name][slot].shape == slot_value.shape
             assert actual.slots[name][slot].tobytes() == slot_value.tobytes(), (name, slot)
+
+
+def _golden_cases():
+    import test_keras3_optimizers as engine_tests
+
+    return engine_tests.GOLDEN, engine_tests._RAMP
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_keras_golden_values_through_remote_optimizer(keras, server_address, index):
+    """The numbers of Keras's own correctness tests, with the update run on the server."""
+    from optserve.client import RemoteOptimizer
+
+    golden_cases, ramp = _golden_cases()
+    class_name, config, golden = golden_cases[index]
+    x = keras.Variable(np.ones(10, np.float32), name="golden_x")
+    optimizer = RemoteOptimizer(getattr(keras.optimizers, class_name)(**config), server_address,
+                                model_id=f"golden-{next(_model_ids)}")
+    optimizer.apply([np.full(10, 0.01, np.float32)], [x])
+    for step, expected in enumerate(golden):
+        np.testing.assert_allclose(np.asarray(x), expected, rtol=5e-4, atol=5e-4, err_msg=f"{class_name} {step}")
+        optimizer.apply([ramp.astype(np.float32)], [x])
