@@ -1,13 +1,15 @@
 """Apply throughput of optserve's engine against memory bandwidth and Keras/JAX.
 
-For Adam, RMSprop, SGD with momentum and Ftrl on one float32 variable of each
-size, this times ``optserve.server.optimizers.deserialize(config)`` ->
+For each optimizer on one float32 variable of each size (a vector; a matrix
+of ``--matrix`` for Adafactor and Muon, whose math is about 2-D variables), this
+times ``optserve.server.optimizers.deserialize(config)`` ->
 ``.build({"w": ...})`` -> ``.apply({"w": grad})`` on the CPU backend and prints:
 
 * ``Melem/s``: parameters updated per second;
 * ``GB/s``: bytes the update must move (every array the kernel reads once, every
-  state it writes once; Adam: read grad, var, m, v and write var, m, v = 28 B),
-  divided by the time;
+  state it writes once; Adam: read grad, var, m, v and write var, m, v = 28 B;
+  for a staged program (Lamb, Adafactor, Muon) every stage's arrays, matrix
+  products counted as one read of each operand and one write), divided by the time;
 * ``x copy``: that rate over the memory copy bandwidth measured in this same run
   (``np.copyto`` of a large float32 array, 8 B per element);
 * ``x Keras/JAX``: Keras 3's own apply with the JAX backend, jit-compiled as its
@@ -20,6 +22,7 @@ Every time is the median of several repeats after warm-up.
     python benchmarks/bench_apply.py                 # 1M, 10M, 50M parameters
     python benchmarks/bench_apply.py --sizes 10M     # one size
     python benchmarks/bench_apply.py --quick         # a smoke run (seconds)
+    python benchmarks/bench_apply.py --optimizers Adafactor,Muon --matrix 4096x4096
 """
 from __future__ import annotations
 
@@ -43,7 +46,20 @@ OPTIMIZERS = {
         "class_name": "Ftrl",
         "config": {"learning_rate": 0.001, "l1_regularization_strength": 0.001, "l2_regularization_strength": 0.001},
     },
+    "AdamW": {"class_name": "AdamW", "config": {"learning_rate": 0.001}},
+    "Lion": {"class_name": "Lion", "config": {"learning_rate": 0.0001}},
+    "Lamb": {"class_name": "Lamb", "config": {"learning_rate": 0.001}},
+    "ScheduleFreeAdamW": {"class_name": "ScheduleFreeAdamW", "config": {"learning_rate": 0.0025}},
+    "LossScaleOptimizer(Adam)": {"class_name": "LossScaleOptimizer", "config": {
+        "inner_optimizer": {"module": "keras.optimizers", "class_name": "Adam", "config": {"learning_rate": 0.001},
+                            "registered_name": None}}},
+    "Adafactor": {"class_name": "Adafactor", "config": {"learning_rate": 0.001}},
+    "Muon": {"class_name": "Muon", "config": {"learning_rate": 0.001}},
 }
+# Optimizers timed on a matrix (--matrix) instead of the vector sizes.
+MATRIX_OPTIMIZERS = ("Adafactor", "Muon")
+DEFAULT_OPTIMIZERS = ("Adam", "RMSprop", "SGD(momentum=0.9)", "Ftrl", "AdamW", "Lion", "Lamb", "ScheduleFreeAdamW",
+                      "LossScaleOptimizer(Adam)", "Adafactor")
 DEFAULT_SIZES = (1_000_000, 10_000_000, 50_000_000)
 COPY_ELEMENTS = 64 * 1024 * 1024  # 256 MiB of float32: far beyond any cache
 
@@ -62,12 +78,17 @@ def format_size(size: int) -> str:
     return str(size)
 
 
-def tensors(size: int, seed: int = 0):
+def tensors(shape, seed: int = 0):
     """The variable and the gradient, identical in both processes."""
     rng = np.random.default_rng(seed)
-    variable = rng.standard_normal(size, dtype=np.float32)
-    gradient = rng.standard_normal(size, dtype=np.float32) * np.float32(0.01)
+    variable = rng.standard_normal(tuple(shape), dtype=np.float32)
+    gradient = rng.standard_normal(tuple(shape), dtype=np.float32) * np.float32(0.01)
     return variable, gradient
+
+
+def parse_matrix(text: str) -> tuple[int, int]:
+    rows, _, columns = text.lower().partition("x")
+    return int(rows), int(columns)
 
 
 def repeats_for(size: int, quick: bool) -> int:
@@ -100,22 +121,45 @@ class CopyProbe:
 class OptserveProbe:
     """One engine optimizer on one variable: build once, time ``apply``."""
 
-    def __init__(self, config: dict, size: int, backend):
+    def __init__(self, config: dict, shape, backend):
         from optserve.server import optimizers
 
-        variable, gradient = tensors(size)
+        variable, gradient = tensors(shape)
         self.optimizer = optimizers.deserialize(config, backend=backend)
         self.optimizer.build({"w": variable})
         self.grads = {"w": gradient}
-        self.bytes_per_parameter = bytes_per_parameter(self.optimizer.update_kernel(), variable.itemsize)
+        self.bytes_per_parameter = bytes_per_parameter(self.optimizer, variable)
 
     def step(self) -> float:
         return timed(lambda: self.optimizer.apply(self.grads))
 
 
-def bytes_per_parameter(kernel, itemsize: int) -> int:
-    """Each array the kernel touches is read once; each state it assigns is written once."""
-    return (len(kernel.array_names) + len(kernel.assigned_state)) * itemsize
+def bytes_per_parameter(optimizer, variable) -> float:
+    """Each array an elementwise kernel touches is read once, each state it assigns written once;
+    a staged program adds up its stages (reductions, axis means and matrix products read
+    their operands once and write their result once)."""
+    from optserve.server.programs import AxisMean, Broadcast, Elementwise, MatMul, Reduce, Transpose, UpdateProgram
+
+    engine_variable = getattr(optimizer, "inner_optimizer", optimizer)._variables["w"]
+    update = engine_variable.update
+    if not isinstance(update, UpdateProgram):
+        return (len(update.array_names) + len(update.assigned_state)) * variable.itemsize
+    sizes = {"grad": variable.size, "var": variable.size}
+    sizes.update({name: array.size for name, array in engine_variable.slots.items()})
+    sizes.update({name: array.size for name, array in engine_variable.program_scratch.items()})
+    elements = 0
+    for stage in update.stages:
+        if isinstance(stage, Elementwise):
+            names = [stage.array(n) for n in stage.kernel.array_names]
+            written = [stage.array(n) for n in stage.kernel.assigned_state]
+            elements += sum(sizes[n] for n in names) + sum(sizes[n] for n in written)
+        elif isinstance(stage, Reduce):
+            elements += sizes[stage.array] * (3 if stage.scratch else 2)
+        elif isinstance(stage, (AxisMean, Transpose)):
+            elements += sizes[stage.array] + sizes[stage.into]
+        elif isinstance(stage, (Broadcast, MatMul)):
+            elements += sizes[stage.left] + sizes[stage.right] + sizes[stage.into]
+    return elements * variable.itemsize / variable.size
 
 
 # ------------------------------------------------------------------- Keras/JAX
@@ -141,8 +185,8 @@ class KerasWorker:
             raise RuntimeError("the Keras/JAX worker exited; see its error output above")
         return json.loads(reply)
 
-    def setup(self, config: dict, size: int) -> None:
-        self.request(op="setup", config=config, size=size)
+    def setup(self, config: dict, shape) -> None:
+        self.request(op="setup", config=config, shape=list(shape))
 
     def step(self) -> float:
         return self.request(op="step")["seconds"]
@@ -160,10 +204,12 @@ def keras_worker_loop() -> None:
 
     state = {}
 
-    def setup(config, size):
+    def setup(config, shape):
         state.clear()
-        variable, gradient = tensors(size)
+        variable, gradient = tensors(shape)
         optimizer = keras.optimizers.deserialize(config)
+        if isinstance(optimizer, str):  # Keras 3.15's deserialize() misses Lamb; the class reads its config
+            optimizer = getattr(keras.optimizers, config["class_name"]).from_config(config["config"])
         weight = keras.Variable(variable, name="w")
         optimizer.build([weight])
         # Keras's JAX trainer jits its step with the state donated; do the same.
@@ -182,7 +228,7 @@ def keras_worker_loop() -> None:
     for line in sys.stdin:
         message = json.loads(line)
         if message["op"] == "setup":
-            setup(message["config"], message["size"])
+            setup(message["config"], message["shape"])
             reply = {"ok": True}
         else:
             reply = {"seconds": timed(apply)}
@@ -190,11 +236,11 @@ def keras_worker_loop() -> None:
         sys.stdout.flush()
 
 
-def measure_row(config: dict, size: int, repeats: int, backend, copy: CopyProbe, keras: KerasWorker | None) -> dict:
+def measure_row(config: dict, shape, repeats: int, backend, copy: CopyProbe, keras: KerasWorker | None) -> dict:
     """Median seconds of optserve, the copy probe and Keras/JAX, sampled in turn."""
-    probe = OptserveProbe(config, size, backend)
+    probe = OptserveProbe(config, shape, backend)
     if keras is not None:
-        keras.setup(config, size)
+        keras.setup(config, shape)
     for _ in range(2):  # warm up
         probe.step()
         copy.step()
@@ -226,7 +272,10 @@ def cpu_name() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=None, help="comma-separated parameter counts, e.g. 1M,10M,50M")
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS), help="comma-separated subset of: " + ", ".join(OPTIMIZERS))
+    parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
+                        help="comma-separated subset of: " + ", ".join(OPTIMIZERS) + " (default: all but Muon)")
+    parser.add_argument("--matrix", default="4096x4096", help="the variable of " + ", ".join(MATRIX_OPTIMIZERS)
+                        + ", ROWSxCOLUMNS (default 4096x4096; --quick: 1024x1024)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 1M parameters, few repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default by size)")
     parser.add_argument("--no-keras", action="store_true", help="skip the Keras/JAX baseline")
@@ -243,6 +292,7 @@ def main(argv=None) -> int:
         sizes = [parse_size(part) for part in args.sizes.split(",") if part.strip()]
     else:
         sizes = [1_000_000] if args.quick else list(DEFAULT_SIZES)
+    matrix = parse_matrix("1024x1024" if args.quick and "--matrix" not in " ".join(argv or sys.argv) else args.matrix)
     names = [name.strip() for name in args.optimizers.split(",") if name.strip()]
     unknown = [name for name in names if name not in OPTIMIZERS]
     if unknown:
@@ -265,13 +315,16 @@ def main(argv=None) -> int:
     keras = None if args.no_keras else KerasWorker()
     rows = []
     try:
-        for size in sizes:
+        vector_names = [name for name in names if name not in MATRIX_OPTIMIZERS]
+        matrix_names = [name for name in names if name in MATRIX_OPTIMIZERS]
+        runs = [((size,), name) for size in sizes for name in vector_names] + [(matrix, name) for name in matrix_names]
+        for shape, name in runs:
+            size = int(np.prod(shape))
             repeats = args.repeats or repeats_for(size, args.quick)
-            for name in names:
-                row = measure_row(OPTIMIZERS[name], size, repeats, backend, copy, keras)
-                row.update(name=name, size=size)
-                rows.append(row)
-                print(format_row(row, copy.bytes), file=sys.stderr, flush=True)  # progress
+            row = measure_row(OPTIMIZERS[name], shape, repeats, backend, copy, keras)
+            row.update(name=name, size=size, shape=shape)
+            rows.append(row)
+            print(format_row(row, copy.bytes), file=sys.stderr, flush=True)  # progress
     finally:
         if keras is not None:
             keras.close()
@@ -295,8 +348,9 @@ def format_row(row: dict, copy_bytes: int) -> str:
     copy_rate = copy_bytes / row["copy"]
     keras_ms = f"{row['keras'] * 1e3:.2f}" if row["keras"] else "-"
     speedup = f"{row['keras'] / seconds:.2f}" if row["keras"] else "-"
+    params = format_size(row["size"]) if len(row["shape"]) == 1 else "x".join(map(str, row["shape"]))
     return (
-        f"| {row['name']} | {format_size(row['size'])} | {seconds * 1e3:.2f} | {rate / 1e6:.0f} | {moved / 1e9:.1f} "
+        f"| {row['name']} | {params} | {seconds * 1e3:.2f} | {rate / 1e6:.0f} | {moved / 1e9:.1f} "
         f"| {copy_rate / 1e9:.1f} | {moved / copy_rate:.2f} | {keras_ms} | {speedup} |"
     )
 

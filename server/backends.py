@@ -146,6 +146,39 @@ class NumpyBackend:
         array = np.asarray(array)
         return float(np.sum(np.square(array), keepdims=True).reshape(()))
 
+    # ------------------------------------------- staged-program primitives
+    # Each is the NumPy call Keras's NumPy backend makes for the same operation
+    # (see optserve.server.programs), so the results are Keras's bit for bit.
+
+    def reduce_scalar(self, function: str, array, scratch=None):
+        """One host value in the array's dtype: sum or mean of squares, or a matrix norm."""
+        with np.errstate(all="ignore"):
+            squares = np.square(array) if scratch is None else np.square(array, out=scratch)
+            if function == "frobenius_norm":
+                # np.linalg.norm(x, axis=(-2, -1)) is sqrt(add.reduce(x * x, axis=(-2, -1))):
+                # the same sum, with the squares kept in scratch instead of a new array.
+                return np.sqrt(np.sum(squares))
+            return np.sum(squares) if function == "sum_squares" else np.mean(squares)
+
+    def axis_mean(self, out, array, axis: int, keepdims: bool) -> None:
+        with np.errstate(all="ignore"):
+            np.mean(array, axis=axis, keepdims=keepdims, out=out)
+
+    def broadcast(self, function: str, out, left, right, left_axis=None, right_axis=None) -> None:
+        left = left if left_axis is None else np.expand_dims(left, left_axis)
+        right = right if right_axis is None else np.expand_dims(right, right_axis)
+        with np.errstate(all="ignore"):
+            getattr(np, function)(left, right, out=out)
+
+    def transpose_into(self, out, array) -> None:
+        np.copyto(out, np.swapaxes(array, -1, -2))
+
+    def matmul(self, out, left, right, transpose_left=False, transpose_right=False) -> None:
+        left = np.swapaxes(left, -1, -2) if transpose_left else left
+        right = np.swapaxes(right, -1, -2) if transpose_right else right
+        with np.errstate(all="ignore"):
+            np.matmul(left, right, out=out)
+
     # ------------------------------------------------------------- kernels
 
     def run(self, kernel: UpdateKernel, arrays: Mapping, scalars: Mapping) -> None:

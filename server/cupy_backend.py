@@ -77,6 +77,35 @@ class CupyBackend:
         array = self.xp.asarray(array)
         return float(self.xp.sum(self.xp.square(array)))
 
+    # ------------------------------------------- staged-program primitives
+
+    def reduce_scalar(self, function: str, array, scratch=None):
+        """One host value in the array's dtype: sum or mean of squares, or a matrix norm."""
+        xp = self.xp
+        squares = xp.square(array) if scratch is None else xp.square(array, out=scratch)
+        if function == "frobenius_norm":
+            return xp.sqrt(xp.sum(squares)).get()
+        reduced = xp.sum(squares) if function == "sum_squares" else xp.mean(squares)
+        return reduced.get()
+
+    def axis_mean(self, out, array, axis: int, keepdims: bool) -> None:
+        self.xp.mean(array, axis=axis, keepdims=keepdims, out=out)
+
+    def broadcast(self, function: str, out, left, right, left_axis=None, right_axis=None) -> None:
+        xp = self.xp
+        left = left if left_axis is None else xp.expand_dims(left, left_axis)
+        right = right if right_axis is None else xp.expand_dims(right, right_axis)
+        getattr(xp, function)(left, right, out=out)
+
+    def transpose_into(self, out, array) -> None:
+        self.xp.copyto(out, self.xp.swapaxes(array, -1, -2))
+
+    def matmul(self, out, left, right, transpose_left=False, transpose_right=False) -> None:
+        xp = self.xp
+        left = xp.swapaxes(left, -1, -2) if transpose_left else left
+        right = xp.swapaxes(right, -1, -2) if transpose_right else right
+        xp.matmul(left, right, out=out)
+
     # ------------------------------------------------------------- kernels
 
     def elementwise_kernel(self, kernel: UpdateKernel):

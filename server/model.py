@@ -932,7 +932,8 @@ def _read_counters(engine) -> OptimizerStatus:
 
 
 def _accumulation_steps(engine) -> int:
-    return int(engine.get_config()["config"].get("gradient_accumulation_steps") or 1)
+    # An attribute, not the config: a LossScaleOptimizer's is its inner optimizer's.
+    return int(getattr(engine, "gradient_accumulation_steps", None) or 1)
 
 
 def _raw_iterations(engine, state: OptimizerStatus) -> int:

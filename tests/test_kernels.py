@@ -637,10 +637,50 @@ y = power(t, 0.5) + sign(g) + exp(log(t))
 
 def test_generated_cuda_source_compiles_as_cpp(tmp_path):
     """Without a GPU, a host C++ compiler still checks the generated code's syntax and types."""
+    kernels = [adam_kernel(), ftrl_kernel(), make("y = where(s > 0, g, -x)\nx = sign(y) * exp(log(abs(y)))", state=("x", "y"))]
+    _compile_as_cpp(kernels, tmp_path)
+
+
+def _optimizer_kernels():
+    """Every UpdateKernel the optimizers run: module-level kernels and those of staged programs."""
+    import importlib
+    import pkgutil
+
+    from optserve.server import optimizers
+    from optserve.server.optimizers.muon import newton_schulz_program
+    from optserve.server.programs import UpdateProgram
+
+    found = {}
+    for module_info in pkgutil.iter_modules(optimizers.__path__):
+        module = importlib.import_module(f"{optimizers.__name__}.{module_info.name}")
+        for value in vars(module).values():
+            if isinstance(value, (tuple, list)):
+                candidates = value
+            elif isinstance(value, UpdateProgram):
+                candidates = value.kernels
+            else:
+                candidates = (value,)
+            for candidate in candidates:
+                if isinstance(candidate, UpdateKernel):
+                    found[candidate.name] = candidate
+    for kernel in newton_schulz_program((5, 3), 2, True, True).kernels:
+        found[kernel.name] = kernel
+    return list(found.values())
+
+
+def test_every_optimizer_kernel_compiles_as_cpp(tmp_path):
+    kernels = _optimizer_kernels()
+    names = {kernel.name for kernel in kernels}
+    # The staged optimizers' kernels are among them.
+    assert {"lion", "lamb_moments", "lamb_apply", "schedule_free_adamw", "adafactor_factor_average",
+            "adafactor_apply", "muon_nesterov_momentum", "muon_combine", "muon_apply_adjusted", "adam", "ftrl"} <= names
+    _compile_as_cpp(kernels, tmp_path)
+
+
+def _compile_as_cpp(kernels, tmp_path):
     compiler = shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
         pytest.skip("no C++ compiler found; the generated CUDA source is not compiled")
-    kernels = [adam_kernel(), ftrl_kernel(), make("y = where(s > 0, g, -x)\nx = sign(y) * exp(log(abs(y)))", state=("x", "y"))]
     units = ["#include <cmath>", "using std::sqrt; using std::exp; using std::log; using std::pow; using std::fabs;",
              "#define __device__", "#define __forceinline__ inline", CUDA_PREAMBLE]
     for kernel in kernels:

@@ -80,7 +80,11 @@ def _short(value):
     return value.class_name if isinstance(value, Schedule) else value
 
 
-OPTIMIZERS = ["SGD", "RMSprop", "Adam", "Adadelta", "Adagrad", "Adamax", "Nadam", "Ftrl"]
+OPTIMIZERS = ["SGD", "RMSprop", "Adam", "Adadelta", "Adagrad", "Adamax", "Nadam", "Ftrl", "AdamW", "Lion", "Lamb",
+              "ScheduleFreeAdamW", "Adafactor", "Muon"]
+# LossScaleOptimizer wraps these; its parity runs (injected non-finite gradients) are in
+# tests/test_keras3_optimizers.py.
+WRAPPERS = {"lossscaleoptimizer"}
 
 OWN_OPTIONS = [
     Case("SGD"),
@@ -112,11 +116,33 @@ OWN_OPTIONS = [
     Case("Ftrl", learning_rate=0.05, learning_rate_power=0.0, l1_regularization_strength=0.001,
          l2_regularization_strength=0.01, l2_shrinkage_regularization_strength=0.01, beta=0.1,
          initial_accumulator_value=0.0),
+    Case("AdamW"),
+    Case("AdamW", learning_rate=0.02, weight_decay=0.3, amsgrad=True),
+    Case("AdamW", learning_rate=0.02, weight_decay=0.0, beta_1=0.5, beta_2=0.9, epsilon=1e-3),
+    Case("Lion"),
+    Case("Lion", learning_rate=0.01, beta_1=0.5, beta_2=0.9),
+    Case("Lion", learning_rate=0.01, beta_1=1.0, beta_2=0.0, weight_decay=0.1),
+    Case("Lamb"),
+    Case("Lamb", learning_rate=0.02, beta_1=0.5, beta_2=0.9, epsilon=1e-3),
+    Case("Lamb", learning_rate=0.05, beta_1=0.0, epsilon=0.0),
+    Case("ScheduleFreeAdamW"),
+    Case("ScheduleFreeAdamW", learning_rate=0.02, beta_1=0.5, beta_2=0.9, epsilon=1e-3),
+    Case("ScheduleFreeAdamW", learning_rate=0.05, warmup_steps=3),
+    Case("Adafactor"),
+    Case("Adafactor", learning_rate=0.05, relative_step=False, beta_2_decay=-0.5, epsilon_1=1e-20, epsilon_2=1e-2,
+         clip_threshold=0.5),
+    Case("Adafactor", learning_rate=0.5, clip_threshold=2.0),
+    Case("Muon"),
+    Case("Muon", learning_rate=0.02, nesterov=False, ns_steps=3, rms_rate=None, adam_lr_ratio=0.1),
+    Case("Muon", learning_rate=0.05, weight_decay=0.1, adam_weight_decay=0.2, momentum=0.5, muon_a=3.0, muon_b=-4.0,
+         muon_c=2.0, exclude_layers=["conv"], adam_beta_1=0.5, adam_beta_2=0.9, epsilon=1e-3, rms_rate=0.5),
+    Case("Muon", learning_rate=0.02, exclude_layers=["^kernel$"], exclude_embeddings=False, ns_steps=0),
 ]
 
 # Learning rates large enough that every option visibly changes the result.
 _LR = {"SGD": 0.1, "RMSprop": 0.01, "Adam": 0.02, "Adadelta": 1.0, "Adagrad": 0.1, "Adamax": 0.02, "Nadam": 0.02,
-       "Ftrl": 0.1}
+       "Ftrl": 0.1, "AdamW": 0.02, "Lion": 0.01, "Lamb": 0.02, "ScheduleFreeAdamW": 0.02, "Adafactor": 0.05,
+       "Muon": 0.02}
 COMMON_OPTIONS = [
     {"clipnorm": 0.5},
     {"clipvalue": 0.3},
@@ -169,6 +195,20 @@ SCHEDULE_CASES = [
     Case(name, learning_rate=schedule, **options)
     for index, schedule in enumerate(_SCHEDULES)
     for name, options in (_SCHEDULE_OPTIMIZERS[(index + shift) % 5] for shift in (0, 2, 4))
+] + [
+    # The newer optimizers, each under a few schedules.
+    Case("AdamW", learning_rate=_SCHEDULES[0]),
+    Case("AdamW", learning_rate=_SCHEDULES[8], gradient_accumulation_steps=2, steps=7),
+    Case("Lion", learning_rate=_SCHEDULES[2]),
+    Case("Lion", learning_rate=_SCHEDULES[7]),
+    Case("Lamb", learning_rate=_SCHEDULES[4]),
+    Case("Lamb", learning_rate=_SCHEDULES[9], weight_decay=0.2),
+    Case("ScheduleFreeAdamW", learning_rate=_SCHEDULES[3]),
+    Case("ScheduleFreeAdamW", learning_rate=_SCHEDULES[5], warmup_steps=2),
+    Case("Adafactor", learning_rate=_SCHEDULES[1]),
+    Case("Adafactor", learning_rate=_SCHEDULES[6], relative_step=False),
+    Case("Muon", learning_rate=_SCHEDULES[0], adam_lr_ratio=0.1),
+    Case("Muon", learning_rate=_SCHEDULES[8]),
 ]
 
 FLOAT64_CASES = [
@@ -185,6 +225,14 @@ FLOAT64_CASES = [
     Case("Nadam", dtype="float64", learning_rate=_SCHEDULES[3], gradient_accumulation_steps=2, steps=7),
     Case("Ftrl", dtype="float64", learning_rate=0.1, l1_regularization_strength=0.01, l2_regularization_strength=0.01,
          l2_shrinkage_regularization_strength=0.01, beta=0.1),
+    Case("AdamW", dtype="float64", learning_rate=0.02, weight_decay=0.3, clipnorm=0.5),
+    Case("Lion", dtype="float64", learning_rate=0.01, beta_1=0.7, use_ema=True),
+    Case("Lamb", dtype="float64", learning_rate=0.02, global_clipnorm=1.0, weight_decay=0.1),
+    Case("ScheduleFreeAdamW", dtype="float64", learning_rate=0.02, warmup_steps=2, gradient_accumulation_steps=2,
+         steps=7),
+    Case("Adafactor", dtype="float64", learning_rate=0.05, clipnorm=0.5),
+    Case("Muon", dtype="float64", learning_rate=0.02, adam_lr_ratio=0.1, weight_decay=0.3, loss_scale_factor=4.0,
+         grad_scale=4.0),
 ]
 
 FLOAT32_CASES = OWN_OPTIONS + COMMON_CASES + COMBINED_CASES + SCHEDULE_CASES
@@ -253,14 +301,27 @@ def _keras_optimizer(spec):
     return getattr(keras.optimizers, spec["class_name"])(**kwargs)
 
 
-def _keras_snapshot(optimizer, variables):
+def _keras_slots(optimizer, variables):
+    """Keras's optimizer variables by name; Adafactor's r and c are named after the model
+    variable itself (twice), so they are keyed here by the engine's names ``<variable>_r`` /
+    ``<variable>_c`` (the placeholders Keras creates for small variables, int 0, as the
+    variable's dtype)."""
     skipped = {id(optimizer._iterations), id(getattr(optimizer, "_u_product", None))}
+    factors = {}
+    if hasattr(optimizer, "_r") and hasattr(optimizer, "_c"):
+        for (name, variable), r, c in zip(variables.items(), optimizer._r, optimizer._c):
+            for slot, factor in (("r", r), ("c", c)):
+                skipped.add(id(factor))
+                factors[f"{name}_{slot}"] = _value(factor).astype(variable.dtype)
+    slots = {v.name: _value(v) for v in optimizer.variables if id(v) not in skipped and v.name != "learning_rate"}
+    return {**slots, **factors}
+
+
+def _keras_snapshot(optimizer, variables):
     u_product = getattr(optimizer, "_u_product", None)
     return {
         "variables": {name: _value(variable) for name, variable in variables.items()},
-        "slots": {
-            v.name: _value(v) for v in optimizer.variables if id(v) not in skipped and v.name != "learning_rate"
-        },
+        "slots": _keras_slots(optimizer, variables),
         "iterations": int(_value(optimizer.iterations)),
         "raw_iterations": int(_value(optimizer._iterations)),
         "u_product": None if u_product is None else _value(u_product),
@@ -378,6 +439,12 @@ BIT_EXACT_CASES = [
     Case("Ftrl", learning_rate=0.1, l1_regularization_strength=0.05, l2_shrinkage_regularization_strength=0.05,
          beta=0.2, global_clipnorm=1.0),
     Case("Adadelta", learning_rate=1.0, weight_decay=0.2, loss_scale_factor=16.0, grad_scale=16.0),
+    Case("AdamW", learning_rate=0.02, weight_decay=0.3, amsgrad=True, clipnorm=0.5),
+    Case("Lion", learning_rate=0.01, beta_1=0.5, weight_decay=0.2, use_ema=True),
+    Case("Lamb", learning_rate=0.02, beta_1=0.5, global_clipnorm=1.0, gradient_accumulation_steps=2),
+    Case("ScheduleFreeAdamW", learning_rate=0.02, warmup_steps=3, clipvalue=0.3),
+    Case("Adafactor", learning_rate=0.05, use_ema=True, weight_decay=0.1),
+    Case("Muon", learning_rate=0.02, global_clipnorm=1.0, gradient_accumulation_steps=2),
 ]
 for _case in BIT_EXACT_CASES:
     _normalize(_case)
@@ -444,11 +511,13 @@ def test_gpu_backend_matches_keras(case):
 def test_parity_table_covers_every_optimizer_option_and_schedule():
     from optserve.server import schedules
 
-    covered = {case.class_name.lower() for case in ALL_CASES}
+    covered = {case.class_name.lower() for case in ALL_CASES} | WRAPPERS
     assert covered == set(optimizers.REGISTRY), f"optimizers without parity cases: {set(optimizers.REGISTRY) - covered}"
     common = {"clipnorm", "clipvalue", "global_clipnorm", "weight_decay", "use_ema", "ema_momentum",
               "ema_overwrite_frequency", "gradient_accumulation_steps", "loss_scale_factor"}
     for cls in optimizers.REGISTRY.values():
+        if cls.class_name.lower() in WRAPPERS:
+            continue
         cases = [c for c in FLOAT32_CASES if c.class_name == cls.class_name]
         used = set().union(*(c.kwargs for c in cases))
         own = {h.name for h in cls.hyperparameters}

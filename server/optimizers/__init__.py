@@ -22,24 +22,37 @@ from typing import Any
 
 from ..errors import InvalidArgumentError
 from .adadelta import Adadelta
+from .adafactor import Adafactor
 from .adagrad import Adagrad
 from .adam import Adam
 from .adamax import Adamax
+from .adamw import AdamW
 from .base import Optimizer
 from .ftrl import Ftrl
+from .lamb import Lamb
+from .lion import Lion
+from .loss_scale_optimizer import LossScaleOptimizer
+from .muon import Muon
 from .nadam import Nadam
 from .rmsprop import RMSprop
+from .schedule_free_adamw import ScheduleFreeAdamW
 from .sgd import SGD
 
 __all__ = [
-    "Adadelta", "Adagrad", "Adam", "Adamax", "Ftrl", "Nadam", "Optimizer", "RMSprop", "SGD",
+    "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Ftrl", "Lamb", "Lion", "LossScaleOptimizer", "Muon", "Nadam", "Optimizer", "RMSprop",
+    "SGD", "ScheduleFreeAdamW",
     "REGISTRY", "deserialize", "get", "serialize",
 ]
 
 # Keras class name, lower-cased -> class (Keras looks names up the same way).
-REGISTRY: dict[str, type[Optimizer]] = {
-    cls.class_name.lower(): cls for cls in (SGD, RMSprop, Adam, Adadelta, Adagrad, Adamax, Nadam, Ftrl)
+REGISTRY: dict[str, type] = {
+    cls.class_name.lower(): cls
+    for cls in (
+        SGD, RMSprop, Adam, Adadelta, Adagrad, Adamax, Nadam, Ftrl, AdamW, Lion, Lamb, ScheduleFreeAdamW,
+        Adafactor, Muon, LossScaleOptimizer,
+    )
 }
+ENGINE_TYPES = (Optimizer, LossScaleOptimizer)
 _ENVELOPE_KEYS = ("module", "class_name", "config", "registered_name")
 
 
@@ -49,14 +62,14 @@ def supported_names() -> list[str]:
 
 def serialize(optimizer: Optimizer) -> dict[str, Any]:
     """``keras.optimizers.serialize``'s form of ``optimizer``."""
-    if not isinstance(optimizer, Optimizer):
+    if not isinstance(optimizer, ENGINE_TYPES):
         raise InvalidArgumentError(f"Expected an optimizer. Received: {optimizer!r}")
     return optimizer.get_config()
 
 
 def get(identifier: Any, backend: Any = None) -> Optimizer:
     """``keras.optimizers.get``: an optimizer is returned as is; anything else is deserialized."""
-    if isinstance(identifier, Optimizer):
+    if isinstance(identifier, ENGINE_TYPES):
         return identifier
     return deserialize(identifier, backend=backend)
 

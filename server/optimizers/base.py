@@ -32,6 +32,7 @@ import numpy as np
 
 from ..errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from ..kernels import UpdateKernel
+from ..programs import UpdateProgram
 from . import validation as check
 from .validation import Hyperparameter
 
@@ -55,6 +56,8 @@ COMMON_HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
 
 EMA_SLOT = "average"
 ACCUMULATOR_SLOT = "gradient_accumulator"
+# A slot's initial value that is a copy of its variable (ScheduleFreeAdamW's momentum).
+VARIABLE_VALUE = "variable value"
 
 
 def _pipeline_kernels(name: str, expression: str, scalars: tuple[str, ...]):
@@ -143,7 +146,7 @@ def _describe(names: Sequence[str], limit: int = 10) -> str:
 class _Variable:
     """One model variable, its slots (Keras order) and its scratch buffer."""
 
-    __slots__ = ("name", "shape", "dtype", "value", "slots", "scratch")
+    __slots__ = ("name", "shape", "dtype", "value", "slots", "scratch", "update", "program_scratch")
 
     def __init__(self, name: str, value: Any, shape: tuple, dtype: np.dtype):
         self.name = name
@@ -152,6 +155,8 @@ class _Variable:
         self.dtype = dtype
         self.slots: dict[str, Any] = {}
         self.scratch = None
+        self.update: UpdateKernel | UpdateProgram | None = None  # this variable's update
+        self.program_scratch: dict[str, Any] = {}  # a staged program's arrays, kept across steps
 
 
 class Optimizer:
@@ -160,11 +165,15 @@ class Optimizer:
     Subclasses set ``class_name`` (Keras's), ``default_learning_rate`` and
     ``hyperparameters`` (their own constructor arguments in Keras's order), and
     implement ``slot_groups``, ``update_kernel`` and ``update_scalars``.
+    ``common_defaults`` overrides the defaults of common arguments (AdamW's
+    ``weight_decay``). Optimizers whose slots or update differ from variable to
+    variable (Adafactor, Muon) override ``slot_groups_for`` / ``update_kernel_for``.
     """
 
     class_name = "Optimizer"
     default_learning_rate = 0.001
     hyperparameters: tuple[Hyperparameter, ...] = ()
+    common_defaults: Mapping[str, Any] = {}
 
     def __init__(self, backend: Any = None, **kwargs: Any):
         self._backend = _resolve_backend(backend)
@@ -177,6 +186,9 @@ class Optimizer:
         self._weight_decay_pattern: re.Pattern | None = None
         self._weight_decay_names: list[str] | None = None
         self._weight_decay_cache: dict[str, bool] = {}
+        # Set by a LossScaleOptimizer wrapping this one: the dynamic scale that
+        # divides the gradients, exactly where `loss_scale_factor` would.
+        self.dynamic_loss_scale: float | None = None
 
     # ------------------------------------------------------------------ config
     @classmethod
@@ -199,7 +211,8 @@ class Optimizer:
         if config["name"] is None:
             config["name"] = snake_case(cls.class_name)
         for hyper in COMMON_HYPERPARAMETERS:
-            config[hyper.name] = hyper.check(hyper.name, kwargs.get(hyper.name, hyper.default))
+            default = cls.common_defaults.get(hyper.name, hyper.default)
+            config[hyper.name] = hyper.check(hyper.name, kwargs.get(hyper.name, default))
         cls._check_single_clipping(config)
         config["learning_rate"] = cls._validated_learning_rate(kwargs.get("learning_rate", cls.default_learning_rate))
         for hyper in cls.hyperparameters:
@@ -302,8 +315,21 @@ class Optimizer:
         each entry is ``(slot name, initial value)``."""
         return []
 
-    def update_kernel(self) -> UpdateKernel:
+    def update_kernel(self) -> UpdateKernel | UpdateProgram:
         raise NotImplementedError
+
+    def slot_groups_for(self, name: str, shape: tuple) -> list[list[tuple]]:
+        """``slot_groups()`` of one variable; an entry may add a third element, a
+        function of the variable's shape giving the slot's shape."""
+        return self.slot_groups()
+
+    def update_kernel_for(self, name: str, shape: tuple) -> UpdateKernel | UpdateProgram:
+        """The update of one variable (an elementwise kernel or a staged program)."""
+        return self.update_kernel()
+
+    def weight_decay_for(self, name: str, shape: tuple) -> float | None:
+        """The decoupled weight decay rate of one variable (None: not decayed)."""
+        return self._config["weight_decay"]
 
     def update_scalars(self, dtype: type, lr: np.floating) -> dict[str, float]:
         """Host-side scalars of this step for variables of ``dtype`` (a NumPy scalar type)."""
@@ -323,21 +349,20 @@ class Optimizer:
         """Called once the variables exist."""
 
     # ---------------------------------------------------------------- layout
-    def _all_slot_groups(self) -> list[list[tuple[str, float]]]:
+    def _all_slot_groups(self, name: str, shape: tuple) -> list[list[tuple]]:
         groups = []
         if self._config["use_ema"]:
             groups.append([(EMA_SLOT, 0.0)])
         if self._config["gradient_accumulation_steps"]:
             groups.append([(ACCUMULATOR_SLOT, 0.0)])
-        return groups + self.slot_groups()
+        return groups + self.slot_groups_for(name, shape)
 
-    def _slot_names(self) -> list[str]:
-        return [slot for group in self._all_slot_groups() for slot, _ in group]
+    def _slot_names(self, name: str) -> list[str]:
+        return [entry[0] for group in self._all_slot_groups(name, self._variables[name].shape) for entry in group]
 
     def _weights_layout(self) -> list[tuple[str, str]]:
         """(variable, slot) pairs of ``get_weights()``: variable by variable, slots in Keras order."""
-        slots = self._slot_names()
-        return [(name, slot) for name in self._variables for slot in slots]
+        return [(name, slot) for name, variable in self._variables.items() for slot in variable.slots]
 
     @property
     def built(self) -> bool:
@@ -359,8 +384,7 @@ class Optimizer:
     def slot_names(self, name: str) -> list[str]:
         """Slot names of one variable, in Keras order (EMA average and gradient
         accumulator first when configured, as Keras creates them first)."""
-        self._require_variable(name)
-        return self._slot_names()
+        return list(self._require_variable(name).slots)
 
     # ----------------------------------------------------------------- build
     def build(self, variables: Mapping[str, Any]) -> None:
@@ -390,11 +414,21 @@ class Optimizer:
         backend = self._backend
         value = backend.asarray(host, host.dtype)  # an owned, C-contiguous copy
         variable = _Variable(name, value, tuple(host.shape), host.dtype)
-        for group in self._all_slot_groups():
-            for slot, initial in group:
-                variable.slots[slot] = backend.full(variable.shape, initial, variable.dtype)
+        for group in self._all_slot_groups(name, variable.shape):
+            for slot, initial, *shaped in group:
+                shape = tuple(shaped[0](variable.shape)) if shaped else variable.shape
+                if isinstance(initial, str) and initial == VARIABLE_VALUE:
+                    variable.slots[slot] = backend.asarray(host, host.dtype)
+                else:
+                    variable.slots[slot] = backend.full(shape, initial, variable.dtype)
         if self._needs_scratch():
             variable.scratch = backend.full(variable.shape, 0, variable.dtype)
+        variable.update = self.update_kernel_for(name, variable.shape)
+        if isinstance(variable.update, UpdateProgram):
+            variable.program_scratch = {
+                scratch: backend.full(shape, 0, variable.dtype)
+                for scratch, shape in variable.update.scratch_shapes(variable.shape).items()
+            }
         return variable
 
     def _needs_scratch(self) -> bool:
@@ -402,7 +436,7 @@ class Optimizer:
         if self._config["gradient_accumulation_steps"]:
             return False
         clipping = any(self._config[k] is not None for k in ("clipnorm", "global_clipnorm", "clipvalue"))
-        return clipping or self._config["loss_scale_factor"] is not None
+        return clipping or self._config["loss_scale_factor"] is not None or self.dynamic_loss_scale is not None
 
     def _require_built(self) -> None:
         if not self._built:
@@ -524,10 +558,14 @@ class Optimizer:
     def _run(self, kernel: UpdateKernel, arrays: dict[str, Any], scalars: dict[str, float]) -> None:
         self._backend.run(kernel, arrays, scalars)
 
+    def _loss_scale(self) -> float | None:
+        scale = self._config["loss_scale_factor"]
+        return self.dynamic_loss_scale if scale is None else scale
+
     # Each gradient travels as (variable, array, owned): `owned` says the array
     # is a buffer of this optimizer that later stages may overwrite.
     def _unscaled(self, gradients):
-        scale = self._config["loss_scale_factor"]
+        scale = self._loss_scale()
         if scale is None:
             return [(variable, grad, False) for variable, grad in gradients]
         for variable, grad in gradients:
@@ -535,7 +573,7 @@ class Optimizer:
         return [(variable, variable.scratch, True) for variable, _ in gradients]
 
     def _accumulate(self, gradients) -> None:
-        scale = self._config["loss_scale_factor"]
+        scale = self._loss_scale()
         for variable, grad in gradients:
             arrays = {"grad": grad, "accumulator": variable.slots[ACCUMULATOR_SLOT]}
             if scale is None:
@@ -544,7 +582,7 @@ class Optimizer:
                 self._run(ACCUMULATE_UNSCALED, arrays, {"loss_scale": scale})
 
     def _accumulated_means(self, gradients, steps: int):
-        scale = self._config["loss_scale_factor"]
+        scale = self._loss_scale()
         means = []
         for variable, grad in gradients:
             accumulator = variable.slots[ACCUMULATOR_SLOT]
@@ -565,7 +603,6 @@ class Optimizer:
         gradients = self._clipped(gradients)
         self._apply_weight_decay(gradients, lr)
         self.before_update_step()
-        kernel = self.update_kernel()
         scalars_by_dtype: dict[np.dtype, dict[str, float]] = {}
         for variable, grad, _ in gradients:
             scalars = scalars_by_dtype.get(variable.dtype)
@@ -573,7 +610,12 @@ class Optimizer:
                 with np.errstate(all="ignore"):
                     scalars = self.update_scalars(variable.dtype.type, variable.dtype.type(lr))
                 scalars_by_dtype[variable.dtype] = scalars
+            kernel = variable.update
             arrays = {"grad": grad, "var": variable.value, **variable.slots}
+            if isinstance(kernel, UpdateProgram):
+                arrays.update(variable.program_scratch)
+                kernel.run(self._backend, arrays, scalars, variable.dtype.type)
+                continue
             self._run(kernel, {k: arrays[k] for k in kernel.array_names}, {k: scalars[k] for k in kernel.scalars})
 
     # ---------------------------------------------------------------- clipping
@@ -627,13 +669,10 @@ class Optimizer:
 
     # ------------------------------------------------------------- decay, EMA
     def _apply_weight_decay(self, gradients, lr: float) -> None:
-        weight_decay = self._config["weight_decay"]
-        if weight_decay is None:
-            return
-        scalars = {"weight_decay": weight_decay, "lr": lr}
         for variable, _, _ in gradients:
-            if self._uses_weight_decay(variable.name):
-                self._run(WEIGHT_DECAY, {"var": variable.value}, scalars)
+            weight_decay = self.weight_decay_for(variable.name, variable.shape)
+            if weight_decay is not None and self._uses_weight_decay(variable.name):
+                self._run(WEIGHT_DECAY, {"var": variable.value}, {"weight_decay": weight_decay, "lr": lr})
 
     def _update_moving_averages(self) -> None:
         # Keras averages every variable, also those without a gradient this call;
@@ -666,9 +705,9 @@ class Optimizer:
         return {variable.name: self._host_copy(variable.value) for variable in selected}
 
     @staticmethod
-    def _checked_value(what: str, value: Any, variable: _Variable) -> np.ndarray:
-        """A host array of the variable's shape, cast to its dtype as Keras's assign does."""
-        shape, dtype = variable.shape, variable.dtype
+    def _checked_value(what: str, value: Any, variable: _Variable, shape: tuple | None = None) -> np.ndarray:
+        """A host array of the variable's (or the given slot) shape, cast to its dtype as Keras's assign does."""
+        shape, dtype = (variable.shape if shape is None else tuple(shape)), variable.dtype
         try:
             host = np.asarray(value)
         except Exception as error:  # noqa: BLE001 - any unconvertible value is the caller's error
@@ -677,7 +716,7 @@ class Optimizer:
             raise InvalidArgumentError(f"{what} has dtype {host.dtype}; expected a real number array ({dtype}).")
         if tuple(host.shape) != tuple(shape):
             raise InvalidArgumentError(f"{what} has shape {tuple(host.shape)}; expected {tuple(shape)}.")
-        return np.ascontiguousarray(host, dtype=dtype)
+        return np.ascontiguousarray(host, dtype=dtype).reshape(shape)  # (ascontiguousarray makes 0-d 1-d)
 
     def assign_variables(self, values: Mapping[str, Any]) -> None:
         """Overwrite variables (any subset); every value is checked before any is written."""
@@ -713,7 +752,8 @@ class Optimizer:
                         f"Variable '{name}' has no slot {slot!r}. Its slots: {_describe(list(variable.slots))}"
                     )
                 what = f"Slot '{slot}' of variable '{name}'"
-                checked.append((variable.slots[slot], self._checked_value(what, value, variable)))
+                array = variable.slots[slot]
+                checked.append((array, self._checked_value(what, value, variable, array.shape)))
         for array, host in checked:
             self._backend.copy_into(array, host)
 
@@ -777,7 +817,8 @@ class Optimizer:
         for index, (name, slot) in enumerate(layout, start=1):
             variable = self._variables[name]
             what = f"Entry {index} (slot '{slot}' of variable '{name}')"
-            slot_values.append((variable.slots[slot], self._checked_value(what, weights[index], variable)))
+            array = variable.slots[slot]
+            slot_values.append((array, self._checked_value(what, weights[index], variable, array.shape)))
         for array, host in slot_values:
             self._backend.copy_into(array, host)
         steps = self._config["gradient_accumulation_steps"]
@@ -832,8 +873,8 @@ class Optimizer:
             raise
 
     def _checked_slot_sets(self, slots: Mapping[str, Any]) -> None:
-        expected = self._slot_names()
         for name in self._variables:
+            expected = self._slot_names(name)
             saved = list(self._mapping(f"state['slots'][{name!r}]", slots.get(name, {})))
             if saved != expected:
                 raise InvalidArgumentError(f"State has slots {saved} for variable '{name}'; expected {expected}.")
@@ -858,7 +899,10 @@ class Optimizer:
             for name, value in variables.items()
         }
         checked_slots = {
-            (name, slot): self._checked_value(f"State slot '{slot}' of variable '{name}'", value, self._variables[name])
+            (name, slot): self._checked_value(
+                f"State slot '{slot}' of variable '{name}'", value, self._variables[name],
+                self._variables[name].slots[slot].shape,
+            )
             for name, variable_slots in slots.items()
             for slot, value in variable_slots.items()
         }

@@ -149,3 +149,44 @@ def sgd_momentum(name: str, value: Any) -> Any:
     if not isinstance(value, float) or not math.isfinite(value) or value < 0 or value > 1:
         raise InvalidArgumentError(f"`momentum` must be a float between [0, 1]. Received: momentum={value!r}")
     return value
+
+
+def lion_beta_1(name: str, value: Any) -> Any:
+    # Keras's own check and wording.
+    if not is_finite_number(value) or value <= 0 or value > 1:
+        raise InvalidArgumentError(
+            "Argument `beta_1` must be in the [0, 1] range. Otherwise, the optimizer degenerates to "
+            f"SignSGD. Received: beta_1={value}."
+        )
+    return value
+
+
+def in_half_open_above_zero(name: str, value: Any) -> Any:
+    """A finite number in (0, 1] (a divisor that must not vanish)."""
+    if not (is_finite_number(value) and 0 < value <= 1):
+        raise InvalidArgumentError(f"`{name}` must be in (0, 1]. {received(name, value)}")
+    return value
+
+
+def non_negative_integer(name: str, value: Any) -> Any:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        raise InvalidArgumentError(f"`{name}` must be an integer >= 0. {received(name, value)}")
+    return value
+
+
+def positive_integer(name: str, value: Any) -> Any:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise InvalidArgumentError(f"`{name}` must be an integer >= 1. {received(name, value)}")
+    return value
+
+
+def positive_number(name: str, value: Any) -> Any:
+    if not (is_finite_number(value) and value > 0):
+        raise InvalidArgumentError(f"`{name}` must be a finite number > 0. {received(name, value)}")
+    return value
+
+
+def finite_number(name: str, value: Any) -> Any:
+    if not is_finite_number(value):
+        raise InvalidArgumentError(f"`{name}` must be a finite number. {received(name, value)}")
+    return value
