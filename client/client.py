@@ -30,6 +30,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from optserve.client.activity import ModelActivity, activity_from_message
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors
@@ -208,6 +209,7 @@ class ModelInfo:
     sync_timeout_s: float = 0.0
     timeout_policy: str = "fail"
     waiting_workers: list[int] = dataclasses.field(default_factory=list)
+    activity: ModelActivity | None = None  # creator and last activity; None from servers that do not say
 
 
 @dataclasses.dataclass
@@ -304,6 +306,7 @@ def _model_info(message: pb.ModelInfo, *, created: bool | None = None, with_stat
         sync_timeout_s=float(message.spec.sync_timeout_s),
         timeout_policy=_POLICY_NAMES.get(message.spec.timeout_policy, "fail"),
         waiting_workers=[int(w) for w in message.waiting_workers],
+        activity=activity_from_message(message),
     )
 
 
@@ -656,17 +659,23 @@ class Client:
         mode: str = "sync",
         sync_timeout_s: float = 0.0,
         timeout_policy: str = "fail",
+        worker_index: int | None = None,
         timeout=_DEFAULT,
     ) -> ModelInfo:
-        """Create a model, or join it when one with the same spec exists (``created`` is False)."""
+        """Create a model, or join it when one with the same spec exists (``created`` is False).
+
+        ``worker_index`` (optional) is recorded by the server as the creator (``ModelInfo.activity``).
+        """
         spec = _model_spec(model_id, optimizer, num_workers, mode, sync_timeout_s, timeout_policy)
+        if worker_index is not None:
+            _check_worker_index(worker_index)
         arrays = _as_tensors(variables, "variables")
         if not arrays:
             raise ValueError("`variables` must hold at least one variable. Received: {}")
 
         def attempt(deadline):
             requests = tensors.serialized_chunk_messages(
-                pb.CreateModelRequest(spec=spec), "variables", _variable_tensors(arrays))
+                pb.CreateModelRequest(spec=spec, worker_index=worker_index), "variables", _variable_tensors(arrays))
             return self._stub.CreateModel(requests, timeout=deadline)
 
         response = self._invoke(attempt, self._timeout(timeout, self.timeout))
@@ -683,8 +692,9 @@ class Client:
         response = self._invoke(lambda deadline: self._stub.ListModels(request, timeout=deadline), timeout)
         return [_model_info(m, with_stats=with_stats) for m in response.models]
 
-    def delete_model(self, model_id: str, *, timeout=_DEFAULT) -> bool:
-        request = pb.DeleteModelRequest(model_id=_check_name(model_id, "model_id"))
+    def delete_model(self, model_id: str, *, if_idle: bool = False, timeout=_DEFAULT) -> bool:
+        """False if there was no such model. ``if_idle``: refused (FailedPreconditionError) while in use."""
+        request = pb.DeleteModelRequest(model_id=_check_name(model_id, "model_id"), if_idle=bool(if_idle))
         response = self._invoke(
             lambda deadline: self._stub.DeleteModel(request, timeout=deadline), self._timeout(timeout, self.timeout)
         )

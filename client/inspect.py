@@ -1,8 +1,9 @@
 """``optserve inspect ADDRESS [MODEL] [--json]``: what a running server holds.
 
 Without MODEL: one row per model (optimizer, mode, workers, step, iterations,
-learning rate). With MODEL: the model's settings and a row per variable (shape,
-dtype, L2 norm, slots); ``--slots`` also fetches every slot and shows its norm.
+learning rate, last activity). With MODEL: the model's settings, who created it
+and when, its last activity, and a row per variable (shape, dtype, L2 norm,
+slots); ``--slots`` also fetches every slot and shows its norm.
 ``--json`` prints the same information as JSON for scripts.
 
 ``ADDRESS`` may list the shards of a sharded deployment, ``h1:50051,h2:50051``
@@ -22,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from optserve.client.activity import format_time
 from optserve.client.client import Client, ModelInfo, NotFoundError, OptserveError, UnavailableError
 from optserve.client.sharded import ShardedModelInfo
 
@@ -75,11 +77,12 @@ def _show_models(client: Client, args) -> int:
         return 0
     rows = [
         [m.model_id, m.optimizer, m.mode, str(m.num_workers), str(m.step), str(m.iterations),
-         _number(m.learning_rate), str(len(m.variables)), _count(sum(_size(v.shape) for v in m.variables))]
+         _number(m.learning_rate), str(len(m.variables)), _count(sum(_size(v.shape) for v in m.variables)),
+         m.activity.describe_last() if m.activity is not None else "-"]
         for m in models
     ]
     header = ["MODEL", "OPTIMIZER", "MODE", "WORKERS", "STEP", "ITERATIONS", "LEARNING RATE",
-              "VARIABLES", "PARAMETERS"]
+              "VARIABLES", "PARAMETERS", "LAST ACTIVITY"]
     sharded = [m for m in models if isinstance(m, ShardedModelInfo)]
     if sharded:
         header += ["PLAN", "IMBALANCE"]
@@ -146,6 +149,10 @@ def _model_header(model: ModelInfo) -> str:
     ]
     if model.scalars:
         lines.append(("scalars", ", ".join(f"{k}={_number(v)}" for k, v in model.scalars.items())))
+    if model.activity is not None:
+        lines.append(("created by", model.activity.describe_creator()))
+        lines.append(("last activity", f"{model.activity.describe_last()} "
+                                       f"({format_time(model.activity.last_activity_unix_s)})"))
     if model.waiting_workers:
         lines.append(("waiting", "workers " + ", ".join(map(str, model.waiting_workers)) + " pushed this step"))
     if isinstance(model, ShardedModelInfo):
@@ -217,6 +224,8 @@ def _model_json(model: ModelInfo) -> dict:
     for variable in data["variables"]:
         variable["shape"] = list(variable["shape"])
     data.pop("created")
+    if model.activity is not None:
+        data["activity"] = dataclasses.asdict(model.activity)
     if isinstance(model, ShardedModelInfo):
         data["placement"] = _placement_json(model)
     return data

@@ -3,6 +3,7 @@
     optserve serve --host 127.0.0.1 --port 50051 --device auto --checkpoint-dir DIR --checkpoint-every 60s
     optserve checkpoint 127.0.0.1:50051      (prints the new checkpoint's path)
     optserve inspect ...     (optserve.client.inspect)
+    optserve delete ADDRESS MODEL [--force]   (optserve.client.delete)
     optserve demo ...        (optserve.client.demo)
     optserve health ...      (optserve.client.health)
 """
@@ -20,6 +21,7 @@ from optserve.server.servicer import DEFAULT_MAX_REQUEST_BYTES
 # Subcommands implemented by the client package; imported only when run, so `serve` never loads them.
 CLIENT_COMMANDS = {
     "inspect": ("optserve.client.inspect", "show the models, optimizer state and variables of a server"),
+    "delete": ("optserve.client.delete", "delete a model from a server (refused while in use, unless --force)"),
     "demo": ("optserve.client.demo", "start a server and two workers that train a small model against it"),
     "health": ("optserve.client.health", "ask a server for its gRPC health status (exit 0 when SERVING)"),
 }

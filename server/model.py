@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
+from optserve.server.activity import Activity
 from optserve.server.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -243,6 +244,7 @@ class ModelSummary:
     status: OptimizerStatus
     variables: tuple[VariableSummary, ...]
     waiting_workers: tuple[int, ...]
+    activity: Any = None           # optserve.server.activity.ActivitySummary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -360,6 +362,8 @@ class Model:
         self._history: collections.OrderedDict[int, _StepRecord] = collections.OrderedDict()
         self._recent_async: dict[int, _RecentSteps] = {}
         self._closed: OptserveError | None = None
+        # Who created the model, its last call, the calls in flight (optserve.server.activity).
+        self.activity = Activity()
         # Told of every change of state (loop thread): the number of updates applied
         # (0 for other changes). The registry counts them for step-based checkpoints.
         self.on_change: Callable[[int], None] | None = None
@@ -388,6 +392,21 @@ class Model:
 
     def waiting_workers(self) -> tuple[int, ...]:
         return tuple(sorted(self._pending.contributors)) if self._pending else ()
+
+    def in_use_reason(self) -> str | None:
+        """Why deleting the model now would fail work in progress; None when it is idle.
+
+        A step holding pushes counts even when the workers that pushed it hung up:
+        their gradients are in it, and they push the step again only to this model.
+        """
+        reasons = []
+        if self._pending is not None:
+            reasons.append(f"workers {sorted(self._pending.contributors)} pushed step {self._pending.step} "
+                           "and wait for the others")
+        calls = self.activity.calls_in_flight
+        if calls:
+            reasons.append(f"{calls} call{'s' if calls != 1 else ''} in flight")
+        return "; ".join(reasons) or None
 
     # ------------------------------------------------------------- pushes
 
@@ -644,7 +663,8 @@ class Model:
                 VariableSummary(meta, tuple(self._engine.slot_names(meta.name)), norm_by_name.get(meta.name))
                 for meta in self.spec.variables
             )
-            return ModelSummary(self.spec, self._status(), variables, self.waiting_workers())
+            return ModelSummary(self.spec, self._status(), variables, self.waiting_workers(),
+                                self.activity.summary())
 
         return await self._exclusive(read)
 
@@ -772,6 +792,7 @@ class Model:
                 "history": [[step, list(record.contributors), list(record.missing), record.aggregated]
                             for step, record in self._history.items()],
                 "recent_async": {worker: recent.steps() for worker, recent in self._recent_async.items()},
+                "activity": self.activity.state(),
                 "engine": engine_state,
             }
 
@@ -797,6 +818,7 @@ class Model:
         for step, contributors, missing, aggregated in state["history"]:
             model._remember(int(step), _StepRecord(tuple(contributors), tuple(missing), bool(aggregated)))
         model._recent_async = {int(worker): _RecentSteps.of(steps) for worker, steps in state["recent_async"].items()}
+        model.activity = Activity.restored(state.get("activity"))  # absent from older checkpoints
         return model
 
     def _notify(self, applied: int) -> None:

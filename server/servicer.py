@@ -9,6 +9,7 @@ step are serialized once for all of its workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import logging
@@ -21,6 +22,7 @@ import numpy as np
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors as codec
+from optserve.server import activity as calls
 from optserve.server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -238,7 +240,23 @@ def _model_info(summary: ModelSummary) -> pb.ModelInfo:
             for v in summary.variables
         ],
         waiting_workers=summary.waiting_workers,
+        activity=_activity_message(summary.activity),
     )
+
+
+def _activity_message(summary) -> pb.ModelActivity | None:
+    if summary is None:
+        return None
+    record = summary.record
+    message = pb.ModelActivity(
+        created_unix_s=record.created_unix_s, creator_peer=record.creator_peer,
+        last_activity_unix_s=record.last_unix_s, last_activity=record.last_kind,
+        calls_in_flight=summary.calls_in_flight, idle_s=summary.idle_s)
+    if record.creator_worker is not None:
+        message.creator_worker = record.creator_worker
+    if record.last_worker is not None:
+        message.last_worker = record.last_worker
+    return message
 
 
 def _enum(value: int, table: dict, field: str):
@@ -262,13 +280,14 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     @_translating_errors
     async def CreateModel(self, request_iterator: AsyncIterator[pb.CreateModelRequest], context):
-        spec = None
+        spec = worker = None
         tensors = _RequestTensors(self.max_request_bytes)
         async for request in request_iterator:
             if spec is None:
                 if not request.HasField("spec"):
                     raise InvalidArgumentError("The first CreateModelRequest must carry `spec`.")
                 spec = request.spec
+                worker = request.worker_index if request.HasField("worker_index") else None
                 # Refuse a bad spec before its (possibly large) variables are read.
                 check_model_id(spec.model_id)
                 optimizer_config = parse_optimizer_config(spec.optimizer_config_json)
@@ -283,6 +302,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             mode=_enum(spec.mode, _MODE_FROM_PROTO, "mode"),
             sync_timeout_s=spec.sync_timeout_s,
             timeout_policy=_enum(spec.timeout_policy, _POLICY_FROM_PROTO, "timeout_policy"),
+            worker=worker,
+            peer=context.peer() or "",
         )
         return pb.CreateModelResponse(created=created, model=_model_info(await model.summary()))
 
@@ -290,18 +311,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def ApplyGradients(self, request_iterator: AsyncIterator[pb.ApplyGradientsRequest], context):
         header = model = None
         tensors = _RequestTensors(self.max_request_bytes)
-        async for request in request_iterator:
+        with contextlib.ExitStack() as in_use:
+            async for request in request_iterator:
+                if header is None:
+                    if not request.HasField("header"):
+                        raise InvalidArgumentError("The first ApplyGradientsRequest must carry `header`.")
+                    header = request.header
+                    model = self.registry.get(header.model_id)
+                    model.check_push_header(header.worker_index, header.step)
+                    in_use.enter_context(model.activity.call(calls.PUSH, header.worker_index))
+                tensors.add_all(request.gradients)
             if header is None:
-                if not request.HasField("header"):
-                    raise InvalidArgumentError("The first ApplyGradientsRequest must carry `header`.")
-                header = request.header
-                model = self.registry.get(header.model_id)
-                model.check_push_header(header.worker_index, header.step)
-            tensors.add_all(request.gradients)
-        if header is None:
-            raise InvalidArgumentError("ApplyGradients received no messages; send a header, then the gradients.")
-        outcome = await model.push(header.worker_index, header.step, tensors.variables("Gradient"),
-                                   aggregated=header.aggregated, return_variables=header.return_variables)
+                raise InvalidArgumentError("ApplyGradients received no messages; send a header, then the gradients.")
+            outcome = await model.push(header.worker_index, header.step, tensors.variables("Gradient"),
+                                       aggregated=header.aggregated, return_variables=header.return_variables)
         first = pb.ApplyGradientsResponse(result=_step_result(outcome))
         values = outcome.variables or {}
         if _payload_bytes(values.values()) <= codec.CHUNK_BYTES:
@@ -320,7 +343,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     @_translating_errors
     async def Pull(self, request: pb.PullRequest, context):
         model = self.registry.get(request.model_id)
-        status, values = await model.pull(request.names)
+        with model.activity.call(calls.PULL):
+            status, values = await model.pull(request.names)
         first = pb.PullResponse(state=pb.StepResult(step=status.step, iterations=status.iterations,
                                                     learning_rate=status.learning_rate))
         for message in await self._encode(first, "variables", _as_variables(values)):
@@ -329,7 +353,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     @_translating_errors
     async def GetWeights(self, request: pb.GetWeightsRequest, context):
         model = self.registry.get(request.model_id)
-        status, tensors = await model.get_weights(request.names, request.include_variables)
+        with model.activity.call(calls.GET_WEIGHTS):
+            status, tensors = await model.get_weights(request.names, request.include_variables)
         for message in await self._encode(pb.GetWeightsResponse(state=_state_message(status)), "tensors", tensors):
             yield message
 
@@ -345,20 +370,22 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def SetWeights(self, request_iterator: AsyncIterator[pb.SetWeightsRequest], context):
         first = None
         tensors = _RequestTensors(self.max_request_bytes)
-        async for request in request_iterator:
+        with contextlib.ExitStack() as in_use:
+            async for request in request_iterator:
+                if first is None:
+                    first = request
+                    model = self.registry.get(request.model_id)  # fail fast, before the payload
+                    in_use.enter_context(model.activity.call(calls.SET_WEIGHTS))
+                tensors.add_all(request.tensors)
             if first is None:
-                first = request
-                self.registry.get(request.model_id)  # fail fast, before the payload
-            tensors.add_all(request.tensors)
-        if first is None:
-            raise InvalidArgumentError("SetWeights received no messages; send the model_id first.")
-        model = self.registry.get(first.model_id)
-        state = None
-        if first.has_state:
-            s = first.state
-            state = OptimizerStatus(iterations=s.iterations, raw_iterations=s.raw_iterations,
-                                    learning_rate=s.learning_rate, step=s.step, scalars=dict(s.scalars))
-        status = await model.set_weights(tensors.result(), state)
+                raise InvalidArgumentError("SetWeights received no messages; send the model_id first.")
+            model = self.registry.get(first.model_id)
+            state = None
+            if first.has_state:
+                s = first.state
+                state = OptimizerStatus(iterations=s.iterations, raw_iterations=s.raw_iterations,
+                                        learning_rate=s.learning_rate, step=s.step, scalars=dict(s.scalars))
+            status = await model.set_weights(tensors.result(), state)
         return pb.SetWeightsResponse(state=_state_message(status))
 
     @_translating_errors
@@ -374,7 +401,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     @_translating_errors
     async def DeleteModel(self, request: pb.DeleteModelRequest, context):
-        return pb.DeleteModelResponse(deleted=self.registry.delete(request.model_id))
+        return pb.DeleteModelResponse(deleted=self.registry.delete(request.model_id, if_idle=request.if_idle))
 
     @_translating_errors
     async def Checkpoint(self, request: pb.CheckpointRequest, context):
