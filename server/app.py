@@ -8,6 +8,7 @@ With a checkpoint directory the server restores the newest valid checkpoint on
 start (health NOT_SERVING, every call UNAVAILABLE meanwhile), checkpoints on its
 schedule and on request (the Checkpoint RPC), and writes a final checkpoint when
 it stops: after the models stop taking pushes and the updates in flight finish.
+With a model TTL it deletes models idle for longer than the TTL (``optserve.server.expiry``).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from optserve.server.checkpoint import (
     parse_checkpoint_every,
 )
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError, OptserveError
+from optserve.server.expiry import ModelExpiry, check_model_ttl
 from optserve.server.registry import ModelRegistry
 from optserve.server.servicer import DEFAULT_MAX_REQUEST_BYTES, SERVICE_NAME, ParameterServerServicer, add_to_server
 
@@ -61,8 +63,11 @@ class ParameterServer:
                  apply_threads: int | None = None,
                  checkpoint_dir: str | os.PathLike | None = None,
                  checkpoint_every=DEFAULT_CHECKPOINT_EVERY,
-                 checkpoint_keep: int = DEFAULT_CHECKPOINT_KEEP):
+                 checkpoint_keep: int = DEFAULT_CHECKPOINT_KEEP,
+                 model_ttl_s: float | None = None):
         _check_options(sync_timeout_s, max_request_bytes, apply_threads)
+        # Models idle for longer are deleted (None: never); see optserve.server.expiry.
+        self.model_ttl_s = check_model_ttl(model_ttl_s)
         self.host = host
         self.requested_port = port
         self.device = device
@@ -80,6 +85,7 @@ class ParameterServer:
         self._registry: ModelRegistry | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._checkpointer: Checkpointer | None = None
+        self._expiry: ModelExpiry | None = None
 
     @property
     def address(self) -> str:
@@ -125,11 +131,15 @@ class ParameterServer:
                 raise
             self._registry.end_restore()
             self._checkpointer.start()
+        if self.model_ttl_s is not None:
+            self._expiry = ModelExpiry(self._registry, self.model_ttl_s, self._checkpointer)
+            self._expiry.start()
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         checkpoints = (f"; checkpoints in {self.checkpoint_dir} {self.checkpoint_schedule}, keeping "
                        f"{self.checkpoint_keep}" if self._checkpointer is not None else "")
-        log.info("optserve serving on %s (device %s, %r)%s", self.address, self.device, backend, checkpoints)
+        ttl = f"; idle models deleted after {self.model_ttl_s:g} s" if self.model_ttl_s is not None else ""
+        log.info("optserve serving on %s (device %s, %r)%s%s", self.address, self.device, backend, checkpoints, ttl)
 
     async def _restore(self) -> None:
         found = await self._checkpointer.load_latest()
@@ -161,6 +171,8 @@ class ParameterServer:
         if self._server is None:
             return
         await self._health.enter_graceful_shutdown()
+        if self._expiry is not None:
+            await self._expiry.stop()
         self._registry.close()
         if self._checkpointer is not None:
             # After close(): no new update starts; the snapshot waits for those in flight.
@@ -238,7 +250,7 @@ def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "auto", *
     """Start a server on a background thread and return once it is serving.
 
     ``options``: ``sync_timeout_s``, ``max_request_bytes``, ``apply_threads``, ``checkpoint_dir``,
-    ``checkpoint_every``, ``checkpoint_keep`` (see ParameterServer and ``optserve serve --help``).
+    ``checkpoint_every``, ``checkpoint_keep``, ``model_ttl_s`` (see ParameterServer and ``optserve serve --help``).
     """
     server = ParameterServer(host, port, device, **options)
     loop = asyncio.new_event_loop()

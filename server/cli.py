@@ -49,6 +49,26 @@ def _checkpoint_every(text: str):
             f"must be a time (60s, 5m, 1h, or seconds as 30), updates (500steps) or 0/off, got {text!r}") from None
 
 
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _model_ttl(text: str) -> float:
+    """``--model-ttl``: seconds (a plain number, or 30s, 10m, 12h, 7d); 0/off: models never expire."""
+    value = text.strip().lower()
+    if value in ("0", "off", "none"):
+        return 0.0
+    scale = _DURATION_UNITS.get(value[-1:], None)
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds > 0 and seconds != float("inf")):
+        raise argparse.ArgumentTypeError(
+            f"must be a time (90, 30s, 10m, 12h, 7d; a plain number is seconds) or 0/off, got {text!r}")
+    return seconds
+
+
 def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
@@ -82,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
                             f"on request (`optserve checkpoint`) and at shutdown (default: {DEFAULT_CHECKPOINT_EVERY})")
     serve.add_argument("--checkpoint-keep", type=_positive_int, default=None, metavar="K",
                        help=f"with --checkpoint-dir: checkpoints kept, newest first (default: {DEFAULT_CHECKPOINT_KEEP})")
+    serve.add_argument("--model-ttl", type=_model_ttl, default=0.0, metavar="TIME",
+                       help="delete a model idle for longer than TIME (90, 30s, 10m, 12h, 7d), never one in use: "
+                            "with a call in flight (a worker parked in a step included), a step holding pushes, "
+                            "or any push, pull, get/set of weights, create or join within TIME; listing it is "
+                            "not activity. Deletions are logged, and followed by a checkpoint with "
+                            "--checkpoint-dir (default: off)")
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                        help="log verbosity on stderr (default: %(default)s)")
     checkpoint = commands.add_parser(
@@ -124,7 +150,8 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         return serve(args.host, args.port, args.device, grace=args.grace, on_listening=_announce,
                      sync_timeout_s=args.sync_timeout, max_request_bytes=args.max_request_bytes,
-                     apply_threads=args.apply_threads, **checkpoint_options)
+                     apply_threads=args.apply_threads, model_ttl_s=args.model_ttl or None,
+                     **checkpoint_options)
     except (OptserveError, OSError) as exc:
         # Startup problems (busy port, no GPU) are the operator's to fix: a message, not a traceback.
         print(f"optserve serve: error: {exc}", file=sys.stderr, flush=True)

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import pathlib
+import re
+import signal
 import subprocess
 import sys
 import threading
@@ -15,7 +19,9 @@ from optserve.client import Client
 from optserve.client import delete, inspect
 from optserve.client.client import FailedPreconditionError, NotFoundError
 from optserve.server.app import start_server
+from optserve.server.cli import build_parser
 from optserve.server.cli import main as optserve_main
+from optserve.server.errors import InvalidArgumentError
 
 VARIABLES = {"w": np.ones(4, np.float32)}
 
@@ -205,3 +211,100 @@ def test_activity_survives_a_checkpoint_and_restore(tmp_path):
     assert restored.created_unix_s == saved.created_unix_s
     assert (restored.last_activity, restored.last_worker) == ("push", 0)
     assert restored.last_activity_unix_s == saved.last_activity_unix_s
+
+
+# ----------------------------------------------------------------- --model-ttl
+
+TTL_S = 1.5
+
+
+def _model_ids(address: str) -> set[str]:
+    with Client(address) as client:
+        return {m.model_id for m in client.list_models()}
+
+
+def test_model_ttl_deletes_idle_models_but_never_one_in_use(caplog):
+    caplog.set_level(logging.INFO, logger="optserve.server.registry")
+    with start_server(model_ttl_s=TTL_S) as running:
+        address = running.address
+        with Client(address) as client:
+            client.create_model("idle", "sgd", VARIABLES)
+            client.create_model("busy", "sgd", VARIABLES, mode="async")
+            client.create_model("parked", "sgd", VARIABLES, num_workers=2, sync_timeout_s=120)
+        thread, errors = _park_worker(address, "parked")
+        stop = threading.Event()
+
+        def keep_busy():
+            with Client(address) as client:
+                while not stop.is_set():
+                    client.push("busy", {"w": np.ones(4, np.float32)})
+                    stop.wait(0.05)
+
+        pusher = threading.Thread(target=keep_busy, daemon=True)
+        pusher.start()
+        try:
+            _wait_for(lambda: "idle" not in _model_ids(address), "the idle model to expire")
+            # Two more TTLs: the model pushed to and the one with a parked worker stay.
+            time.sleep(2 * TTL_S)
+            assert _model_ids(address) == {"busy", "parked"}
+        finally:
+            stop.set()
+            pusher.join(10)
+        with Client(address) as client:
+            client.push("parked", {"w": np.ones(4, np.float32)}, worker_index=1, step=0)
+        thread.join(10)
+        assert errors == []
+        # Nobody uses them any more: both go too.
+        _wait_for(lambda: not _model_ids(address), "the finished models to expire")
+        with Client(address) as client, pytest.raises(NotFoundError):
+            client.push("busy", {"w": np.ones(4, np.float32)})
+    messages = [r.getMessage() for r in caplog.records if "--model-ttl" in r.getMessage()]
+    assert any(m.startswith("model 'idle' deleted after") and "last activity: create" in m for m in messages)
+    assert any(m.startswith("model 'busy' deleted after") and "last activity: push by worker 0" in m
+               for m in messages)
+
+
+def test_model_ttl_leaves_no_expired_model_in_the_checkpoints(tmp_path):
+    with start_server(model_ttl_s=TTL_S, checkpoint_dir=tmp_path, checkpoint_every="off") as running:
+        with Client(running.address) as client:
+            client.create_model("old", "sgd", VARIABLES)
+            client.checkpoint()  # holds "old"
+        _wait_for(lambda: not _model_ids(running.address), "the model to expire")
+        running.stop(final_checkpoint=False)  # as a crash would: only what was written counts
+    with start_server(checkpoint_dir=tmp_path) as running:
+        assert _model_ids(running.address) == set()
+
+
+def test_model_ttl_option_is_checked():
+    with pytest.raises(InvalidArgumentError, match="model_ttl_s"):
+        start_server(model_ttl_s=-1.0)
+    with pytest.raises(InvalidArgumentError, match="model_ttl_s"):
+        start_server(model_ttl_s=float("inf"))
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--model-ttl", "10m"]).model_ttl == 600
+    assert parser.parse_args(["serve", "--model-ttl", "90"]).model_ttl == 90
+    assert parser.parse_args(["serve", "--model-ttl", "1.5h"]).model_ttl == 5400
+    assert parser.parse_args(["serve", "--model-ttl", "off"]).model_ttl == 0
+    assert parser.parse_args(["serve"]).model_ttl == 0
+    for bad in ("-5", "soon", "10x", "inf"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["serve", "--model-ttl", bad])
+
+
+def test_optserve_serve_with_a_model_ttl():
+    command = [*_optserve_command(), "serve", "--port", "0", "--device", "cpu", "--model-ttl", "1s"]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1")) as process:
+        try:
+            address = re.search(r"optserve listening on (\S+)", process.stdout.readline()).group(1)
+            with Client(address) as client:
+                client.create_model("job", "sgd", VARIABLES, worker_index=0)
+            _wait_for(lambda: not _model_ids(address), "the model to expire")
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0
+            log = process.stderr.read()
+        finally:
+            if process.poll() is None:
+                process.kill()
+    assert "idle models deleted after 1 s" in log
+    assert re.search(r"model 'job' deleted after \d+ s idle \(--model-ttl 1 s; last activity: create\)", log), log
