@@ -144,7 +144,7 @@ def _model_header(model: ModelInfo) -> str:
         ("step", str(model.step)),
         ("iterations", str(model.iterations)
          + (f" (raw {model.raw_iterations})" if model.raw_iterations != model.iterations else "")),
-        ("learning rate", _number(model.learning_rate)),
+        ("learning rate", _number(model.learning_rate) + _schedule_summary(model.learning_rate_schedule)),
         ("parameters", _count(sum(_size(v.shape) for v in model.variables))),
     ]
     if model.scalars:
@@ -180,6 +180,16 @@ def _optimizer_summary(model: ModelInfo) -> str:
             continue
         shown.append(f"{key}={_number(value) if isinstance(value, float) else value}")
     return f"{model.optimizer}({', '.join(shown)})" if shown else model.optimizer
+
+
+def _schedule_summary(schedule) -> str:
+    """`` (ExponentialDecay(decay_rate=0.5, ...))`` for a rate that follows a schedule."""
+    if not isinstance(schedule, dict):
+        return ""
+    config = schedule.get("config") if isinstance(schedule.get("config"), dict) else {}
+    shown = ", ".join(f"{k}={_number(v) if isinstance(v, float) else v}" for k, v in config.items()
+                      if k != "name" and v is not None and not isinstance(v, (dict, list)))
+    return f" ({schedule.get('class_name', '?')}({shown}))"
 
 
 def _shard_rows(model: ShardedModelInfo) -> list[list[str]]:

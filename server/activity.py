@@ -21,8 +21,8 @@ import time
 from typing import Any, Iterator, Mapping
 
 # What a call on a model was, as shown by `optserve inspect`.
-CREATE, JOIN, PUSH, PULL, GET_WEIGHTS, SET_WEIGHTS, RESTORE = (
-    "create", "join", "push", "pull", "get_weights", "set_weights", "restore")
+CREATE, JOIN, PUSH, PULL = "create", "join", "push", "pull"
+GET_WEIGHTS, SET_WEIGHTS = "get_weights", "set_weights"
 
 
 @dataclasses.dataclass

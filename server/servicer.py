@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
+import json
 import logging
 import math
 from typing import AsyncIterator, Iterable
@@ -35,7 +36,7 @@ from optserve.server.model import (
     FAIL,
     SYNC,
     ModelSummary,
-    OptimizerStatus,
+    StateUpdate,
     StepOutcome,
     check_model_id,
     parse_optimizer_config,
@@ -212,8 +213,57 @@ def add_to_server(servicer: "ParameterServerServicer", server) -> None:
 
 
 def _state_message(status: OptimizerStatus) -> pb.OptimizerState:
+    schedule = json.dumps(status.schedule, sort_keys=True) if status.schedule is not None else ""
     return pb.OptimizerState(iterations=status.iterations, raw_iterations=status.raw_iterations,
-                             learning_rate=status.learning_rate, step=status.step, scalars=status.scalars)
+                             learning_rate=status.learning_rate, step=status.step, scalars=status.scalars,
+                             learning_rate_schedule_json=schedule)
+
+
+STATE_FIELDS = ("iterations", "raw_iterations", "learning_rate", "learning_rate_schedule_json", "step", "scalars")
+
+
+def _state_update(state: pb.OptimizerState, state_fields) -> StateUpdate:
+    """The part of a SetWeights state to write: the fields named in ``state_fields``, or all of them.
+
+    Without ``state_fields`` (as from clients that predate it) an absent learning rate
+    (proto3 sends 0 as absent) and an empty schedule keep the current ones.
+    """
+    named = list(state_fields)
+    unknown = sorted(set(named) - set(STATE_FIELDS))
+    if unknown:
+        raise InvalidArgumentError(
+            f"`state_fields` names unknown OptimizerState fields {unknown}; the fields are {list(STATE_FIELDS)}.")
+    fields = set(named or STATE_FIELDS)
+    rate = None
+    if "learning_rate" in fields and (named or state.HasField("learning_rate")):
+        rate = state.learning_rate
+    schedule = None
+    if "learning_rate_schedule_json" in fields and (named or state.learning_rate_schedule_json):
+        schedule = _parse_schedule(state.learning_rate_schedule_json)
+    return StateUpdate(
+        iterations=state.iterations if "iterations" in fields else None,
+        raw_iterations=state.raw_iterations if "raw_iterations" in fields else None,
+        step=state.step if "step" in fields else None,
+        learning_rate=rate,
+        schedule=schedule,
+        scalars=dict(state.scalars) if "scalars" in fields else {},
+    )
+
+
+def _parse_schedule(text: str) -> dict:
+    if not text.strip():
+        raise InvalidArgumentError(
+            "`learning_rate_schedule_json` is empty; send keras.optimizers.schedules.serialize(schedule) as JSON.")
+    try:
+        schedule = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgumentError(
+            f"`learning_rate_schedule_json` is not valid JSON ({exc}). Received: {text[:200]!r}") from None
+    if not isinstance(schedule, dict):
+        raise InvalidArgumentError(
+            "`learning_rate_schedule_json` must be a JSON object, a serialized schedule with 'class_name' and "
+            f"'config' (keras.optimizers.schedules.serialize). Received: {text[:200]!r}")
+    return schedule
 
 
 def _step_result(outcome: StepOutcome) -> pb.StepResult:
@@ -375,16 +425,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 if first is None:
                     first = request
                     model = self.registry.get(request.model_id)  # fail fast, before the payload
+                    state = _state_update(request.state, request.state_fields) if request.has_state else None
                     in_use.enter_context(model.activity.call(calls.SET_WEIGHTS))
                 tensors.add_all(request.tensors)
             if first is None:
                 raise InvalidArgumentError("SetWeights received no messages; send the model_id first.")
             model = self.registry.get(first.model_id)
-            state = None
-            if first.has_state:
-                s = first.state
-                state = OptimizerStatus(iterations=s.iterations, raw_iterations=s.raw_iterations,
-                                        learning_rate=s.learning_rate, step=s.step, scalars=dict(s.scalars))
             status = await model.set_weights(tensors.result(), state)
         return pb.SetWeightsResponse(state=_state_message(status))
 
