@@ -304,3 +304,13 @@ def test_a_float_on_a_schedule_is_failed_precondition_over_rpc(stub, address):
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "This optimizer was created with a `LearningRateSchedule` object" in error.value.details()
     rpc.assert_same_snapshot(before, rpc.snapshot(stub, "m"))
+
+
+def test_setting_iterations_on_a_schedule_model_moves_its_rate_along(address):
+    # Only the counter is named in the request: the schedule's rate follows it, nothing refuses it.
+    with Client(address) as client:
+        client.create_model("m", {"class_name": "SGD", "config": {"learning_rate": DECAY}},
+                            {"w": np.ones(3, np.float32)})
+        state = client.set_weights("m", iterations=4)
+        assert state.iterations == 4 and state.raw_iterations == 4 and state.step == 0
+        assert state.learning_rate == pytest.approx(0.125) and state.learning_rate_schedule == DECAY
