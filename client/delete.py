@@ -36,8 +36,8 @@ EXIT_UNREACHABLE = 2
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="optserve delete",
-        description="Delete a model and free its memory on a running optserve server. A model in use "
-                    "(workers parked in a step, or calls in flight) is refused unless --force.")
+        description="Delete a model from a running optserve server; its memory is reused for other models. "
+                    "A model in use (workers parked in a step, or calls in flight) is refused unless --force.")
     parser.add_argument("address", metavar="ADDRESS",
                         help="host:port of the server; or the shards' addresses joined by commas")
     parser.add_argument("model", metavar="MODEL", help="the model_id to delete")

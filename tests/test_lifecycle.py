@@ -308,3 +308,22 @@ def test_optserve_serve_with_a_model_ttl():
                 process.kill()
     assert "idle models deleted after 1 s" in log
     assert re.search(r"model 'job' deleted after \d+ s idle \(--model-ttl 1 s; last activity: create\)", log), log
+
+
+def test_delete_of_a_sharded_model_deletes_every_piece(capsys):
+    servers = [start_server(device="cpu") for _ in range(2)]
+    try:
+        shards = ",".join(server.address for server in servers)
+        variables = {"a": np.ones((8, 4), np.float32), "b": np.ones(6, np.float32)}
+        with Client(shards) as client:
+            client.create_model("big", "sgd", variables)
+        code, out, err = _run(capsys, ["delete", shards, "big"])
+        assert code == 0, err
+        assert "Deleted model 'big'" in out
+        for server in servers:
+            assert _model_ids(server.address) == set()
+        code, _, err = _run(capsys, ["delete", shards, "big"])
+        assert code == 1 and "big" in err
+    finally:
+        for server in servers:
+            server.stop()
