@@ -30,6 +30,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from optserve.client.activity import ModelActivity, activity_from_message
+from optserve.client.learning_rate import check_learning_rate, set_learning_rate
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors
@@ -209,6 +211,8 @@ class ModelInfo:
     sync_timeout_s: float = 0.0
     timeout_policy: str = "fail"
     waiting_workers: list[int] = dataclasses.field(default_factory=list)
+    activity: ModelActivity | None = None  # creator and last activity; None from servers that do not say
+    learning_rate_schedule: dict | None = None  # the serialized schedule the rate follows; None: a float rate
 
 
 @dataclasses.dataclass
@@ -218,6 +222,7 @@ class OptimizerState:
     learning_rate: float
     step: int
     scalars: dict[str, float] = dataclasses.field(default_factory=dict)
+    learning_rate_schedule: dict | None = None  # the serialized schedule the rate follows; None: a float rate
 
 
 @dataclasses.dataclass
@@ -252,6 +257,7 @@ def _state(message: pb.OptimizerState) -> OptimizerState:
         learning_rate=float(message.learning_rate),
         step=int(message.step),
         scalars={k: float(v) for k, v in sorted(message.scalars.items())},
+        learning_rate_schedule=_parse_config(message.learning_rate_schedule_json),
     )
 
 
@@ -305,6 +311,8 @@ def _model_info(message: pb.ModelInfo, *, created: bool | None = None, with_stat
         sync_timeout_s=float(message.spec.sync_timeout_s),
         timeout_policy=_POLICY_NAMES.get(message.spec.timeout_policy, "fail"),
         waiting_workers=[int(w) for w in message.waiting_workers],
+        activity=activity_from_message(message),
+        learning_rate_schedule=state.learning_rate_schedule,
     )
 
 
@@ -661,17 +669,23 @@ class Client:
         mode: str = "sync",
         sync_timeout_s: float = 0.0,
         timeout_policy: str = "fail",
+        worker_index: int | None = None,
         timeout=_DEFAULT,
     ) -> ModelInfo:
-        """Create a model, or join it when one with the same spec exists (``created`` is False)."""
+        """Create a model, or join it when one with the same spec exists (``created`` is False).
+
+        ``worker_index`` (optional) is recorded by the server as the creator (``ModelInfo.activity``).
+        """
         spec = _model_spec(model_id, optimizer, num_workers, mode, sync_timeout_s, timeout_policy)
+        if worker_index is not None:
+            _check_worker_index(worker_index)
         arrays = _as_tensors(variables, "variables")
         if not arrays:
             raise ValueError("`variables` must hold at least one variable. Received: {}")
 
         def attempt(deadline):
             requests = tensors.serialized_chunk_messages(
-                pb.CreateModelRequest(spec=spec), "variables", _variable_tensors(arrays))
+                pb.CreateModelRequest(spec=spec, worker_index=worker_index), "variables", _variable_tensors(arrays))
             return self._stub.CreateModel(requests, timeout=deadline)
 
         response = self._invoke(attempt, self._timeout(timeout, self.timeout))
@@ -688,8 +702,9 @@ class Client:
         response = self._invoke(lambda deadline: self._stub.ListModels(request, timeout=deadline), timeout)
         return [_model_info(m, with_stats=with_stats) for m in response.models]
 
-    def delete_model(self, model_id: str, *, timeout=_DEFAULT) -> bool:
-        request = pb.DeleteModelRequest(model_id=_check_name(model_id, "model_id"))
+    def delete_model(self, model_id: str, *, if_idle: bool = False, timeout=_DEFAULT) -> bool:
+        """False if there was no such model. ``if_idle``: refused (FailedPreconditionError) while in use."""
+        request = pb.DeleteModelRequest(model_id=_check_name(model_id, "model_id"), if_idle=bool(if_idle))
         response = self._invoke(
             lambda deadline: self._stub.DeleteModel(request, timeout=deadline), self._timeout(timeout, self.timeout)
         )
@@ -808,9 +823,13 @@ class Client:
 
     def set_weights(self, model_id: str, *, slots: Mapping[str, Mapping[str, Any]] | None = None,
                     variables: Mapping[str, Any] | None = None, iterations: int | None = None,
-                    scalars: Mapping[str, float] | None = None, timeout=_DEFAULT) -> OptimizerState:
-        """Overwrite slots, variables, the iterations counter and/or scalars in one request.
+                    scalars: Mapping[str, float] | None = None, learning_rate: float | Mapping | None = None,
+                    timeout=_DEFAULT) -> OptimizerState:
+        """Overwrite slots, variables, the iterations counter, scalars and/or the learning rate in one request.
 
+        ``learning_rate``: a float (0 included), or a new schedule, a Keras-serialized dict
+        (``keras.optimizers.schedules.serialize``) or a Keras schedule; used from the next update on.
+        As in Keras a float cannot replace a schedule (FailedPreconditionError).
         The server validates the whole request before changing anything.
         """
         _check_name(model_id, "model_id")
@@ -818,24 +837,31 @@ class Client:
         if iterations is not None and (not isinstance(iterations, (int, np.integer)) or iterations < 0):
             raise ValueError(f"`iterations` must be an integer >= 0. Received: iterations={iterations!r}")
         scalars = {str(k): float(v) for k, v in (scalars or {}).items()}
+        rate = check_learning_rate(learning_rate) if learning_rate is not None else None
         timeout = self._timeout(timeout, self.timeout)
         state = None
-        if iterations is not None or scalars:
+        # Only the fields given are set: the server leaves the others (counters an update may move) alone.
+        fields = ["iterations"] * (iterations is not None) + ["scalars"] * bool(scalars)
+        if fields or rate is not None:
             state = self._state_for_update(model_id, iterations, scalars, timeout)
+            if rate is not None:
+                fields.append(set_learning_rate(state, rate, default=_json_default))
 
         def attempt(deadline):
-            first = pb.SetWeightsRequest(model_id=model_id, has_state=state is not None)
+            first = pb.SetWeightsRequest(model_id=model_id, has_state=state is not None, state_fields=fields)
             if state is not None:
                 first.state.CopyFrom(state)
             requests = tensors.serialized_chunk_messages(first, "tensors", tensor_list)
             return self._stub.SetWeights(requests, timeout=deadline)
 
         response = self._invoke(attempt, timeout)
+        if isinstance(rate, dict) and not response.state.learning_rate_schedule_json:
+            raise OptserveError("UNIMPLEMENTED", "The server ignored the new schedule: it is too old to set one.")
         return _state(response.state)
 
     def _state_for_update(self, model_id, iterations, scalars, timeout) -> pb.OptimizerState:
-        # The request carries a whole OptimizerState; fields the caller did not give keep
-        # the server's current values.
+        # The request names the fields to set (state_fields); the others carry the server's
+        # current values too, for servers that predate state_fields and set every field.
         current = self._model(model_id, timeout)
         state = pb.OptimizerState(
             iterations=current.iterations, raw_iterations=current.raw_iterations,

@@ -1,8 +1,9 @@
 """``optserve inspect ADDRESS [MODEL] [--json]``: what a running server holds.
 
 Without MODEL: one row per model (optimizer, mode, workers, step, iterations,
-learning rate). With MODEL: the model's settings and a row per variable (shape,
-dtype, L2 norm, slots); ``--slots`` also fetches every slot and shows its norm.
+learning rate, last activity). With MODEL: the model's settings, who created it
+and when, its last activity, and a row per variable (shape, dtype, L2 norm,
+slots); ``--slots`` also fetches every slot and shows its norm.
 ``--json`` prints the same information as JSON for scripts.
 
 ``ADDRESS`` may list the shards of a sharded deployment, ``h1:50051,h2:50051``
@@ -26,6 +27,7 @@ from typing import Sequence
 import numpy as np
 
 from optserve.client import security
+from optserve.client.activity import format_time
 from optserve.client.client import Client, ModelInfo, NotFoundError, OptserveError, UnavailableError
 from optserve.client.sharded import ShardedModelInfo
 
@@ -120,11 +122,12 @@ def _show_models(client: Client, args) -> int:
         return 0
     rows = [
         [m.model_id, m.optimizer, m.mode, str(m.num_workers), str(m.step), str(m.iterations),
-         _number(m.learning_rate), str(len(m.variables)), _count(sum(_size(v.shape) for v in m.variables))]
+         _number(m.learning_rate), str(len(m.variables)), _count(sum(_size(v.shape) for v in m.variables)),
+         m.activity.describe_last() if m.activity is not None else "-"]
         for m in models
     ]
     header = ["MODEL", "OPTIMIZER", "MODE", "WORKERS", "STEP", "ITERATIONS", "LEARNING RATE",
-              "VARIABLES", "PARAMETERS"]
+              "VARIABLES", "PARAMETERS", "LAST ACTIVITY"]
     sharded = [m for m in models if isinstance(m, ShardedModelInfo)]
     if sharded:
         header += ["PLAN", "IMBALANCE"]
@@ -186,11 +189,15 @@ def _model_header(model: ModelInfo) -> str:
         ("step", str(model.step)),
         ("iterations", str(model.iterations)
          + (f" (raw {model.raw_iterations})" if model.raw_iterations != model.iterations else "")),
-        ("learning rate", _number(model.learning_rate)),
+        ("learning rate", _number(model.learning_rate) + _schedule_summary(model.learning_rate_schedule)),
         ("parameters", _count(sum(_size(v.shape) for v in model.variables))),
     ]
     if model.scalars:
         lines.append(("scalars", ", ".join(f"{k}={_number(v)}" for k, v in model.scalars.items())))
+    if model.activity is not None:
+        lines.append(("created by", model.activity.describe_creator()))
+        lines.append(("last activity", f"{model.activity.describe_last()} "
+                                       f"({format_time(model.activity.last_activity_unix_s)})"))
     if model.waiting_workers:
         lines.append(("waiting", "workers " + ", ".join(map(str, model.waiting_workers)) + " pushed this step"))
     if isinstance(model, ShardedModelInfo):
@@ -218,6 +225,16 @@ def _optimizer_summary(model: ModelInfo) -> str:
             continue
         shown.append(f"{key}={_number(value) if isinstance(value, float) else value}")
     return f"{model.optimizer}({', '.join(shown)})" if shown else model.optimizer
+
+
+def _schedule_summary(schedule) -> str:
+    """`` (ExponentialDecay(decay_rate=0.5, ...))`` for a rate that follows a schedule."""
+    if not isinstance(schedule, dict):
+        return ""
+    config = schedule.get("config") if isinstance(schedule.get("config"), dict) else {}
+    shown = ", ".join(f"{k}={_number(v) if isinstance(v, float) else v}" for k, v in config.items()
+                      if k != "name" and v is not None and not isinstance(v, (dict, list)))
+    return f" ({schedule.get('class_name', '?')}({shown}))"
 
 
 def _shard_rows(model: ShardedModelInfo) -> list[list[str]]:
@@ -262,6 +279,8 @@ def _model_json(model: ModelInfo) -> dict:
     for variable in data["variables"]:
         variable["shape"] = list(variable["shape"])
     data.pop("created")
+    if model.activity is not None:
+        data["activity"] = dataclasses.asdict(model.activity)
     if isinstance(model, ShardedModelInfo):
         data["placement"] = _placement_json(model)
     return data

@@ -73,12 +73,14 @@ class ModelSpec(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., optimizer_config_json: _Optional[str] = ..., num_workers: _Optional[int] = ..., mode: _Optional[_Union[SyncMode, str]] = ..., sync_timeout_s: _Optional[float] = ..., timeout_policy: _Optional[_Union[TimeoutPolicy, str]] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
-    __slots__ = ("spec", "variables")
+    __slots__ = ("spec", "variables", "worker_index")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    WORKER_INDEX_FIELD_NUMBER: _ClassVar[int]
     spec: ModelSpec
     variables: _containers.RepeatedCompositeFieldContainer[TensorChunk]
-    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+    worker_index: int
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., worker_index: _Optional[int] = ...) -> None: ...
 
 class CreateModelResponse(_message.Message):
     __slots__ = ("created", "model")
@@ -169,7 +171,7 @@ class GetWeightsResponse(_message.Message):
     def __init__(self, state: _Optional[_Union[OptimizerState, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class OptimizerState(_message.Message):
-    __slots__ = ("iterations", "raw_iterations", "learning_rate", "step", "scalars")
+    __slots__ = ("iterations", "raw_iterations", "learning_rate", "step", "scalars", "learning_rate_schedule_json")
     class ScalarsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -182,24 +184,28 @@ class OptimizerState(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SCALARS_FIELD_NUMBER: _ClassVar[int]
+    LEARNING_RATE_SCHEDULE_JSON_FIELD_NUMBER: _ClassVar[int]
     iterations: int
     raw_iterations: int
     learning_rate: float
     step: int
     scalars: _containers.ScalarMap[str, float]
-    def __init__(self, iterations: _Optional[int] = ..., raw_iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., step: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    learning_rate_schedule_json: str
+    def __init__(self, iterations: _Optional[int] = ..., raw_iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., step: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ..., learning_rate_schedule_json: _Optional[str] = ...) -> None: ...
 
 class SetWeightsRequest(_message.Message):
-    __slots__ = ("model_id", "state", "has_state", "tensors")
+    __slots__ = ("model_id", "state", "has_state", "tensors", "state_fields")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     HAS_STATE_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELDS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     state: OptimizerState
     has_state: bool
     tensors: _containers.RepeatedCompositeFieldContainer[TensorChunk]
-    def __init__(self, model_id: _Optional[str] = ..., state: _Optional[_Union[OptimizerState, _Mapping]] = ..., has_state: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+    state_fields: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., state: _Optional[_Union[OptimizerState, _Mapping]] = ..., has_state: _Optional[bool] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., state_fields: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SetWeightsResponse(_message.Message):
     __slots__ = ("state",)
@@ -232,7 +238,7 @@ class VariableInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., slots: _Optional[_Iterable[str]] = ..., norm: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("spec", "state", "variables", "waiting_workers", "update_norm", "pushes", "push_seconds")
+    __slots__ = ("spec", "state", "variables", "waiting_workers", "update_norm", "pushes", "push_seconds", "activity")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     VARIABLES_FIELD_NUMBER: _ClassVar[int]
@@ -240,6 +246,7 @@ class ModelInfo(_message.Message):
     UPDATE_NORM_FIELD_NUMBER: _ClassVar[int]
     PUSHES_FIELD_NUMBER: _ClassVar[int]
     PUSH_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ACTIVITY_FIELD_NUMBER: _ClassVar[int]
     spec: ModelSpec
     state: OptimizerState
     variables: _containers.RepeatedCompositeFieldContainer[VariableInfo]
@@ -247,7 +254,28 @@ class ModelInfo(_message.Message):
     update_norm: float
     pushes: int
     push_seconds: float
-    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., state: _Optional[_Union[OptimizerState, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[VariableInfo, _Mapping]]] = ..., waiting_workers: _Optional[_Iterable[int]] = ..., update_norm: _Optional[float] = ..., pushes: _Optional[int] = ..., push_seconds: _Optional[float] = ...) -> None: ...
+    activity: ModelActivity
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., state: _Optional[_Union[OptimizerState, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[VariableInfo, _Mapping]]] = ..., waiting_workers: _Optional[_Iterable[int]] = ..., update_norm: _Optional[float] = ..., pushes: _Optional[int] = ..., push_seconds: _Optional[float] = ..., activity: _Optional[_Union[ModelActivity, _Mapping]] = ...) -> None: ...
+
+class ModelActivity(_message.Message):
+    __slots__ = ("created_unix_s", "creator_worker", "creator_peer", "last_activity_unix_s", "last_activity", "last_worker", "calls_in_flight", "idle_s")
+    CREATED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    CREATOR_WORKER_FIELD_NUMBER: _ClassVar[int]
+    CREATOR_PEER_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVITY_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    LAST_ACTIVITY_FIELD_NUMBER: _ClassVar[int]
+    LAST_WORKER_FIELD_NUMBER: _ClassVar[int]
+    CALLS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    created_unix_s: float
+    creator_worker: int
+    creator_peer: str
+    last_activity_unix_s: float
+    last_activity: str
+    last_worker: int
+    calls_in_flight: int
+    idle_s: float
+    def __init__(self, created_unix_s: _Optional[float] = ..., creator_worker: _Optional[int] = ..., creator_peer: _Optional[str] = ..., last_activity_unix_s: _Optional[float] = ..., last_activity: _Optional[str] = ..., last_worker: _Optional[int] = ..., calls_in_flight: _Optional[int] = ..., idle_s: _Optional[float] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
@@ -256,10 +284,12 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
 
 class DeleteModelRequest(_message.Message):
-    __slots__ = ("model_id",)
+    __slots__ = ("model_id", "if_idle")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    IF_IDLE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
-    def __init__(self, model_id: _Optional[str] = ...) -> None: ...
+    if_idle: bool
+    def __init__(self, model_id: _Optional[str] = ..., if_idle: _Optional[bool] = ...) -> None: ...
 
 class DeleteModelResponse(_message.Message):
     __slots__ = ("deleted",)

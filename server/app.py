@@ -8,6 +8,7 @@ With a checkpoint directory the server restores the newest valid checkpoint on
 start (health NOT_SERVING, every call UNAVAILABLE meanwhile), checkpoints on its
 schedule and on request (the Checkpoint RPC), and writes a final checkpoint when
 it stops: after the models stop taking pushes and the updates in flight finish.
+With a model TTL it deletes models idle for longer than the TTL (``optserve.server.expiry``).
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ from optserve.server.checkpoint import (
 )
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError, OptserveError
 from optserve.server.reflection import enable_reflection
+from optserve.server.expiry import ModelExpiry, check_model_ttl
 from optserve.server.registry import ModelRegistry
 from optserve.server.servicer import DEFAULT_MAX_REQUEST_BYTES, SERVICE_NAME, ParameterServerServicer, add_to_server
 
@@ -67,11 +69,14 @@ class ParameterServer:
                  tls_key: str | os.PathLike | None = None,
                  tls_client_ca: str | os.PathLike | None = None,
                  auth_tokens: str | os.PathLike | None = None,
-                 metrics_port: int | None = None):
+                 metrics_port: int | None = None,
+                 model_ttl_s: float | None = None):
         _check_options(sync_timeout_s, max_request_bytes, apply_threads)
         # Security (optserve.server.tls, optserve.server.auth): checked here, before anything binds.
         self.tls = tls.server_tls(tls_cert, tls_key, tls_client_ca)
         self.tokens = auth.TokenTable(auth_tokens) if auth_tokens is not None else None
+        # Models idle for longer are deleted (None: never); see optserve.server.expiry.
+        self.model_ttl_s = check_model_ttl(model_ttl_s)
         self.host = host
         self.requested_port = port
         self.device = device
@@ -92,6 +97,7 @@ class ParameterServer:
         self._registry: ModelRegistry | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._checkpointer: Checkpointer | None = None
+        self._expiry: ModelExpiry | None = None
 
     @property
     def address(self) -> str:
@@ -155,12 +161,16 @@ class ParameterServer:
                 raise
             self._registry.end_restore()
             self._checkpointer.start()
+        if self.model_ttl_s is not None:
+            self._expiry = ModelExpiry(self._registry, self.model_ttl_s, self._checkpointer)
+            self._expiry.start()
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         checkpoints = (f"; checkpoints in {self.checkpoint_dir} {self.checkpoint_schedule}, keeping "
                        f"{self.checkpoint_keep}" if self._checkpointer is not None else "")
-        log.info("optserve serving on %s (device %s, %r)%s%s", self.address, self.device, backend, checkpoints,
-                 self._security_summary())
+        ttl = f"; idle models deleted after {self.model_ttl_s:g} s" if self.model_ttl_s is not None else ""
+        log.info("optserve serving on %s (device %s, %r)%s%s%s", self.address, self.device, backend, checkpoints,
+                 ttl, self._security_summary())
         for warning in tls.exposure_warnings(self.host, self.tls, self.tokens is not None):
             log.warning("%s", warning)
         if self.tokens is not None and not len(self.tokens):
@@ -211,6 +221,8 @@ class ParameterServer:
         if self._server is None:
             return
         await self._health.enter_graceful_shutdown()
+        if self._expiry is not None:
+            await self._expiry.stop()
         self._registry.close()
         if self._checkpointer is not None:
             # After close(): no new update starts; the snapshot waits for those in flight.
@@ -302,8 +314,8 @@ def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "auto", *
     """Start a server on a background thread and return once it is serving.
 
     ``options``: ``sync_timeout_s``, ``max_request_bytes``, ``apply_threads``, ``checkpoint_dir``,
-    ``checkpoint_every``, ``checkpoint_keep``, ``tls_cert``, ``tls_key``, ``tls_client_ca``, ``auth_tokens``
-    (see ParameterServer and ``optserve serve --help``).
+    ``checkpoint_every``, ``checkpoint_keep``, ``tls_cert``, ``tls_key``, ``tls_client_ca``, ``auth_tokens``,
+    ``metrics_port``, ``model_ttl_s`` (see ParameterServer and ``optserve serve --help``).
     """
     server = ParameterServer(host, port, device, **options)
     loop = asyncio.new_event_loop()

@@ -587,6 +587,10 @@ class Checkpointer:
             raise UnavailableError("The server is shutting down; it writes its final checkpoint itself.")
         return await self._shielded_save(reason)
 
+    async def save_logged(self, reason: str) -> None:
+        """Write a checkpoint now; a failure is logged, never raised (for the server's own saves)."""
+        await self._save_logged(reason)
+
     async def _save_logged(self, reason: str) -> None:
         """A save of the checkpointer's own (periodic): a failure is logged, never raised."""
         if self._closed:

@@ -4,6 +4,7 @@
     optserve checkpoint 127.0.0.1:50051      (prints the new checkpoint's path)
     optserve token --name team-a --role worker --models 'team-a/*'   (a new token and its file line)
     optserve inspect ...     (optserve.client.inspect)
+    optserve delete ADDRESS MODEL [--force]   (optserve.client.delete)
     optserve demo ...        (optserve.client.demo)
     optserve health ...      (optserve.client.health)
 """
@@ -21,6 +22,7 @@ from optserve.server.servicer import DEFAULT_MAX_REQUEST_BYTES
 # Subcommands implemented by the client package; imported only when run, so `serve` never loads them.
 CLIENT_COMMANDS = {
     "inspect": ("optserve.client.inspect", "show the models, optimizer state and variables of a server"),
+    "delete": ("optserve.client.delete", "delete a model from a server (refused while in use, unless --force)"),
     "demo": ("optserve.client.demo", "start a server and two workers that train a small model against it"),
     "health": ("optserve.client.health", "ask a server for its gRPC health status (exit 0 when SERVING)"),
     "top": ("optserve.client.watch", "a live table of a server's models (optserve inspect ADDRESS --watch)"),
@@ -47,6 +49,26 @@ def _checkpoint_every(text: str):
     except OptserveError:
         raise argparse.ArgumentTypeError(
             f"must be a time (60s, 5m, 1h, or seconds as 30), updates (500steps) or 0/off, got {text!r}") from None
+
+
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _model_ttl(text: str) -> float:
+    """``--model-ttl``: seconds (a plain number, or 30s, 10m, 12h, 7d); 0/off: models never expire."""
+    value = text.strip().lower()
+    if value in ("0", "off", "none"):
+        return 0.0
+    scale = _DURATION_UNITS.get(value[-1:], None)
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        seconds = float("nan")
+    if not (seconds > 0 and seconds != float("inf")):
+        raise argparse.ArgumentTypeError(
+            f"must be a time (90, 30s, 10m, 12h, 7d; a plain number is seconds) or 0/off, got {text!r}")
+    return seconds
 
 
 def _port(text: str) -> int:
@@ -86,6 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=_port, default=None, metavar="PORT",
                        help="serve Prometheus metrics at http://HOST:PORT/metrics (HOST as --host; 0 picks a "
                             "free port, printed at start); default: no metrics endpoint")
+    serve.add_argument("--model-ttl", type=_model_ttl, default=0.0, metavar="TIME",
+                       help="delete a model idle for longer than TIME (90, 30s, 10m, 12h, 7d), never one in use: "
+                            "with a call in flight (a worker parked in a step included), a step holding pushes, "
+                            "or any push, pull, get/set of weights, create or join within TIME; listing it is "
+                            "not activity. Deletions are logged, and followed by a checkpoint with "
+                            "--checkpoint-dir (default: off)")
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                        help="log verbosity on stderr (default: %(default)s)")
     checkpoint = commands.add_parser(
@@ -200,8 +228,8 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         return serve(args.host, args.port, args.device, grace=args.grace, on_listening=_announce,
                      sync_timeout_s=args.sync_timeout, max_request_bytes=args.max_request_bytes,
-                     apply_threads=args.apply_threads, metrics_port=args.metrics_port, **checkpoint_options,
-                     **_security_options(args))
+                     apply_threads=args.apply_threads, metrics_port=args.metrics_port,
+                     model_ttl_s=args.model_ttl or None, **checkpoint_options, **_security_options(args))
     except (OptserveError, OSError) as exc:
         # Startup problems (busy port, no GPU) are the operator's to fix: a message, not a traceback.
         print(f"optserve serve: error: {exc}", file=sys.stderr, flush=True)

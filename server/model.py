@@ -40,8 +40,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from optserve.server import text
+from optserve.server import schedules, text
 from optserve.server.activity import ModelActivity, ModelEvents, nbytes as _nbytes, update_norm
+from optserve.server.usage import Activity
 from optserve.server.errors import (
     DeadlineExceededError,
     FailedPreconditionError,
@@ -221,6 +222,34 @@ class OptimizerStatus:
     learning_rate: float
     step: int
     scalars: dict
+    schedule: dict | None = None   # the serialized schedule the rate follows; None for a float rate
+
+
+@dataclasses.dataclass(frozen=True)
+class StateUpdate:
+    """What a SetWeights changes in the optimizer state; None (and empty scalars) keep the current value.
+
+    ``iterations`` alone moves the raw counter by as much (its offset under gradient
+    accumulation stays); ``raw_iterations`` alone sets ``iterations`` to raw // steps.
+    ``schedule`` (a serialized Keras schedule) replaces the learning rate, float or schedule;
+    ``learning_rate`` replaces a float rate, and on a schedule is accepted only as the
+    schedule's own current value (what GetWeights reported), as Keras refuses to set it.
+    """
+
+    iterations: int | None = None
+    raw_iterations: int | None = None
+    step: int | None = None
+    learning_rate: float | None = None
+    schedule: dict | None = None
+    scalars: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, state: "OptimizerStatus | StateUpdate") -> "StateUpdate":
+        """Every field of an OptimizerStatus; a learning rate of 0 there keeps the current one."""
+        if isinstance(state, StateUpdate):
+            return state
+        return cls(iterations=state.iterations, raw_iterations=state.raw_iterations, step=state.step,
+                   learning_rate=state.learning_rate or None, schedule=state.schedule, scalars=dict(state.scalars))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,6 +282,7 @@ class ModelSummary:
     variables: tuple[VariableSummary, ...]
     waiting_workers: tuple[int, ...]
     activity: ModelActivity | None = None
+    usage: Any = None              # optserve.server.usage.ActivitySummary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,6 +400,8 @@ class Model:
         self._history: collections.OrderedDict[int, _StepRecord] = collections.OrderedDict()
         self._recent_async: dict[int, _RecentSteps] = {}
         self._closed: OptserveError | None = None
+        # Who created the model, its last call, the calls in flight (optserve.server.usage).
+        self.usage = Activity()
         # Told of every change of state (loop thread): the number of updates applied
         # (0 for other changes). The registry counts them for step-based checkpoints.
         self.on_change: Callable[[int], None] | None = None
@@ -409,6 +441,21 @@ class Model:
         return {"waiting": len(pending.contributors) if pending else 0,
                 "lr": float(self._engine.current_learning_rate()),
                 "iterations": int(self._engine.iterations), "step": self._step, "bytes": held}
+
+    def in_use_reason(self) -> str | None:
+        """Why deleting the model now would fail work in progress; None when it is idle.
+
+        A step holding pushes counts even when the workers that pushed it hung up:
+        their gradients are in it, and they push the step again only to this model.
+        """
+        reasons = []
+        if self._pending is not None:
+            reasons.append(f"workers {sorted(self._pending.contributors)} pushed step {self._pending.step} "
+                           "and wait for the others")
+        calls = self.usage.calls_in_flight
+        if calls:
+            reasons.append(f"{calls} call{'s' if calls != 1 else ''} in flight")
+        return "; ".join(reasons) or None
 
     # ------------------------------------------------------------- pushes
 
@@ -691,17 +738,20 @@ class Model:
                 VariableSummary(meta, tuple(self._engine.slot_names(meta.name)), norm_by_name.get(meta.name))
                 for meta in self.spec.variables
             )
-            return ModelSummary(self.spec, self._status(), variables, self.waiting_workers(), self.activity)
+            return ModelSummary(self.spec, self._status(), variables, self.waiting_workers(), self.activity,
+                                self.usage.summary())
 
         return await self._exclusive(read)
 
     def _status(self) -> OptimizerStatus:
+        schedule = self._engine.learning_rate_schedule
         return OptimizerStatus(
             iterations=int(self._engine.iterations),
             raw_iterations=int(self._engine.raw_iterations),
             learning_rate=float(self._engine.current_learning_rate()),
             step=self._step,
             scalars={k: float(v) for k, v in self._engine.get_scalars().items()},
+            schedule=schedules.serialize(schedule) if schedule is not None else None,
         )
 
     async def _read_all_variables(self) -> dict:
@@ -710,17 +760,21 @@ class Model:
     # -------------------------------------------------------------- writes
 
     async def set_weights(self, tensors: Mapping[tuple[str, str], np.ndarray],
-                          state: OptimizerStatus | None = None) -> OptimizerStatus:
-        """Overwrite variables (slot ""), slots and/or the optimizer state: all of it, or nothing."""
+                          state: OptimizerStatus | StateUpdate | None = None) -> OptimizerStatus:
+        """Overwrite variables (slot ""), slots and/or the optimizer state: all of it, or nothing.
+
+        A new learning rate or schedule is used from the next update on.
+        """
+        update = StateUpdate.of(state) if state is not None else None
 
         async def write():
             self._ensure_open()
             self.events.received(_nbytes(tensors.values()))
             variables, slots = self._split_weights(tensors)
-            self._check_state(state)
-            await self._run(self._write_weights, variables, slots, state)
-            if state is not None and state.step != self._step:
-                self._step = int(state.step)
+            self._check_state(update)
+            await self._run(self._write_weights, variables, slots, update)
+            if update is not None and update.step is not None and update.step != self._step:
+                self._step = int(update.step)
                 # Step numbers may be reused now (a restore rewinds them): forget which pushes were seen.
                 self._history.clear()
                 self._recent_async.clear()
@@ -755,23 +809,27 @@ class Model:
                 variables[name] = value
         return variables, slots
 
-    def _check_state(self, state: OptimizerStatus | None) -> None:
+    def _check_state(self, state: StateUpdate | None) -> None:
         if state is None:
             return
         for field in ("iterations", "raw_iterations", "step"):
             value = getattr(state, field)
-            if value < 0:
+            if value is not None and value < 0:
                 raise InvalidArgumentError(f"`{field}` must be >= 0. Received: {field}={value}")
         _raw_iterations(self._engine, state)
-        if not math.isfinite(state.learning_rate) or state.learning_rate < 0:
+        if state.learning_rate is not None and (not math.isfinite(state.learning_rate) or state.learning_rate < 0):
             raise InvalidArgumentError(
-                f"`learning_rate` must be a finite number >= 0 (0 keeps the current one). "
-                f"Received: learning_rate={state.learning_rate}")
+                f"`learning_rate` must be a finite number >= 0. Received: learning_rate={state.learning_rate}")
+        if state.schedule is not None:
+            # Checked exactly as the schedule of a CreateModel config, before anything is written.
+            from optserve.server.optimizers.base import schedules_deserialize
+
+            schedules_deserialize(state.schedule)
         unknown = sorted(set(state.scalars) - set(self._engine.get_scalars()))
         if unknown:
             known = sorted(self._engine.get_scalars()) or "none"
             raise NotFoundError(f"The optimizer of model {self.model_id!r} has no scalar {unknown}; it has {known}.")
-        if state.step != self._step and self._pending is not None:
+        if state.step is not None and state.step != self._step and self._pending is not None:
             raise FailedPreconditionError(
                 f"Step {self._step} of model {self.model_id!r} is in progress (workers "
                 f"{sorted(self._pending.contributors)} pushed it); set `step` between steps.",
@@ -784,7 +842,8 @@ class Model:
         previous_slots = engine.get_slots(list(slots)) if slots else {}
         previous_slots = {n: {s: previous_slots[n][s] for s in wanted} for n, wanted in slots.items()}
         previous_variables = engine.read_variables(list(variables)) if variables else {}
-        previous_state = _read_counters(engine)
+        previous_counters = _read_counters(engine)
+        previous_rate = engine.learning_rate_setting()
         try:
             if slots:
                 engine.set_slots(slots)
@@ -797,7 +856,8 @@ class Model:
                 engine.set_slots(previous_slots)
             if variables:
                 engine.assign_variables(previous_variables)
-            _write_counters(engine, previous_state)
+            engine.restore_learning_rate_setting(previous_rate)
+            _write_counters(engine, previous_counters)
             raise
 
     # ---------------------------------------------------------- checkpoints
@@ -820,6 +880,7 @@ class Model:
                 "history": [[step, list(record.contributors), list(record.missing), record.aggregated]
                             for step, record in self._history.items()],
                 "recent_async": {worker: recent.steps() for worker, recent in self._recent_async.items()},
+                "activity": self.usage.state(),
                 "engine": engine_state,
             }
 
@@ -845,6 +906,7 @@ class Model:
         for step, contributors, missing, aggregated in state["history"]:
             model._remember(int(step), _StepRecord(tuple(contributors), tuple(missing), bool(aggregated)))
         model._recent_async = {int(worker): _RecentSteps.of(steps) for worker, steps in state["recent_async"].items()}
+        model.usage = Activity.restored(state.get("activity"))  # absent from older checkpoints
         return model
 
     def _notify(self, applied: int) -> None:
@@ -921,14 +983,10 @@ def _log_failure(task: asyncio.Task) -> None:
 # ------------------------------------------------------- engine counters
 
 
-def _read_counters(engine) -> OptimizerStatus:
-    return OptimizerStatus(
-        iterations=int(engine.iterations),
-        raw_iterations=int(engine.raw_iterations),
-        learning_rate=float(engine.current_learning_rate()),
-        step=0,
-        scalars=dict(engine.get_scalars()),
-    )
+def _read_counters(engine) -> StateUpdate:
+    """The counters and scalars (not the learning rate), to write back when a write is undone."""
+    return StateUpdate(iterations=int(engine.iterations), raw_iterations=int(engine.raw_iterations),
+                       scalars=dict(engine.get_scalars()))
 
 
 def _accumulation_steps(engine) -> int:
@@ -936,9 +994,15 @@ def _accumulation_steps(engine) -> int:
     return int(getattr(engine, "gradient_accumulation_steps", None) or 1)
 
 
-def _raw_iterations(engine, state: OptimizerStatus) -> int:
-    """The raw counter a state asks for: ``raw_iterations``, or derived from ``iterations`` when only that is set."""
+def _raw_iterations(engine, state: StateUpdate) -> int | None:
+    """The raw counter a state asks for (None: unchanged): ``raw_iterations``, or derived from
+    ``iterations`` when only that is set (both given with raw 0: as if only ``iterations`` were)."""
     steps = _accumulation_steps(engine)
+    if state.iterations is None:
+        return None if state.raw_iterations is None else int(state.raw_iterations)
+    if state.raw_iterations is None:
+        # Keep the raw counter's offset (it only differs under gradient accumulation).
+        return int(engine.raw_iterations) + int(state.iterations) - int(engine.iterations)
     if state.raw_iterations or not state.iterations:
         raw = int(state.raw_iterations)
     else:
@@ -952,11 +1016,18 @@ def _raw_iterations(engine, state: OptimizerStatus) -> int:
     return raw
 
 
-def _write_counters(engine, state: OptimizerStatus) -> None:
-    engine.set_iterations(_raw_iterations(engine, state))
-    # A learning rate of 0 leaves it alone; a schedule's own value (at the new counter) is accepted as is.
+def _write_counters(engine, state: StateUpdate) -> None:
+    """Counters first: a schedule's value is read at the new counter."""
+    raw = _raw_iterations(engine, state)
+    if raw is not None:
+        engine.set_iterations(raw)
+    if state.schedule is not None:
+        engine.set_learning_rate(state.schedule)
     rate = state.learning_rate
-    if rate and not math.isclose(rate, engine.current_learning_rate(), rel_tol=1e-6, abs_tol=0.0):
+    # A schedule's own current value (a state read back) is accepted as is; Keras refuses any other.
+    on_its_schedule = engine.learning_rate_schedule is not None and math.isclose(
+        rate or 0.0, engine.current_learning_rate(), rel_tol=1e-6, abs_tol=0.0)
+    if rate is not None and not on_its_schedule and rate != engine.current_learning_rate():
         engine.set_learning_rate(rate)
     if state.scalars:
         engine.set_scalars(dict(state.scalars))

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from optserve.server import auth
+from optserve.server.usage import JOIN, Activity
 from optserve.server.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -62,9 +63,12 @@ class ModelRegistry:
         except (ValueError, TypeError, KeyError) as exc:
             raise InvalidArgumentError(f"Invalid optimizer config: {exc}") from None
 
-    async def create_or_join(self, *, variables: Mapping[str, np.ndarray], optimizer_config, **spec_fields
-                             ) -> tuple[Model, bool]:
-        """Create the model, or join the existing one with an identical spec. Returns (model, created)."""
+    async def create_or_join(self, *, variables: Mapping[str, np.ndarray], optimizer_config,
+                             worker: int | None = None, peer: str = "", **spec_fields) -> tuple[Model, bool]:
+        """Create the model, or join the existing one with an identical spec. Returns (model, created).
+
+        ``worker`` and ``peer`` name the caller: the creator of a new model, the last activity of a joined one.
+        """
         engine = self.new_engine(optimizer_config)
         spec = make_spec(optimizer_config=engine.get_config(), variables=variables,
                          default_sync_timeout_s=self.default_sync_timeout_s, **spec_fields)
@@ -73,20 +77,22 @@ class ModelRegistry:
             existing = self._models.get(spec.model_id)
             if existing is not None:
                 self._check_joinable(existing.spec, spec)
+                existing.usage.note(JOIN, worker)
                 return existing, False
             in_flight = self._creating.get(spec.model_id)
             if in_flight is None:
                 break
             # Another worker is creating this model right now: wait, then join it (or differ from it).
             await asyncio.wait([in_flight])
-        task = asyncio.ensure_future(self._build(spec, engine, variables))
+        task = asyncio.ensure_future(self._build(spec, engine, variables, Activity.created_by(worker, peer)))
         self._creating[spec.model_id] = task
         task.add_done_callback(lambda _: self._creating.pop(spec.model_id, None))
         # Shielded: the model is still created (and joinable) if the creating client hangs up.
         return await asyncio.shield(task), True
 
-    async def _build(self, spec: ModelSpec, engine, variables) -> Model:
+    async def _build(self, spec: ModelSpec, engine, variables, activity: Activity) -> Model:
         model = await Model.create(spec, engine, variables, self.executor)
+        model.usage = activity
         if self._closed:
             raise UnavailableError("The server is shutting down; create the model on a running server.")
         self._add(model)
@@ -134,19 +140,45 @@ class ModelRegistry:
         self._ensure_restored()
         return list(self._models.values())
 
-    def delete(self, model_id: str) -> bool:
-        """Remove a model; workers waiting in one of its steps are refused. False if it did not exist."""
+    def delete(self, model_id: str, *, if_idle: bool = False) -> bool:
+        """Remove a model; workers waiting in one of its steps are refused. False if it did not exist.
+
+        With ``if_idle``, a model in use (``Model.in_use_reason``) is refused instead, unchanged.
+        """
         self._ensure_restored()
-        model = self._models.pop(model_id, None)
+        model = self._models.get(model_id)
         if model is None:
             return False
+        reason = model.in_use_reason() if if_idle else None
+        if reason is not None:
+            raise FailedPreconditionError(
+                f"Model {model_id!r} is in use ({reason}); deleting it would fail those calls and lose the "
+                "step in progress. Stop its workers first, or delete it anyway (`optserve delete --force`, "
+                "DeleteModel without if_idle).")
+        self._remove(model, "deleted")
+        return True
+
+    def delete_idle(self, ttl_s: float) -> list[str]:
+        """Delete every model idle for longer than ``ttl_s`` and not in use; returns their ids."""
+        self._ensure_open()
+        expired = [model for model in self._models.values()
+                   if model.in_use_reason() is None and model.usage.idle_seconds() > ttl_s]
+        for model in expired:
+            record = model.usage.record
+            who = f" by worker {record.last_worker}" if record.last_worker is not None else ""
+            self._remove(model, f"deleted after {model.usage.idle_seconds():.0f} s idle (--model-ttl "
+                                f"{ttl_s:g} s; last activity: {record.last_kind}{who})")
+        return [model.model_id for model in expired]
+
+    def _remove(self, model: Model, why: str) -> None:
+        model_id = model.model_id
+        del self._models[model_id]
         model.close(FailedPreconditionError(
-            f"Model {model_id!r} was deleted; create it again (CreateModel) before pushing to it."))
+            f"Model {model_id!r} was {why}; create it again (CreateModel) before pushing to it."))
         model.on_change = None
         self._observe("model_removed", model)
         self._note_change(0)
-        log.info("deleted model %r", model_id)
-        return True
+        log.info("model %r %s", model_id, why)
 
     # ------------------------------------------------------------ checkpoints
 

@@ -9,8 +9,10 @@ step are serialized once for all of its workers.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
+import json
 import logging
 import math
 from typing import AsyncIterator, Iterable
@@ -22,6 +24,7 @@ from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors as codec
 from optserve.server import auth
+from optserve.server import usage as calls
 from optserve.server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
@@ -34,7 +37,7 @@ from optserve.server.model import (
     FAIL,
     SYNC,
     ModelSummary,
-    OptimizerStatus,
+    StateUpdate,
     StepOutcome,
     check_model_id,
     parse_optimizer_config,
@@ -211,8 +214,57 @@ def add_to_server(servicer: "ParameterServerServicer", server) -> None:
 
 
 def _state_message(status: OptimizerStatus) -> pb.OptimizerState:
+    schedule = json.dumps(status.schedule, sort_keys=True) if status.schedule is not None else ""
     return pb.OptimizerState(iterations=status.iterations, raw_iterations=status.raw_iterations,
-                             learning_rate=status.learning_rate, step=status.step, scalars=status.scalars)
+                             learning_rate=status.learning_rate, step=status.step, scalars=status.scalars,
+                             learning_rate_schedule_json=schedule)
+
+
+STATE_FIELDS = ("iterations", "raw_iterations", "learning_rate", "learning_rate_schedule_json", "step", "scalars")
+
+
+def _state_update(state: pb.OptimizerState, state_fields) -> StateUpdate:
+    """The part of a SetWeights state to write: the fields named in ``state_fields``, or all of them.
+
+    Without ``state_fields`` (as from clients that predate it) an absent learning rate
+    (proto3 sends 0 as absent) and an empty schedule keep the current ones.
+    """
+    named = list(state_fields)
+    unknown = sorted(set(named) - set(STATE_FIELDS))
+    if unknown:
+        raise InvalidArgumentError(
+            f"`state_fields` names unknown OptimizerState fields {unknown}; the fields are {list(STATE_FIELDS)}.")
+    fields = set(named or STATE_FIELDS)
+    rate = None
+    if "learning_rate" in fields and (named or state.HasField("learning_rate")):
+        rate = state.learning_rate
+    schedule = None
+    if "learning_rate_schedule_json" in fields and (named or state.learning_rate_schedule_json):
+        schedule = _parse_schedule(state.learning_rate_schedule_json)
+    return StateUpdate(
+        iterations=state.iterations if "iterations" in fields else None,
+        raw_iterations=state.raw_iterations if "raw_iterations" in fields else None,
+        step=state.step if "step" in fields else None,
+        learning_rate=rate,
+        schedule=schedule,
+        scalars=dict(state.scalars) if "scalars" in fields else {},
+    )
+
+
+def _parse_schedule(text: str) -> dict:
+    if not text.strip():
+        raise InvalidArgumentError(
+            "`learning_rate_schedule_json` is empty; send keras.optimizers.schedules.serialize(schedule) as JSON.")
+    try:
+        schedule = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgumentError(
+            f"`learning_rate_schedule_json` is not valid JSON ({exc}). Received: {text[:200]!r}") from None
+    if not isinstance(schedule, dict):
+        raise InvalidArgumentError(
+            "`learning_rate_schedule_json` must be a JSON object, a serialized schedule with 'class_name' and "
+            f"'config' (keras.optimizers.schedules.serialize). Received: {text[:200]!r}")
+    return schedule
 
 
 def _step_result(outcome: StepOutcome) -> pb.StepResult:
@@ -238,6 +290,7 @@ def _model_info(summary: ModelSummary) -> pb.ModelInfo:
         ],
         waiting_workers=summary.waiting_workers,
         **_activity_fields(summary.activity),
+        activity=_activity_message(summary.usage),
     )
 
 
@@ -248,6 +301,21 @@ def _activity_fields(activity) -> dict:
     if activity.update_norm is not None:
         fields["update_norm"] = activity.update_norm
     return fields
+
+
+def _activity_message(summary) -> pb.ModelActivity | None:
+    if summary is None:
+        return None
+    record = summary.record
+    message = pb.ModelActivity(
+        created_unix_s=record.created_unix_s, creator_peer=record.creator_peer,
+        last_activity_unix_s=record.last_unix_s, last_activity=record.last_kind,
+        calls_in_flight=summary.calls_in_flight, idle_s=summary.idle_s)
+    if record.creator_worker is not None:
+        message.creator_worker = record.creator_worker
+    if record.last_worker is not None:
+        message.last_worker = record.last_worker
+    return message
 
 
 def _variable_info(summary) -> pb.VariableInfo:
@@ -279,13 +347,14 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     @_translating_errors
     async def CreateModel(self, request_iterator: AsyncIterator[pb.CreateModelRequest], context):
-        spec = None
+        spec = worker = None
         tensors = _RequestTensors(self.max_request_bytes)
         async for request in request_iterator:
             if spec is None:
                 if not request.HasField("spec"):
                     raise InvalidArgumentError("The first CreateModelRequest must carry `spec`.")
                 spec = request.spec
+                worker = request.worker_index if request.HasField("worker_index") else None
                 # Refuse a bad spec before its (possibly large) variables are read.
                 check_model_id(spec.model_id)
                 optimizer_config = parse_optimizer_config(spec.optimizer_config_json)
@@ -300,6 +369,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             mode=_enum(spec.mode, _MODE_FROM_PROTO, "mode"),
             sync_timeout_s=spec.sync_timeout_s,
             timeout_policy=_enum(spec.timeout_policy, _POLICY_FROM_PROTO, "timeout_policy"),
+            worker=worker,
+            peer=context.peer() or "",
         )
         return pb.CreateModelResponse(created=created, model=_model_info(await model.summary()))
 
@@ -307,18 +378,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def ApplyGradients(self, request_iterator: AsyncIterator[pb.ApplyGradientsRequest], context):
         header = model = None
         tensors = _RequestTensors(self.max_request_bytes)
-        async for request in request_iterator:
+        with contextlib.ExitStack() as in_use:
+            async for request in request_iterator:
+                if header is None:
+                    if not request.HasField("header"):
+                        raise InvalidArgumentError("The first ApplyGradientsRequest must carry `header`.")
+                    header = request.header
+                    model = self.registry.get(header.model_id)
+                    model.check_push_header(header.worker_index, header.step)
+                    in_use.enter_context(model.usage.call(calls.PUSH, header.worker_index))
+                tensors.add_all(request.gradients)
             if header is None:
-                if not request.HasField("header"):
-                    raise InvalidArgumentError("The first ApplyGradientsRequest must carry `header`.")
-                header = request.header
-                model = self.registry.get(header.model_id)
-                model.check_push_header(header.worker_index, header.step)
-            tensors.add_all(request.gradients)
-        if header is None:
-            raise InvalidArgumentError("ApplyGradients received no messages; send a header, then the gradients.")
-        outcome = await model.push(header.worker_index, header.step, tensors.variables("Gradient"),
-                                   aggregated=header.aggregated, return_variables=header.return_variables)
+                raise InvalidArgumentError("ApplyGradients received no messages; send a header, then the gradients.")
+            outcome = await model.push(header.worker_index, header.step, tensors.variables("Gradient"),
+                                       aggregated=header.aggregated, return_variables=header.return_variables)
         first = pb.ApplyGradientsResponse(result=_step_result(outcome))
         values = outcome.variables or {}
         if _payload_bytes(values.values()) <= codec.CHUNK_BYTES:
@@ -337,7 +410,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     @_translating_errors
     async def Pull(self, request: pb.PullRequest, context):
         model = self.registry.get(request.model_id)
-        status, values = await model.pull(request.names)
+        with model.usage.call(calls.PULL):
+            status, values = await model.pull(request.names)
         first = pb.PullResponse(state=pb.StepResult(step=status.step, iterations=status.iterations,
                                                     learning_rate=status.learning_rate))
         for message in await self._encode(first, "variables", _as_variables(values)):
@@ -346,7 +420,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     @_translating_errors
     async def GetWeights(self, request: pb.GetWeightsRequest, context):
         model = self.registry.get(request.model_id)
-        status, tensors = await model.get_weights(request.names, request.include_variables)
+        with model.usage.call(calls.GET_WEIGHTS):
+            status, tensors = await model.get_weights(request.names, request.include_variables)
         for message in await self._encode(pb.GetWeightsResponse(state=_state_message(status)), "tensors", tensors):
             yield message
 
@@ -362,20 +437,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def SetWeights(self, request_iterator: AsyncIterator[pb.SetWeightsRequest], context):
         first = None
         tensors = _RequestTensors(self.max_request_bytes)
-        async for request in request_iterator:
+        with contextlib.ExitStack() as in_use:
+            async for request in request_iterator:
+                if first is None:
+                    first = request
+                    model = self.registry.get(request.model_id)  # fail fast, before the payload
+                    # has_state: clients from before field presence
+                    has_state = request.HasField("state") or request.has_state
+                    state = _state_update(request.state, request.state_fields) if has_state else None
+                    in_use.enter_context(model.usage.call(calls.SET_WEIGHTS))
+                tensors.add_all(request.tensors)
             if first is None:
-                first = request
-                self.registry.get(request.model_id)  # fail fast, before the payload
-            tensors.add_all(request.tensors)
-        if first is None:
-            raise InvalidArgumentError("SetWeights received no messages; send the model_id first.")
-        model = self.registry.get(first.model_id)
-        state = None
-        if first.HasField("state") or first.has_state:  # has_state: clients from before field presence
-            s = first.state
-            state = OptimizerStatus(iterations=s.iterations, raw_iterations=s.raw_iterations,
-                                    learning_rate=s.learning_rate, step=s.step, scalars=dict(s.scalars))
-        status = await model.set_weights(tensors.result(), state)
+                raise InvalidArgumentError("SetWeights received no messages; send the model_id first.")
+            model = self.registry.get(first.model_id)
+            status = await model.set_weights(tensors.result(), state)
         return pb.SetWeightsResponse(state=_state_message(status))
 
     @_translating_errors
@@ -395,7 +470,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     @_translating_errors
     async def DeleteModel(self, request: pb.DeleteModelRequest, context):
-        return pb.DeleteModelResponse(deleted=self.registry.delete(request.model_id))
+        return pb.DeleteModelResponse(deleted=self.registry.delete(request.model_id, if_idle=request.if_idle))
 
     @_translating_errors
     async def Checkpoint(self, request: pb.CheckpointRequest, context):

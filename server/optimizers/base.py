@@ -297,16 +297,40 @@ class Optimizer:
             return self._learning_rate
         return float(LEARNING_RATE_DTYPE(self._schedule(self._raw_iterations)))
 
-    def set_learning_rate(self, value: float) -> None:
-        """Keras's ``optimizer.learning_rate = value``; only for a float learning rate."""
+    def set_learning_rate(self, value: Any) -> None:
+        """Keras's ``optimizer.learning_rate = value``.
+
+        ``value`` is a float, or a schedule (a serialized Keras schedule, checked as in a
+        config): a schedule replaces either, a float replaces only a float, as in Keras.
+        """
+        from .. import schedules
+
+        if isinstance(value, (Mapping, schedules.LearningRateSchedule)):
+            self._set_learning_rate_config(self._validated_learning_rate(value))
+            return
         if self._schedule is not None:
+            # Keras's words (it raises TypeError), and what can be done instead.
             raise FailedPreconditionError(
-                "This optimizer was created with a learning rate schedule, hence its learning rate "
-                "is not settable. Create it with a float `learning_rate` to set it."
+                "This optimizer was created with a `LearningRateSchedule` object as its `learning_rate` "
+                "constructor argument, hence its learning rate is not settable. If you need the learning "
+                "rate to be settable, you should instantiate the optimizer with a float `learning_rate` "
+                f"argument. (A new schedule can replace it.) Received: learning_rate={value!r}"
             )
         if check.is_real_number(value):
             value = float(value)
         self._learning_rate = self._validated_learning_rate(value)
+
+    @property
+    def learning_rate_schedule(self) -> Any:
+        """The schedule the learning rate follows, or None for a float learning rate."""
+        return self._schedule
+
+    def learning_rate_setting(self) -> Any:
+        """The float or schedule as set; ``restore_learning_rate_setting`` puts it back (undo)."""
+        return self._schedule if self._schedule is not None else self._learning_rate
+
+    def restore_learning_rate_setting(self, setting: Any) -> None:
+        self._set_learning_rate_config(setting)
 
     # --------------------------------------------------------------- subclass
     def slot_groups(self) -> list[list[tuple[str, float]]]:
@@ -887,7 +911,10 @@ class Optimizer:
                 f"state['weight_decay_exclusions'] must be a list or None. Received: {exclusions!r}"
             )
         learning_rate = state.get("learning_rate")
-        if self._schedule is None and learning_rate is not None:
+        # A schedule set after creation (set_learning_rate) is only in the saved config.
+        saved_rate = ((state.get("config") or {}).get("config") or {}).get("learning_rate")
+        schedule = self._validated_learning_rate(saved_rate) if isinstance(saved_rate, Mapping) else None
+        if schedule is None and self._schedule is None and learning_rate is not None:
             learning_rate = self._validated_learning_rate(learning_rate)
         # Check everything, then write.
         scalars = dict(self._mapping("state['scalars']", state.get("scalars", {})))
@@ -916,7 +943,9 @@ class Optimizer:
         for (name, slot), host in checked_slots.items():
             self._backend.copy_into(self._variables[name].slots[slot], host)
         self.assign_optimizer_scalars({name: float(value) for name, value in scalars.items()})
-        if self._schedule is None and learning_rate is not None:
+        if schedule is not None:
+            self._set_learning_rate_config(schedule)
+        elif self._schedule is None and learning_rate is not None:
             self._learning_rate = learning_rate
         self._raw_iterations = raw_iterations
 
