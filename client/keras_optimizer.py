@@ -332,6 +332,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             num_workers=self.num_workers,
             mode=self.mode,
             sync_timeout_s=self.sync_timeout_s,
+            worker_index=self.worker_index,
         )
         check_server_layout(self.model_id, info, names, initial_values)
         # One more round trip, at build only: the slots' shapes and initial values
@@ -340,9 +341,10 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         if info.created:
             log.info("Created model %r on %s (%d variables).", self.model_id, self.address, len(names))
         else:
+            creator = f", created by {info.activity.describe_creator()}" if info.activity is not None else ""
             log.info(
-                "Joined model %r on %s at step %d (iterations %d)%s; this worker adopts its variables.",
-                self.model_id, self.address, weights.step, weights.iterations,
+                "Joined model %r on %s at step %d (iterations %d%s)%s; this worker adopts its variables.",
+                self.model_id, self.address, weights.step, weights.iterations, creator,
                 "" if names == local_names else ", matching variables by position",
             )
             for name, variable in zip(names, variables):

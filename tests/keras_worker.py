@@ -605,6 +605,33 @@ class Checks:
         else:
             raise AssertionError("several workers without a model_id")
 
+    def check_learning_rate_callbacks_match_local(self):
+        """LearningRateScheduler and ReduceLROnPlateau set the rate on the server, with Keras's numbers."""
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        x, y = data(seed=67)
+        for kind in ("scheduler", "plateau"):
+            def callbacks():
+                if kind == "scheduler":
+                    return [keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.5 if epoch else lr)]
+                # min_delta so large that every epoch counts as no improvement: the rate drops each epoch.
+                return [keras.callbacks.ReduceLROnPlateau(monitor="loss", factor=0.5, patience=0, min_delta=10.0)]
+
+            model = make_model(f"lr_{kind}_remote")
+            local = twin(model, f"lr_{kind}_local")
+            opt = RemoteOptimizer(keras.optimizers.Adam(0.05), self.address, model_id=self.model_id(f"lr_{kind}"))
+            local_opt = keras.optimizers.Adam(0.05)
+            model.compile(loss="categorical_crossentropy", optimizer=opt)
+            local.compile(loss="categorical_crossentropy", optimizer=local_opt)
+            model.fit(x, y, epochs=3, batch_size=8, shuffle=False, verbose=0, callbacks=callbacks())
+            local.fit(x, y, epochs=3, batch_size=8, shuffle=False, verbose=0, callbacks=callbacks())
+            np.testing.assert_allclose(float(opt.learning_rate), float(local_opt.learning_rate), rtol=1e-6)
+            assert opt.client.list_models(opt.model_id)[0].learning_rate == float(opt.learning_rate)
+            assert float(opt.learning_rate) < 0.05
+            assert_close(model.get_weights(), local.get_weights(), f"{kind}: model weights")
+            assert_close(opt.get_weights(), keras_state(local_opt), f"{kind}: get_weights()")
+
     def check_iterations_read_right_after_set_weights_and_fit(self):
         import keras
         from optserve.client import RemoteOptimizer

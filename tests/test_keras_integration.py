@@ -448,3 +448,18 @@ def test_no_warning_when_nothing_is_wrong(RemoteOptimizer, keras, server_address
         opt = RemoteOptimizer("adam", server_address, model_id=model_id)
         opt.apply(_grads(0), variables)
         opt.get_weights()
+
+
+def test_a_learning_rate_set_after_build_goes_to_the_server_from_worker_0_only(RemoteOptimizer, keras,
+                                                                                server_address, model_id, caplog):
+    first = RemoteOptimizer("sgd", server_address, model_id=model_id, num_workers=2, worker_index=0)
+    second = RemoteOptimizer("sgd", server_address, model_id=model_id, num_workers=2, worker_index=1)
+    first.build(_variables(keras, "lr_after"))
+    second.build(_variables(keras, "lr_after"))
+    first.learning_rate = 0.25
+    assert first.client.list_models(model_id)[0].learning_rate == 0.25
+    assert float(first.learning_rate) == 0.25
+    with caplog.at_level("WARNING", logger="optserve.client.keras"):
+        second.learning_rate = 0.75
+    assert "worker 0 sets the rate" in caplog.text
+    assert first.client.list_models(model_id)[0].learning_rate == 0.25
