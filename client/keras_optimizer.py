@@ -25,29 +25,21 @@ This module imports Keras; ``optserve.client`` loads it only when
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
-import uuid
-import warnings
-import weakref
 
 import keras
 import numpy as np
 from keras import ops
 
-# Keras internals used on purpose, both present since Keras 3.0:
-# - tracking: the model's variables must not be tracked as optimizer variables
-#   (Keras's own build() runs under the same decorator);
-# - in_stateless_scope: inside a StatelessScope a variable's value comes from the
-#   scope, so reading it must not go to the server.
-from keras.src.backend.common.stateless_scope import in_stateless_scope
+# A Keras internal used on purpose, present since Keras 3.0: the model's variables
+# must not be tracked as optimizer variables (Keras's own build() runs under it).
 from keras.src.utils import tracking
 
+from optserve.client import security
 from optserve.client.client import (
     Client,
-    FailedPreconditionError,
     NotFoundError,
     StepMismatchError,
     UnavailableError,
@@ -57,11 +49,25 @@ from optserve.client.remote_job import (
     check_job_arguments,
     check_resume,
     check_server_layout,
-    check_unique_names,
     match_variables,
     PulledValues,
 )
-from optserve.client import security
+from optserve.client.keras_state import ServerState
+from optserve.client.keras_support import (
+    change_token,
+    eager_scope,
+    host_code,
+    host_gradient,
+    in_tf_graph,
+    initial_learning_rate,
+    job_id,
+    overwrite,
+    portable_config,
+    refuse_traced,
+    tensorflow_helpers,
+    to_numpy,
+    variable_names,
+)
 
 __all__ = ["RemoteOptimizer"]
 
@@ -91,50 +97,8 @@ _BASE_ARGUMENTS = (
 )
 
 
-def _tensorflow():
-    """The TensorFlow helpers on the TensorFlow backend, else None (TensorFlow stays unimported)."""
-    if keras.backend.backend() != "tensorflow":
-        return None
-    from optserve.client import keras_tensorflow
-
-    return keras_tensorflow
-
-
-def _in_tf_graph():
-    tf_helpers = _tensorflow()
-    return tf_helpers is not None and not tf_helpers.executing_eagerly()
-
-
-def _eager_scope():
-    """Out of a `tf.function` being traced (building the optimizer there talks to the server)."""
-    tf_helpers = _tensorflow()
-    return contextlib.nullcontext() if tf_helpers is None else tf_helpers.eager_scope()
-
-
-def _host_code(function):
-    """Code that talks to the server: no graph compiler may try to convert it.
-
-    With `jit_compile=True` on torch, TorchDynamo cannot trace gRPC calls; left
-    to itself it would try, warn at every unsupported call, and break the graph
-    there anyway: the round trip runs between compiled graphs. Inside a user's
-    `@tf.function`, AutoGraph would convert every function the step calls, gRPC
-    included, and warn about each; the graph parts here have no Python control
-    flow on tensors, so they need no conversion.
-    """
-    backend = keras.backend.backend()
-    if backend == "torch":
-        import torch
-
-        return torch.compiler.disable(function, recursive=True)
-    if backend == "tensorflow":
-        import tensorflow as tf
-
-        return tf.autograph.experimental.do_not_convert(function)
-    return function
-
-
 @keras.saving.register_keras_serializable(package="optserve")
-class RemoteOptimizer(keras.optimizers.Optimizer):
+class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
     """A Keras optimizer that trains through an optserve parameter server.
 
     Args:
@@ -204,12 +168,12 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         wrapped = _wrapped_optimizer(optimizer, kwargs)
         check_job_arguments("unnamed" if model_id is None else model_id, num_workers, worker_index, mode,
                             sync_timeout_s, timeout)
-        model_id = _job_id(model_id, num_workers, name or wrapped.name)
+        model_id = job_id(model_id, num_workers, name or wrapped.name)
         check_resume(resume)
         if not isinstance(retry_window_s, (int, float)) or isinstance(retry_window_s, bool) or retry_window_s < 0:
             raise ValueError(f"`retry_window_s` must be a number >= 0. Received: retry_window_s={retry_window_s!r}")
-        wrapped_config = _portable_config(wrapped)
-        initial_learning_rate = _initial_learning_rate(wrapped)
+        wrapped_config = portable_config(wrapped)
+        first_learning_rate = initial_learning_rate(wrapped)
 
         super().__init__(
             # A callable keeps Keras from creating a learning-rate variable: the
@@ -231,7 +195,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         # JSON text, not a dict: an attribute dict would be wrapped by Keras's tracker.
         self._wrapped_config_json = json.dumps(wrapped_config)
         self._client = None
-        self._learning_rate_value = initial_learning_rate
+        self._learning_rate_value = first_learning_rate
         self._server_iterations = 0
         self._slots_stale = False
         self._refreshing = False
@@ -294,7 +258,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
     # ------------------------------------------------------------------ build
 
     @tracking.no_automatic_dependency_tracking
-    @_host_code
+    @host_code
     def build(self, variables):
         """Create the model on the server from `variables`' current values, or join it.
 
@@ -303,12 +267,12 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         """
         if self.built:
             return
-        with _eager_scope():
+        with eager_scope():
             self._build_on_server(list(variables))
 
     def _build_on_server(self, variables):
-        local_names = _variable_names(variables)
-        local_values = {name: _to_numpy(v) for name, v in zip(local_names, variables)}
+        local_names = variable_names(variables)
+        local_values = {name: to_numpy(v) for name, v in zip(local_names, variables)}
         existing = self._existing_job()
         names = local_names
         if existing is not None:
@@ -390,23 +354,23 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         """Push `grads` (one per variable, `None` to skip one); one round trip."""
         self._apply(list(grads), trainable_variables, aggregated=False)
 
-    @_host_code
+    @host_code
     def _apply(self, grads, trainable_variables, aggregated):
         if len(grads) == 0:
             return
-        _refuse_traced(grads)
+        refuse_traced(grads)
         variables = self._variables_for(grads, trainable_variables)
         grads, variables = self._filter_empty_gradients(grads, variables)
         names = [self._name_of(v) for v in variables]
-        if _in_tf_graph():
+        if in_tf_graph():
             self._graph_apply(list(zip(names, grads)), aggregated)
             return
         self._write_back(self._changed_variables())
-        values = self._push_pull({name: _host_gradient(g) for name, g in zip(names, grads)}, aggregated)
+        values = self._push_pull({name: host_gradient(g) for name, g in zip(names, grads)}, aggregated)
         for name, variable in zip(self._variable_names, self._trainable_variables):
             variable.assign(values[name])
             self._note_pulled(name, variable, values[name])
-        _overwrite(self._iterations, np.asarray(self._server_iterations, dtype=self._iterations.dtype))
+        overwrite(self._iterations, np.asarray(self._server_iterations, dtype=self._iterations.dtype))
         self._apply_constraints()
 
     def _graph_apply(self, named_grads, aggregated):
@@ -422,7 +386,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             ]
 
         current = [v.value for v in self._trainable_variables]
-        outputs = _tensorflow().graph_round_trip(named_grads, host_step, dtypes, current)
+        outputs = tensorflow_helpers().graph_round_trip(named_grads, host_step, dtypes, current)
         for variable, value in zip(self._trainable_variables, outputs[:-1]):
             variable.assign(ops.reshape(value, variable.shape))
         self._iterations.assign(ops.reshape(outputs[-1], ()))
@@ -440,7 +404,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             self._write_back({n: np.asarray(values[n]) for n in names})
             return []
 
-        _tensorflow().graph_round_trip([(n, v.value) for n, v in constrained], write_back, [])
+        tensorflow_helpers().graph_round_trip([(n, v.value) for n, v in constrained], write_back, [])
 
     def _variables_for(self, grads, trainable_variables):
         # The same checks, in the same words, as Keras's BaseOptimizer.apply.
@@ -528,8 +492,8 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         return new_values, new_iterations
 
     def _eager_stateless_step(self, grads, trainable_variables):
-        host_grads = {name: _to_numpy(g) for name, g in zip(self._variable_names, grads)}
-        self._write_back(self._changed_values([_to_numpy(v) for v in trainable_variables]))
+        host_grads = {name: to_numpy(g) for name, g in zip(self._variable_names, grads)}
+        self._write_back(self._changed_values([to_numpy(v) for v in trainable_variables]))
         values = self._push_pull(host_grads, aggregated=False)
         self._note_all_pulled(values)
         new_values = [
@@ -597,7 +561,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
 
     def _note_pulled(self, name, variable, value):
         """`variable` now holds `value`, the server's."""
-        self._pulled.note(name, value, _change_token(variable))
+        self._pulled.note(name, value, change_token(variable))
 
     def _note_all_pulled(self, values):
         # Stateless steps: the trainer holds the values, so no token (compare by value).
@@ -608,9 +572,9 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         """Eagerly: the model variables written since they last agreed with the server."""
         candidates = [
             (name, variable) for name, variable in zip(self._variable_names, self._trainable_variables)
-            if self._pulled.token(name) is None or _change_token(variable) != self._pulled.token(name)
+            if self._pulled.token(name) is None or change_token(variable) != self._pulled.token(name)
         ]
-        return self._pulled.changed([n for n, _ in candidates], [_to_numpy(v) for _, v in candidates])
+        return self._pulled.changed([n for n, _ in candidates], [to_numpy(v) for _, v in candidates])
 
     def _changed_values(self, current_values):
         return self._pulled.changed(self._variable_names, current_values)
@@ -633,7 +597,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         for name, variable in zip(self._variable_names, self._trainable_variables):
             if variable.constraint is not None:
                 variable.assign(variable.constraint(variable))
-                constrained[name] = _to_numpy(variable).copy()
+                constrained[name] = to_numpy(variable).copy()
         if constrained:
             self.client.set_weights(self.model_id, variables=constrained)
             for name, variable in zip(self._variable_names, self._trainable_variables):
@@ -657,7 +621,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
                 self._pulled.note(name, value)
 
         if io_callback is None:
-            write_back(*[_to_numpy(constrained[name]) for name in names])
+            write_back(*[to_numpy(constrained[name]) for name in names])
         else:
             io_callback(write_back, None, *[constrained[name] for name in names], ordered=True)
         return new_values
@@ -677,227 +641,8 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
             self.client.set_weights(self.model_id, variables=averages)
             self._slots_stale = True
 
-    # ------------------------------------------------------------------ state: iterations, learning rate
-
-    @property
-    def iterations(self):
-        """The server's public iteration counter, as of this worker's last step."""
-        return self._iterations
-
-    @property
-    def learning_rate(self):
-        """The rate the next update uses (the schedule evaluated at the current step)."""
-        return self._server_learning_rate()
-
-    @learning_rate.setter
-    def learning_rate(self, learning_rate):
-        """Sets the server's rate for the next update, as Keras's `optimizer.learning_rate = ...` does.
-
-        A float, or a new `LearningRateSchedule`; as in Keras, a float cannot
-        replace a schedule. With several workers, worker 0's setting is the
-        one sent (callbacks such as ReduceLROnPlateau run on every worker);
-        every worker reads the server's rate after its next step.
-        """
-        schedule = isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule)
-        if not schedule:
-            if callable(learning_rate):
-                raise ValueError(
-                    "A RemoteOptimizer's learning rate must be a float or a "
-                    "`keras.optimizers.schedules.LearningRateSchedule` (the server evaluates it). "
-                    f"Received: learning_rate={learning_rate!r}"
-                )
-            learning_rate = float(_to_numpy(learning_rate))
-        if not self.built:
-            self._set_wrapped_learning_rate(learning_rate, schedule)
-            return
-        if self.worker_index != 0:
-            if not self._warned_learning_rate_writer:
-                log.warning(
-                    "Model %r: worker %d does not send learning rates; worker 0 sets the rate, and "
-                    "this worker reads the server's after each step.", self.model_id, self.worker_index,
-                )
-                self._warned_learning_rate_writer = True
-            return
-        value = keras.optimizers.schedules.serialize(learning_rate) if schedule else learning_rate
-        try:
-            state = self.client.set_weights(self.model_id, learning_rate=value)
-        except FailedPreconditionError as error:
-            raise TypeError(str(error)) from None
-        self._adopt_state(state.iterations, state.learning_rate)
-
-    def _set_wrapped_learning_rate(self, learning_rate, schedule):
-        """Before the job exists: the wrapped optimizer is created with the new rate."""
-        wrapped = keras.optimizers.deserialize(self.wrapped_config)
-        if schedule:
-            wrapped_config = wrapped.get_config()
-            wrapped_config["learning_rate"] = learning_rate
-            wrapped = type(wrapped).from_config(wrapped_config)
-        else:
-            wrapped.learning_rate = learning_rate  # Keras's own check: a float cannot replace a schedule
-        self._wrapped_config_json = json.dumps(_portable_config(wrapped))
-        self._learning_rate_value = _initial_learning_rate(wrapped)
-
-    def _server_learning_rate(self):
-        return ops.convert_to_tensor(self._learning_rate_value, dtype=keras.backend.floatx())
-
-    def _get_current_learning_rate(self):
-        return self._server_learning_rate()
-
-    def _adopt_state(self, iterations, learning_rate):
-        self._server_iterations = int(iterations)
-        self._learning_rate_value = float(learning_rate)
-
-    # ------------------------------------------------------------------ state: weights
-
-    @property
-    def weights(self):
-        """Same as `variables`: `[iterations, *slots]`, read from the server."""
-        return self.variables
-
-    def get_weights(self):
-        """The server's optimizer state in tf.keras's layout: `[iterations, *slots]`."""
-        self._check_built("get_weights")
-        weights = self.client.get_weights(self.model_id)
-        self._adopt_state(weights.iterations, weights.learning_rate)
-        return weights.as_list()
-
-    def set_weights(self, weights):
-        """Overwrite the server's optimizer state from `[iterations, *slots]`.
-
-        The count and every shape are checked first (ValueError naming the bad
-        entry); a rejected list changes nothing.
-        """
-        self._check_built("set_weights")
-        state = self.client.set_weights_list(self.model_id, [_to_numpy(w) for w in weights])
-        self._adopt_state(state.iterations, state.learning_rate)
-        self._slots_stale = True
-        _overwrite(self._iterations, np.asarray(self._server_iterations, dtype=self._iterations.dtype))
-
-    def save_own_variables(self, store):
-        """Saving a model (`model.save`) stores the server's optimizer state."""
-        if not self.built:
-            return
-        for index, value in enumerate(self.get_weights()):
-            store[str(index)] = value
-
-    def load_own_variables(self, store):
-        """Loading a model writes the saved optimizer state to the server."""
-        if not self.built:
-            warnings.warn(
-                f"Skipping variable loading for optimizer '{self.name}', because it has not been "
-                "called/built yet.",
-                stacklevel=2,
-            )
-            return
-        count = len(self.variables)
-        if len(store.keys()) != count:
-            warnings.warn(
-                f"Skipping variable loading for optimizer '{self.name}', because it has {count} "
-                f"variables whereas the saved optimizer has {len(store.keys())} variables.",
-                stacklevel=2,
-            )
-            return
-        self.set_weights([store[str(index)] for index in range(count)])
-
-    def _check_built(self, method):
-        if not self.built:
-            raise ValueError(
-                f"You are calling `{method}()` on an optimizer that has not yet been built. Please call "
-                "`optimizer.build(trainable_variables)` to create the optimizer weights first."
-            )
-
-    # ------------------------------------------------------------------ mirrors of server state
-
-    def _replace_iterations_variable(self):
-        # Keras created a plain "iteration" variable; a mirror takes its place and position.
-        plain = self._iterations
-        self._untrack_variable(plain)
-        with keras.name_scope(self.name, caller=self):
-            mirror = self._add_mirror(np.zeros((), dtype=plain.dtype), "iteration")
-        self._iterations = mirror
-
-    def _add_mirror(self, value, name):
-        variable_class = _mirror_class(keras.Variable)
-        mirror = variable_class(
-            initializer=np.asarray(value), shape=np.shape(value), dtype=np.asarray(value).dtype.name,
-            trainable=False, name=name,
-        )
-        mirror._owner = weakref.ref(self)
-        mirror._server_snapshot = mirror._value
-        self._track_variable(mirror)
-        return mirror
-
-    def _refresh_mirror(self, mirror):
-        """Bring a mirror up to date with the server before its value is read."""
-        if self._refreshing or in_stateless_scope() or _in_tf_graph():
-            return
-        self._refreshing = True
-        try:
-            if mirror is self._iterations:
-                self._refresh_iterations()
-            elif self._slots_stale or mirror._value is not mirror._server_snapshot:
-                self._refresh_slots()
-        finally:
-            self._refreshing = False
-
-    def _refresh_iterations(self):
-        mirror = self._iterations
-        current = mirror._value
-        # The counter comes with every step's answer; no round trip is needed.
-        if current is None or current is not mirror._server_snapshot or int(current) != self._server_iterations:
-            _overwrite(mirror, np.asarray(self._server_iterations, dtype=mirror.dtype))
-
-    def _refresh_slots(self):
-        weights = self.client.get_weights(self.model_id)
-        self._adopt_state(weights.iterations, weights.learning_rate)
-        for name, slot, mirror in self._slot_mirrors:
-            _overwrite(mirror, weights.slots[name][slot])
-        self._slots_stale = False
-        self._refresh_iterations()
-
     def _name_of(self, variable):
         return self._variable_names[self._get_variable_index(variable)]
-
-
-# --------------------------------------------------------------------------- mirror variables
-
-_MIRROR_CLASSES = {}
-
-
-def _mirror_class(base):
-    """A subclass of the backend's Variable whose reads refresh it from the server.
-
-    Keras's JAX trainer writes the optimizer variables back at the end of an
-    epoch with the values it carried through the compiled step (the slots there
-    are stale, since they never leave the server). A refresh-on-read keeps every
-    read correct however the variable was written: a mirror whose value is not
-    the one last fetched, or whose optimizer stepped since, is fetched again.
-    """
-    if base not in _MIRROR_CLASSES:
-
-        class ServerStateVariable(base):
-            _owner = None
-            _server_snapshot = None
-
-            @property
-            def value(self):
-                owner = self._owner() if self._owner is not None else None
-                if owner is not None:
-                    owner._refresh_mirror(self)
-                return super().value
-
-            def __repr__(self):
-                self.value  # noqa: B018 - brings the value up to date before Keras prints it
-                return super().__repr__()
-
-        ServerStateVariable.__qualname__ = ServerStateVariable.__name__ = f"ServerState{base.__name__}"
-        _MIRROR_CLASSES[base] = ServerStateVariable
-    return _MIRROR_CLASSES[base]
-
-
-def _overwrite(mirror, value):
-    mirror.assign(value)
-    mirror._server_snapshot = mirror._value
 
 
 # --------------------------------------------------------------------------- helpers
@@ -943,87 +688,3 @@ def _wrapped_optimizer(optimizer, overrides):
             f"Received: learning_rate={lr!r}"
         )
     return instance
-
-
-def _portable_config(instance):
-    """`keras.optimizers.serialize(instance)`, the same on every backend.
-
-    On the torch backend Keras serializes built-in optimizers under their
-    torch-specific module; workers on other backends would then disagree with it.
-    """
-    config = keras.optimizers.serialize(instance)
-    class_name = config.get("class_name")
-    public = getattr(keras.optimizers, class_name, None) if isinstance(class_name, str) else None
-    if isinstance(public, type) and isinstance(instance, public):
-        config["module"] = "keras.optimizers"
-        config["registered_name"] = None
-    return json.loads(json.dumps(config, default=_json_default))
-
-
-def _json_default(value):
-    if isinstance(value, np.generic):
-        return value.item()
-    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
-
-
-def _initial_learning_rate(instance):
-    return float(_to_numpy(instance.learning_rate))
-
-
-def _variable_names(variables):
-    return check_unique_names([getattr(v, "path", None) or v.name for v in variables], "`variable.path`")
-
-
-def _to_numpy(value):
-    if isinstance(value, keras.Variable):
-        # The tensor, not the Variable: Variable.__array__ predates NumPy 2's `copy` argument.
-        value = value.value
-    return np.asarray(ops.convert_to_numpy(value))
-
-
-def _job_id(model_id, num_workers, optimizer_name):
-    if model_id is not None:
-        return model_id
-    if num_workers > 1:
-        raise ValueError(
-            "With num_workers > 1, every worker must name the job with the same `model_id` "
-            f"(e.g. model_id='my-run'). Received: model_id=None, num_workers={num_workers}"
-        )
-    return f"{optimizer_name}-{uuid.uuid4().hex[:12]}"
-
-
-def _change_token(variable):
-    """Something that changes whenever `variable` is written, or None where no such thing is cheap.
-
-    torch counts in-place writes on a tensor (`_version`); a JAX variable holds
-    a new immutable array after every write. TensorFlow variables have neither:
-    their values are compared.
-    """
-    backend = keras.backend.backend()
-    if backend == "torch":
-        return variable.value._version
-    if backend == "jax":
-        return id(variable._value)
-    return None
-
-
-def _host_gradient(gradient):
-    """A gradient as the client sends it; TensorFlow's IndexedSlices stay sparse."""
-    tf_helpers = _tensorflow()
-    if tf_helpers is not None:
-        return tf_helpers.host_gradient(gradient)
-    return _to_numpy(gradient)
-
-
-def _refuse_traced(grads):
-    if keras.backend.backend() != "jax":
-        return
-    import jax
-
-    if any(isinstance(g, jax.core.Tracer) for g in grads if g is not None):
-        raise ValueError(
-            "RemoteOptimizer.apply() cannot run inside a traced function (jax.jit, jax.grad): "
-            "it assigns Keras variables. Call it eagerly, or use "
-            "`optimizer.stateless_apply(optimizer_variables, grads, trainable_variables)`, which "
-            "works inside jax.jit (model.fit uses it)."
-        )
