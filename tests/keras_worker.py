@@ -728,6 +728,54 @@ class Checks:
         assert_close(model.get_weights(), local_model.get_weights(), "model weights")
         assert_close(opt.get_weights(), keras_state(local_opt), "get_weights()")
 
+    def check_tf_embedding_gradients_go_sparse_and_match_local(self):
+        """An Embedding's tf.IndexedSlices go on the wire as rows + indices; the numbers are Keras's."""
+        self.require_tensorflow()
+        import keras
+        import tensorflow as tf
+        from optserve.client import RemoteOptimizer, SparseGradient
+
+        def embedding_model(prefix):
+            return keras.Sequential(
+                [keras.Input((3,), dtype="int32"), keras.layers.Embedding(50, 4, name=f"{prefix}_embedding"),
+                 keras.layers.Flatten(name=f"{prefix}_flatten"), keras.layers.Dense(2, name=f"{prefix}_dense")],
+                name=prefix,
+            )
+
+        rng = np.random.default_rng(71)
+        # Distinct ids within each batch of 8: with a repeated id, Keras's TensorFlow backend
+        # applies some update ops to each repeated row before summing them (Adam's second
+        # moment gets g1² + g2²), which neither its other backends nor the server do.
+        x = np.concatenate([rng.permutation(50)[:24].reshape(8, 3) for _ in range(4)]).astype("int32")
+        y = rng.normal(size=(32, 2)).astype("float32")
+        for eager in (False, True):
+            model = embedding_model(f"emb{int(eager)}_remote")
+            local = embedding_model(f"emb{int(eager)}_local")
+            local.set_weights(model.get_weights())
+            opt = RemoteOptimizer(keras.optimizers.Adam(0.05), self.address, model_id=self.model_id(f"emb{int(eager)}"))
+            local_opt = keras.optimizers.Adam(0.05)
+            pushed = []
+            push_pull = opt.client.push_pull
+
+            def spy(model_id, grads, **kwargs):
+                pushed.append({name: type(g).__name__ for name, g in grads.items()})
+                return push_pull(model_id, grads, **kwargs)
+
+            opt.client.push_pull = spy
+            model.compile(loss="mse", optimizer=opt, run_eagerly=eager)
+            local.compile(loss="mse", optimizer=local_opt, run_eagerly=eager)
+            model.fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0)
+            local.fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0)
+            embedding_name = model.layers[0].embeddings.path
+            assert len(pushed) == 8 and all(p[embedding_name] == SparseGradient.__name__ for p in pushed), pushed
+            assert all(kind == "ndarray" for p in pushed for name, kind in p.items() if name != embedding_name)
+            assert_close(model.get_weights(), local.get_weights(), f"weights (run_eagerly={eager})")
+            assert_close(opt.get_weights(), keras_state(local_opt), f"get_weights() (run_eagerly={eager})")
+        with tf.GradientTape() as tape:
+            loss = keras.losses.MeanSquaredError()(y[:8], model(x[:8]))
+        gradient = tape.gradient(loss, model.layers[0].embeddings.value)
+        assert isinstance(gradient, tf.IndexedSlices), type(gradient)
+
     def check_tf_rmsprop_get_and_set_weights(self):
         """The tf.keras docs' example: RMSprop state after fit, then set_weights and iterations."""
         self.require_tensorflow()
