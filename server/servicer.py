@@ -20,6 +20,7 @@ import numpy as np
 
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
+from optserve.protos import errors
 from optserve.protos import tensors as codec
 from optserve.server.errors import (
     FailedPreconditionError,
@@ -44,8 +45,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 DEFAULT_MAX_REQUEST_BYTES = 4 << 30
-# Trailing metadata keys of error details: "current_step" -> "optserve-current-step".
-METADATA_PREFIX = "optserve-"
+METADATA_PREFIX = errors.METADATA_PREFIX  # error details travel as trailing metadata under this prefix
 
 _MODE_FROM_PROTO = {pb.SYNC_MODE_UNSPECIFIED: SYNC, pb.SYNC: SYNC, pb.ASYNC: ASYNC}
 _MODE_TO_PROTO = {SYNC: pb.SYNC, ASYNC: pb.ASYNC}
@@ -60,8 +60,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
     """The one mapping from an exception to (status code, message, trailing metadata)."""
     if isinstance(exc, OptserveError):
         code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
-        metadata = tuple((METADATA_PREFIX + key.replace("_", "-"), str(value)) for key, value in exc.details.items())
-        return code, exc.message, metadata
+        return code, exc.message, errors.status_metadata(exc)
     if isinstance(exc, codec.TensorFormatError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
     if isinstance(exc, MemoryError):
