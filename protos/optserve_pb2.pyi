@@ -111,20 +111,30 @@ class ApplyGradientsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[ApplyGradientsHeader, _Mapping]] = ..., gradients: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors", "missing_workers")
+    __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors", "missing_workers", "generation")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     MISSING_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     step: int
     iterations: int
     learning_rate: float
     duplicate: bool
     contributors: _containers.RepeatedScalarFieldContainer[int]
     missing_workers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., duplicate: _Optional[bool] = ..., contributors: _Optional[_Iterable[int]] = ..., missing_workers: _Optional[_Iterable[int]] = ...) -> None: ...
+    generation: ServerGeneration
+    def __init__(self, step: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., duplicate: _Optional[bool] = ..., contributors: _Optional[_Iterable[int]] = ..., missing_workers: _Optional[_Iterable[int]] = ..., generation: _Optional[_Union[ServerGeneration, _Mapping]] = ...) -> None: ...
+
+class ServerGeneration(_message.Message):
+    __slots__ = ("server_id", "restored_checkpoint")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    restored_checkpoint: str
+    def __init__(self, server_id: _Optional[str] = ..., restored_checkpoint: _Optional[str] = ...) -> None: ...
 
 class ApplyGradientsResponse(_message.Message):
     __slots__ = ("result", "variables")
@@ -169,7 +179,7 @@ class GetWeightsResponse(_message.Message):
     def __init__(self, state: _Optional[_Union[OptimizerState, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class OptimizerState(_message.Message):
-    __slots__ = ("iterations", "raw_iterations", "learning_rate", "step", "scalars")
+    __slots__ = ("iterations", "raw_iterations", "learning_rate", "step", "scalars", "generation")
     class ScalarsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -182,12 +192,14 @@ class OptimizerState(_message.Message):
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     SCALARS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     iterations: int
     raw_iterations: int
     learning_rate: float
     step: int
     scalars: _containers.ScalarMap[str, float]
-    def __init__(self, iterations: _Optional[int] = ..., raw_iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., step: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    generation: ServerGeneration
+    def __init__(self, iterations: _Optional[int] = ..., raw_iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., step: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ..., generation: _Optional[_Union[ServerGeneration, _Mapping]] = ...) -> None: ...
 
 class SetWeightsRequest(_message.Message):
     __slots__ = ("model_id", "state", "has_state", "tensors")

@@ -80,6 +80,7 @@ class ParameterServer:
         self._registry: ModelRegistry | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._checkpointer: Checkpointer | None = None
+        self._servicer: ParameterServerServicer | None = None
 
     @property
     def address(self) -> str:
@@ -100,8 +101,8 @@ class ParameterServer:
             self._registry.begin_restore()
         # No SO_REUSEPORT: a second server on a busy port must fail, not silently share it.
         self._server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
-        add_to_server(ParameterServerServicer(self._registry, self.max_request_bytes, self._checkpointer),
-                      self._server)
+        self._servicer = ParameterServerServicer(self._registry, self.max_request_bytes, self._checkpointer)
+        add_to_server(self._servicer, self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -145,6 +146,8 @@ class ParameterServer:
                 f"Cannot restore checkpoint {path}: {message}. Its files are intact but their content does not "
                 f"fit this optserve version; move it out of {self.checkpoint_dir} to start from the one before it."
             ) from error
+        if self._servicer is not None:  # replies name the checkpoint this start restored
+            self._servicer.generation = self._servicer.generation.restored(path.name)
         log.info("Restored checkpoint %s: %s.", path, describe_models(state["models"]))
 
     async def _abandon_start(self) -> None:

@@ -39,6 +39,7 @@ from optserve.server.model import (
     check_model_id,
     parse_optimizer_config,
 )
+from optserve.server.generation import ServerGeneration
 from optserve.server.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -208,18 +209,23 @@ def add_to_server(servicer: "ParameterServerServicer", server) -> None:
 # -------------------------------------------------------------- messages
 
 
-def _state_message(status: OptimizerStatus) -> pb.OptimizerState:
+def _generation_message(generation: ServerGeneration) -> pb.ServerGeneration:
+    return pb.ServerGeneration(server_id=generation.server_id, restored_checkpoint=generation.restored_checkpoint)
+
+
+def _state_message(status: OptimizerStatus, generation: pb.ServerGeneration | None = None) -> pb.OptimizerState:
     return pb.OptimizerState(iterations=status.iterations, raw_iterations=status.raw_iterations,
-                             learning_rate=status.learning_rate, step=status.step, scalars=status.scalars)
+                             learning_rate=status.learning_rate, step=status.step, scalars=status.scalars,
+                             generation=generation)
 
 
-def _step_result(outcome: StepOutcome) -> pb.StepResult:
+def _step_result(outcome: StepOutcome, generation: pb.ServerGeneration | None = None) -> pb.StepResult:
     return pb.StepResult(step=outcome.step, iterations=outcome.iterations, learning_rate=outcome.learning_rate,
                          duplicate=outcome.duplicate, contributors=outcome.contributors,
-                         missing_workers=outcome.missing)
+                         missing_workers=outcome.missing, generation=generation)
 
 
-def _model_info(summary: ModelSummary) -> pb.ModelInfo:
+def _model_info(summary: ModelSummary, generation: pb.ServerGeneration | None = None) -> pb.ModelInfo:
     spec = summary.spec
     return pb.ModelInfo(
         spec=pb.ModelSpec(
@@ -230,7 +236,7 @@ def _model_info(summary: ModelSummary) -> pb.ModelInfo:
             sync_timeout_s=spec.sync_timeout_s,
             timeout_policy=_POLICY_TO_PROTO[spec.timeout_policy],
         ),
-        state=_state_message(summary.status),
+        state=_state_message(summary.status, generation),
         variables=[
             pb.VariableInfo(name=v.meta.name, dtype=codec.dtype_to_proto(v.meta.dtype), shape=v.meta.shape,
                             slots=v.slots, norm=v.norm or 0.0)
@@ -258,6 +264,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.registry = registry
         self.max_request_bytes = int(max_request_bytes)
         self.checkpointer = checkpointer  # optserve.server.checkpoint.Checkpointer, when checkpointing
+        self.generation = ServerGeneration.new()  # the app records the checkpoint it restores
+
+    @property
+    def _generation(self) -> pb.ServerGeneration:
+        return _generation_message(self.generation)
 
     @_translating_errors
     async def CreateModel(self, request_iterator: AsyncIterator[pb.CreateModelRequest], context):
@@ -283,7 +294,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             sync_timeout_s=spec.sync_timeout_s,
             timeout_policy=_enum(spec.timeout_policy, _POLICY_FROM_PROTO, "timeout_policy"),
         )
-        return pb.CreateModelResponse(created=created, model=_model_info(await model.summary()))
+        return pb.CreateModelResponse(created=created, model=_model_info(await model.summary(), self._generation))
 
     @_translating_errors
     async def ApplyGradients(self, request_iterator: AsyncIterator[pb.ApplyGradientsRequest], context):
@@ -301,7 +312,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             raise InvalidArgumentError("ApplyGradients received no messages; send a header, then the gradients.")
         outcome = await model.push(header.worker_index, header.step, tensors.variables("Gradient"),
                                    aggregated=header.aggregated, return_variables=header.return_variables)
-        first = pb.ApplyGradientsResponse(result=_step_result(outcome))
+        first = pb.ApplyGradientsResponse(result=_step_result(outcome, self._generation))
         values = outcome.variables or {}
         if _payload_bytes(values.values()) <= codec.CHUNK_BYTES:
             for message in codec.chunk_messages(first, "variables", _as_variables(values)):
@@ -321,7 +332,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         model = self.registry.get(request.model_id)
         status, values = await model.pull(request.names)
         first = pb.PullResponse(state=pb.StepResult(step=status.step, iterations=status.iterations,
-                                                    learning_rate=status.learning_rate))
+                                                    learning_rate=status.learning_rate,
+                                                    generation=self._generation))
         for message in await self._encode(first, "variables", _as_variables(values)):
             yield message
 
@@ -329,7 +341,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     async def GetWeights(self, request: pb.GetWeightsRequest, context):
         model = self.registry.get(request.model_id)
         status, tensors = await model.get_weights(request.names, request.include_variables)
-        for message in await self._encode(pb.GetWeightsResponse(state=_state_message(status)), "tensors", tensors):
+        first = pb.GetWeightsResponse(state=_state_message(status, self._generation))
+        for message in await self._encode(first, "tensors", tensors):
             yield message
 
     async def _encode(self, first, field: str, tensors: list[tuple[str, str, np.ndarray]]) -> list:
@@ -358,7 +371,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             state = OptimizerStatus(iterations=s.iterations, raw_iterations=s.raw_iterations,
                                     learning_rate=s.learning_rate, step=s.step, scalars=dict(s.scalars))
         status = await model.set_weights(tensors.result(), state)
-        return pb.SetWeightsResponse(state=_state_message(status))
+        return pb.SetWeightsResponse(state=_state_message(status, self._generation))
 
     @_translating_errors
     async def ListModels(self, request: pb.ListModelsRequest, context):
@@ -369,7 +382,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             except OptserveError:
                 if request.model_id or not model.closed:
                     raise  # a model deleted while listing everything is simply left out
-        return pb.ListModelsResponse(models=[_model_info(s) for s in summaries])
+        return pb.ListModelsResponse(models=[_model_info(s, self._generation) for s in summaries])
 
     @_translating_errors
     async def DeleteModel(self, request: pb.DeleteModelRequest, context):
