@@ -114,6 +114,11 @@ class ClientBase(abc.ABC):
 
     # ------------------------------------------------------------------ steps
 
+    def _observe(self, model_id: str, reply: StepResult | ModelInfo | OptimizerState) -> None:
+        """Note the counters and the server generation a reply carried (see ``StepTracker.progress``)."""
+        self.steps.record_progress(model_id, step=reply.step, iterations=reply.iterations,
+                                   learning_rate=reply.learning_rate, generation=reply.generation)
+
     def next_step(self, model_id: str, worker_index: int = 0) -> int:
         """The step a push from ``worker_index`` will name by default (asks the server once if unknown)."""
         step = self.steps.step_for(model_id, worker_index)
@@ -157,6 +162,7 @@ class ClientBase(abc.ABC):
         self._check_open()
         info = self._create_model(spec, arrays, self._timeout(timeout, self.timeout))
         self.steps.record_model_step(model_id, info.step)
+        self._observe(model_id, info)
         return info
 
     @abc.abstractmethod
@@ -167,7 +173,10 @@ class ClientBase(abc.ABC):
                     timeout: Any = DEFAULT) -> list[ModelInfo]:
         """Every model, or just ``model_id`` (NotFoundError if it does not exist)."""
         self._check_open()
-        return self._list_models(model_id, bool(with_stats), self._timeout(timeout, self.timeout))
+        models = self._list_models(model_id, bool(with_stats), self._timeout(timeout, self.timeout))
+        for info in models:
+            self._observe(info.model_id, info)
+        return models
 
     @abc.abstractmethod
     def _list_models(self, model_id: str | None, with_stats: bool, timeout: float | None) -> list[ModelInfo]: ...
@@ -235,8 +244,7 @@ class ClientBase(abc.ABC):
         except StepMismatchError as error:
             raise _explained(error, model_id, int(worker_index), int(step)) from None
         self.steps.record_worker_step(model_id, worker_index, result.step)
-        self.steps.record_progress(model_id, step=result.step, iterations=result.iterations,
-                                   learning_rate=result.learning_rate)
+        self._observe(model_id, result)
         return result, values
 
     def _prepare_push(self, model_id: str, gradients: dict[str, np.ndarray]) -> Any:
@@ -256,6 +264,7 @@ class ClientBase(abc.ABC):
         self._check_open()
         result, values = self._pull(model_id, wanted, self._timeout(timeout, self.timeout))
         self.steps.record_model_step(model_id, result.step, forward_only=True)
+        self._observe(model_id, result)
         return result, values
 
     @abc.abstractmethod
@@ -270,7 +279,9 @@ class ClientBase(abc.ABC):
         check_name(model_id, "model_id")
         wanted = check_names(names)
         self._check_open()
-        return self._get_weights(model_id, wanted, bool(include_variables), self._timeout(timeout, self.timeout))
+        weights = self._get_weights(model_id, wanted, bool(include_variables), self._timeout(timeout, self.timeout))
+        self._observe(model_id, weights)
+        return weights
 
     @abc.abstractmethod
     def _get_weights(self, model_id: str, names: list[str], include_variables: bool, timeout: float | None

@@ -35,8 +35,17 @@ from optserve.client.base import (
     updated_state,
     weight_tensors,
 )
+from optserve.client.steps import StepTracker
 from optserve.client.transport import RetryPolicy, Transport, error_from_rpc, optimizer_class_name
-from optserve.client.types import ModelInfo, ModelSpec, OptimizerState, OptimizerWeights, StepResult, VariableInfo
+from optserve.client.types import (
+    ModelInfo,
+    ModelSpec,
+    OptimizerState,
+    OptimizerWeights,
+    ServerGeneration,
+    StepResult,
+    VariableInfo,
+)
 from optserve.protos.errors import (
     METADATA_PREFIX,
     AlreadyExistsError,
@@ -68,6 +77,8 @@ __all__ = [
     "ResourceExhaustedError",
     "UnavailableError",
     "UnauthenticatedError",
+    "ServerGeneration",
+    "StepTracker",
 ]
 
 # Also importable from here, as before the transport seam existed.

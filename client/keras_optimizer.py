@@ -40,6 +40,7 @@ from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras.src.utils import tracking
 
 from optserve.client.client import Client, parse_address
+from optserve.client.steps import StepTracker
 
 __all__ = ["RemoteOptimizer"]
 
@@ -144,7 +145,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
         self._wrapped_config_json = json.dumps(wrapped_config)
         self._client = None
         self._learning_rate_value = initial_learning_rate
-        self._server_iterations = 0
+        self._steps = StepTracker()  # shared with self.client: the one record of the server's counters
         self._slots_stale = False
         self._refreshing = False
         self._variable_names = []
@@ -188,7 +189,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
     def client(self):
         """The `optserve.client.Client` this optimizer talks through (created on first use)."""
         if self._client is None:
-            self._client = Client(self.address, timeout=self.timeout)
+            self._client = Client(self.address, timeout=self.timeout, step_tracker=self._steps)
         return self._client
 
     def close(self):
@@ -447,8 +448,13 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
     def _get_current_learning_rate(self):
         return self._server_learning_rate()
 
+    @property
+    def _server_iterations(self):
+        """The server's iterations counter as of the last reply (0 before any)."""
+        return self._steps.progress(self.model_id).iterations or 0
+
     def _adopt_state(self, iterations, learning_rate):
-        self._server_iterations = int(iterations)
+        self._steps.record_progress(self.model_id, iterations=int(iterations))
         self._learning_rate_value = float(learning_rate)
 
     # ------------------------------------------------------------------ state: weights

@@ -103,6 +103,7 @@ from optserve.client.types import (
     ModelSpec,
     OptimizerState,
     OptimizerWeights,
+    ServerGeneration,
     StepResult,
     VariableInfo,
 )
@@ -466,7 +467,8 @@ class ShardedClient(ClientBase):
             learning_rate=lead.learning_rate, num_workers=lead.num_workers, mode=lead.mode, variables=variables,
             optimizer=lead.optimizer, optimizer_config=lead.optimizer_config, raw_iterations=lead.raw_iterations,
             scalars=dict(lead.scalars), sync_timeout_s=lead.sync_timeout_s, timeout_policy=lead.timeout_policy,
-            waiting_workers=waiting, addresses=list(self.addresses), plan=model.plan, shards=list(infos))
+            waiting_workers=waiting, generation=ServerGeneration.combine([info.generation for info in present]),
+            addresses=list(self.addresses), plan=model.plan, shards=list(infos))
 
     def _list_models(self, model_id: str | None, with_stats: bool, timeout: float | None
                      ) -> list[ModelInfo]:
@@ -614,8 +616,9 @@ class ShardedClient(ClientBase):
             per_shard[index] = values
         lead = min((result for result, _ in answers), key=lambda result: result.step)
         values = model.plan.join(per_shard)
-        return StepResult(step=lead.step, iterations=lead.iterations, learning_rate=lead.learning_rate), \
-            {name: values[name] for name in wanted}
+        generation = ServerGeneration.combine([result.generation for result, _ in answers])
+        return StepResult(step=lead.step, iterations=lead.iterations, learning_rate=lead.learning_rate,
+                          generation=generation), {name: values[name] for name in wanted}
 
     def _get_weights(self, model_id: str, names: list[str], include_variables: bool, timeout: float | None
                      ) -> OptimizerWeights:
@@ -648,7 +651,8 @@ class ShardedClient(ClientBase):
         state = answers[0]
         return OptimizerWeights(
             iterations=state.iterations, raw_iterations=state.raw_iterations, learning_rate=state.learning_rate,
-            step=state.step, scalars=dict(state.scalars), slots=slots,
+            step=state.step, scalars=dict(state.scalars),
+            generation=ServerGeneration.combine([answer.generation for answer in answers]), slots=slots,
             variables={name: variables[name] for name in wanted if name in variables})
 
     # ------------------------------------------------------------------ writes
@@ -681,7 +685,8 @@ class ShardedClient(ClientBase):
                 model.piece_model_id, weight_tensors(slot_parts[index], value_parts[index]), state, timeout=timeout)
 
         states = self._on_shards(write, shards, model_id)
-        return min(states, key=lambda state: state.step)
+        lowest = min(states, key=lambda state: state.step)
+        return dataclasses.replace(lowest, generation=ServerGeneration.combine([s.generation for s in states]))
 
     def _check_slots_and_scalars(self, model: ShardedModel, slots: Mapping[str, Mapping[str, np.ndarray]],
                                  scalars: Mapping[str, float], timeout: float | None) -> None:
@@ -791,7 +796,8 @@ def _merged_step_result(model: ShardedModel, results: list[StepResult]) -> StepR
     if model.mode == "async":
         last = max(results, key=lambda r: (r.step, r.iterations))
         return StepResult(step=last.step, iterations=last.iterations, learning_rate=last.learning_rate,
-                          duplicate=all(r.duplicate for r in results), contributors=list(last.contributors))
+                          duplicate=all(r.duplicate for r in results), contributors=list(last.contributors),
+                          generation=ServerGeneration.combine([r.generation for r in results]))
     keys = {(r.step, r.iterations) for r in results}
     if len(keys) != 1:
         described = ", ".join(f"shard {index}: step {r.step}, iterations {r.iterations}"
@@ -803,4 +809,5 @@ def _merged_step_result(model: ShardedModel, results: list[StepResult]) -> StepR
         step=first.step, iterations=first.iterations, learning_rate=first.learning_rate,
         duplicate=all(r.duplicate for r in results),
         contributors=sorted({w for r in results for w in r.contributors}),
-        missing_workers=sorted({w for r in results for w in r.missing_workers}))
+        missing_workers=sorted({w for r in results for w in r.missing_workers}),
+        generation=ServerGeneration.combine([r.generation for r in results]))

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from typing import Any
+
+from optserve.client.types import ServerGeneration
 
 __all__ = ["ModelProgress", "StepTracker"]
 
@@ -20,6 +23,8 @@ class ModelProgress:
     step: int | None = None
     iterations: int | None = None
     learning_rate: float | None = None
+    generation: ServerGeneration | None = None  # the server run that answered last
+    restarts: int = 0  # how often the generation changed: the server restarted (and maybe restored)
 
 
 class StepTracker:
@@ -57,19 +62,37 @@ class StepTracker:
             self._worker_steps[(model_id, worker_index)] = step
 
     def record_progress(self, model_id: str, *, step: int | None = None, iterations: int | None = None,
-                        learning_rate: float | None = None) -> None:
-        """Remember the counters a reply carried (fields left None keep their last value)."""
+                        learning_rate: float | None = None, generation: ServerGeneration | None = None) -> bool:
+        """Remember what a reply said (fields left None keep their last value).
+
+        Returns True when ``generation`` differs from the last one seen: the server
+        restarted since, and the model may be back at an older checkpoint's step.
+        """
         with self._lock:
             old = self._progress.get(model_id, ModelProgress())
+            restarted = generation is not None and old.generation is not None and generation != old.generation
             self._progress[model_id] = ModelProgress(
                 step=old.step if step is None else int(step),
                 iterations=old.iterations if iterations is None else int(iterations),
                 learning_rate=old.learning_rate if learning_rate is None else float(learning_rate),
+                generation=old.generation if generation is None else generation,
+                restarts=old.restarts + int(restarted),
             )
+            return restarted
 
     def progress(self, model_id: str) -> ModelProgress:
         with self._lock:
             return self._progress.get(model_id, ModelProgress())
+
+    # A tracker travels with objects that are copied or pickled (a Keras optimizer): not its lock.
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     def forget(self, model_id: str) -> None:
         with self._lock:

@@ -31,7 +31,15 @@ from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors
 from optserve.protos.errors import OptserveError
-from optserve.client.types import ModelInfo, ModelSpec, OptimizerState, OptimizerWeights, StepResult, VariableInfo
+from optserve.client.types import (
+    ModelInfo,
+    ModelSpec,
+    OptimizerState,
+    OptimizerWeights,
+    ServerGeneration,
+    StepResult,
+    VariableInfo,
+)
 
 __all__ = ["GrpcTransport", "RetryPolicy", "Transport", "error_from_rpc", "open_channel", "optimizer_class_name"]
 
@@ -302,8 +310,9 @@ class GrpcTransport:
                 slots.setdefault(name, {})[slot] = array
             else:
                 variables[name] = array
-        return OptimizerWeights(**dataclasses.asdict(optimizer_state(state_message)), slots=slots,
-                                variables=variables)
+        state = optimizer_state(state_message)
+        fields = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
+        return OptimizerWeights(**fields, slots=slots, variables=variables)
 
     def set_weights(self, model_id: str, tensors_to_set: Sequence[Tensor], state: OptimizerState | None, *,
                     timeout: float | None) -> OptimizerState:
@@ -348,6 +357,12 @@ def _state_message(state: OptimizerState) -> pb.OptimizerState:
     return message
 
 
+def generation(message: pb.StepResult | pb.OptimizerState) -> ServerGeneration | None:
+    if not message.HasField("generation"):
+        return None  # a server from before generations were reported
+    return ServerGeneration(message.generation.server_id, message.generation.restored_checkpoint)
+
+
 def step_result(message: pb.StepResult) -> StepResult:
     return StepResult(
         step=int(message.step),
@@ -356,6 +371,7 @@ def step_result(message: pb.StepResult) -> StepResult:
         duplicate=bool(message.duplicate),
         contributors=[int(w) for w in message.contributors],
         missing_workers=[int(w) for w in message.missing_workers],
+        generation=generation(message),
     )
 
 
@@ -366,6 +382,7 @@ def optimizer_state(message: pb.OptimizerState) -> OptimizerState:
         learning_rate=float(message.learning_rate),
         step=int(message.step),
         scalars={k: float(v) for k, v in sorted(message.scalars.items())},
+        generation=generation(message),
     )
 
 
@@ -419,6 +436,7 @@ def model_info(message: pb.ModelInfo, *, created: bool | None = None, with_stats
         sync_timeout_s=float(message.spec.sync_timeout_s),
         timeout_policy=_POLICY_NAMES.get(message.spec.timeout_policy, "fail"),
         waiting_workers=[int(w) for w in message.waiting_workers],
+        generation=state.generation,
     )
 
 

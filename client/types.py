@@ -11,7 +11,31 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ModelInfo", "ModelSpec", "OptimizerState", "OptimizerWeights", "StepResult", "VariableInfo"]
+__all__ = ["ModelInfo", "ModelSpec", "OptimizerState", "OptimizerWeights", "ServerGeneration", "StepResult",
+           "VariableInfo"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerGeneration:
+    """Which run of the server(s) answered (see ``ServerGeneration`` in optserve.proto).
+
+    ``server_id`` is new at every server start; ``restored_checkpoint`` names the
+    checkpoint that start restored ("" when none). A sharded client's results
+    carry the shards' generations joined by commas, in shard order.
+    """
+
+    server_id: str
+    restored_checkpoint: str = ""
+
+    @classmethod
+    def combine(cls, generations: list[ServerGeneration | None]) -> ServerGeneration | None:
+        """One generation for several servers: it changes when any of theirs does."""
+        if not generations or any(g is None for g in generations):
+            return None
+        known = [g for g in generations if g is not None]
+        if len(known) == 1:
+            return known[0]
+        return cls(",".join(g.server_id for g in known), ",".join(g.restored_checkpoint for g in known))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +58,7 @@ class StepResult:
     duplicate: bool = False  # the push had been counted already and was not applied again
     contributors: list[int] = dataclasses.field(default_factory=list)
     missing_workers: list[int] = dataclasses.field(default_factory=list)  # left out under APPLY_PARTIAL
+    generation: ServerGeneration | None = None  # None: the server does not say
 
 
 @dataclasses.dataclass
@@ -62,6 +87,7 @@ class ModelInfo:
     sync_timeout_s: float = 0.0
     timeout_policy: str = "fail"
     waiting_workers: list[int] = dataclasses.field(default_factory=list)
+    generation: ServerGeneration | None = None
 
 
 @dataclasses.dataclass
@@ -71,6 +97,7 @@ class OptimizerState:
     learning_rate: float
     step: int
     scalars: dict[str, float] = dataclasses.field(default_factory=dict)
+    generation: ServerGeneration | None = None  # in replies only
 
 
 @dataclasses.dataclass
