@@ -22,9 +22,13 @@ from optserve.client.steps import StepTracker
 from optserve.client.transport import GrpcTransport, RetryPolicy, Transport
 from optserve.client.types import ModelInfo, ModelSpec, OptimizerState, OptimizerWeights, StepResult
 from optserve.protos import tensors
+from optserve.protos.tensors import SparseGradient
 from optserve.protos.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, StepMismatchError
 
 __all__ = ["DEFAULT", "ClientBase", "TransportFactory", "optimizer_config_json", "parse_address", "parse_addresses"]
+
+# A gradient as a push takes it: dense, or rows of the variable.
+Gradient = np.ndarray | SparseGradient
 
 # Marks "argument not given" where None is a meaningful value (no deadline).
 DEFAULT: Any = object()
@@ -230,7 +234,7 @@ class ClientBase(abc.ABC):
               aggregated: bool, return_variables: bool, timeout: Any) -> tuple[StepResult, dict[str, np.ndarray]]:
         check_name(model_id, "model_id")
         check_worker_index(worker_index)
-        arrays = as_tensors(grads, "grads", drop_none=True)
+        arrays = as_gradients(grads)
         timeout = self._timeout(timeout, self.push_timeout)
         self._check_open()
         prepared = self._prepare_push(model_id, arrays)
@@ -247,7 +251,7 @@ class ClientBase(abc.ABC):
         self._observe(model_id, result)
         return result, values
 
-    def _prepare_push(self, model_id: str, gradients: dict[str, np.ndarray]) -> Any:
+    def _prepare_push(self, model_id: str, gradients: dict[str, Gradient]) -> Any:
         """Check a push against what the client knows of the model before a step is chosen."""
         return gradients
 
@@ -440,6 +444,21 @@ def as_tensors(values: Mapping[str, Any] | None, what: str, *, drop_none: bool =
             raise ValueError(f"`{what}[{name!r}]`: {error}") from None
         arrays[name] = array
     return arrays
+
+
+def as_gradients(grads: Mapping[str, Any] | None) -> dict[str, Gradient]:
+    """A push's gradients: arrays as :func:`as_tensors` checks them, or :class:`SparseGradient` rows."""
+    if isinstance(grads, Mapping) and any(isinstance(g, SparseGradient) for g in grads.values()):
+        dense = as_tensors({name: g for name, g in grads.items() if not isinstance(g, SparseGradient)}, "grads",
+                           drop_none=True)
+        checked: dict[str, Gradient] = {}
+        for name, gradient in grads.items():
+            if isinstance(gradient, SparseGradient):
+                checked[check_name(name, "grads name")] = gradient
+            elif name in dense:
+                checked[name] = dense[name]
+        return checked
+    return dict(as_tensors(grads, "grads", drop_none=True))
 
 
 def check_names(names: Any) -> list[str]:

@@ -46,6 +46,7 @@ from optserve.client.types import (
     StepResult,
     VariableInfo,
 )
+from optserve.protos.tensors import SparseGradient
 from optserve.protos.errors import (
     METADATA_PREFIX,
     AlreadyExistsError,
@@ -78,6 +79,7 @@ __all__ = [
     "UnavailableError",
     "UnauthenticatedError",
     "ServerGeneration",
+    "SparseGradient",
     "StepTracker",
 ]
 

@@ -90,6 +90,7 @@ import numpy as np
 
 from optserve.client.base import (
     ClientBase,
+    Gradient,
     TransportFactory,
     check_name,
     optimizer_config_json,
@@ -108,6 +109,7 @@ from optserve.client.types import (
     VariableInfo,
 )
 from optserve.client.sharding import PART_SEPARATOR, ShardPlan, plan_placement
+from optserve.protos.tensors import SparseGradient
 from optserve.protos.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -534,11 +536,20 @@ class ShardedClient(ClientBase):
 
     # ------------------------------------------------------------------ gradients
 
-    def _prepare_push(self, model_id: str, gradients: dict[str, np.ndarray]
-                      ) -> tuple[ShardedModel, list[dict[str, np.ndarray]]]:
+    def _prepare_push(self, model_id: str, gradients: dict[str, Gradient]
+                      ) -> tuple[ShardedModel, list[dict[str, Gradient]]]:
         model = self._resolve(model_id, self.timeout)
-        _check_like_variables(model, gradients, "Gradient")
-        per_shard = model.plan.split(gradients)
+        dense = {name: g for name, g in gradients.items() if not isinstance(g, SparseGradient)}
+        sparse = {name: g for name, g in gradients.items() if isinstance(g, SparseGradient)}
+        _check_like_variables(model, dense, "Gradient")
+        _check_like_variables(model, sparse, "Gradient")
+        per_shard: list[dict[str, Gradient]] = list(model.plan.split(dense))
+        for name, gradient in sparse.items():
+            # Each part gets its rows, re-based; a part none of whose rows is touched still gets
+            # its (empty) gradient, so that its slots decay as the whole variable's would.
+            for index, piece in model.plan.locate(name):
+                part = gradient if piece.is_whole else gradient.rows(piece.row_start, piece.row_stop)
+                per_shard[index][piece.part_name] = part
         self._check_every_shard_counts_the_step(model, per_shard)
         return model, per_shard
 
@@ -737,15 +748,17 @@ def _known_names(model: ShardedModel, names: list[str]) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _check_like_variables(model: ShardedModel, arrays: Mapping[str, np.ndarray], what: str) -> None:
+def _check_like_variables(model: ShardedModel, arrays: Mapping[str, Gradient], what: str) -> None:
     """Names, shapes and dtypes checked before anything is split or sent."""
     unknown = [name for name in arrays if name not in model.plan.variables]
     if unknown:
         raise NotFoundError(f"Model {model.model_id!r} has no variable {unknown}; "
-                                         f"its variables are {list(model.order)}.")
+                            f"its variables are {list(model.order)}.")
     for name, array in arrays.items():
         spec = model.plan.variables[name]
-        if array.shape != spec.shape or array.dtype != spec.dtype:
+        if isinstance(array, SparseGradient):
+            array.check_against(name, spec.shape, spec.dtype)
+        elif array.shape != spec.shape or array.dtype != spec.dtype:
             raise InvalidArgumentError(f"{what} for {name!r} has shape {array.shape} {array.dtype.name}, but the variable has shape "
                 f"{spec.shape} {spec.dtype.name}.")
 

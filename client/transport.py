@@ -270,13 +270,13 @@ class GrpcTransport:
             model_id=model_id, worker_index=worker_index, step=int(step),
             aggregated=bool(aggregated), return_variables=bool(return_variables),
         )
-        tensor_list = _variable_tensors(gradients)
+        tensor_list, sparse = tensors.gradient_tensors(gradients)
+        first = pb.ApplyGradientsRequest(header=header, sparse_gradients=sparse)
 
         def attempt(deadline: float | None) -> tuple[Any, dict]:
             # Built lazily, one message at a time as gRPC sends them: a push holds one extra
             # message of memory, not a copy of all its gradients (measured faster, too).
-            requests = tensors.serialized_chunk_messages(
-                pb.ApplyGradientsRequest(header=header), "gradients", tensor_list)
+            requests = tensors.serialized_chunk_messages(first, "gradients", tensor_list)
             responses = self._stub.ApplyGradients(requests, timeout=deadline)
             return read_stream(responses, pb.ApplyGradientsResponse, "result", "variables")
 

@@ -103,12 +103,22 @@ class ApplyGradientsHeader(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ..., step: _Optional[int] = ..., aggregated: _Optional[bool] = ..., return_variables: _Optional[bool] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
-    __slots__ = ("header", "gradients")
+    __slots__ = ("header", "gradients", "sparse_gradients")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     header: ApplyGradientsHeader
     gradients: _containers.RepeatedCompositeFieldContainer[TensorChunk]
-    def __init__(self, header: _Optional[_Union[ApplyGradientsHeader, _Mapping]] = ..., gradients: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+    sparse_gradients: _containers.RepeatedCompositeFieldContainer[SparseGradient]
+    def __init__(self, header: _Optional[_Union[ApplyGradientsHeader, _Mapping]] = ..., gradients: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., sparse_gradients: _Optional[_Iterable[_Union[SparseGradient, _Mapping]]] = ...) -> None: ...
+
+class SparseGradient(_message.Message):
+    __slots__ = ("name", "dense_shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DENSE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dense_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dense_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepResult(_message.Message):
     __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors", "missing_workers", "generation")

@@ -15,12 +15,14 @@ copy), so that :class:`TensorAssembler` copies each payload once, into its array
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, Mapping, NamedTuple
+from collections.abc import Sequence
+from typing import Any, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 from google.protobuf.message import DecodeError
 
 from optserve.protos import optserve_pb2 as pb
+from optserve.protos.errors import InvalidArgumentError
 
 CHUNK_BYTES = 1 << 20          # payload bytes per chunk / per batched message
 MAX_MESSAGE_BYTES = 64 << 20   # raised limit on both ends; chunking keeps us far below it
@@ -412,3 +414,146 @@ def decode_all(chunks: Iterable[pb.TensorChunk]) -> dict[tuple[str, str], np.nda
 def variables_only(tensors: Mapping[tuple[str, str], np.ndarray]) -> dict[str, np.ndarray]:
     """``{name: array}`` of the entries whose slot is empty."""
     return {name: a for (name, slot), a in tensors.items() if not slot}
+
+
+# ------------------------------------------------------------------ sparse gradients
+
+# Slots under which a sparse gradient's two tensors travel (see SparseGradient in optserve.proto).
+SPARSE_INDICES_SLOT = "sparse_indices"
+SPARSE_VALUES_SLOT = "sparse_values"
+_INDEX_DTYPES = (np.dtype("int32"), np.dtype("int64"))
+
+
+class SparseGradient:
+    """A gradient given by rows: ``values[i]`` is the gradient of row ``indices[i]``; other rows are zero.
+
+    What Keras's TensorFlow backend gets for an embedding (``tf.IndexedSlices``).
+    ``indices`` is 1-D and integer (repeats are summed); ``values`` has shape
+    ``(len(indices), *variable.shape[1:])`` and the variable's dtype. It is
+    applied exactly as the dense gradient :meth:`densify` gives, so every row's
+    optimizer slots decay as under Keras. Bad shapes or dtypes raise
+    ``InvalidArgumentError`` (a ``ValueError``) here, or when checked against the
+    variable, before anything is applied.
+    """
+
+    __slots__ = ("indices", "values")
+
+    def __init__(self, indices: Any, values: Any):
+        indices = np.asarray(indices)
+        values = np.asarray(values)
+        if indices.ndim != 1 or not (np.issubdtype(indices.dtype, np.integer) or indices.size == 0):
+            raise InvalidArgumentError(
+                "`indices` of a SparseGradient must be a 1-D array of integers. "
+                f"Received: shape {indices.shape} {indices.dtype.name}")
+        if indices.dtype not in _INDEX_DTYPES:
+            indices = indices.astype(np.int64)
+        if values.ndim < 1 or values.shape[0] != indices.shape[0]:
+            raise InvalidArgumentError(
+                "`values` of a SparseGradient must have one row per index, shape (len(indices), *row_shape). "
+                f"Received: {indices.shape[0]} indices and values of shape {values.shape}")
+        try:
+            dtype_to_proto(values.dtype)
+        except TensorFormatError as error:
+            raise InvalidArgumentError(f"`values` of a SparseGradient: {error}") from None
+        self.indices: np.ndarray = indices
+        self.values: np.ndarray = values
+
+    def __repr__(self) -> str:
+        return (f"SparseGradient({len(self.indices)} rows of shape {self.values.shape[1:]} "
+                f"{self.values.dtype.name})")
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.values.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.indices.nbytes + self.values.nbytes)
+
+    def check_against(self, name: str, shape: Sequence[int], dtype: Any) -> None:
+        """Refuse (InvalidArgumentError) rows that do not fit variable ``name`` of ``shape`` and ``dtype``."""
+        shape = tuple(int(d) for d in shape)
+        if not shape:
+            raise InvalidArgumentError(
+                f"Sparse gradient for {name!r}: the variable is a scalar, which has no rows; send a dense gradient.")
+        if self.values.shape[1:] != shape[1:]:
+            raise InvalidArgumentError(
+                f"Sparse gradient for {name!r} has rows of shape {self.values.shape[1:]}, but the variable of "
+                f"shape {shape} has rows of shape {shape[1:]}.")
+        if self.values.dtype != np.dtype(dtype):
+            raise InvalidArgumentError(
+                f"Sparse gradient for {name!r} has dtype {self.values.dtype.name}, but the variable has "
+                f"{np.dtype(dtype).name}; send rows of the variable's dtype.")
+        if self.indices.size:
+            low, high = int(self.indices.min()), int(self.indices.max())
+            if low < 0 or high >= shape[0]:
+                bad = low if low < 0 else high
+                raise InvalidArgumentError(
+                    f"Sparse gradient for {name!r} has index {bad}, outside the variable's {shape[0]} rows "
+                    f"[0, {shape[0]}).")
+
+    def densify(self, shape: Sequence[int], dtype: Any = None) -> np.ndarray:
+        """The dense gradient: zeros of ``shape`` with each row added at its index (repeats summed)."""
+        dense = np.zeros(tuple(shape), dtype=self.values.dtype if dtype is None else dtype)
+        if np.unique(self.indices).size == self.indices.size:
+            dense[self.indices] = self.values  # no repeats: each row lands on a zero row
+        else:
+            np.add.at(dense, self.indices, self.values)
+        return dense
+
+    def rows(self, start: int, stop: int) -> SparseGradient:
+        """The rows with indices in ``[start, stop)``, re-based to start at 0 (a part of a split variable)."""
+        keep = (self.indices >= start) & (self.indices < stop)
+        return SparseGradient(self.indices[keep] - self.indices.dtype.type(start), self.values[keep])
+
+
+def gradient_tensors(gradients: Mapping[str, Any]) -> tuple[list[tuple[str, str, Any]], list[pb.SparseGradient]]:
+    """The tensors of a push (dense ones with slot "", sparse ones as two slotted tensors) and its declarations."""
+    tensors: list[tuple[str, str, Any]] = []
+    declared: list[pb.SparseGradient] = []
+    for name, gradient in gradients.items():
+        if isinstance(gradient, SparseGradient):
+            tensors.append((name, SPARSE_INDICES_SLOT, gradient.indices))
+            tensors.append((name, SPARSE_VALUES_SLOT, gradient.values))
+            declared.append(pb.SparseGradient(name=name))
+        else:
+            tensors.append((name, "", gradient))
+    return tensors, declared
+
+
+def split_gradients(tensors: Mapping[tuple[str, str], np.ndarray], declared: Iterable[Any]
+                    ) -> tuple[dict[str, np.ndarray], dict[str, tuple[SparseGradient, tuple[int, ...]]]]:
+    """A received push's tensors -> (dense {name: array}, sparse {name: (SparseGradient, declared shape)}).
+
+    Raises TensorFormatError for tensors that fit neither form.
+    """
+    sparse_shapes: dict[str, tuple[int, ...]] = {}
+    for declaration in declared:
+        if declaration.name in sparse_shapes:
+            raise TensorFormatError(f"Sparse gradient {declaration.name!r} is declared twice.")
+        sparse_shapes[declaration.name] = tuple(int(d) for d in declaration.dense_shape)
+    dense: dict[str, np.ndarray] = {}
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for (name, slot), array in tensors.items():
+        if not slot:
+            dense[name] = array
+        elif name in sparse_shapes and slot in (SPARSE_INDICES_SLOT, SPARSE_VALUES_SLOT):
+            parts.setdefault(name, {})[slot] = array
+        else:
+            raise TensorFormatError(
+                f"Gradient tensors must have an empty slot; received slot tensor {_label((name, slot))!r}"
+                + ("" if name in sparse_shapes else " (a sparse gradient must be declared in `sparse_gradients`)")
+                + ".")
+    sparse: dict[str, tuple[SparseGradient, tuple[int, ...]]] = {}
+    for name, shape in sparse_shapes.items():
+        if name in dense:
+            raise TensorFormatError(f"Gradient {name!r} is sent both dense and sparse; send one of them.")
+        found = parts.get(name, {})
+        missing = [slot for slot in (SPARSE_INDICES_SLOT, SPARSE_VALUES_SLOT) if slot not in found]
+        if missing:
+            raise TensorFormatError(f"Sparse gradient {name!r} lacks its {missing} tensor.")
+        try:
+            sparse[name] = SparseGradient(found[SPARSE_INDICES_SLOT], found[SPARSE_VALUES_SLOT]), shape
+        except InvalidArgumentError as error:
+            raise TensorFormatError(f"Sparse gradient {name!r}: {error.message}") from None
+    return dense, sparse

@@ -41,6 +41,7 @@ from optserve.server.model import (
 )
 from optserve.server.generation import ServerGeneration
 from optserve.server.registry import ModelRegistry
+from optserve.server.sparse import densify_gradients
 
 log = logging.getLogger(__name__)
 
@@ -299,18 +300,24 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     @_translating_errors
     async def ApplyGradients(self, request_iterator: AsyncIterator[pb.ApplyGradientsRequest], context):
         header = model = None
+        sparse_declared: list = []
         tensors = _RequestTensors(self.max_request_bytes)
         async for request in request_iterator:
             if header is None:
                 if not request.HasField("header"):
                     raise InvalidArgumentError("The first ApplyGradientsRequest must carry `header`.")
                 header = request.header
+                sparse_declared = list(request.sparse_gradients)
                 model = self.registry.get(header.model_id)
                 model.check_push_header(header.worker_index, header.step)
             tensors.add_all(request.gradients)
         if header is None:
             raise InvalidArgumentError("ApplyGradients received no messages; send a header, then the gradients.")
-        outcome = await model.push(header.worker_index, header.step, tensors.variables("Gradient"),
+        if sparse_declared:
+            gradients = await self._densified(model, tensors.result(), sparse_declared)
+        else:
+            gradients = tensors.variables("Gradient")
+        outcome = await model.push(header.worker_index, header.step, gradients,
                                    aggregated=header.aggregated, return_variables=header.return_variables)
         first = pb.ApplyGradientsResponse(result=_step_result(outcome, self._generation))
         values = outcome.variables or {}
@@ -326,6 +333,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 self._encode(pb.ApplyGradientsResponse(), "variables", _as_variables(values)))
         for message in await asyncio.shield(encoding):
             yield message
+
+    async def _densified(self, model, received: dict, declared: list) -> dict[str, np.ndarray]:
+        """A push with sparse gradients as the dense one it stands for (built off the event loop)."""
+        dense, sparse = codec.split_gradients(received, declared)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.registry.executor, densify_gradients, model, dense, sparse)
 
     @_translating_errors
     async def Pull(self, request: pb.PullRequest, context):
