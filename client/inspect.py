@@ -100,7 +100,7 @@ def _where(client: Client) -> str:
 def _show_model(client: Client, args) -> int:
     found = client.list_models(args.model, with_stats=True)
     if not found:
-        raise NotFoundError("NOT_FOUND", f"Model {args.model!r} not found on {client.address}.")
+        raise NotFoundError(f"Model {args.model!r} not found on {client.address}.")
     model = found[0]
     slot_tensors = client.get_weights(args.model).slots if args.slots else None
     if args.json:
