@@ -66,8 +66,9 @@ def _show_models(client: Client, args) -> int:
     models = client.list_models()
     if args.json:
         data = {"address": client.address, "models": [_model_json(m) for m in models]}
-        if getattr(client, "addresses", None) is not None:
-            data["shards"] = list(client.addresses)
+        addresses = getattr(client, "addresses", None)
+        if addresses is not None:
+            data["shards"] = list(addresses)
         print(json.dumps(data, indent=2))
         return 0
     if not models:
@@ -217,6 +218,7 @@ def _model_json(model: ModelInfo) -> dict:
     for variable in data["variables"]:
         variable["shape"] = list(variable["shape"])
     data.pop("created")
+    data["generation"] = dataclasses.asdict(model.generation) if model.generation is not None else None
     if isinstance(model, ShardedModelInfo):
         data["placement"] = _placement_json(model)
     return data
