@@ -22,8 +22,8 @@ from optserve.client.steps import StepTracker
 from optserve.client.transport import GrpcTransport, RetryPolicy, Transport
 from optserve.client.types import ModelInfo, ModelSpec, OptimizerState, OptimizerWeights, StepResult
 from optserve.protos import tensors
-from optserve.protos.tensors import SparseGradient
 from optserve.protos.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError, StepMismatchError
+from optserve.protos.tensors import SparseGradient
 
 __all__ = ["DEFAULT", "ClientBase", "TransportFactory", "optimizer_config_json", "parse_address", "parse_addresses"]
 
@@ -87,8 +87,13 @@ class ClientBase(abc.ABC):
         self._connect(addresses, retry, options, transport_factory or grpc_transport)
 
     @abc.abstractmethod
-    def _connect(self, addresses: list[str], retry: RetryPolicy, options: Sequence[tuple[str, Any]] | None,
-                 factory: TransportFactory) -> None:
+    def _connect(
+        self,
+        addresses: list[str],
+        retry: RetryPolicy,
+        options: Sequence[tuple[str, Any]] | None,
+        factory: TransportFactory,
+    ) -> None:
         """Open the transports (nothing is sent yet)."""
 
     # ------------------------------------------------------------------ lifecycle
@@ -120,8 +125,13 @@ class ClientBase(abc.ABC):
 
     def _observe(self, model_id: str, reply: StepResult | ModelInfo | OptimizerState) -> None:
         """Note the counters and the server generation a reply carried (see ``StepTracker.progress``)."""
-        self.steps.record_progress(model_id, step=reply.step, iterations=reply.iterations,
-                                   learning_rate=reply.learning_rate, generation=reply.generation)
+        self.steps.record_progress(
+            model_id,
+            step=reply.step,
+            iterations=reply.iterations,
+            learning_rate=reply.learning_rate,
+            generation=reply.generation,
+        )
 
     def next_step(self, model_id: str, worker_index: int = 0) -> int:
         """The step a push from ``worker_index`` will name by default (asks the server once if unknown)."""
@@ -170,11 +180,11 @@ class ClientBase(abc.ABC):
         return info
 
     @abc.abstractmethod
-    def _create_model(self, spec: ModelSpec, variables: dict[str, np.ndarray], timeout: float | None
-                      ) -> ModelInfo: ...
+    def _create_model(self, spec: ModelSpec, variables: dict[str, np.ndarray], timeout: float | None) -> ModelInfo: ...
 
-    def list_models(self, model_id: str | None = None, with_stats: bool = False, *,
-                    timeout: Any = DEFAULT) -> list[ModelInfo]:
+    def list_models(
+        self, model_id: str | None = None, with_stats: bool = False, *, timeout: Any = DEFAULT
+    ) -> list[ModelInfo]:
         """Every model, or just ``model_id`` (NotFoundError if it does not exist)."""
         self._check_open()
         models = self._list_models(model_id, bool(with_stats), self._timeout(timeout, self.timeout))
@@ -214,8 +224,16 @@ class ClientBase(abc.ABC):
 
     # ------------------------------------------------------------------ gradients
 
-    def push(self, model_id: str, grads: Mapping[str, Any], *, worker_index: int = 0, step: int | None = None,
-             aggregated: bool = False, timeout: Any = DEFAULT) -> StepResult:
+    def push(
+        self,
+        model_id: str,
+        grads: Mapping[str, Any],
+        *,
+        worker_index: int = 0,
+        step: int | None = None,
+        aggregated: bool = False,
+        timeout: Any = DEFAULT,
+    ) -> StepResult:
         """Push gradients for one step; returns once the step's update has been applied.
 
         ``step=None`` uses the step this client tracks for (model, worker). The
@@ -225,13 +243,29 @@ class ClientBase(abc.ABC):
         result, _ = self._push(model_id, grads, worker_index, step, aggregated, False, timeout)
         return result
 
-    def push_pull(self, model_id: str, grads: Mapping[str, Any], *, worker_index: int = 0, step: int | None = None,
-                  aggregated: bool = False, timeout: Any = DEFAULT) -> tuple[StepResult, dict[str, np.ndarray]]:
+    def push_pull(
+        self,
+        model_id: str,
+        grads: Mapping[str, Any],
+        *,
+        worker_index: int = 0,
+        step: int | None = None,
+        aggregated: bool = False,
+        timeout: Any = DEFAULT,
+    ) -> tuple[StepResult, dict[str, np.ndarray]]:
         """Push gradients and receive the updated variables in the same round trip."""
         return self._push(model_id, grads, worker_index, step, aggregated, True, timeout)
 
-    def _push(self, model_id: str, grads: Mapping[str, Any], worker_index: int, step: int | None,
-              aggregated: bool, return_variables: bool, timeout: Any) -> tuple[StepResult, dict[str, np.ndarray]]:
+    def _push(
+        self,
+        model_id: str,
+        grads: Mapping[str, Any],
+        worker_index: int,
+        step: int | None,
+        aggregated: bool,
+        return_variables: bool,
+        timeout: Any,
+    ) -> tuple[StepResult, dict[str, np.ndarray]]:
         check_name(model_id, "model_id")
         check_worker_index(worker_index)
         arrays = as_gradients(grads)
@@ -244,7 +278,8 @@ class ClientBase(abc.ABC):
             raise ValueError(f"`step` must be an integer >= 0 or None. Received: step={step!r}")
         try:
             result, values = self._apply_gradients(
-                model_id, prepared, int(worker_index), int(step), bool(aggregated), return_variables, timeout)
+                model_id, prepared, int(worker_index), int(step), bool(aggregated), return_variables, timeout
+            )
         except StepMismatchError as error:
             raise _explained(error, model_id, int(worker_index), int(step)) from None
         self.steps.record_worker_step(model_id, worker_index, result.step)
@@ -256,12 +291,20 @@ class ClientBase(abc.ABC):
         return gradients
 
     @abc.abstractmethod
-    def _apply_gradients(self, model_id: str, prepared: Any, worker_index: int, step: int, aggregated: bool,
-                         return_variables: bool, timeout: float | None
-                         ) -> tuple[StepResult, dict[str, np.ndarray]]: ...
+    def _apply_gradients(
+        self,
+        model_id: str,
+        prepared: Any,
+        worker_index: int,
+        step: int,
+        aggregated: bool,
+        return_variables: bool,
+        timeout: float | None,
+    ) -> tuple[StepResult, dict[str, np.ndarray]]: ...
 
-    def pull(self, model_id: str, names: Any = None, *, timeout: Any = DEFAULT
-             ) -> tuple[StepResult, dict[str, np.ndarray]]:
+    def pull(
+        self, model_id: str, names: Any = None, *, timeout: Any = DEFAULT
+    ) -> tuple[StepResult, dict[str, np.ndarray]]:
         """Current variable values (all, or ``names``) and the model's step."""
         check_name(model_id, "model_id")
         wanted = check_names(names)
@@ -272,13 +315,15 @@ class ClientBase(abc.ABC):
         return result, values
 
     @abc.abstractmethod
-    def _pull(self, model_id: str, names: list[str], timeout: float | None
-              ) -> tuple[StepResult, dict[str, np.ndarray]]: ...
+    def _pull(
+        self, model_id: str, names: list[str], timeout: float | None
+    ) -> tuple[StepResult, dict[str, np.ndarray]]: ...
 
     # ------------------------------------------------------------------ optimizer state
 
-    def get_weights(self, model_id: str, names: Any = None, include_variables: bool = False, *,
-                    timeout: Any = DEFAULT) -> OptimizerWeights:
+    def get_weights(
+        self, model_id: str, names: Any = None, include_variables: bool = False, *, timeout: Any = DEFAULT
+    ) -> OptimizerWeights:
         """Optimizer state: counters, scalars and every slot (Keras order); variables if asked."""
         check_name(model_id, "model_id")
         wanted = check_names(names)
@@ -288,12 +333,20 @@ class ClientBase(abc.ABC):
         return weights
 
     @abc.abstractmethod
-    def _get_weights(self, model_id: str, names: list[str], include_variables: bool, timeout: float | None
-                     ) -> OptimizerWeights: ...
+    def _get_weights(
+        self, model_id: str, names: list[str], include_variables: bool, timeout: float | None
+    ) -> OptimizerWeights: ...
 
-    def set_weights(self, model_id: str, *, slots: Mapping[str, Mapping[str, Any]] | None = None,
-                    variables: Mapping[str, Any] | None = None, iterations: int | None = None,
-                    scalars: Mapping[str, float] | None = None, timeout: Any = DEFAULT) -> OptimizerState:
+    def set_weights(
+        self,
+        model_id: str,
+        *,
+        slots: Mapping[str, Mapping[str, Any]] | None = None,
+        variables: Mapping[str, Any] | None = None,
+        iterations: int | None = None,
+        scalars: Mapping[str, float] | None = None,
+        timeout: Any = DEFAULT,
+    ) -> OptimizerState:
         """Overwrite slots, variables, the iterations counter and/or scalars in one request.
 
         Everything is checked before anything changes (on one server, by the server,
@@ -307,16 +360,27 @@ class ClientBase(abc.ABC):
         scalar_values = {str(k): float(v) for k, v in (scalars or {}).items()}
         timeout = self._timeout(timeout, self.timeout)
         self._check_open()
-        return self._set_weights(model_id, slot_arrays, variable_arrays,
-                                 None if iterations is None else int(iterations), scalar_values, timeout)
+        return self._set_weights(
+            model_id,
+            slot_arrays,
+            variable_arrays,
+            None if iterations is None else int(iterations),
+            scalar_values,
+            timeout,
+        )
 
     @abc.abstractmethod
-    def _set_weights(self, model_id: str, slots: dict[str, dict[str, np.ndarray]],
-                     variables: dict[str, np.ndarray], iterations: int | None, scalars: dict[str, float],
-                     timeout: float | None) -> OptimizerState: ...
+    def _set_weights(
+        self,
+        model_id: str,
+        slots: dict[str, dict[str, np.ndarray]],
+        variables: dict[str, np.ndarray],
+        iterations: int | None,
+        scalars: dict[str, float],
+        timeout: float | None,
+    ) -> OptimizerState: ...
 
-    def set_weights_list(self, model_id: str, weights_list: Sequence[Any], *, timeout: Any = DEFAULT
-                         ) -> OptimizerState:
+    def set_weights_list(self, model_id: str, weights_list: Sequence[Any], *, timeout: Any = DEFAULT) -> OptimizerState:
         """Set state from the tf.keras ``get_weights()`` layout ``[iterations, *slots]``.
 
         Count and shapes are checked against the server's slot layout first; nothing
@@ -367,8 +431,10 @@ def parse_addresses(address: str | Sequence[str]) -> list[str]:
     repeated = sorted({a for a in addresses if addresses.count(a) > 1})
     if repeated:
         # Two shards on one server would store their pieces under the same model id.
-        raise ValueError(f"Each shard address may be listed once. Received {', '.join(repeated)} more than once "
-                         f"in address={address!r}")
+        raise ValueError(
+            f"Each shard address may be listed once. Received {', '.join(repeated)} more than once "
+            f"in address={address!r}"
+        )
     return addresses
 
 
@@ -449,8 +515,9 @@ def as_tensors(values: Mapping[str, Any] | None, what: str, *, drop_none: bool =
 def as_gradients(grads: Mapping[str, Any] | None) -> dict[str, Gradient]:
     """A push's gradients: arrays as :func:`as_tensors` checks them, or :class:`SparseGradient` rows."""
     if isinstance(grads, Mapping) and any(isinstance(g, SparseGradient) for g in grads.values()):
-        dense = as_tensors({name: g for name, g in grads.items() if not isinstance(g, SparseGradient)}, "grads",
-                           drop_none=True)
+        dense = as_tensors(
+            {name: g for name, g in grads.items() if not isinstance(g, SparseGradient)}, "grads", drop_none=True
+        )
         checked: dict[str, Gradient] = {}
         for name, gradient in grads.items():
             if isinstance(gradient, SparseGradient):
@@ -473,7 +540,9 @@ def check_non_negative(name: str, value: Any, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"`{name}` must be a number >= 0{' or None' if allow_none else ''}. Received: {name}={value!r}")
+        raise ValueError(
+            f"`{name}` must be a number >= 0{' or None' if allow_none else ''}. Received: {name}={value!r}"
+        )
 
 
 def check_worker_index(worker_index: Any) -> None:
@@ -481,8 +550,9 @@ def check_worker_index(worker_index: Any) -> None:
         raise ValueError(f"`worker_index` must be an integer >= 0. Received: worker_index={worker_index!r}")
 
 
-def model_spec(model_id: Any, optimizer: Any, num_workers: Any, mode: Any, sync_timeout_s: Any,
-               timeout_policy: Any) -> ModelSpec:
+def model_spec(
+    model_id: Any, optimizer: Any, num_workers: Any, mode: Any, sync_timeout_s: Any, timeout_policy: Any
+) -> ModelSpec:
     check_name(model_id, "model_id")
     if not isinstance(num_workers, (int, np.integer)) or isinstance(num_workers, bool) or num_workers < 1:
         raise ValueError(f"`num_workers` must be an integer >= 1. Received: num_workers={num_workers!r}")
@@ -517,8 +587,9 @@ def slot_tensors(slots: Mapping[str, Mapping[str, Any]] | None) -> dict[str, dic
     return out
 
 
-def slots_from_list(model_id: str, weights_list: Sequence[Any], layout: OptimizerWeights
-                    ) -> dict[str, dict[str, np.ndarray]]:
+def slots_from_list(
+    model_id: str, weights_list: Sequence[Any], layout: OptimizerWeights
+) -> dict[str, dict[str, np.ndarray]]:
     expected = [(name, slot, array) for name, per_var in layout.slots.items() for slot, array in per_var.items()]
     weights_list = list(weights_list)
     if len(weights_list) != len(expected) + 1:
@@ -551,8 +622,9 @@ def slots_from_list(model_id: str, weights_list: Sequence[Any], layout: Optimize
     return slots
 
 
-def weight_tensors(slots: Mapping[str, Mapping[str, np.ndarray]], variables: Mapping[str, np.ndarray]
-                   ) -> list[tuple[str, str, np.ndarray]]:
+def weight_tensors(
+    slots: Mapping[str, Mapping[str, np.ndarray]], variables: Mapping[str, np.ndarray]
+) -> list[tuple[str, str, np.ndarray]]:
     """A SetWeights request's tensors: slots, then variables (slot "")."""
     tensor_list = [(name, slot, array) for name, per_var in slots.items() for slot, array in per_var.items()]
     return tensor_list + [(name, "", array) for name, array in variables.items()]
@@ -560,9 +632,13 @@ def weight_tensors(slots: Mapping[str, Mapping[str, np.ndarray]], variables: Map
 
 def updated_state(current: ModelInfo, iterations: int | None, scalars: Mapping[str, float]) -> OptimizerState:
     """The whole OptimizerState a SetWeights request carries: what was not given keeps ``current``'s value."""
-    state = OptimizerState(iterations=current.iterations, raw_iterations=current.raw_iterations,
-                           learning_rate=current.learning_rate, step=current.step,
-                           scalars={**current.scalars, **scalars})
+    state = OptimizerState(
+        iterations=current.iterations,
+        raw_iterations=current.raw_iterations,
+        learning_rate=current.learning_rate,
+        step=current.step,
+        scalars={**current.scalars, **scalars},
+    )
     if iterations is not None:
         # Keep the raw counter's offset (it only differs under gradient accumulation).
         state.raw_iterations = current.raw_iterations + (iterations - current.iterations)

@@ -46,7 +46,6 @@ from optserve.client.types import (
     StepResult,
     VariableInfo,
 )
-from optserve.protos.tensors import SparseGradient
 from optserve.protos.errors import (
     METADATA_PREFIX,
     AlreadyExistsError,
@@ -60,6 +59,7 @@ from optserve.protos.errors import (
     UnauthenticatedError,
     UnavailableError,
 )
+from optserve.protos.tensors import SparseGradient
 
 __all__ = [
     "Client",
@@ -84,8 +84,15 @@ __all__ = [
 ]
 
 # Also importable from here, as before the transport seam existed.
-_REEXPORTED = (DEFAULT, METADATA_PREFIX, error_from_rpc, optimizer_class_name, optimizer_config_json,
-               parse_address, parse_addresses)
+_REEXPORTED = (
+    DEFAULT,
+    METADATA_PREFIX,
+    error_from_rpc,
+    optimizer_class_name,
+    optimizer_config_json,
+    parse_address,
+    parse_addresses,
+)
 
 
 class Client(ClientBase):
@@ -127,11 +134,18 @@ class Client(ClientBase):
             return ShardedClient(address, *args, **kwargs)
         return super().__new__(cls)
 
-    def _connect(self, addresses: list[str], retry: RetryPolicy, options: Sequence[tuple[str, Any]] | None,
-                 factory: TransportFactory) -> None:
+    def _connect(
+        self,
+        addresses: list[str],
+        retry: RetryPolicy,
+        options: Sequence[tuple[str, Any]] | None,
+        factory: TransportFactory,
+    ) -> None:
         if len(addresses) != 1:
-            raise ValueError(f"`address` of a {type(self).__name__} must be one 'host:port'; use "
-                             f"ShardedClient for several. Received: address={self.address!r}")
+            raise ValueError(
+                f"`address` of a {type(self).__name__} must be one 'host:port'; use "
+                f"ShardedClient for several. Received: address={self.address!r}"
+            )
         self.transport = factory(addresses[0], retry, options)
 
     def _disconnect(self) -> None:
@@ -151,8 +165,7 @@ class Client(ClientBase):
             raise model_not_found(model_id)
         return found[0]
 
-    def _create_model(self, spec: ModelSpec, variables: dict[str, np.ndarray], timeout: float | None
-                      ) -> ModelInfo:
+    def _create_model(self, spec: ModelSpec, variables: dict[str, np.ndarray], timeout: float | None) -> ModelInfo:
         return self.transport.create_model(spec, variables, timeout=timeout)
 
     def _list_models(self, model_id: str | None, with_stats: bool, timeout: float | None) -> list[ModelInfo]:
@@ -167,24 +180,43 @@ class Client(ClientBase):
     def _health(self, service: str, timeout: float | None) -> str:
         return self.transport.health(service, timeout=timeout)
 
-    def _apply_gradients(self, model_id: str, prepared: Any, worker_index: int, step: int, aggregated: bool,
-                         return_variables: bool, timeout: float | None
-                         ) -> tuple[StepResult, dict[str, np.ndarray]]:
+    def _apply_gradients(
+        self,
+        model_id: str,
+        prepared: Any,
+        worker_index: int,
+        step: int,
+        aggregated: bool,
+        return_variables: bool,
+        timeout: float | None,
+    ) -> tuple[StepResult, dict[str, np.ndarray]]:
         return self.transport.apply_gradients(
-            model_id, prepared, worker_index=worker_index, step=step, aggregated=aggregated,
-            return_variables=return_variables, timeout=timeout)
+            model_id,
+            prepared,
+            worker_index=worker_index,
+            step=step,
+            aggregated=aggregated,
+            return_variables=return_variables,
+            timeout=timeout,
+        )
 
-    def _pull(self, model_id: str, names: list[str], timeout: float | None
-              ) -> tuple[StepResult, dict[str, np.ndarray]]:
+    def _pull(self, model_id: str, names: list[str], timeout: float | None) -> tuple[StepResult, dict[str, np.ndarray]]:
         return self.transport.pull(model_id, names, timeout=timeout)
 
-    def _get_weights(self, model_id: str, names: list[str], include_variables: bool, timeout: float | None
-                     ) -> OptimizerWeights:
+    def _get_weights(
+        self, model_id: str, names: list[str], include_variables: bool, timeout: float | None
+    ) -> OptimizerWeights:
         return self.transport.get_weights(model_id, names, include_variables, timeout=timeout)
 
-    def _set_weights(self, model_id: str, slots: dict[str, dict[str, np.ndarray]],
-                     variables: dict[str, np.ndarray], iterations: int | None, scalars: dict[str, float],
-                     timeout: float | None) -> OptimizerState:
+    def _set_weights(
+        self,
+        model_id: str,
+        slots: dict[str, dict[str, np.ndarray]],
+        variables: dict[str, np.ndarray],
+        iterations: int | None,
+        scalars: dict[str, float],
+        timeout: float | None,
+    ) -> OptimizerState:
         state = None
         if iterations is not None or scalars:
             state = updated_state(self._model(model_id, timeout), iterations, scalars)

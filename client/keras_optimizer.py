@@ -570,7 +570,7 @@ class RemoteOptimizer(keras.optimizers.Optimizer):
 
 # --------------------------------------------------------------------------- mirror variables
 
-_MIRROR_CLASSES = {}
+_MIRROR_CLASSES: dict[type, type] = {}  # backend Variable class -> its mirror subclass
 
 
 def _mirror_class(base):

@@ -73,6 +73,7 @@ throwaway probe model.
 * A model with fewer pieces than shards leaves the last shards empty: they hold
   no model and get no pushes.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -98,6 +99,7 @@ from optserve.client.base import (
     weight_tensors,
 )
 from optserve.client.client import Client
+from optserve.client.sharding import PART_SEPARATOR, ShardPlan, plan_placement
 from optserve.client.transport import RetryPolicy, Transport, optimizer_class_name
 from optserve.client.types import (
     ModelInfo,
@@ -108,8 +110,6 @@ from optserve.client.types import (
     StepResult,
     VariableInfo,
 )
-from optserve.client.sharding import PART_SEPARATOR, ShardPlan, plan_placement
-from optserve.protos.tensors import SparseGradient
 from optserve.protos.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -117,6 +117,7 @@ from optserve.protos.errors import (
     NotFoundError,
     OptserveError,
 )
+from optserve.protos.tensors import SparseGradient
 
 T = TypeVar("T")
 
@@ -131,7 +132,8 @@ KEEP_WHOLE_THRESHOLD = 1 << 62
 # Keras optimizers whose update of one element depends only on that element
 # (and on per-step scalars): their slots split and join exactly.
 ELEMENTWISE_OPTIMIZERS = frozenset(
-    {"adadelta", "adagrad", "adam", "adamw", "adamax", "ftrl", "lion", "nadam", "rmsprop", "sgd"})
+    {"adadelta", "adagrad", "adam", "adamw", "adamax", "ftrl", "lion", "nadam", "rmsprop", "sgd"}
+)
 # Config keys that hold weight-decay exclusion patterns (matched against variable names).
 EXCLUSION_KEYS = ("exclude_from_weight_decay", "weight_decay_exclusions")
 # Threads per shard for concurrent calls. A synchronous push blocks until the other
@@ -144,7 +146,8 @@ CONSISTENT_READ_ATTEMPTS = 5
 CONSISTENT_READ_PAUSE_S = 0.05
 
 _SHARD_MODEL_ID = re.compile(
-    rf"^(?P<model_id>.+)@(?P<fingerprint>[0-9a-f]{{{FINGERPRINT_DIGITS}}})(?P<layout>{re.escape(LAYOUT_SUFFIX)})?$")
+    rf"^(?P<model_id>.+)@(?P<fingerprint>[0-9a-f]{{{FINGERPRINT_DIGITS}}})(?P<layout>{re.escape(LAYOUT_SUFFIX)})?$"
+)
 _PART_NAME = re.compile(rf"^(?P<variable>.+){re.escape(PART_SEPARATOR)}(?P<index>\d+)of(?P<count>\d+)$")
 
 
@@ -181,7 +184,8 @@ def plan_for_optimizer(variables: Mapping[str, Any], num_shards: int, optimizer:
         raise ValueError(
             "`global_clipnorm` clips by the norm over all variables, but with "
             f"{num_shards} shards each server sees only its own variables. Use `clipnorm` or "
-            f"`clipvalue`, or one shard. Received: global_clipnorm={_optimizer_options(config)['global_clipnorm']}")
+            f"`clipvalue`, or one shard. Received: global_clipnorm={_optimizer_options(config)['global_clipnorm']}"
+        )
     threshold = None if _splits_exactly(config) else KEEP_WHOLE_THRESHOLD
     return plan_placement(variables, num_shards, split_threshold_bytes=threshold)
 
@@ -198,8 +202,8 @@ class ShardedModel:
 
     model_id: str
     plan: ShardPlan
-    order: tuple[str, ...]   # variable names in creation order
-    mode: str = "sync"       # "sync" | "async"
+    order: tuple[str, ...]  # variable names in creation order
+    mode: str = "sync"  # "sync" | "async"
 
     @property
     def piece_model_id(self) -> str:
@@ -240,12 +244,12 @@ class ShardedModelInfo(ModelInfo):
     """
 
     addresses: list[str] = dataclasses.field(default_factory=list)
-    plan: ShardPlan | None = dataclasses.field(default=None, repr=False)
+    plan: ShardPlan = dataclasses.field(kw_only=True, repr=False)
     shards: list[ModelInfo | None] = dataclasses.field(default_factory=list, repr=False)  # None: holds no piece
 
     @property
     def fingerprint(self) -> str:
-        return self.plan.fingerprint()[:FINGERPRINT_DIGITS] if self.plan is not None else ""
+        return self.plan.fingerprint()[:FINGERPRINT_DIGITS]
 
 
 # --------------------------------------------------------------------------- the client
@@ -261,8 +265,13 @@ class ShardedClient(ClientBase):
 
     transports: list[Transport]
 
-    def _connect(self, addresses: list[str], retry: RetryPolicy, options: Sequence[tuple[str, Any]] | None,
-                 factory: TransportFactory) -> None:
+    def _connect(
+        self,
+        addresses: list[str],
+        retry: RetryPolicy,
+        options: Sequence[tuple[str, Any]] | None,
+        factory: TransportFactory,
+    ) -> None:
         self.addresses = addresses
         self.transports = []
         try:
@@ -273,7 +282,8 @@ class ShardedClient(ClientBase):
                 transport.close()
             raise
         self._pool = concurrent.futures.ThreadPoolExecutor(
-            THREADS_PER_SHARD * len(self.transports), thread_name_prefix="optserve-shard")
+            THREADS_PER_SHARD * len(self.transports), thread_name_prefix="optserve-shard"
+        )
         self._lock = threading.Lock()
         self._models: dict[str, ShardedModel] = {}
         self._empty_push_counts: dict[int, bool] = {}
@@ -323,8 +333,9 @@ class ShardedClient(ClientBase):
     # ------------------------------------------------------------------ finding models on the shards
 
     def _listings(self, timeout: float | None, with_stats: bool = False) -> list[list[ModelInfo]]:
-        return self._on_shards(lambda i: self.transports[i].list_models(None, with_stats, timeout=timeout),
-                               range(self.num_shards))
+        return self._on_shards(
+            lambda i: self.transports[i].list_models(None, with_stats, timeout=timeout), range(self.num_shards)
+        )
 
     def _resolve(self, model_id: str, timeout: float | None) -> ShardedModel:
         """The plan of ``model_id``: known already, or recovered from the shards."""
@@ -350,8 +361,10 @@ class ShardedClient(ClientBase):
         if not layouts:
             self._raise_missing(model_id, listings)
         if len(layouts) > 1:
-            raise FailedPreconditionError(f"Model {model_id!r} exists with {len(layouts)} placements on {self.address} "
-                f"(plan fingerprints {sorted(layouts)}); delete it and create it again.")
+            raise FailedPreconditionError(
+                f"Model {model_id!r} exists with {len(layouts)} placements on {self.address} "
+                f"(plan fingerprints {sorted(layouts)}); delete it and create it again."
+            )
         fingerprint, layout = next(iter(layouts.items()))
         piece_id = f"{model_id}@{fingerprint}"
         infos = [next((info for info in listing if info.model_id == piece_id), None) for listing in listings]
@@ -384,37 +397,49 @@ class ShardedClient(ClientBase):
         for name, by_index in parts.items():
             if sorted(by_index) != list(range(counts[name])):
                 missing = sorted(set(range(counts[name])) - set(by_index))
-                raise self._placement_error(model_id, None, f"parts {missing} of {counts[name]} of variable "
-                                                            f"{name!r} are on none of the shards given")
+                raise self._placement_error(
+                    model_id,
+                    None,
+                    f"parts {missing} of {counts[name]} of variable {name!r} are on none of the shards given",
+                )
             ordered = [by_index[i] for i in range(counts[name])]
             rows = sum(part.shape[0] for part in ordered)
             specs[name] = ((rows,) + tuple(ordered[0].shape[1:]), ordered[0].dtype)
         return specs
 
     def _raise_missing(self, model_id: str, listings: list[list[ModelInfo]]):
-        pieces = [index for index, listing in enumerate(listings)
-                  if any((m := _SHARD_MODEL_ID.match(info.model_id)) and m["model_id"] == model_id
-                         for info in listing)]
+        pieces = [
+            index
+            for index, listing in enumerate(listings)
+            if any((m := _SHARD_MODEL_ID.match(info.model_id)) and m["model_id"] == model_id for info in listing)
+        ]
         if pieces:
-            raise FailedPreconditionError(f"Model {model_id!r} is incomplete on {self.address}: shards {pieces} hold pieces of it but "
+            raise FailedPreconditionError(
+                f"Model {model_id!r} is incomplete on {self.address}: shards {pieces} hold pieces of it but "
                 f"shard 0 ({self.addresses[0]}) has no layout for it. It is being created, or the addresses "
-                "are not the ones (in the same order) it was created with.")
+                "are not the ones (in the same order) it was created with."
+            )
         raise NotFoundError(f"Model {model_id!r} not found on the shards {self.address}.")
 
     def _placement_error(self, model_id: str, fingerprint: str | None, why: str) -> FailedPreconditionError:
         plan = f" (plan {fingerprint})" if fingerprint else ""
-        return FailedPreconditionError(f"Model {model_id!r} on {self.address}{plan} does not fit these {self.num_shards} shards: {why}. "
-            "Give the addresses it was created with, in the same order.")
+        return FailedPreconditionError(
+            f"Model {model_id!r} on {self.address}{plan} does not fit these {self.num_shards} shards: {why}. "
+            "Give the addresses it was created with, in the same order."
+        )
 
     # ------------------------------------------------------------------ models
 
-    def _create_model(self, spec: ModelSpec, variables: dict[str, np.ndarray], timeout: float | None
-                      ) -> ShardedModelInfo:
+    def _create_model(
+        self, spec: ModelSpec, variables: dict[str, np.ndarray], timeout: float | None
+    ) -> ShardedModelInfo:
         """Create the model on every shard, or join it (``created`` is False) when it exists with this plan."""
         model_id = spec.model_id
         if len(model_id) > MAX_MODEL_ID_LENGTH:
-            raise ValueError(f"`model_id` of a sharded model must be at most {MAX_MODEL_ID_LENGTH} characters "
-                             f"(the shards add a suffix). Received: {len(model_id)} characters")
+            raise ValueError(
+                f"`model_id` of a sharded model must be at most {MAX_MODEL_ID_LENGTH} characters "
+                f"(the shards add a suffix). Received: {len(model_id)} characters"
+            )
         config = json.loads(spec.optimizer_config_json)
         plan = plan_for_optimizer(variables, self.num_shards, config)
         model = ShardedModel(model_id, plan, tuple(variables), spec.mode)
@@ -431,8 +456,12 @@ class ShardedClient(ClientBase):
         infos = self._on_shards(create, model.active_shards)
         # Last: the layout marks the model complete for clients that attach without creating it.
         layout_spec = ModelSpec(model.layout_model_id, optimizer_config_json("sgd"))
-        layout = self._on_shards(lambda i: self.transports[i].create_model(
-            layout_spec, {name: np.zeros((0,), np.float32) for name in model.order}, timeout=timeout), [0])[0]
+        layout = self._on_shards(
+            lambda i: self.transports[i].create_model(
+                layout_spec, {name: np.zeros((0,), np.float32) for name in model.order}, timeout=timeout
+            ),
+            [0],
+        )[0]
         self._remember(model)
         per_shard: list[ModelInfo | None] = [None] * self.num_shards
         for index, info in zip(model.active_shards, infos):
@@ -450,10 +479,12 @@ class ShardedClient(ClientBase):
                         f"another placement (plan {match['fingerprint']}; these variables on these "
                         f"{self.num_shards} shards give plan {model.fingerprint}). Every worker must pass the same "
                         "variables (names, shapes, dtypes) and the same shard addresses in the same order; "
-                        "delete the model to start over.")
+                        "delete the model to start over."
+                    )
 
-    def _merged_info(self, model: ShardedModel, infos: list[ModelInfo | None], created: bool | None,
-                     with_stats: bool = False) -> ShardedModelInfo:
+    def _merged_info(
+        self, model: ShardedModel, infos: list[ModelInfo | None], created: bool | None, with_stats: bool = False
+    ) -> ShardedModelInfo:
         present = [info for info in infos if info is not None]
         lead = min(present, key=lambda info: info.step)
         by_part = {variable.name: variable for info in present for variable in info.variables}
@@ -465,15 +496,28 @@ class ShardedClient(ClientBase):
             variables.append(VariableInfo(name, spec.shape, spec.dtype.name, list(located[0].slots), norm))
         waiting = sorted({worker for info in present for worker in info.waiting_workers})
         return ShardedModelInfo(
-            model_id=model.model_id, created=created, step=lead.step, iterations=lead.iterations,
-            learning_rate=lead.learning_rate, num_workers=lead.num_workers, mode=lead.mode, variables=variables,
-            optimizer=lead.optimizer, optimizer_config=lead.optimizer_config, raw_iterations=lead.raw_iterations,
-            scalars=dict(lead.scalars), sync_timeout_s=lead.sync_timeout_s, timeout_policy=lead.timeout_policy,
-            waiting_workers=waiting, generation=ServerGeneration.combine([info.generation for info in present]),
-            addresses=list(self.addresses), plan=model.plan, shards=list(infos))
+            model_id=model.model_id,
+            created=created,
+            step=lead.step,
+            iterations=lead.iterations,
+            learning_rate=lead.learning_rate,
+            num_workers=lead.num_workers,
+            mode=lead.mode,
+            variables=variables,
+            optimizer=lead.optimizer,
+            optimizer_config=lead.optimizer_config,
+            raw_iterations=lead.raw_iterations,
+            scalars=dict(lead.scalars),
+            sync_timeout_s=lead.sync_timeout_s,
+            timeout_policy=lead.timeout_policy,
+            waiting_workers=waiting,
+            generation=ServerGeneration.combine([info.generation for info in present]),
+            addresses=list(self.addresses),
+            plan=model.plan,
+            shards=list(infos),
+        )
 
-    def _list_models(self, model_id: str | None, with_stats: bool, timeout: float | None
-                     ) -> list[ModelInfo]:
+    def _list_models(self, model_id: str | None, with_stats: bool, timeout: float | None) -> list[ModelInfo]:
         """Every sharded model on these shards (ShardedModelInfo), or just ``model_id``.
 
         Models on the servers that are not pieces of a sharded model are not listed.
@@ -482,8 +526,9 @@ class ShardedClient(ClientBase):
         if model_id is not None:
             names = [check_name(model_id, "model_id")]
         else:
-            names = sorted({m["model_id"] for info in listings[0]
-                            if (m := _SHARD_MODEL_ID.match(info.model_id)) and m["layout"]})
+            names = sorted(
+                {m["model_id"] for info in listings[0] if (m := _SHARD_MODEL_ID.match(info.model_id)) and m["layout"]}
+            )
         found: list[ModelInfo] = []
         for name in names:
             try:
@@ -499,17 +544,24 @@ class ShardedClient(ClientBase):
     def _delete_model(self, model_id: str, timeout: float | None) -> bool:
         """Delete every piece of the model (any placement of it); False if there was none."""
         listings = self._listings(timeout)
-        doomed = [[info.model_id for info in listing
-                   if (m := _SHARD_MODEL_ID.match(info.model_id)) and m["model_id"] == model_id]
-                  for listing in listings]
+        doomed = [
+            [
+                info.model_id
+                for info in listing
+                if (m := _SHARD_MODEL_ID.match(info.model_id)) and m["model_id"] == model_id
+            ]
+            for listing in listings
+        ]
         # Layouts first: from then on the model reads as gone, not as half there.
         layouts = [name for name in doomed[0] if name.endswith(LAYOUT_SUFFIX)]
         doomed[0] = [name for name in doomed[0] if name not in layouts]
         deleted = self._on_shards(
-            lambda i: [self.transports[i].delete_model(name, timeout=timeout) for name in layouts], [0])
+            lambda i: [self.transports[i].delete_model(name, timeout=timeout) for name in layouts], [0]
+        )
         deleted += self._on_shards(
             lambda i: [self.transports[i].delete_model(name, timeout=timeout) for name in doomed[i]],
-            range(self.num_shards))
+            range(self.num_shards),
+        )
         with self._lock:
             self._models.pop(model_id, None)
         return any(flag for flags in deleted for flag in flags)
@@ -520,9 +572,10 @@ class ShardedClient(ClientBase):
         return ",".join(path for path, _ in results), sum(count for _, count in results)
 
     def _health(self, service: str, timeout: float | None) -> str:
-        """"SERVING" when every shard is; otherwise the first other status."""
-        statuses = self._on_shards(lambda i: self.transports[i].health(service, timeout=timeout),
-                                   range(self.num_shards))
+        """ "SERVING" when every shard is; otherwise the first other status."""
+        statuses = self._on_shards(
+            lambda i: self.transports[i].health(service, timeout=timeout), range(self.num_shards)
+        )
         return next((status for status in statuses if status != "SERVING"), "SERVING")
 
     # ------------------------------------------------------------------ steps
@@ -536,32 +589,49 @@ class ShardedClient(ClientBase):
 
     # ------------------------------------------------------------------ gradients
 
-    def _prepare_push(self, model_id: str, gradients: dict[str, Gradient]
-                      ) -> tuple[ShardedModel, list[dict[str, Gradient]]]:
+    def _prepare_push(
+        self, model_id: str, gradients: dict[str, Gradient]
+    ) -> tuple[ShardedModel, list[dict[str, Gradient]]]:
         model = self._resolve(model_id, self.timeout)
         dense = {name: g for name, g in gradients.items() if not isinstance(g, SparseGradient)}
         sparse = {name: g for name, g in gradients.items() if isinstance(g, SparseGradient)}
         _check_like_variables(model, dense, "Gradient")
         _check_like_variables(model, sparse, "Gradient")
-        per_shard: list[dict[str, Gradient]] = list(model.plan.split(dense))
+        per_shard: list[dict[str, Gradient]] = [dict(part) for part in model.plan.split(dense)]
         for name, gradient in sparse.items():
             # Each part gets its rows, re-based; a part none of whose rows is touched still gets
             # its (empty) gradient, so that its slots decay as the whole variable's would.
             for index, piece in model.plan.locate(name):
-                part = gradient if piece.is_whole else gradient.rows(piece.row_start, piece.row_stop)
+                if piece.is_whole or piece.row_start is None or piece.row_stop is None:
+                    part = gradient
+                else:
+                    part = gradient.rows(piece.row_start, piece.row_stop)
                 per_shard[index][piece.part_name] = part
         self._check_every_shard_counts_the_step(model, per_shard)
         return model, per_shard
 
-    def _apply_gradients(self, model_id: str, prepared: Any, worker_index: int, step: int, aggregated: bool,
-                         return_variables: bool, timeout: float | None
-                         ) -> tuple[StepResult, dict[str, np.ndarray]]:
+    def _apply_gradients(
+        self,
+        model_id: str,
+        prepared: Any,
+        worker_index: int,
+        step: int,
+        aggregated: bool,
+        return_variables: bool,
+        timeout: float | None,
+    ) -> tuple[StepResult, dict[str, np.ndarray]]:
         model, per_shard = prepared
 
         def push(index: int) -> tuple[StepResult, dict[str, np.ndarray]]:
             return self.transports[index].apply_gradients(
-                model.piece_model_id, per_shard[index], worker_index=worker_index, step=step,
-                aggregated=aggregated, return_variables=return_variables, timeout=timeout)
+                model.piece_model_id,
+                per_shard[index],
+                worker_index=worker_index,
+                step=step,
+                aggregated=aggregated,
+                return_variables=return_variables,
+                timeout=timeout,
+            )
 
         answers = self._on_shards(push, model.active_shards, model_id)
         result = _merged_step_result(model, [result for result, _ in answers])
@@ -579,7 +649,8 @@ class ShardedClient(ClientBase):
             return
         if len(empty) == len(model.active_shards):
             raise InvalidArgumentError(
-                f"The push to model {model.model_id!r} carried no gradients; send at least one variable's gradient.")
+                f"The push to model {model.model_id!r} carried no gradients; send at least one variable's gradient."
+            )
         refusing = [index for index in empty if not self._counts_empty_push(index)]
         if refusing:
             held = {index: [p.var_name for p in model.plan.shards[index]] for index in refusing}
@@ -587,7 +658,8 @@ class ShardedClient(ClientBase):
                 f"This push to model {model.model_id!r} has no gradient for any variable on shards {refusing} "
                 f"({', '.join(self.addresses[i] for i in refusing)}), and those servers refuse a push without "
                 "gradients, so their step would fall behind the others'. Nothing was sent. Push a gradient "
-                f"for at least one variable of every shard (shard: variables {held}), or use one shard.")
+                f"for at least one variable of every shard (shard: variables {held}), or use one shard."
+            )
 
     def _counts_empty_push(self, index: int) -> bool:
         """Whether shard ``index``'s server takes a push without gradients as a step (probed once)."""
@@ -597,11 +669,13 @@ class ShardedClient(ClientBase):
             return known
         transport = self.transports[index]
         probe = f"optserve-empty-push-probe-{uuid.uuid4().hex[:12]}"
-        transport.create_model(ModelSpec(probe, optimizer_config_json("sgd")), {"probe": np.zeros(1, np.float32)},
-                               timeout=self.timeout)
+        transport.create_model(
+            ModelSpec(probe, optimizer_config_json("sgd")), {"probe": np.zeros(1, np.float32)}, timeout=self.timeout
+        )
         try:
-            result, _ = transport.apply_gradients(probe, {}, worker_index=0, step=0, aggregated=False,
-                                                  return_variables=False, timeout=self.timeout)
+            result, _ = transport.apply_gradients(
+                probe, {}, worker_index=0, step=0, aggregated=False, return_variables=False, timeout=self.timeout
+            )
             counts = result.iterations == 1
         except InvalidArgumentError:
             counts = False
@@ -613,26 +687,28 @@ class ShardedClient(ClientBase):
 
     # ------------------------------------------------------------------ reads
 
-    def _pull(self, model_id: str, names: list[str], timeout: float | None
-              ) -> tuple[StepResult, dict[str, np.ndarray]]:
+    def _pull(self, model_id: str, names: list[str], timeout: float | None) -> tuple[StepResult, dict[str, np.ndarray]]:
         """Current values (all variables, or ``names``); the step is the lowest of the shards read."""
         model = self._resolve(model_id, timeout)
         wanted = _known_names(model, names)
         parts = model.parts_by_shard(wanted)
         shards = [index for index in model.active_shards if parts[index]]
         answers = self._on_shards(
-            lambda i: self.transports[i].pull(model.piece_model_id, parts[i], timeout=timeout), shards, model_id)
+            lambda i: self.transports[i].pull(model.piece_model_id, parts[i], timeout=timeout), shards, model_id
+        )
         per_shard: list[dict] = [{} for _ in self.transports]
         for index, (_, values) in zip(shards, answers):
             per_shard[index] = values
         lead = min((result for result, _ in answers), key=lambda result: result.step)
         values = model.plan.join(per_shard)
         generation = ServerGeneration.combine([result.generation for result, _ in answers])
-        return StepResult(step=lead.step, iterations=lead.iterations, learning_rate=lead.learning_rate,
-                          generation=generation), {name: values[name] for name in wanted}
+        return StepResult(
+            step=lead.step, iterations=lead.iterations, learning_rate=lead.learning_rate, generation=generation
+        ), {name: values[name] for name in wanted}
 
-    def _get_weights(self, model_id: str, names: list[str], include_variables: bool, timeout: float | None
-                     ) -> OptimizerWeights:
+    def _get_weights(
+        self, model_id: str, names: list[str], include_variables: bool, timeout: float | None
+    ) -> OptimizerWeights:
         """Optimizer state of the whole model: split slots joined, Keras order, one step on every shard."""
         model = self._resolve(model_id, timeout)
         wanted = _known_names(model, names)
@@ -640,8 +716,13 @@ class ShardedClient(ClientBase):
         shards = [index for index in model.active_shards if parts[index]]
 
         def fetch() -> list[OptimizerWeights]:
-            return self._on_shards(lambda i: self.transports[i].get_weights(
-                model.piece_model_id, parts[i], include_variables, timeout=timeout), shards, model_id)
+            return self._on_shards(
+                lambda i: self.transports[i].get_weights(
+                    model.piece_model_id, parts[i], include_variables, timeout=timeout
+                ),
+                shards,
+                model_id,
+            )
 
         answers = _consistent(fetch, _state_key, model.model_id, shards)
         per_shard_slots: dict[str, list[dict]] = {}
@@ -661,16 +742,27 @@ class ShardedClient(ClientBase):
         variables = model.plan.join(per_shard_variables) if include_variables else {}
         state = answers[0]
         return OptimizerWeights(
-            iterations=state.iterations, raw_iterations=state.raw_iterations, learning_rate=state.learning_rate,
-            step=state.step, scalars=dict(state.scalars),
-            generation=ServerGeneration.combine([answer.generation for answer in answers]), slots=slots,
-            variables={name: variables[name] for name in wanted if name in variables})
+            iterations=state.iterations,
+            raw_iterations=state.raw_iterations,
+            learning_rate=state.learning_rate,
+            step=state.step,
+            scalars=dict(state.scalars),
+            generation=ServerGeneration.combine([answer.generation for answer in answers]),
+            slots=slots,
+            variables={name: variables[name] for name in wanted if name in variables},
+        )
 
     # ------------------------------------------------------------------ writes
 
-    def _set_weights(self, model_id: str, slots: dict[str, dict[str, np.ndarray]],
-                     variables: dict[str, np.ndarray], iterations: int | None, scalars: dict[str, float],
-                     timeout: float | None) -> OptimizerState:
+    def _set_weights(
+        self,
+        model_id: str,
+        slots: dict[str, dict[str, np.ndarray]],
+        variables: dict[str, np.ndarray],
+        iterations: int | None,
+        scalars: dict[str, float],
+        timeout: float | None,
+    ) -> OptimizerState:
         """Checked against the model first (a rejected request sends nothing), then written shard by shard."""
         model = self._resolve(model_id, timeout)
         _check_like_variables(model, variables, "New value")
@@ -684,43 +776,54 @@ class ShardedClient(ClientBase):
                 for part, array in parts.items():
                     slot_parts[index].setdefault(part, {})[slot] = array
         state_change = iterations is not None or bool(scalars)
-        shards = [index for index in model.active_shards
-                  if state_change or value_parts[index] or slot_parts[index]]
+        shards = [index for index in model.active_shards if state_change or value_parts[index] or slot_parts[index]]
         if not shards:
             shards = model.active_shards[:1]  # nothing to write: answer with the state, like one server
 
         def write(index: int) -> OptimizerState:
-            state = updated_state(self._piece_info(index, model, timeout), iterations, scalars) \
-                if state_change else None
+            state = (
+                updated_state(self._piece_info(index, model, timeout), iterations, scalars) if state_change else None
+            )
             return self.transports[index].set_weights(
-                model.piece_model_id, weight_tensors(slot_parts[index], value_parts[index]), state, timeout=timeout)
+                model.piece_model_id, weight_tensors(slot_parts[index], value_parts[index]), state, timeout=timeout
+            )
 
         states = self._on_shards(write, shards, model_id)
         lowest = min(states, key=lambda state: state.step)
         return dataclasses.replace(lowest, generation=ServerGeneration.combine([s.generation for s in states]))
 
-    def _check_slots_and_scalars(self, model: ShardedModel, slots: Mapping[str, Mapping[str, np.ndarray]],
-                                 scalars: Mapping[str, float], timeout: float | None) -> None:
+    def _check_slots_and_scalars(
+        self,
+        model: ShardedModel,
+        slots: Mapping[str, Mapping[str, np.ndarray]],
+        scalars: Mapping[str, float],
+        timeout: float | None,
+    ) -> None:
         infos = self._on_shards(lambda i: self._piece_info(i, model, timeout), model.active_shards)
         slot_names = {variable.name: variable.slots for info in infos for variable in info.variables}
         for name, per_var in slots.items():
             if name not in model.plan.variables:
-                raise NotFoundError(f"Model {model.model_id!r} has no variable {name!r}; "
-                                    f"its variables are {list(model.order)}.")
+                raise NotFoundError(
+                    f"Model {model.model_id!r} has no variable {name!r}; its variables are {list(model.order)}."
+                )
             allowed = slot_names[model.plan.locate(name)[0][1].part_name]
             shape = model.plan.variables[name].shape
             for slot, array in per_var.items():
                 if slot not in allowed:
                     raise NotFoundError(
                         f"Variable {name!r} of model {model.model_id!r} has no slot {slot!r}; "
-                        f"its slots are {allowed or 'none'}.")
+                        f"its slots are {allowed or 'none'}."
+                    )
                 if array.shape != shape:
                     raise InvalidArgumentError(
-                        f"Slot {slot!r} of variable {name!r} must have shape {shape}. Received: shape {array.shape}")
+                        f"Slot {slot!r} of variable {name!r} must have shape {shape}. Received: shape {array.shape}"
+                    )
         unknown = sorted(set(scalars) - set(infos[0].scalars))
         if unknown:
-            raise NotFoundError(f"The optimizer of model {model.model_id!r} has no scalar {unknown}; "
-                                f"it has {sorted(infos[0].scalars) or 'none'}.")
+            raise NotFoundError(
+                f"The optimizer of model {model.model_id!r} has no scalar {unknown}; "
+                f"it has {sorted(infos[0].scalars) or 'none'}."
+            )
 
 
 # A ShardedClient offers all of Client's API (tests compare the signatures), so it counts as one.
@@ -743,8 +846,9 @@ def _known_names(model: ShardedModel, names: list[str]) -> list[str]:
         return list(model.order)
     unknown = [name for name in names if name not in model.plan.variables]
     if unknown:
-        raise NotFoundError(f"Model {model.model_id!r} has no variable {unknown}; "
-                                         f"its variables are {list(model.order)}.")
+        raise NotFoundError(
+            f"Model {model.model_id!r} has no variable {unknown}; its variables are {list(model.order)}."
+        )
     return list(dict.fromkeys(names))
 
 
@@ -752,15 +856,18 @@ def _check_like_variables(model: ShardedModel, arrays: Mapping[str, Gradient], w
     """Names, shapes and dtypes checked before anything is split or sent."""
     unknown = [name for name in arrays if name not in model.plan.variables]
     if unknown:
-        raise NotFoundError(f"Model {model.model_id!r} has no variable {unknown}; "
-                            f"its variables are {list(model.order)}.")
+        raise NotFoundError(
+            f"Model {model.model_id!r} has no variable {unknown}; its variables are {list(model.order)}."
+        )
     for name, array in arrays.items():
         spec = model.plan.variables[name]
         if isinstance(array, SparseGradient):
             array.check_against(name, spec.shape, spec.dtype)
         elif array.shape != spec.shape or array.dtype != spec.dtype:
-            raise InvalidArgumentError(f"{what} for {name!r} has shape {array.shape} {array.dtype.name}, but the variable has shape "
-                f"{spec.shape} {spec.dtype.name}.")
+            raise InvalidArgumentError(
+                f"{what} for {name!r} has shape {array.shape} {array.dtype.name}, but the variable has shape "
+                f"{spec.shape} {spec.dtype.name}."
+            )
 
 
 def _check_scalar_dtypes(model: ShardedModel, config: Any) -> None:
@@ -777,12 +884,18 @@ def _check_scalar_dtypes(model: ShardedModel, config: Any) -> None:
             raise ValueError(
                 f"Nadam keeps `u_product` in the dtype of the model's first variable ({first.name}), but shard "
                 f"{index} would start with {parts[0]!r} ({dtype.name}), so its updates would differ "
-                "from one server's. Use one dtype for all variables, or one shard.")
+                "from one server's. Use one dtype for all variables, or one shard."
+            )
 
 
 def _state_key(weights: OptimizerState) -> tuple:
-    return (weights.step, weights.iterations, weights.raw_iterations, weights.learning_rate,
-            tuple(sorted(weights.scalars.items())))
+    return (
+        weights.step,
+        weights.iterations,
+        weights.raw_iterations,
+        weights.learning_rate,
+        tuple(sorted(weights.scalars.items())),
+    )
 
 
 def _consistent(fetch: Callable[[], list], key: Callable[[Any], Any], model_id: str, shards: list[int]) -> list:
@@ -795,8 +908,10 @@ def _consistent(fetch: Callable[[], list], key: Callable[[Any], Any], model_id: 
         if attempt + 1 < CONSISTENT_READ_ATTEMPTS:
             time.sleep(CONSISTENT_READ_PAUSE_S)
     described = ", ".join(f"shard {index}: step {k[0]}, iterations {k[1]}" for index, k in zip(shards, keys))
-    raise FailedPreconditionError(f"The shards of model {model_id!r} disagree ({described}). A push reached only some of them: push "
-        "that step again from every worker (resync() adopts the lowest step), then read again.")
+    raise FailedPreconditionError(
+        f"The shards of model {model_id!r} disagree ({described}). A push reached only some of them: push "
+        "that step again from every worker (resync() adopts the lowest step), then read again."
+    )
 
 
 def _merged_step_result(model: ShardedModel, results: list[StepResult]) -> StepResult:
@@ -808,19 +923,30 @@ def _merged_step_result(model: ShardedModel, results: list[StepResult]) -> StepR
     """
     if model.mode == "async":
         last = max(results, key=lambda r: (r.step, r.iterations))
-        return StepResult(step=last.step, iterations=last.iterations, learning_rate=last.learning_rate,
-                          duplicate=all(r.duplicate for r in results), contributors=list(last.contributors),
-                          generation=ServerGeneration.combine([r.generation for r in results]))
+        return StepResult(
+            step=last.step,
+            iterations=last.iterations,
+            learning_rate=last.learning_rate,
+            duplicate=all(r.duplicate for r in results),
+            contributors=list(last.contributors),
+            generation=ServerGeneration.combine([r.generation for r in results]),
+        )
     keys = {(r.step, r.iterations) for r in results}
     if len(keys) != 1:
-        described = ", ".join(f"shard {index}: step {r.step}, iterations {r.iterations}"
-                              for index, r in zip(model.active_shards, results))
-        raise FailedPreconditionError(f"After the push, the shards of model {model.model_id!r} disagree ({described}). Their optimizers "
-            "are out of step; restore the model from a checkpoint or create it again.")
+        described = ", ".join(
+            f"shard {index}: step {r.step}, iterations {r.iterations}" for index, r in zip(model.active_shards, results)
+        )
+        raise FailedPreconditionError(
+            f"After the push, the shards of model {model.model_id!r} disagree ({described}). Their optimizers "
+            "are out of step; restore the model from a checkpoint or create it again."
+        )
     first = results[0]
     return StepResult(
-        step=first.step, iterations=first.iterations, learning_rate=first.learning_rate,
+        step=first.step,
+        iterations=first.iterations,
+        learning_rate=first.learning_rate,
         duplicate=all(r.duplicate for r in results),
         contributors=sorted({w for r in results for w in r.contributors}),
         missing_workers=sorted({w for r in results for w in r.missing_workers}),
-        generation=ServerGeneration.combine([r.generation for r in results]))
+        generation=ServerGeneration.combine([r.generation for r in results]),
+    )

@@ -49,6 +49,7 @@ class StepTracker:
         would make its next push look like a repeat of the step it already pushed.
         """
         with self._lock:
+
             def keep(old: int) -> int:
                 return max(old, step) if forward_only else step
 
@@ -61,8 +62,15 @@ class StepTracker:
         with self._lock:
             self._worker_steps[(model_id, worker_index)] = step
 
-    def record_progress(self, model_id: str, *, step: int | None = None, iterations: int | None = None,
-                        learning_rate: float | None = None, generation: ServerGeneration | None = None) -> bool:
+    def record_progress(
+        self,
+        model_id: str,
+        *,
+        step: int | None = None,
+        iterations: int | None = None,
+        learning_rate: float | None = None,
+        generation: ServerGeneration | None = None,
+    ) -> bool:
         """Remember what a reply said (fields left None keep their last value).
 
         Returns True when ``generation`` differs from the last one seen: the server

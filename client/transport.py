@@ -26,11 +26,6 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from optserve.protos import errors
-from optserve.protos import optserve_pb2 as pb
-from optserve.protos import optserve_pb2_grpc as pb_grpc
-from optserve.protos import tensors
-from optserve.protos.errors import OptserveError
 from optserve.client.types import (
     ModelInfo,
     ModelSpec,
@@ -40,6 +35,10 @@ from optserve.client.types import (
     StepResult,
     VariableInfo,
 )
+from optserve.protos import errors, tensors
+from optserve.protos import optserve_pb2 as pb
+from optserve.protos import optserve_pb2_grpc as pb_grpc
+from optserve.protos.errors import OptserveError
 
 __all__ = ["GrpcTransport", "RetryPolicy", "Transport", "error_from_rpc", "open_channel", "optimizer_class_name"]
 
@@ -57,8 +56,9 @@ class Transport(Protocol):
 
     address: str
 
-    def create_model(self, spec: ModelSpec, variables: Mapping[str, np.ndarray], *,
-                     timeout: float | None) -> ModelInfo: ...
+    def create_model(
+        self, spec: ModelSpec, variables: Mapping[str, np.ndarray], *, timeout: float | None
+    ) -> ModelInfo: ...
 
     def list_models(self, model_id: str | None, with_stats: bool, *, timeout: float | None) -> list[ModelInfo]: ...
 
@@ -68,18 +68,29 @@ class Transport(Protocol):
 
     def health(self, service: str, *, timeout: float | None) -> str: ...
 
-    def apply_gradients(self, model_id: str, gradients: Mapping[str, Any], *, worker_index: int, step: int,
-                        aggregated: bool, return_variables: bool,
-                        timeout: float | None) -> tuple[StepResult, dict[str, np.ndarray]]: ...
+    def apply_gradients(
+        self,
+        model_id: str,
+        gradients: Mapping[str, Any],
+        *,
+        worker_index: int,
+        step: int,
+        aggregated: bool,
+        return_variables: bool,
+        timeout: float | None,
+    ) -> tuple[StepResult, dict[str, np.ndarray]]: ...
 
-    def pull(self, model_id: str, names: Sequence[str], *,
-             timeout: float | None) -> tuple[StepResult, dict[str, np.ndarray]]: ...
+    def pull(
+        self, model_id: str, names: Sequence[str], *, timeout: float | None
+    ) -> tuple[StepResult, dict[str, np.ndarray]]: ...
 
-    def get_weights(self, model_id: str, names: Sequence[str], include_variables: bool, *,
-                    timeout: float | None) -> OptimizerWeights: ...
+    def get_weights(
+        self, model_id: str, names: Sequence[str], include_variables: bool, *, timeout: float | None
+    ) -> OptimizerWeights: ...
 
-    def set_weights(self, model_id: str, tensors: Sequence[Tensor], state: OptimizerState | None, *,
-                    timeout: float | None) -> OptimizerState: ...
+    def set_weights(
+        self, model_id: str, tensors: Sequence[Tensor], state: OptimizerState | None, *, timeout: float | None
+    ) -> OptimizerState: ...
 
     def close(self) -> None: ...
 
@@ -87,8 +98,9 @@ class Transport(Protocol):
 # --------------------------------------------------------------------------- channel and errors
 
 
-def channel_options(backoff: float, max_backoff: float,
-                    options: Sequence[tuple[str, Any]] | None = None) -> list[tuple[str, Any]]:
+def channel_options(
+    backoff: float, max_backoff: float, options: Sequence[tuple[str, Any]] | None = None
+) -> list[tuple[str, Any]]:
     """optserve's channel options, the caller's ``options`` last (they win)."""
     merged: dict[str, Any] = dict(tensors.GRPC_OPTIONS)
     # Reconnect about as fast as we retry, instead of gRPC's 1 s..120 s default backoff.
@@ -151,8 +163,9 @@ class RetryPolicy:
             return remaining
         return self.attempt_timeout if remaining is None else min(remaining, self.attempt_timeout)
 
-    def _retryable(self, error: OptserveError, started: float, attempt_timeout: float | None,
-                   deadline: float | None) -> bool:
+    def _retryable(
+        self, error: OptserveError, started: float, attempt_timeout: float | None, deadline: float | None
+    ) -> bool:
         if deadline is not None and time.monotonic() >= deadline:
             return False  # the caller's whole budget is spent
         if error.code == "UNAVAILABLE":
@@ -180,21 +193,33 @@ def wire_stub(channel: grpc.Channel) -> pb_grpc.ParameterServerStub:
     A serializer or deserializer of None makes gRPC pass the bytes through.
     """
     stub = pb_grpc.ParameterServerStub(channel)
-    stub.CreateModel = channel.stream_unary(  # type: ignore[method-assign]
-        _SERVICE_PATH + "CreateModel", request_serializer=None,
-        response_deserializer=pb.CreateModelResponse.FromString, _registered_method=True)
-    stub.ApplyGradients = channel.stream_stream(  # type: ignore[method-assign]
-        _SERVICE_PATH + "ApplyGradients", request_serializer=None, response_deserializer=None,
-        _registered_method=True)
-    stub.Pull = channel.unary_stream(  # type: ignore[method-assign]
-        _SERVICE_PATH + "Pull", request_serializer=pb.PullRequest.SerializeToString, response_deserializer=None,
-        _registered_method=True)
-    stub.GetWeights = channel.unary_stream(  # type: ignore[method-assign]
-        _SERVICE_PATH + "GetWeights", request_serializer=pb.GetWeightsRequest.SerializeToString,
-        response_deserializer=None, _registered_method=True)
-    stub.SetWeights = channel.stream_unary(  # type: ignore[method-assign]
-        _SERVICE_PATH + "SetWeights", request_serializer=None,
-        response_deserializer=pb.SetWeightsResponse.FromString, _registered_method=True)
+    stub.CreateModel = channel.stream_unary(
+        _SERVICE_PATH + "CreateModel",
+        request_serializer=None,
+        response_deserializer=pb.CreateModelResponse.FromString,
+        _registered_method=True,
+    )
+    stub.ApplyGradients = channel.stream_stream(
+        _SERVICE_PATH + "ApplyGradients", request_serializer=None, response_deserializer=None, _registered_method=True
+    )
+    stub.Pull = channel.unary_stream(
+        _SERVICE_PATH + "Pull",
+        request_serializer=pb.PullRequest.SerializeToString,
+        response_deserializer=None,
+        _registered_method=True,
+    )
+    stub.GetWeights = channel.unary_stream(
+        _SERVICE_PATH + "GetWeights",
+        request_serializer=pb.GetWeightsRequest.SerializeToString,
+        response_deserializer=None,
+        _registered_method=True,
+    )
+    stub.SetWeights = channel.stream_unary(
+        _SERVICE_PATH + "SetWeights",
+        request_serializer=None,
+        response_deserializer=pb.SetWeightsResponse.FromString,
+        _registered_method=True,
+    )
     return stub
 
 
@@ -204,12 +229,12 @@ def wire_stub(channel: grpc.Channel) -> pb_grpc.ParameterServerStub:
 class GrpcTransport:
     """:class:`Transport` over one gRPC channel, with retries (see :class:`RetryPolicy`)."""
 
-    def __init__(self, address: str, *, retry: RetryPolicy | None = None,
-                 options: Sequence[tuple[str, Any]] | None = None):
+    def __init__(
+        self, address: str, *, retry: RetryPolicy | None = None, options: Sequence[tuple[str, Any]] | None = None
+    ):
         self.address = address
         self.retry = retry or RetryPolicy()
-        self._channel = open_channel(
-            address, channel_options(self.retry.backoff, self.retry.max_backoff, options))
+        self._channel = open_channel(address, channel_options(self.retry.backoff, self.retry.max_backoff, options))
         self._stub = wire_stub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._closed = False
@@ -229,8 +254,7 @@ class GrpcTransport:
 
     # ------------------------------------------------------------------ models
 
-    def create_model(self, spec: ModelSpec, variables: Mapping[str, np.ndarray], *,
-                     timeout: float | None) -> ModelInfo:
+    def create_model(self, spec: ModelSpec, variables: Mapping[str, np.ndarray], *, timeout: float | None) -> ModelInfo:
         first = pb.CreateModelRequest(spec=_spec_message(spec))
         tensor_list = _variable_tensors(variables)
 
@@ -252,8 +276,7 @@ class GrpcTransport:
         return bool(response.deleted)
 
     def checkpoint(self, *, timeout: float | None) -> tuple[str, int]:
-        response = self._call(
-            lambda deadline: self._stub.Checkpoint(pb.CheckpointRequest(), timeout=deadline), timeout)
+        response = self._call(lambda deadline: self._stub.Checkpoint(pb.CheckpointRequest(), timeout=deadline), timeout)
         return response.path, int(response.models)
 
     def health(self, service: str, *, timeout: float | None) -> str:
@@ -263,12 +286,23 @@ class GrpcTransport:
 
     # ------------------------------------------------------------------ tensors
 
-    def apply_gradients(self, model_id: str, gradients: Mapping[str, Any], *, worker_index: int, step: int,
-                        aggregated: bool, return_variables: bool,
-                        timeout: float | None) -> tuple[StepResult, dict[str, np.ndarray]]:
+    def apply_gradients(
+        self,
+        model_id: str,
+        gradients: Mapping[str, Any],
+        *,
+        worker_index: int,
+        step: int,
+        aggregated: bool,
+        return_variables: bool,
+        timeout: float | None,
+    ) -> tuple[StepResult, dict[str, np.ndarray]]:
         header = pb.ApplyGradientsHeader(
-            model_id=model_id, worker_index=worker_index, step=int(step),
-            aggregated=bool(aggregated), return_variables=bool(return_variables),
+            model_id=model_id,
+            worker_index=worker_index,
+            step=int(step),
+            aggregated=bool(aggregated),
+            return_variables=bool(return_variables),
         )
         tensor_list, sparse = tensors.gradient_tensors(gradients)
         first = pb.ApplyGradientsRequest(header=header, sparse_gradients=sparse)
@@ -283,8 +317,9 @@ class GrpcTransport:
         result, values = self._call(attempt, timeout)
         return step_result(result), tensors.variables_only(values)
 
-    def pull(self, model_id: str, names: Sequence[str], *,
-             timeout: float | None) -> tuple[StepResult, dict[str, np.ndarray]]:
+    def pull(
+        self, model_id: str, names: Sequence[str], *, timeout: float | None
+    ) -> tuple[StepResult, dict[str, np.ndarray]]:
         request = pb.PullRequest(model_id=model_id, names=list(names))
 
         def attempt(deadline: float | None) -> tuple[Any, dict]:
@@ -293,14 +328,15 @@ class GrpcTransport:
         state, values = self._call(attempt, timeout)
         return step_result(state), tensors.variables_only(values)
 
-    def get_weights(self, model_id: str, names: Sequence[str], include_variables: bool, *,
-                    timeout: float | None) -> OptimizerWeights:
-        request = pb.GetWeightsRequest(model_id=model_id, names=list(names),
-                                       include_variables=bool(include_variables))
+    def get_weights(
+        self, model_id: str, names: Sequence[str], include_variables: bool, *, timeout: float | None
+    ) -> OptimizerWeights:
+        request = pb.GetWeightsRequest(model_id=model_id, names=list(names), include_variables=bool(include_variables))
 
         def attempt(deadline: float | None) -> tuple[Any, dict]:
-            return read_stream(self._stub.GetWeights(request, timeout=deadline), pb.GetWeightsResponse, "state",
-                               "tensors")
+            return read_stream(
+                self._stub.GetWeights(request, timeout=deadline), pb.GetWeightsResponse, "state", "tensors"
+            )
 
         state_message, values = self._call(attempt, timeout)
         slots: dict[str, dict[str, np.ndarray]] = {}
@@ -314,8 +350,9 @@ class GrpcTransport:
         fields = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
         return OptimizerWeights(**fields, slots=slots, variables=variables)
 
-    def set_weights(self, model_id: str, tensors_to_set: Sequence[Tensor], state: OptimizerState | None, *,
-                    timeout: float | None) -> OptimizerState:
+    def set_weights(
+        self, model_id: str, tensors_to_set: Sequence[Tensor], state: OptimizerState | None, *, timeout: float | None
+    ) -> OptimizerState:
         first = pb.SetWeightsRequest(model_id=model_id, has_state=state is not None)
         if state is not None:
             first.state.CopyFrom(_state_message(state))
@@ -351,8 +388,12 @@ def _spec_message(spec: ModelSpec) -> pb.ModelSpec:
 
 
 def _state_message(state: OptimizerState) -> pb.OptimizerState:
-    message = pb.OptimizerState(iterations=state.iterations, raw_iterations=state.raw_iterations,
-                                learning_rate=state.learning_rate, step=state.step)
+    message = pb.OptimizerState(
+        iterations=state.iterations,
+        raw_iterations=state.raw_iterations,
+        learning_rate=state.learning_rate,
+        step=state.step,
+    )
     message.scalars.update(state.scalars)
     return message
 
@@ -440,8 +481,9 @@ def model_info(message: pb.ModelInfo, *, created: bool | None = None, with_stats
     )
 
 
-def read_stream(responses: Iterable[bytes], message_type: Any, head_field: str,
-                chunk_field: str) -> tuple[Any, dict[tuple[str, str], np.ndarray]]:
+def read_stream(
+    responses: Iterable[bytes], message_type: Any, head_field: str, chunk_field: str
+) -> tuple[Any, dict[tuple[str, str], np.ndarray]]:
     """(first message's ``head_field``, {(name, slot): array}) from a server stream of wire bytes."""
     head = None
     assembler = tensors.TensorAssembler()

@@ -11,8 +11,15 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ModelInfo", "ModelSpec", "OptimizerState", "OptimizerWeights", "ServerGeneration", "StepResult",
-           "VariableInfo"]
+__all__ = [
+    "ModelInfo",
+    "ModelSpec",
+    "OptimizerState",
+    "OptimizerWeights",
+    "ServerGeneration",
+    "StepResult",
+    "VariableInfo",
+]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -67,14 +67,16 @@ class OptserveError(Exception):
         """This error as reported by shard ``index`` (``address``): message prefixed, fields set."""
         if self.shard_index is not None:
             return self
-        copy = _rebuild(type(self), f"shard {index} ({address}): {self.message}", self.details, self.code,
-                        self.__dict__)
+        copy = _rebuild(
+            type(self), f"shard {index} ({address}): {self.message}", self.details, self.code, self.__dict__
+        )
         copy.shard_index, copy.address = index, address
         return copy
 
 
-def _rebuild(cls: type[OptserveError], message: str, details: Mapping[str, Any], code: str,
-             state: Mapping[str, Any]) -> OptserveError:
+def _rebuild(
+    cls: type[OptserveError], message: str, details: Mapping[str, Any], code: str, state: Mapping[str, Any]
+) -> OptserveError:
     error = cls.__new__(cls)
     Exception.__init__(error, message)
     error.__dict__.update(state)
@@ -160,8 +162,9 @@ def details_from_metadata(metadata: Iterable[tuple[str, str | bytes]] | None) ->
     return details
 
 
-def error_from_status(code: str, message: str, metadata: Iterable[tuple[str, str | bytes]] | None = None
-                      ) -> OptserveError:
+def error_from_status(
+    code: str, message: str, metadata: Iterable[tuple[str, str | bytes]] | None = None
+) -> OptserveError:
     """The error a status (code name, message, trailing metadata) stands for."""
     details = details_from_metadata(metadata)
     if code == "FAILED_PRECONDITION" and "current_step" in details:
