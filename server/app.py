@@ -48,7 +48,7 @@ def _default_apply_threads() -> int:
     return max(2, min(8, os.cpu_count() or 2))
 
 
-def _format_address(host: str, port: int) -> str:
+def _format_address(host: str, port: int | None) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
@@ -133,13 +133,15 @@ class ParameterServer:
         log.info("optserve serving on %s (device %s, %r)%s", self.address, self.device, backend, checkpoints)
 
     async def _restore(self) -> None:
-        found = await self._checkpointer.load_latest()
+        checkpointer, registry = self._checkpointer, self._registry
+        assert checkpointer is not None and registry is not None  # start() made both before restoring
+        found = await checkpointer.load_latest()
         if found is None:
             log.info("No checkpoint in %s yet; starting without models.", self.checkpoint_dir)
             return
         state, path = found
         try:
-            await self._registry.restore(state)
+            await registry.restore(state)
         except (OptserveError, KeyError, TypeError, ValueError, AttributeError) as error:
             message = error.message if isinstance(error, OptserveError) else repr(error)
             raise FailedPreconditionError(
@@ -151,20 +153,23 @@ class ParameterServer:
         log.info("Restored checkpoint %s: %s.", path, describe_models(state["models"]))
 
     async def _abandon_start(self) -> None:
-        await self._server.stop(None)
+        server, executor = self._server, self._executor
+        assert server is not None and executor is not None  # start() made both before anything can fail
+        await server.stop(None)
         if self._checkpointer is not None:
             await self._checkpointer.close(final=False)
-        self._executor.shutdown(wait=True)
+        executor.shutdown(wait=True)
         self._server = None
 
     async def stop(self, grace: float | None = DEFAULT_GRACE_S, *, final_checkpoint: bool = True) -> None:
         """NOT_SERVING first, then refuse waiting workers, write the final checkpoint (with a
         checkpoint directory, unless ``final_checkpoint`` is False), then let calls in flight
         finish within ``grace``."""
-        if self._server is None:
-            return
-        await self._health.enter_graceful_shutdown()
-        self._registry.close()
+        server, health_servicer, registry, executor = self._server, self._health, self._registry, self._executor
+        if server is None or health_servicer is None or registry is None or executor is None:
+            return  # not started, or start() was abandoned
+        await health_servicer.enter_graceful_shutdown()
+        registry.close()
         if self._checkpointer is not None:
             # After close(): no new update starts; the snapshot waits for those in flight.
             try:
@@ -177,8 +182,8 @@ class ParameterServer:
             else:
                 if path is not None:
                     log.info("Final checkpoint: %s", path)
-        await self._server.stop(grace)
-        self._executor.shutdown(wait=True)
+        await server.stop(grace)
+        executor.shutdown(wait=True)
         self._server = None
         log.info("optserve on %s stopped", self.address)
 

@@ -311,7 +311,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 model = self.registry.get(header.model_id)
                 model.check_push_header(header.worker_index, header.step)
             tensors.add_all(request.gradients)
-        if header is None:
+        if header is None or model is None:
             raise InvalidArgumentError("ApplyGradients received no messages; send a header, then the gradients.")
         if sparse_declared:
             gradients = await self._densified(model, tensors.result(), sparse_declared)
