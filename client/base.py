@@ -14,7 +14,7 @@ import abc
 import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 
@@ -494,15 +494,41 @@ def check_name(name: Any, what: str) -> str:
 
 def as_tensors(values: Mapping[str, Any] | None, what: str, *, drop_none: bool = False) -> dict[str, np.ndarray]:
     """Arrays checked for a wire dtype up front, so a bad one fails before any byte is sent."""
+    return _checked_values(values, what, drop_none=drop_none, sparse=False)
+
+
+def as_gradients(grads: Mapping[str, Any] | None) -> dict[str, Gradient]:
+    """A push's gradients: arrays as :func:`as_tensors` checks them, or :class:`SparseGradient` rows."""
+    return _checked_values(grads, "grads", drop_none=True, sparse=True)
+
+
+@overload
+def _checked_values(
+    values: Mapping[str, Any] | None, what: str, *, drop_none: bool, sparse: Literal[False]
+) -> dict[str, np.ndarray]: ...
+
+
+@overload
+def _checked_values(
+    values: Mapping[str, Any] | None, what: str, *, drop_none: bool, sparse: Literal[True]
+) -> dict[str, Gradient]: ...
+
+
+def _checked_values(
+    values: Mapping[str, Any] | None, what: str, *, drop_none: bool, sparse: bool
+) -> dict[str, Gradient] | dict[str, np.ndarray]:
     if values is None:
         return {}
     if not isinstance(values, Mapping):
         raise TypeError(f"`{what}` must be a dict {{name: array}}. Received: {type(values).__name__}")
-    arrays = {}
+    arrays: dict[str, Any] = {}
     for name, value in values.items():
         check_name(name, f"{what} name")
         if value is None and drop_none:
             continue  # like Keras: a None gradient leaves its variable alone
+        if sparse and isinstance(value, SparseGradient):
+            arrays[name] = value  # checked when made
+            continue
         array = np.asarray(value)
         try:
             tensors.dtype_to_proto(array.dtype)
@@ -510,22 +536,6 @@ def as_tensors(values: Mapping[str, Any] | None, what: str, *, drop_none: bool =
             raise ValueError(f"`{what}[{name!r}]`: {error}") from None
         arrays[name] = array
     return arrays
-
-
-def as_gradients(grads: Mapping[str, Any] | None) -> dict[str, Gradient]:
-    """A push's gradients: arrays as :func:`as_tensors` checks them, or :class:`SparseGradient` rows."""
-    if isinstance(grads, Mapping) and any(isinstance(g, SparseGradient) for g in grads.values()):
-        dense = as_tensors(
-            {name: g for name, g in grads.items() if not isinstance(g, SparseGradient)}, "grads", drop_none=True
-        )
-        checked: dict[str, Gradient] = {}
-        for name, gradient in grads.items():
-            if isinstance(gradient, SparseGradient):
-                checked[check_name(name, "grads name")] = gradient
-            elif name in dense:
-                checked[name] = dense[name]
-        return checked
-    return dict(as_tensors(grads, "grads", drop_none=True))
 
 
 def check_names(names: Any) -> list[str]:

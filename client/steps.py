@@ -34,7 +34,9 @@ class StepTracker:
         self._lock = threading.Lock()
         self._model_steps: dict[str, int] = {}
         self._worker_steps: dict[tuple[str, int], int] = {}
-        self._progress: dict[str, ModelProgress] = {}
+        # model -> [step, iterations, learning_rate, generation, restarts]: mutable, since
+        # every reply updates it; progress() hands out frozen copies.
+        self._progress: dict[str, list[Any]] = {}
 
     def step_for(self, model_id: str, worker_index: int) -> int | None:
         """The step ``worker_index`` pushes next, if known: its own, else the model's."""
@@ -77,20 +79,26 @@ class StepTracker:
         restarted since, and the model may be back at an older checkpoint's step.
         """
         with self._lock:
-            old = self._progress.get(model_id, ModelProgress())
-            restarted = generation is not None and old.generation is not None and generation != old.generation
-            self._progress[model_id] = ModelProgress(
-                step=old.step if step is None else int(step),
-                iterations=old.iterations if iterations is None else int(iterations),
-                learning_rate=old.learning_rate if learning_rate is None else float(learning_rate),
-                generation=old.generation if generation is None else generation,
-                restarts=old.restarts + int(restarted),
-            )
+            record = self._progress.get(model_id)
+            if record is None:
+                record = self._progress[model_id] = [None, None, None, None, 0]
+            if step is not None:
+                record[0] = int(step)
+            if iterations is not None:
+                record[1] = int(iterations)
+            if learning_rate is not None:
+                record[2] = float(learning_rate)
+            restarted = False
+            if generation is not None:
+                restarted = record[3] is not None and generation != record[3]
+                record[3] = generation
+                record[4] += restarted
             return restarted
 
     def progress(self, model_id: str) -> ModelProgress:
         with self._lock:
-            return self._progress.get(model_id, ModelProgress())
+            record = self._progress.get(model_id)
+            return ModelProgress(*record) if record is not None else ModelProgress()
 
     # A tracker travels with objects that are copied or pickled (a Keras optimizer): not its lock.
     def __getstate__(self) -> dict[str, Any]:

@@ -305,7 +305,9 @@ class GrpcTransport:
             return_variables=bool(return_variables),
         )
         tensor_list, sparse = tensors.gradient_tensors(gradients)
-        first = pb.ApplyGradientsRequest(header=header, sparse_gradients=sparse)
+        first = pb.ApplyGradientsRequest(header=header)
+        if sparse:
+            first.sparse_gradients.extend(sparse)
 
         def attempt(deadline: float | None) -> tuple[Any, dict]:
             # Built lazily, one message at a time as gRPC sends them: a push holds one extra

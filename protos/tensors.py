@@ -37,6 +37,8 @@ _WIRE_DTYPES: tuple[tuple[pb.DType, np.dtype], ...] = (
 )
 _NP_BY_DTYPE: dict[int, np.dtype] = {int(code): dtype for code, dtype in _WIRE_DTYPES}
 _DTYPE_BY_NAME: dict[str, pb.DType] = {dtype.name: code for code, dtype in _WIRE_DTYPES}
+# The same, keyed by dtype object: a dict lookup instead of building dtype.name on every tensor.
+_DTYPE_BY_NP: dict[np.dtype, pb.DType] = {dtype: code for code, dtype in _WIRE_DTYPES}
 # (memoryview(ndarray) below: numpy's stubs declare ndarray.__buffer__ for Python >= 3.12
 # only, though arrays are buffers on every version.)
 
@@ -51,6 +53,9 @@ class TensorFormatError(ValueError):
 
 
 def dtype_to_proto(dtype: Any) -> pb.DType:
+    code = _DTYPE_BY_NP.get(dtype) if isinstance(dtype, np.dtype) else None
+    if code is not None:
+        return code
     name = np.dtype(dtype).name
     try:
         return _DTYPE_BY_NAME[name]

@@ -268,8 +268,14 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.generation = ServerGeneration.new()  # the app records the checkpoint it restores
 
     @property
-    def _generation(self) -> pb.ServerGeneration:
-        return _generation_message(self.generation)
+    def generation(self) -> ServerGeneration:
+        """Which run of the server this is; every reply carries it."""
+        return self._generation_value
+
+    @generation.setter
+    def generation(self, value: ServerGeneration) -> None:
+        self._generation_value = value
+        self._generation = _generation_message(value)  # built once, not per reply
 
     @_translating_errors
     async def CreateModel(self, request_iterator: AsyncIterator[pb.CreateModelRequest], context):
