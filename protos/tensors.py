@@ -444,7 +444,8 @@ class SparseGradient:
     ``indices`` is 1-D and integer (repeats are summed); ``values`` has shape
     ``(len(indices), *variable.shape[1:])`` and the variable's dtype. It is
     applied exactly as the dense gradient :meth:`densify` gives, so every row's
-    optimizer slots decay as under Keras. Bad shapes or dtypes raise
+    optimizer slots decay as under Keras (see ``optserve.server.sparse`` for
+    repeated indices under Keras's TensorFlow backend). Bad shapes or dtypes raise
     ``InvalidArgumentError`` (a ``ValueError``) here, or when checked against the
     variable, before anything is applied.
     """

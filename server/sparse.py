@@ -2,11 +2,18 @@
 
 Keras's TensorFlow backend hands an embedding's gradient to the optimizer as
 ``tf.IndexedSlices``; the optimizers' update arithmetic turns it into a dense
-tensor (zeros with the rows scatter-added, repeated indices summed) and runs
-the ordinary dense update, so every row's slots decay, touched or not. The
-server does exactly that, before the push reaches the model, so a sparse push
-is applied (and summed with other workers' pushes in a synchronous step)
-exactly like the dense gradient it stands for.
+tensor (zeros with the rows scatter-added) and runs the ordinary dense update,
+so every row's slots decay, touched or not. The server does that before the
+push reaches the model, so a sparse push is applied (and summed with other
+workers' pushes in a synchronous step) exactly like the dense gradient it
+stands for; with distinct indices that is bit for bit what Keras computes
+(tests/test_sparse.py compares with Keras on TensorFlow).
+
+Repeated indices are summed first, as in the dense gradient and under Keras's
+other backends. Keras's TensorFlow backend instead applies elementwise
+operations such as ``square`` to each repeated row before the rows are summed,
+so there the rows with repeated indices get other second moments
+(``g1**2 + g2**2`` rather than ``(g1 + g2)**2``).
 """
 
 from __future__ import annotations

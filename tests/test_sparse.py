@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.util
+import json
+import pathlib
+import subprocess
+import sys
 import uuid
 
 import grpc
@@ -158,6 +163,53 @@ def test_the_wire_form_is_checked(address, stub, tensors, declared, message):
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert message in caught.value.details()
         assert client.list_models(model_id)[0].step == 0
+
+
+def _keras_tf_and_optserve(address: str, steps: list, table: np.ndarray) -> tuple[dict, object]:
+    """The table and slots after ``steps`` of (indices, rows): Keras (TensorFlow, tf.IndexedSlices), optserve."""
+    job = {"optimizer": ADAM, "table": table.tolist(), "steps": steps}
+    worker = pathlib.Path(__file__).with_name("tf_sparse_worker.py")
+    done = subprocess.run([sys.executable, str(worker)], input=json.dumps(job), capture_output=True, text=True,
+                          timeout=300, check=True)
+    keras_result = json.loads(done.stdout.strip().splitlines()[-1])
+    model_id = _model_id()
+    with Client(address) as client:
+        client.create_model(model_id, ADAM, {"table": table})
+        for indices, rows in steps:
+            client.push(model_id, {"table": SparseGradient(indices, np.asarray(rows, np.float32))})
+        return keras_result, client.get_weights(model_id, include_variables=True)
+
+
+needs_tensorflow = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
+                                      reason="TensorFlow is not installed")
+
+
+@needs_tensorflow
+def test_sparse_pushes_match_keras_applying_tf_indexed_slices(address):
+    rng = np.random.default_rng(7)
+    table = rng.standard_normal((ROWS, WIDTH)).astype(np.float32)
+    steps = [(rng.choice(ROWS, 6, replace=False).tolist(), rng.standard_normal((6, WIDTH)).astype(np.float32).tolist())
+             for _ in range(3)]
+    keras_result, weights = _keras_tf_and_optserve(address, steps, table)
+    np.testing.assert_array_equal(weights.variables["table"], np.asarray(keras_result["table"], np.float32))
+    for ours, theirs in zip(weights.slot_list(), keras_result["slots"]):
+        np.testing.assert_array_equal(ours, np.asarray(theirs, np.float32))
+
+
+@needs_tensorflow
+def test_with_repeated_indices_only_the_repeated_rows_follow_the_dense_sum_not_keras_tf(address):
+    # Keras's TensorFlow backend squares an IndexedSlices row by row before the rows are
+    # summed (Adam's second moment gets g1**2 + g2**2); optserve, like a dense gradient and
+    # like Keras's other backends, sums the rows first ((g1 + g2)**2). Every other row matches.
+    rng = np.random.default_rng(8)
+    table = rng.standard_normal((ROWS, WIDTH)).astype(np.float32)
+    indices = [3, 3, 10, 11]
+    steps = [(indices, rng.standard_normal((4, WIDTH)).astype(np.float32).tolist())]
+    keras_result, weights = _keras_tf_and_optserve(address, steps, table)
+    keras_table = np.asarray(keras_result["table"], np.float32)
+    others = [row for row in range(ROWS) if row != 3]
+    np.testing.assert_array_equal(weights.variables["table"][others], keras_table[others])
+    assert not np.array_equal(weights.variables["table"][3], keras_table[3])
 
 
 # ---------------------------------------------------------------------------- shards
