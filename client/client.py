@@ -24,10 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from optserve.client.base import (
-    DEFAULT,
-    ClientBase,
-    TransportFactory,
+from optserve.client.arguments import (
     model_not_found,
     optimizer_config_json,
     parse_address,
@@ -35,6 +32,7 @@ from optserve.client.base import (
     updated_state,
     weight_tensors,
 )
+from optserve.client.base import DEFAULT, ClientBase, TransportFactory
 from optserve.client.steps import StepTracker
 from optserve.client.transport import RetryPolicy, Transport, error_from_rpc, optimizer_class_name
 from optserve.client.types import (
