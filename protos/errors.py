@@ -48,7 +48,10 @@ class OptserveError(Exception):
 
     code: str = "INTERNAL"
 
-    def __init__(self, message: str, *, details: Mapping[str, Any] | None = None, code: str | None = None):
+    def __init__(self, message: str, *legacy: Any, details: Mapping[str, Any] | None = None, code: str | None = None):
+        if legacy:
+            # The clients' former signature, (code, message[, details]), still works.
+            message, details, code = _legacy_arguments(message, legacy, details)
         super().__init__(message)
         self.message = message
         self.details: dict[str, Any] = dict(details or {})
@@ -72,6 +75,17 @@ class OptserveError(Exception):
         )
         copy.shard_index, copy.address = index, address
         return copy
+
+
+def _legacy_arguments(
+    first: str, rest: tuple[Any, ...], details: Mapping[str, Any] | None
+) -> tuple[str, Mapping[str, Any] | None, str]:
+    if len(rest) > 2 or not (isinstance(first, str) and first.isupper() and isinstance(rest[0], str)):
+        raise TypeError(
+            "OptserveError takes (message, *, details=None, code=None), or the former "
+            f"(code, message, details=None). Received: {(first, *rest)!r}"
+        )
+    return rest[0], rest[1] if len(rest) > 1 else details, first
 
 
 def _rebuild(
@@ -109,8 +123,8 @@ class StepMismatchError(FailedPreconditionError):
     ``step=error.current_step``) to go on.
     """
 
-    def __init__(self, message: str, *, details: Mapping[str, Any] | None = None, code: str | None = None):
-        super().__init__(message, details=details, code=code)
+    def __init__(self, message: str, *legacy: Any, details: Mapping[str, Any] | None = None, code: str | None = None):
+        super().__init__(message, *legacy, details=details, code=code)
         self.current_step = int(self.details["current_step"])
         self.model_id: str | None = None
         self.worker_index: int | None = None

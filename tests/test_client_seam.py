@@ -98,6 +98,17 @@ def test_client_and_server_raise_the_same_error_classes():
         (("optserve-current-step", "7"),)
 
 
+def test_the_former_client_signature_of_errors_still_works():
+    error = NotFoundError("NOT_FOUND", "Model 'm' not found.", {"why": "gone"})
+    assert (error.code, error.message, str(error), error.details) == \
+        ("NOT_FOUND", "Model 'm' not found.", "Model 'm' not found.", {"why": "gone"})
+    mismatch = StepMismatchError("FAILED_PRECONDITION", "behind", {"current_step": "2"})
+    assert mismatch.current_step == 2
+    assert OptserveError("UNKNOWN", "odd").code == "UNKNOWN"
+    with pytest.raises(TypeError, match="former"):
+        OptserveError("a message", 3)
+
+
 def test_an_error_names_its_shard_in_declared_fields_and_survives_pickling():
     error = NotFoundError("Model 'm' not found.", details={"why": "gone"})
     assert error.shard_index is None and error.address is None
