@@ -38,8 +38,10 @@ def _build_isolation() -> list[str]:
     """Build with this environment's setuptools when it can make wheels (no download), else let pip fetch one."""
     import importlib.util
 
-    import setuptools
-
+    try:
+        import setuptools
+    except ImportError:  # a venv of Python >= 3.12 has none
+        return []
     major_minor = tuple(int(part) for part in setuptools.__version__.split(".")[:2])
     if major_minor >= (70, 1) or importlib.util.find_spec("wheel") is not None:
         return ["--no-build-isolation"]
