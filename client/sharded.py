@@ -90,10 +90,10 @@ import numpy as np
 from optserve.client.arguments import Gradient, check_name, optimizer_config_json, updated_state, weight_tensors
 from optserve.client.base import ClientBase, TransportFactory
 from optserve.client.client import Client
+from optserve.client.shard_discovery import discover
 from optserve.client.shard_layout import (
     LAYOUT_SUFFIX,
     MAX_MODEL_ID_LENGTH,
-    PART_NAME,
     SHARD_MODEL_ID,
     ShardedModel,
     ShardedModelInfo,
@@ -226,90 +226,13 @@ class ShardedClient(ClientBase):
         with self._lock:
             model = self._models.get(model_id)
         if model is None:
-            model, _ = self._discover(model_id, self._listings(timeout))
+            model, _ = discover(model_id, self._listings(timeout), self.addresses)
             self._remember(model)
         return model
 
     def _remember(self, model: ShardedModel) -> None:
         with self._lock:
             self._models[model.model_id] = model
-
-    def _discover(self, model_id: str, listings: list[list[ModelInfo]]) -> tuple[ShardedModel, list[ModelInfo | None]]:
-        """Recover a model's plan and order from every shard's ListModels answer; check that they fit."""
-        layouts = {}
-        for info in listings[0]:
-            match = SHARD_MODEL_ID.match(info.model_id)
-            if match and match["model_id"] == model_id and match["layout"]:
-                layouts[match["fingerprint"]] = info
-        if not layouts:
-            self._raise_missing(model_id, listings)
-        if len(layouts) > 1:
-            raise FailedPreconditionError(
-                f"Model {model_id!r} exists with {len(layouts)} placements on {self.address} "
-                f"(plan fingerprints {sorted(layouts)}); delete it and create it again."
-            )
-        fingerprint, layout = next(iter(layouts.items()))
-        piece_id = f"{model_id}@{fingerprint}"
-        infos = [next((info for info in listing if info.model_id == piece_id), None) for listing in listings]
-        pieces = [variable for info in infos if info is not None for variable in info.variables]
-        specs = self._variables_from_parts(model_id, pieces)
-        order = tuple(variable.name for variable in layout.variables)
-        if sorted(order) != sorted(specs):
-            raise self._placement_error(model_id, fingerprint, "its layout lists other variables than the shards hold")
-        config = next(info.optimizer_config for info in infos if info is not None)
-        plan = plan_for_optimizer(specs, self.num_shards, config)
-        model = ShardedModel(model_id, plan, order, next(info.mode for info in infos if info is not None))
-        placed = [sorted(p.part_name for p in shard) for shard in plan.shards]
-        held = [sorted(v.name for v in info.variables) if info is not None else [] for info in infos]
-        if model.fingerprint != fingerprint or placed != held:
-            raise self._placement_error(model_id, fingerprint, "this client places its variables differently")
-        return model, [info if plan.shards[i] else None for i, info in enumerate(infos)]
-
-    def _variables_from_parts(self, model_id: str, pieces: list[VariableInfo]) -> dict:
-        """Whole variables (shape, dtype) from the shards' pieces; split ones from all their parts."""
-        specs: dict[str, tuple[tuple[int, ...], str]] = {}
-        parts: dict[str, dict[int, VariableInfo]] = {}
-        counts: dict[str, int] = {}
-        for variable in pieces:
-            match = PART_NAME.match(variable.name)
-            if match is None:
-                specs[variable.name] = (variable.shape, variable.dtype)
-                continue
-            parts.setdefault(match["variable"], {})[int(match["index"])] = variable
-            counts[match["variable"]] = int(match["count"])
-        for name, by_index in parts.items():
-            if sorted(by_index) != list(range(counts[name])):
-                missing = sorted(set(range(counts[name])) - set(by_index))
-                raise self._placement_error(
-                    model_id,
-                    None,
-                    f"parts {missing} of {counts[name]} of variable {name!r} are on none of the shards given",
-                )
-            ordered = [by_index[i] for i in range(counts[name])]
-            rows = sum(part.shape[0] for part in ordered)
-            specs[name] = ((rows,) + tuple(ordered[0].shape[1:]), ordered[0].dtype)
-        return specs
-
-    def _raise_missing(self, model_id: str, listings: list[list[ModelInfo]]):
-        pieces = [
-            index
-            for index, listing in enumerate(listings)
-            if any((m := SHARD_MODEL_ID.match(info.model_id)) and m["model_id"] == model_id for info in listing)
-        ]
-        if pieces:
-            raise FailedPreconditionError(
-                f"Model {model_id!r} is incomplete on {self.address}: shards {pieces} hold pieces of it but "
-                f"shard 0 ({self.addresses[0]}) has no layout for it. It is being created, or the addresses "
-                "are not the ones (in the same order) it was created with."
-            )
-        raise NotFoundError(f"Model {model_id!r} not found on the shards {self.address}.")
-
-    def _placement_error(self, model_id: str, fingerprint: str | None, why: str) -> FailedPreconditionError:
-        plan = f" (plan {fingerprint})" if fingerprint else ""
-        return FailedPreconditionError(
-            f"Model {model_id!r} on {self.address}{plan} does not fit these {self.num_shards} shards: {why}. "
-            "Give the addresses it was created with, in the same order."
-        )
 
     # ------------------------------------------------------------------ models
 
@@ -415,7 +338,7 @@ class ShardedClient(ClientBase):
         found: list[ModelInfo] = []
         for name in names:
             try:
-                model, infos = self._discover(name, listings)
+                model, infos = discover(name, listings, self.addresses)
             except FailedPreconditionError:
                 if model_id is not None:
                     raise
