@@ -3,19 +3,19 @@
 ``RemoteOptimizer`` is loaded on first access, so ``import optserve.client``
 never imports Keras (nor the server, nor CuPy).
 """
+
 from __future__ import annotations
 
 from optserve.client import client as _client
 from optserve.client.client import *  # noqa: F401,F403 - the public names listed in client.__all__
 
-__all__ = [*_client.__all__, "ShardedClient", "RemoteOptimizer", "TFKerasRemoteOptimizer"]
-
-# name -> (module, attribute)
 _LAZY = {
     "RemoteOptimizer": ("optserve.client.keras_optimizer", "RemoteOptimizer"),
     "TFKerasRemoteOptimizer": ("optserve.client.tf_keras_optimizer", "RemoteOptimizer"),
     "ShardedClient": ("optserve.client.sharded", "ShardedClient"),
 }
+
+__all__ = [*_client.__all__, *_LAZY]
 
 
 def __getattr__(name: str):

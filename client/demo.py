@@ -37,7 +37,8 @@ import sys
 import threading
 import time
 from collections import deque
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Literal, overload
 
 import numpy as np
 
@@ -94,6 +95,16 @@ def initial_params(seed: int) -> dict[str, np.ndarray]:
         "dense_2/kernel": glorot(HIDDEN, CLASSES),
         "dense_2/bias": np.zeros(CLASSES, np.float32),
     }
+
+
+@overload
+def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
+                   with_grads: Literal[True] = True) -> tuple[float, dict[str, np.ndarray]]: ...
+
+
+@overload
+def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
+                   with_grads: Literal[False]) -> tuple[float, None]: ...
 
 
 def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
@@ -263,7 +274,7 @@ class ServerProcess:
         self.address = self._wait_for_address()
 
     def _drain(self) -> None:
-        for line in self.process.stdout:
+        for line in self.process.stdout or ():
             self.output.append(line.rstrip("\n"))
             self._lines.put(line)
         self._lines.put(None)
@@ -369,8 +380,9 @@ def follow_workers(workers: list[subprocess.Popen], steps: int, progress: Progre
 
 
 def _read_worker(index: int, worker: subprocess.Popen, events: queue.Queue, errors: list[str]) -> None:
-    threading.Thread(target=lambda: errors.extend(line.rstrip("\n") for line in worker.stderr), daemon=True).start()
-    for line in worker.stdout:
+    threading.Thread(target=lambda: errors.extend(line.rstrip("\n") for line in worker.stderr or ()),
+                     daemon=True).start()
+    for line in worker.stdout or ():
         try:
             events.put((index, json.loads(line)))
         except ValueError:
@@ -456,7 +468,7 @@ def run_demo(args) -> int:
         server_statuses = [server.stop() for server in servers]
     print(f"\nDone: {state.step} synchronous steps ({state.iterations} optimizer updates) "
           f"in {train_seconds:.1f} s, {time.monotonic() - started:.1f} s in all.")
-    if args.steps > 1:
+    if args.steps > 1 and progress.first_step_at is not None and progress.last_step_at is not None:
         steady = (progress.last_step_at - progress.first_step_at) / (args.steps - 1)
         print(f"Steady state: {1000 * steady:.1f} ms per step ({1 / max(steady, 1e-9):.0f} steps/s) "
               f"with {args.workers} workers.")

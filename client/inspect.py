@@ -113,8 +113,9 @@ def _show_models(client: Client, args) -> int:
     models = client.list_models()
     if args.json:
         data = {"address": client.address, "models": [_model_json(m) for m in models]}
-        if getattr(client, "addresses", None) is not None:
-            data["shards"] = list(client.addresses)
+        addresses = getattr(client, "addresses", None)
+        if addresses is not None:
+            data["shards"] = list(addresses)
         print(json.dumps(data, indent=2))
         return 0
     if not models:
@@ -148,7 +149,7 @@ def _where(client: Client) -> str:
 def _show_model(client: Client, args) -> int:
     found = client.list_models(args.model, with_stats=True)
     if not found:
-        raise NotFoundError("NOT_FOUND", f"Model {args.model!r} not found on {client.address}.")
+        raise NotFoundError(f"Model {args.model!r} not found on {client.address}.")
     model = found[0]
     slot_tensors = client.get_weights(args.model).slots if args.slots else None
     if args.json:
@@ -281,6 +282,7 @@ def _model_json(model: ModelInfo) -> dict:
     data.pop("created")
     if model.activity is not None:
         data["activity"] = dataclasses.asdict(model.activity)
+    data["generation"] = dataclasses.asdict(model.generation) if model.generation is not None else None
     if isinstance(model, ShardedModelInfo):
         data["placement"] = _placement_json(model)
     return data

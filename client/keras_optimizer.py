@@ -53,6 +53,7 @@ from optserve.client.remote_job import (
     PulledValues,
 )
 from optserve.client.keras_state import ServerState
+from optserve.client.steps import StepTracker
 from optserve.client.keras_support import (
     change_token,
     eager_scope,
@@ -196,7 +197,7 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         self._wrapped_config_json = json.dumps(wrapped_config)
         self._client = None
         self._learning_rate_value = first_learning_rate
-        self._server_iterations = 0
+        self._steps = StepTracker()  # shared with self.client: the one record of the server's counters
         self._slots_stale = False
         self._refreshing = False
         self._variable_names = []
@@ -246,7 +247,8 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
     def client(self):
         """The `optserve.client.Client` this optimizer talks through (created on first use)."""
         if self._client is None:
-            self._client = Client(self.address, timeout=self.timeout, tls=self._tls, token=self._token)
+            self._client = Client(self.address, timeout=self.timeout, tls=self._tls, token=self._token,
+                                  step_tracker=self._steps)
         return self._client
 
     def close(self):

@@ -101,8 +101,13 @@ class ServerState:
     def _get_current_learning_rate(self):
         return self._server_learning_rate()
 
+    @property
+    def _server_iterations(self):
+        """The server's iterations counter as of the last reply (0 before any)."""
+        return self._steps.progress(self.model_id).iterations or 0
+
     def _adopt_state(self, iterations, learning_rate):
-        self._server_iterations = int(iterations)
+        self._steps.record_progress(self.model_id, iterations=int(iterations))
         self._learning_rate_value = float(learning_rate)
 
     # ------------------------------------------------------------------ state: weights

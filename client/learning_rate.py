@@ -8,14 +8,12 @@ the next update on, by every worker of the model.
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 from typing import Any, Mapping
 
 import numpy as np
 
-from optserve.protos import optserve_pb2 as pb
 
 
 def check_learning_rate(learning_rate: Any) -> float | dict:
@@ -37,10 +35,10 @@ def check_learning_rate(learning_rate: Any) -> float | dict:
         f"keras.optimizers.schedules.serialize(schedule)). Received: learning_rate={learning_rate!r}")
 
 
-def set_learning_rate(state: pb.OptimizerState, learning_rate: float | dict, default=None) -> str:
-    """Put a checked learning rate into ``state``; returns the OptimizerState field it went to."""
+def set_learning_rate(state: Any, learning_rate: float | dict) -> str:
+    """Put a checked learning rate into ``state`` (an OptimizerState); returns the wire field it goes to."""
     if isinstance(learning_rate, dict):
-        state.learning_rate_schedule_json = json.dumps(learning_rate, default=default)
+        state.learning_rate_schedule = learning_rate
         return "learning_rate_schedule_json"
     state.learning_rate = learning_rate
     return "learning_rate"

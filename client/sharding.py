@@ -285,10 +285,10 @@ class ShardPlan:
         per_shard: list[dict[str, np.ndarray]] = [{} for _ in self.shards]
         for index, pieces in enumerate(self.shards):
             for piece in pieces:
-                array = arrays.get(piece.var_name)
-                if array is None:
+                whole = arrays.get(piece.var_name)
+                if whole is None:
                     continue
-                rows = array if piece.is_whole else array[piece.row_start:piece.row_stop]
+                rows = whole if piece.is_whole else whole[piece.row_start:piece.row_stop]
                 per_shard[index][piece.part_name] = rows
         return per_shard
 

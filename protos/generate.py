@@ -6,6 +6,7 @@
 The .proto is compiled as ``optserve/protos/optserve.proto`` so that the
 generated modules import each other as ``optserve.protos.*``.
 """
+
 from __future__ import annotations
 
 import argparse

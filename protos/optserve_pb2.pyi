@@ -105,28 +105,48 @@ class ApplyGradientsHeader(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ..., step: _Optional[int] = ..., aggregated: _Optional[bool] = ..., return_variables: _Optional[bool] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
-    __slots__ = ("header", "gradients")
+    __slots__ = ("header", "gradients", "sparse_gradients")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    SPARSE_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     header: ApplyGradientsHeader
     gradients: _containers.RepeatedCompositeFieldContainer[TensorChunk]
-    def __init__(self, header: _Optional[_Union[ApplyGradientsHeader, _Mapping]] = ..., gradients: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+    sparse_gradients: _containers.RepeatedCompositeFieldContainer[SparseGradient]
+    def __init__(self, header: _Optional[_Union[ApplyGradientsHeader, _Mapping]] = ..., gradients: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., sparse_gradients: _Optional[_Iterable[_Union[SparseGradient, _Mapping]]] = ...) -> None: ...
+
+class SparseGradient(_message.Message):
+    __slots__ = ("name", "dense_shape")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DENSE_SHAPE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dense_shape: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, name: _Optional[str] = ..., dense_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors", "missing_workers")
+    __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors", "missing_workers", "generation")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     MISSING_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     step: int
     iterations: int
     learning_rate: float
     duplicate: bool
     contributors: _containers.RepeatedScalarFieldContainer[int]
     missing_workers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., duplicate: _Optional[bool] = ..., contributors: _Optional[_Iterable[int]] = ..., missing_workers: _Optional[_Iterable[int]] = ...) -> None: ...
+    generation: ServerGeneration
+    def __init__(self, step: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., duplicate: _Optional[bool] = ..., contributors: _Optional[_Iterable[int]] = ..., missing_workers: _Optional[_Iterable[int]] = ..., generation: _Optional[_Union[ServerGeneration, _Mapping]] = ...) -> None: ...
+
+class ServerGeneration(_message.Message):
+    __slots__ = ("server_id", "restored_checkpoint")
+    SERVER_ID_FIELD_NUMBER: _ClassVar[int]
+    RESTORED_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    server_id: str
+    restored_checkpoint: str
+    def __init__(self, server_id: _Optional[str] = ..., restored_checkpoint: _Optional[str] = ...) -> None: ...
 
 class ApplyGradientsResponse(_message.Message):
     __slots__ = ("result", "variables")
@@ -171,7 +191,7 @@ class GetWeightsResponse(_message.Message):
     def __init__(self, state: _Optional[_Union[OptimizerState, _Mapping]] = ..., tensors: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class OptimizerState(_message.Message):
-    __slots__ = ("iterations", "raw_iterations", "learning_rate", "step", "scalars", "learning_rate_schedule_json")
+    __slots__ = ("iterations", "raw_iterations", "learning_rate", "step", "scalars", "learning_rate_schedule_json", "generation")
     class ScalarsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -185,13 +205,15 @@ class OptimizerState(_message.Message):
     STEP_FIELD_NUMBER: _ClassVar[int]
     SCALARS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_SCHEDULE_JSON_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
     iterations: int
     raw_iterations: int
     learning_rate: float
     step: int
     scalars: _containers.ScalarMap[str, float]
     learning_rate_schedule_json: str
-    def __init__(self, iterations: _Optional[int] = ..., raw_iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., step: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ..., learning_rate_schedule_json: _Optional[str] = ...) -> None: ...
+    generation: ServerGeneration
+    def __init__(self, iterations: _Optional[int] = ..., raw_iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., step: _Optional[int] = ..., scalars: _Optional[_Mapping[str, float]] = ..., learning_rate_schedule_json: _Optional[str] = ..., generation: _Optional[_Union[ServerGeneration, _Mapping]] = ...) -> None: ...
 
 class SetWeightsRequest(_message.Message):
     __slots__ = ("model_id", "state", "has_state", "tensors", "state_fields")

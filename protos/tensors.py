@@ -12,27 +12,35 @@ milliseconds. Senders build wire bytes straight from the arrays
 without parsing the payloads into protobuf objects (:func:`split_message`: no
 copy), so that :class:`TensorAssembler` copies each payload once, into its array.
 """
+
 from __future__ import annotations
 
 import sys
-from typing import Iterable, Iterator, Mapping, NamedTuple
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from google.protobuf.message import DecodeError
 
 from optserve.protos import optserve_pb2 as pb
+from optserve.protos.errors import InvalidArgumentError
 
-CHUNK_BYTES = 1 << 20          # payload bytes per chunk / per batched message
-MAX_MESSAGE_BYTES = 64 << 20   # raised limit on both ends; chunking keeps us far below it
+CHUNK_BYTES = 1 << 20  # payload bytes per chunk / per batched message
+MAX_MESSAGE_BYTES = 64 << 20  # raised limit on both ends; chunking keeps us far below it
 
-_NP_BY_DTYPE = {
-    pb.FLOAT32: np.dtype("<f4"),
-    pb.FLOAT64: np.dtype("<f8"),
-    pb.FLOAT16: np.dtype("<f2"),
-    pb.INT32: np.dtype("<i4"),
-    pb.INT64: np.dtype("<i8"),
-}
-_DTYPE_BY_NAME = {v.name: k for k, v in _NP_BY_DTYPE.items()}
+_WIRE_DTYPES: tuple[tuple[pb.DType, np.dtype], ...] = (
+    (pb.FLOAT32, np.dtype("<f4")),
+    (pb.FLOAT64, np.dtype("<f8")),
+    (pb.FLOAT16, np.dtype("<f2")),
+    (pb.INT32, np.dtype("<i4")),
+    (pb.INT64, np.dtype("<i8")),
+)
+_NP_BY_DTYPE: dict[int, np.dtype] = {int(code): dtype for code, dtype in _WIRE_DTYPES}
+_DTYPE_BY_NAME: dict[str, pb.DType] = {dtype.name: code for code, dtype in _WIRE_DTYPES}
+# The same, keyed by dtype object: a dict lookup instead of building dtype.name on every tensor.
+_DTYPE_BY_NP: dict[np.dtype, pb.DType] = {dtype: code for code, dtype in _WIRE_DTYPES}
+# (memoryview(ndarray) below: numpy's stubs declare ndarray.__buffer__ for Python >= 3.12
+# only, though arrays are buffers on every version.)
 
 GRPC_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -44,7 +52,10 @@ class TensorFormatError(ValueError):
     """A tensor on the wire is malformed (bad dtype, shape, byte count or chunk order)."""
 
 
-def dtype_to_proto(dtype) -> int:
+def dtype_to_proto(dtype: Any) -> pb.DType:
+    code = _DTYPE_BY_NP.get(dtype) if isinstance(dtype, np.dtype) else None
+    if code is not None:
+        return code
     name = np.dtype(dtype).name
     try:
         return _DTYPE_BY_NAME[name]
@@ -60,16 +71,16 @@ def dtype_from_proto(code: int) -> np.dtype:
         raise TensorFormatError(f"Unknown or unspecified tensor dtype code {code}.") from None
 
 
-def _pieces(array, chunk_bytes: int) -> Iterator[tuple[int, list[int], int, memoryview]]:
+def _pieces(array: Any, chunk_bytes: int) -> Iterator[tuple[pb.DType, list[int], int, memoryview]]:
     """``(dtype code, shape, byte offset, payload view)`` of each chunk of one tensor (at least one)."""
     array = np.asarray(array)
     code = dtype_to_proto(array.dtype)
     little = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-    raw = memoryview(little).cast("B") if little.size else memoryview(b"")
+    raw = memoryview(little).cast("B") if little.size else memoryview(b"")  # type: ignore[arg-type]  # numpy stubs, see above
     shape = list(array.shape)
     offset = 0
     while True:
-        piece = raw[offset:offset + chunk_bytes]
+        piece = raw[offset : offset + chunk_bytes]
         yield code, shape, offset, piece
         offset += len(piece)
         if offset >= len(raw):
@@ -82,7 +93,9 @@ def encode(name: str, array, slot: str = "", chunk_bytes: int = CHUNK_BYTES) -> 
         yield pb.TensorChunk(name=name, slot=slot, dtype=code, shape=shape, offset=offset, data=bytes(piece))
 
 
-def encode_many(tensors: Iterable[tuple[str, str, np.ndarray]], chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.TensorChunk]:
+def encode_many(
+    tensors: Iterable[tuple[str, str, np.ndarray]], chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[pb.TensorChunk]:
     """Chunks of several ``(name, slot, array)`` tensors, in order."""
     for name, slot, array in tensors:
         yield from encode(name, array, slot, chunk_bytes)
@@ -103,8 +116,9 @@ def batch_chunks(chunks: Iterable[pb.TensorChunk], max_bytes: int = CHUNK_BYTES)
         yield batch
 
 
-def chunk_messages(first, field: str, tensors: Iterable[tuple[str, str, np.ndarray]],
-                   chunk_bytes: int = CHUNK_BYTES) -> Iterator:
+def chunk_messages(
+    first, field: str, tensors: Iterable[tuple[str, str, np.ndarray]], chunk_bytes: int = CHUNK_BYTES
+) -> Iterator:
     """Stream messages carrying ``(name, slot, array)`` tensors as chunks in their repeated ``field``.
 
     Yields ``first`` (always, with the first batch), then new messages of its type.
@@ -118,8 +132,7 @@ def chunk_messages(first, field: str, tensors: Iterable[tuple[str, str, np.ndarr
             if size and size + len(piece) > chunk_bytes:
                 yield message
                 message, size = type(first)(), 0
-            getattr(message, field).add(name=name, slot=slot, dtype=code, shape=shape, offset=offset,
-                                        data=bytes(piece))
+            getattr(message, field).add(name=name, slot=slot, dtype=code, shape=shape, offset=offset, data=bytes(piece))
             size += len(piece)
     yield message
 
@@ -136,8 +149,9 @@ def _varint(value: int) -> bytes:
 _DATA_TAG = _varint(pb.TensorChunk.DESCRIPTOR.fields_by_name["data"].number << 3 | 2)
 
 
-def serialized_chunk_messages(first, field: str, tensors: Iterable[tuple[str, str, np.ndarray]],
-                              chunk_bytes: int = CHUNK_BYTES) -> Iterator[bytes]:
+def serialized_chunk_messages(
+    first, field: str, tensors: Iterable[tuple[str, str, np.ndarray]], chunk_bytes: int = CHUNK_BYTES
+) -> Iterator[bytes]:
     """The wire bytes of the messages :func:`chunk_messages` would yield, built directly.
 
     Each payload is copied once, from the array into the message bytes (instead
@@ -241,8 +255,9 @@ def _wire_chunk(buffer: bytes, view: memoryview, start: int, end: int) -> WireCh
         else:
             rest.append(buffer[key_start:value_end])
     head = _parse(pb.TensorChunk, b"".join(rest))
-    return WireChunk(head.name, head.slot, head.dtype, tuple(head.shape), head.offset,
-                     view[data_span[0]:data_span[1]])
+    return WireChunk(
+        head.name, head.slot, head.dtype, tuple(head.shape), head.offset, view[data_span[0] : data_span[1]]
+    )
 
 
 def split_message(data: bytes, message_type, field: str) -> tuple:
@@ -309,6 +324,7 @@ def split_deserializer(message_type, field: str):
     then copied once, into its array, instead of three times (protobuf parsing,
     reading ``data``, the array).
     """
+
     def deserialize(data: bytes) -> SplitMessage:
         message, chunks = split_message(data, message_type, field)
         return SplitMessage(message, chunks, field)
@@ -362,8 +378,7 @@ class TensorAssembler:
         if any(d < 0 for d in shape):
             raise TensorFormatError(f"Tensor {_label(key)!r} has a negative dimension in shape {list(shape)}.")
         if chunk.offset != 0:
-            raise TensorFormatError(
-                f"Tensor {_label(key)!r}: first chunk must start at offset 0, got {chunk.offset}.")
+            raise TensorFormatError(f"Tensor {_label(key)!r}: first chunk must start at offset 0, got {chunk.offset}.")
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         self.total_bytes += nbytes
         if self._max_total is not None and self.total_bytes > self._max_total:
@@ -373,7 +388,7 @@ class TensorAssembler:
             )
         array = np.empty(shape, dtype=dtype.newbyteorder("="))
         self._arrays[key] = array
-        self._bytes[key] = memoryview(array.reshape(-1).view(np.uint8))
+        self._bytes[key] = memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy stubs, see above
         self._filled[key] = 0
 
     def _check_same_tensor(self, key: tuple[str, str], chunk) -> None:
@@ -412,3 +427,154 @@ def decode_all(chunks: Iterable[pb.TensorChunk]) -> dict[tuple[str, str], np.nda
 def variables_only(tensors: Mapping[tuple[str, str], np.ndarray]) -> dict[str, np.ndarray]:
     """``{name: array}`` of the entries whose slot is empty."""
     return {name: a for (name, slot), a in tensors.items() if not slot}
+
+
+# ------------------------------------------------------------------ sparse gradients
+
+# Slots under which a sparse gradient's two tensors travel (see SparseGradient in optserve.proto).
+SPARSE_INDICES_SLOT = "sparse_indices"
+SPARSE_VALUES_SLOT = "sparse_values"
+_INDEX_DTYPES = (np.dtype("int32"), np.dtype("int64"))
+
+
+class SparseGradient:
+    """A gradient given by rows: ``values[i]`` is the gradient of row ``indices[i]``; other rows are zero.
+
+    What Keras's TensorFlow backend gets for an embedding (``tf.IndexedSlices``).
+    ``indices`` is 1-D and integer (repeats are summed); ``values`` has shape
+    ``(len(indices), *variable.shape[1:])`` and the variable's dtype. It is
+    applied exactly as the dense gradient :meth:`densify` gives, so every row's
+    optimizer slots decay as under Keras (see ``optserve.server.sparse`` for
+    repeated indices under Keras's TensorFlow backend). Bad shapes or dtypes raise
+    ``InvalidArgumentError`` (a ``ValueError``) here, or when checked against the
+    variable, before anything is applied.
+    """
+
+    __slots__ = ("indices", "values")
+
+    def __init__(self, indices: Any, values: Any):
+        indices = np.asarray(indices)
+        values = np.asarray(values)
+        if indices.ndim != 1 or not (np.issubdtype(indices.dtype, np.integer) or indices.size == 0):
+            raise InvalidArgumentError(
+                "`indices` of a SparseGradient must be a 1-D array of integers. "
+                f"Received: shape {indices.shape} {indices.dtype.name}"
+            )
+        if indices.dtype not in _INDEX_DTYPES:
+            indices = indices.astype(np.int64)
+        if values.ndim < 1 or values.shape[0] != indices.shape[0]:
+            raise InvalidArgumentError(
+                "`values` of a SparseGradient must have one row per index, shape (len(indices), *row_shape). "
+                f"Received: {indices.shape[0]} indices and values of shape {values.shape}"
+            )
+        try:
+            dtype_to_proto(values.dtype)
+        except TensorFormatError as error:
+            raise InvalidArgumentError(f"`values` of a SparseGradient: {error}") from None
+        self.indices: np.ndarray = indices
+        self.values: np.ndarray = values
+
+    def __repr__(self) -> str:
+        return f"SparseGradient({len(self.indices)} rows of shape {self.values.shape[1:]} {self.values.dtype.name})"
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.values.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.indices.nbytes + self.values.nbytes)
+
+    def check_against(self, name: str, shape: Sequence[int], dtype: Any) -> None:
+        """Refuse (InvalidArgumentError) rows that do not fit variable ``name`` of ``shape`` and ``dtype``."""
+        shape = tuple(int(d) for d in shape)
+        if not shape:
+            raise InvalidArgumentError(
+                f"Sparse gradient for {name!r}: the variable is a scalar, which has no rows; send a dense gradient."
+            )
+        if self.values.shape[1:] != shape[1:]:
+            raise InvalidArgumentError(
+                f"Sparse gradient for {name!r} has rows of shape {self.values.shape[1:]}, but the variable of "
+                f"shape {shape} has rows of shape {shape[1:]}."
+            )
+        if self.values.dtype != np.dtype(dtype):
+            raise InvalidArgumentError(
+                f"Sparse gradient for {name!r} has dtype {self.values.dtype.name}, but the variable has "
+                f"{np.dtype(dtype).name}; send rows of the variable's dtype."
+            )
+        if self.indices.size:
+            low, high = int(self.indices.min()), int(self.indices.max())
+            if low < 0 or high >= shape[0]:
+                bad = low if low < 0 else high
+                raise InvalidArgumentError(
+                    f"Sparse gradient for {name!r} has index {bad}, outside the variable's {shape[0]} rows "
+                    f"[0, {shape[0]})."
+                )
+
+    def densify(self, shape: Sequence[int], dtype: Any = None) -> np.ndarray:
+        """The dense gradient: zeros of ``shape`` with each row added at its index (repeats summed)."""
+        dense = np.zeros(tuple(shape), dtype=self.values.dtype if dtype is None else dtype)
+        if np.unique(self.indices).size == self.indices.size:
+            dense[self.indices] = self.values  # no repeats: each row lands on a zero row
+        else:
+            np.add.at(dense, self.indices, self.values)
+        return dense
+
+    def rows(self, start: int, stop: int) -> SparseGradient:
+        """The rows with indices in ``[start, stop)``, re-based to start at 0 (a part of a split variable)."""
+        keep = (self.indices >= start) & (self.indices < stop)
+        return SparseGradient(self.indices[keep] - self.indices.dtype.type(start), self.values[keep])
+
+
+def gradient_tensors(gradients: Mapping[str, Any]) -> tuple[list[tuple[str, str, Any]], list[pb.SparseGradient]]:
+    """The tensors of a push (dense ones with slot "", sparse ones as two slotted tensors) and its declarations."""
+    tensors: list[tuple[str, str, Any]] = []
+    declared: list[pb.SparseGradient] = []
+    for name, gradient in gradients.items():
+        if isinstance(gradient, SparseGradient):
+            tensors.append((name, SPARSE_INDICES_SLOT, gradient.indices))
+            tensors.append((name, SPARSE_VALUES_SLOT, gradient.values))
+            declared.append(pb.SparseGradient(name=name))
+        else:
+            tensors.append((name, "", gradient))
+    return tensors, declared
+
+
+def split_gradients(
+    tensors: Mapping[tuple[str, str], np.ndarray], declared: Iterable[Any]
+) -> tuple[dict[str, np.ndarray], dict[str, tuple[SparseGradient, tuple[int, ...]]]]:
+    """A received push's tensors -> (dense {name: array}, sparse {name: (SparseGradient, declared shape)}).
+
+    Raises TensorFormatError for tensors that fit neither form.
+    """
+    sparse_shapes: dict[str, tuple[int, ...]] = {}
+    for declaration in declared:
+        if declaration.name in sparse_shapes:
+            raise TensorFormatError(f"Sparse gradient {declaration.name!r} is declared twice.")
+        sparse_shapes[declaration.name] = tuple(int(d) for d in declaration.dense_shape)
+    dense: dict[str, np.ndarray] = {}
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for (name, slot), array in tensors.items():
+        if not slot:
+            dense[name] = array
+        elif name in sparse_shapes and slot in (SPARSE_INDICES_SLOT, SPARSE_VALUES_SLOT):
+            parts.setdefault(name, {})[slot] = array
+        else:
+            raise TensorFormatError(
+                f"Gradient tensors must have an empty slot; received slot tensor {_label((name, slot))!r}"
+                + ("" if name in sparse_shapes else " (a sparse gradient must be declared in `sparse_gradients`)")
+                + "."
+            )
+    sparse: dict[str, tuple[SparseGradient, tuple[int, ...]]] = {}
+    for name, shape in sparse_shapes.items():
+        if name in dense:
+            raise TensorFormatError(f"Gradient {name!r} is sent both dense and sparse; send one of them.")
+        found = parts.get(name, {})
+        missing = [slot for slot in (SPARSE_INDICES_SLOT, SPARSE_VALUES_SLOT) if slot not in found]
+        if missing:
+            raise TensorFormatError(f"Sparse gradient {name!r} lacks its {missing} tensor.")
+        try:
+            sparse[name] = SparseGradient(found[SPARSE_INDICES_SLOT], found[SPARSE_VALUES_SLOT]), shape
+        except InvalidArgumentError as error:
+            raise TensorFormatError(f"Sparse gradient {name!r}: {error.message}") from None
+    return dense, sparse

@@ -51,7 +51,7 @@ def _default_apply_threads() -> int:
     return max(2, min(8, os.cpu_count() or 2))
 
 
-def _format_address(host: str, port: int) -> str:
+def _format_address(host: str, port: int | None) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
@@ -98,6 +98,7 @@ class ParameterServer:
         self._executor: ThreadPoolExecutor | None = None
         self._checkpointer: Checkpointer | None = None
         self._expiry: ModelExpiry | None = None
+        self._servicer: ParameterServerServicer | None = None
 
     @property
     def address(self) -> str:
@@ -131,8 +132,8 @@ class ParameterServer:
             interceptors.append(auth.AuthInterceptor(self.tokens, verified_certificates=mutual_tls))
         self._server = grpc.aio.server(interceptors=interceptors,
                                        options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
-        add_to_server(ParameterServerServicer(self._registry, self.max_request_bytes, self._checkpointer),
-                      self._server)
+        self._servicer = ParameterServerServicer(self._registry, self.max_request_bytes, self._checkpointer)
+        add_to_server(self._servicer, self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         enable_reflection((SERVICE_NAME, health.SERVICE_NAME), self._server)
@@ -190,40 +191,47 @@ class ParameterServer:
         return self.tokens.reload() if self.tokens is not None else False
 
     async def _restore(self) -> None:
-        found = await self._checkpointer.load_latest()
+        checkpointer, registry = self._checkpointer, self._registry
+        assert checkpointer is not None and registry is not None  # start() made both before restoring
+        found = await checkpointer.load_latest()
         if found is None:
             log.info("No checkpoint in %s yet; starting without models.", self.checkpoint_dir)
             return
         state, path = found
         try:
-            await self._registry.restore(state)
+            await registry.restore(state)
         except (OptserveError, KeyError, TypeError, ValueError, AttributeError) as error:
             message = error.message if isinstance(error, OptserveError) else repr(error)
             raise FailedPreconditionError(
                 f"Cannot restore checkpoint {path}: {message}. Its files are intact but their content does not "
                 f"fit this optserve version; move it out of {self.checkpoint_dir} to start from the one before it."
             ) from error
+        if self._servicer is not None:  # replies name the checkpoint this start restored
+            self._servicer.generation = self._servicer.generation.restored(path.name)
         log.info("Restored checkpoint %s: %s.", path, describe_models(state["models"]))
 
     async def _abandon_start(self) -> None:
         if self.metrics is not None:
             self.metrics.stop_http()
-        await self._server.stop(None)
+        server, executor = self._server, self._executor
+        assert server is not None and executor is not None  # start() made both before anything can fail
+        await server.stop(None)
         if self._checkpointer is not None:
             await self._checkpointer.close(final=False)
-        self._executor.shutdown(wait=True)
+        executor.shutdown(wait=True)
         self._server = None
 
     async def stop(self, grace: float | None = DEFAULT_GRACE_S, *, final_checkpoint: bool = True) -> None:
         """NOT_SERVING first, then refuse waiting workers, write the final checkpoint (with a
         checkpoint directory, unless ``final_checkpoint`` is False), then let calls in flight
         finish within ``grace``."""
-        if self._server is None:
-            return
-        await self._health.enter_graceful_shutdown()
+        server, health_servicer, registry, executor = self._server, self._health, self._registry, self._executor
+        if server is None or health_servicer is None or registry is None or executor is None:
+            return  # not started, or start() was abandoned
+        await health_servicer.enter_graceful_shutdown()
         if self._expiry is not None:
             await self._expiry.stop()
-        self._registry.close()
+        registry.close()
         if self._checkpointer is not None:
             # After close(): no new update starts; the snapshot waits for those in flight.
             try:
@@ -236,8 +244,8 @@ class ParameterServer:
             else:
                 if path is not None:
                     log.info("Final checkpoint: %s", path)
-        await self._server.stop(grace)
-        self._executor.shutdown(wait=True)
+        await server.stop(grace)
+        executor.shutdown(wait=True)
         self._server = None
         if self.metrics is not None:
             self.metrics.stop_http()

@@ -36,6 +36,7 @@ shutdown, each state collected on the event loop and written on a thread of its 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import dataclasses
 import errno
@@ -51,6 +52,7 @@ import shutil
 import struct
 import threading
 import time
+import types
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, Iterator, NamedTuple
 
@@ -72,6 +74,7 @@ from optserve.server.errors import (
     UnavailableError,
 )
 
+fcntl: types.ModuleType | None
 try:  # advisory lock between processes; absent on Windows, where only threads are serialized
     import fcntl
 except ImportError:  # pragma: no cover - non-POSIX hosts
@@ -176,7 +179,7 @@ class CheckpointStore:
                     logger.warning("Skipping damaged checkpoint %s: %s", info.path, error.message)
         return None
 
-    def list(self) -> list[CheckpointInfo]:
+    def list(self) -> builtins.list[CheckpointInfo]:  # builtins: `list` is this method in the class body
         """Finished checkpoints, oldest first (their contents are not verified)."""
         with self._lock:
             return self._checkpoints()
@@ -195,7 +198,7 @@ class CheckpointStore:
 
     # ------------------------------------------------------------------ directory bookkeeping
 
-    def _checkpoints(self) -> list[CheckpointInfo]:
+    def _checkpoints(self) -> builtins.list[CheckpointInfo]:
         found = []
         for entry in self.directory.iterdir():
             match = _CHECKPOINT_NAME.match(entry.name)
@@ -203,7 +206,7 @@ class CheckpointStore:
                 found.append(CheckpointInfo(int(match.group(1)), entry))
         return sorted(found)
 
-    def _temp_entries(self) -> list[pathlib.Path]:
+    def _temp_entries(self) -> builtins.list[pathlib.Path]:
         return sorted(e for e in self.directory.iterdir() if e.name.startswith(TEMP_PREFIX))
 
     def _next_sequence(self) -> int:

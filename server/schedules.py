@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -207,12 +207,15 @@ def _step_tensor(step) -> np.ndarray:
 class LearningRateSchedule:
     """Base class: an immutable schedule; ``schedule(step)`` -> float."""
 
+    # Every schedule is a frozen dataclass (get_config reads its fields).
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
     def __call__(self, step: int) -> float:
-        step = _step_tensor(step)
+        step_tensor = _step_tensor(step)
         # Some configs Keras accepts reach inf/nan (e.g. t_mul=0); NumPy would
         # only warn about them, and the value itself is what Keras returns.
         with np.errstate(all="ignore"):
-            return float(self._evaluate(step))
+            return float(self._evaluate(step_tensor))
 
     def _evaluate(self, step: np.ndarray):
         raise NotImplementedError
@@ -516,7 +519,7 @@ class CosineDecayRestarts(LearningRateSchedule):
 # ---------------------------------------------------------------------------
 # (De)serialization in Keras's form
 # ---------------------------------------------------------------------------
-REGISTRY: dict[str, type] = {
+REGISTRY: dict[str, type[LearningRateSchedule]] = {
     cls.__name__: cls
     for cls in (
         ExponentialDecay,

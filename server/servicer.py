@@ -22,6 +22,7 @@ import numpy as np
 
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
+from optserve.protos import errors
 from optserve.protos import tensors as codec
 from optserve.server import auth
 from optserve.server import usage as calls
@@ -42,14 +43,15 @@ from optserve.server.model import (
     check_model_id,
     parse_optimizer_config,
 )
+from optserve.server.generation import ServerGeneration
 from optserve.server.registry import ModelRegistry
+from optserve.server.sparse import densify_gradients
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 DEFAULT_MAX_REQUEST_BYTES = 4 << 30
-# Trailing metadata keys of error details: "current_step" -> "optserve-current-step".
-METADATA_PREFIX = "optserve-"
+METADATA_PREFIX = errors.METADATA_PREFIX  # error details travel as trailing metadata under this prefix
 
 _MODE_FROM_PROTO = {pb.SYNC_MODE_UNSPECIFIED: SYNC, pb.SYNC: SYNC, pb.ASYNC: ASYNC}
 _MODE_TO_PROTO = {SYNC: pb.SYNC, ASYNC: pb.ASYNC}
@@ -64,8 +66,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
     """The one mapping from an exception to (status code, message, trailing metadata)."""
     if isinstance(exc, OptserveError):
         code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
-        metadata = tuple((METADATA_PREFIX + key.replace("_", "-"), str(value)) for key, value in exc.details.items())
-        return code, exc.message, metadata
+        return code, exc.message, errors.status_metadata(exc)
     if isinstance(exc, codec.TensorFormatError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
     if isinstance(exc, MemoryError):
@@ -213,11 +214,15 @@ def add_to_server(servicer: "ParameterServerServicer", server) -> None:
 # -------------------------------------------------------------- messages
 
 
-def _state_message(status: OptimizerStatus) -> pb.OptimizerState:
+def _generation_message(generation: ServerGeneration) -> pb.ServerGeneration:
+    return pb.ServerGeneration(server_id=generation.server_id, restored_checkpoint=generation.restored_checkpoint)
+
+
+def _state_message(status: OptimizerStatus, generation: pb.ServerGeneration | None = None) -> pb.OptimizerState:
     schedule = json.dumps(status.schedule, sort_keys=True) if status.schedule is not None else ""
     return pb.OptimizerState(iterations=status.iterations, raw_iterations=status.raw_iterations,
                              learning_rate=status.learning_rate, step=status.step, scalars=status.scalars,
-                             learning_rate_schedule_json=schedule)
+                             learning_rate_schedule_json=schedule, generation=generation)
 
 
 STATE_FIELDS = ("iterations", "raw_iterations", "learning_rate", "learning_rate_schedule_json", "step", "scalars")
@@ -267,13 +272,13 @@ def _parse_schedule(text: str) -> dict:
     return schedule
 
 
-def _step_result(outcome: StepOutcome) -> pb.StepResult:
+def _step_result(outcome: StepOutcome, generation: pb.ServerGeneration | None = None) -> pb.StepResult:
     return pb.StepResult(step=outcome.step, iterations=outcome.iterations, learning_rate=outcome.learning_rate,
                          duplicate=outcome.duplicate, contributors=outcome.contributors,
-                         missing_workers=outcome.missing)
+                         missing_workers=outcome.missing, generation=generation)
 
 
-def _model_info(summary: ModelSummary) -> pb.ModelInfo:
+def _model_info(summary: ModelSummary, generation: pb.ServerGeneration | None = None) -> pb.ModelInfo:
     spec = summary.spec
     return pb.ModelInfo(
         spec=pb.ModelSpec(
@@ -284,7 +289,7 @@ def _model_info(summary: ModelSummary) -> pb.ModelInfo:
             sync_timeout_s=spec.sync_timeout_s,
             timeout_policy=_POLICY_TO_PROTO[spec.timeout_policy],
         ),
-        state=_state_message(summary.status),
+        state=_state_message(summary.status, generation),
         variables=[
             _variable_info(v) for v in summary.variables
         ],
@@ -344,6 +349,17 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.registry = registry
         self.max_request_bytes = int(max_request_bytes)
         self.checkpointer = checkpointer  # optserve.server.checkpoint.Checkpointer, when checkpointing
+        self.generation = ServerGeneration.new()  # the app records the checkpoint it restores
+
+    @property
+    def generation(self) -> ServerGeneration:
+        """Which run of the server this is; every reply carries it."""
+        return self._generation_value
+
+    @generation.setter
+    def generation(self, value: ServerGeneration) -> None:
+        self._generation_value = value
+        self._generation = _generation_message(value)  # built once, not per reply
 
     @_translating_errors
     async def CreateModel(self, request_iterator: AsyncIterator[pb.CreateModelRequest], context):
@@ -372,11 +388,12 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             worker=worker,
             peer=context.peer() or "",
         )
-        return pb.CreateModelResponse(created=created, model=_model_info(await model.summary()))
+        return pb.CreateModelResponse(created=created, model=_model_info(await model.summary(), self._generation))
 
     @_translating_errors
     async def ApplyGradients(self, request_iterator: AsyncIterator[pb.ApplyGradientsRequest], context):
         header = model = None
+        sparse_declared: list = []
         tensors = _RequestTensors(self.max_request_bytes)
         with contextlib.ExitStack() as in_use:
             async for request in request_iterator:
@@ -384,15 +401,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     if not request.HasField("header"):
                         raise InvalidArgumentError("The first ApplyGradientsRequest must carry `header`.")
                     header = request.header
+                    sparse_declared = list(request.sparse_gradients)
                     model = self.registry.get(header.model_id)
                     model.check_push_header(header.worker_index, header.step)
                     in_use.enter_context(model.usage.call(calls.PUSH, header.worker_index))
                 tensors.add_all(request.gradients)
-            if header is None:
+            if header is None or model is None:
                 raise InvalidArgumentError("ApplyGradients received no messages; send a header, then the gradients.")
-            outcome = await model.push(header.worker_index, header.step, tensors.variables("Gradient"),
+            if sparse_declared:
+                gradients = await self._densified(model, tensors.result(), sparse_declared)
+            else:
+                gradients = tensors.variables("Gradient")
+            outcome = await model.push(header.worker_index, header.step, gradients,
                                        aggregated=header.aggregated, return_variables=header.return_variables)
-        first = pb.ApplyGradientsResponse(result=_step_result(outcome))
+        first = pb.ApplyGradientsResponse(result=_step_result(outcome, self._generation))
         values = outcome.variables or {}
         if _payload_bytes(values.values()) <= codec.CHUNK_BYTES:
             for message in codec.chunk_messages(first, "variables", _as_variables(values)):
@@ -407,13 +429,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         for message in await asyncio.shield(encoding):
             yield message
 
+    async def _densified(self, model, received: dict, declared: list) -> dict[str, np.ndarray]:
+        """A push with sparse gradients as the dense one it stands for (built off the event loop)."""
+        dense, sparse = codec.split_gradients(received, declared)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.registry.executor, densify_gradients, model, dense, sparse)
+
     @_translating_errors
     async def Pull(self, request: pb.PullRequest, context):
         model = self.registry.get(request.model_id)
         with model.usage.call(calls.PULL):
             status, values = await model.pull(request.names)
         first = pb.PullResponse(state=pb.StepResult(step=status.step, iterations=status.iterations,
-                                                    learning_rate=status.learning_rate))
+                                                    learning_rate=status.learning_rate,
+                                                    generation=self._generation))
         for message in await self._encode(first, "variables", _as_variables(values)):
             yield message
 
@@ -422,7 +451,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         model = self.registry.get(request.model_id)
         with model.usage.call(calls.GET_WEIGHTS):
             status, tensors = await model.get_weights(request.names, request.include_variables)
-        for message in await self._encode(pb.GetWeightsResponse(state=_state_message(status)), "tensors", tensors):
+        first = pb.GetWeightsResponse(state=_state_message(status, self._generation))
+        for message in await self._encode(first, "tensors", tensors):
             yield message
 
     async def _encode(self, first, field: str, tensors: list[tuple[str, str, np.ndarray]]) -> list:
@@ -451,7 +481,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 raise InvalidArgumentError("SetWeights received no messages; send the model_id first.")
             model = self.registry.get(first.model_id)
             status = await model.set_weights(tensors.result(), state)
-        return pb.SetWeightsResponse(state=_state_message(status))
+        return pb.SetWeightsResponse(state=_state_message(status, self._generation))
 
     @_translating_errors
     async def ListModels(self, request: pb.ListModelsRequest, context):
@@ -466,7 +496,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             except OptserveError:
                 if request.model_id or not model.closed:
                     raise  # a model deleted while listing everything is simply left out
-        return pb.ListModelsResponse(models=[_model_info(s) for s in summaries])
+        return pb.ListModelsResponse(models=[_model_info(s, self._generation) for s in summaries])
 
     @_translating_errors
     async def DeleteModel(self, request: pb.DeleteModelRequest, context):

@@ -229,7 +229,7 @@ def test_step_mismatch_is_raised_not_skipped_and_resync_adopts_the_server_step(c
         other.push("m", _ones_like(_variables()), step=0)
         other.push("m", _ones_like(_variables()), step=1)
     client.pull("m")                    # learn step 2 ...
-    client._record_worker_step("m", 0, 5)  # ... then pretend this worker lost track
+    client.steps.record_worker_step("m", 0, 5)  # ... then pretend this worker lost track
     with pytest.raises(StepMismatchError) as caught:
         client.push("m", _ones_like(_variables()))
     assert caught.value.current_step == 2
@@ -323,7 +323,7 @@ def test_set_weights_list_is_checked_locally_and_sends_nothing(client, monkeypat
     client.create_model("m", "adam", _variables())
     weights = client.get_weights("m").as_list()
     sent = []
-    monkeypatch.setattr(client._stub, "SetWeights", lambda *a, **k: sent.append(a))
+    monkeypatch.setattr(client.transport, "set_weights", lambda *a, **k: sent.append(a))
     with pytest.raises(ValueError, match=message) as caught:
         client.set_weights_list("m", mutate(weights))
     assert isinstance(caught.value, InvalidArgumentError)

@@ -293,9 +293,10 @@ class Optimizer:
 
     def current_learning_rate(self) -> float:
         """The rate the next update uses (a schedule reads the raw counter, as in Keras)."""
-        if self._schedule is None:
-            return self._learning_rate
-        return float(LEARNING_RATE_DTYPE(self._schedule(self._raw_iterations)))
+        if self._schedule is not None:
+            return float(LEARNING_RATE_DTYPE(self._schedule(self._raw_iterations)))
+        assert self._learning_rate is not None  # a float whenever there is no schedule
+        return self._learning_rate
 
     def set_learning_rate(self, value: Any) -> None:
         """Keras's ``optimizer.learning_rate = value``.

@@ -1,0 +1,549 @@
+"""How a client reaches one optserve server: the :class:`Transport` seam and its gRPC implementation.
+
+``Client`` and ``ShardedClient`` check arguments and track steps; everything
+about the wire lives here: the channel (:func:`open_channel`, the one place a
+channel is made), the stub, retries and deadlines, the conversion between
+protobuf messages and the domain values of ``optserve.client.types``, and the
+zero-copy tensor paths (requests built as wire bytes, replies split without
+copying their payloads, see :func:`wire_stub`).
+
+A transport takes and returns domain values only, so another one (in-process,
+shared memory, a recording fake in tests) can stand in for :class:`GrpcTransport`.
+
+This module imports neither the server, nor Keras, nor CuPy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from optserve.client import security
+from optserve.client.activity import activity_from_message
+from optserve.client.types import (
+    ModelInfo,
+    ModelSpec,
+    OptimizerState,
+    OptimizerWeights,
+    ServerGeneration,
+    StepResult,
+    VariableInfo,
+)
+from optserve.protos import errors, tensors
+from optserve.protos import optserve_pb2 as pb
+from optserve.protos import optserve_pb2_grpc as pb_grpc
+from optserve.protos.errors import OptserveError
+
+__all__ = ["GrpcTransport", "RetryPolicy", "Transport", "error_from_rpc", "open_channel", "optimizer_class_name"]
+
+# (name, slot, array): one tensor as the wire names it; slot "" is the variable itself.
+Tensor = tuple[str, str, np.ndarray]
+T = TypeVar("T")
+
+
+class Transport(Protocol):
+    """One server's RPCs, in domain values. ``timeout`` is the whole call's budget in seconds (None: none).
+
+    Every method raises an :class:`~optserve.protos.errors.OptserveError` subclass
+    when the server refuses or cannot be reached.
+    """
+
+    address: str
+
+    def create_model(
+        self,
+        spec: ModelSpec,
+        variables: Mapping[str, np.ndarray],
+        *,
+        timeout: float | None,
+        worker_index: int | None = None,  # recorded by the server as the creator
+    ) -> ModelInfo: ...
+
+    def list_models(self, model_id: str | None, with_stats: bool, *, timeout: float | None) -> list[ModelInfo]: ...
+
+    def delete_model(self, model_id: str, *, timeout: float | None, if_idle: bool = False) -> bool: ...
+
+    def checkpoint(self, *, timeout: float | None) -> tuple[str, int]: ...
+
+    def health(self, service: str, *, timeout: float | None) -> str: ...
+
+    def apply_gradients(
+        self,
+        model_id: str,
+        gradients: Mapping[str, Any],
+        *,
+        worker_index: int,
+        step: int,
+        aggregated: bool,
+        return_variables: bool,
+        timeout: float | None,
+    ) -> tuple[StepResult, dict[str, np.ndarray]]: ...
+
+    def pull(
+        self, model_id: str, names: Sequence[str], *, timeout: float | None
+    ) -> tuple[StepResult, dict[str, np.ndarray]]: ...
+
+    def get_weights(
+        self, model_id: str, names: Sequence[str], include_variables: bool, *, timeout: float | None
+    ) -> OptimizerWeights: ...
+
+    def set_weights(
+        self,
+        model_id: str,
+        tensors: Sequence[Tensor],
+        state: OptimizerState | None,
+        *,
+        timeout: float | None,
+        fields: Sequence[str] = (),  # the fields of `state` to set; empty: all of them
+    ) -> OptimizerState: ...
+
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- channel and errors
+
+
+def channel_options(
+    backoff: float, max_backoff: float, options: Sequence[tuple[str, Any]] | None = None
+) -> list[tuple[str, Any]]:
+    """optserve's channel options, the caller's ``options`` last (they win)."""
+    merged: dict[str, Any] = dict(tensors.GRPC_OPTIONS)
+    # Reconnect about as fast as we retry, instead of gRPC's 1 s..120 s default backoff.
+    merged["grpc.initial_reconnect_backoff_ms"] = max(1, int(backoff * 1000))
+    merged["grpc.max_reconnect_backoff_ms"] = max(1, int(max_backoff * 1000))
+    merged.update(dict(options or ()))
+    return list(merged.items())
+
+
+def open_channel(address: str, options: Sequence[tuple[str, Any]], *, tls: Any = None, token: Any = None) -> grpc.Channel:
+    """The channel to one server: every client connection is made here, with its TLS and token
+    (``optserve.client.security``; None reads ``OPTSERVE_TLS_*`` / ``OPTSERVE_TOKEN``)."""
+    return security.open_channel(address, list(options), tls=tls, token=token)
+
+
+def error_from_rpc(error: grpc.RpcError) -> OptserveError:
+    """A gRPC failure as the error family's class (see ``optserve.protos.errors.error_from_status``)."""
+    status = error.code() if hasattr(error, "code") else None
+    code = status.name if status is not None else "UNKNOWN"
+    message = (error.details() if hasattr(error, "details") else None) or str(error)
+    metadata = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    return errors.error_from_status(code, message, metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """How a call is retried: after UNAVAILABLE, or after its own per-attempt deadline expired.
+
+    Retrying a push is safe: the server counts a (worker, step) once.
+    """
+
+    retries: int = 5
+    backoff: float = 0.2  # first pause (seconds), doubled each time, with jitter
+    max_backoff: float = 5.0
+    attempt_timeout: float | None = None  # deadline of one attempt; None: the call's whole budget
+
+    def run(self, attempt: Callable[[float | None], T], timeout: float | None) -> T:
+        """``attempt(deadline_seconds)`` with retries; any gRPC failure becomes an OptserveError."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = self.backoff
+        for attempt_number in range(self.retries + 1):
+            attempt_timeout = self._attempt_timeout(deadline)
+            started = time.monotonic()
+            try:
+                return attempt(attempt_timeout)
+            except grpc.RpcError as rpc_error:
+                error = error_from_rpc(rpc_error)
+                last_attempt = attempt_number == self.retries
+                if last_attempt or not self._retryable(error, started, attempt_timeout, deadline):
+                    raise error from None
+            pause = min(delay, self.max_backoff) * random.uniform(0.5, 1.0)
+            if deadline is not None:
+                pause = min(pause, max(0.0, deadline - time.monotonic()))
+            time.sleep(pause)
+            delay *= 2
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _attempt_timeout(self, deadline: float | None) -> float | None:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if self.attempt_timeout is None:
+            return remaining
+        return self.attempt_timeout if remaining is None else min(remaining, self.attempt_timeout)
+
+    def _retryable(
+        self, error: OptserveError, started: float, attempt_timeout: float | None, deadline: float | None
+    ) -> bool:
+        if deadline is not None and time.monotonic() >= deadline:
+            return False  # the caller's whole budget is spent
+        if error.code == "UNAVAILABLE":
+            return True
+        # Only our own per-attempt deadline is worth retrying; a DEADLINE_EXCEEDED the
+        # server sends (a synchronous step whose workers did not all arrive) is final.
+        own_deadline_hit = (
+            self.attempt_timeout is not None
+            and attempt_timeout is not None
+            and time.monotonic() - started >= attempt_timeout
+        )
+        return error.code == "DEADLINE_EXCEEDED" and own_deadline_hit and not error.details
+
+
+_SERVICE_PATH = "/" + pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name + "/"
+
+
+def wire_stub(channel: grpc.Channel) -> pb_grpc.ParameterServerStub:
+    """The generated stub, except that the calls carrying tensors send and receive wire bytes.
+
+    Requests are built by ``tensors.serialized_chunk_messages`` (each payload copied
+    once, from the array into the message) and responses are split by
+    ``tensors.split_message`` (payloads copied once, into the arrays), instead of
+    going through protobuf objects, which copy every payload two more times.
+    A serializer or deserializer of None makes gRPC pass the bytes through.
+    """
+    stub = pb_grpc.ParameterServerStub(channel)
+    stub.CreateModel = channel.stream_unary(
+        _SERVICE_PATH + "CreateModel",
+        request_serializer=None,
+        response_deserializer=pb.CreateModelResponse.FromString,
+        _registered_method=True,
+    )
+    stub.ApplyGradients = channel.stream_stream(
+        _SERVICE_PATH + "ApplyGradients", request_serializer=None, response_deserializer=None, _registered_method=True
+    )
+    stub.Pull = channel.unary_stream(
+        _SERVICE_PATH + "Pull",
+        request_serializer=pb.PullRequest.SerializeToString,
+        response_deserializer=None,
+        _registered_method=True,
+    )
+    stub.GetWeights = channel.unary_stream(
+        _SERVICE_PATH + "GetWeights",
+        request_serializer=pb.GetWeightsRequest.SerializeToString,
+        response_deserializer=None,
+        _registered_method=True,
+    )
+    stub.SetWeights = channel.stream_unary(
+        _SERVICE_PATH + "SetWeights",
+        request_serializer=None,
+        response_deserializer=pb.SetWeightsResponse.FromString,
+        _registered_method=True,
+    )
+    return stub
+
+
+# --------------------------------------------------------------------------- the gRPC transport
+
+
+class GrpcTransport:
+    """:class:`Transport` over one gRPC channel, with retries (see :class:`RetryPolicy`)."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        retry: RetryPolicy | None = None,
+        options: Sequence[tuple[str, Any]] | None = None,
+        tls: Any = None,
+        token: Any = None,
+    ):
+        self.address = address
+        self.retry = retry or RetryPolicy()
+        self._channel = open_channel(
+            address, channel_options(self.retry.backoff, self.retry.max_backoff, options), tls=tls, token=token
+        )
+        self._stub = wire_stub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"GrpcTransport({self.address!r})"
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._channel.close()
+
+    def _call(self, attempt: Callable[[float | None], T], timeout: float | None) -> T:
+        if self._closed:
+            raise ValueError("This Client is closed.")
+        return self.retry.run(attempt, timeout)
+
+    # ------------------------------------------------------------------ models
+
+    def create_model(
+        self,
+        spec: ModelSpec,
+        variables: Mapping[str, np.ndarray],
+        *,
+        timeout: float | None,
+        worker_index: int | None = None,
+    ) -> ModelInfo:
+        first = pb.CreateModelRequest(spec=_spec_message(spec), worker_index=worker_index)
+        tensor_list = _variable_tensors(variables)
+
+        def attempt(deadline: float | None) -> pb.CreateModelResponse:
+            requests = tensors.serialized_chunk_messages(first, "variables", tensor_list)
+            return self._stub.CreateModel(requests, timeout=deadline)
+
+        response = self._call(attempt, timeout)
+        return model_info(response.model, created=bool(response.created))
+
+    def list_models(self, model_id: str | None, with_stats: bool, *, timeout: float | None) -> list[ModelInfo]:
+        request = pb.ListModelsRequest(model_id=model_id or "", with_stats=bool(with_stats))
+        response = self._call(lambda deadline: self._stub.ListModels(request, timeout=deadline), timeout)
+        return [model_info(m, with_stats=with_stats) for m in response.models]
+
+    def delete_model(self, model_id: str, *, timeout: float | None, if_idle: bool = False) -> bool:
+        request = pb.DeleteModelRequest(model_id=model_id, if_idle=bool(if_idle))
+        response = self._call(lambda deadline: self._stub.DeleteModel(request, timeout=deadline), timeout)
+        return bool(response.deleted)
+
+    def checkpoint(self, *, timeout: float | None) -> tuple[str, int]:
+        response = self._call(lambda deadline: self._stub.Checkpoint(pb.CheckpointRequest(), timeout=deadline), timeout)
+        return response.path, int(response.models)
+
+    def health(self, service: str, *, timeout: float | None) -> str:
+        request = health_pb2.HealthCheckRequest(service=service)
+        response = self._call(lambda deadline: self._health.Check(request, timeout=deadline), timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    # ------------------------------------------------------------------ tensors
+
+    def apply_gradients(
+        self,
+        model_id: str,
+        gradients: Mapping[str, Any],
+        *,
+        worker_index: int,
+        step: int,
+        aggregated: bool,
+        return_variables: bool,
+        timeout: float | None,
+    ) -> tuple[StepResult, dict[str, np.ndarray]]:
+        header = pb.ApplyGradientsHeader(
+            model_id=model_id,
+            worker_index=worker_index,
+            step=int(step),
+            aggregated=bool(aggregated),
+            return_variables=bool(return_variables),
+        )
+        tensor_list, sparse = tensors.gradient_tensors(gradients)
+        first = pb.ApplyGradientsRequest(header=header)
+        if sparse:
+            first.sparse_gradients.extend(sparse)
+
+        def attempt(deadline: float | None) -> tuple[Any, dict]:
+            # Built lazily, one message at a time as gRPC sends them: a push holds one extra
+            # message of memory, not a copy of all its gradients (measured faster, too).
+            requests = tensors.serialized_chunk_messages(first, "gradients", tensor_list)
+            responses = self._stub.ApplyGradients(requests, timeout=deadline)
+            return read_stream(responses, pb.ApplyGradientsResponse, "result", "variables")
+
+        result, values = self._call(attempt, timeout)
+        return step_result(result), tensors.variables_only(values)
+
+    def pull(
+        self, model_id: str, names: Sequence[str], *, timeout: float | None
+    ) -> tuple[StepResult, dict[str, np.ndarray]]:
+        request = pb.PullRequest(model_id=model_id, names=list(names))
+
+        def attempt(deadline: float | None) -> tuple[Any, dict]:
+            return read_stream(self._stub.Pull(request, timeout=deadline), pb.PullResponse, "state", "variables")
+
+        state, values = self._call(attempt, timeout)
+        return step_result(state), tensors.variables_only(values)
+
+    def get_weights(
+        self, model_id: str, names: Sequence[str], include_variables: bool, *, timeout: float | None
+    ) -> OptimizerWeights:
+        request = pb.GetWeightsRequest(model_id=model_id, names=list(names), include_variables=bool(include_variables))
+
+        def attempt(deadline: float | None) -> tuple[Any, dict]:
+            return read_stream(
+                self._stub.GetWeights(request, timeout=deadline), pb.GetWeightsResponse, "state", "tensors"
+            )
+
+        state_message, values = self._call(attempt, timeout)
+        slots: dict[str, dict[str, np.ndarray]] = {}
+        variables: dict[str, np.ndarray] = {}
+        for (name, slot), array in values.items():
+            if slot:
+                slots.setdefault(name, {})[slot] = array
+            else:
+                variables[name] = array
+        state = optimizer_state(state_message)
+        fields = {field.name: getattr(state, field.name) for field in dataclasses.fields(state)}
+        return OptimizerWeights(**fields, slots=slots, variables=variables)
+
+    def set_weights(
+        self,
+        model_id: str,
+        tensors_to_set: Sequence[Tensor],
+        state: OptimizerState | None,
+        *,
+        timeout: float | None,
+        fields: Sequence[str] = (),
+    ) -> OptimizerState:
+        first = pb.SetWeightsRequest(model_id=model_id, has_state=state is not None, state_fields=list(fields))
+        if state is not None:
+            first.state.CopyFrom(_state_message(state))
+
+        def attempt(deadline: float | None) -> pb.SetWeightsResponse:
+            requests = tensors.serialized_chunk_messages(first, "tensors", tensors_to_set)
+            return self._stub.SetWeights(requests, timeout=deadline)
+
+        return optimizer_state(self._call(attempt, timeout).state)
+
+
+# --------------------------------------------------------------------------- messages <-> domain values
+
+_MODES = {"sync": pb.SYNC, "async": pb.ASYNC}
+_MODE_NAMES = {pb.SYNC: "sync", pb.ASYNC: "async", pb.SYNC_MODE_UNSPECIFIED: "sync"}
+_POLICIES = {"fail": pb.FAIL, "apply_partial": pb.APPLY_PARTIAL}
+_POLICY_NAMES = {pb.FAIL: "fail", pb.APPLY_PARTIAL: "apply_partial", pb.TIMEOUT_POLICY_UNSPECIFIED: "fail"}
+
+
+def _variable_tensors(arrays: Mapping[str, Any]) -> list[Tensor]:
+    return [(name, "", array) for name, array in arrays.items()]
+
+
+def _spec_message(spec: ModelSpec) -> pb.ModelSpec:
+    return pb.ModelSpec(
+        model_id=spec.model_id,
+        optimizer_config_json=spec.optimizer_config_json,
+        num_workers=spec.num_workers,
+        mode=_MODES[spec.mode],
+        sync_timeout_s=spec.sync_timeout_s,
+        timeout_policy=_POLICIES[spec.timeout_policy],
+    )
+
+
+def _state_message(state: OptimizerState) -> pb.OptimizerState:
+    message = pb.OptimizerState(
+        iterations=state.iterations,
+        raw_iterations=state.raw_iterations,
+        learning_rate=state.learning_rate,
+        step=state.step,
+    )
+    message.scalars.update(state.scalars)
+    if state.learning_rate_schedule is not None:
+        message.learning_rate_schedule_json = json.dumps(state.learning_rate_schedule, default=_json_default)
+    return message
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
+
+
+def generation(message: pb.StepResult | pb.OptimizerState) -> ServerGeneration | None:
+    if not message.HasField("generation"):
+        return None  # a server from before generations were reported
+    return ServerGeneration(message.generation.server_id, message.generation.restored_checkpoint)
+
+
+def step_result(message: pb.StepResult) -> StepResult:
+    return StepResult(
+        step=int(message.step),
+        iterations=int(message.iterations),
+        learning_rate=float(message.learning_rate),
+        duplicate=bool(message.duplicate),
+        contributors=[int(w) for w in message.contributors],
+        missing_workers=[int(w) for w in message.missing_workers],
+        generation=generation(message),
+    )
+
+
+def optimizer_state(message: pb.OptimizerState) -> OptimizerState:
+    return OptimizerState(
+        iterations=int(message.iterations),
+        raw_iterations=int(message.raw_iterations),
+        learning_rate=float(message.learning_rate),
+        step=int(message.step),
+        scalars={k: float(v) for k, v in sorted(message.scalars.items())},
+        generation=generation(message),
+        learning_rate_schedule=_parse_config(message.learning_rate_schedule_json),
+    )
+
+
+def _parse_config(text: str) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except ValueError:
+        return text
+
+
+def optimizer_class_name(config: Any) -> str:
+    """``"Adam"`` from any of the accepted config forms ("adam", serialized dict, bare config)."""
+    if isinstance(config, str):
+        return config
+    if isinstance(config, Mapping):
+        name = config.get("class_name") or config.get("registered_name")
+        if name:
+            return str(name)
+        inner = config.get("config")
+        if isinstance(inner, Mapping) and inner.get("name"):
+            return str(inner["name"])
+    return "?"
+
+
+def model_info(message: pb.ModelInfo, *, created: bool | None = None, with_stats: bool = False) -> ModelInfo:
+    config = _parse_config(message.spec.optimizer_config_json)
+    variables = [
+        VariableInfo(
+            name=v.name,
+            shape=tuple(int(d) for d in v.shape),
+            dtype=tensors.dtype_from_proto(v.dtype).name if v.dtype else "?",
+            slots=list(v.slots),
+            norm=float(v.norm) if with_stats else None,
+        )
+        for v in message.variables
+    ]
+    state = optimizer_state(message.state)
+    return ModelInfo(
+        model_id=message.spec.model_id,
+        created=created,
+        step=state.step,
+        iterations=state.iterations,
+        learning_rate=state.learning_rate,
+        num_workers=int(message.spec.num_workers),
+        mode=_MODE_NAMES.get(message.spec.mode, "sync"),
+        variables=variables,
+        optimizer=optimizer_class_name(config),
+        optimizer_config=config,
+        raw_iterations=state.raw_iterations,
+        scalars=state.scalars,
+        sync_timeout_s=float(message.spec.sync_timeout_s),
+        timeout_policy=_POLICY_NAMES.get(message.spec.timeout_policy, "fail"),
+        waiting_workers=[int(w) for w in message.waiting_workers],
+        generation=state.generation,
+        activity=activity_from_message(message),
+        learning_rate_schedule=state.learning_rate_schedule,
+    )
+
+
+def read_stream(
+    responses: Iterable[bytes], message_type: Any, head_field: str, chunk_field: str
+) -> tuple[Any, dict[tuple[str, str], np.ndarray]]:
+    """(first message's ``head_field``, {(name, slot): array}) from a server stream of wire bytes."""
+    head = None
+    assembler = tensors.TensorAssembler()
+    try:
+        for raw in responses:
+            response, chunks = tensors.split_message(raw, message_type, chunk_field)
+            if head is None and response.HasField(head_field):
+                head = getattr(response, head_field)
+            assembler.add_all(chunks)
+        values = assembler.result()
+    except tensors.TensorFormatError as error:
+        raise OptserveError(f"The server's reply is malformed: {error}") from None
+    if head is None:
+        raise OptserveError(f"The server's reply carried no {head_field!r}.")
+    return head, values
