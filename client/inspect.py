@@ -232,7 +232,9 @@ def _schedule_summary(schedule) -> str:
     """`` (ExponentialDecay(decay_rate=0.5, ...))`` for a rate that follows a schedule."""
     if not isinstance(schedule, dict):
         return ""
-    config = schedule.get("config") if isinstance(schedule.get("config"), dict) else {}
+    config = schedule.get("config")
+    if not isinstance(config, dict):
+        config = {}
     shown = ", ".join(f"{k}={_number(v) if isinstance(v, float) else v}" for k, v in config.items()
                       if k != "name" and v is not None and not isinstance(v, (dict, list)))
     return f" ({schedule.get('class_name', '?')}({shown}))"

@@ -82,7 +82,7 @@ def host_code(function):
 
 # --------------------------------------------------------------------------- mirror variables
 
-_MIRROR_CLASSES = {}
+_MIRROR_CLASSES: dict[type, type] = {}  # backend Variable class -> its mirror subclass
 
 
 def mirror_class(base):

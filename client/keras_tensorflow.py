@@ -136,5 +136,13 @@ def as_tf_error(error: Exception) -> Exception:
     code = getattr(error, "code", None)
     class_name = "".join(part.capitalize() for part in code.split("_")) + "Error" if isinstance(code, str) else ""
     error_class = getattr(tf.errors, class_name, tf.errors.UnknownError)
-    qualified = f"{type(error).__module__}.{type(error).__qualname__}"
-    return error_class(None, None, f"{qualified}: {error}")
+    return error_class(None, None, f"{_public_name(type(error))}: {error}")
+
+
+def _public_name(error_type: type) -> str:
+    """`optserve.client.NotFoundError` for the error family, where users import it from."""
+    import optserve.client
+
+    if getattr(optserve.client, error_type.__name__, None) is error_type:
+        return f"optserve.client.{error_type.__name__}"
+    return f"{error_type.__module__}.{error_type.__qualname__}"

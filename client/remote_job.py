@@ -57,8 +57,10 @@ def check_job_arguments(model_id, num_workers, worker_index, mode, sync_timeout_
 
 def check_unique_names(names, identified_by: str) -> list[str]:
     """The server knows variables by name: two variables with one name would be one."""
-    seen: set[str] = set()
-    duplicates = sorted({n for n in names if n in seen or seen.add(n)})
+    counts: dict[str, int] = {}
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+    duplicates = sorted(name for name, count in counts.items() if count > 1)
     if duplicates:
         raise ValueError(
             f"The remote optimizer identifies variables by {identified_by}, which must be unique; "

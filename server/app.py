@@ -19,6 +19,7 @@ import os
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -38,6 +39,9 @@ from optserve.server.reflection import enable_reflection
 from optserve.server.expiry import ModelExpiry, check_model_ttl
 from optserve.server.registry import ModelRegistry
 from optserve.server.servicer import DEFAULT_MAX_REQUEST_BYTES, SERVICE_NAME, ParameterServerServicer, add_to_server
+
+if TYPE_CHECKING:  # imported only with --metrics-port (prometheus-client)
+    from optserve.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +93,7 @@ class ParameterServer:
         self.port: int | None = None
         self.requested_metrics_port = metrics_port  # None: no /metrics endpoint
         self.metrics_port: int | None = None        # the port bound, once serving
-        self.metrics = None                         # optserve.server.metrics.ServerMetrics
+        self.metrics: ServerMetrics | None = None    # with a metrics port
         # Set by stop() when the final checkpoint could not be written.
         self.final_checkpoint_error: BaseException | None = None
         self._server: grpc.aio.Server | None = None
@@ -147,7 +151,7 @@ class ParameterServer:
             raise OSError(f"Could not listen on {where} ({exc}); is another server using the port?") from None
         if not self.port:
             raise OSError(f"Could not listen on {where}; is another server using the port?")
-        if self.metrics is not None:
+        if self.metrics is not None and self.requested_metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(self.host, self.requested_metrics_port)
             log.info("Prometheus metrics on http://%s/metrics", _format_address(self.host, self.metrics_port))
         for service in HEALTH_SERVICES:

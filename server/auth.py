@@ -412,6 +412,8 @@ class _Admission:
             await self._refuse(refusal, context)
 
     async def authorize(self, context, message) -> None:
+        if self.principal is None:  # authenticate() refused, and aborting the call raised
+            raise RuntimeError("authorize() needs an authenticated caller")
         try:
             self.model_id = authorize(self.principal, self.rpc, message)
         except Refused as refusal:
@@ -431,7 +433,8 @@ class _Admission:
         else:
             outcome = getattr(code, "name", None) or type(error).__name__
         target = "every model" if self.model_id == "*" else f"model {self.model_id!r}"
-        audit_log.info("%s by %s on %s from %s: %s", self.rpc, self.principal.describe(), target,
+        who = self.principal.describe() if self.principal is not None else "an unauthenticated caller"
+        audit_log.info("%s by %s on %s from %s: %s", self.rpc, who, target,
                        context.peer(), outcome)
 
 
@@ -468,25 +471,25 @@ def _guarded(handler, admission: _Admission):
         await admission.authorize(context, first)
         return _prepended(first, request)
 
-    if streaming_out:
-        async def behaviour(request, context):
-            request = await admitted(request, context)
-            async for response in inner(request, context):
-                yield response
-    else:
-        async def behaviour(request, context):
-            request = await admitted(request, context)
-            if not admission.audited:
-                return await inner(request, context)
-            error = None
-            try:
-                return await inner(request, context)
-            except BaseException as exc:
-                error = exc
-                raise
-            finally:
-                admission.audit(context, error)
+    async def streaming_behaviour(request, context):
+        request = await admitted(request, context)
+        async for response in inner(request, context):
+            yield response
 
+    async def unary_behaviour(request, context):
+        request = await admitted(request, context)
+        if not admission.audited:
+            return await inner(request, context)
+        error = None
+        try:
+            return await inner(request, context)
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            admission.audit(context, error)
+
+    behaviour = streaming_behaviour if streaming_out else unary_behaviour
     return _HANDLER_FACTORIES[(streaming_in, streaming_out)](
         behaviour, request_deserializer=handler.request_deserializer,
         response_serializer=handler.response_serializer)

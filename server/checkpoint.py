@@ -538,7 +538,7 @@ class Checkpointer:
         self._saves: set[asyncio.Task] = set()   # saves started and not finished
         self._closed = False
         # Told of each save's outcome (``optserve.server.metrics.ServerMetrics``), when set.
-        self.observer = None
+        self.observer: Any = None  # optserve.server.metrics.ServerMetrics, with --metrics-port
 
     # ------------------------------------------------------------ lifecycle
 

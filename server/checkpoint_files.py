@@ -63,7 +63,8 @@ def _stored_dtype(dtype: np.dtype) -> np.dtype:
 
 def _byte_view(array: np.ndarray) -> memoryview:
     """The bytes of a C-contiguous array, without copying them."""
-    return memoryview(array.reshape(-1).view(np.uint8))
+    # numpy's stubs declare ndarray.__buffer__ for Python >= 3.12 only; arrays are buffers on every version.
+    return memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 def write_safetensors(path: pathlib.Path, names: Sequence[str], arrays: Sequence[np.ndarray],

@@ -24,7 +24,7 @@ import os
 import pathlib
 import threading
 import time
-from typing import Iterable
+from typing import Any, Iterable
 
 import grpc
 from prometheus_client import (
@@ -62,7 +62,7 @@ class ServerMetrics:
         self._labels: dict[str, str] = {}        # model_id -> its label
         self._models: dict[str, object] = {}     # model_id -> live Model (read by the collector)
         self._lock = threading.Lock()            # the collector runs on the HTTP thread
-        self._http = None
+        self._http: Any = None  # the WSGI server of start_http_server
         r = self.registry
         per_model = ("model",)
         self.steps = Counter("optserve_model_steps", "Optimizer updates applied.", per_model, registry=r)
@@ -147,7 +147,7 @@ class ServerMetrics:
             except KeyError:
                 pass  # never observed
 
-    def live_models(self) -> list[tuple[str, object]]:
+    def live_models(self) -> list[tuple[str, Any]]:
         with self._lock:
             return [(self._labels[model_id], model) for model_id, model in self._models.items()]
 

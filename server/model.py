@@ -500,7 +500,7 @@ class Model:
         waiting_since = time.perf_counter()
         try:
             # Shielded: one waiter hanging up must not cancel the result the others wait for.
-            outcome: StepOutcome = await asyncio.shield(future)
+            outcome = await asyncio.shield(future)
         finally:
             if not duplicate:
                 self.events.waited(time.perf_counter() - waiting_since)

@@ -48,7 +48,7 @@ class ModelRegistry:
         # Told of every change to the models (loop thread), with the number of updates applied.
         self.on_change = on_change
         # Told of models added and removed (``optserve.server.metrics.ServerMetrics``), when set.
-        self.observer = None
+        self.observer: Any = None  # optserve.server.metrics.ServerMetrics, with --metrics-port
         self._models: dict[str, Model] = {}
         self._creating: dict[str, asyncio.Task] = {}
         self._closed = False

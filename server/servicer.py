@@ -33,6 +33,7 @@ from optserve.server.errors import (
     ResourceExhaustedError,
 )
 from optserve.server.model import (
+    OptimizerStatus,
     APPLY_PARTIAL,
     ASYNC,
     FAIL,

@@ -29,7 +29,7 @@ class ServerTLS:
         return self.client_ca_file is not None
 
     def credentials(self) -> grpc.ServerCredentials:
-        client_ca = _read_pem(self.client_ca_file, "--tls-client-ca") if self.mutual else None
+        client_ca = _read_pem(self.client_ca_file, "--tls-client-ca") if self.client_ca_file is not None else None
         return grpc.ssl_server_credentials(
             [(_read_pem(self.key_file, "--tls-key"), _read_pem(self.cert_file, "--tls-cert"))],
             root_certificates=client_ca, require_client_auth=self.mutual)

@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 # Keras class name, lower-cased -> class (Keras looks names up the same way).
-REGISTRY: dict[str, type] = {
+REGISTRY: dict[str, Any] = {
     cls.class_name.lower(): cls
     for cls in (
         SGD, RMSprop, Adam, Adadelta, Adagrad, Adamax, Nadam, Ftrl, AdamW, Lion, Lamb, ScheduleFreeAdamW,
@@ -67,14 +67,14 @@ def serialize(optimizer: Optimizer) -> dict[str, Any]:
     return optimizer.get_config()
 
 
-def get(identifier: Any, backend: Any = None) -> Optimizer:
+def get(identifier: Any, backend: Any = None) -> Optimizer | LossScaleOptimizer:
     """``keras.optimizers.get``: an optimizer is returned as is; anything else is deserialized."""
     if isinstance(identifier, ENGINE_TYPES):
         return identifier
     return deserialize(identifier, backend=backend)
 
 
-def deserialize(config: Any, backend: Any = None) -> Optimizer:
+def deserialize(config: Any, backend: Any = None) -> Optimizer | LossScaleOptimizer:
     """A new, unbuilt optimizer from any form Keras serializes or identifies it by."""
     if isinstance(config, (bytes, bytearray)):
         config = config.decode("utf-8")
@@ -89,7 +89,7 @@ def deserialize(config: Any, backend: Any = None) -> Optimizer:
     )
 
 
-def _from_string(text: str, backend: Any) -> Optimizer:
+def _from_string(text: str, backend: Any) -> Optimizer | LossScaleOptimizer:
     stripped = text.strip()
     try:
         decoded = json.loads(stripped)

@@ -130,7 +130,9 @@ class LossScaleOptimizer:
 
     @property
     def dynamic_scale(self) -> float:
-        return self.inner_optimizer.dynamic_loss_scale
+        scale = self.inner_optimizer.dynamic_loss_scale
+        assert scale is not None  # set when the inner optimizer is wrapped
+        return scale
 
     @property
     def step_counter(self) -> int:
@@ -179,7 +181,7 @@ class LossScaleOptimizer:
         self._assign_own_scalars(checked)
 
     def _checked_own_scalars(self, own: Mapping[str, Any]) -> dict[str, Any]:
-        checked = {}
+        checked: dict[str, float] = {}
         if STEP_COUNTER in own:
             value = own[STEP_COUNTER]
             if not (check.is_finite_number(value) and value >= 0 and float(value).is_integer()):
