@@ -632,6 +632,33 @@ class Checks:
             assert_close(model.get_weights(), local.get_weights(), f"{kind}: model weights")
             assert_close(opt.get_weights(), keras_state(local_opt), f"{kind}: get_weights()")
 
+    def check_a_steady_fit_costs_one_round_trip_per_step(self):
+        """Write-back detection, restart handling and state mirrors add no call to a steady step."""
+        import keras
+        from optserve.client import RemoteOptimizer
+
+        x, y = data(seed=73)
+        model = make_model("calls")
+        opt = RemoteOptimizer(keras.optimizers.Adam(0.01), self.address, model_id=self.model_id("calls"))
+        model.compile(loss="categorical_crossentropy", optimizer=opt)
+        model.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)  # builds: creates the job
+        calls = {}
+        for method in ("push", "push_pull", "pull", "get_weights", "set_weights", "list_models", "create_model"):
+            original = getattr(opt.client, method)
+
+            def counted(*args, _original=original, _method=method, **kwargs):
+                calls[_method] = calls.get(_method, 0) + 1
+                return _original(*args, **kwargs)
+
+            setattr(opt.client, method, counted)
+        epochs = 2
+        model.fit(x, y, epochs=epochs, batch_size=8, shuffle=False, verbose=0)
+        assert calls.pop("push_pull", 0) == 4 * epochs, calls
+        # JAX's trainer reads the optimizer's variables once an epoch (its state sync): the
+        # slots are fetched then, never per step. The other trainers read none.
+        allowed = {"get_weights": epochs} if self.backend == "jax" else {}
+        assert all(calls.get(m, 0) <= n for m, n in allowed.items()) and set(calls) <= set(allowed), calls
+
     def check_iterations_read_right_after_set_weights_and_fit(self):
         import keras
         from optserve.client import RemoteOptimizer
@@ -835,7 +862,7 @@ class Checks:
         except tf.errors.OpError as error:
             # Keras's nested train functions may report the host call's error as UnknownError;
             # the optserve exception's name and message are in the text either way.
-            assert f"optserve.client.client.NotFoundError: No model {opt.model_id!r}" in str(error), str(error)
+            assert f"optserve.client.NotFoundError: No model {opt.model_id!r}" in str(error), str(error)
         else:
             raise AssertionError("fit went on after its model was deleted")
 
@@ -848,7 +875,7 @@ class Checks:
         try:
             model.fit(x, y, epochs=1, batch_size=8, verbose=0)
         except tf.errors.OpError as error:
-            assert "optserve.client.client.UnavailableError" in str(error), str(error)
+            assert "optserve.client.UnavailableError" in str(error), str(error)
         else:
             raise AssertionError("fit went on after the server stopped")
 
