@@ -140,6 +140,7 @@ _ERROR_BY_CODE: dict[str, type[OptserveError]] = {
     "ALREADY_EXISTS": AlreadyExistsError,
     "FAILED_PRECONDITION": FailedPreconditionError,
     "DEADLINE_EXCEEDED": DeadlineExceededError,
+    "ABORTED": DeadlineExceededError,  # the server ended a step (sync-timeout, worker-lost); ``code`` tells
     "RESOURCE_EXHAUSTED": ResourceExhaustedError,
     "UNAVAILABLE": UnavailableError,
     "UNAUTHENTICATED": UnauthenticatedError,

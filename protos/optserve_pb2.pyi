@@ -22,6 +22,13 @@ class SyncMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SYNC: _ClassVar[SyncMode]
     ASYNC: _ClassVar[SyncMode]
 
+class NonFinitePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NON_FINITE_POLICY_UNSPECIFIED: _ClassVar[NonFinitePolicy]
+    NON_FINITE_REJECT: _ClassVar[NonFinitePolicy]
+    NON_FINITE_ALLOW: _ClassVar[NonFinitePolicy]
+    NON_FINITE_SKIP_STEP: _ClassVar[NonFinitePolicy]
+
 class TimeoutPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TIMEOUT_POLICY_UNSPECIFIED: _ClassVar[TimeoutPolicy]
@@ -36,6 +43,10 @@ INT64: DType
 SYNC_MODE_UNSPECIFIED: SyncMode
 SYNC: SyncMode
 ASYNC: SyncMode
+NON_FINITE_POLICY_UNSPECIFIED: NonFinitePolicy
+NON_FINITE_REJECT: NonFinitePolicy
+NON_FINITE_ALLOW: NonFinitePolicy
+NON_FINITE_SKIP_STEP: NonFinitePolicy
 TIMEOUT_POLICY_UNSPECIFIED: TimeoutPolicy
 FAIL: TimeoutPolicy
 APPLY_PARTIAL: TimeoutPolicy
@@ -57,20 +68,22 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., slot: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("model_id", "optimizer_config_json", "num_workers", "mode", "sync_timeout_s", "timeout_policy")
+    __slots__ = ("model_id", "optimizer_config_json", "num_workers", "mode", "sync_timeout_s", "timeout_policy", "non_finite_policy")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     SYNC_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    NON_FINITE_POLICY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     optimizer_config_json: str
     num_workers: int
     mode: SyncMode
     sync_timeout_s: float
     timeout_policy: TimeoutPolicy
-    def __init__(self, model_id: _Optional[str] = ..., optimizer_config_json: _Optional[str] = ..., num_workers: _Optional[int] = ..., mode: _Optional[_Union[SyncMode, str]] = ..., sync_timeout_s: _Optional[float] = ..., timeout_policy: _Optional[_Union[TimeoutPolicy, str]] = ...) -> None: ...
+    non_finite_policy: NonFinitePolicy
+    def __init__(self, model_id: _Optional[str] = ..., optimizer_config_json: _Optional[str] = ..., num_workers: _Optional[int] = ..., mode: _Optional[_Union[SyncMode, str]] = ..., sync_timeout_s: _Optional[float] = ..., timeout_policy: _Optional[_Union[TimeoutPolicy, str]] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("spec", "variables")
@@ -111,20 +124,24 @@ class ApplyGradientsRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[ApplyGradientsHeader, _Mapping]] = ..., gradients: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors", "missing_workers")
+    __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors", "missing_workers", "skipped_non_finite", "non_finite_variables")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     MISSING_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_NON_FINITE_FIELD_NUMBER: _ClassVar[int]
+    NON_FINITE_VARIABLES_FIELD_NUMBER: _ClassVar[int]
     step: int
     iterations: int
     learning_rate: float
     duplicate: bool
     contributors: _containers.RepeatedScalarFieldContainer[int]
     missing_workers: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, step: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., duplicate: _Optional[bool] = ..., contributors: _Optional[_Iterable[int]] = ..., missing_workers: _Optional[_Iterable[int]] = ...) -> None: ...
+    skipped_non_finite: bool
+    non_finite_variables: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, step: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., duplicate: _Optional[bool] = ..., contributors: _Optional[_Iterable[int]] = ..., missing_workers: _Optional[_Iterable[int]] = ..., skipped_non_finite: _Optional[bool] = ..., non_finite_variables: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ApplyGradientsResponse(_message.Message):
     __slots__ = ("result", "variables")
@@ -208,12 +225,14 @@ class SetWeightsResponse(_message.Message):
     def __init__(self, state: _Optional[_Union[OptimizerState, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
-    __slots__ = ("model_id", "with_stats")
+    __slots__ = ("model_id", "with_stats", "page_token")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WITH_STATS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     with_stats: bool
-    def __init__(self, model_id: _Optional[str] = ..., with_stats: _Optional[bool] = ...) -> None: ...
+    page_token: str
+    def __init__(self, model_id: _Optional[str] = ..., with_stats: _Optional[bool] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class VariableInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "slots", "norm")
@@ -242,10 +261,12 @@ class ModelInfo(_message.Message):
     def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., state: _Optional[_Union[OptimizerState, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[VariableInfo, _Mapping]]] = ..., waiting_workers: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "next_page_token")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DeleteModelRequest(_message.Message):
     __slots__ = ("model_id",)

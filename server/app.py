@@ -33,6 +33,7 @@ from optserve.server.checkpoint import (
     parse_checkpoint_every,
 )
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError, OptserveError
+from optserve.server.limits import Limits, ServerLimits
 from optserve.server.registry import ModelRegistry
 from optserve.server.servicer import DEFAULT_MAX_REQUEST_BYTES, SERVICE_NAME, ParameterServerServicer, add_to_server
 
@@ -61,8 +62,14 @@ class ParameterServer:
                  apply_threads: int | None = None,
                  checkpoint_dir: str | os.PathLike | None = None,
                  checkpoint_every=DEFAULT_CHECKPOINT_EVERY,
-                 checkpoint_keep: int = DEFAULT_CHECKPOINT_KEEP):
+                 checkpoint_keep: int = DEFAULT_CHECKPOINT_KEEP,
+                 limits: Limits | None = None):
         _check_options(sync_timeout_s, max_request_bytes, apply_threads)
+        self.limits = limits or Limits()
+        if sync_timeout_s > self.limits.max_sync_timeout_s:
+            raise InvalidArgumentError(
+                f"`sync_timeout_s` must be at most max_sync_timeout_s={self.limits.max_sync_timeout_s:g}. "
+                f"Received: sync_timeout_s={sync_timeout_s}")
         self.host = host
         self.requested_port = port
         self.device = device
@@ -93,15 +100,18 @@ class ParameterServer:
         if self.checkpoint_dir is not None:
             store = CheckpointStore(self.checkpoint_dir, keep=self.checkpoint_keep)  # checks before binding
         self._executor = ThreadPoolExecutor(self.apply_threads, thread_name_prefix="optserve-apply")
-        self._registry = ModelRegistry(backend, self._executor, self.sync_timeout_s)
+        server_limits = ServerLimits(self.limits)
+        self._registry = ModelRegistry(backend, self._executor, self.sync_timeout_s, limits=server_limits)
         if store is not None:
             self._checkpointer = Checkpointer(store, self.checkpoint_schedule, self._registry.snapshot)
             self._registry.on_change = self._checkpointer.note_change
             self._registry.begin_restore()
         # No SO_REUSEPORT: a second server on a busy port must fail, not silently share it.
-        self._server = grpc.aio.server(options=[*GRPC_OPTIONS, ("grpc.so_reuseport", 0)])
-        add_to_server(ParameterServerServicer(self._registry, self.max_request_bytes, self._checkpointer),
-                      self._server)
+        self._server = grpc.aio.server(options=[
+            *GRPC_OPTIONS, ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", self.limits.max_streams_per_connection)])
+        add_to_server(ParameterServerServicer(self._registry, self.max_request_bytes, self._checkpointer,
+                                              server_limits), self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
         reflection.enable_server_reflection(
@@ -238,7 +248,8 @@ def start_server(host: str = "127.0.0.1", port: int = 0, device: str = "auto", *
     """Start a server on a background thread and return once it is serving.
 
     ``options``: ``sync_timeout_s``, ``max_request_bytes``, ``apply_threads``, ``checkpoint_dir``,
-    ``checkpoint_every``, ``checkpoint_keep`` (see ParameterServer and ``optserve serve --help``).
+    ``checkpoint_every``, ``checkpoint_keep``, ``limits`` (an ``optserve.server.limits.Limits``)
+    (see ParameterServer and ``optserve serve --help``).
     """
     server = ParameterServer(host, port, device, **options)
     loop = asyncio.new_event_loop()

@@ -48,3 +48,11 @@ class DeadlineExceededError(OptserveError):
 
 class UnavailableError(OptserveError):
     code = "UNAVAILABLE"
+
+
+class AbortedError(OptserveError):
+    """The server ended the call for a reason of its own (a synchronous step timed out or lost a
+    worker, an upload stalled); ``details["reason"]`` says which. Distinct from the caller's own
+    deadline, which clients see as DEADLINE_EXCEEDED."""
+
+    code = "ABORTED"

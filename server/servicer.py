@@ -22,11 +22,14 @@ from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors as codec
 from optserve.server.errors import (
+    AbortedError,
     FailedPreconditionError,
     InvalidArgumentError,
     OptserveError,
     ResourceExhaustedError,
 )
+from optserve.server import limits as bounds
+from optserve.server.limits import Reservation, ServerLimits
 from optserve.server.model import (
     APPLY_PARTIAL,
     ASYNC,
@@ -51,6 +54,10 @@ _MODE_FROM_PROTO = {pb.SYNC_MODE_UNSPECIFIED: SYNC, pb.SYNC: SYNC, pb.ASYNC: ASY
 _MODE_TO_PROTO = {SYNC: pb.SYNC, ASYNC: pb.ASYNC}
 _POLICY_FROM_PROTO = {pb.TIMEOUT_POLICY_UNSPECIFIED: FAIL, pb.FAIL: FAIL, pb.APPLY_PARTIAL: APPLY_PARTIAL}
 _POLICY_TO_PROTO = {FAIL: pb.FAIL, APPLY_PARTIAL: pb.APPLY_PARTIAL}
+_NON_FINITE_FROM_PROTO = {pb.NON_FINITE_POLICY_UNSPECIFIED: "reject", pb.NON_FINITE_REJECT: "reject",
+                          pb.NON_FINITE_ALLOW: "allow", pb.NON_FINITE_SKIP_STEP: "skip_step"}
+_NON_FINITE_TO_PROTO = {"reject": pb.NON_FINITE_REJECT, "allow": pb.NON_FINITE_ALLOW,
+                        "skip_step": pb.NON_FINITE_SKIP_STEP}
 
 
 # ------------------------------------------------------------------ errors
@@ -61,9 +68,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
     if isinstance(exc, OptserveError):
         code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
         metadata = tuple((METADATA_PREFIX + key.replace("_", "-"), str(value)) for key, value in exc.details.items())
-        return code, exc.message, metadata
+        return (code, *bounds.bounded_status(exc.message, metadata))
     if isinstance(exc, codec.TensorFormatError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
+        return grpc.StatusCode.INVALID_ARGUMENT, bounds.bounded_text(str(exc), bounds.MAX_STATUS_MESSAGE_CHARS), ()
     if isinstance(exc, MemoryError):
         return (grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "The server ran out of memory for this request; send smaller requests or give the server more memory.", ())
@@ -77,7 +84,59 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, rpc: str) ->
         log.error("%s failed", rpc, exc_info=exc)
     else:
         log.debug("%s refused: %s %s", rpc, code.name, message)
+    if rpc in _STREAMED_REQUESTS:
+        _schedule_trim()  # a refused upload leaves the resident size where it was
     await context.abort(code, message, trailing_metadata=metadata)
+
+
+_trim_pending = False
+
+
+def _schedule_trim() -> None:
+    """Give freed memory back shortly after a refused upload (once for a burst of them)."""
+    global _trim_pending
+    if _trim_pending:
+        return
+    _trim_pending = True
+
+    def trim() -> None:
+        global _trim_pending
+        _trim_pending = False
+        bounds.give_back_freed_memory()
+
+    asyncio.get_running_loop().call_later(0.2, trim)
+
+
+class _Undecodable:
+    """What the request deserializer returns for bytes that are not a valid message."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _decoded(request, rpc: str):
+    if isinstance(request, _Undecodable):
+        raise InvalidArgumentError(f"The {rpc} request could not be decoded ({request.error}); send a valid "
+                                   f"optserve.v1 {rpc}Request message.")
+    return request
+
+
+async def _decoded_stream(requests, rpc: str, idle_timeout_s: float):
+    async for request in bounds.idle_guarded(requests, idle_timeout_s):
+        yield _decoded(request, rpc)
+
+
+_METHODS = pb.DESCRIPTOR.services_by_name["ParameterServer"].methods_by_name
+_STREAMED_REQUESTS = {name for name, method in _METHODS.items() if method.client_streaming}
+
+
+def _request_of(self, request, rpc: str):
+    """The request (or stream) as the handler reads it: decoded, and for streams guarded against stalls."""
+    if rpc in _STREAMED_REQUESTS:
+        return _decoded_stream(request, rpc, self.limits.limits.stream_idle_timeout_s)
+    return _decoded(request, rpc)
 
 
 def _translating_errors(method):
@@ -87,23 +146,35 @@ def _translating_errors(method):
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def streaming(self, request, context):
+            entered = False
             try:
-                async for response in method(self, request, context):
+                self.limits.streams.enter()
+                entered = True
+                async for response in method(self, _request_of(self, request, rpc), context):
                     yield response
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the single translation point
                 await _abort(context, exc, rpc)
+            finally:
+                if entered:
+                    self.limits.streams.leave()
         return streaming
 
     @functools.wraps(method)
     async def unary(self, request, context):
+        entered = False
         try:
-            return await method(self, request, context)
+            self.limits.streams.enter()
+            entered = True
+            return await method(self, _request_of(self, request, rpc), context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - the single translation point
             await _abort(context, exc, rpc)
+        finally:
+            if entered:
+                self.limits.streams.leave()
     return unary
 
 
@@ -111,30 +182,59 @@ def _translating_errors(method):
 
 
 class _RequestTensors:
-    """Reassembles a request's tensors, refusing one over ``max_bytes`` before allocating it."""
+    """Reassembles a request's tensors, refusing one over a limit before allocating it.
 
-    def __init__(self, max_bytes: int):
+    Each new tensor's first chunk (name, dtype, shape) is checked against the bounds,
+    then ``admit(chunk, nbytes)`` (the RPC's own checks and reservations), then its
+    bytes are taken from the in-flight budget; only then is its array allocated.
+    ``release()`` gives the in-flight bytes back once the request is done with.
+    """
+
+    def __init__(self, max_bytes: int, limits: ServerLimits, admit=None):
         self._assembler = codec.TensorAssembler()
         self._max_bytes = max_bytes
+        self._limits = limits
+        self._admit = admit
+        self._seen: set[tuple[str, str]] = set()
+        self._names: set[str] = set()
+        self.inflight = Reservation(limits.inflight)
 
-    def add_all(self, chunks: Iterable[pb.TensorChunk]) -> None:
+    async def add_all(self, chunks: Iterable[pb.TensorChunk]) -> None:
         for chunk in chunks:
-            if chunk.offset == 0:
-                self._check_room(chunk)
+            key = (chunk.name, chunk.slot)
+            if key not in self._seen:
+                await self._admit_tensor(chunk)
+                self._seen.add(key)
             self._assembler.add(chunk)
 
-    def _check_room(self, chunk: pb.TensorChunk) -> None:
-        shape = [int(d) for d in chunk.shape]
-        if any(d < 0 for d in shape):
-            return  # the assembler names the malformed shape
+    def release(self) -> None:
+        self.inflight.release()
+
+    async def _admit_tensor(self, chunk) -> None:
+        limits = self._limits.limits
+        bounds.check_name(chunk.name, "variable", limits)
+        bounds.check_name(chunk.slot, "slot", limits)
+        self._names.add(chunk.name)
+        if len(self._names) > limits.max_variables:
+            raise InvalidArgumentError(
+                f"A request may carry at most {limits.max_variables} variables (a server started with a "
+                "larger --max-variables takes more).")
+        shape = bounds.check_shape(chunk.name, chunk.shape, limits)
+        nbytes = self._check_room(chunk, shape)
+        if self._admit is not None:
+            self._admit(chunk.name, chunk.slot, codec.dtype_from_proto(chunk.dtype), shape, nbytes)
+        await self.inflight.wait_take(nbytes, limits.stream_idle_timeout_s)
+
+    def _check_room(self, chunk, shape) -> int:
         # Python integers: an absurd shape must not wrap around to a small size.
         nbytes = math.prod(shape) * codec.dtype_from_proto(chunk.dtype).itemsize
-        if self._assembler.total_bytes + nbytes > self._max_bytes:
+        if self.inflight.nbytes + nbytes > self._max_bytes:
             raise ResourceExhaustedError(
                 f"The request's tensors exceed the server's limit of {self._max_bytes} bytes (at tensor "
                 f"{chunk.name!r}). Start the server with a larger --max-request-bytes, or send fewer "
                 "variables per call."
             )
+        return nbytes
 
     def result(self) -> dict[tuple[str, str], np.ndarray]:
         return self._assembler.result()
@@ -186,7 +286,16 @@ _CHUNKED_REQUEST_FIELDS = {
 
 def _request_deserializer(message_type):
     field = _CHUNKED_REQUEST_FIELDS.get(message_type.DESCRIPTOR.name)
-    return codec.split_deserializer(message_type, field) if field else message_type.FromString
+    deserialize = codec.split_deserializer(message_type, field) if field else message_type.FromString
+
+    def deserialize_or_mark(data: bytes):
+        # Raising here would answer UNKNOWN/INTERNAL: the handler answers INVALID_ARGUMENT instead.
+        try:
+            return deserialize(data)
+        except Exception as error:  # noqa: BLE001 - DecodeError, TensorFormatError, RecursionError
+            return _Undecodable(bounds.bounded_text(str(error) or type(error).__name__, 200))
+
+    return deserialize_or_mark
 
 
 def add_to_server(servicer: "ParameterServerServicer", server) -> None:
@@ -217,7 +326,8 @@ def _state_message(status: OptimizerStatus) -> pb.OptimizerState:
 def _step_result(outcome: StepOutcome) -> pb.StepResult:
     return pb.StepResult(step=outcome.step, iterations=outcome.iterations, learning_rate=outcome.learning_rate,
                          duplicate=outcome.duplicate, contributors=outcome.contributors,
-                         missing_workers=outcome.missing)
+                         missing_workers=outcome.missing, skipped_non_finite=bool(outcome.non_finite),
+                         non_finite_variables=outcome.non_finite)
 
 
 def _model_info(summary: ModelSummary) -> pb.ModelInfo:
@@ -230,6 +340,7 @@ def _model_info(summary: ModelSummary) -> pb.ModelInfo:
             mode=_MODE_TO_PROTO[spec.mode],
             sync_timeout_s=spec.sync_timeout_s,
             timeout_policy=_POLICY_TO_PROTO[spec.timeout_policy],
+            non_finite_policy=_NON_FINITE_TO_PROTO[spec.non_finite_policy],
         ),
         state=_state_message(summary.status),
         variables=[
@@ -255,53 +366,95 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     """optserve.v1.ParameterServer on grpc.aio; every handler runs on the server's event loop."""
 
     def __init__(self, registry: ModelRegistry, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 checkpointer=None):
+                 checkpointer=None, limits: ServerLimits | None = None):
         self.registry = registry
         self.max_request_bytes = int(max_request_bytes)
         self.checkpointer = checkpointer  # optserve.server.checkpoint.Checkpointer, when checkpointing
+        self.limits = limits or registry.limits
 
     @_translating_errors
     async def CreateModel(self, request_iterator: AsyncIterator[pb.CreateModelRequest], context):
-        spec = None
-        tensors = _RequestTensors(self.max_request_bytes)
-        async for request in request_iterator:
+        spec = fields = None
+        state = Reservation(self.limits.memory)  # the new model's state, reserved as its variables arrive
+        tensors = None
+        try:
+            async for request in request_iterator:
+                if spec is None:
+                    if not request.HasField("spec"):
+                        raise InvalidArgumentError("The first CreateModelRequest must carry `spec`.")
+                    spec = request.spec
+                    # Refuse a bad spec before its (possibly large) variables are read.
+                    fields = self._spec_fields(spec)
+                    tensors = _RequestTensors(self.max_request_bytes, self.limits,
+                                              self._state_admission(fields, state))
+                await tensors.add_all(request.variables)
             if spec is None:
-                if not request.HasField("spec"):
-                    raise InvalidArgumentError("The first CreateModelRequest must carry `spec`.")
-                spec = request.spec
-                # Refuse a bad spec before its (possibly large) variables are read.
-                check_model_id(spec.model_id)
-                optimizer_config = parse_optimizer_config(spec.optimizer_config_json)
-            tensors.add_all(request.variables)
-        if spec is None:
-            raise InvalidArgumentError("CreateModel received no messages; send the spec, then the variables.")
-        model, created = await self.registry.create_or_join(
-            model_id=spec.model_id,
-            optimizer_config=optimizer_config,
-            variables=tensors.variables("Initial variable"),
-            num_workers=spec.num_workers or 1,  # proto3 default 0: one worker
-            mode=_enum(spec.mode, _MODE_FROM_PROTO, "mode"),
-            sync_timeout_s=spec.sync_timeout_s,
-            timeout_policy=_enum(spec.timeout_policy, _POLICY_FROM_PROTO, "timeout_policy"),
-        )
+                raise InvalidArgumentError("CreateModel received no messages; send the spec, then the variables.")
+            model, created = await self.registry.create_or_join(
+                variables=tensors.variables("Initial variable"), reservation=state, **fields)
+        finally:
+            if tensors is not None:
+                tensors.release()
         return pb.CreateModelResponse(created=created, model=_model_info(await model.summary()))
+
+    def _spec_fields(self, spec: pb.ModelSpec) -> dict:
+        """A spec's fields, every one checked against the server's bounds (nothing is allocated yet)."""
+        limits = self.limits.limits
+        check_model_id(spec.model_id)
+        bounds.check_config_text(spec.optimizer_config_json, limits)
+        return dict(
+            model_id=spec.model_id,
+            optimizer_config=parse_optimizer_config(spec.optimizer_config_json),
+            num_workers=bounds.check_num_workers(spec.num_workers, limits),
+            mode=_enum(spec.mode, _MODE_FROM_PROTO, "mode"),
+            sync_timeout_s=bounds.check_sync_timeout(spec.sync_timeout_s, limits),
+            timeout_policy=_enum(spec.timeout_policy, _POLICY_FROM_PROTO, "timeout_policy"),
+            non_finite_policy=_enum(spec.non_finite_policy, _NON_FINITE_FROM_PROTO, "non_finite_policy"),
+        )
+
+    def _state_admission(self, fields: dict, state: Reservation):
+        """Reserve each new variable's state before it is received; joining an existing model reserves nothing."""
+        if self.registry.has(fields["model_id"]):
+            return None
+        self.registry.check_room_for_model(self.limits.limits.max_models)
+        arrays = self.registry.new_engine(fields["optimizer_config"]).arrays_per_variable()
+        workers = fields["num_workers"] if fields["mode"] == SYNC else 1
+        quota = self.limits.limits.model_quota
+        what = f"Model {fields['model_id']!r}"
+
+        def admit(name, slot, dtype, shape, nbytes: int) -> None:
+            state.take(bounds.state_bytes(nbytes, arrays, workers), cap=quota, what=what)
+
+        return admit
 
     @_translating_errors
     async def ApplyGradients(self, request_iterator: AsyncIterator[pb.ApplyGradientsRequest], context):
-        header = model = None
-        tensors = _RequestTensors(self.max_request_bytes)
-        async for request in request_iterator:
+        header = model = tensors = None
+        try:
+            try:
+                async for request in request_iterator:
+                    if header is None:
+                        if not request.HasField("header"):
+                            raise InvalidArgumentError("The first ApplyGradientsRequest must carry `header`.")
+                        header = request.header
+                        bounds.check_counter("step", header.step, self.limits.limits)
+                        model = self.registry.get(header.model_id)
+                        model.check_push_header(header.worker_index, header.step)
+                        tensors = _RequestTensors(self.max_request_bytes, self.limits, model.check_gradient_chunk)
+                    await tensors.add_all(request.gradients)
+            except (asyncio.CancelledError, AbortedError):
+                # The worker hung up (or stalled) mid-upload: its partial push is dropped here, and
+                # the step it belonged to must not wait for it (see Model.worker_lost).
+                if model is not None:
+                    model.worker_lost(header.worker_index, header.step)
+                raise
             if header is None:
-                if not request.HasField("header"):
-                    raise InvalidArgumentError("The first ApplyGradientsRequest must carry `header`.")
-                header = request.header
-                model = self.registry.get(header.model_id)
-                model.check_push_header(header.worker_index, header.step)
-            tensors.add_all(request.gradients)
-        if header is None:
-            raise InvalidArgumentError("ApplyGradients received no messages; send a header, then the gradients.")
-        outcome = await model.push(header.worker_index, header.step, tensors.variables("Gradient"),
-                                   aggregated=header.aggregated, return_variables=header.return_variables)
+                raise InvalidArgumentError("ApplyGradients received no messages; send a header, then the gradients.")
+            outcome = await model.push(header.worker_index, header.step, tensors.variables("Gradient"),
+                                       aggregated=header.aggregated, return_variables=header.return_variables)
+        finally:
+            if tensors is not None:
+                tensors.release()
         first = pb.ApplyGradientsResponse(result=_step_result(outcome))
         values = outcome.variables or {}
         if _payload_bytes(values.values()) <= codec.CHUNK_BYTES:
@@ -343,34 +496,51 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     @_translating_errors
     async def SetWeights(self, request_iterator: AsyncIterator[pb.SetWeightsRequest], context):
-        first = None
-        tensors = _RequestTensors(self.max_request_bytes)
-        async for request in request_iterator:
+        first = tensors = None
+        try:
+            async for request in request_iterator:
+                if first is None:
+                    first = request
+                    model = self.registry.get(request.model_id)  # fail fast, before the payload
+                    if first.has_state:
+                        for field in ("step", "iterations", "raw_iterations"):
+                            bounds.check_counter(field, getattr(first.state, field), self.limits.limits)
+                    tensors = _RequestTensors(self.max_request_bytes, self.limits, model.check_weight_chunk)
+                await tensors.add_all(request.tensors)
             if first is None:
-                first = request
-                self.registry.get(request.model_id)  # fail fast, before the payload
-            tensors.add_all(request.tensors)
-        if first is None:
-            raise InvalidArgumentError("SetWeights received no messages; send the model_id first.")
-        model = self.registry.get(first.model_id)
-        state = None
-        if first.has_state:
-            s = first.state
-            state = OptimizerStatus(iterations=s.iterations, raw_iterations=s.raw_iterations,
-                                    learning_rate=s.learning_rate, step=s.step, scalars=dict(s.scalars))
-        status = await model.set_weights(tensors.result(), state)
+                raise InvalidArgumentError("SetWeights received no messages; send the model_id first.")
+            model = self.registry.get(first.model_id)
+            state = None
+            if first.has_state:
+                s = first.state
+                state = OptimizerStatus(iterations=s.iterations, raw_iterations=s.raw_iterations,
+                                        learning_rate=s.learning_rate, step=s.step, scalars=dict(s.scalars))
+            status = await model.set_weights(tensors.result(), state)
+        finally:
+            if tensors is not None:
+                tensors.release()
         return pb.SetWeightsResponse(state=_state_message(status))
 
     @_translating_errors
     async def ListModels(self, request: pb.ListModelsRequest, context):
-        summaries = []
-        for model in self.registry.models(request.model_id):
+        """One page of models in model_id order, at most ``max_list_bytes`` (a single larger model
+        fills a page alone); ``next_page_token`` says where the next page starts."""
+        response = pb.ListModelsResponse()
+        budget = self.limits.limits.max_list_bytes
+        models = sorted(self.registry.models(request.model_id), key=lambda m: m.model_id)
+        models = [m for m in models if m.model_id > request.page_token] if request.page_token else models
+        for model in models:
             try:
-                summaries.append(await model.summary(request.with_stats))
+                info = _model_info(await model.summary(request.with_stats))
             except OptserveError:
                 if request.model_id or not model.closed:
                     raise  # a model deleted while listing everything is simply left out
-        return pb.ListModelsResponse(models=[_model_info(s) for s in summaries])
+                continue
+            if response.models and response.ByteSize() + info.ByteSize() + 16 > budget:
+                response.next_page_token = response.models[-1].spec.model_id
+                break
+            response.models.append(info)
+        return response
 
     @_translating_errors
     async def DeleteModel(self, request: pb.DeleteModelRequest, context):

@@ -140,6 +140,11 @@ def _describe(names: Sequence[str], limit: int = 10) -> str:
     return f"{shown}, ... ({more} more)" if more > 0 else shown
 
 
+def _adoptable(array: Any) -> bool:
+    return (type(array) is np.ndarray and array.base is None and array.flags.c_contiguous
+            and array.flags.writeable and array.dtype.isnative)
+
+
 class _Variable:
     """One model variable, its slots (Keras order) and its scratch buffer."""
 
@@ -363,8 +368,18 @@ class Optimizer:
         return self._slot_names()
 
     # ----------------------------------------------------------------- build
-    def build(self, variables: Mapping[str, Any]) -> None:
-        """Copy the variables (order kept) into owned storage and create the slots."""
+    def arrays_per_variable(self) -> int:
+        """Arrays of a variable's size this optimizer keeps per variable: the variable itself, its
+        slots and its scratch buffer. Known from the config alone, before ``build`` (memory budgets)."""
+        return 1 + len(self._slot_names()) + int(self._needs_scratch())
+
+    def build(self, variables: Mapping[str, Any], adopt: bool = False) -> None:
+        """Copy the variables (order kept) into owned storage and create the slots.
+
+        ``adopt``: the caller hands over arrays nobody else will use (a request's decoded
+        tensors); on the host backend those already owned, C-contiguous and native are kept
+        as they are instead of copied, so building a model does not need twice its memory.
+        """
         if self._built:
             raise FailedPreconditionError(
                 f"Optimizer '{self.name}' is already built on {len(self._variables)} variables."
@@ -382,13 +397,16 @@ class Optimizer:
                 )
             hosts[name] = host
         for name, host in hosts.items():
-            self._variables[name] = self._new_variable(name, host)
+            self._variables[name] = self._new_variable(name, host, adopt)
         self._built = True
         self.on_build()
 
-    def _new_variable(self, name: str, host: np.ndarray) -> _Variable:
+    def _new_variable(self, name: str, host: np.ndarray, adopt: bool = False) -> _Variable:
         backend = self._backend
-        value = backend.asarray(host, host.dtype)  # an owned, C-contiguous copy
+        if adopt and getattr(backend, "name", "") == "cpu" and _adoptable(host):
+            value = host
+        else:
+            value = backend.asarray(host, host.dtype)  # an owned, C-contiguous copy
         variable = _Variable(name, value, tuple(host.shape), host.dtype)
         for group in self._all_slot_groups():
             for slot, initial in group:
