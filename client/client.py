@@ -680,9 +680,14 @@ class Client:
         return self._list_models(model_id, with_stats, self._timeout(timeout, self.timeout))
 
     def _list_models(self, model_id, with_stats, timeout) -> list[ModelInfo]:
-        request = pb.ListModelsRequest(model_id=model_id or "", with_stats=bool(with_stats))
-        response = self._invoke(lambda deadline: self._stub.ListModels(request, timeout=deadline), timeout)
-        return [_model_info(m, with_stats=with_stats) for m in response.models]
+        models, token = [], ""
+        while True:  # the server answers in pages (ListModelsResponse.next_page_token)
+            request = pb.ListModelsRequest(model_id=model_id or "", with_stats=bool(with_stats), page_token=token)
+            response = self._invoke(lambda deadline: self._stub.ListModels(request, timeout=deadline), timeout)
+            models += [_model_info(m, with_stats=with_stats) for m in response.models]
+            token = response.next_page_token
+            if not token:
+                return models
 
     def delete_model(self, model_id: str, *, timeout=_DEFAULT) -> bool:
         request = pb.DeleteModelRequest(model_id=_check_name(model_id, "model_id"))

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -103,6 +104,10 @@ class Limits:
     max_streams_per_connection: int = 1024  # concurrent calls on one connection (HTTP/2 streams)
     stream_idle_timeout_s: float = 60.0     # a request stream sending nothing this long is dropped
     max_list_bytes: int = DEFAULT_MAX_LIST_BYTES  # one ListModels answer
+    # One received message. Clients send tensors in 1 MiB batches, so messages are small
+    # unless many small tensors with long names share one; gRPC refuses a larger message
+    # with RESOURCE_EXHAUSTED before it is handed to the server.
+    max_message_bytes: int = 8 << 20
 
     def __post_init__(self):
         for field in dataclasses.fields(self):
@@ -383,6 +388,9 @@ def give_back_freed_memory() -> bool:
     The server keeps freed blocks for reuse (``keep_freed_memory_for_reuse``), the right
     trade for accepted requests; a refused one must leave the resident size where it was.
     """
+    # gRPC's per-call objects form reference cycles that may hold the last request message;
+    # they are young, so collecting the young generations finds them cheaply.
+    gc.collect()
     if _MALLOC_TRIM is None:
         return False
     return bool(_MALLOC_TRIM(0))
@@ -415,6 +423,8 @@ _FLAGS = (
     ("--max-workers", "max_workers", "int", "largest num_workers of a model (default: %(default)s)"),
     ("--max-sync-timeout", "max_sync_timeout_s", "seconds", "largest sync_timeout_s of a model (default: %(default)s)"),
     ("--max-variables", "max_variables", "int", "variables of one model (default: %(default)s)"),
+    ("--max-message-bytes", "max_message_bytes", "bytes", "largest message received; clients send tensors "
+     "in 1 MiB batches (default: %(default)s)"),
     ("--max-config-bytes", "max_config_bytes", "bytes", "size of a model's optimizer config JSON "
      "(default: %(default)s)"),
 )

@@ -13,6 +13,7 @@ import functools
 import inspect
 import logging
 import math
+import traceback
 from typing import AsyncIterator, Iterable
 
 import grpc
@@ -84,12 +85,19 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, rpc: str) ->
         log.error("%s failed", rpc, exc_info=exc)
     else:
         log.debug("%s refused: %s %s", rpc, code.name, message)
+    # The exception outlives the call in reference cycles (gRPC keeps the abort's context):
+    # drop the request payloads its frames hold now instead of at the next full collection.
+    traceback.clear_frames(exc.__traceback__)
     if rpc in _STREAMED_REQUESTS:
         _schedule_trim()  # a refused upload leaves the resident size where it was
     await context.abort(code, message, trailing_metadata=metadata)
 
 
 _trim_pending = False
+_last_trim = 0.0
+# A trim (a full garbage collection, then malloc_trim) takes ~20 ms of the event loop:
+# at most one a second, however many uploads are refused.
+_TRIM_INTERVAL_S = 1.0
 
 
 def _schedule_trim() -> None:
@@ -98,13 +106,16 @@ def _schedule_trim() -> None:
     if _trim_pending:
         return
     _trim_pending = True
+    loop = asyncio.get_running_loop()
 
     def trim() -> None:
-        global _trim_pending
+        global _trim_pending, _last_trim
         _trim_pending = False
+        _last_trim = loop.time()
         bounds.give_back_freed_memory()
 
-    asyncio.get_running_loop().call_later(0.2, trim)
+    # After the call's own objects are gone (a moment), and not sooner than the interval allows.
+    loop.call_later(max(0.2, _last_trim + _TRIM_INTERVAL_S - loop.time()), trim)
 
 
 class _Undecodable:
@@ -155,6 +166,7 @@ def _translating_errors(method):
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the single translation point
+                request = None  # noqa: F841 - not held by the abort's traceback
                 await _abort(context, exc, rpc)
             finally:
                 if entered:
@@ -171,6 +183,7 @@ def _translating_errors(method):
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - the single translation point
+            request = None  # noqa: F841 - not held by the abort's traceback
             await _abort(context, exc, rpc)
         finally:
             if entered:
@@ -419,7 +432,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.registry.check_room_for_model(self.limits.limits.max_models)
         arrays = self.registry.new_engine(fields["optimizer_config"]).arrays_per_variable()
         workers = fields["num_workers"] if fields["mode"] == SYNC else 1
-        quota = self.limits.limits.model_quota
+        quota = self.limits.limits.max_model_bytes  # None: only --max-memory bounds a model
         what = f"Model {fields['model_id']!r}"
 
         def admit(name, slot, dtype, shape, nbytes: int) -> None:
