@@ -743,6 +743,7 @@ class Client:
         header = pb.ApplyGradientsHeader(
             model_id=model_id, worker_index=worker_index, step=int(step),
             aggregated=bool(aggregated), return_variables=bool(return_variables),
+            num_gradients=len(arrays),  # lets the server tell a push that broke off from a whole one
         )
 
         def attempt(deadline):

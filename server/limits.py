@@ -15,8 +15,9 @@ so that no single client can stall or exhaust the server for the others:
   meanwhile, so gRPC flow control holds the sender back) up to
   ``stream_idle_timeout_s``, then is refused with RESOURCE_EXHAUSTED.
 - *streams*: ``max_streams`` calls of the ParameterServer service at once on the
-  whole server, ``max_streams_per_connection`` on one connection (HTTP/2
-  streams beyond it wait in the client); health checks are not counted.
+  whole server (beyond: RESOURCE_EXHAUSTED), ``max_streams_per_connection`` on one
+  connection (HTTP/2 streams beyond it wait in the client, or are refused with
+  UNAVAILABLE, safe to retry); health checks are not counted.
 - *idle uploads*: a request stream that sends nothing for ``stream_idle_timeout_s``
   is dropped with ABORTED.
 """

@@ -223,6 +223,21 @@ class _RequestTensors:
     def release(self) -> None:
         self.inflight.release()
 
+    @property
+    def count(self) -> int:
+        return len(self._seen)
+
+    def broken_off(self, header) -> bool:
+        """Whether the stream ended before the push was whole: a tensor short of its bytes,
+        or fewer tensors than the header's ``num_gradients`` (when the client declared it)."""
+        if header.HasField("num_gradients") and len(self._seen) < header.num_gradients:
+            return True
+        try:
+            self._assembler.result()
+        except codec.TensorFormatError:
+            return True
+        return False
+
     async def _admit_tensor(self, chunk) -> None:
         limits = self._limits.limits
         bounds.check_name(chunk.name, "variable", limits)
@@ -463,7 +478,17 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 raise
             if header is None:
                 raise InvalidArgumentError("ApplyGradients received no messages; send a header, then the gradients.")
-            outcome = await model.push(header.worker_index, header.step, tensors.variables("Gradient"),
+            if tensors is not None and tensors.broken_off(header):
+                # gRPC ends the request stream of a cancelled call (the worker hung up, its
+                # connection dropped) as it ends a finished one: only a push that is not
+                # whole tells them apart. It is discarded, and its step must not wait for it.
+                model.worker_lost(header.worker_index, header.step)
+                tensors.variables("Gradient")  # names the tensor short of its bytes, if one is
+                raise InvalidArgumentError(
+                    f"The push's stream ended after {tensors.count} of the {header.num_gradients} gradients its "
+                    "header declared; nothing of it was applied. Send the whole push again.")
+            gradients = tensors.variables("Gradient")
+            outcome = await model.push(header.worker_index, header.step, gradients,
                                        aggregated=header.aggregated, return_variables=header.return_variables)
         finally:
             if tensors is not None:
