@@ -60,6 +60,7 @@ METADATA_PREFIX = "optserve-"
 _MODES = {"sync": pb.SYNC, "async": pb.ASYNC}
 _MODE_NAMES = {pb.SYNC: "sync", pb.ASYNC: "async", pb.SYNC_MODE_UNSPECIFIED: "sync"}
 _POLICIES = {"fail": pb.FAIL, "apply_partial": pb.APPLY_PARTIAL}
+_NON_FINITE = {"reject": pb.NON_FINITE_REJECT, "allow": pb.NON_FINITE_ALLOW, "skip_step": pb.NON_FINITE_SKIP_STEP}
 _POLICY_NAMES = {pb.FAIL: "fail", pb.APPLY_PARTIAL: "apply_partial", pb.TIMEOUT_POLICY_UNSPECIFIED: "fail"}
 
 # Marks "argument not given" where None is a meaningful value (no deadline).
@@ -657,10 +658,16 @@ class Client:
         mode: str = "sync",
         sync_timeout_s: float = 0.0,
         timeout_policy: str = "fail",
+        non_finite_policy: str = "reject",
         timeout=_DEFAULT,
     ) -> ModelInfo:
-        """Create a model, or join it when one with the same spec exists (``created`` is False)."""
-        spec = _model_spec(model_id, optimizer, num_workers, mode, sync_timeout_s, timeout_policy)
+        """Create a model, or join it when one with the same spec exists (``created`` is False).
+
+        ``non_finite_policy``: what a push holding NaN or inf does: "reject" (INVALID_ARGUMENT),
+        "skip_step" (the step is taken without an update) or "allow".
+        """
+        spec = _model_spec(model_id, optimizer, num_workers, mode, sync_timeout_s, timeout_policy,
+                           non_finite_policy)
         arrays = _as_tensors(variables, "variables")
         if not arrays:
             raise ValueError("`variables` must hold at least one variable. Received: {}")
@@ -879,7 +886,8 @@ def _check_worker_index(worker_index) -> None:
         raise ValueError(f"`worker_index` must be an integer >= 0. Received: worker_index={worker_index!r}")
 
 
-def _model_spec(model_id, optimizer, num_workers, mode, sync_timeout_s, timeout_policy) -> pb.ModelSpec:
+def _model_spec(model_id, optimizer, num_workers, mode, sync_timeout_s, timeout_policy,
+                non_finite_policy="reject") -> pb.ModelSpec:
     _check_name(model_id, "model_id")
     if not isinstance(num_workers, (int, np.integer)) or isinstance(num_workers, bool) or num_workers < 1:
         raise ValueError(f"`num_workers` must be an integer >= 1. Received: num_workers={num_workers!r}")
@@ -892,6 +900,10 @@ def _model_spec(model_id, optimizer, num_workers, mode, sync_timeout_s, timeout_
         raise ValueError(
             f"`timeout_policy` must be one of 'fail', 'apply_partial'. Received: timeout_policy={timeout_policy!r}"
         )
+    non_finite_key = str(non_finite_policy).lower()
+    if non_finite_key not in _NON_FINITE:
+        raise ValueError("`non_finite_policy` must be one of 'reject', 'skip_step', 'allow'. "
+                         f"Received: non_finite_policy={non_finite_policy!r}")
     return pb.ModelSpec(
         model_id=model_id,
         optimizer_config_json=optimizer_config_json(optimizer),
@@ -899,6 +911,7 @@ def _model_spec(model_id, optimizer, num_workers, mode, sync_timeout_s, timeout_
         mode=_MODES[mode_key],
         sync_timeout_s=float(sync_timeout_s),
         timeout_policy=_POLICIES[policy_key],
+        non_finite_policy=_NON_FINITE[non_finite_key],
     )
 
 

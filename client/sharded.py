@@ -442,6 +442,7 @@ class ShardedClient(Client):
         mode: str = "sync",
         sync_timeout_s: float = 0.0,
         timeout_policy: str = "fail",
+        non_finite_policy: str = "reject",
         timeout=_DEFAULT,
     ) -> ShardedModelInfo:
         """Create the model on every shard, or join it (``created`` is False) when it exists with this plan."""
@@ -452,7 +453,8 @@ class ShardedClient(Client):
         arrays = _as_tensors(variables, "variables")
         if not arrays:
             raise ValueError("`variables` must hold at least one variable. Received: {}")
-        spec = _model_spec(model_id, optimizer, num_workers, mode, sync_timeout_s, timeout_policy)  # checks all
+        spec = _model_spec(model_id, optimizer, num_workers, mode, sync_timeout_s, timeout_policy,
+                           non_finite_policy)  # checks all
         config = json.loads(spec.optimizer_config_json)
         plan = plan_for_optimizer(arrays, self.num_shards, config)
         model = ShardedModel(model_id, plan, tuple(arrays), str(mode).lower())
@@ -466,7 +468,8 @@ class ShardedClient(Client):
             shard_values = {part: values[index][part] for part in parts[index]}
             return self.shards[index].create_model(
                 model.piece_model_id, config, shard_values, num_workers=num_workers, mode=mode,
-                sync_timeout_s=sync_timeout_s, timeout_policy=timeout_policy, timeout=timeout)
+                sync_timeout_s=sync_timeout_s, timeout_policy=timeout_policy,
+                non_finite_policy=non_finite_policy, timeout=timeout)
 
         infos = self._on_shards(create, model.active_shards)
         # Last: the layout marks the model complete for clients that attach without creating it.
