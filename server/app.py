@@ -99,6 +99,7 @@ class ParameterServer:
         store = None
         if self.checkpoint_dir is not None:
             store = CheckpointStore(self.checkpoint_dir, keep=self.checkpoint_keep)  # checks before binding
+            store.remove_stale_temp_entries()  # an interrupted save's files are of no use to anyone
         self._executor = ThreadPoolExecutor(self.apply_threads, thread_name_prefix="optserve-apply")
         server_limits = ServerLimits(self.limits)
         self._registry = ModelRegistry(backend, self._executor, self.sync_timeout_s, limits=server_limits)
