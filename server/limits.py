@@ -31,7 +31,7 @@ import logging
 import math
 import os
 import re
-from typing import AsyncIterator, Iterable, Mapping
+from typing import AsyncIterator, Iterable
 
 from optserve.server.errors import AbortedError, InvalidArgumentError, ResourceExhaustedError
 
@@ -118,10 +118,6 @@ class Limits:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
                 raise InvalidArgumentError(
                     f"`{field.name}` must be a finite number > 0. Received: {field.name}={value!r}")
-
-    @property
-    def model_quota(self) -> int:
-        return min(self.max_model_bytes or self.max_memory, self.max_memory)
 
     def replace(self, **changes) -> "Limits":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -253,7 +249,7 @@ class ByteBudget:
     def free(self) -> int:
         return self.capacity - self.used
 
-    def take(self, nbytes: int, cap: int | None = None, force: bool = False) -> None:
+    def take(self, nbytes: int, force: bool = False) -> None:
         """Take ``nbytes`` now or raise RESOURCE_EXHAUSTED (``force``: take it regardless)."""
         if not force and self.used + nbytes > self.capacity:
             raise ResourceExhaustedError(
@@ -395,10 +391,6 @@ def give_back_freed_memory() -> bool:
     if _MALLOC_TRIM is None:
         return False
     return bool(_MALLOC_TRIM(0))
-
-
-def tensors_bytes(arrays: Mapping) -> int:
-    return sum(getattr(a, "nbytes", 0) for a in arrays.values())
 
 
 # ------------------------------------------------------------------ command line

@@ -11,7 +11,6 @@ import time
 
 import grpc
 import numpy as np
-import pytest
 
 import rpc_helpers as rpc
 from optserve.protos import optserve_pb2 as pb
