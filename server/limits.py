@@ -352,7 +352,7 @@ async def idle_guarded(requests: AsyncIterator, timeout_s: float) -> AsyncIterat
     iterator = requests.__aiter__()
     while True:
         try:
-            message = await asyncio.wait_for(iterator.__anext__(), timeout_s)
+            message = await _within(iterator.__anext__(), timeout_s)
         except StopAsyncIteration:
             return
         except asyncio.TimeoutError:
@@ -361,6 +361,13 @@ async def idle_guarded(requests: AsyncIterator, timeout_s: float) -> AsyncIterat
                 "applied. Send the request again (a server started with a larger --stream-idle-timeout "
                 "waits longer).", details={REASON_KEY: REASON_IDLE_STREAM}) from None
         yield message
+
+
+async def _within(awaitable, timeout_s: float):
+    if hasattr(asyncio, "timeout"):  # Python 3.11+: no task per message, as wait_for makes
+        async with asyncio.timeout(timeout_s):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, timeout_s)
 
 
 # ------------------------------------------------------------------ memory

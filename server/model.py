@@ -46,6 +46,14 @@ from optserve.server.errors import (
     NotFoundError,
     OptserveError,
 )
+from optserve.server.limits import (
+    MAX_STEP,
+    REASON_KEY,
+    REASON_SYNC_TIMEOUT,
+    REASON_WORKER_LOST,
+    state_bytes,
+    worker_list,
+)
 
 log = logging.getLogger(__name__)
 
@@ -393,8 +401,6 @@ class Model:
 
     def state_bytes(self) -> int:
         """Bytes of this model's state: variables, slots and scratch, and a synchronous step's merge buffer."""
-        from optserve.server.limits import state_bytes
-
         workers = self.spec.num_workers if self.spec.mode == SYNC else 1
         arrays = self._engine.arrays_per_variable()
         return sum(state_bytes(math.prod(v.shape) * v.dtype.itemsize, arrays, workers) for v in self.spec.variables)
@@ -619,8 +625,6 @@ class Model:
 
     async def _expire(self, pending: _PendingStep, lost_worker: int | None = None) -> None:
         """End a step that timed out, or lost ``lost_worker``, as the model's timeout policy says."""
-        from optserve.server.limits import REASON_KEY, REASON_SYNC_TIMEOUT, REASON_WORKER_LOST, worker_list
-
         if self._pending is not pending:
             return  # the step completed (or the model closed) while the timer fired
         missing = pending.missing(self.spec.num_workers)
@@ -897,6 +901,9 @@ class Model:
                 f"{_names(engine.variable_names)}, its spec {_names(v.name for v in spec.variables)}.")
         model = cls(spec, engine, executor)
         model._step = int(state["step"])
+        if not 0 <= model._step <= MAX_STEP:
+            raise InvalidArgumentError(
+                f"The checkpoint of model {spec.model_id!r} is at step {model._step}, beyond the bound of {MAX_STEP}.")
         for step, contributors, missing, aggregated in state["history"]:
             model._remember(int(step), _StepRecord(tuple(contributors), tuple(missing), bool(aggregated)))
         model._recent_async = {int(worker): _RecentSteps.of(steps) for worker, steps in state["recent_async"].items()}

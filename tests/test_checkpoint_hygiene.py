@@ -10,6 +10,7 @@ import pytest
 from optserve.client.client import Client, ResourceExhaustedError
 from optserve.server.app import start_server
 from optserve.server.checkpoint import LOCK_FILE, CheckpointStore
+from optserve.server.errors import FailedPreconditionError
 
 
 def _leftover(directory, name: str) -> None:
@@ -50,3 +51,15 @@ def test_a_full_disk_says_what_helps(tmp_path, monkeypatch):
     for words in ("bytes free", "Free space there", "--checkpoint-keep", "larger disk",
                   "previous checkpoints are intact"):
         assert words in message
+
+
+def test_a_checkpoint_with_a_step_beyond_the_bound_is_refused_at_start_up(tmp_path):
+    with start_server(device="cpu", checkpoint_dir=tmp_path, checkpoint_every="off") as server, \
+            Client(server.address) as client:
+        client.create_model("job", "sgd", {"w": np.ones(4, np.float32)})
+    store = CheckpointStore(tmp_path)
+    state = store.load(store.list()[-1].path)
+    state["models"][0]["step"] = 2**63 - 1  # as an unbounded SetWeights once allowed
+    store.save(state)
+    with pytest.raises(FailedPreconditionError, match="beyond the bound"):
+        start_server(device="cpu", checkpoint_dir=tmp_path)
