@@ -102,7 +102,7 @@ class Limits:
     max_model_bytes: int | None = None      # state of one model; None: max_memory
     max_inflight_bytes: int = dataclasses.field(default_factory=_default_inflight)  # tensors being received
     max_streams: int = 8192                 # concurrent ParameterServer calls, whole server
-    max_streams_per_connection: int = 1024  # concurrent calls on one connection (HTTP/2 streams)
+    max_streams_per_connection: int = 256   # concurrent calls on one connection (HTTP/2 streams)
     stream_idle_timeout_s: float = 60.0     # a request stream sending nothing this long is dropped
     max_list_bytes: int = DEFAULT_MAX_LIST_BYTES  # one ListModels answer
     # One received message. Clients send tensors in 1 MiB batches, so messages are small

@@ -488,8 +488,15 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     f"The push's stream ended after {tensors.count} of the {header.num_gradients} gradients its "
                     "header declared; nothing of it was applied. Send the whole push again.")
             gradients = tensors.variables("Gradient")
-            outcome = await model.push(header.worker_index, header.step, gradients,
-                                       aggregated=header.aggregated, return_variables=header.return_variables)
+            try:
+                outcome = await model.push(header.worker_index, header.step, gradients,
+                                           aggregated=header.aggregated, return_variables=header.return_variables)
+            except asyncio.CancelledError:
+                # Its push arrived whole, so it stays in the step: the worker (or its replacement)
+                # pushing the step again is answered as a duplicate.
+                log.info("model %r: worker %d hung up while its push for step %d waited; it still counts",
+                         header.model_id, header.worker_index, header.step)
+                raise
         finally:
             if tensors is not None:
                 tensors.release()

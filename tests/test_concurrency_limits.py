@@ -3,6 +3,7 @@ byte budget, stalled uploads, and workers whose push breaks off."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -248,10 +249,12 @@ def test_a_killed_worker_process_is_noticed_at_once(address, stub):
         worker.wait()
 
 
-def test_a_worker_that_hangs_up_after_its_push_arrived_still_counts(stub):
+def test_a_worker_that_hangs_up_after_its_push_arrived_still_counts(stub, caplog):
     rpc.create_model(stub, "job", {"w": np.zeros(4, np.float32)}, SGD_1, num_workers=2, sync_timeout_s=60)
-    impatient = Push(stub, "job", 0, 0, {"w": np.ones(4, np.float32)}, timeout=0.5)
-    assert impatient.outcome().error.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # its own deadline
+    with caplog.at_level(logging.INFO, logger="optserve.server.servicer"):
+        impatient = Push(stub, "job", 0, 0, {"w": np.ones(4, np.float32)}, timeout=0.5)
+        assert impatient.outcome().error.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # its own deadline
+        rpc.wait_until(lambda: "worker 0 hung up while its push for step 0 waited" in caplog.text)
     assert rpc.waiting_workers(stub, "job") == [0]  # its gradient stays in the step
     result = Push(stub, "job", 1, 0, {"w": np.ones(4, np.float32)}).outcome().result
     assert (result.step, list(result.contributors)) == (1, [0, 1])
