@@ -125,12 +125,13 @@ def test_calls_beyond_max_streams_are_refused_while_health_answers():
 def test_streams_per_connection_are_bounded():
     with limited_server(max_streams_per_connection=2) as (server, stub):
         rpc.create_model(stub, "job", {"w": np.ones(2, np.float32)}, num_workers=3, sync_timeout_s=30)
-        pushes = [Push(stub, "job", w, 0, {"w": np.ones(2, np.float32)}, timeout=3) for w in range(3)]
+        pushes = [Push(stub, "job", w, 0, {"w": np.ones(2, np.float32)}, timeout=5) for w in range(3)]
         # A connection of its own (channels to one address otherwise share theirs).
         channel = grpc.insecure_channel(server.address, options=[("grpc.use_local_subchannel_pool", 1)])
         with channel:
             other = pb_grpc.ParameterServerStub(channel)
-            time.sleep(1.0)
+            rpc.wait_until(lambda: len(rpc.waiting_workers(other, "job")) == 2)
+            time.sleep(0.5)
             # The third waits in its client, or is refused with UNAVAILABLE (REFUSED_STREAM: safe to retry).
             assert len(rpc.waiting_workers(other, "job")) == 2
             codes = sorted(push.outcome().error.code().name for push in pushes)
