@@ -21,6 +21,7 @@ Gradient = np.ndarray | SparseGradient
 
 _MODES = ("sync", "async")
 _POLICIES = ("fail", "apply_partial")
+_NON_FINITE_POLICIES = ("reject", "skip_step", "allow")
 
 
 def parse_addresses(address: str | Sequence[str]) -> list[str]:
@@ -171,7 +172,13 @@ def check_worker_index(worker_index: Any) -> None:
 
 
 def model_spec(
-    model_id: Any, optimizer: Any, num_workers: Any, mode: Any, sync_timeout_s: Any, timeout_policy: Any
+    model_id: Any,
+    optimizer: Any,
+    num_workers: Any,
+    mode: Any,
+    sync_timeout_s: Any,
+    timeout_policy: Any,
+    non_finite_policy: Any = "reject",
 ) -> ModelSpec:
     check_name(model_id, "model_id")
     if not isinstance(num_workers, (int, np.integer)) or isinstance(num_workers, bool) or num_workers < 1:
@@ -185,6 +192,12 @@ def model_spec(
         raise ValueError(
             f"`timeout_policy` must be one of 'fail', 'apply_partial'. Received: timeout_policy={timeout_policy!r}"
         )
+    non_finite_key = str(non_finite_policy).lower()
+    if non_finite_key not in _NON_FINITE_POLICIES:
+        raise ValueError(
+            "`non_finite_policy` must be one of 'reject', 'skip_step', 'allow'. "
+            f"Received: non_finite_policy={non_finite_policy!r}"
+        )
     return ModelSpec(
         model_id=model_id,
         optimizer_config_json=optimizer_config_json(optimizer),
@@ -192,6 +205,7 @@ def model_spec(
         mode=mode_key,
         sync_timeout_s=float(sync_timeout_s),
         timeout_policy=policy_key,
+        non_finite_policy=non_finite_key,
     )
 
 

@@ -46,6 +46,7 @@ from optserve.client.types import (
 )
 from optserve.protos.errors import (
     METADATA_PREFIX,
+    AbortedError,
     AlreadyExistsError,
     DeadlineExceededError,
     FailedPreconditionError,
@@ -73,6 +74,7 @@ __all__ = [
     "FailedPreconditionError",
     "StepMismatchError",
     "DeadlineExceededError",
+    "AbortedError",
     "ResourceExhaustedError",
     "UnavailableError",
     "UnauthenticatedError",

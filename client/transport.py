@@ -295,9 +295,15 @@ class GrpcTransport:
         return model_info(response.model, created=bool(response.created))
 
     def list_models(self, model_id: str | None, with_stats: bool, *, timeout: float | None) -> list[ModelInfo]:
-        request = pb.ListModelsRequest(model_id=model_id or "", with_stats=bool(with_stats))
-        response = self._call(lambda deadline: self._stub.ListModels(request, timeout=deadline), timeout)
-        return [model_info(m, with_stats=with_stats) for m in response.models]
+        models: list[ModelInfo] = []
+        page_token = ""
+        while True:  # the server answers in pages that stay under the message limit
+            request = pb.ListModelsRequest(model_id=model_id or "", with_stats=bool(with_stats), page_token=page_token)
+            response = self._call(lambda deadline: self._stub.ListModels(request, timeout=deadline), timeout)
+            models += [model_info(m, with_stats=with_stats) for m in response.models]
+            page_token = response.next_page_token
+            if not page_token:
+                return models
 
     def delete_model(self, model_id: str, *, timeout: float | None, if_idle: bool = False) -> bool:
         request = pb.DeleteModelRequest(model_id=model_id, if_idle=bool(if_idle))
@@ -334,6 +340,8 @@ class GrpcTransport:
             return_variables=bool(return_variables),
         )
         tensor_list, sparse = tensors.gradient_tensors(gradients)
+        # Lets the server tell a push that broke off (a cancelled stream ends like a whole one) from a whole one.
+        header.num_gradients = len(tensor_list)
         first = pb.ApplyGradientsRequest(header=header)
         if sparse:
             first.sparse_gradients.extend(sparse)
@@ -406,6 +414,7 @@ class GrpcTransport:
 _MODES = {"sync": pb.SYNC, "async": pb.ASYNC}
 _MODE_NAMES = {pb.SYNC: "sync", pb.ASYNC: "async", pb.SYNC_MODE_UNSPECIFIED: "sync"}
 _POLICIES = {"fail": pb.FAIL, "apply_partial": pb.APPLY_PARTIAL}
+_NON_FINITE = {"reject": pb.NON_FINITE_REJECT, "allow": pb.NON_FINITE_ALLOW, "skip_step": pb.NON_FINITE_SKIP_STEP}
 _POLICY_NAMES = {pb.FAIL: "fail", pb.APPLY_PARTIAL: "apply_partial", pb.TIMEOUT_POLICY_UNSPECIFIED: "fail"}
 
 
@@ -421,6 +430,7 @@ def _spec_message(spec: ModelSpec) -> pb.ModelSpec:
         mode=_MODES[spec.mode],
         sync_timeout_s=spec.sync_timeout_s,
         timeout_policy=_POLICIES[spec.timeout_policy],
+        non_finite_policy=_NON_FINITE[spec.non_finite_policy],
     )
 
 
@@ -458,6 +468,8 @@ def step_result(message: pb.StepResult) -> StepResult:
         contributors=[int(w) for w in message.contributors],
         missing_workers=[int(w) for w in message.missing_workers],
         generation=generation(message),
+        skipped_non_finite=bool(message.skipped_non_finite),
+        non_finite_variables=list(message.non_finite_variables),
     )
 
 

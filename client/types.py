@@ -55,6 +55,7 @@ class ModelSpec:
     mode: str = "sync"  # "sync" | "async"
     sync_timeout_s: float = 0.0
     timeout_policy: str = "fail"  # "fail" | "apply_partial"
+    non_finite_policy: str = "reject"  # "reject" | "skip_step" | "allow": a push holding NaN or inf
 
 
 @dataclasses.dataclass
@@ -66,6 +67,9 @@ class StepResult:
     contributors: list[int] = dataclasses.field(default_factory=list)
     missing_workers: list[int] = dataclasses.field(default_factory=list)  # left out under APPLY_PARTIAL
     generation: ServerGeneration | None = None  # None: the server does not say
+    # Under the non-finite policy "skip_step": the step was taken without an update, because of these.
+    skipped_non_finite: bool = False
+    non_finite_variables: list[str] = dataclasses.field(default_factory=list)
 
 
 @dataclasses.dataclass

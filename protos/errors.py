@@ -18,6 +18,7 @@ from typing import Any
 
 __all__ = [
     "METADATA_PREFIX",
+    "AbortedError",
     "AlreadyExistsError",
     "DeadlineExceededError",
     "FailedPreconditionError",
@@ -139,6 +140,15 @@ class DeadlineExceededError(OptserveError, TimeoutError):
     code = "DEADLINE_EXCEEDED"
 
 
+class AbortedError(DeadlineExceededError):
+    """The server ended the call for a reason of its own: a synchronous step timed out or
+    lost a worker, an upload stalled; ``details["reason"]`` says which. The caller's own
+    deadline is DEADLINE_EXCEEDED instead; both are timeouts, so this is a
+    DeadlineExceededError too."""
+
+    code = "ABORTED"
+
+
 class UnavailableError(OptserveError, ConnectionError):
     code = "UNAVAILABLE"
 
@@ -155,6 +165,7 @@ _CLASS_BY_CODE: dict[str, type[OptserveError]] = {
     "ALREADY_EXISTS": AlreadyExistsError,
     "FAILED_PRECONDITION": FailedPreconditionError,
     "DEADLINE_EXCEEDED": DeadlineExceededError,
+    "ABORTED": AbortedError,
     "RESOURCE_EXHAUSTED": ResourceExhaustedError,
     "UNAVAILABLE": UnavailableError,
     "UNAUTHENTICATED": UnauthenticatedError,

@@ -22,6 +22,13 @@ class SyncMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SYNC: _ClassVar[SyncMode]
     ASYNC: _ClassVar[SyncMode]
 
+class NonFinitePolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    NON_FINITE_POLICY_UNSPECIFIED: _ClassVar[NonFinitePolicy]
+    NON_FINITE_REJECT: _ClassVar[NonFinitePolicy]
+    NON_FINITE_ALLOW: _ClassVar[NonFinitePolicy]
+    NON_FINITE_SKIP_STEP: _ClassVar[NonFinitePolicy]
+
 class TimeoutPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     TIMEOUT_POLICY_UNSPECIFIED: _ClassVar[TimeoutPolicy]
@@ -36,6 +43,10 @@ INT64: DType
 SYNC_MODE_UNSPECIFIED: SyncMode
 SYNC: SyncMode
 ASYNC: SyncMode
+NON_FINITE_POLICY_UNSPECIFIED: NonFinitePolicy
+NON_FINITE_REJECT: NonFinitePolicy
+NON_FINITE_ALLOW: NonFinitePolicy
+NON_FINITE_SKIP_STEP: NonFinitePolicy
 TIMEOUT_POLICY_UNSPECIFIED: TimeoutPolicy
 FAIL: TimeoutPolicy
 APPLY_PARTIAL: TimeoutPolicy
@@ -57,20 +68,22 @@ class TensorChunk(_message.Message):
     def __init__(self, name: _Optional[str] = ..., slot: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
-    __slots__ = ("model_id", "optimizer_config_json", "num_workers", "mode", "sync_timeout_s", "timeout_policy")
+    __slots__ = ("model_id", "optimizer_config_json", "num_workers", "mode", "sync_timeout_s", "timeout_policy", "non_finite_policy")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     OPTIMIZER_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     NUM_WORKERS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     SYNC_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_POLICY_FIELD_NUMBER: _ClassVar[int]
+    NON_FINITE_POLICY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     optimizer_config_json: str
     num_workers: int
     mode: SyncMode
     sync_timeout_s: float
     timeout_policy: TimeoutPolicy
-    def __init__(self, model_id: _Optional[str] = ..., optimizer_config_json: _Optional[str] = ..., num_workers: _Optional[int] = ..., mode: _Optional[_Union[SyncMode, str]] = ..., sync_timeout_s: _Optional[float] = ..., timeout_policy: _Optional[_Union[TimeoutPolicy, str]] = ...) -> None: ...
+    non_finite_policy: NonFinitePolicy
+    def __init__(self, model_id: _Optional[str] = ..., optimizer_config_json: _Optional[str] = ..., num_workers: _Optional[int] = ..., mode: _Optional[_Union[SyncMode, str]] = ..., sync_timeout_s: _Optional[float] = ..., timeout_policy: _Optional[_Union[TimeoutPolicy, str]] = ..., non_finite_policy: _Optional[_Union[NonFinitePolicy, str]] = ...) -> None: ...
 
 class CreateModelRequest(_message.Message):
     __slots__ = ("spec", "variables", "worker_index")
@@ -91,18 +104,20 @@ class CreateModelResponse(_message.Message):
     def __init__(self, created: _Optional[bool] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ApplyGradientsHeader(_message.Message):
-    __slots__ = ("model_id", "worker_index", "step", "aggregated", "return_variables")
+    __slots__ = ("model_id", "worker_index", "step", "aggregated", "return_variables", "num_gradients")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_INDEX_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     AGGREGATED_FIELD_NUMBER: _ClassVar[int]
     RETURN_VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    NUM_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     worker_index: int
     step: int
     aggregated: bool
     return_variables: bool
-    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ..., step: _Optional[int] = ..., aggregated: _Optional[bool] = ..., return_variables: _Optional[bool] = ...) -> None: ...
+    num_gradients: int
+    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ..., step: _Optional[int] = ..., aggregated: _Optional[bool] = ..., return_variables: _Optional[bool] = ..., num_gradients: _Optional[int] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
     __slots__ = ("header", "gradients", "sparse_gradients")
@@ -123,13 +138,15 @@ class SparseGradient(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dense_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors", "missing_workers", "generation")
+    __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors", "missing_workers", "skipped_non_finite", "non_finite_variables", "generation")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
     DUPLICATE_FIELD_NUMBER: _ClassVar[int]
     CONTRIBUTORS_FIELD_NUMBER: _ClassVar[int]
     MISSING_WORKERS_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_NON_FINITE_FIELD_NUMBER: _ClassVar[int]
+    NON_FINITE_VARIABLES_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     step: int
     iterations: int
@@ -137,8 +154,10 @@ class StepResult(_message.Message):
     duplicate: bool
     contributors: _containers.RepeatedScalarFieldContainer[int]
     missing_workers: _containers.RepeatedScalarFieldContainer[int]
+    skipped_non_finite: bool
+    non_finite_variables: _containers.RepeatedScalarFieldContainer[str]
     generation: ServerGeneration
-    def __init__(self, step: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., duplicate: _Optional[bool] = ..., contributors: _Optional[_Iterable[int]] = ..., missing_workers: _Optional[_Iterable[int]] = ..., generation: _Optional[_Union[ServerGeneration, _Mapping]] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., duplicate: _Optional[bool] = ..., contributors: _Optional[_Iterable[int]] = ..., missing_workers: _Optional[_Iterable[int]] = ..., skipped_non_finite: _Optional[bool] = ..., non_finite_variables: _Optional[_Iterable[str]] = ..., generation: _Optional[_Union[ServerGeneration, _Mapping]] = ...) -> None: ...
 
 class ServerGeneration(_message.Message):
     __slots__ = ("server_id", "restored_checkpoint")
@@ -236,14 +255,16 @@ class SetWeightsResponse(_message.Message):
     def __init__(self, state: _Optional[_Union[OptimizerState, _Mapping]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
-    __slots__ = ("model_id", "with_stats", "track_updates")
+    __slots__ = ("model_id", "with_stats", "track_updates", "page_token")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WITH_STATS_FIELD_NUMBER: _ClassVar[int]
     TRACK_UPDATES_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     with_stats: bool
     track_updates: bool
-    def __init__(self, model_id: _Optional[str] = ..., with_stats: _Optional[bool] = ..., track_updates: _Optional[bool] = ...) -> None: ...
+    page_token: str
+    def __init__(self, model_id: _Optional[str] = ..., with_stats: _Optional[bool] = ..., track_updates: _Optional[bool] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class VariableInfo(_message.Message):
     __slots__ = ("name", "dtype", "shape", "slots", "norm")
@@ -300,10 +321,12 @@ class ModelActivity(_message.Message):
     def __init__(self, created_unix_s: _Optional[float] = ..., creator_worker: _Optional[int] = ..., creator_peer: _Optional[str] = ..., last_activity_unix_s: _Optional[float] = ..., last_activity: _Optional[str] = ..., last_worker: _Optional[int] = ..., calls_in_flight: _Optional[int] = ..., idle_s: _Optional[float] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
-    __slots__ = ("models",)
+    __slots__ = ("models", "next_page_token")
     MODELS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
-    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class DeleteModelRequest(_message.Message):
     __slots__ = ("model_id", "if_idle")

@@ -218,6 +218,29 @@ class CheckpointStore:
                 highest = max(highest, int(match.group(1)))
         return highest + 1
 
+    def remove_stale_temp_entries(self) -> int:
+        """At start-up: remove what interrupted saves left (``.tmp-`` entries), unless another
+        process is saving into this directory right now. Returns how many were removed."""
+        if fcntl is None:  # pragma: no cover - non-POSIX hosts
+            return 0
+        try:
+            handle = open(self.directory / LOCK_FILE, "a")
+        except OSError:
+            return 0  # a read-only store: nothing can be removed anyway
+        with handle, self._lock:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                logger.warning("Another process is saving into %s; leaving its temporary entries alone.",
+                               self.directory)
+                return 0
+            try:
+                leftovers = self._temp_entries()
+                self._remove_temp_entries()
+                return len(leftovers)
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def _remove_temp_entries(self) -> None:
         # Under the writer lock any temp entry belongs to a save that died.
         for leftover in self._temp_entries():
@@ -664,10 +687,21 @@ def describe_models(models: list) -> str:
     return ", ".join(shown) + more
 
 
+def _free_bytes(directory: pathlib.Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None
+
+
 def _write_error(directory: pathlib.Path, error: OSError) -> OptserveError:
     what = f"Could not write a checkpoint into {directory}: {error.strerror or error}"
     if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
-        return ResourceExhaustedError(f"{what}. Free space there (or lower --checkpoint-keep); the previous "
+        free = _free_bytes(directory)
+        room = f" ({free} bytes free)" if free is not None else ""
+        return ResourceExhaustedError(f"{what}{room}. Free space there, lower --checkpoint-keep (each kept "
+                                      "checkpoint holds every model's variables and slots), or point "
+                                      "--checkpoint-dir at a larger disk; the previous "
                                       "checkpoints are intact.")
     return OptserveError(f"{what}. The previous checkpoints are intact.")
 

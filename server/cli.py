@@ -16,6 +16,7 @@ import sys
 
 from optserve.server.app import DEFAULT_GRACE_S, DEFAULT_SYNC_TIMEOUT_S
 from optserve.server.checkpoint import DEFAULT_CHECKPOINT_EVERY, DEFAULT_CHECKPOINT_KEEP, parse_checkpoint_every
+from optserve.server import limits
 from optserve.server.errors import OptserveError
 from optserve.server.servicer import DEFAULT_MAX_REQUEST_BYTES
 
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "--checkpoint-dir (default: off)")
     serve.add_argument("--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                        help="log verbosity on stderr (default: %(default)s)")
+    limits.add_arguments(serve)
     checkpoint = commands.add_parser(
         "checkpoint", help="have a running server (started with --checkpoint-dir) write a checkpoint now",
         description="Ask the server at ADDRESS to write a checkpoint now, and print its path "
@@ -229,7 +231,8 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return serve(args.host, args.port, args.device, grace=args.grace, on_listening=_announce,
                      sync_timeout_s=args.sync_timeout, max_request_bytes=args.max_request_bytes,
                      apply_threads=args.apply_threads, metrics_port=args.metrics_port,
-                     model_ttl_s=args.model_ttl or None, **checkpoint_options, **_security_options(args))
+                     model_ttl_s=args.model_ttl or None, limits=limits.from_arguments(args), **checkpoint_options,
+                     **_security_options(args))
     except (OptserveError, OSError) as exc:
         # Startup problems (busy port, no GPU) are the operator's to fix: a message, not a traceback.
         print(f"optserve serve: error: {exc}", file=sys.stderr, flush=True)

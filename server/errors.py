@@ -9,6 +9,7 @@ say what was received and what is allowed, because they reach the user verbatim.
 from __future__ import annotations
 
 from optserve.protos.errors import (
+    AbortedError,
     AlreadyExistsError,
     DeadlineExceededError,
     FailedPreconditionError,
@@ -21,6 +22,7 @@ from optserve.protos.errors import (
 )
 
 __all__ = [
+    "AbortedError",
     "AlreadyExistsError",
     "DeadlineExceededError",
     "FailedPreconditionError",

@@ -44,11 +44,19 @@ from optserve.server import schedules, text
 from optserve.server.activity import ModelActivity, ModelEvents, nbytes as _nbytes, update_norm
 from optserve.server.usage import Activity
 from optserve.server.errors import (
-    DeadlineExceededError,
+    AbortedError,
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
     OptserveError,
+)
+from optserve.server.limits import (
+    MAX_STEP,
+    REASON_KEY,
+    REASON_SYNC_TIMEOUT,
+    REASON_WORKER_LOST,
+    state_bytes,
+    worker_list,
 )
 
 log = logging.getLogger(__name__)
@@ -59,6 +67,14 @@ MODES = (SYNC, ASYNC)
 FAIL = "fail"
 APPLY_PARTIAL = "apply_partial"
 TIMEOUT_POLICIES = (FAIL, APPLY_PARTIAL)
+# What a push holding NaN or inf does; "reject" by default, since one worker's NaN
+# would otherwise poison the synchronous sum of every worker, silently.
+REJECT = "reject"
+ALLOW = "allow"
+SKIP_STEP = "skip_step"
+NON_FINITE_POLICIES = (REJECT, ALLOW, SKIP_STEP)
+# Elements checked for finiteness at a time: a small temporary instead of one the gradient's size.
+_FINITE_CHECK_BLOCK = 1 << 18
 
 MODEL_STATE_FORMAT = "optserve.model_state/1"
 # Completed steps (sync) or pushed steps per worker (async) remembered to
@@ -93,6 +109,7 @@ class ModelSpec:
     sync_timeout_s: float          # effective timeout (the server default already filled in)
     timeout_policy: str
     variables: tuple[VariableMeta, ...]
+    non_finite_policy: str = REJECT
 
     @property
     def optimizer_config_json(self) -> str:
@@ -104,7 +121,7 @@ class ModelSpec:
         for path, mine, theirs in _dict_differences(self.optimizer_config, other.optimizer_config):
             found.append(f"optimizer config {path}: existing {_config_value(mine)}, "
                          f"requested {_config_value(theirs)}")
-        for field in ("num_workers", "mode"):
+        for field in ("num_workers", "mode", "non_finite_policy"):
             mine, theirs = getattr(self, field), getattr(other, field)
             if mine != theirs:
                 found.append(f"{field}: existing {text.value(mine)}, requested {text.value(theirs)}")
@@ -180,6 +197,7 @@ def make_spec(
     mode: str = SYNC,
     sync_timeout_s: float = 0.0,
     timeout_policy: str = FAIL,
+    non_finite_policy: str = REJECT,
     default_sync_timeout_s: float = 60.0,
 ) -> ModelSpec:
     """Check a requested spec eagerly and fill in defaults; nothing is created here."""
@@ -192,9 +210,13 @@ def make_spec(
         raise InvalidArgumentError(
             f"`timeout_policy` must be one of {TIMEOUT_POLICIES}. Received: timeout_policy={timeout_policy!r}"
         )
-    if math.isnan(sync_timeout_s) or sync_timeout_s < 0:
+    if non_finite_policy not in NON_FINITE_POLICIES:
         raise InvalidArgumentError(
-            f"`sync_timeout_s` must be >= 0 (0: the server default). Received: sync_timeout_s={sync_timeout_s}"
+            f"`non_finite_policy` must be one of {NON_FINITE_POLICIES}. Received: non_finite_policy={non_finite_policy!r}"
+        )
+    if not math.isfinite(sync_timeout_s) or sync_timeout_s < 0:
+        raise InvalidArgumentError(
+            f"`sync_timeout_s` must be finite and >= 0 (0: the server default). Received: sync_timeout_s={sync_timeout_s}"
         )
     if not variables:
         raise InvalidArgumentError(
@@ -209,6 +231,7 @@ def make_spec(
         sync_timeout_s=float(sync_timeout_s or default_sync_timeout_s),
         timeout_policy=timeout_policy,
         variables=metas,
+        non_finite_policy=non_finite_policy,
     )
 
 
@@ -263,6 +286,7 @@ class StepOutcome:
     contributors: tuple[int, ...]
     missing: tuple[int, ...] = ()  # workers left out of a step applied under APPLY_PARTIAL
     variables: dict | None = None  # {name: array} after the update, when asked for
+    non_finite: tuple[str, ...] = ()  # skip_step: the step was skipped; these variables were not finite
     # Shared by the outcomes of every waiter of one step (dataclasses.replace keeps it), so
     # work done once per step for the answer (encoding the variables) can be reused.
     memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -407,14 +431,25 @@ class Model:
         self.on_change: Callable[[int], None] | None = None
         self.events = ModelEvents()
         self.activity = ModelActivity()
+        # The registry's reservation of this model's state in the server's memory budget.
+        self.memory = None
 
     @classmethod
     async def create(cls, spec: ModelSpec, engine, variables: Mapping[str, np.ndarray],
                      executor: Executor | None = None) -> "Model":
         """Build the engine's slots and copy the initial variables, off the event loop."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(executor, engine.build, dict(variables))
+        # The received arrays are fresh and owned: the engine keeps them instead of copying them.
+        await loop.run_in_executor(executor, functools.partial(engine.build, dict(variables), adopt=True))
         return cls(spec, engine, executor)
+
+    def state_bytes(self) -> int:
+        """Bytes of this model's state: variables, slots and scratch, and a synchronous step's merge buffer."""
+        workers = self.spec.num_workers if self.spec.mode == SYNC else 1
+        return sum(
+            state_bytes(math.prod(v.shape) * v.dtype.itemsize, self._engine.arrays_per_variable(v.name, v.shape),
+                        workers)
+            for v in self.spec.variables)
 
     # ----------------------------------------------------------- properties
 
@@ -472,6 +507,50 @@ class Model:
         if self.spec.mode == SYNC and step > self._step:
             raise self._future_step_error(worker, step)
 
+    def check_gradient_chunk(self, name: str, slot: str, dtype: np.dtype, shape: tuple, nbytes: int) -> None:
+        """A gradient's first chunk, checked before the gradient is received or allocated."""
+        var = self._variables.get(name)
+        if slot:
+            raise InvalidArgumentError(
+                f"Gradient tensors must have an empty slot; received slot tensor {name[:100] + '/' + slot[:100]!r}.")
+        if var is None:
+            raise NotFoundError(f"Model {self.model_id!r} has no variable {name[:200]!r}; "
+                                f"its variables are {_names(self._variables)}.")
+        if shape != var.shape or dtype != var.dtype:
+            raise InvalidArgumentError(
+                f"Gradient for {name!r} has {text.tensor(shape, dtype)}, but the variable has {var.describe()}; "
+                "send gradients of the variable's shape and dtype.")
+
+    def check_weight_chunk(self, name: str, slot: str, dtype: np.dtype, shape: tuple, nbytes: int) -> None:
+        """A SetWeights tensor's first chunk, checked before it is received or allocated."""
+        var = self._variables.get(name)
+        if var is None:
+            raise NotFoundError(f"Model {self.model_id!r} has no variable {name[:200]!r}; "
+                                f"its variables are {_names(self._variables)}.")
+        if slot and slot not in self._engine.slot_names(name):
+            raise NotFoundError(
+                f"Variable {name!r} of model {self.model_id!r} has no slot {slot[:100]!r}; its slots are "
+                f"{list(self._engine.slot_names(name)) or 'none'} (slot '' is the variable itself).")
+        if not slot and (shape != var.shape or dtype != var.dtype):
+            raise InvalidArgumentError(
+                f"New value for {name!r} has {text.tensor(shape, dtype)}, but the variable has {var.describe()}.")
+
+    def worker_lost(self, worker: int, step: int) -> None:
+        """A worker's push stream broke off before its push was complete (loop thread).
+
+        Nothing of the push was taken. When other workers already wait in that step, it
+        cannot complete without this worker's push, so it ends now as its timeout policy
+        says instead of after sync_timeout_s. A worker whose push was received and who hangs
+        up afterwards is not lost: its contribution stands.
+        """
+        pending = self._pending
+        log.warning("model %r: worker %d's push for step %d broke off before it was complete; it was discarded",
+                    self.model_id, worker, step)
+        if self.spec.mode != SYNC or pending is None or pending.step != step or worker in pending.contributors:
+            return
+        task = asyncio.ensure_future(self._exclusive(lambda: self._expire(pending, lost_worker=worker)))
+        task.add_done_callback(_log_failure)
+
     async def push(self, worker: int, step: int, gradients: Mapping[str, np.ndarray], *,
                    aggregated: bool = False, return_variables: bool = False) -> StepOutcome:
         """Contribute one worker's gradients for ``step``; returns once the step is applied.
@@ -480,6 +559,9 @@ class Model:
         """
         self.check_push_header(worker, step)
         self.check_gradients(gradients)
+        if self.spec.non_finite_policy == REJECT and gradients:
+            # Off the event loop, and outside the lock: pushes of one step are checked in parallel.
+            self._refuse_non_finite(worker, step, await self._run(non_finite_names, gradients))
         started = time.perf_counter()
         try:
             return await self._push(worker, step, gradients, aggregated, return_variables)
@@ -507,6 +589,16 @@ class Model:
         variables = outcome.variables if return_variables else None
         self.events.sent(_nbytes((variables or {}).values()))
         return dataclasses.replace(outcome, duplicate=duplicate, variables=variables)
+
+    def _refuse_non_finite(self, worker: int, step: int, names: list[str]) -> None:
+        if names:
+            raise InvalidArgumentError(
+                f"Worker {worker}'s push for step {step} of model {self.model_id!r} holds NaN or infinite values "
+                f"in {_names(names)}; nothing of it was applied. Push finite gradients for step {step} (a lower "
+                "learning rate or loss scaling may help), or create the model with non_finite_policy "
+                "skip_step (skip such steps) or allow.",
+                details={"worker": worker, "non_finite_variables": ",".join(names[:MAX_LISTED_NAMES])},
+            )
 
     def check_gradients(self, gradients: Mapping[str, np.ndarray]) -> None:
         """Validate a whole push before any of it touches a buffer or the engine.
@@ -579,18 +671,24 @@ class Model:
         return outcome
 
     async def _apply_step(self, step, gradients, contributors, missing, aggregated, return_variables) -> StepOutcome:
-        # Gradients for none of the variables (every push of the step was empty) still make a step.
-        before = await self._read_all_variables() if self.activity.tracking else None
-        started = time.perf_counter()
-        await self._run(functools.partial(self._engine.apply, dict(gradients), count_empty_step=True))
-        self.events.applied(time.perf_counter() - started, partial=bool(missing))
-        if before is not None:
-            self.activity.update_norm = await self._run(update_norm, before, await self._read_all_variables())
+        skipped = ()
+        if self.spec.non_finite_policy == SKIP_STEP and gradients:
+            skipped = tuple(await self._run(non_finite_names, gradients))
+        if skipped:
+            log.warning("model %r step %d skipped: non-finite gradients in %s", self.model_id, step, _names(skipped))
+        else:
+            # Gradients for none of the variables (every push of the step was empty) still make a step.
+            before = await self._read_all_variables() if self.activity.tracking else None
+            started = time.perf_counter()
+            await self._run(functools.partial(self._engine.apply, dict(gradients), count_empty_step=True))
+            self.events.applied(time.perf_counter() - started, partial=bool(missing))
+            if before is not None:
+                self.activity.update_norm = await self._run(update_norm, before, await self._read_all_variables())
         self._step += 1
         self._remember(step, _StepRecord(tuple(sorted(contributors)), tuple(missing), aggregated))
-        self._notify(applied=1)
+        self._notify(applied=0 if skipped else 1)
         variables = await self._read_all_variables() if return_variables else None
-        return self._outcome(contributors, missing, variables)
+        return dataclasses.replace(self._outcome(contributors, missing, variables), non_finite=skipped)
 
     def _open_step(self, step: int) -> _PendingStep:
         loop = asyncio.get_running_loop()
@@ -618,27 +716,38 @@ class Model:
         task = asyncio.ensure_future(self._exclusive(lambda: self._expire(pending)))
         task.add_done_callback(_log_failure)
 
-    async def _expire(self, pending: _PendingStep) -> None:
+    async def _expire(self, pending: _PendingStep, lost_worker: int | None = None) -> None:
+        """End a step that timed out, or lost ``lost_worker``, as the model's timeout policy says."""
         if self._pending is not pending:
             return  # the step completed (or the model closed) while the timer fired
         missing = pending.missing(self.spec.num_workers)
-        arrived = sorted(pending.contributors)
+        arrived = worker_list(pending.contributors)
         timeout = self.spec.sync_timeout_s
         self.events.timed_out()
+        why = (f"after {timeout:.3g} s" if lost_worker is None
+               else f"after worker {lost_worker}'s push broke off")
         if self.spec.timeout_policy == APPLY_PARTIAL:
-            log.warning("model %r step %d: applying the pushes of workers %s after %.3g s; missing workers %s",
-                        self.model_id, pending.step, arrived, timeout, list(missing))
+            log.warning("model %r step %d: applying the pushes of workers %s %s; missing workers %s",
+                        self.model_id, pending.step, arrived, why, worker_list(missing))
             await self._complete(pending, missing)
             return
-        log.warning("model %r step %d timed out after %.3g s; missing workers %s",
-                    self.model_id, pending.step, timeout, list(missing))
+        log.warning("model %r step %d ended %s; missing workers %s",
+                    self.model_id, pending.step, why, worker_list(missing))
         self._pending = None
-        pending.fail(DeadlineExceededError(
-            f"Step {pending.step} of model {self.model_id!r} timed out after {timeout:g} s waiting for "
-            f"workers {list(missing)} (workers {arrived} pushed); nothing was applied. Push step "
-            f"{pending.step} again once every worker is running, raise the model's sync_timeout_s "
-            "(or the server's --sync-timeout), or create the model with timeout_policy APPLY_PARTIAL.",
-            details={"current_step": self._step, "missing_workers": ",".join(map(str, missing))},
+        if lost_worker is None:
+            what = (f"Step {pending.step} of model {self.model_id!r} timed out after {timeout:g} s waiting for "
+                    f"workers [{worker_list(missing)}] (workers [{arrived}] pushed)")
+            hint = ("raise the model's sync_timeout_s (or the server's --sync-timeout), or create the model "
+                    "with timeout_policy APPLY_PARTIAL.")
+            reason = REASON_SYNC_TIMEOUT
+        else:
+            what = (f"Step {pending.step} of model {self.model_id!r} ended because worker {lost_worker}'s push "
+                    f"broke off (its connection closed or stalled) while workers [{arrived}] waited")
+            hint = f"worker {lost_worker} (or its replacement) pushes step {pending.step} too."
+            reason = REASON_WORKER_LOST
+        pending.fail(AbortedError(
+            f"{what}; nothing was applied. Push step {pending.step} again once every worker is running; {hint}",
+            details={"current_step": self._step, "missing_workers": worker_list(missing), REASON_KEY: reason},
         ))
 
     async def _answer_completed_step(self, worker, step, return_variables) -> asyncio.Future:
@@ -903,6 +1012,9 @@ class Model:
                 f"{_names(engine.variable_names)}, its spec {_names(v.name for v in spec.variables)}.")
         model = cls(spec, engine, executor)
         model._step = int(state["step"])
+        if not 0 <= model._step <= MAX_STEP:
+            raise InvalidArgumentError(
+                f"The checkpoint of model {spec.model_id!r} is at step {model._step}, beyond the bound of {MAX_STEP}.")
         for step, contributors, missing, aggregated in state["history"]:
             model._remember(int(step), _StepRecord(tuple(contributors), tuple(missing), bool(aggregated)))
         model._recent_async = {int(worker): _RecentSteps.of(steps) for worker, steps in state["recent_async"].items()}
@@ -954,6 +1066,7 @@ def spec_state(spec: ModelSpec) -> dict:
         "sync_timeout_s": spec.sync_timeout_s,
         "timeout_policy": spec.timeout_policy,
         "variables": [[v.name, list(v.shape), v.dtype.str] for v in spec.variables],
+        "non_finite_policy": spec.non_finite_policy,
     }
 
 
@@ -967,7 +1080,22 @@ def spec_from_state(state: Mapping[str, Any]) -> ModelSpec:
         timeout_policy=state["timeout_policy"],
         variables=tuple(VariableMeta(name, tuple(int(d) for d in shape), np.dtype(dtype))
                         for name, shape, dtype in state["variables"]),
+        # Checkpoints from before the policy existed applied whatever arrived.
+        non_finite_policy=state.get("non_finite_policy", ALLOW),
     )
+
+
+def non_finite_names(gradients: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of the gradients holding a NaN or an infinity, in order (executor thread)."""
+    return [name for name, gradient in gradients.items() if not _all_finite(gradient)]
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    if array.dtype.kind != "f":
+        return True
+    flat = array.reshape(-1)
+    return all(np.isfinite(flat[start:start + _FINITE_CHECK_BLOCK]).all()
+               for start in range(0, flat.size, _FINITE_CHECK_BLOCK))
 
 
 def _retrieve_task(task: asyncio.Task) -> None:

@@ -21,8 +21,10 @@ from optserve.server.errors import (
     InvalidArgumentError,
     NotFoundError,
     OptserveError,
+    ResourceExhaustedError,
     UnavailableError,
 )
+from optserve.server.limits import Reservation, ServerLimits
 from optserve.server.model import MAX_LISTED_NAMES, Model, ModelSpec, make_spec
 
 log = logging.getLogger(__name__)
@@ -41,8 +43,9 @@ class ModelRegistry:
     """Holds every model of one server. Use on the server's event loop."""
 
     def __init__(self, backend=None, executor: Executor | None = None, default_sync_timeout_s: float = 60.0,
-                 on_change: Callable[[int], None] | None = None):
+                 on_change: Callable[[int], None] | None = None, limits: ServerLimits | None = None):
         self.backend = backend
+        self.limits = limits or ServerLimits()
         self.executor = executor
         self.default_sync_timeout_s = float(default_sync_timeout_s)
         # Told of every change to the models (loop thread), with the number of updates applied.
@@ -63,12 +66,38 @@ class ModelRegistry:
         except (ValueError, TypeError, KeyError) as exc:
             raise InvalidArgumentError(f"Invalid optimizer config: {exc}") from None
 
+    def has(self, model_id: str) -> bool:
+        """Whether ``model_id`` exists or is being created (a CreateModel for it would join)."""
+        return model_id in self._models or model_id in self._creating
+
+    def check_room_for_model(self, max_models: int) -> None:
+        if len(self._models) + len(self._creating) >= max_models:
+            raise ResourceExhaustedError(
+                f"This server holds its limit of {max_models} models; delete one (DeleteModel), or start the "
+                "server with a larger --max-models.")
+
     async def create_or_join(self, *, variables: Mapping[str, np.ndarray], optimizer_config,
-                             worker: int | None = None, peer: str = "", **spec_fields) -> tuple[Model, bool]:
+                             reservation: Reservation | None = None, worker: int | None = None, peer: str = "",
+                             **spec_fields) -> tuple[Model, bool]:
         """Create the model, or join the existing one with an identical spec. Returns (model, created).
 
-        ``worker`` and ``peer`` name the caller: the creator of a new model, the last activity of a joined one.
+        ``reservation``: the new model's state in the memory budget; it becomes the model's,
+        or is released when the model is joined or not created. ``worker`` and ``peer`` name
+        the caller: the creator of a new model, the last activity of a joined one.
         """
+        reservation = reservation or Reservation(self.limits.memory)
+        try:
+            model, created = await self._create_or_join(variables, optimizer_config, reservation, worker, peer,
+                                                        **spec_fields)
+        except BaseException:
+            if not reservation.transferred:
+                reservation.release()
+            raise
+        if not created:
+            reservation.release()
+        return model, created
+
+    async def _create_or_join(self, variables, optimizer_config, reservation, worker, peer, **spec_fields):
         engine = self.new_engine(optimizer_config)
         spec = make_spec(optimizer_config=engine.get_config(), variables=variables,
                          default_sync_timeout_s=self.default_sync_timeout_s, **spec_fields)
@@ -84,17 +113,27 @@ class ModelRegistry:
                 break
             # Another worker is creating this model right now: wait, then join it (or differ from it).
             await asyncio.wait([in_flight])
-        task = asyncio.ensure_future(self._build(spec, engine, variables, Activity.created_by(worker, peer)))
+        reservation.transferred = True  # the build task gives it to the model, or releases it
+        task = asyncio.ensure_future(self._build(spec, engine, variables, reservation, Activity.created_by(worker, peer)))
         self._creating[spec.model_id] = task
         task.add_done_callback(lambda _: self._creating.pop(spec.model_id, None))
         # Shielded: the model is still created (and joinable) if the creating client hangs up.
         return await asyncio.shield(task), True
 
-    async def _build(self, spec: ModelSpec, engine, variables, activity: Activity) -> Model:
-        model = await Model.create(spec, engine, variables, self.executor)
-        model.usage = activity
-        if self._closed:
-            raise UnavailableError("The server is shutting down; create the model on a running server.")
+    async def _build(self, spec: ModelSpec, engine, variables, reservation: Reservation, activity: Activity) -> Model:
+        try:
+            model = await Model.create(spec, engine, variables, self.executor)
+            model.usage = activity
+            if self._closed:
+                raise UnavailableError("The server is shutting down; create the model on a running server.")
+        except BaseException:
+            reservation.release()
+            raise
+        # Exact from here on, whatever was reserved while the variables arrived.
+        shortfall = model.state_bytes() - reservation.nbytes
+        if shortfall > 0:
+            reservation.take(shortfall, force=True)
+        model.memory = reservation
         self._add(model)
         log.info("created model %r: %s, %d variables, %d worker(s), %s", spec.model_id,
                  spec.optimizer_config.get("class_name", "?"), len(spec.variables), spec.num_workers, spec.mode)
@@ -175,6 +214,8 @@ class ModelRegistry:
         del self._models[model_id]
         model.close(FailedPreconditionError(
             f"Model {model_id!r} was {why}; create it again (CreateModel) before pushing to it."))
+        if model.memory is not None:
+            model.memory.release()
         model.on_change = None
         self._observe("model_removed", model)
         self._note_change(0)
@@ -213,6 +254,9 @@ class ModelRegistry:
         models = [await Model.restore(model_state, self.new_engine, self.executor) for model_state in state["models"]]
         for model in models:
             model.on_change = self._note_change
+            # Restored whatever the budget: refusing would lose the checkpoint's models.
+            model.memory = Reservation(self.limits.memory)
+            model.memory.take(model.state_bytes(), force=True)
             self._models[model.model_id] = model
             self._observe("model_added", model)
         return models

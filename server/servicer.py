@@ -15,6 +15,7 @@ import inspect
 import json
 import logging
 import math
+import traceback
 from typing import AsyncIterator, Iterable
 
 import grpc
@@ -27,11 +28,14 @@ from optserve.protos import tensors as codec
 from optserve.server import auth
 from optserve.server import usage as calls
 from optserve.server.errors import (
+    AbortedError,
     FailedPreconditionError,
     InvalidArgumentError,
     OptserveError,
     ResourceExhaustedError,
 )
+from optserve.server import limits as bounds
+from optserve.server.limits import Reservation, ServerLimits
 from optserve.server.model import (
     OptimizerStatus,
     APPLY_PARTIAL,
@@ -58,6 +62,10 @@ _MODE_FROM_PROTO = {pb.SYNC_MODE_UNSPECIFIED: SYNC, pb.SYNC: SYNC, pb.ASYNC: ASY
 _MODE_TO_PROTO = {SYNC: pb.SYNC, ASYNC: pb.ASYNC}
 _POLICY_FROM_PROTO = {pb.TIMEOUT_POLICY_UNSPECIFIED: FAIL, pb.FAIL: FAIL, pb.APPLY_PARTIAL: APPLY_PARTIAL}
 _POLICY_TO_PROTO = {FAIL: pb.FAIL, APPLY_PARTIAL: pb.APPLY_PARTIAL}
+_NON_FINITE_FROM_PROTO = {pb.NON_FINITE_POLICY_UNSPECIFIED: "reject", pb.NON_FINITE_REJECT: "reject",
+                          pb.NON_FINITE_ALLOW: "allow", pb.NON_FINITE_SKIP_STEP: "skip_step"}
+_NON_FINITE_TO_PROTO = {"reject": pb.NON_FINITE_REJECT, "allow": pb.NON_FINITE_ALLOW,
+                        "skip_step": pb.NON_FINITE_SKIP_STEP}
 
 
 # ------------------------------------------------------------------ errors
@@ -67,9 +75,9 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
     """The one mapping from an exception to (status code, message, trailing metadata)."""
     if isinstance(exc, OptserveError):
         code = getattr(grpc.StatusCode, exc.code, grpc.StatusCode.INTERNAL)
-        return code, exc.message, errors.status_metadata(exc)
+        return (code, *bounds.bounded_status(exc.message, errors.status_metadata(exc)))
     if isinstance(exc, codec.TensorFormatError):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc), ()
+        return grpc.StatusCode.INVALID_ARGUMENT, bounds.bounded_text(str(exc), bounds.MAX_STATUS_MESSAGE_CHARS), ()
     if isinstance(exc, MemoryError):
         return (grpc.StatusCode.RESOURCE_EXHAUSTED,
                 "The server ran out of memory for this request; send smaller requests or give the server more memory.", ())
@@ -83,7 +91,69 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, rpc: str) ->
         log.error("%s failed", rpc, exc_info=exc)
     else:
         log.debug("%s refused: %s %s", rpc, code.name, message)
+    # The exception outlives the call in reference cycles (gRPC keeps the abort's context):
+    # drop the request payloads its frames hold now instead of at the next full collection.
+    traceback.clear_frames(exc.__traceback__)
+    if rpc in _STREAMED_REQUESTS:
+        _schedule_trim()  # a refused upload leaves the resident size where it was
     await context.abort(code, message, trailing_metadata=metadata)
+
+
+_trim_pending = False
+_last_trim = 0.0
+# A trim (a full garbage collection, then malloc_trim) takes ~20 ms of the event loop:
+# at most one a second, however many uploads are refused.
+_TRIM_INTERVAL_S = 1.0
+
+
+def _schedule_trim() -> None:
+    """Give freed memory back shortly after a refused upload (once for a burst of them)."""
+    global _trim_pending
+    if _trim_pending:
+        return
+    _trim_pending = True
+    loop = asyncio.get_running_loop()
+
+    def trim() -> None:
+        global _trim_pending, _last_trim
+        _trim_pending = False
+        _last_trim = loop.time()
+        bounds.give_back_freed_memory()
+
+    # After the call's own objects are gone (a moment), and not sooner than the interval allows.
+    loop.call_later(max(0.2, _last_trim + _TRIM_INTERVAL_S - loop.time()), trim)
+
+
+class _Undecodable:
+    """What the request deserializer returns for bytes that are not a valid message."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str):
+        self.error = error
+
+
+def _decoded(request, rpc: str):
+    if isinstance(request, _Undecodable):
+        raise InvalidArgumentError(f"The {rpc} request could not be decoded ({request.error}); send a valid "
+                                   f"optserve.v1 {rpc}Request message.")
+    return request
+
+
+async def _decoded_stream(requests, rpc: str, idle_timeout_s: float):
+    async for request in bounds.idle_guarded(requests, idle_timeout_s):
+        yield _decoded(request, rpc)
+
+
+_METHODS = pb.DESCRIPTOR.services_by_name["ParameterServer"].methods_by_name
+_STREAMED_REQUESTS = {name for name, method in _METHODS.items() if method.client_streaming}
+
+
+def _request_of(self, request, rpc: str):
+    """The request (or stream) as the handler reads it: decoded, and for streams guarded against stalls."""
+    if rpc in _STREAMED_REQUESTS:
+        return _decoded_stream(request, rpc, self.limits.limits.stream_idle_timeout_s)
+    return _decoded(request, rpc)
 
 
 def _translating_errors(method):
@@ -93,23 +163,37 @@ def _translating_errors(method):
     if inspect.isasyncgenfunction(method):
         @functools.wraps(method)
         async def streaming(self, request, context):
+            entered = False
             try:
-                async for response in method(self, request, context):
+                self.limits.streams.enter()
+                entered = True
+                async for response in method(self, _request_of(self, request, rpc), context):
                     yield response
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:  # noqa: BLE001 - the single translation point
+                request = None  # noqa: F841 - not held by the abort's traceback
                 await _abort(context, exc, rpc)
+            finally:
+                if entered:
+                    self.limits.streams.leave()
         return streaming
 
     @functools.wraps(method)
     async def unary(self, request, context):
+        entered = False
         try:
-            return await method(self, request, context)
+            self.limits.streams.enter()
+            entered = True
+            return await method(self, _request_of(self, request, rpc), context)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:  # noqa: BLE001 - the single translation point
+            request = None  # noqa: F841 - not held by the abort's traceback
             await _abort(context, exc, rpc)
+        finally:
+            if entered:
+                self.limits.streams.leave()
     return unary
 
 
@@ -117,30 +201,74 @@ def _translating_errors(method):
 
 
 class _RequestTensors:
-    """Reassembles a request's tensors, refusing one over ``max_bytes`` before allocating it."""
+    """Reassembles a request's tensors, refusing one over a limit before allocating it.
 
-    def __init__(self, max_bytes: int):
+    Each new tensor's first chunk (name, dtype, shape) is checked against the bounds,
+    then ``admit(chunk, nbytes)`` (the RPC's own checks and reservations), then its
+    bytes are taken from the in-flight budget; only then is its array allocated.
+    ``release()`` gives the in-flight bytes back once the request is done with.
+    """
+
+    def __init__(self, max_bytes: int, limits: ServerLimits, admit=None):
         self._assembler = codec.TensorAssembler()
         self._max_bytes = max_bytes
+        self._limits = limits
+        self._admit = admit
+        self._seen: set[tuple[str, str]] = set()
+        self._names: set[str] = set()
+        self.inflight = Reservation(limits.inflight)
 
-    def add_all(self, chunks: Iterable[pb.TensorChunk]) -> None:
+    async def add_all(self, chunks: Iterable[pb.TensorChunk]) -> None:
         for chunk in chunks:
-            if chunk.offset == 0:
-                self._check_room(chunk)
+            key = (chunk.name, chunk.slot)
+            if key not in self._seen:
+                await self._admit_tensor(chunk)
+                self._seen.add(key)
             self._assembler.add(chunk)
 
-    def _check_room(self, chunk: pb.TensorChunk) -> None:
-        shape = [int(d) for d in chunk.shape]
-        if any(d < 0 for d in shape):
-            return  # the assembler names the malformed shape
+    def release(self) -> None:
+        self.inflight.release()
+
+    @property
+    def count(self) -> int:
+        return len(self._seen)
+
+    def broken_off(self, header) -> bool:
+        """Whether the stream ended before the push was whole: a tensor short of its bytes,
+        or fewer tensors than the header's ``num_gradients`` (when the client declared it)."""
+        if header.HasField("num_gradients") and len(self._seen) < header.num_gradients:
+            return True
+        try:
+            self._assembler.result()
+        except codec.TensorFormatError:
+            return True
+        return False
+
+    async def _admit_tensor(self, chunk) -> None:
+        limits = self._limits.limits
+        bounds.check_name(chunk.name, "variable", limits)
+        bounds.check_name(chunk.slot, "slot", limits)
+        self._names.add(chunk.name)
+        if len(self._names) > limits.max_variables:
+            raise InvalidArgumentError(
+                f"A request may carry at most {limits.max_variables} variables (a server started with a "
+                "larger --max-variables takes more).")
+        shape = bounds.check_shape(chunk.name, chunk.shape, limits)
+        nbytes = self._check_room(chunk, shape)
+        if self._admit is not None:
+            self._admit(chunk.name, chunk.slot, codec.dtype_from_proto(chunk.dtype), shape, nbytes)
+        await self.inflight.wait_take(nbytes, limits.stream_idle_timeout_s)
+
+    def _check_room(self, chunk, shape) -> int:
         # Python integers: an absurd shape must not wrap around to a small size.
         nbytes = math.prod(shape) * codec.dtype_from_proto(chunk.dtype).itemsize
-        if self._assembler.total_bytes + nbytes > self._max_bytes:
+        if self.inflight.nbytes + nbytes > self._max_bytes:
             raise ResourceExhaustedError(
                 f"The request's tensors exceed the server's limit of {self._max_bytes} bytes (at tensor "
                 f"{chunk.name!r}). Start the server with a larger --max-request-bytes, or send fewer "
                 "variables per call."
             )
+        return nbytes
 
     def result(self) -> dict[tuple[str, str], np.ndarray]:
         return self._assembler.result()
@@ -192,7 +320,16 @@ _CHUNKED_REQUEST_FIELDS = {
 
 def _request_deserializer(message_type):
     field = _CHUNKED_REQUEST_FIELDS.get(message_type.DESCRIPTOR.name)
-    return codec.split_deserializer(message_type, field) if field else message_type.FromString
+    deserialize = codec.split_deserializer(message_type, field) if field else message_type.FromString
+
+    def deserialize_or_mark(data: bytes):
+        # Raising here would answer UNKNOWN/INTERNAL: the handler answers INVALID_ARGUMENT instead.
+        try:
+            return deserialize(data)
+        except Exception as error:  # noqa: BLE001 - DecodeError, TensorFormatError, RecursionError
+            return _Undecodable(bounds.bounded_text(str(error) or type(error).__name__, 200))
+
+    return deserialize_or_mark
 
 
 def add_to_server(servicer: "ParameterServerServicer", server) -> None:
@@ -276,7 +413,8 @@ def _parse_schedule(text: str) -> dict:
 def _step_result(outcome: StepOutcome, generation: pb.ServerGeneration | None = None) -> pb.StepResult:
     return pb.StepResult(step=outcome.step, iterations=outcome.iterations, learning_rate=outcome.learning_rate,
                          duplicate=outcome.duplicate, contributors=outcome.contributors,
-                         missing_workers=outcome.missing, generation=generation)
+                         missing_workers=outcome.missing, generation=generation,
+                         skipped_non_finite=bool(outcome.non_finite), non_finite_variables=outcome.non_finite)
 
 
 def _model_info(summary: ModelSummary, generation: pb.ServerGeneration | None = None) -> pb.ModelInfo:
@@ -289,6 +427,7 @@ def _model_info(summary: ModelSummary, generation: pb.ServerGeneration | None = 
             mode=_MODE_TO_PROTO[spec.mode],
             sync_timeout_s=spec.sync_timeout_s,
             timeout_policy=_POLICY_TO_PROTO[spec.timeout_policy],
+            non_finite_policy=_NON_FINITE_TO_PROTO[spec.non_finite_policy],
         ),
         state=_state_message(summary.status, generation),
         variables=[
@@ -346,10 +485,11 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     """optserve.v1.ParameterServer on grpc.aio; every handler runs on the server's event loop."""
 
     def __init__(self, registry: ModelRegistry, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 checkpointer=None):
+                 checkpointer=None, limits: ServerLimits | None = None):
         self.registry = registry
         self.max_request_bytes = int(max_request_bytes)
         self.checkpointer = checkpointer  # optserve.server.checkpoint.Checkpointer, when checkpointing
+        self.limits = limits or registry.limits
         self.generation = ServerGeneration.new()  # the app records the checkpoint it restores
 
     @property
@@ -364,57 +504,118 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     @_translating_errors
     async def CreateModel(self, request_iterator: AsyncIterator[pb.CreateModelRequest], context):
-        spec = worker = None
-        tensors = _RequestTensors(self.max_request_bytes)
-        async for request in request_iterator:
+        spec = fields = None
+        worker = None
+        state = Reservation(self.limits.memory)  # the new model's state, reserved as its variables arrive
+        tensors = None
+        try:
+            async for request in request_iterator:
+                if spec is None:
+                    if not request.HasField("spec"):
+                        raise InvalidArgumentError("The first CreateModelRequest must carry `spec`.")
+                    spec = request.spec
+                    worker = request.worker_index if request.HasField("worker_index") else None
+                    # Refuse a bad spec before its (possibly large) variables are read.
+                    fields = self._spec_fields(spec)
+                    tensors = _RequestTensors(self.max_request_bytes, self.limits,
+                                              self._state_admission(fields, state))
+                await tensors.add_all(request.variables)
             if spec is None:
-                if not request.HasField("spec"):
-                    raise InvalidArgumentError("The first CreateModelRequest must carry `spec`.")
-                spec = request.spec
-                worker = request.worker_index if request.HasField("worker_index") else None
-                # Refuse a bad spec before its (possibly large) variables are read.
-                check_model_id(spec.model_id)
-                optimizer_config = parse_optimizer_config(spec.optimizer_config_json)
-            tensors.add_all(request.variables)
-        if spec is None:
-            raise InvalidArgumentError("CreateModel received no messages; send the spec, then the variables.")
-        model, created = await self.registry.create_or_join(
-            model_id=spec.model_id,
-            optimizer_config=optimizer_config,
-            variables=tensors.variables("Initial variable"),
-            num_workers=spec.num_workers or 1,  # proto3 default 0: one worker
-            mode=_enum(spec.mode, _MODE_FROM_PROTO, "mode"),
-            sync_timeout_s=spec.sync_timeout_s,
-            timeout_policy=_enum(spec.timeout_policy, _POLICY_FROM_PROTO, "timeout_policy"),
-            worker=worker,
-            peer=context.peer() or "",
-        )
+                raise InvalidArgumentError("CreateModel received no messages; send the spec, then the variables.")
+            model, created = await self.registry.create_or_join(
+                variables=tensors.variables("Initial variable"), reservation=state, worker=worker,
+                peer=context.peer() or "", **fields)
+        finally:
+            if tensors is not None:
+                tensors.release()
         return pb.CreateModelResponse(created=created, model=_model_info(await model.summary(), self._generation))
+
+    def _spec_fields(self, spec: pb.ModelSpec) -> dict:
+        """A spec's fields, every one checked against the server's bounds (nothing is allocated yet)."""
+        limits = self.limits.limits
+        check_model_id(spec.model_id)
+        bounds.check_config_text(spec.optimizer_config_json, limits)
+        return dict(
+            model_id=spec.model_id,
+            optimizer_config=parse_optimizer_config(spec.optimizer_config_json),
+            num_workers=bounds.check_num_workers(spec.num_workers, limits),
+            mode=_enum(spec.mode, _MODE_FROM_PROTO, "mode"),
+            sync_timeout_s=bounds.check_sync_timeout(spec.sync_timeout_s, limits),
+            timeout_policy=_enum(spec.timeout_policy, _POLICY_FROM_PROTO, "timeout_policy"),
+            non_finite_policy=_enum(spec.non_finite_policy, _NON_FINITE_FROM_PROTO, "non_finite_policy"),
+        )
+
+    def _state_admission(self, fields: dict, state: Reservation):
+        """Reserve each new variable's state before it is received; joining an existing model reserves nothing."""
+        if self.registry.has(fields["model_id"]):
+            return None
+        self.registry.check_room_for_model(self.limits.limits.max_models)
+        engine = self.registry.new_engine(fields["optimizer_config"])
+        workers = fields["num_workers"] if fields["mode"] == SYNC else 1
+        quota = self.limits.limits.max_model_bytes  # None: only --max-memory bounds a model
+        what = f"Model {fields['model_id']!r}"
+
+        def admit(name, slot, dtype, shape, nbytes: int) -> None:
+            arrays = engine.arrays_per_variable(name, tuple(shape))
+            state.take(bounds.state_bytes(nbytes, arrays, workers), cap=quota, what=what)
+
+        return admit
 
     @_translating_errors
     async def ApplyGradients(self, request_iterator: AsyncIterator[pb.ApplyGradientsRequest], context):
-        header = model = None
+        header = model = tensors = None
         sparse_declared: list = []
-        tensors = _RequestTensors(self.max_request_bytes)
-        with contextlib.ExitStack() as in_use:
-            async for request in request_iterator:
-                if header is None:
-                    if not request.HasField("header"):
-                        raise InvalidArgumentError("The first ApplyGradientsRequest must carry `header`.")
-                    header = request.header
-                    sparse_declared = list(request.sparse_gradients)
-                    model = self.registry.get(header.model_id)
-                    model.check_push_header(header.worker_index, header.step)
-                    in_use.enter_context(model.usage.call(calls.PUSH, header.worker_index))
-                tensors.add_all(request.gradients)
-            if header is None or model is None:
-                raise InvalidArgumentError("ApplyGradients received no messages; send a header, then the gradients.")
-            if sparse_declared:
-                gradients = await self._densified(model, tensors.result(), sparse_declared)
-            else:
-                gradients = tensors.variables("Gradient")
-            outcome = await model.push(header.worker_index, header.step, gradients,
-                                       aggregated=header.aggregated, return_variables=header.return_variables)
+        try:
+            with contextlib.ExitStack() as in_use:
+                try:
+                    async for request in request_iterator:
+                        if header is None:
+                            if not request.HasField("header"):
+                                raise InvalidArgumentError("The first ApplyGradientsRequest must carry `header`.")
+                            header = request.header
+                            sparse_declared = list(request.sparse_gradients)
+                            bounds.check_counter("step", header.step, self.limits.limits)
+                            model = self.registry.get(header.model_id)
+                            model.check_push_header(header.worker_index, header.step)
+                            in_use.enter_context(model.usage.call(calls.PUSH, header.worker_index))
+                            # Sparse gradients arrive as index and row tensors, checked when densified.
+                            check_chunk = None if sparse_declared else model.check_gradient_chunk
+                            tensors = _RequestTensors(self.max_request_bytes, self.limits, check_chunk)
+                        await tensors.add_all(request.gradients)
+                except (asyncio.CancelledError, AbortedError):
+                    # The worker hung up (or stalled) mid-upload: its partial push is dropped here, and
+                    # the step it belonged to must not wait for it (see Model.worker_lost).
+                    if model is not None:
+                        model.worker_lost(header.worker_index, header.step)
+                    raise
+                if header is None or model is None or tensors is None:
+                    raise InvalidArgumentError(
+                        "ApplyGradients received no messages; send a header, then the gradients.")
+                if tensors.broken_off(header):
+                    # gRPC ends the request stream of a cancelled call (the worker hung up, its
+                    # connection dropped) as it ends a finished one: only a push that is not
+                    # whole tells them apart. It is discarded, and its step must not wait for it.
+                    model.worker_lost(header.worker_index, header.step)
+                    tensors.variables("Gradient")  # names the tensor short of its bytes, if one is
+                    raise InvalidArgumentError(
+                        f"The push's stream ended after {tensors.count} of the {header.num_gradients} gradients "
+                        "its header declared; nothing of it was applied. Send the whole push again.")
+                if sparse_declared:
+                    gradients = await self._densified(model, tensors.result(), sparse_declared)
+                else:
+                    gradients = tensors.variables("Gradient")
+                try:
+                    outcome = await model.push(header.worker_index, header.step, gradients,
+                                               aggregated=header.aggregated, return_variables=header.return_variables)
+                except asyncio.CancelledError:
+                    # Its push arrived whole, so it stays in the step: the worker (or its replacement)
+                    # pushing the step again is answered as a duplicate.
+                    log.info("model %r: worker %d hung up while its push for step %d waited; it still counts",
+                             header.model_id, header.worker_index, header.step)
+                    raise
+        finally:
+            if tensors is not None:
+                tensors.release()
         first = pb.ApplyGradientsResponse(result=_step_result(outcome, self._generation))
         values = outcome.variables or {}
         if _payload_bytes(values.values()) <= codec.CHUNK_BYTES:
@@ -466,38 +667,55 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     @_translating_errors
     async def SetWeights(self, request_iterator: AsyncIterator[pb.SetWeightsRequest], context):
-        first = None
-        tensors = _RequestTensors(self.max_request_bytes)
-        with contextlib.ExitStack() as in_use:
-            async for request in request_iterator:
-                if first is None:
-                    first = request
-                    model = self.registry.get(request.model_id)  # fail fast, before the payload
-                    # has_state: clients from before field presence
-                    has_state = request.HasField("state") or request.has_state
-                    state = _state_update(request.state, request.state_fields) if has_state else None
-                    in_use.enter_context(model.usage.call(calls.SET_WEIGHTS))
-                tensors.add_all(request.tensors)
-            if first is None:
-                raise InvalidArgumentError("SetWeights received no messages; send the model_id first.")
-            model = self.registry.get(first.model_id)
-            status = await model.set_weights(tensors.result(), state)
+        first = tensors = state = None
+        try:
+            with contextlib.ExitStack() as in_use:
+                async for request in request_iterator:
+                    if first is None:
+                        first = request
+                        model = self.registry.get(request.model_id)  # fail fast, before the payload
+                        # has_state: clients from before field presence
+                        has_state = request.HasField("state") or request.has_state
+                        if has_state:
+                            for field in ("step", "iterations", "raw_iterations"):
+                                bounds.check_counter(field, getattr(request.state, field), self.limits.limits)
+                        state = _state_update(request.state, request.state_fields) if has_state else None
+                        in_use.enter_context(model.usage.call(calls.SET_WEIGHTS))
+                        tensors = _RequestTensors(self.max_request_bytes, self.limits, model.check_weight_chunk)
+                    await tensors.add_all(request.tensors)
+                if first is None or tensors is None:
+                    raise InvalidArgumentError("SetWeights received no messages; send the model_id first.")
+                model = self.registry.get(first.model_id)
+                status = await model.set_weights(tensors.result(), state)
+        finally:
+            if tensors is not None:
+                tensors.release()
         return pb.SetWeightsResponse(state=_state_message(status, self._generation))
 
     @_translating_errors
     async def ListModels(self, request: pb.ListModelsRequest, context):
-        summaries = []
-        for model in self.registry.models(request.model_id):
+        """One page of models in model_id order, at most ``max_list_bytes`` (a single larger model
+        fills a page alone); ``next_page_token`` says where the next page starts."""
+        response = pb.ListModelsResponse()
+        budget = self.limits.limits.max_list_bytes
+        models = sorted(self.registry.models(request.model_id), key=lambda m: m.model_id)
+        models = [m for m in models if m.model_id > request.page_token] if request.page_token else models
+        for model in models:
             if not auth.visible(model.model_id):
                 continue  # another tenant's model (optserve.server.auth)
             if request.track_updates:
                 model.activity.track_updates()
             try:
-                summaries.append(await model.summary(request.with_stats))
+                info = _model_info(await model.summary(request.with_stats), self._generation)
             except OptserveError:
                 if request.model_id or not model.closed:
                     raise  # a model deleted while listing everything is simply left out
-        return pb.ListModelsResponse(models=[_model_info(s, self._generation) for s in summaries])
+                continue
+            if response.models and response.ByteSize() + info.ByteSize() + 16 > budget:
+                response.next_page_token = response.models[-1].spec.model_id
+                break
+            response.models.append(info)
+        return response
 
     @_translating_errors
     async def DeleteModel(self, request: pb.DeleteModelRequest, context):

@@ -295,13 +295,14 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, ca
         newest, _ = client.checkpoint()
     server.stop(final_checkpoint=False)
     damage(tmp_path / os.path.basename(newest))
-    # A save that died half-way leaves a temporary directory: never read.
+    # A save that died half-way leaves a temporary directory: never read, removed at start-up.
     (tmp_path / ".tmp-ckpt-00000003-dead").mkdir()
     (tmp_path / ".tmp-ckpt-00000003-dead" / MANIFEST_FILE).write_text("{")
     with caplog.at_level(logging.WARNING), _serve(tmp_path) as restarted, Client(restarted.address) as client:
         assert client.list_models("job")[0].step == 1
     assert f"Skipping damaged checkpoint {newest}" in caplog.text
-    assert "Ignoring unfinished checkpoint" in caplog.text
+    assert "Removing" in caplog.text and ".tmp-ckpt-00000003-dead" in caplog.text
+    assert not (tmp_path / ".tmp-ckpt-00000003-dead").exists()
 
 
 # ---------------------------------------------------------------------------- restoring: NOT_SERVING

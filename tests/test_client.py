@@ -461,7 +461,7 @@ def test_requests_are_the_messages_protobuf_would_build(fake_server):
     with Client(fake_server(servicer)) as c:
         c.push("m", grads, step=2, worker_index=1)
     messages, = servicer.received_messages
-    header = pb.ApplyGradientsHeader(model_id="m", worker_index=1, step=2)
+    header = pb.ApplyGradientsHeader(model_id="m", worker_index=1, step=2, num_gradients=2)
     batches = list(tensors.batch_chunks(tensors.encode_many((n, "", a) for n, a in grads.items())))
     expected = [pb.ApplyGradientsRequest(header=header, gradients=batches[0])]
     expected += [pb.ApplyGradientsRequest(gradients=batch) for batch in batches[1:]]

@@ -143,6 +143,11 @@ def _describe(names: Sequence[str], limit: int = 10) -> str:
     return f"{shown}, ... ({more} more)" if more > 0 else shown
 
 
+def _adoptable(array: Any) -> bool:
+    return (type(array) is np.ndarray and array.base is None and array.flags.c_contiguous
+            and array.flags.writeable and array.dtype.isnative)
+
+
 class _Variable:
     """One model variable, its slots (Keras order) and its scratch buffer."""
 
@@ -412,8 +417,21 @@ class Optimizer:
         return list(self._require_variable(name).slots)
 
     # ----------------------------------------------------------------- build
-    def build(self, variables: Mapping[str, Any]) -> None:
-        """Copy the variables (order kept) into owned storage and create the slots."""
+    def arrays_per_variable(self, name: str, shape: tuple) -> int:
+        """Arrays of a variable's size this optimizer keeps for variable ``name`` of ``shape``: the
+        variable itself, its slots and its scratch buffer. Known from the config alone, before
+        ``build`` (memory budgets); a slot smaller than its variable (Adafactor's factored ``r``
+        and ``c``) counts as a whole one, so the estimate errs high."""
+        slots = sum(len(group) for group in self._all_slot_groups(name, tuple(shape)))
+        return 1 + slots + int(self._needs_scratch())
+
+    def build(self, variables: Mapping[str, Any], adopt: bool = False) -> None:
+        """Copy the variables (order kept) into owned storage and create the slots.
+
+        ``adopt``: the caller hands over arrays nobody else will use (a request's decoded
+        tensors); on the host backend those already owned, C-contiguous and native are kept
+        as they are instead of copied, so building a model does not need twice its memory.
+        """
         if self._built:
             raise FailedPreconditionError(
                 f"Optimizer '{self.name}' is already built on {len(self._variables)} variables."
@@ -431,13 +449,16 @@ class Optimizer:
                 )
             hosts[name] = host
         for name, host in hosts.items():
-            self._variables[name] = self._new_variable(name, host)
+            self._variables[name] = self._new_variable(name, host, adopt)
         self._built = True
         self.on_build()
 
-    def _new_variable(self, name: str, host: np.ndarray) -> _Variable:
+    def _new_variable(self, name: str, host: np.ndarray, adopt: bool = False) -> _Variable:
         backend = self._backend
-        value = backend.asarray(host, host.dtype)  # an owned, C-contiguous copy
+        if adopt and getattr(backend, "name", "") == "cpu" and _adoptable(host):
+            value = host
+        else:
+            value = backend.asarray(host, host.dtype)  # an owned, C-contiguous copy
         variable = _Variable(name, value, tuple(host.shape), host.dtype)
         for group in self._all_slot_groups(name, variable.shape):
             for slot, initial, *shaped in group:
