@@ -178,7 +178,7 @@ def model_spec(
     mode: Any,
     sync_timeout_s: Any,
     timeout_policy: Any,
-    non_finite_policy: Any = "reject",
+    non_finite_policy: Any = None,
 ) -> ModelSpec:
     check_name(model_id, "model_id")
     if not isinstance(num_workers, (int, np.integer)) or isinstance(num_workers, bool) or num_workers < 1:
@@ -192,8 +192,8 @@ def model_spec(
         raise ValueError(
             f"`timeout_policy` must be one of 'fail', 'apply_partial'. Received: timeout_policy={timeout_policy!r}"
         )
-    non_finite_key = str(non_finite_policy).lower()
-    if non_finite_key not in _NON_FINITE_POLICIES:
+    non_finite_key = None if non_finite_policy is None else str(non_finite_policy).lower()
+    if non_finite_key is not None and non_finite_key not in _NON_FINITE_POLICIES:
         raise ValueError(
             "`non_finite_policy` must be one of 'reject', 'skip_step', 'allow'. "
             f"Received: non_finite_policy={non_finite_policy!r}"

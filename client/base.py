@@ -178,14 +178,15 @@ class ClientBase(abc.ABC):
         mode: str = "sync",
         sync_timeout_s: float = 0.0,
         timeout_policy: str = "fail",
-        non_finite_policy: str = "reject",
+        non_finite_policy: str | None = None,
         worker_index: int | None = None,
         timeout: Any = DEFAULT,
     ) -> ModelInfo:
         """Create a model, or join it when one with the same spec exists (``created`` is False).
 
         ``non_finite_policy``: what a push holding NaN or inf does: "reject" (INVALID_ARGUMENT,
-        nothing applied), "skip_step" (the step is taken without an update) or "allow".
+        nothing applied), "skip_step" (the step is taken without an update) or "allow"; None:
+        the server's default, reject (allow for a LossScaleOptimizer, which skips such steps itself).
         ``worker_index`` (optional) is recorded by the server as the creator (``ModelInfo.activity``).
         """
         spec = model_spec(model_id, optimizer, num_workers, mode, sync_timeout_s, timeout_policy, non_finite_policy)

@@ -430,7 +430,9 @@ def _spec_message(spec: ModelSpec) -> pb.ModelSpec:
         mode=_MODES[spec.mode],
         sync_timeout_s=spec.sync_timeout_s,
         timeout_policy=_POLICIES[spec.timeout_policy],
-        non_finite_policy=_NON_FINITE[spec.non_finite_policy],
+        non_finite_policy=(
+            pb.NON_FINITE_POLICY_UNSPECIFIED if spec.non_finite_policy is None else _NON_FINITE[spec.non_finite_policy]
+        ),
     )
 
 

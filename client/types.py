@@ -55,7 +55,9 @@ class ModelSpec:
     mode: str = "sync"  # "sync" | "async"
     sync_timeout_s: float = 0.0
     timeout_policy: str = "fail"  # "fail" | "apply_partial"
-    non_finite_policy: str = "reject"  # "reject" | "skip_step" | "allow": a push holding NaN or inf
+    # "reject" | "skip_step" | "allow": a push holding NaN or inf. None: the server's default
+    # (reject; allow for a LossScaleOptimizer, which skips such steps itself).
+    non_finite_policy: str | None = None
 
 
 @dataclasses.dataclass

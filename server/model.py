@@ -197,7 +197,7 @@ def make_spec(
     mode: str = SYNC,
     sync_timeout_s: float = 0.0,
     timeout_policy: str = FAIL,
-    non_finite_policy: str = REJECT,
+    non_finite_policy: str | None = None,
     default_sync_timeout_s: float = 60.0,
 ) -> ModelSpec:
     """Check a requested spec eagerly and fill in defaults; nothing is created here."""
@@ -210,6 +210,14 @@ def make_spec(
         raise InvalidArgumentError(
             f"`timeout_policy` must be one of {TIMEOUT_POLICIES}. Received: timeout_policy={timeout_policy!r}"
         )
+    scales_loss = optimizer_config.get("class_name") == "LossScaleOptimizer"
+    if non_finite_policy is None:
+        # A LossScaleOptimizer exists to see non-finite gradients: it skips their step and shrinks its scale.
+        non_finite_policy = ALLOW if scales_loss else REJECT
+    elif non_finite_policy == REJECT and scales_loss:
+        raise InvalidArgumentError(
+            "`non_finite_policy` reject would refuse the non-finite steps a LossScaleOptimizer skips to lower its "
+            "scale; leave it unset (allow) or choose allow. Received: non_finite_policy='reject'")
     if non_finite_policy not in NON_FINITE_POLICIES:
         raise InvalidArgumentError(
             f"`non_finite_policy` must be one of {NON_FINITE_POLICIES}. Received: non_finite_policy={non_finite_policy!r}"

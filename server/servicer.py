@@ -62,7 +62,8 @@ _MODE_FROM_PROTO = {pb.SYNC_MODE_UNSPECIFIED: SYNC, pb.SYNC: SYNC, pb.ASYNC: ASY
 _MODE_TO_PROTO = {SYNC: pb.SYNC, ASYNC: pb.ASYNC}
 _POLICY_FROM_PROTO = {pb.TIMEOUT_POLICY_UNSPECIFIED: FAIL, pb.FAIL: FAIL, pb.APPLY_PARTIAL: APPLY_PARTIAL}
 _POLICY_TO_PROTO = {FAIL: pb.FAIL, APPLY_PARTIAL: pb.APPLY_PARTIAL}
-_NON_FINITE_FROM_PROTO = {pb.NON_FINITE_POLICY_UNSPECIFIED: "reject", pb.NON_FINITE_REJECT: "reject",
+# Unspecified: the server's default (reject; allow for a LossScaleOptimizer), see make_spec.
+_NON_FINITE_FROM_PROTO = {pb.NON_FINITE_POLICY_UNSPECIFIED: None, pb.NON_FINITE_REJECT: "reject",
                           pb.NON_FINITE_ALLOW: "allow", pb.NON_FINITE_SKIP_STEP: "skip_step"}
 _NON_FINITE_TO_PROTO = {"reject": pb.NON_FINITE_REJECT, "allow": pb.NON_FINITE_ALLOW,
                         "skip_step": pb.NON_FINITE_SKIP_STEP}

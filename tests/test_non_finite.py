@@ -109,3 +109,21 @@ def test_the_client_passes_the_policy_through(address):
             client.push("strict", _grads(np.nan))
         with pytest.raises(ValueError, match="non_finite_policy"):
             client.create_model("bad", ADAM, _initial(), non_finite_policy="ignore")
+
+
+LOSS_SCALED_ADAM = {"class_name": "LossScaleOptimizer", "config": {
+    "inner_optimizer": ADAM, "initial_scale": 8.0, "dynamic_growth_steps": 2}}
+
+
+def test_a_loss_scale_optimizer_lets_non_finite_gradients_through_by_default(address):
+    """It exists to see them: it skips their step and halves its scale, as Keras does."""
+    with Client(address) as client:
+        client.create_model("scaled", LOSS_SCALED_ADAM, _initial())
+        before = client.get_weights("scaled", include_variables=True)
+        result = client.push("scaled", _grads(poison=np.inf))
+        after = client.get_weights("scaled", include_variables=True)
+        assert result.step == 1 and after.iterations == before.iterations  # the step was skipped
+        assert client.list_models("scaled")[0].scalars["dynamic_scale"] == 4.0
+        with pytest.raises(InvalidArgumentError, match="LossScaleOptimizer"):
+            client.create_model("strict", LOSS_SCALED_ADAM, _initial(), non_finite_policy="reject")
+        assert [m.model_id for m in client.list_models()] == ["scaled"]
