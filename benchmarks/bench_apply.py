@@ -24,6 +24,7 @@ Every time is the median of several repeats after warm-up.
     python benchmarks/bench_apply.py --quick         # a smoke run (seconds)
     python benchmarks/bench_apply.py --optimizers Adafactor,Muon --matrix 4096x4096
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,16 +51,34 @@ OPTIMIZERS = {
     "Lion": {"class_name": "Lion", "config": {"learning_rate": 0.0001}},
     "Lamb": {"class_name": "Lamb", "config": {"learning_rate": 0.001}},
     "ScheduleFreeAdamW": {"class_name": "ScheduleFreeAdamW", "config": {"learning_rate": 0.0025}},
-    "LossScaleOptimizer(Adam)": {"class_name": "LossScaleOptimizer", "config": {
-        "inner_optimizer": {"module": "keras.optimizers", "class_name": "Adam", "config": {"learning_rate": 0.001},
-                            "registered_name": None}}},
+    "LossScaleOptimizer(Adam)": {
+        "class_name": "LossScaleOptimizer",
+        "config": {
+            "inner_optimizer": {
+                "module": "keras.optimizers",
+                "class_name": "Adam",
+                "config": {"learning_rate": 0.001},
+                "registered_name": None,
+            }
+        },
+    },
     "Adafactor": {"class_name": "Adafactor", "config": {"learning_rate": 0.001}},
     "Muon": {"class_name": "Muon", "config": {"learning_rate": 0.001}},
 }
 # Optimizers timed on a matrix (--matrix) instead of the vector sizes.
 MATRIX_OPTIMIZERS = ("Adafactor", "Muon")
-DEFAULT_OPTIMIZERS = ("Adam", "RMSprop", "SGD(momentum=0.9)", "Ftrl", "AdamW", "Lion", "Lamb", "ScheduleFreeAdamW",
-                      "LossScaleOptimizer(Adam)", "Adafactor")
+DEFAULT_OPTIMIZERS = (
+    "Adam",
+    "RMSprop",
+    "SGD(momentum=0.9)",
+    "Ftrl",
+    "AdamW",
+    "Lion",
+    "Lamb",
+    "ScheduleFreeAdamW",
+    "LossScaleOptimizer(Adam)",
+    "Adafactor",
+)
 DEFAULT_SIZES = (1_000_000, 10_000_000, 50_000_000)
 COPY_ELEMENTS = 64 * 1024 * 1024  # 256 MiB of float32: far beyond any cache
 
@@ -174,7 +193,11 @@ class KerasWorker:
         environment = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu")
         self.process = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--keras-worker"],
-            env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, bufsize=1,
+            env=environment,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            bufsize=1,
         )
 
     def request(self, **message):
@@ -272,10 +295,18 @@ def cpu_name() -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default=None, help="comma-separated parameter counts, e.g. 1M,10M,50M")
-    parser.add_argument("--optimizers", default=",".join(DEFAULT_OPTIMIZERS),
-                        help="comma-separated subset of: " + ", ".join(OPTIMIZERS) + " (default: all but Muon)")
-    parser.add_argument("--matrix", default="4096x4096", help="the variable of " + ", ".join(MATRIX_OPTIMIZERS)
-                        + ", ROWSxCOLUMNS (default 4096x4096; --quick: 1024x1024)")
+    parser.add_argument(
+        "--optimizers",
+        default=",".join(DEFAULT_OPTIMIZERS),
+        help="comma-separated subset of: " + ", ".join(OPTIMIZERS) + " (default: all but Muon)",
+    )
+    parser.add_argument(
+        "--matrix",
+        default="4096x4096",
+        help="the variable of "
+        + ", ".join(MATRIX_OPTIMIZERS)
+        + ", ROWSxCOLUMNS (default 4096x4096; --quick: 1024x1024)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke run: 1M parameters, few repeats")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per row (default by size)")
     parser.add_argument("--no-keras", action="store_true", help="skip the Keras/JAX baseline")
@@ -305,7 +336,9 @@ def main(argv=None) -> int:
     else:
         backend = NumpyBackend(
             threads=args.threads,
-            working_set_bytes=DEFAULT_WORKING_SET_BYTES if args.working_set_kib is None else args.working_set_kib * 1024,
+            working_set_bytes=DEFAULT_WORKING_SET_BYTES
+            if args.working_set_kib is None
+            else args.working_set_kib * 1024,
         )
     print(
         f"# {cpu_name()}, {os.cpu_count()} cores; numpy {np.__version__}; "

@@ -11,6 +11,7 @@ per step is the median over epochs of (epoch time / steps). The ratio is
 remote over local: what a Keras user pays for moving the optimizer to the
 server (a round trip with every gradient up and every weight down).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,7 @@ def time_per_step(model, x, y, batch_size):
 
 def measure(address, label, inputs, hidden, layers_count, outputs, batch_size, steps, epochs):
     import keras
+
     from optserve.client import RemoteOptimizer
 
     rng = np.random.default_rng(0)
@@ -53,11 +55,13 @@ def measure(address, label, inputs, hidden, layers_count, outputs, batch_size, s
     remote = build_model(f"{label}_remote", inputs, hidden, layers_count, outputs)
     local = build_model(f"{label}_local", inputs, hidden, layers_count, outputs)
     local.set_weights(remote.get_weights())
-    remote.compile(loss="mse", optimizer=RemoteOptimizer(keras.optimizers.Adam(1e-3), address,
-                                                          model_id=f"bench-{label}-{os.getpid()}"))
+    remote.compile(
+        loss="mse",
+        optimizer=RemoteOptimizer(keras.optimizers.Adam(1e-3), address, model_id=f"bench-{label}-{os.getpid()}"),
+    )
     local.compile(loss="mse", optimizer=keras.optimizers.Adam(1e-3))
     for model in (remote, local):  # trace, build, create the job on the server
-        time_per_step(model, x[:batch_size * 2], y[:batch_size * 2], batch_size)
+        time_per_step(model, x[: batch_size * 2], y[: batch_size * 2], batch_size)
     remote_times, local_times = [], []
     for _ in range(epochs):
         remote_times.append(time_per_step(remote, x, y, batch_size))
@@ -83,8 +87,10 @@ def main(argv=None):
         print("|---|---:|---:|---:|---:|")
         for case in cases:
             params, remote_ms, local_ms = measure(server.address, *case, steps=steps, epochs=epochs)
-            print(f"| {case[0]} | {params:,} | {remote_ms:.2f} | {local_ms:.2f} | {remote_ms / local_ms:.2f} |",
-                  flush=True)
+            print(
+                f"| {case[0]} | {params:,} | {remote_ms:.2f} | {local_ms:.2f} | {remote_ms / local_ms:.2f} |",
+                flush=True,
+            )
     finally:
         server.stop()
 

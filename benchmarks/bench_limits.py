@@ -18,6 +18,7 @@ process, so its resident size is the server's alone (the client is this process)
 * ``contention``: p50/p99 latency of 4 KB push round trips (one worker, SGD) alone,
   then while a second client uploads a ``--size`` model to the same server.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,21 @@ MiB = 1 << 20
 
 class ServerProcess:
     def __init__(self, *flags: str):
-        command = [sys.executable, "-m", "optserve.server", "serve", "--host", "127.0.0.1", "--port", "0",
-                   "--device", "cpu", "--log-level", "ERROR", *flags]
+        command = [
+            sys.executable,
+            "-m",
+            "optserve.server",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--log-level",
+            "ERROR",
+            *flags,
+        ]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         line = self.process.stdout.readline().strip()
         if not line.startswith("optserve listening on "):
@@ -58,7 +72,7 @@ class ServerProcess:
         with open(f"/proc/{self.process.pid}/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -83,8 +97,15 @@ def memory_case(size: int) -> list[dict]:
             seconds = time.perf_counter() - started
             peak, after = server.status("VmHWM"), server.status("VmRSS")
         state = size * arrays
-        results.append({"optimizer": name, "state_bytes": state, "create_s": seconds,
-                        "peak_over_state": (peak - before) / state, "kept_over_state": (after - before) / state})
+        results.append(
+            {
+                "optimizer": name,
+                "state_bytes": state,
+                "create_s": seconds,
+                "peak_over_state": (peak - before) / state,
+                "kept_over_state": (after - before) / state,
+            }
+        )
         del variables
     return results
 
@@ -104,13 +125,19 @@ def refusals_case(size: int) -> dict:
         time.sleep(1.5)  # the server trims after refused uploads, at most once a second
         after_configs = server.status("VmRSS")
         try:
-            client.create_model("over", "sgd", {"a": np.ones(size // 8, np.float32), "b": np.ones(size // 2, np.float32)})
+            client.create_model(
+                "over", "sgd", {"a": np.ones(size // 8, np.float32), "b": np.ones(size // 2, np.float32)}
+            )
         except Exception:  # noqa: BLE001
             refused += 1
         time.sleep(1.5)
         after_model = server.status("VmRSS")
-    return {"refused": refused, "rss_before": before, "rss_after_configs": after_configs,
-            "rss_after_model": after_model}
+    return {
+        "refused": refused,
+        "rss_before": before,
+        "rss_after_configs": after_configs,
+        "rss_after_model": after_model,
+    }
 
 
 def _push_latencies(client: Client, seconds: float, stop: threading.Event | None = None) -> list[float]:
@@ -125,8 +152,11 @@ def _push_latencies(client: Client, seconds: float, stop: threading.Event | None
 
 
 def contention_case(size: int, seconds: float) -> dict:
-    with ServerProcess() as server, Client(server.address, timeout=600) as pusher, \
-            Client(server.address, timeout=600) as uploader:
+    with (
+        ServerProcess() as server,
+        Client(server.address, timeout=600) as pusher,
+        Client(server.address, timeout=600) as uploader,
+    ):
         pusher.create_model("small", "sgd", {"w": np.zeros(1024, np.float32)})
         _push_latencies(pusher, 0.5)  # warm up
         alone = _push_latencies(pusher, seconds)
@@ -150,17 +180,25 @@ def contention_case(size: int, seconds: float) -> dict:
 
     def quantiles(values):
         values = sorted(values)
-        return {"count": len(values), "p50_ms": 1000 * statistics.median(values),
-                "p99_ms": 1000 * values[min(len(values) - 1, int(0.99 * len(values)))]}
+        return {
+            "count": len(values),
+            "p50_ms": 1000 * statistics.median(values),
+            "p99_ms": 1000 * values[min(len(values) - 1, int(0.99 * len(values)))],
+        }
 
-    return {"alone": quantiles(alone), "during_upload": quantiles(during), "upload_s": upload_seconds[0],
-            "upload_bytes": size}
+    return {
+        "alone": quantiles(alone),
+        "during_upload": quantiles(during),
+        "upload_s": upload_seconds[0],
+        "upload_bytes": size,
+    }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=parse_byte_size, default=1 << 30,
-                        help="model / upload size: 1G, 256M, ... (default 1G)")
+    parser.add_argument(
+        "--size", type=parse_byte_size, default=1 << 30, help="model / upload size: 1G, 256M, ... (default 1G)"
+    )
     parser.add_argument("--cases", default="memory,refusals,contention", help="which cases to run")
     parser.add_argument("--seconds", type=float, default=3.0, help="pushes timed alone (default 3)")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -184,21 +222,29 @@ def _print(results: dict) -> None:
     size = results["size"]
     print(f"optserve bench_limits: {size / MiB:.0f} MiB models, {results['cores']} cores")
     for row in results.get("memory", []):
-        print(f"  create {row['optimizer']:<4}  state {row['state_bytes'] / MiB:7.0f} MiB  "
-              f"peak/state {row['peak_over_state']:.2f}  kept/state {row['kept_over_state']:.2f}  "
-              f"{row['create_s']:.1f} s")
+        print(
+            f"  create {row['optimizer']:<4}  state {row['state_bytes'] / MiB:7.0f} MiB  "
+            f"peak/state {row['peak_over_state']:.2f}  kept/state {row['kept_over_state']:.2f}  "
+            f"{row['create_s']:.1f} s"
+        )
     if "refusals" in results:
         row = results["refusals"]
-        print(f"  refusals: {row['refused']} refused; RSS {row['rss_before'] / MiB:.0f} MiB before, "
-              f"{row['rss_after_configs'] / MiB:.0f} MiB after 40 x 25 MB configs, "
-              f"{row['rss_after_model'] / MiB:.0f} MiB after a model over --max-memory")
+        print(
+            f"  refusals: {row['refused']} refused; RSS {row['rss_before'] / MiB:.0f} MiB before, "
+            f"{row['rss_after_configs'] / MiB:.0f} MiB after 40 x 25 MB configs, "
+            f"{row['rss_after_model'] / MiB:.0f} MiB after a model over --max-memory"
+        )
     if "contention" in results:
         row = results["contention"]
         alone, during = row["alone"], row["during_upload"]
-        print(f"  4 KB pushes alone:          p50 {alone['p50_ms']:.2f} ms  p99 {alone['p99_ms']:.2f} ms  "
-              f"({alone['count']} pushes)")
-        print(f"  during a {size / MiB:.0f} MiB upload:  p50 {during['p50_ms']:.2f} ms  p99 {during['p99_ms']:.2f} ms  "
-              f"({during['count']} pushes; upload {row['upload_s']:.1f} s)")
+        print(
+            f"  4 KB pushes alone:          p50 {alone['p50_ms']:.2f} ms  p99 {alone['p99_ms']:.2f} ms  "
+            f"({alone['count']} pushes)"
+        )
+        print(
+            f"  during a {size / MiB:.0f} MiB upload:  p50 {during['p50_ms']:.2f} ms  p99 {during['p99_ms']:.2f} ms  "
+            f"({during['count']} pushes; upload {row['upload_s']:.1f} s)"
+        )
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ checked on every call) and pushes 4 KB and 64 MB to each in turn, round by
 round, so that all three see the same machine; it reports the median push time
 of each and its ratio to plaintext in the same run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -127,8 +128,9 @@ def run_bare_grpc_server() -> None:
 
     async def main():
         server = grpc.aio.server(options=codec.GRPC_OPTIONS)
-        handler = grpc.stream_stream_rpc_method_handler(_drain, request_deserializer=_passthrough,
-                                                        response_serializer=_passthrough)
+        handler = grpc.stream_stream_rpc_method_handler(
+            _drain, request_deserializer=_passthrough, response_serializer=_passthrough
+        )
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("bench.Bare", {"Drain": handler})])
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
@@ -145,8 +147,9 @@ def bare_grpc_gbps(nbytes: int, repeats: int) -> float:
     try:
         address = process.stdout.readline().split()[-1]
         with grpc.insecure_channel(address, options=codec.GRPC_OPTIONS) as channel:
-            drain = channel.stream_stream("/bench.Bare/Drain", request_serializer=_passthrough,
-                                          response_deserializer=_passthrough)
+            drain = channel.stream_stream(
+                "/bench.Bare/Drain", request_serializer=_passthrough, response_deserializer=_passthrough
+            )
             piece = bytes(min(nbytes, codec.CHUNK_BYTES))
             messages = [piece] * (nbytes // len(piece))
             list(drain(iter(messages), timeout=120))  # warm-up
@@ -166,8 +169,19 @@ def bare_grpc_gbps(nbytes: int, repeats: int) -> float:
 
 class ServerProcess:
     def __init__(self, *extra_args: str):
-        command = [sys.executable, "-m", "optserve.server", "serve", "--port", "0", "--device", "cpu",
-                   "--log-level", "WARNING", *extra_args]
+        command = [
+            sys.executable,
+            "-m",
+            "optserve.server",
+            "serve",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--log-level",
+            "WARNING",
+            *extra_args,
+        ]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         line = self.process.stdout.readline().strip()
         if not line.startswith("optserve listening on "):
@@ -217,13 +231,15 @@ class ProtobufWorker(Worker):
         self.stub = pb_grpc.ParameterServerStub(self.channel)
 
     def create_model(self, model_id: str, arrays: dict, num_workers: int) -> None:
-        spec = pb.ModelSpec(model_id=model_id, num_workers=num_workers, mode=pb.SYNC,
-                            optimizer_config_json=json.dumps(SGD_CONFIG))
+        spec = pb.ModelSpec(
+            model_id=model_id, num_workers=num_workers, mode=pb.SYNC, optimizer_config_json=json.dumps(SGD_CONFIG)
+        )
         self.stub.CreateModel(_protobuf_messages(pb.CreateModelRequest(spec=spec), "variables", arrays), timeout=120)
 
     def push(self, model_id: str, step: int, worker: int, arrays: dict, return_variables: bool) -> int:
-        header = pb.ApplyGradientsHeader(model_id=model_id, worker_index=worker, step=step,
-                                         return_variables=return_variables)
+        header = pb.ApplyGradientsHeader(
+            model_id=model_id, worker_index=worker, step=step, return_variables=return_variables
+        )
         requests = _protobuf_messages(pb.ApplyGradientsRequest(header=header), "gradients", arrays)
         assembler = codec.TensorAssembler()
         for response in self.stub.ApplyGradients(requests, timeout=120):
@@ -273,12 +289,21 @@ def push_against_raw(address: str, nbytes: int, rounds: int, worker_type: type[W
     finally:
         raw.close()
         worker.close()
-    return {"push": nbytes / statistics.median(push_times) / 1e9, "raw": nbytes / statistics.median(raw_times) / 1e9,
-            "raw_alone": raw_alone}
+    return {
+        "push": nbytes / statistics.median(push_times) / 1e9,
+        "raw": nbytes / statistics.median(raw_times) / 1e9,
+        "raw_alone": raw_alone,
+    }
 
 
-def run_case(address: str, nbytes: int, workers: int, rounds: int, return_variables: bool = True,
-             worker_type: type[Worker] = Worker) -> dict:
+def run_case(
+    address: str,
+    nbytes: int,
+    workers: int,
+    rounds: int,
+    return_variables: bool = True,
+    worker_type: type[Worker] = Worker,
+) -> dict:
     """Each worker pushes ``rounds`` steps; returns throughput and the median step time."""
     model_id = f"bench-{nbytes}-{workers}-{return_variables}"
     arrays = {"w": np.ones(nbytes // 4, np.float32)}
@@ -326,13 +351,20 @@ def make_test_pki(directory: pathlib.Path) -> dict:
     now = datetime.datetime.now(datetime.timezone.utc)
 
     def certificate(subject, issuer, public_key, signing_key, ca: bool):
-        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
-                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
         if not ca:
             builder = builder.add_extension(
-                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False
+            )
         return builder.sign(signing_key, hashes.SHA256())
 
     ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
@@ -343,8 +375,11 @@ def make_test_pki(directory: pathlib.Path) -> dict:
     paths = {name: directory / name for name in ("ca.pem", "server.pem", "server.key")}
     paths["ca.pem"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths["server.pem"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    paths["server.key"].write_bytes(server_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    paths["server.key"].write_bytes(
+        server_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
     return paths
 
 
@@ -361,12 +396,16 @@ def tls_cost(quick: bool) -> int:
         setups = {
             "plaintext": ((), {"tls": False, "token": False}),
             "TLS": (tls_args, {"tls": {"ca": pki["ca.pem"]}, "token": False}),
-            "TLS + token": ((*tls_args, "--auth-tokens", str(pathlib.Path(scratch) / "tokens.txt")),
-                            {"tls": {"ca": pki["ca.pem"]}, "token": token}),
+            "TLS + token": (
+                (*tls_args, "--auth-tokens", str(pathlib.Path(scratch) / "tokens.txt")),
+                {"tls": {"ca": pki["ca.pem"]}, "token": token},
+            ),
         }
         servers = {name: ServerProcess(*args) for name, (args, _) in setups.items()}
-        print(f"optserve bench_rpc --tls: 3 servers (separate processes), {os.cpu_count()} cores, one worker "
-              "each, push without return_variables, setups taken in turn every round")
+        print(
+            f"optserve bench_rpc --tls: 3 servers (separate processes), {os.cpu_count()} cores, one worker "
+            "each, push without return_variables, setups taken in turn every round"
+        )
         try:
             rows = [(nbytes, tls_case(servers, setups, nbytes, quick)) for nbytes in (4096, 64 * MB)]
         finally:
@@ -378,8 +417,10 @@ def tls_cost(quick: bool) -> int:
     for nbytes, times in rows:
         for name, seconds in times.items():
             label = "64MB" if nbytes >= MB else "4KB"
-            print(f"{label:>8} {name:>12} {seconds * 1e3:>9.3f} ms {nbytes / seconds / 1e9:>7.3f} "
-                  f"{seconds / times['plaintext']:>11.2f}x")
+            print(
+                f"{label:>8} {name:>12} {seconds * 1e3:>9.3f} ms {nbytes / seconds / 1e9:>7.3f} "
+                f"{seconds / times['plaintext']:>11.2f}x"
+            )
     return 0
 
 
@@ -414,8 +455,11 @@ def rounds_for(nbytes: int, quick: bool) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer sizes and rounds")
-    parser.add_argument("--protobuf-requests", action="store_true",
-                        help="build requests as generated messages (as batch_chunks callers do)")
+    parser.add_argument(
+        "--protobuf-requests",
+        action="store_true",
+        help="build requests as generated messages (as batch_chunks callers do)",
+    )
     parser.add_argument("--tls", action="store_true", help="the cost of TLS and tokens against plaintext")
     parser.add_argument("--bare-grpc-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -429,8 +473,10 @@ def main(argv=None) -> int:
     repeats = 5 if args.quick else 9
     server = ServerProcess()
     encoding = "generated-message" if args.protobuf_requests else "optserve Client"
-    print(f"optserve bench_rpc: server {server.address} (separate process), {os.cpu_count()} cores, "
-          f"float32, SGD, {encoding} workers")
+    print(
+        f"optserve bench_rpc: server {server.address} (separate process), {os.cpu_count()} cores, "
+        f"float32, SGD, {encoding} workers"
+    )
     try:
         rows = []
         for nbytes in sizes:
@@ -440,7 +486,9 @@ def main(argv=None) -> int:
             push = push_against_raw(server.address, nbytes, pairs, worker_type)
             push["bare"] = bare_grpc_gbps(nbytes, repeats)
             for workers in (1, 2):
-                case = run_case(server.address, nbytes, workers, rounds_for(nbytes, args.quick), worker_type=worker_type)
+                case = run_case(
+                    server.address, nbytes, workers, rounds_for(nbytes, args.quick), worker_type=worker_type
+                )
                 rows.append((f"{nbytes // MB}MB", workers, case, push))
         for workers in (1, 2):
             case = run_case(server.address, 4096, workers, 300 if args.quick else 2000, worker_type=worker_type)
@@ -452,16 +500,20 @@ def main(argv=None) -> int:
 
 
 def print_table(rows) -> None:
-    header = (f"{'payload':>8} {'workers':>7} {'round trips/s':>13} {'GB/s':>6} {'push GB/s':>9} "
-              f"{'raw GB/s':>8} {'push/raw':>8} {'raw alone':>9} {'push/alone':>10} {'bare gRPC':>9} {'push/bare':>9}")
+    header = (
+        f"{'payload':>8} {'workers':>7} {'round trips/s':>13} {'GB/s':>6} {'push GB/s':>9} "
+        f"{'raw GB/s':>8} {'push/raw':>8} {'raw alone':>9} {'push/alone':>10} {'bare gRPC':>9} {'push/bare':>9}"
+    )
     print(header)
     print("-" * len(header))
     for payload, workers, case, push in rows:
         line = f"{payload:>8} {workers:>7} {case['round_trips_per_s']:>13.1f} {case['gbps']:>6.3f}"
         if push:
-            line += (f" {push['push']:>9.3f} {push['raw']:>8.3f} {push['push'] / push['raw']:>8.0%}"
-                     f" {push['raw_alone']:>9.3f} {push['push'] / push['raw_alone']:>10.0%}"
-                     f" {push['bare']:>9.3f} {push['push'] / push['bare']:>9.0%}")
+            line += (
+                f" {push['push']:>9.3f} {push['raw']:>8.3f} {push['push'] / push['raw']:>8.0%}"
+                f" {push['raw_alone']:>9.3f} {push['push'] / push['raw_alone']:>10.0%}"
+                f" {push['bare']:>9.3f} {push['push'] / push['bare']:>9.0%}"
+            )
         print(line)
 
 

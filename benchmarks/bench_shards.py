@@ -19,6 +19,7 @@ Reported per shard count, after ``--warmup`` untimed steps:
 The shards share this machine's cores with each other and with the client, so
 the scaling shows what more processes buy on this host, not on separate hosts.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -36,7 +37,7 @@ from optserve.client import Client
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MB = 1 << 20
-ROW_ELEMENTS = 256            # every variable is (rows, 256) or a bias vector
+ROW_ELEMENTS = 256  # every variable is (rows, 256) or a bias vector
 SERVER_START_TIMEOUT_S = 60.0
 
 
@@ -44,8 +45,20 @@ class ServerProcess:
     """One ``optserve serve`` child on a free port."""
 
     def __init__(self):
-        command = [sys.executable, "-m", "optserve.server", "serve", "--host", "127.0.0.1", "--port", "0",
-                   "--device", "cpu", "--log-level", "WARNING"]
+        command = [
+            sys.executable,
+            "-m",
+            "optserve.server",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--log-level",
+            "WARNING",
+        ]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
         line = self.process.stdout.readline().strip()
         if not line.startswith("optserve listening on "):
@@ -107,8 +120,14 @@ def run_case(num_shards: int, variables: dict, optimizer: str, steps: int, warmu
         for server in servers:
             server.stop()
     seconds = statistics.median(times)
-    return {"shards": num_shards, "steps_per_s": 1 / seconds, "gbps": 2 * model_bytes / seconds / 1e9,
-            "seconds_per_step": seconds, "imbalance": imbalance, "split_variables": split}
+    return {
+        "shards": num_shards,
+        "steps_per_s": 1 / seconds,
+        "gbps": 2 * model_bytes / seconds / 1e9,
+        "seconds_per_step": seconds,
+        "imbalance": imbalance,
+        "split_variables": split,
+    }
 
 
 def main(argv=None) -> int:
@@ -129,9 +148,12 @@ def main(argv=None) -> int:
     variables = model_variables(int(args.total_mb * MB), args.variables)
     model_bytes = sum(value.nbytes for value in variables.values())
     if not args.json:
-        print(f"optserve bench_shards: {model_bytes / MB:.1f} MiB float32 in {len(variables)} variables "
-              f"(largest {max(v.nbytes for v in variables.values()) / MB:.1f} MiB), {args.optimizer}, "
-              f"{os.cpu_count()} cores, median of {steps} steps after {args.warmup} warm-up steps\n", flush=True)
+        print(
+            f"optserve bench_shards: {model_bytes / MB:.1f} MiB float32 in {len(variables)} variables "
+            f"(largest {max(v.nbytes for v in variables.values()) / MB:.1f} MiB), {args.optimizer}, "
+            f"{os.cpu_count()} cores, median of {steps} steps after {args.warmup} warm-up steps\n",
+            flush=True,
+        )
     results = []
     for count in counts:
         results.append(run_case(count, variables, args.optimizer, steps, args.warmup))
@@ -141,19 +163,34 @@ def main(argv=None) -> int:
         baseline = results[0]["steps_per_s"]
         for result in results:
             result["vs_first"] = result["steps_per_s"] / baseline
-        print(json.dumps({"model_bytes": model_bytes, "variables": len(variables), "optimizer": args.optimizer,
-                          "cores": os.cpu_count(), "results": results}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "model_bytes": model_bytes,
+                    "variables": len(variables),
+                    "optimizer": args.optimizer,
+                    "cores": os.cpu_count(),
+                    "results": results,
+                },
+                indent=2,
+            )
+        )
     return 0
 
 
 def _print_row(result: dict, baseline: dict, header: bool) -> None:
     if header:
-        print(f"{'shards':>6}  {'steps/s':>8}  {'ms/step':>8}  {'GB/s':>6}  {'vs ' + str(baseline['shards']) + ' shard':>11}"
-              f"  {'imbalance':>9}  {'split':>5}")
+        print(
+            f"{'shards':>6}  {'steps/s':>8}  {'ms/step':>8}  {'GB/s':>6}  "
+            f"{'vs ' + str(baseline['shards']) + ' shard':>11}"
+            f"  {'imbalance':>9}  {'split':>5}"
+        )
     ratio = result["steps_per_s"] / baseline["steps_per_s"]
-    print(f"{result['shards']:>6}  {result['steps_per_s']:>8.2f}  {1000 * result['seconds_per_step']:>8.1f}  "
-          f"{result['gbps']:>6.2f}  {ratio:>10.2f}x  {result['imbalance']:>9.3f}  {result['split_variables']:>5}",
-          flush=True)
+    print(
+        f"{result['shards']:>6}  {result['steps_per_s']:>8.2f}  {1000 * result['seconds_per_step']:>8.1f}  "
+        f"{result['gbps']:>6.2f}  {ratio:>10.2f}x  {result['imbalance']:>9.3f}  {result['split_variables']:>5}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Bytes are those of the request messages (what ``serialized_chunk_messages``
 builds); times are medians over the steps. Numbers depend on the machine: read
 the ratios.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ ADAM = {"class_name": "Adam", "config": {"learning_rate": 1e-3}}
 
 def request_bytes(gradients: dict) -> int:
     tensors, declared = codec.gradient_tensors(gradients)
-    first = pb.ApplyGradientsRequest(header=pb.ApplyGradientsHeader(model_id="bench", step=0),
-                                     sparse_gradients=declared)
+    first = pb.ApplyGradientsRequest(
+        header=pb.ApplyGradientsHeader(model_id="bench", step=0), sparse_gradients=declared
+    )
     return sum(len(message) for message in codec.serialized_chunk_messages(first, "gradients", tensors))
 
 
@@ -72,8 +74,20 @@ def main() -> int:
         return {"table": sparse(step)["table"].densify(shape)}
 
     sparse_bytes, dense_bytes = request_bytes(sparse(0)), request_bytes(dense(0))
-    command = [sys.executable, "-m", "optserve.server", "serve", "--port", "0", "--device", "cpu",
-               "--host", "127.0.0.1", "--log-level", "WARNING"]
+    command = [
+        sys.executable,
+        "-m",
+        "optserve.server",
+        "serve",
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+        "--host",
+        "127.0.0.1",
+        "--log-level",
+        "WARNING",
+    ]
     server = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         line = server.stdout.readline().strip() if server.stdout else ""
@@ -92,13 +106,17 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"optserve bench_sparse: {args.rows} x {args.width} float32 table, {args.touched} rows per push, "
-          f"{args.optimizer}, median of {steps} pushes (server in its own process)")
+    print(
+        f"optserve bench_sparse: {args.rows} x {args.width} float32 table, {args.touched} rows per push, "
+        f"{args.optimizer}, median of {steps} pushes (server in its own process)"
+    )
     print(f"{'form':>8} {'request bytes':>15} {'push ms':>10}")
     print(f"{'sparse':>8} {sparse_bytes:>15,} {sparse_s * 1e3:>10.1f}")
     print(f"{'dense':>8} {dense_bytes:>15,} {dense_s * 1e3:>10.1f}")
-    print(f"dense/sparse: bytes {dense_bytes / sparse_bytes:.0f}x, push time {dense_s / sparse_s:.2f}x "
-          "(the same values result; both update every row)")
+    print(
+        f"dense/sparse: bytes {dense_bytes / sparse_bytes:.0f}x, push time {dense_s / sparse_s:.2f}x "
+        "(the same values result; both update every row)"
+    )
     return 0
 
 

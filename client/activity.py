@@ -1,4 +1,5 @@
 """A model's creator and last activity as ListModels reports them (``ModelInfo.activity``)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -9,14 +10,14 @@ from optserve.protos import optserve_pb2 as pb
 
 @dataclasses.dataclass
 class ModelActivity:
-    created_unix_s: float           # wall clock of the server, seconds since the Unix epoch
-    creator_worker: int | None      # None: the creating client did not say
-    creator_peer: str               # e.g. "ipv4:10.0.0.5:41236"; "" when unknown
-    last_activity_unix_s: float     # last push, pull, get/set of weights, create or join
-    last_activity: str              # "push", "pull", "get_weights", "set_weights", "create", "join"
-    last_worker: int | None         # the worker of the last call, when it said
-    calls_in_flight: int            # calls on the model running now (parked workers included)
-    idle_s: float                   # seconds since the last call ended; 0 while in use
+    created_unix_s: float  # wall clock of the server, seconds since the Unix epoch
+    creator_worker: int | None  # None: the creating client did not say
+    creator_peer: str  # e.g. "ipv4:10.0.0.5:41236"; "" when unknown
+    last_activity_unix_s: float  # last push, pull, get/set of weights, create or join
+    last_activity: str  # "push", "pull", "get_weights", "set_weights", "create", "join"
+    last_worker: int | None  # the worker of the last call, when it said
+    calls_in_flight: int  # calls on the model running now (parked workers included)
+    idle_s: float  # seconds since the last call ended; 0 while in use
 
     @property
     def in_use(self) -> bool:

@@ -18,6 +18,7 @@ import numpy as np
 
 from optserve.client.arguments import (
     Gradient,
+    StateChange,
     as_gradients,
     as_tensors,
     check_name,
@@ -28,7 +29,6 @@ from optserve.client.arguments import (
     parse_addresses,
     slot_tensors,
     slots_from_list,
-    StateChange,
 )
 from optserve.client.learning_rate import check_learning_rate
 from optserve.client.steps import StepTracker

@@ -25,11 +25,11 @@ from typing import Any
 import numpy as np
 
 from optserve.client.arguments import (
+    StateChange,
     model_not_found,
     optimizer_config_json,
     parse_address,
     parse_addresses,
-    StateChange,
     weight_tensors,
 )
 from optserve.client.base import DEFAULT, ClientBase, TransportFactory

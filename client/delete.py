@@ -14,11 +14,12 @@ the in-use check is then made on the listing before deleting, not atomically.
 Exit status: 0 deleted; 1 no such model, or refused because it is in use, or another
 error; 2 no server reachable at ADDRESS.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from optserve.client.client import (
     Client,
@@ -37,13 +38,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="optserve delete",
         description="Delete a model from a running optserve server; its memory is reused for other models. "
-                    "A model in use (workers parked in a step, or calls in flight) is refused unless --force.")
-    parser.add_argument("address", metavar="ADDRESS",
-                        help="host:port of the server; or the shards' addresses joined by commas")
+        "A model in use (workers parked in a step, or calls in flight) is refused unless --force.",
+    )
+    parser.add_argument(
+        "address", metavar="ADDRESS", help="host:port of the server; or the shards' addresses joined by commas"
+    )
     parser.add_argument("model", metavar="MODEL", help="the model_id to delete")
-    parser.add_argument("--force", action="store_true",
-                        help="delete even while in use: workers parked in a step get FAILED_PRECONDITION "
-                             "and the step in progress is lost")
+    parser.add_argument(
+        "--force",
+        action="store_true",
+        help="delete even while in use: workers parked in a step get FAILED_PRECONDITION "
+        "and the step in progress is lost",
+    )
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for the server (default 30)")
     return parser
 
@@ -54,8 +60,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         with Client(args.address, timeout=args.timeout, retries=1) as client:
             return _delete(client, args)
     except UnavailableError as error:
-        print(f"optserve delete: cannot reach a server at {args.address}: {error}\n"
-              "Is `optserve serve` running there?", file=sys.stderr)
+        print(
+            f"optserve delete: cannot reach a server at {args.address}: {error}\nIs `optserve serve` running there?",
+            file=sys.stderr,
+        )
         return EXIT_UNREACHABLE
     except NotFoundError as error:
         print(f"optserve delete: {error.message}", file=sys.stderr)
@@ -78,7 +86,8 @@ def _delete(client: Client, args) -> int:
         raise FailedPreconditionError(
             "FAILED_PRECONDITION",
             f"Model {args.model!r} is in use (workers {model.waiting_workers} wait in step {model.step}); "
-            "stop its workers first, or pass --force.")
+            "stop its workers first, or pass --force.",
+        )
     deleted = client.delete_model(args.model) if sharded else client.delete_model(args.model, if_idle=not args.force)
     if not deleted:  # deleted by someone else since the listing
         raise NotFoundError("NOT_FOUND", f"No model {args.model!r} on {client.address} (it was just deleted).")
@@ -88,8 +97,10 @@ def _delete(client: Client, args) -> int:
 
 def _describe(model: ModelInfo) -> str:
     parameters = sum(_size(v.shape) for v in model.variables)
-    text = (f"{model.optimizer}, step {model.step}, iterations {model.iterations}, {len(model.variables)} "
-            f"variable{'s' if len(model.variables) != 1 else ''} ({parameters:,} parameters)")
+    text = (
+        f"{model.optimizer}, step {model.step}, iterations {model.iterations}, {len(model.variables)} "
+        f"variable{'s' if len(model.variables) != 1 else ''} ({parameters:,} parameters)"
+    )
     if model.activity is not None:
         text += f"; last activity: {model.activity.describe_last()}"
     return text

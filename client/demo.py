@@ -24,6 +24,7 @@ and leaves the model on the server. It exits 0 when done, and nonzero when the
 server stays unreachable after ``--retries`` retries (EXIT_UNAVAILABLE) or on any
 other failure, so that a restart policy brings it back.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,8 +53,8 @@ from optserve.client.client import (
 )
 
 INPUTS, HIDDEN, CLASSES = 16, 32, 4
-TEACHER_SEED = 1234          # the task: identical in every process
-EVAL_SEED = 4321             # held-out batch the parent measures before and after
+TEACHER_SEED = 1234  # the task: identical in every process
+EVAL_SEED = 4321  # held-out batch the parent measures before and after
 EVAL_SIZE = 2048
 LISTENING = re.compile(r"optserve listening on (\S+:\d+)")
 SERVER_START_TIMEOUT_S = 60.0
@@ -98,17 +99,20 @@ def initial_params(seed: int) -> dict[str, np.ndarray]:
 
 
 @overload
-def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
-                   with_grads: Literal[True] = True) -> tuple[float, dict[str, np.ndarray]]: ...
+def loss_and_grads(
+    params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, with_grads: Literal[True] = True
+) -> tuple[float, dict[str, np.ndarray]]: ...
 
 
 @overload
-def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
-                   with_grads: Literal[False]) -> tuple[float, None]: ...
+def loss_and_grads(
+    params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, with_grads: Literal[False]
+) -> tuple[float, None]: ...
 
 
-def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
-                   with_grads: bool = True) -> tuple[float, dict[str, np.ndarray] | None]:
+def loss_and_grads(
+    params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, with_grads: bool = True
+) -> tuple[float, dict[str, np.ndarray] | None]:
     """Mean softmax cross-entropy of a tanh MLP and its gradients, by hand."""
     hidden = np.tanh(x @ params["dense_1/kernel"] + params["dense_1/bias"])
     logits = hidden @ params["dense_2/kernel"] + params["dense_2/bias"]
@@ -120,7 +124,7 @@ def loss_and_grads(params: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray,
     d_logits = np.exp(log_probs)
     d_logits[np.arange(len(y)), y] -= 1.0
     d_logits /= len(y)
-    d_hidden = (d_logits @ params["dense_2/kernel"].T) * (1.0 - hidden ** 2)
+    d_hidden = (d_logits @ params["dense_2/kernel"].T) * (1.0 - hidden**2)
     grads = {
         "dense_1/kernel": x.T @ d_hidden,
         "dense_1/bias": d_hidden.sum(axis=0),
@@ -172,19 +176,29 @@ def run_joined_worker(args) -> int:
     me = f"worker {args.worker_index}/{args.num_workers}"
     try:
         with Client(args.address, retries=args.retries) as client:
-            info = client.create_model(model_id, optimizer, initial_params(args.seed),
-                                       num_workers=args.num_workers, mode="sync", sync_timeout_s=SYNC_TIMEOUT_S)
+            info = client.create_model(
+                model_id,
+                optimizer,
+                initial_params(args.seed),
+                num_workers=args.num_workers,
+                mode="sync",
+                sync_timeout_s=SYNC_TIMEOUT_S,
+            )
             # Restarted, or joining late: go on from the job's step and values.
             step = client.resync(model_id, args.worker_index)
             _, params = client.pull(model_id)
-            print(f"{me}: {'created' if info.created else 'joined'} model {model_id!r} on {client.address}, "
-                  f"{info.optimizer}; step {step} of {args.steps}.", flush=True)
+            print(
+                f"{me}: {'created' if info.created else 'joined'} model {model_id!r} on {client.address}, "
+                f"{info.optimizer}; step {step} of {args.steps}.",
+                flush=True,
+            )
             losses = train_joined(client, args, model_id, params, step, me)
             if losses and args.worker_index == 0:
                 save_final_checkpoint(client, me)
     except UnavailableError as error:
-        print(f"optserve demo: {me}: no server at {args.address} after {args.retries} retries: {error}",
-              file=sys.stderr)
+        print(
+            f"optserve demo: {me}: no server at {args.address} after {args.retries} retries: {error}", file=sys.stderr
+        )
         return EXIT_UNAVAILABLE
     except (OptserveError, ValueError) as error:
         print(f"optserve demo: {me}: {error}", file=sys.stderr)
@@ -264,10 +278,21 @@ class ServerProcess:
     """``python -m optserve.server serve --port 0`` as a child, and its address."""
 
     def __init__(self, device: str):
-        command = [sys.executable, "-m", "optserve.server", "serve", "--host", "127.0.0.1", "--port", "0",
-                   "--device", device]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env=_child_env())
+        command = [
+            sys.executable,
+            "-m",
+            "optserve.server",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--device",
+            device,
+        ]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_child_env()
+        )
         self.output: deque[str] = deque(maxlen=40)
         self._lines: queue.Queue = queue.Queue()
         threading.Thread(target=self._drain, daemon=True).start()
@@ -323,7 +348,7 @@ class Progress:
         self.stream = stream if stream is not None else sys.stdout
         self.live = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every = max(1, steps // 10)
-        self.first_step_at: float | None = None   # steady-state timing leaves out worker start-up
+        self.first_step_at: float | None = None  # steady-state timing leaves out worker start-up
         self.last_step_at: float | None = None
 
     def update(self, done: int, loss: float) -> None:
@@ -332,8 +357,10 @@ class Progress:
             self.first_step_at = now
         self.last_step_at = now
         filled = int(BAR_WIDTH * done / self.steps)
-        line = (f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {100 * done // self.steps:3d}%  "
-                f"step {done:>{len(str(self.steps))}}/{self.steps}  loss {loss:.4f}")
+        line = (
+            f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {100 * done // self.steps:3d}%  "
+            f"step {done:>{len(str(self.steps))}}/{self.steps}  loss {loss:.4f}"
+        )
         milestone = done == 1 or done == self.steps or done % self.every == 0
         if self.live:
             self.stream.write("\r" + line + ("\n" if milestone else ""))
@@ -345,11 +372,28 @@ class Progress:
 def start_workers(args, address: str, model_id: str) -> list[subprocess.Popen]:
     workers = []
     for index in range(args.workers):
-        command = [sys.executable, "-m", "optserve.client.demo", "--worker", str(index), "--address", address,
-                   "--model-id", model_id, "--steps", str(args.steps), "--workers", str(args.workers),
-                   "--batch-size", str(args.batch_size), "--seed", str(args.seed)]
-        workers.append(subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                        env=_child_env()))
+        command = [
+            sys.executable,
+            "-m",
+            "optserve.client.demo",
+            "--worker",
+            str(index),
+            "--address",
+            address,
+            "--model-id",
+            model_id,
+            "--steps",
+            str(args.steps),
+            "--workers",
+            str(args.workers),
+            "--batch-size",
+            str(args.batch_size),
+            "--seed",
+            str(args.seed),
+        ]
+        workers.append(
+            subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_child_env())
+        )
     return workers
 
 
@@ -360,7 +404,7 @@ def follow_workers(workers: list[subprocess.Popen], steps: int, progress: Progre
     for index, worker in enumerate(workers):
         threading.Thread(target=_read_worker, args=(index, worker, events, errors[index]), daemon=True).start()
     losses_by_step: dict[int, list[float]] = {}
-    reports = [0] * len(workers)   # each worker reports its steps in order
+    reports = [0] * len(workers)  # each worker reports its steps in order
     mean_losses: list[float] = []
     running = len(workers)
     while running:
@@ -380,8 +424,9 @@ def follow_workers(workers: list[subprocess.Popen], steps: int, progress: Progre
 
 
 def _read_worker(index: int, worker: subprocess.Popen, events: queue.Queue, errors: list[str]) -> None:
-    threading.Thread(target=lambda: errors.extend(line.rstrip("\n") for line in worker.stderr or ()),
-                     daemon=True).start()
+    threading.Thread(
+        target=lambda: errors.extend(line.rstrip("\n") for line in worker.stderr or ()), daemon=True
+    ).start()
     for line in worker.stdout or ():
         try:
             events.put((index, json.loads(line)))
@@ -424,8 +469,10 @@ def run_demo(args) -> int:
     workers: list[subprocess.Popen] = []
     try:
         if args.address is None:
-            print(f"Starting {args.shards} optserve server{'s' if args.shards > 1 else ''} "
-                  f"(device {args.device}) ...", flush=True)
+            print(
+                f"Starting {args.shards} optserve server{'s' if args.shards > 1 else ''} (device {args.device}) ...",
+                flush=True,
+            )
             for _ in range(args.shards):
                 servers.append(ServerProcess(args.device))
     except RuntimeError as error:
@@ -438,16 +485,25 @@ def run_demo(args) -> int:
     try:
         with Client(address) as client:
             params = initial_params(args.seed)
-            info = client.create_model(model_id, optimizer, params,
-                                       num_workers=args.workers, mode="sync", sync_timeout_s=SYNC_TIMEOUT_S)
+            info = client.create_model(
+                model_id, optimizer, params, num_workers=args.workers, mode="sync", sync_timeout_s=SYNC_TIMEOUT_S
+            )
             initial = eval_loss(params)
-            where = f"Server {address}" if "," not in address else \
-                f"{address.count(',') + 1} shards {address} (plan {info.fingerprint})"
-            print(f"{where}: model {model_id!r}, {info.optimizer} "
-                  f"(learning rate {info.learning_rate:g}), {args.workers} workers in sync mode, "
-                  f"{sum(p.size for p in params.values()):,} parameters.")
-            print(f"Training {args.steps} steps, batch {args.batch_size} per worker; "
-                  f"held-out loss before training: {initial:.4f}\n", flush=True)
+            where = (
+                f"Server {address}"
+                if "," not in address
+                else f"{address.count(',') + 1} shards {address} (plan {info.fingerprint})"
+            )
+            print(
+                f"{where}: model {model_id!r}, {info.optimizer} "
+                f"(learning rate {info.learning_rate:g}), {args.workers} workers in sync mode, "
+                f"{sum(p.size for p in params.values()):,} parameters."
+            )
+            print(
+                f"Training {args.steps} steps, batch {args.batch_size} per worker; "
+                f"held-out loss before training: {initial:.4f}\n",
+                flush=True,
+            )
             train_started = time.monotonic()
             workers = start_workers(args, address, model_id)
             progress = Progress(args.steps)
@@ -466,12 +522,16 @@ def run_demo(args) -> int:
     finally:
         stop_workers(workers)
         server_statuses = [server.stop() for server in servers]
-    print(f"\nDone: {state.step} synchronous steps ({state.iterations} optimizer updates) "
-          f"in {train_seconds:.1f} s, {time.monotonic() - started:.1f} s in all.")
+    print(
+        f"\nDone: {state.step} synchronous steps ({state.iterations} optimizer updates) "
+        f"in {train_seconds:.1f} s, {time.monotonic() - started:.1f} s in all."
+    )
     if args.steps > 1 and progress.first_step_at is not None and progress.last_step_at is not None:
         steady = (progress.last_step_at - progress.first_step_at) / (args.steps - 1)
-        print(f"Steady state: {1000 * steady:.1f} ms per step ({1 / max(steady, 1e-9):.0f} steps/s) "
-              f"with {args.workers} workers.")
+        print(
+            f"Steady state: {1000 * steady:.1f} ms per step ({1 / max(steady, 1e-9):.0f} steps/s) "
+            f"with {args.workers} workers."
+        )
     print(f"Training loss:  {mean_losses[0]:.4f} -> {mean_losses[-1]:.4f}")
     print(f"Held-out loss:  {initial:.4f} -> {final:.4f}")
     if not final < initial:
@@ -489,32 +549,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="optserve demo",
         description="Start a server and workers that train a small NumPy model against it; or, with "
-                    "--worker-index, run one worker of a job shared with other processes.",
+        "--worker-index, run one worker of a job shared with other processes.",
     )
-    parser.add_argument("--steps", type=_positive_int, default=200,
-                        help="synchronous steps (default 200); in join mode, the step the job trains to")
-    parser.add_argument("--workers", type=_positive_int, default=None,
-                        help="worker processes (default 2); 1 in join mode")
-    parser.add_argument("--optimizer", default="adam",
-                        help="Keras optimizer name or JSON config (default adam)")
-    parser.add_argument("--learning-rate", type=float, default=0.01,
-                        help="learning rate when --optimizer is a name (default 0.01)")
+    parser.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=200,
+        help="synchronous steps (default 200); in join mode, the step the job trains to",
+    )
+    parser.add_argument(
+        "--workers", type=_positive_int, default=None, help="worker processes (default 2); 1 in join mode"
+    )
+    parser.add_argument("--optimizer", default="adam", help="Keras optimizer name or JSON config (default adam)")
+    parser.add_argument(
+        "--learning-rate", type=float, default=0.01, help="learning rate when --optimizer is a name (default 0.01)"
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=64, help="examples per worker per step")
-    parser.add_argument("--address", help="use the server at host:port instead of starting one; several "
-                                           "addresses joined by commas shard the model over those servers")
-    parser.add_argument("--shards", type=_positive_int, default=1,
-                        help="without --address: servers to start and shard the model over (default 1)")
+    parser.add_argument(
+        "--address",
+        help="use the server at host:port instead of starting one; several "
+        "addresses joined by commas shard the model over those servers",
+    )
+    parser.add_argument(
+        "--shards",
+        type=_positive_int,
+        default=1,
+        help="without --address: servers to start and shard the model over (default 1)",
+    )
     parser.add_argument("--device", default="auto", help="device of the server the demo starts (auto|cpu|gpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the initial weights and the workers' data")
-    parser.add_argument("--model-id",
-                        help=f"model name on the server (default demo-<pid>; {JOIN_MODEL_ID!r} in join mode)")
-    parser.add_argument("--worker-index", type=_non_negative_int, metavar="N",
-                        help="join mode: run worker N of --num-workers in this process, against --address")
-    parser.add_argument("--num-workers", type=_positive_int, metavar="M",
-                        help="join mode: workers of the job (each started with its own --worker-index)")
-    parser.add_argument("--retries", type=_non_negative_int, default=5,
-                        help="retries of a call the server does not answer (default 5); "
-                             f"join mode then exits with status {EXIT_UNAVAILABLE}")
+    parser.add_argument(
+        "--model-id", help=f"model name on the server (default demo-<pid>; {JOIN_MODEL_ID!r} in join mode)"
+    )
+    parser.add_argument(
+        "--worker-index",
+        type=_non_negative_int,
+        metavar="N",
+        help="join mode: run worker N of --num-workers in this process, against --address",
+    )
+    parser.add_argument(
+        "--num-workers",
+        type=_positive_int,
+        metavar="M",
+        help="join mode: workers of the job (each started with its own --worker-index)",
+    )
+    parser.add_argument(
+        "--retries",
+        type=_non_negative_int,
+        default=5,
+        help="retries of a call the server does not answer (default 5); "
+        f"join mode then exits with status {EXIT_UNAVAILABLE}",
+    )
     # Internal: the parent starts each worker as `python -m optserve.client.demo --worker I ...`.
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     return parser
@@ -543,8 +628,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker_index is not None:
         return run_joined_worker(args)
     if args.num_workers is not None:
-        print("optserve demo: --num-workers is for join mode; give --worker-index too "
-              "(or use --workers to start that many local worker processes).", file=sys.stderr)
+        print(
+            "optserve demo: --num-workers is for join mode; give --worker-index too "
+            "(or use --workers to start that many local worker processes).",
+            file=sys.stderr,
+        )
         return 2
     return run_demo(args)
 

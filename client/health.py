@@ -11,11 +11,12 @@ Prints the serving status and exits with
 - 1: anything else (NOT_SERVING, unknown service, unreachable, timed out);
 - 2: bad command-line arguments.
 """
+
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -47,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Ask a server for its gRPC health status; exit 0 only when it is SERVING.",
     )
     parser.add_argument("address", help="server address, host:port")
-    parser.add_argument("--service", default="",
-                        help='service name to check (default "": the whole server)')
-    parser.add_argument("--timeout", type=_positive_float, default=3.0,
-                        help="seconds to wait for the answer (default 3)")
+    parser.add_argument("--service", default="", help='service name to check (default "": the whole server)')
+    parser.add_argument(
+        "--timeout", type=_positive_float, default=3.0, help="seconds to wait for the answer (default 3)"
+    )
     parser.add_argument("--quiet", action="store_true", help="print nothing; only set the exit status")
     security.add_connection_arguments(parser)
     return parser

@@ -15,6 +15,7 @@ the bytes each shard holds and the imbalance (largest shard over the mean);
 ``--watch`` refreshes a live table instead (``optserve.client.watch``): step rate,
 push latency, waiting workers, learning rate, iterations, update and variable norms.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,7 @@ import dataclasses
 import json
 import math
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -43,17 +44,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("address", help="server address, host:port; or the shards' addresses joined by commas")
     parser.add_argument("model", nargs="?", help="show this model's variables and slots")
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    parser.add_argument("--slots", action="store_true",
-                        help="with MODEL: also fetch every slot and show its shape and L2 norm")
+    parser.add_argument(
+        "--slots", action="store_true", help="with MODEL: also fetch every slot and show its shape and L2 norm"
+    )
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server (default 10)")
     security.add_connection_arguments(parser)
-    parser.add_argument("--watch", action="store_true",
-                        help="refresh a live table (step rate, push latency, waiting workers, learning rate, "
-                             "iterations, update and variable norms) until Ctrl-C")
-    parser.add_argument("--interval", type=_positive_float, default=2.0, metavar="S",
-                        help="with --watch: seconds between refreshes (default 2)")
-    parser.add_argument("--count", type=_positive_int, default=None, metavar="N",
-                        help="with --watch: stop after N refreshes (default: run until Ctrl-C)")
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh a live table (step rate, push latency, waiting workers, learning rate, "
+        "iterations, update and variable norms) until Ctrl-C",
+    )
+    parser.add_argument(
+        "--interval",
+        type=_positive_float,
+        default=2.0,
+        metavar="S",
+        help="with --watch: seconds between refreshes (default 2)",
+    )
+    parser.add_argument(
+        "--count",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="with --watch: stop after N refreshes (default: run until Ctrl-C)",
+    )
     return parser
 
 
@@ -84,8 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return _show_model(client, args)
             return _show_models(client, args)
     except UnavailableError as error:
-        print(f"optserve inspect: cannot reach a server at {args.address}: {error}\n"
-              "Is `optserve serve` running there?", file=sys.stderr)
+        print(
+            f"optserve inspect: cannot reach a server at {args.address}: {error}\nIs `optserve serve` running there?",
+            file=sys.stderr,
+        )
         return EXIT_UNREACHABLE
     except NotFoundError as error:
         print(f"optserve inspect: {error}", file=sys.stderr)
@@ -105,8 +122,14 @@ def _watch(args, parser) -> int:
         addresses = parse_addresses(args.address)
     except ValueError as error:
         parser.error(str(error))
-    return watch(addresses, model_id=args.model or "", interval=args.interval, count=args.count,
-                 timeout=args.timeout, **security.connection_options(args))
+    return watch(
+        addresses,
+        model_id=args.model or "",
+        interval=args.interval,
+        count=args.count,
+        timeout=args.timeout,
+        **security.connection_options(args),
+    )
 
 
 def _show_models(client: Client, args) -> int:
@@ -122,13 +145,32 @@ def _show_models(client: Client, args) -> int:
         print(f"No models on {client.address}.")
         return 0
     rows = [
-        [m.model_id, m.optimizer, m.mode, str(m.num_workers), str(m.step), str(m.iterations),
-         _number(m.learning_rate), str(len(m.variables)), _count(sum(_size(v.shape) for v in m.variables)),
-         m.activity.describe_last() if m.activity is not None else "-"]
+        [
+            m.model_id,
+            m.optimizer,
+            m.mode,
+            str(m.num_workers),
+            str(m.step),
+            str(m.iterations),
+            _number(m.learning_rate),
+            str(len(m.variables)),
+            _count(sum(_size(v.shape) for v in m.variables)),
+            m.activity.describe_last() if m.activity is not None else "-",
+        ]
         for m in models
     ]
-    header = ["MODEL", "OPTIMIZER", "MODE", "WORKERS", "STEP", "ITERATIONS", "LEARNING RATE",
-              "VARIABLES", "PARAMETERS", "LAST ACTIVITY"]
+    header = [
+        "MODEL",
+        "OPTIMIZER",
+        "MODE",
+        "WORKERS",
+        "STEP",
+        "ITERATIONS",
+        "LEARNING RATE",
+        "VARIABLES",
+        "PARAMETERS",
+        "LAST ACTIVITY",
+    ]
     sharded = [m for m in models if isinstance(m, ShardedModelInfo)]
     if sharded:
         header += ["PLAN", "IMBALANCE"]
@@ -156,8 +198,10 @@ def _show_model(client: Client, args) -> int:
         data = _model_json(model)
         if slot_tensors is not None:
             data["slot_stats"] = {
-                name: {slot: {"shape": list(a.shape), "dtype": a.dtype.name, "norm": _norm(a)}
-                       for slot, a in per_var.items()}
+                name: {
+                    slot: {"shape": list(a.shape), "dtype": a.dtype.name, "norm": _norm(a)}
+                    for slot, a in per_var.items()
+                }
                 for name, per_var in slot_tensors.items()
             }
         print(json.dumps(data, indent=2))
@@ -165,11 +209,15 @@ def _show_model(client: Client, args) -> int:
     print(_model_header(model))
     print()
     if isinstance(model, ShardedModelInfo):
-        print(format_table(["SHARD", "ADDRESS", "MODEL ON SHARD", "STEP", "PIECES", "BYTES", "SHARE"],
-                           _shard_rows(model)))
+        print(
+            format_table(["SHARD", "ADDRESS", "MODEL ON SHARD", "STEP", "PIECES", "BYTES", "SHARE"], _shard_rows(model))
+        )
         print()
-        print(format_table(["VARIABLE", "SHAPE", "DTYPE", "L2 NORM", "SLOTS", "SHARDS"],
-                           _variable_rows(model, slot_tensors)))
+        print(
+            format_table(
+                ["VARIABLE", "SHAPE", "DTYPE", "L2 NORM", "SLOTS", "SHARDS"], _variable_rows(model, slot_tensors)
+            )
+        )
         return 0
     print(format_table(["VARIABLE", "SHAPE", "DTYPE", "L2 NORM", "SLOTS"], _variable_rows(model, slot_tensors)))
     return 0
@@ -179,8 +227,10 @@ def _model_header(model: ModelInfo) -> str:
     sync = model.mode
     if model.mode == "sync":
         timeout = f"{model.sync_timeout_s:g} s" if model.sync_timeout_s else "server default"
-        sync += f", {model.num_workers} worker{'s' if model.num_workers != 1 else ''}, " \
-                f"timeout {timeout} ({model.timeout_policy})"
+        sync += (
+            f", {model.num_workers} worker{'s' if model.num_workers != 1 else ''}, "
+            f"timeout {timeout} ({model.timeout_policy})"
+        )
     else:
         sync += f", {model.num_workers} worker{'s' if model.num_workers != 1 else ''}"
     lines = [
@@ -188,8 +238,11 @@ def _model_header(model: ModelInfo) -> str:
         ("optimizer", _optimizer_summary(model)),
         ("mode", sync),
         ("step", str(model.step)),
-        ("iterations", str(model.iterations)
-         + (f" (raw {model.raw_iterations})" if model.raw_iterations != model.iterations else "")),
+        (
+            "iterations",
+            str(model.iterations)
+            + (f" (raw {model.raw_iterations})" if model.raw_iterations != model.iterations else ""),
+        ),
         ("learning rate", _number(model.learning_rate) + _schedule_summary(model.learning_rate_schedule)),
         ("parameters", _count(sum(_size(v.shape) for v in model.variables))),
     ]
@@ -197,17 +250,26 @@ def _model_header(model: ModelInfo) -> str:
         lines.append(("scalars", ", ".join(f"{k}={_number(v)}" for k, v in model.scalars.items())))
     if model.activity is not None:
         lines.append(("created by", model.activity.describe_creator()))
-        lines.append(("last activity", f"{model.activity.describe_last()} "
-                                       f"({format_time(model.activity.last_activity_unix_s)})"))
+        lines.append(
+            ("last activity", f"{model.activity.describe_last()} ({format_time(model.activity.last_activity_unix_s)})")
+        )
     if model.waiting_workers:
         lines.append(("waiting", "workers " + ", ".join(map(str, model.waiting_workers)) + " pushed this step"))
     if isinstance(model, ShardedModelInfo):
         plan = model.plan
         split = plan.split_variables()
-        lines.append(("placement", f"{plan.num_shards} shards, plan {model.fingerprint}, imbalance "
-                                   f"{plan.imbalance():.3f} (largest shard / mean), "
-                                   + (f"{len(split)} variable{'s' if len(split) != 1 else ''} split by rows"
-                                      if split else "no variable split")))
+        lines.append(
+            (
+                "placement",
+                f"{plan.num_shards} shards, plan {model.fingerprint}, imbalance "
+                f"{plan.imbalance():.3f} (largest shard / mean), "
+                + (
+                    f"{len(split)} variable{'s' if len(split) != 1 else ''} split by rows"
+                    if split
+                    else "no variable split"
+                ),
+            )
+        )
     width = max(len(key) for key, _ in lines)
     return "\n".join(f"{key + ':':<{width + 1}} {value}" for key, value in lines)
 
@@ -235,8 +297,11 @@ def _schedule_summary(schedule) -> str:
     config = schedule.get("config")
     if not isinstance(config, dict):
         config = {}
-    shown = ", ".join(f"{k}={_number(v) if isinstance(v, float) else v}" for k, v in config.items()
-                      if k != "name" and v is not None and not isinstance(v, (dict, list)))
+    shown = ", ".join(
+        f"{k}={_number(v) if isinstance(v, float) else v}"
+        for k, v in config.items()
+        if k != "name" and v is not None and not isinstance(v, (dict, list))
+    )
     return f" ({schedule.get('class_name', '?')}({shown}))"
 
 
@@ -245,9 +310,17 @@ def _shard_rows(model: ShardedModelInfo) -> list[list[str]]:
     total = sum(loads) or 1
     rows = []
     for index, (address, info, load) in enumerate(zip(model.addresses, model.shards, loads)):
-        rows.append([str(index), address, info.model_id if info is not None else "-",
-                     str(info.step) if info is not None else "-", str(len(model.plan.shards[index])),
-                     _count(load), f"{100 * load / total:.1f}%"])
+        rows.append(
+            [
+                str(index),
+                address,
+                info.model_id if info is not None else "-",
+                str(info.step) if info is not None else "-",
+                str(len(model.plan.shards[index])),
+                _count(load),
+                f"{100 * load / total:.1f}%",
+            ]
+        )
     return rows
 
 
@@ -264,15 +337,29 @@ def _placement(model: ModelInfo, name: str) -> list[str]:
 def _variable_rows(model: ModelInfo, slot_tensors) -> list[list[str]]:
     rows = []
     for variable in model.variables:
-        rows.append([variable.name, _shape(variable.shape), variable.dtype,
-                     _number(variable.norm) if variable.norm is not None else "-",
-                     ", ".join(variable.slots) or "-", *([" ".join(_placement(model, variable.name))]
-                                                         if isinstance(model, ShardedModelInfo) else [])])
+        rows.append(
+            [
+                variable.name,
+                _shape(variable.shape),
+                variable.dtype,
+                _number(variable.norm) if variable.norm is not None else "-",
+                ", ".join(variable.slots) or "-",
+                *([" ".join(_placement(model, variable.name))] if isinstance(model, ShardedModelInfo) else []),
+            ]
+        )
         if slot_tensors is None:
             continue
         for slot, array in slot_tensors.get(variable.name, {}).items():
-            rows.append([f"  /{slot}", _shape(array.shape), array.dtype.name, _number(_norm(array)), "",
-                         *([""] if isinstance(model, ShardedModelInfo) else [])])
+            rows.append(
+                [
+                    f"  /{slot}",
+                    _shape(array.shape),
+                    array.dtype.name,
+                    _number(_norm(array)),
+                    "",
+                    *([""] if isinstance(model, ShardedModelInfo) else []),
+                ]
+            )
     return rows
 
 
@@ -298,12 +385,18 @@ def _placement_json(model: ShardedModelInfo) -> dict:
         "imbalance": plan.imbalance(),
         "split_variables": plan.split_variables(),
         "shards": [
-            {"index": index, "address": address, "model_id": info.model_id if info is not None else None,
-             "step": info.step if info is not None else None,
-             "iterations": info.iterations if info is not None else None,
-             "bytes": load, "parts": [piece.part_name for piece in pieces]}
-            for index, (address, info, load, pieces)
-            in enumerate(zip(model.addresses, model.shards, plan.loads(), plan.shards))
+            {
+                "index": index,
+                "address": address,
+                "model_id": info.model_id if info is not None else None,
+                "step": info.step if info is not None else None,
+                "iterations": info.iterations if info is not None else None,
+                "bytes": load,
+                "parts": [piece.part_name for piece in pieces],
+            }
+            for index, (address, info, load, pieces) in enumerate(
+                zip(model.addresses, model.shards, plan.loads(), plan.shards)
+            )
         ],
         "plan": plan.to_dict(),
     }
@@ -312,8 +405,7 @@ def _placement_json(model: ShardedModelInfo) -> dict:
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     """Columns padded to their widest cell; numbers would be ragged otherwise."""
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in [header, *rows]]
+    lines = ["  ".join(str(cell).ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]]
     return "\n".join(lines)
 
 

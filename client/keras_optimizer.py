@@ -23,6 +23,7 @@ eagerly. See docs/keras.md for what is supported.
 This module imports Keras; ``optserve.client`` loads it only when
 ``RemoteOptimizer`` is first asked for.
 """
+
 from __future__ import annotations
 
 import json
@@ -45,15 +46,7 @@ from optserve.client.client import (
     UnavailableError,
     parse_address,
 )
-from optserve.client.remote_job import (
-    check_job_arguments,
-    check_resume,
-    check_server_layout,
-    match_variables,
-    PulledValues,
-)
 from optserve.client.keras_state import ServerState
-from optserve.client.steps import StepTracker
 from optserve.client.keras_support import (
     change_token,
     eager_scope,
@@ -69,6 +62,14 @@ from optserve.client.keras_support import (
     to_numpy,
     variable_names,
 )
+from optserve.client.remote_job import (
+    PulledValues,
+    check_job_arguments,
+    check_resume,
+    check_server_layout,
+    match_variables,
+)
+from optserve.client.steps import StepTracker
 
 __all__ = ["RemoteOptimizer"]
 
@@ -167,8 +168,9 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         tls = tls if tls is None or isinstance(tls, bool) else security.resolve_tls(tls)
         token = None if token is None else security.resolve_token(token)
         wrapped = _wrapped_optimizer(optimizer, kwargs)
-        check_job_arguments("unnamed" if model_id is None else model_id, num_workers, worker_index, mode,
-                            sync_timeout_s, timeout)
+        check_job_arguments(
+            "unnamed" if model_id is None else model_id, num_workers, worker_index, mode, sync_timeout_s, timeout
+        )
         model_id = job_id(model_id, num_workers, name or wrapped.name)
         check_resume(resume)
         if not isinstance(retry_window_s, (int, float)) or isinstance(retry_window_s, bool) or retry_window_s < 0:
@@ -247,8 +249,9 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
     def client(self):
         """The `optserve.client.Client` this optimizer talks through (created on first use)."""
         if self._client is None:
-            self._client = Client(self.address, timeout=self.timeout, tls=self._tls, token=self._token,
-                                  step_tracker=self._steps)
+            self._client = Client(
+                self.address, timeout=self.timeout, tls=self._tls, token=self._token, step_tracker=self._steps
+            )
         return self._client
 
     def close(self):
@@ -310,7 +313,11 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
             creator = f", created by {info.activity.describe_creator()}" if info.activity is not None else ""
             log.info(
                 "Joined model %r on %s at step %d (iterations %d%s)%s; this worker adopts its variables.",
-                self.model_id, self.address, weights.step, weights.iterations, creator,
+                self.model_id,
+                self.address,
+                weights.step,
+                weights.iterations,
+                creator,
                 "" if names == local_names else ", matching variables by position",
             )
             for name, variable in zip(names, variables):
@@ -426,8 +433,7 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         variables = list(trainable_variables)
         if len(grads) != len(variables):
             raise ValueError(
-                f"Received {len(grads)} gradients for {len(variables)} variables; "
-                "they must match one-to-one."
+                f"Received {len(grads)} gradients for {len(variables)} variables; they must match one-to-one."
             )
         if not self.built:
             self.build(variables)
@@ -481,9 +487,7 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
             host_grads, current_values = arrays[:count], arrays[count:]
             self._write_back(self._changed_values(current_values))
             values = self._push_pull(dict(zip(self._variable_names, host_grads)), aggregated=False)
-            new_values = [
-                np.asarray(values[name], dtype=t.dtype) for name, t in zip(self._variable_names, value_types)
-            ]
+            new_values = [np.asarray(values[name], dtype=t.dtype) for name, t in zip(self._variable_names, value_types)]
             self._note_all_pulled(dict(zip(self._variable_names, new_values)))
             return new_values, np.asarray(self._server_iterations, dtype=iterations_type.dtype)
 
@@ -524,13 +528,15 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
             except UnavailableError as error:
                 waiting_since = self._wait_for_server(error, waiting_since)
         if waiting_since is not None:
-            log.warning("Model %r: the server at %s is back after %.0f s.", self.model_id, self.address,
-                        time.monotonic() - waiting_since)
+            log.warning(
+                "Model %r: the server at %s is back after %.0f s.",
+                self.model_id,
+                self.address,
+                time.monotonic() - waiting_since,
+            )
         missing = [name for name in self._variable_names if name not in values]
         if missing:
-            raise RuntimeError(
-                f"The server's answer for model {self.model_id!r} lacks the variables {missing}."
-            )
+            raise RuntimeError(f"The server's answer for model {self.model_id!r} lacks the variables {missing}.")
         self._adopt_state(result.iterations, result.learning_rate)
         self._slots_stale = True
         return values
@@ -541,19 +547,31 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
             log.warning(
                 "Model %r: the server is at step %d, behind this worker's step %d: it restored an "
                 "older checkpoint, and %d step(s) are lost. Going on from the server's step and variables.",
-                self.model_id, error.current_step, error.step, behind,
+                self.model_id,
+                error.current_step,
+                error.step,
+                behind,
             )
         else:
-            log.warning("Model %r: the server is at step %d, ahead of this worker's step %d; adopting it.",
-                        self.model_id, error.current_step, error.step)
+            log.warning(
+                "Model %r: the server is at step %d, ahead of this worker's step %d; adopting it.",
+                self.model_id,
+                error.current_step,
+                error.step,
+            )
         self.client.resync(self.model_id, self.worker_index)
 
     def _wait_for_server(self, error, waiting_since):
         now = time.monotonic()
         if waiting_since is None:
             waiting_since = now
-            log.warning("Model %r: the server at %s is unavailable (%s); retrying for up to %.0f s.",
-                        self.model_id, self.address, error, self.retry_window_s)
+            log.warning(
+                "Model %r: the server at %s is unavailable (%s); retrying for up to %.0f s.",
+                self.model_id,
+                self.address,
+                error,
+                self.retry_window_s,
+            )
         if now - waiting_since >= self.retry_window_s:
             raise error
         time.sleep(min(_MAX_RETRY_PAUSE_S, max(0.0, self.retry_window_s - (now - waiting_since))))
@@ -573,7 +591,8 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
     def _changed_variables(self):
         """Eagerly: the model variables written since they last agreed with the server."""
         candidates = [
-            (name, variable) for name, variable in zip(self._variable_names, self._trainable_variables)
+            (name, variable)
+            for name, variable in zip(self._variable_names, self._trainable_variables)
             if self._pulled.token(name) is None or change_token(variable) != self._pulled.token(name)
         ]
         return self._pulled.changed([n for n, _ in candidates], [to_numpy(v) for _, v in candidates])
@@ -585,8 +604,11 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         """Send variables written outside the optimizer (set_weights, load_weights, ...) to the server."""
         if not changed:
             return
-        log.info("Model %r: %d variable(s) changed outside the optimizer; writing them to the server.",
-                 self.model_id, len(changed))
+        log.info(
+            "Model %r: %d variable(s) changed outside the optimizer; writing them to the server.",
+            self.model_id,
+            len(changed),
+        )
         self.client.set_weights(self.model_id, variables=changed)
         self._pulled.keep(changed)
         self._slots_stale = True
@@ -675,8 +697,7 @@ def _wrapped_optimizer(optimizer, overrides):
         )
     if isinstance(instance, keras.optimizers.LossScaleOptimizer):
         raise ValueError(
-            "`optimizer` must not be a LossScaleOptimizer; set `loss_scale_factor` on the wrapped "
-            "optimizer instead."
+            "`optimizer` must not be a LossScaleOptimizer; set `loss_scale_factor` on the wrapped optimizer instead."
         )
     if overrides:
         config = instance.get_config()

@@ -5,6 +5,7 @@
 the server's state. The iteration counter and the slots are mirrored in Keras
 variables that refresh themselves from the server when they are read.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,9 @@ class ServerState:
             if not self._warned_learning_rate_writer:
                 log.warning(
                     "Model %r: worker %d does not send learning rates; worker 0 sets the rate, and "
-                    "this worker reads the server's after each step.", self.model_id, self.worker_index,
+                    "this worker reads the server's after each step.",
+                    self.model_id,
+                    self.worker_index,
                 )
                 self._warned_learning_rate_writer = True
             return
@@ -147,8 +150,7 @@ class ServerState:
         """Loading a model writes the saved optimizer state to the server."""
         if not self.built:
             warnings.warn(
-                f"Skipping variable loading for optimizer '{self.name}', because it has not been "
-                "called/built yet.",
+                f"Skipping variable loading for optimizer '{self.name}', because it has not been called/built yet.",
                 stacklevel=2,
             )
             return
@@ -182,8 +184,11 @@ class ServerState:
     def _add_mirror(self, value, name):
         variable_class = mirror_class(keras.Variable)
         mirror = variable_class(
-            initializer=np.asarray(value), shape=np.shape(value), dtype=np.asarray(value).dtype.name,
-            trainable=False, name=name,
+            initializer=np.asarray(value),
+            shape=np.shape(value),
+            dtype=np.asarray(value).dtype.name,
+            trainable=False,
+            name=name,
         )
         mirror._owner = weakref.ref(self)
         mirror._server_snapshot = mirror._value

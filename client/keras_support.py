@@ -6,6 +6,7 @@ host, what cheaply says that a variable was written, and the mirror variables
 whose reads fetch the server's optimizer state. Plus the config helpers that
 give every backend the same serialized optimizer.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -77,7 +78,6 @@ def host_code(function):
 
         return tf.autograph.experimental.do_not_convert(function)
     return function
-
 
 
 # --------------------------------------------------------------------------- mirror variables

@@ -13,6 +13,7 @@ call as their indices and rows and go on the wire as an
 
 This module imports TensorFlow; the Keras clients load it only on that backend.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -6,14 +6,15 @@ bare ``{"class_name", "config"}`` dict), replaces either. As in Keras, a float c
 replace a schedule: the server answers FAILED_PRECONDITION. The new rate is used from
 the next update on, by every worker of the model.
 """
+
 from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
-
 
 
 def check_learning_rate(learning_rate: Any) -> float | dict:
@@ -22,7 +23,8 @@ def check_learning_rate(learning_rate: Any) -> float | dict:
         if not isinstance(learning_rate.get("class_name"), str):
             raise ValueError(
                 "`learning_rate` given as a dict must be a serialized schedule with 'class_name' and 'config' "
-                f"(keras.optimizers.schedules.serialize). Received keys: {sorted(learning_rate)}")
+                f"(keras.optimizers.schedules.serialize). Received keys: {sorted(learning_rate)}"
+            )
         return dict(learning_rate)
     if _is_keras_schedule(learning_rate):
         return sys.modules["keras"].optimizers.schedules.serialize(learning_rate)
@@ -32,7 +34,8 @@ def check_learning_rate(learning_rate: Any) -> float | dict:
             return value
     raise ValueError(
         "`learning_rate` must be a finite float >= 0 or a learning rate schedule (a Keras schedule, or "
-        f"keras.optimizers.schedules.serialize(schedule)). Received: learning_rate={learning_rate!r}")
+        f"keras.optimizers.schedules.serialize(schedule)). Received: learning_rate={learning_rate!r}"
+    )
 
 
 def set_learning_rate(state: Any, learning_rate: float | dict) -> str:

@@ -5,6 +5,7 @@
 and check a worker's variables against it the same way. Nothing here imports
 a Keras.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -19,6 +19,7 @@ server: ``OPTSERVE_TLS_CA``, ``OPTSERVE_TLS_CERT``, ``OPTSERVE_TLS_KEY``,
 ``OPTSERVE_TLS_SERVER_NAME``, ``OPTSERVE_TLS=1`` (TLS with the system's CAs),
 ``OPTSERVE_TOKEN``, ``OPTSERVE_TOKEN_FILE``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,19 @@ import dataclasses
 import ipaddress
 import os
 import warnings
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import grpc
 
-__all__ = ["TLSOptions", "resolve_tls", "resolve_token", "open_channel", "add_connection_arguments",
-           "connection_options"]
+__all__ = [
+    "TLSOptions",
+    "resolve_tls",
+    "resolve_token",
+    "open_channel",
+    "add_connection_arguments",
+    "connection_options",
+]
 
 ENV_TLS = "OPTSERVE_TLS"
 ENV_TLS_CA = "OPTSERVE_TLS_CA"
@@ -55,17 +63,28 @@ class TLSOptions:
     def __post_init__(self):
         if (self.cert is None) != (self.key is None):
             given, missing = ("cert", "key") if self.key is None else ("key", "cert")
-            raise ValueError(f"TLS `{given}` needs `{missing}` too: a client certificate goes with its private "
-                             f"key. Received: {given}={_shown(getattr(self, given))}")
+            raise ValueError(
+                f"TLS `{given}` needs `{missing}` too: a client certificate goes with its private "
+                f"key. Received: {given}={_shown(getattr(self, given))}"
+            )
         if self.server_name is not None and (not isinstance(self.server_name, str) or not self.server_name):
-            raise ValueError(f"TLS `server_name` must be a non-empty string. Received: server_name={self.server_name!r}")
+            raise ValueError(
+                f"TLS `server_name` must be a non-empty string. Received: server_name={self.server_name!r}"
+            )
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "TLSOptions | None":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> TLSOptions | None:
         """The settings the ``OPTSERVE_TLS*`` variables give; None when they ask for no TLS."""
         environ = os.environ if environ is None else environ
-        values = {field: environ.get(name) or None for field, name in (
-            ("ca", ENV_TLS_CA), ("cert", ENV_TLS_CERT), ("key", ENV_TLS_KEY), ("server_name", ENV_TLS_SERVER_NAME))}
+        values = {
+            field: environ.get(name) or None
+            for field, name in (
+                ("ca", ENV_TLS_CA),
+                ("cert", ENV_TLS_CERT),
+                ("key", ENV_TLS_KEY),
+                ("server_name", ENV_TLS_SERVER_NAME),
+            )
+        }
         if not any(values.values()) and environ.get(ENV_TLS, "").lower() not in _TRUE:
             return None
         return cls(**values)
@@ -75,17 +94,22 @@ class TLSOptions:
         return self.cert is not None
 
     def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(root_certificates=_pem(self.ca, "ca"),
-                                            private_key=_pem(self.key, "key"),
-                                            certificate_chain=_pem(self.cert, "cert"))
+        return grpc.ssl_channel_credentials(
+            root_certificates=_pem(self.ca, "ca"),
+            private_key=_pem(self.key, "key"),
+            certificate_chain=_pem(self.cert, "cert"),
+        )
 
     def channel_options(self) -> list[tuple[str, Any]]:
         return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
 
     def to_config(self) -> dict | None:
         """File paths and server name, for saved configs; PEM given as bytes is left out (it may be a key)."""
-        config = {field: os.fspath(value) for field in ("ca", "cert", "key")
-                  if isinstance(value := getattr(self, field), (str, os.PathLike))}
+        config = {
+            field: os.fspath(value)
+            for field in ("ca", "cert", "key")
+            if isinstance(value := getattr(self, field), (str, os.PathLike))
+        }
         if self.server_name:
             config["server_name"] = self.server_name
         if self.cert is not None and "cert" not in config:
@@ -126,8 +150,9 @@ def resolve_tls(tls=None) -> TLSOptions | None:
         if unknown:
             raise ValueError(f"`tls` takes the keys ca, cert, key, server_name. Received unknown keys: {unknown}")
         return TLSOptions(**tls)
-    raise TypeError("`tls` must be None, True/False, a CA bundle path, a dict or a TLSOptions. "
-                    f"Received: tls={type(tls).__name__}")
+    raise TypeError(
+        f"`tls` must be None, True/False, a CA bundle path, a dict or a TLSOptions. Received: tls={type(tls).__name__}"
+    )
 
 
 def resolve_token(token=None) -> str | None:
@@ -154,8 +179,12 @@ def resolve_token(token=None) -> str | None:
     return token
 
 
-class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds ``authorization: Bearer <token>`` to every call of a channel."""
 
     def __init__(self, token: str):
@@ -166,8 +195,14 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
     def _details(self, details):
         metadata = [*(details.metadata or ()), self._header]
-        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
-                            getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._details(details), request)
@@ -209,12 +244,16 @@ def open_channel(address: str, options: Sequence[tuple[str, Any]] = (), *, tls=N
     options = list(options)
     if tls_options is None:
         if bearer is not None and not _is_loopback(address):
-            warnings.warn(f"Sending a token to {address} without TLS: anyone on the network path can read it. "
-                          "Pass tls=... (or set OPTSERVE_TLS_CA).", stacklevel=3)
+            warnings.warn(
+                f"Sending a token to {address} without TLS: anyone on the network path can read it. "
+                "Pass tls=... (or set OPTSERVE_TLS_CA).",
+                stacklevel=3,
+            )
         channel = grpc.insecure_channel(address, options=options)
     else:
-        channel = grpc.secure_channel(address, tls_options.credentials(),
-                                      options=options + tls_options.channel_options())
+        channel = grpc.secure_channel(
+            address, tls_options.credentials(), options=options + tls_options.channel_options()
+        )
     if bearer is not None:
         channel = grpc.intercept_channel(channel, _BearerToken(bearer))
     return channel
@@ -226,16 +265,24 @@ def open_channel(address: str, options: Sequence[tuple[str, Any]] = (), *, tls=N
 def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """--tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name, --token-file (else the environment)."""
     group = parser.add_argument_group(
-        "connection security", "TLS and token; unset options come from OPTSERVE_TLS_CA, OPTSERVE_TLS_CERT, "
-                               "OPTSERVE_TLS_KEY, OPTSERVE_TLS_SERVER_NAME, OPTSERVE_TOKEN, OPTSERVE_TOKEN_FILE")
+        "connection security",
+        "TLS and token; unset options come from OPTSERVE_TLS_CA, OPTSERVE_TLS_CERT, "
+        "OPTSERVE_TLS_KEY, OPTSERVE_TLS_SERVER_NAME, OPTSERVE_TOKEN, OPTSERVE_TOKEN_FILE",
+    )
     group.add_argument("--tls", action="store_true", help="use TLS (implied by --tls-ca/--tls-cert)")
     group.add_argument("--tls-ca", metavar="FILE", help="CA bundle (PEM) that signed the server's certificate")
     group.add_argument("--tls-cert", metavar="FILE", help="client certificate (PEM), for mTLS")
     group.add_argument("--tls-key", metavar="FILE", help="client private key (PEM), for mTLS")
-    group.add_argument("--tls-server-name", metavar="NAME",
-                       help="name the server's certificate must carry, when it is not the address's host")
-    group.add_argument("--token-file", metavar="FILE",
-                       help="file holding the bearer token (kept off the command line, which others can read)")
+    group.add_argument(
+        "--tls-server-name",
+        metavar="NAME",
+        help="name the server's certificate must carry, when it is not the address's host",
+    )
+    group.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="file holding the bearer token (kept off the command line, which others can read)",
+    )
 
 
 def connection_options(args: argparse.Namespace) -> dict:

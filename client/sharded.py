@@ -365,8 +365,15 @@ class ShardedClient(ClientBase):
             for listing in listings
         ]
         if if_idle:
-            busy = sorted({w for listing in listings for info in listing if info.model_id in
-                           {name for names in doomed for name in names} for w in info.waiting_workers})
+            busy = sorted(
+                {
+                    w
+                    for listing in listings
+                    for info in listing
+                    if info.model_id in {name for names in doomed for name in names}
+                    for w in info.waiting_workers
+                }
+            )
             if busy:
                 raise FailedPreconditionError(
                     f"Model {model_id!r} is in use: workers {busy} pushed a step and wait for the others. "

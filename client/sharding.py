@@ -34,13 +34,15 @@ keep such variables whole (``split_threshold_bytes`` above the largest variable)
 each shard sees only its own variables, so the joint norm has to be computed
 across shards.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 import operator
-from typing import Any, Mapping, NamedTuple, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -48,7 +50,7 @@ __all__ = ["Piece", "VariableSpec", "ShardPlan", "plan_placement", "MIN_SPLIT_BY
 
 FORMAT_NAME = "optserve-shard-plan"
 FORMAT_VERSION = 1
-MIN_SPLIT_BYTES = 1 << 20   # below 1 MiB a variable is never split by default
+MIN_SPLIT_BYTES = 1 << 20  # below 1 MiB a variable is never split by default
 PART_SEPARATOR = "#part"
 
 
@@ -93,15 +95,16 @@ def plan_placement(
     num_shards: int,
     *,
     split_threshold_bytes: int | None = None,
-) -> "ShardPlan":
+) -> ShardPlan:
     """Place ``variables`` (``{name: (shape, dtype)}`` or ``{name: array}``) on ``num_shards`` shards."""
     _check_int("num_shards", num_shards, minimum=1)
     if split_threshold_bytes is not None:
         _check_int("split_threshold_bytes", split_threshold_bytes, minimum=1)
     specs = _variable_specs(variables)
     total = sum(spec.nbytes for spec in specs.values())
-    threshold = split_threshold_bytes if split_threshold_bytes is not None else default_split_threshold(
-        total, num_shards)
+    threshold = (
+        split_threshold_bytes if split_threshold_bytes is not None else default_split_threshold(total, num_shards)
+    )
     pieces = [piece for name, spec in specs.items() for piece in _cut(name, spec, threshold, num_shards)]
     _check_unique_part_names(pieces, specs)
     return ShardPlan(num_shards, threshold, specs, _assign(pieces, num_shards))
@@ -115,8 +118,7 @@ def default_split_threshold(total_bytes: int, num_shards: int) -> int:
 
 def _variable_specs(variables: Mapping[str, Any]) -> dict[str, VariableSpec]:
     if not isinstance(variables, Mapping):
-        raise TypeError(f"`variables` must be a mapping {{name: (shape, dtype)}}. "
-                        f"Received: {type(variables).__name__}")
+        raise TypeError(f"`variables` must be a mapping {{name: (shape, dtype)}}. Received: {type(variables).__name__}")
     specs = {}
     for name, value in variables.items():
         if not isinstance(name, str) or not name:
@@ -136,7 +138,8 @@ def _spec(name: str, value: Any) -> VariableSpec:
         dims = tuple(operator.index(d) for d in shape)
     except TypeError:
         raise ValueError(
-            f"Variable {name!r}: shape must be a sequence of integers. Received: shape={shape!r}") from None
+            f"Variable {name!r}: shape must be a sequence of integers. Received: shape={shape!r}"
+        ) from None
     if any(d < 0 for d in dims) or any(isinstance(d, (bool, np.bool_)) for d in shape):
         raise ValueError(f"Variable {name!r}: shape must hold integers >= 0. Received: shape={shape!r}")
     try:
@@ -188,7 +191,7 @@ def _check_unique_part_names(pieces: list[Piece], specs: Mapping[str, VariableSp
 def _assign(pieces: list[Piece], num_shards: int) -> list[list[Piece]]:
     loads = [0] * num_shards
     shards: list[list[Piece]] = [[] for _ in range(num_shards)]
-    holders: dict[str, set[int]] = {}   # shards already holding a part of each variable
+    holders: dict[str, set[int]] = {}  # shards already holding a part of each variable
     for piece in sorted(pieces, key=lambda p: (-p.nbytes, p.var_name, p.row_start or 0)):
         taken = holders.setdefault(piece.var_name, set())
         shard = min((i for i in range(num_shards) if i not in taken), key=lambda i: (loads[i], i))
@@ -213,21 +216,27 @@ class ShardPlan:
     every variable name (in name order) to its ``VariableSpec``.
     """
 
-    def __init__(self, num_shards: int, split_threshold_bytes: int, variables: Mapping[str, VariableSpec],
-                 shards: list[list[Piece]]):
+    def __init__(
+        self,
+        num_shards: int,
+        split_threshold_bytes: int,
+        variables: Mapping[str, VariableSpec],
+        shards: list[list[Piece]],
+    ):
         self.num_shards = num_shards
         self.split_threshold_bytes = split_threshold_bytes
         self.variables = dict(variables)
         self.shards = shards
-        self._location = {piece.part_name: (index, piece)
-                          for index, pieces in enumerate(shards) for piece in pieces}
+        self._location = {piece.part_name: (index, piece) for index, pieces in enumerate(shards) for piece in pieces}
         self._pieces_of: dict[str, list[Piece]] = {}
         for piece in sorted(self._location.values(), key=lambda item: (item[1].var_name, item[1].row_start or 0)):
             self._pieces_of.setdefault(piece[1].var_name, []).append(piece[1])
 
     def __repr__(self) -> str:
-        return (f"ShardPlan(num_shards={self.num_shards}, variables={len(self.variables)}, "
-                f"pieces={len(self._location)}, loads={self.loads()}, imbalance={self.imbalance():.3f})")
+        return (
+            f"ShardPlan(num_shards={self.num_shards}, variables={len(self.variables)}, "
+            f"pieces={len(self._location)}, loads={self.loads()}, imbalance={self.imbalance():.3f})"
+        )
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, ShardPlan) and self.to_dict() == other.to_dict()
@@ -288,7 +297,7 @@ class ShardPlan:
                 whole = arrays.get(piece.var_name)
                 if whole is None:
                     continue
-                rows = whole if piece.is_whole else whole[piece.row_start:piece.row_stop]
+                rows = whole if piece.is_whole else whole[piece.row_start : piece.row_stop]
                 per_shard[index][piece.part_name] = rows
         return per_shard
 
@@ -316,8 +325,9 @@ class ShardPlan:
                 values[name] = self._assemble(name, pieces, present, received)
         return values
 
-    def _assemble(self, name: str, pieces: list[Piece], present: list[Piece],
-                  received: Mapping[str, np.ndarray]) -> np.ndarray:
+    def _assemble(
+        self, name: str, pieces: list[Piece], present: list[Piece], received: Mapping[str, np.ndarray]
+    ) -> np.ndarray:
         if len(present) != len(pieces):
             missing = [piece.part_name for piece in pieces if piece.part_name not in received]
             raise ValueError(f"Variable {name!r} is incomplete: missing parts {missing}.")
@@ -340,8 +350,10 @@ class ShardPlan:
             "version": FORMAT_VERSION,
             "num_shards": self.num_shards,
             "split_threshold_bytes": self.split_threshold_bytes,
-            "variables": [{"name": name, "shape": list(spec.shape), "dtype": spec.dtype.str}
-                          for name, spec in self.variables.items()],
+            "variables": [
+                {"name": name, "shape": list(spec.shape), "dtype": spec.dtype.str}
+                for name, spec in self.variables.items()
+            ],
             "shards": [[_piece_to_dict(piece) for piece in pieces] for pieces in self.shards],
         }
 
@@ -351,14 +363,17 @@ class ShardPlan:
         return hashlib.sha256(text.encode()).hexdigest()
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ShardPlan":
+    def from_dict(cls, data: Mapping[str, Any]) -> ShardPlan:
         """Inverse of :meth:`to_dict`; checks that the pieces tile every variable exactly."""
         if data.get("format") != FORMAT_NAME or data.get("version") != FORMAT_VERSION:
-            raise ValueError(f"Not a shard plan of format {FORMAT_NAME!r} version {FORMAT_VERSION}. "
-                             f"Received: format={data.get('format')!r}, version={data.get('version')!r}")
+            raise ValueError(
+                f"Not a shard plan of format {FORMAT_NAME!r} version {FORMAT_VERSION}. "
+                f"Received: format={data.get('format')!r}, version={data.get('version')!r}"
+            )
         try:
-            specs = {entry["name"]: _spec(entry["name"], (entry["shape"], entry["dtype"]))
-                     for entry in data["variables"]}
+            specs = {
+                entry["name"]: _spec(entry["name"], (entry["shape"], entry["dtype"])) for entry in data["variables"]
+            }
             shards = [[_piece_from_dict(entry) for entry in pieces] for pieces in data["shards"]]
             num_shards, threshold = data["num_shards"], data["split_threshold_bytes"]
         except (KeyError, TypeError) as error:
@@ -373,15 +388,26 @@ class ShardPlan:
 
 def _piece_to_dict(piece: Piece) -> dict:
     rows = None if piece.row_start is None else [piece.row_start, piece.row_stop]
-    return {"part": piece.part_name, "variable": piece.var_name, "rows": rows,
-            "shape": list(piece.shape), "nbytes": piece.nbytes}
+    return {
+        "part": piece.part_name,
+        "variable": piece.var_name,
+        "rows": rows,
+        "shape": list(piece.shape),
+        "nbytes": piece.nbytes,
+    }
 
 
 def _piece_from_dict(entry: Mapping[str, Any]) -> Piece:
     rows = entry["rows"]
     start, stop = (None, None) if rows is None else (int(rows[0]), int(rows[1]))
-    return Piece(str(entry["part"]), str(entry["variable"]), start, stop,
-                 tuple(int(d) for d in entry["shape"]), int(entry["nbytes"]))
+    return Piece(
+        str(entry["part"]),
+        str(entry["variable"]),
+        start,
+        stop,
+        tuple(int(d) for d in entry["shape"]),
+        int(entry["nbytes"]),
+    )
 
 
 def _check_tiling(specs: Mapping[str, VariableSpec], shards: list[list[Piece]]) -> None:
@@ -396,6 +422,9 @@ def _check_tiling(specs: Mapping[str, VariableSpec], shards: list[list[Piece]]) 
         placed = sorted(by_variable.get(name, []), key=lambda item: item[1].row_start or 0)
         pieces = [piece for _, piece in placed]
         tiles = bool(placed) and len(placed) <= max(1, spec.shape[0] if spec.shape else 1)
-        if not tiles or pieces != _row_ranges(name, spec, len(placed)) \
-                or len({index for index, _ in placed}) != len(placed):
+        if (
+            not tiles
+            or pieces != _row_ranges(name, spec, len(placed))
+            or len({index for index, _ in placed}) != len(placed)
+        ):
             raise ValueError(f"Shard plan pieces of variable {name!r} do not tile it exactly once.")

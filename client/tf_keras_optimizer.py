@@ -21,6 +21,7 @@ skip_gradients_aggregation=False, experimental_aggregate_gradients=True)``,
 ``weights`` (``[iterations, *slots]``, read from the server), ``get_weights()``,
 ``set_weights()``, ``get_config()``/``from_config()``.
 """
+
 from __future__ import annotations
 
 import json

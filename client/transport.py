@@ -16,6 +16,7 @@ This module imports neither the server, nor Keras, nor CuPy.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import random
 import time
@@ -123,7 +124,9 @@ def channel_options(
     return list(merged.items())
 
 
-def open_channel(address: str, options: Sequence[tuple[str, Any]], *, tls: Any = None, token: Any = None) -> grpc.Channel:
+def open_channel(
+    address: str, options: Sequence[tuple[str, Any]], *, tls: Any = None, token: Any = None
+) -> grpc.Channel:
     """The channel to one server: every client connection is made here, with its TLS and token
     (``optserve.client.security``; None reads ``OPTSERVE_TLS_*`` / ``OPTSERVE_TOKEN``)."""
     return security.open_channel(address, list(options), tls=tls, token=token)
@@ -299,11 +302,14 @@ class GrpcTransport:
         page_token = ""
         while True:  # the server answers in pages that stay under the message limit
             request = pb.ListModelsRequest(model_id=model_id or "", with_stats=bool(with_stats), page_token=page_token)
-            response = self._call(lambda deadline: self._stub.ListModels(request, timeout=deadline), timeout)
+            response: pb.ListModelsResponse = self._call(functools.partial(self._list_page, request), timeout)
             models += [model_info(m, with_stats=with_stats) for m in response.models]
             page_token = response.next_page_token
             if not page_token:
                 return models
+
+    def _list_page(self, request: pb.ListModelsRequest, deadline: float | None) -> pb.ListModelsResponse:
+        return self._stub.ListModels(request, timeout=deadline)
 
     def delete_model(self, model_id: str, *, timeout: float | None, if_idle: bool = False) -> bool:
         request = pb.DeleteModelRequest(model_id=model_id, if_idle=bool(if_idle))

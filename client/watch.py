@@ -12,13 +12,15 @@ Each refresh reads every variable once on the server (the norms), and while
 watched each update also copies the variables to measure the update's norm: keep
 the interval at a few seconds for large models.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 import sys
 import time
-from typing import Iterable, Sequence, TextIO
+from collections.abc import Iterable, Sequence
+from typing import TextIO
 
 import grpc
 
@@ -28,8 +30,17 @@ from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos.tensors import GRPC_OPTIONS
 
 CLEAR = "\x1b[H\x1b[2J"
-HEADER = ["MODEL", "STEP", "STEPS/S", "PUSH MS", "WAITING", "LEARNING RATE", "ITERATIONS", "UPDATE NORM",
-          "VARIABLE NORM"]
+HEADER = [
+    "MODEL",
+    "STEP",
+    "STEPS/S",
+    "PUSH MS",
+    "WAITING",
+    "LEARNING RATE",
+    "ITERATIONS",
+    "UPDATE NORM",
+    "VARIABLE NORM",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,13 +52,13 @@ class Reading:
 class Watcher:
     """Reads the models of one or more servers and formats the differences between readings."""
 
-    def __init__(self, addresses: Sequence[str], model_id: str = "", timeout: float = 5.0, *, tls=None,
-                 token=None):
+    def __init__(self, addresses: Sequence[str], model_id: str = "", timeout: float = 5.0, *, tls=None, token=None):
         self.addresses = list(addresses)
         self.model_id = model_id
         self.timeout = timeout
-        self._channels = [security.open_channel(address, GRPC_OPTIONS, tls=tls, token=token)
-                          for address in self.addresses]
+        self._channels = [
+            security.open_channel(address, GRPC_OPTIONS, tls=tls, token=token) for address in self.addresses
+        ]
         self._stubs = [pb_grpc.ParameterServerStub(channel) for channel in self._channels]
         self._previous: dict[tuple[int, str], Reading] = {}
 
@@ -55,7 +66,7 @@ class Watcher:
         for channel in self._channels:
             channel.close()
 
-    def __enter__(self) -> "Watcher":
+    def __enter__(self) -> Watcher:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -107,23 +118,42 @@ def model_row(name: str, previous: Reading | None, current: Reading) -> list[str
     norms = [v.norm for v in info.variables if v.HasField("norm")]
     variable_norm = _number(math.sqrt(sum(n * n for n in norms))) if norms else "-"
     update_norm = _number(info.update_norm) if info.HasField("update_norm") else "-"
-    return [name, str(info.state.step), steps_per_s, push_ms, waiting, _number(info.state.learning_rate),
-            str(info.state.iterations), update_norm, variable_norm]
+    return [
+        name,
+        str(info.state.step),
+        steps_per_s,
+        push_ms,
+        waiting,
+        _number(info.state.learning_rate),
+        str(info.state.iterations),
+        update_norm,
+        variable_norm,
+    ]
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-                     for row in [header, *rows])
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows]
+    )
 
 
 def _number(value: float) -> str:
     return f"{value:.6g}"
 
 
-def watch(addresses: Sequence[str], *, model_id: str = "", interval: float = 2.0, count: int | None = None,
-          timeout: float = 5.0, out: TextIO | None = None, clear: bool | None = None, tls=None,
-          token=None) -> int:
+def watch(
+    addresses: Sequence[str],
+    *,
+    model_id: str = "",
+    interval: float = 2.0,
+    count: int | None = None,
+    timeout: float = 5.0,
+    out: TextIO | None = None,
+    clear: bool | None = None,
+    tls=None,
+    token=None,
+) -> int:
     """Refresh every ``interval`` seconds, ``count`` times (None: until Ctrl-C). Returns the exit status."""
     out = out or sys.stdout
     if clear is None:

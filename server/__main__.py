@@ -1,4 +1,5 @@
 """``python -m optserve.server`` is the ``optserve`` command."""
+
 import sys
 
 from optserve.server.cli import main

@@ -8,10 +8,11 @@ push), and the norm of each update, measured only while someone watches (``ListM
 needs a copy of the variables before each update, about as much memory traffic as
 the update itself, so it stops ``TRACK_UPDATES_S`` seconds after the last request.
 """
+
 from __future__ import annotations
 
 import time
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -22,7 +23,7 @@ class ModelActivity:
     def __init__(self):
         self.pushes = 0
         self.push_seconds = 0.0
-        self.update_norm: float | None = None   # of the last update applied while tracked
+        self.update_norm: float | None = None  # of the last update applied while tracked
         self._track_until = 0.0
 
     def pushed(self, seconds: float) -> None:

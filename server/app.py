@@ -10,6 +10,7 @@ schedule and on request (the Checkpoint RPC), and writes a final checkpoint when
 it stops: after the models stop taking pushes and the updates in flight finish.
 With a model TTL it deletes models idle for longer than the TTL (``optserve.server.expiry``).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,9 +36,9 @@ from optserve.server.checkpoint import (
     parse_checkpoint_every,
 )
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError, OptserveError
-from optserve.server.reflection import enable_reflection
 from optserve.server.expiry import ModelExpiry, check_model_ttl
 from optserve.server.limits import Limits, ServerLimits
+from optserve.server.reflection import enable_reflection
 from optserve.server.registry import ModelRegistry
 from optserve.server.servicer import DEFAULT_MAX_REQUEST_BYTES, SERVICE_NAME, ParameterServerServicer, add_to_server
 
@@ -63,20 +64,26 @@ def _format_address(host: str, port: int | None) -> str:
 class ParameterServer:
     """One grpc.aio server with its registry, health service and executor; lives on one event loop."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, device: str = "auto", *,
-                 sync_timeout_s: float = DEFAULT_SYNC_TIMEOUT_S,
-                 max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 apply_threads: int | None = None,
-                 checkpoint_dir: str | os.PathLike | None = None,
-                 checkpoint_every=DEFAULT_CHECKPOINT_EVERY,
-                 checkpoint_keep: int = DEFAULT_CHECKPOINT_KEEP,
-                 tls_cert: str | os.PathLike | None = None,
-                 tls_key: str | os.PathLike | None = None,
-                 tls_client_ca: str | os.PathLike | None = None,
-                 auth_tokens: str | os.PathLike | None = None,
-                 metrics_port: int | None = None,
-                 model_ttl_s: float | None = None,
-                 limits: Limits | None = None):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        device: str = "auto",
+        *,
+        sync_timeout_s: float = DEFAULT_SYNC_TIMEOUT_S,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        apply_threads: int | None = None,
+        checkpoint_dir: str | os.PathLike | None = None,
+        checkpoint_every=DEFAULT_CHECKPOINT_EVERY,
+        checkpoint_keep: int = DEFAULT_CHECKPOINT_KEEP,
+        tls_cert: str | os.PathLike | None = None,
+        tls_key: str | os.PathLike | None = None,
+        tls_client_ca: str | os.PathLike | None = None,
+        auth_tokens: str | os.PathLike | None = None,
+        metrics_port: int | None = None,
+        model_ttl_s: float | None = None,
+        limits: Limits | None = None,
+    ):
         _check_options(sync_timeout_s, max_request_bytes, apply_threads)
         # Security (optserve.server.tls, optserve.server.auth): checked here, before anything binds.
         self.tls = tls.server_tls(tls_cert, tls_key, tls_client_ca)
@@ -88,7 +95,8 @@ class ParameterServer:
         if sync_timeout_s > self.limits.max_sync_timeout_s:
             raise InvalidArgumentError(
                 f"`sync_timeout_s` must be at most max_sync_timeout_s={self.limits.max_sync_timeout_s:g}. "
-                f"Received: sync_timeout_s={sync_timeout_s}")
+                f"Received: sync_timeout_s={sync_timeout_s}"
+            )
         self.host = host
         self.requested_port = port
         self.device = device
@@ -100,8 +108,8 @@ class ParameterServer:
         self.checkpoint_keep = checkpoint_keep
         self.port: int | None = None
         self.requested_metrics_port = metrics_port  # None: no /metrics endpoint
-        self.metrics_port: int | None = None        # the port bound, once serving
-        self.metrics: ServerMetrics | None = None    # with a metrics port
+        self.metrics_port: int | None = None  # the port bound, once serving
+        self.metrics: ServerMetrics | None = None  # with a metrics port
         # Set by stop() when the final checkpoint could not be written.
         self.final_checkpoint_error: BaseException | None = None
         self._server: grpc.aio.Server | None = None
@@ -145,14 +153,17 @@ class ParameterServer:
         if self.tokens is not None:
             interceptors.append(auth.AuthInterceptor(self.tokens, verified_certificates=mutual_tls))
         options = dict(GRPC_OPTIONS)
-        options.update({
-            "grpc.so_reuseport": 0,
-            "grpc.max_receive_message_length": self.limits.max_message_bytes,
-            "grpc.max_concurrent_streams": self.limits.max_streams_per_connection,
-        })
+        options.update(
+            {
+                "grpc.so_reuseport": 0,
+                "grpc.max_receive_message_length": self.limits.max_message_bytes,
+                "grpc.max_concurrent_streams": self.limits.max_streams_per_connection,
+            }
+        )
         self._server = grpc.aio.server(interceptors=interceptors, options=list(options.items()))
-        self._servicer = ParameterServerServicer(self._registry, self.max_request_bytes, self._checkpointer,
-                                                 server_limits)
+        self._servicer = ParameterServerServicer(
+            self._registry, self.max_request_bytes, self._checkpointer, server_limits
+        )
         add_to_server(self._servicer, self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)
@@ -187,19 +198,33 @@ class ParameterServer:
             self._expiry.start()
         for service in HEALTH_SERVICES:
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        checkpoints = (f"; checkpoints in {self.checkpoint_dir} {self.checkpoint_schedule}, keeping "
-                       f"{self.checkpoint_keep}" if self._checkpointer is not None else "")
+        checkpoints = (
+            f"; checkpoints in {self.checkpoint_dir} {self.checkpoint_schedule}, keeping {self.checkpoint_keep}"
+            if self._checkpointer is not None
+            else ""
+        )
         ttl = f"; idle models deleted after {self.model_ttl_s:g} s" if self.model_ttl_s is not None else ""
-        log.info("optserve serving on %s (device %s, %r)%s%s%s", self.address, self.device, backend, checkpoints,
-                 ttl, self._security_summary())
+        log.info(
+            "optserve serving on %s (device %s, %r)%s%s%s",
+            self.address,
+            self.device,
+            backend,
+            checkpoints,
+            ttl,
+            self._security_summary(),
+        )
         for warning in tls.exposure_warnings(self.host, self.tls, self.tokens is not None):
             log.warning("%s", warning)
         if self.tokens is not None and not len(self.tokens):
-            log.warning("The token file %s lists nobody: every call but health and reflection is refused.",
-                        self.tokens.path)
+            log.warning(
+                "The token file %s lists nobody: every call but health and reflection is refused.", self.tokens.path
+            )
         if self.tokens is not None and self.tokens.lists_certificates and not (self.tls and self.tls.mutual):
-            log.warning("The token file %s has cert_cn= lines, which count only with --tls-client-ca "
-                        "(client certificates verified); without it they are ignored.", self.tokens.path)
+            log.warning(
+                "The token file %s has cert_cn= lines, which count only with --tls-client-ca "
+                "(client certificates verified); without it they are ignored.",
+                self.tokens.path,
+            )
 
     def _security_summary(self) -> str:
         transport = "plaintext" if self.tls is None else ("mTLS" if self.tls.mutual else "TLS")
@@ -259,8 +284,7 @@ class ParameterServer:
             except Exception as error:  # noqa: BLE001 - the shutdown goes on; the caller is told
                 self.final_checkpoint_error = error
                 message = error.message if isinstance(error, OptserveError) else repr(error)
-                log.error("The final checkpoint failed: %s. The updates since the last checkpoint are lost.",
-                          message)
+                log.error("The final checkpoint failed: %s. The updates since the last checkpoint are lost.", message)
             else:
                 if path is not None:
                     log.info("Final checkpoint: %s", path)
@@ -311,11 +335,12 @@ class RunningServer:
         if not self._thread.is_alive():
             return
         asyncio.run_coroutine_threadsafe(
-            self._server.stop(grace, final_checkpoint=final_checkpoint), self._loop).result()
+            self._server.stop(grace, final_checkpoint=final_checkpoint), self._loop
+        ).result()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join()
 
-    def __enter__(self) -> "RunningServer":
+    def __enter__(self) -> RunningServer:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -397,12 +422,22 @@ def keep_freed_memory_for_reuse() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8
     limit = 1 << 30
-    return (bool(libc.mallopt(m_mmap_threshold, limit)) and bool(libc.mallopt(m_trim_threshold, limit))
-            and bool(libc.mallopt(m_arena_max, 1)))
+    return (
+        bool(libc.mallopt(m_mmap_threshold, limit))
+        and bool(libc.mallopt(m_trim_threshold, limit))
+        and bool(libc.mallopt(m_arena_max, 1))
+    )
 
 
-def serve(host: str = "127.0.0.1", port: int = 50051, device: str = "auto", *,
-          grace: float = DEFAULT_GRACE_S, on_listening=None, **options) -> int:
+def serve(
+    host: str = "127.0.0.1",
+    port: int = 50051,
+    device: str = "auto",
+    *,
+    grace: float = DEFAULT_GRACE_S,
+    on_listening=None,
+    **options,
+) -> int:
     """Serve in the foreground until SIGTERM or SIGINT; returns the exit status: 0 on a clean
     stop, 1 when the final checkpoint could not be written.
 

@@ -40,6 +40,7 @@ only the models in scope.
 The file is reread on SIGHUP (``ParameterServer.reload_auth``): new calls see the
 new table; a file that does not parse keeps the old table and logs why.
 """
+
 from __future__ import annotations
 
 import contextvars
@@ -50,7 +51,8 @@ import logging
 import os
 import re
 import secrets
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import grpc
 
@@ -117,13 +119,14 @@ def _scope_matches(pattern: str, model_id: str) -> bool:
         return model_id.startswith(pattern[:-1])
     if model_id == pattern:
         return True
-    return model_id.startswith(pattern) and _SHARD_PIECE.fullmatch(model_id[len(pattern):]) is not None
+    return model_id.startswith(pattern) and _SHARD_PIECE.fullmatch(model_id[len(pattern) :]) is not None
 
 
 # The caller of the RPC being handled (None: the server runs without --auth-tokens).
 # Each RPC is its own asyncio task, so the value is per call.
 _current_principal: contextvars.ContextVar[Principal | None] = contextvars.ContextVar(
-    "optserve_principal", default=None)
+    "optserve_principal", default=None
+)
 
 
 def current_principal() -> Principal | None:
@@ -144,9 +147,11 @@ class TokenFileError(InvalidArgumentError):
 
 
 def parse_token_file(text: str, source: str = "token file") -> list[Principal]:
-    principals = [_parse_line(line, f"{source} line {number}")
-                  for number, line in enumerate(text.splitlines(), start=1)
-                  if line.strip() and not line.lstrip().startswith("#")]
+    principals = [
+        _parse_line(line, f"{source} line {number}")
+        for number, line in enumerate(text.splitlines(), start=1)
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     _check_unique(principals, source)
     return principals
 
@@ -156,41 +161,50 @@ def _parse_line(line: str, where: str) -> Principal:
     for word in line.split():
         key, sep, value = word.partition("=")
         if not sep or key not in FIELDS:
-            raise TokenFileError(f"{where}: expected key=value with a key among {', '.join(FIELDS)}; "
-                                 f"received {key!r}.")
+            raise TokenFileError(f"{where}: expected key=value with a key among {', '.join(FIELDS)}; received {key!r}.")
         if key in fields:
             raise TokenFileError(f"{where}: `{key}` is given twice.")
         fields[key] = value
     missing = [key for key in ("name", "role", "models") if not fields.get(key)]
     if missing:
-        raise TokenFileError(f"{where}: missing {', '.join(missing)} (each line needs name=, role=, models= "
-                             "and token= or cert_cn=).")
+        raise TokenFileError(
+            f"{where}: missing {', '.join(missing)} (each line needs name=, role=, models= and token= or cert_cn=)."
+        )
     role = fields["role"]
     if role not in ROLES:
         raise TokenFileError(f"{where}: `role` must be one of {', '.join(ROLES)}. Received: role={role!r}")
     models = tuple(m for m in fields["models"].split(",") if m)
     bad = [m for m in models if "*" in m[:-1]]
     if not models or bad:
-        raise TokenFileError(f"{where}: `models` must list model ids or prefixes ending in '*' "
-                             f"(e.g. team-a/*), or '*'. Received: models={fields['models']!r}")
+        raise TokenFileError(
+            f"{where}: `models` must list model ids or prefixes ending in '*' "
+            f"(e.g. team-a/*), or '*'. Received: models={fields['models']!r}"
+        )
     rights = frozenset(r for r in fields.get("rights", "").split(",") if r)
     if rights - set(RIGHTS):
-        raise TokenFileError(f"{where}: `rights` may hold {', '.join(RIGHTS)}. "
-                             f"Received: rights={fields['rights']!r}")
+        raise TokenFileError(f"{where}: `rights` may hold {', '.join(RIGHTS)}. Received: rights={fields['rights']!r}")
     if "token" not in fields and "cert_cn" not in fields:
         raise TokenFileError(f"{where}: give token=sha256:<hex> (see `optserve token`) or cert_cn=NAME.")
-    return Principal(name=fields["name"], role=role, models=models, rights=rights,
-                     token_digest=_digest_field(fields.get("token"), where), cert_cn=fields.get("cert_cn"))
+    return Principal(
+        name=fields["name"],
+        role=role,
+        models=models,
+        rights=rights,
+        token_digest=_digest_field(fields.get("token"), where),
+        cert_cn=fields.get("cert_cn"),
+    )
 
 
 def _digest_field(value: str | None, where: str) -> bytes | None:
     if value is None:
         return None
-    hexdigest = value[len(HASH_PREFIX):] if value.startswith(HASH_PREFIX) else None
+    hexdigest = value[len(HASH_PREFIX) :] if value.startswith(HASH_PREFIX) else None
     if hexdigest is None or not _HEX_DIGEST.fullmatch(hexdigest):
         # Never echo the value: it may be a pasted secret.
-        raise TokenFileError(f"{where}: `token` must be {HASH_PREFIX}<64 lowercase hex digits>, the SHA-256 of "
-                             "the token, not the token itself; `optserve token` prints the line to use.")
+        raise TokenFileError(
+            f"{where}: `token` must be {HASH_PREFIX}<64 lowercase hex digits>, the SHA-256 of "
+            "the token, not the token itself; `optserve token` prints the line to use."
+        )
     return bytes.fromhex(hexdigest)
 
 
@@ -265,11 +279,11 @@ class TokenTable:
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
-    role: str                 # the least role that may call the RPC
-    scope: str                # "model": the request names a model; "any": optional (ListModels); "all": every model
+    role: str  # the least role that may call the RPC
+    scope: str  # "model": the request names a model; "any": optional (ListModels); "all": every model
     model_id: Callable[[Any], str] = lambda message: ""
     right: str | None = None  # a right that grants the RPC to a lower role
-    audited: bool = False     # logged on the audit log
+    audited: bool = False  # logged on the audit log
 
 
 def _field(message, *path: str) -> str:
@@ -310,8 +324,7 @@ def bearer_token(metadata) -> str | None:
     value = values[0].decode("latin-1") if isinstance(values[0], bytes) else values[0]
     scheme, _, token = value.strip().partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise Refused(grpc.StatusCode.UNAUTHENTICATED,
-                      "The `authorization` header must read 'Bearer <token>'.")
+        raise Refused(grpc.StatusCode.UNAUTHENTICATED, "The `authorization` header must read 'Bearer <token>'.")
     return token.strip()
 
 
@@ -327,46 +340,66 @@ def authenticate(table: TokenTable, metadata, context, certificates: bool = True
     if token is not None:
         principal = table.by_token(token)
         if principal is None:
-            raise Refused(grpc.StatusCode.UNAUTHENTICATED,
-                          "The bearer token is not known to this server (revoked, mistyped, or meant for another "
-                          "server). Ask the server's operator for a token.")
+            raise Refused(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "The bearer token is not known to this server (revoked, mistyped, or meant for another "
+                "server). Ask the server's operator for a token.",
+            )
         return principal
     names = _certificate_names(context) if certificates else []
     principal = table.by_certificate(names) if names else None
     if principal is not None:
         return principal
-    certificate = f" and its client certificate (CN={', '.join(names)}) is not listed in the token file" if names else ""
-    raise Refused(grpc.StatusCode.UNAUTHENTICATED,
-                  f"This server requires a token: the call carries no `authorization: Bearer <token>` "
-                  f"metadata{certificate}. Pass token=... to the client or set OPTSERVE_TOKEN.")
+    certificate = (
+        f" and its client certificate (CN={', '.join(names)}) is not listed in the token file" if names else ""
+    )
+    raise Refused(
+        grpc.StatusCode.UNAUTHENTICATED,
+        f"This server requires a token: the call carries no `authorization: Bearer <token>` "
+        f"metadata{certificate}. Pass token=... to the client or set OPTSERVE_TOKEN.",
+    )
 
 
 def authorize(principal: Principal, rpc: str, message) -> str:
     """Refuses (PERMISSION_DENIED) what ``principal`` may not do; returns the model id concerned."""
     rule = RPC_RULES.get(rpc)
     if rule is None:
-        raise Refused(grpc.StatusCode.PERMISSION_DENIED, f"{rpc} has no access rule on this server; nobody may call it.")
+        raise Refused(
+            grpc.StatusCode.PERMISSION_DENIED, f"{rpc} has no access rule on this server; nobody may call it."
+        )
     if not principal.has_role(rule.role) and not (rule.right and rule.right in principal.rights):
         extra = f" or the {rule.right} right" if rule.right else ""
-        raise Refused(grpc.StatusCode.PERMISSION_DENIED,
-                      f"{principal.describe()} may not call {rpc}: it needs role {rule.role}{extra}.")
+        raise Refused(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{principal.describe()} may not call {rpc}: it needs role {rule.role}{extra}.",
+        )
     if rule.scope == "all":
         if not principal.unrestricted:
-            raise Refused(grpc.StatusCode.PERMISSION_DENIED,
-                          f"{rpc} concerns every model on the server, but {principal.describe()} may touch only "
-                          f"models {principal.scope_text()}: it needs models=*.")
+            raise Refused(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{rpc} concerns every model on the server, but {principal.describe()} may touch only "
+                f"models {principal.scope_text()}: it needs models=*.",
+            )
         return "*"
     model_id = rule.model_id(message) if message is not None else ""
     if model_id and not principal.may_touch(model_id):
-        raise Refused(grpc.StatusCode.PERMISSION_DENIED,
-                      f"{principal.describe()} may touch models {principal.scope_text()}; model {model_id!r} is "
-                      "outside that scope.")
-    if rpc == "ApplyGradients" and message is not None and _field(message, "header", "aggregated") \
-            and not principal.has_right(AGGREGATE):
-        raise Refused(grpc.StatusCode.PERMISSION_DENIED,
-                      f"{principal.describe()} may not push aggregated=True (a push that completes the step for "
-                      f"every worker): it needs the {AGGREGATE} right or role admin. Push your own gradients with "
-                      "aggregated=False.")
+        raise Refused(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{principal.describe()} may touch models {principal.scope_text()}; model {model_id!r} is "
+            "outside that scope.",
+        )
+    if (
+        rpc == "ApplyGradients"
+        and message is not None
+        and _field(message, "header", "aggregated")
+        and not principal.has_right(AGGREGATE)
+    ):
+        raise Refused(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{principal.describe()} may not push aggregated=True (a push that completes the step for "
+            f"every worker): it needs the {AGGREGATE} right or role admin. Push your own gradients with "
+            "aggregated=False.",
+        )
     return model_id
 
 
@@ -406,8 +439,9 @@ class _Admission:
 
     async def authenticate(self, context) -> None:
         try:
-            self.principal = authenticate(self.interceptor.table, self.metadata, context,
-                                          self.interceptor.verified_certificates)
+            self.principal = authenticate(
+                self.interceptor.table, self.metadata, context, self.interceptor.verified_certificates
+            )
         except Refused as refusal:
             await self._refuse(refusal, context)
 
@@ -422,8 +456,9 @@ class _Admission:
 
     async def _refuse(self, refusal: Refused, context) -> None:
         who = self.principal.describe() if self.principal is not None else "an unauthenticated caller"
-        audit_log.info("refused %s by %s from %s: %s %s", self.rpc, who, context.peer(), refusal.code.name,
-                       refusal.message)
+        audit_log.info(
+            "refused %s by %s from %s: %s %s", self.rpc, who, context.peer(), refusal.code.name, refusal.message
+        )
         await context.abort(refusal.code, refusal.message)
 
     def audit(self, context, error: BaseException | None) -> None:
@@ -434,8 +469,7 @@ class _Admission:
             outcome = getattr(code, "name", None) or type(error).__name__
         target = "every model" if self.model_id == "*" else f"model {self.model_id!r}"
         who = self.principal.describe() if self.principal is not None else "an unauthenticated caller"
-        audit_log.info("%s by %s on %s from %s: %s", self.rpc, who, target,
-                       context.peer(), outcome)
+        audit_log.info("%s by %s on %s from %s: %s", self.rpc, who, target, context.peer(), outcome)
 
 
 async def _empty():
@@ -454,8 +488,12 @@ _HANDLER_FACTORIES = {
 def _guarded(handler, admission: _Admission):
     """``handler`` whose behaviour runs only once ``admission`` let the call in."""
     streaming_in, streaming_out = handler.request_streaming, handler.response_streaming
-    inner = {(False, False): handler.unary_unary, (True, False): handler.stream_unary,
-             (False, True): handler.unary_stream, (True, True): handler.stream_stream}[(streaming_in, streaming_out)]
+    inner = {
+        (False, False): handler.unary_unary,
+        (True, False): handler.stream_unary,
+        (False, True): handler.unary_stream,
+        (True, True): handler.stream_stream,
+    }[(streaming_in, streaming_out)]
 
     async def admitted(request, context):
         """The request to hand on, once the caller and its (first) request passed."""
@@ -491,5 +529,5 @@ def _guarded(handler, admission: _Admission):
 
     behaviour = streaming_behaviour if streaming_out else unary_behaviour
     return _HANDLER_FACTORIES[(streaming_in, streaming_out)](
-        behaviour, request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer)
+        behaviour, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )

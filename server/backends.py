@@ -10,13 +10,14 @@ every temporary lives in a small per-thread scratch buffer, so one update reads
 and writes each array once from main memory instead of once per ufunc, and the
 blocks are shared among the usable cores' threads (ufuncs release the GIL).
 """
+
 from __future__ import annotations
 
 import itertools
 import os
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping
 
 import numpy as np
 
@@ -61,7 +62,9 @@ def check_kernel_arrays(kernel: UpdateKernel, arrays: Mapping, array_type) -> tu
     Shared by every backend so that they reject exactly the same calls.
     """
     if not isinstance(arrays, (dict, Mapping)):
-        raise InvalidArgumentError(f"Kernel `{kernel.name}`: `arrays` must be a dict. Received: {type(arrays).__name__}")
+        raise InvalidArgumentError(
+            f"Kernel `{kernel.name}`: `arrays` must be a dict. Received: {type(arrays).__name__}"
+        )
     names = kernel.array_names
     if len(arrays) != len(names) or any(name not in arrays for name in names):
         missing = [name for name in names if name not in arrays]
@@ -86,7 +89,7 @@ def check_kernel_arrays(kernel: UpdateKernel, arrays: Mapping, array_type) -> tu
                 f"Kernel `{kernel.name}`: all arrays must share one shape and dtype. "
                 f"`{names[0]}` is {shape} {dtype.name}, `{name}` is {array.shape} {array.dtype.name}"
             )
-    for name, array in zip(names[len(kernel.inputs):], ordered[len(kernel.inputs):]):
+    for name, array in zip(names[len(kernel.inputs) :], ordered[len(kernel.inputs) :]):
         flags = array.flags
         if not flags.c_contiguous:
             raise InvalidArgumentError(
@@ -103,8 +106,12 @@ class NumpyBackend:
     name = "cpu"
     xp = np
 
-    def __init__(self, threads: int | None = None, working_set_bytes: int = DEFAULT_WORKING_SET_BYTES,
-                 parallel_threshold: int = DEFAULT_PARALLEL_THRESHOLD):
+    def __init__(
+        self,
+        threads: int | None = None,
+        working_set_bytes: int = DEFAULT_WORKING_SET_BYTES,
+        parallel_threshold: int = DEFAULT_PARALLEL_THRESHOLD,
+    ):
         self.threads = max(1, min(_usable_cores(), 8) if threads is None else int(threads))
         self.working_set_bytes = int(working_set_bytes)
         self.parallel_threshold = int(parallel_threshold)
@@ -208,8 +215,7 @@ class NumpyBackend:
         next_blocks = itertools.count()
         pool = self._get_pool()
         futures = [
-            pool.submit(self._run_blocks, program, flat, constants, block, next_blocks)
-            for _ in range(workers - 1)
+            pool.submit(self._run_blocks, program, flat, constants, block, next_blocks) for _ in range(workers - 1)
         ]
         try:
             self._run_blocks(program, flat, constants, block, next_blocks)
@@ -247,9 +253,7 @@ class NumpyBackend:
         if self._pool is None:
             with self._pool_lock:
                 if self._pool is None:
-                    self._pool = ThreadPoolExecutor(
-                        max_workers=self.threads - 1, thread_name_prefix="optserve-kernel"
-                    )
+                    self._pool = ThreadPoolExecutor(max_workers=self.threads - 1, thread_name_prefix="optserve-kernel")
         return self._pool
 
     def _scratch_buffers(self, program, dtype, block):

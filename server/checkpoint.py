@@ -33,6 +33,7 @@ checkpoint with a warning naming it and falls back to the previous one.
 :func:`parse_checkpoint_every`), checkpoints on request and a final one at
 shutdown, each state collected on the event loop and written on a thread of its own.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -53,8 +54,9 @@ import struct
 import threading
 import time
 import types
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Awaitable, Callable, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -92,7 +94,7 @@ TEMP_PREFIX = ".tmp-"
 
 _CHECKPOINT_NAME = re.compile(r"^ckpt-(\d{8,})$")
 _TEMP_NAME = re.compile(r"^\.tmp-ckpt-(\d+)-")
-_ARRAY_KINDS = "biufc"        # bool, signed/unsigned int, float, complex: plain bytes, no objects
+_ARRAY_KINDS = "biufc"  # bool, signed/unsigned int, float, complex: plain bytes, no objects
 
 # Tags of the encoded tree. A user dict whose keys all are strings not starting
 # with "$" is stored as a plain JSON object; any other dict as "$dict" pairs.
@@ -149,7 +151,8 @@ class CheckpointStore:
             temp.mkdir()
             try:
                 index, data_bytes = write_safetensors(
-                    temp / DATA_FILE, names, arrays, {"format": FORMAT_NAME, "sequence": str(sequence)})
+                    temp / DATA_FILE, names, arrays, {"format": FORMAT_NAME, "sequence": str(sequence)}
+                )
                 _write_manifest(temp / MANIFEST_FILE, _manifest_body(sequence, tree, index, data_bytes))
                 _fsync_directory(temp)
                 os.rename(temp, final)
@@ -231,8 +234,9 @@ class CheckpointStore:
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
-                logger.warning("Another process is saving into %s; leaving its temporary entries alone.",
-                               self.directory)
+                logger.warning(
+                    "Another process is saving into %s; leaving its temporary entries alone.", self.directory
+                )
                 return 0
             try:
                 leftovers = self._temp_entries()
@@ -248,7 +252,7 @@ class CheckpointStore:
             _remove(leftover)
 
     def _prune(self) -> None:
-        for info in self._checkpoints()[:-self.keep]:
+        for info in self._checkpoints()[: -self.keep]:
             # Rename first: a half-deleted directory must never look like a checkpoint.
             doomed = self.directory / f"{TEMP_PREFIX}ckpt-{info.sequence:08d}-deleted"
             try:
@@ -363,7 +367,7 @@ def _decode_tree(tree: Any, arrays: list[np.ndarray]) -> Any:
     if not isinstance(tree, dict):
         return tree
     if len(tree) == 1:
-        (tag, payload), = tree.items()
+        ((tag, payload),) = tree.items()
         if tag == _TAG_ARRAY:
             return arrays[payload]
         if tag == _TAG_SCALAR:
@@ -481,9 +485,22 @@ def _read_arrays(data_path: pathlib.Path, body: dict) -> list[np.ndarray]:
 DEFAULT_CHECKPOINT_EVERY = "60s"
 DEFAULT_CHECKPOINT_KEEP = 3
 
-_SECONDS_PER_UNIT = {"": 1, "s": 1, "sec": 1, "secs": 1, "second": 1, "seconds": 1,
-                     "m": 60, "min": 60, "mins": 60, "minute": 60, "minutes": 60,
-                     "h": 3600, "hour": 3600, "hours": 3600}
+_SECONDS_PER_UNIT = {
+    "": 1,
+    "s": 1,
+    "sec": 1,
+    "secs": 1,
+    "second": 1,
+    "seconds": 1,
+    "m": 60,
+    "min": 60,
+    "mins": 60,
+    "minute": 60,
+    "minutes": 60,
+    "h": 3600,
+    "hour": 3600,
+    "hours": 3600,
+}
 _STEP_UNITS = ("step", "steps")
 _EVERY = re.compile(r"^(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)$")
 _OFF = ("0", "off", "never", "none")
@@ -547,18 +564,17 @@ class Checkpointer:
     goes on either way.
     """
 
-    def __init__(self, store: CheckpointStore, schedule: CheckpointSchedule,
-                 snapshot: Callable[[], Awaitable[Any]]):
+    def __init__(self, store: CheckpointStore, schedule: CheckpointSchedule, snapshot: Callable[[], Awaitable[Any]]):
         self.store = store
         self.schedule = schedule
         self._snapshot = snapshot
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="optserve-checkpoint")
         self._lock = asyncio.Lock()
-        self._changes = 0          # changes of state not in a checkpoint yet
-        self._steps = 0            # updates applied since the last save started
+        self._changes = 0  # changes of state not in a checkpoint yet
+        self._steps = 0  # updates applied since the last save started
         self._periodic: asyncio.Task | None = None
         self._step_save: asyncio.Task | None = None
-        self._saves: set[asyncio.Task] = set()   # saves started and not finished
+        self._saves: set[asyncio.Task] = set()  # saves started and not finished
         self._closed = False
         # Told of each save's outcome (``optserve.server.metrics.ServerMetrics``), when set.
         self.observer: Any = None  # optserve.server.metrics.ServerMetrics, with --metrics-port
@@ -627,8 +643,11 @@ class Checkpointer:
             raise
         except Exception as error:  # noqa: BLE001 - a failed save must not stop the server
             message = error.message if isinstance(error, OptserveError) else repr(error)
-            logger.error("Checkpoint (%s) failed: %s. The server keeps serving; the previous checkpoints "
-                         "are intact.", reason, message)
+            logger.error(
+                "Checkpoint (%s) failed: %s. The server keeps serving; the previous checkpoints are intact.",
+                reason,
+                message,
+            )
 
     async def _shielded_save(self, reason: str) -> tuple[pathlib.Path, int]:
         # Runs to completion even if the caller (an RPC, the periodic loop) is cancelled.
@@ -658,8 +677,13 @@ class Checkpointer:
         if self.observer is not None:
             self.observer.checkpoint_saved(time.monotonic() - started, path)
         models = state.get("models", []) if isinstance(state, dict) else []
-        logger.info("Checkpoint %s written (%s) in %.2f s: %s", path, reason, time.monotonic() - started,
-                    describe_models(models))
+        logger.info(
+            "Checkpoint %s written (%s) in %.2f s: %s",
+            path,
+            reason,
+            time.monotonic() - started,
+            describe_models(models),
+        )
         return path, len(models)
 
     async def _every(self, seconds: float) -> None:
@@ -699,10 +723,12 @@ def _write_error(directory: pathlib.Path, error: OSError) -> OptserveError:
     if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
         free = _free_bytes(directory)
         room = f" ({free} bytes free)" if free is not None else ""
-        return ResourceExhaustedError(f"{what}{room}. Free space there, lower --checkpoint-keep (each kept "
-                                      "checkpoint holds every model's variables and slots), or point "
-                                      "--checkpoint-dir at a larger disk; the previous "
-                                      "checkpoints are intact.")
+        return ResourceExhaustedError(
+            f"{what}{room}. Free space there, lower --checkpoint-keep (each kept "
+            "checkpoint holds every model's variables and slots), or point "
+            "--checkpoint-dir at a larger disk; the previous "
+            "checkpoints are intact."
+        )
     return OptserveError(f"{what}. The previous checkpoints are intact.")
 
 

@@ -15,6 +15,7 @@ a trailing axis of 2, and turned back on load.
 Version 1 (``arrays.bin``: raw bytes, 64-byte aligned, offsets in the manifest)
 is still read, so checkpoints written by earlier versions restore.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -23,21 +24,31 @@ import math
 import os
 import pathlib
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
 SAFETENSORS_FILE = "tensors.safetensors"
-RAW_FILE = "arrays.bin"           # version 1
+RAW_FILE = "arrays.bin"  # version 1
 
-_IO_BLOCK = 16 << 20              # hash and write in blocks so a large array is read once, while cache-warm
-_ARRAY_KINDS = "biufc"            # bool, signed/unsigned int, float, complex: plain bytes, no objects
-_HEADER_ALIGNMENT = 8             # safetensors pads its header so the data starts 8-byte aligned
-_MAX_HEADER_BYTES = 100 << 20     # safetensors' own limit on the header
+_IO_BLOCK = 16 << 20  # hash and write in blocks so a large array is read once, while cache-warm
+_ARRAY_KINDS = "biufc"  # bool, signed/unsigned int, float, complex: plain bytes, no objects
+_HEADER_ALIGNMENT = 8  # safetensors pads its header so the data starts 8-byte aligned
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on the header
 
 _SAFETENSORS_DTYPES = {
-    "bool": "BOOL", "uint8": "U8", "int8": "I8", "uint16": "U16", "int16": "I16", "uint32": "U32",
-    "int32": "I32", "uint64": "U64", "int64": "I64", "float16": "F16", "float32": "F32", "float64": "F64",
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "uint16": "U16",
+    "int16": "I16",
+    "uint32": "U32",
+    "int32": "I32",
+    "uint64": "U64",
+    "int64": "I64",
+    "float16": "F16",
+    "float32": "F32",
+    "float64": "F64",
 }
 
 
@@ -67,15 +78,19 @@ def _byte_view(array: np.ndarray) -> memoryview:
     return memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
-def write_safetensors(path: pathlib.Path, names: Sequence[str], arrays: Sequence[np.ndarray],
-                      metadata: dict[str, str]) -> tuple[list[dict], int]:
+def write_safetensors(
+    path: pathlib.Path, names: Sequence[str], arrays: Sequence[np.ndarray], metadata: dict[str, str]
+) -> tuple[list[dict], int]:
     """Write ``arrays`` under ``names``; returns (manifest index entries, file size). fsyncs the file."""
     stored = [_stored_form(array) for array in arrays]
     header: dict = {"__metadata__": dict(metadata)}
     offset = 0
     for name, array in zip(names, stored):
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[array.dtype.name], "shape": list(array.shape),
-                        "data_offsets": [offset, offset + array.nbytes]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[array.dtype.name],
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
         offset += array.nbytes
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % _HEADER_ALIGNMENT)
@@ -87,11 +102,12 @@ def write_safetensors(path: pathlib.Path, names: Sequence[str], arrays: Sequence
             raw = _byte_view(array)
             digest = hashlib.sha256()
             for start in range(0, len(raw), _IO_BLOCK):
-                block = raw[start:start + _IO_BLOCK]
+                block = raw[start : start + _IO_BLOCK]
                 digest.update(block)
                 handle.write(block)
-            index.append({"name": name, "dtype": original.dtype.str, "shape": list(original.shape),
-                          "sha256": digest.hexdigest()})
+            index.append(
+                {"name": name, "dtype": original.dtype.str, "shape": list(original.shape), "sha256": digest.hexdigest()}
+            )
         handle.flush()
         os.fsync(handle.fileno())
     return index, 8 + len(text) + offset
@@ -102,8 +118,9 @@ def read_safetensors(path: pathlib.Path, entries: list[dict], expected_size: int
     with open(path, "rb") as handle:
         size = os.fstat(handle.fileno()).st_size
         if size != expected_size:
-            raise ArrayFileError(f"{SAFETENSORS_FILE} holds {size} bytes, the manifest expects {expected_size} "
-                                 "(truncated?)")
+            raise ArrayFileError(
+                f"{SAFETENSORS_FILE} holds {size} bytes, the manifest expects {expected_size} (truncated?)"
+            )
         (header_bytes,) = struct.unpack("<Q", handle.read(8))
         if header_bytes > min(_MAX_HEADER_BYTES, size - 8):
             raise ArrayFileError(f"{SAFETENSORS_FILE} has a malformed header")
@@ -125,9 +142,16 @@ def read_safetensors(path: pathlib.Path, entries: list[dict], expected_size: int
             if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None:
                 raise ArrayFileError(f"array {number}: unsupported dtype {dtype}")
             stored_shape = shape + (2,) if dtype.kind == "c" else shape
-            array = _read_array(handle, number, dtype=_stored_dtype(dtype), shape=stored_shape,
-                                offset=data_start + start, nbytes=end - start, file_size=size,
-                                sha256=entry.get("sha256"))
+            array = _read_array(
+                handle,
+                number,
+                dtype=_stored_dtype(dtype),
+                shape=stored_shape,
+                offset=data_start + start,
+                nbytes=end - start,
+                file_size=size,
+                sha256=entry.get("sha256"),
+            )
             arrays.append(_original_form(array, dtype))
     return arrays
 
@@ -154,13 +178,24 @@ def read_raw(path: pathlib.Path, entries: list[dict], expected_size: int) -> lis
                 offset, nbytes = int(entry["offset"]), int(entry["nbytes"])
             except (KeyError, TypeError, ValueError) as error:
                 raise ArrayFileError(f"array {number}: malformed index entry ({error!r})") from None
-            arrays.append(_read_array(handle, number, dtype=dtype, shape=shape, offset=offset, nbytes=nbytes,
-                                      file_size=size, sha256=entry.get("sha256")))
+            arrays.append(
+                _read_array(
+                    handle,
+                    number,
+                    dtype=dtype,
+                    shape=shape,
+                    offset=offset,
+                    nbytes=nbytes,
+                    file_size=size,
+                    sha256=entry.get("sha256"),
+                )
+            )
     return arrays
 
 
-def _read_array(handle, number: int, *, dtype: np.dtype, shape: tuple, offset: int, nbytes: int,
-                file_size: int, sha256) -> np.ndarray:
+def _read_array(
+    handle, number: int, *, dtype: np.dtype, shape: tuple, offset: int, nbytes: int, file_size: int, sha256
+) -> np.ndarray:
     if dtype.kind not in _ARRAY_KINDS or dtype.fields is not None or min(shape, default=0) < 0:
         raise ArrayFileError(f"array {number}: unsupported dtype {dtype} or shape {shape}")
     if math.prod(shape) * dtype.itemsize != nbytes or offset < 0 or offset + nbytes > file_size:
@@ -172,7 +207,7 @@ def _read_array(handle, number: int, *, dtype: np.dtype, shape: tuple, offset: i
         raise ArrayFileError(f"array {number}: short read from the data file")
     digest = hashlib.sha256()
     for start in range(0, nbytes, _IO_BLOCK):
-        digest.update(raw[start:start + _IO_BLOCK])
+        digest.update(raw[start : start + _IO_BLOCK])
     if digest.hexdigest() != sha256:
         raise ArrayFileError(f"array {number} (dtype {dtype}, shape {shape}) checksum mismatch")
     return array

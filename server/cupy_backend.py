@@ -6,10 +6,11 @@ Each ``UpdateKernel`` becomes one ``cupy.ElementwiseKernel`` built from
 ``UpdateKernel.cuda_source()`` on first use and cached (CuPy itself compiles it
 once per dtype).
 """
+
 from __future__ import annotations
 
 import threading
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -29,7 +30,9 @@ def load_cupy():
     try:
         import cupy
     except Exception as exc:  # ImportError, or a broken CUDA install failing at import
-        raise FailedPreconditionError(f"The GPU backend needs CuPy, which failed to import ({exc}). {_INSTALL_HINT}") from None
+        raise FailedPreconditionError(
+            f"The GPU backend needs CuPy, which failed to import ({exc}). {_INSTALL_HINT}"
+        ) from None
     try:
         devices = cupy.cuda.runtime.getDeviceCount()
     except Exception as exc:  # CUDARuntimeError when the driver is missing
@@ -135,5 +138,5 @@ class CupyBackend:
         if ordered[0].size == 0:
             return
         inputs = ordered[: len(kernel.inputs)]
-        state = ordered[len(kernel.inputs):]
+        state = ordered[len(kernel.inputs) :]
         self.elementwise_kernel(kernel)(*inputs, *constants, *state)

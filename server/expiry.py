@@ -10,6 +10,7 @@ Each deletion is logged with the idle time and the last activity. With a checkpo
 directory a checkpoint is written right after, so the newest checkpoint no longer
 holds the deleted models and a restart does not bring them back.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,11 +32,16 @@ def check_model_ttl(model_ttl_s: float | None) -> float | None:
     """None or 0: no TTL. Otherwise a finite number of seconds > 0."""
     if model_ttl_s is None or model_ttl_s == 0:
         return None
-    if isinstance(model_ttl_s, bool) or not isinstance(model_ttl_s, (int, float)) \
-            or not math.isfinite(model_ttl_s) or model_ttl_s < 0:
+    if (
+        isinstance(model_ttl_s, bool)
+        or not isinstance(model_ttl_s, (int, float))
+        or not math.isfinite(model_ttl_s)
+        or model_ttl_s < 0
+    ):
         raise InvalidArgumentError(
             f"`model_ttl_s` must be a finite number of seconds > 0 (0 or None: models never expire). "
-            f"Received: model_ttl_s={model_ttl_s!r}")
+            f"Received: model_ttl_s={model_ttl_s!r}"
+        )
     return float(model_ttl_s)
 
 
@@ -75,6 +81,7 @@ class ModelExpiry:
         except UnavailableError:
             return []  # restoring or shutting down: the next sweep looks again
         if expired and self.checkpointer is not None:
-            await self.checkpointer.save_logged(f"{len(expired)} idle model{'s' if len(expired) != 1 else ''} "
-                                                "deleted (--model-ttl)")
+            await self.checkpointer.save_logged(
+                f"{len(expired)} idle model{'s' if len(expired) != 1 else ''} deleted (--model-ttl)"
+            )
         return expired

@@ -29,6 +29,7 @@ literals is folded on the host in float64 and handed to the kernel as one value
 cast to the arrays' dtype, which is what Keras does when it computes
 ``1 - self.beta_1`` in Python floats and then casts the result.
 """
+
 from __future__ import annotations
 
 import ast
@@ -36,7 +37,7 @@ import dataclasses
 import keyword
 import math
 import textwrap
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -248,9 +249,7 @@ class _Parser:
         # Host-only and unchanging values are bound by name so that they fold and
         # alias instead of costing a scratch buffer; a state's old value must be
         # copied because the state may be overwritten later.
-        if _is_host(value) or isinstance(value, TempRef) or (
-            isinstance(value, ArrayRef) and value.kind == "input"
-        ):
+        if _is_host(value) or isinstance(value, TempRef) or (isinstance(value, ArrayRef) and value.kind == "input"):
             self.temps[name] = value
             return
         version = self.next_version
@@ -459,8 +458,7 @@ def _host_namespace():
         "power": math.pow,
     }
     return {
-        f"h_{name}": _host_function(function, getattr(np, _NUMPY_FUNCTIONS[name]))
-        for name, function in fast.items()
+        f"h_{name}": _host_function(function, getattr(np, _NUMPY_FUNCTIONS[name])) for name, function in fast.items()
     }
 
 
@@ -656,8 +654,7 @@ def _check_names(kernel_name, inputs, state, scalars):
         for name in names:
             if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
                 raise InvalidArgumentError(
-                    f"Kernel `{kernel_name}`: every name in `{group}` must be a Python identifier. "
-                    f"Received: {name!r}"
+                    f"Kernel `{kernel_name}`: every name in `{group}` must be a Python identifier. Received: {name!r}"
                 )
             if name.startswith("_"):
                 raise InvalidArgumentError(
@@ -691,8 +688,7 @@ class UpdateKernel:
         for group, names in (("inputs", inputs), ("state", state), ("scalars", scalars)):
             if isinstance(names, str):  # ("x") instead of ("x",) would declare x as single letters
                 raise InvalidArgumentError(
-                    f"Kernel `{name}`: `{group}` must be a sequence of names, not a string. "
-                    f"Received: {group}={names!r}"
+                    f"Kernel `{name}`: `{group}` must be a sequence of names, not a string. Received: {group}={names!r}"
                 )
         inputs, state, scalars = tuple(inputs), tuple(state), tuple(scalars)
         _check_names(name, inputs, state, scalars)

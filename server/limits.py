@@ -21,6 +21,7 @@ so that no single client can stall or exhaust the server for the others:
 - *idle uploads*: a request stream that sends nothing for ``stream_idle_timeout_s``
   is dropped with ABORTED.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -31,7 +32,7 @@ import logging
 import math
 import os
 import re
-from typing import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable
 
 from optserve.server.errors import AbortedError, InvalidArgumentError, ResourceExhaustedError
 
@@ -88,22 +89,22 @@ def _default_inflight() -> int:
 class Limits:
     """Bounds and budgets of one server (``optserve serve --help`` names the flags)."""
 
-    max_workers: int = 4096                 # num_workers of a model
-    max_sync_timeout_s: float = 86400.0     # a model's sync_timeout_s (and the server default)
-    max_step: int = MAX_STEP                # step / iterations a request may set or push
-    max_config_bytes: int = 64 << 10        # optimizer_config_json
-    max_config_depth: int = 32              # nesting of optimizer_config_json
-    max_name_bytes: int = 1024              # a variable or slot name (UTF-8)
-    max_variables: int = 16384              # variables of one model
-    max_dims: int = 32                      # dimensions of one tensor
-    max_elements: int = 1 << 40             # elements of one tensor (zero-sized dimensions ignored)
-    max_models: int = 1024                  # models on the server
-    max_memory: int = dataclasses.field(default_factory=_default_memory)        # state of all models, bytes
-    max_model_bytes: int | None = None      # state of one model; None: max_memory
+    max_workers: int = 4096  # num_workers of a model
+    max_sync_timeout_s: float = 86400.0  # a model's sync_timeout_s (and the server default)
+    max_step: int = MAX_STEP  # step / iterations a request may set or push
+    max_config_bytes: int = 64 << 10  # optimizer_config_json
+    max_config_depth: int = 32  # nesting of optimizer_config_json
+    max_name_bytes: int = 1024  # a variable or slot name (UTF-8)
+    max_variables: int = 16384  # variables of one model
+    max_dims: int = 32  # dimensions of one tensor
+    max_elements: int = 1 << 40  # elements of one tensor (zero-sized dimensions ignored)
+    max_models: int = 1024  # models on the server
+    max_memory: int = dataclasses.field(default_factory=_default_memory)  # state of all models, bytes
+    max_model_bytes: int | None = None  # state of one model; None: max_memory
     max_inflight_bytes: int = dataclasses.field(default_factory=_default_inflight)  # tensors being received
-    max_streams: int = 8192                 # concurrent ParameterServer calls, whole server
-    max_streams_per_connection: int = 256   # concurrent calls on one connection (HTTP/2 streams)
-    stream_idle_timeout_s: float = 60.0     # a request stream sending nothing this long is dropped
+    max_streams: int = 8192  # concurrent ParameterServer calls, whole server
+    max_streams_per_connection: int = 256  # concurrent calls on one connection (HTTP/2 streams)
+    stream_idle_timeout_s: float = 60.0  # a request stream sending nothing this long is dropped
     max_list_bytes: int = DEFAULT_MAX_LIST_BYTES  # one ListModels answer
     # One received message. Clients send tensors in 1 MiB batches, so messages are small
     # unless many small tensors with long names share one; gRPC refuses a larger message
@@ -115,11 +116,17 @@ class Limits:
             value = getattr(self, field.name)
             if value is None and field.name == "max_model_bytes":
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not value > 0
+                or not math.isfinite(value)
+            ):
                 raise InvalidArgumentError(
-                    f"`{field.name}` must be a finite number > 0. Received: {field.name}={value!r}")
+                    f"`{field.name}` must be a finite number > 0. Received: {field.name}={value!r}"
+                )
 
-    def replace(self, **changes) -> "Limits":
+    def replace(self, **changes) -> Limits:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
@@ -133,7 +140,8 @@ def check_num_workers(num_workers: int, limits: Limits) -> int:
     if not 1 <= num_workers <= limits.max_workers:
         raise InvalidArgumentError(
             f"`num_workers` must be in [1, {limits.max_workers}] (0: one worker). Received: num_workers="
-            f"{num_workers}. A server started with a larger --max-workers takes more.")
+            f"{num_workers}. A server started with a larger --max-workers takes more."
+        )
     return num_workers
 
 
@@ -144,7 +152,8 @@ def check_sync_timeout(sync_timeout_s: float, limits: Limits) -> float:
     if not (math.isfinite(sync_timeout_s) and 0 < sync_timeout_s <= limits.max_sync_timeout_s):
         raise InvalidArgumentError(
             f"`sync_timeout_s` must be 0 (the server default) or a finite number of seconds in (0, "
-            f"{limits.max_sync_timeout_s:g}]. Received: sync_timeout_s={sync_timeout_s}")
+            f"{limits.max_sync_timeout_s:g}]. Received: sync_timeout_s={sync_timeout_s}"
+        )
     return float(sync_timeout_s)
 
 
@@ -162,7 +171,8 @@ def check_config_text(text: str, limits: Limits) -> str:
     if len(text) > limits.max_config_bytes or len(text.encode("utf-8", "surrogatepass")) > limits.max_config_bytes:
         raise InvalidArgumentError(
             f"`optimizer_config_json` must be at most {limits.max_config_bytes} bytes. Received: "
-            f"{len(text.encode('utf-8', 'surrogatepass'))} bytes. Keras optimizer configs take a few hundred.")
+            f"{len(text.encode('utf-8', 'surrogatepass'))} bytes. Keras optimizer configs take a few hundred."
+        )
     depth = deepest = 0
     for token in _JSON_TOKENS.finditer(text):
         symbol = token.group()
@@ -174,7 +184,8 @@ def check_config_text(text: str, limits: Limits) -> str:
     if deepest > limits.max_config_depth:
         raise InvalidArgumentError(
             f"`optimizer_config_json` must nest at most {limits.max_config_depth} levels deep. "
-            f"Received: {deepest} levels.")
+            f"Received: {deepest} levels."
+        )
     return text
 
 
@@ -182,7 +193,8 @@ def check_name(name: str, what: str, limits: Limits) -> str:
     if len(name) > limits.max_name_bytes or len(name.encode("utf-8", "surrogatepass")) > limits.max_name_bytes:
         raise InvalidArgumentError(
             f"A {what} name must be at most {limits.max_name_bytes} bytes. Received a name of "
-            f"{len(name.encode('utf-8', 'surrogatepass'))} bytes starting {name[:40]!r}.")
+            f"{len(name.encode('utf-8', 'surrogatepass'))} bytes starting {name[:40]!r}."
+        )
     return name
 
 
@@ -191,7 +203,8 @@ def check_shape(label: str, shape: Iterable[int], limits: Limits) -> tuple[int, 
     shape = tuple(int(d) for d in shape)
     if len(shape) > limits.max_dims:
         raise InvalidArgumentError(
-            f"Tensor {label[:100]!r} has {len(shape)} dimensions; at most {limits.max_dims} are allowed.")
+            f"Tensor {label[:100]!r} has {len(shape)} dimensions; at most {limits.max_dims} are allowed."
+        )
     if any(d < 0 for d in shape):
         raise InvalidArgumentError(f"Tensor {label[:100]!r} has a negative dimension in shape {shape}.")
     # Python integers, and zero-sized dimensions ignored: [0, 2**62, 2**62] is no smaller than [2**62, 2**62].
@@ -199,7 +212,8 @@ def check_shape(label: str, shape: Iterable[int], limits: Limits) -> tuple[int, 
     if elements > limits.max_elements:
         raise InvalidArgumentError(
             f"Tensor {label[:100]!r} of shape {shape} would have {elements} elements; at most "
-            f"{limits.max_elements} are allowed.")
+            f"{limits.max_elements} are allowed."
+        )
     return shape
 
 
@@ -215,8 +229,10 @@ def bounded_text(text: str, limit: int) -> str:
 def bounded_status(message: str, metadata: Iterable[tuple[str, str]]) -> tuple[str, tuple[tuple[str, str], ...]]:
     """A status message and trailing metadata cut to sizes every gRPC client receives."""
     entries = list(metadata)[:MAX_METADATA_ENTRIES]
-    return (bounded_text(message, MAX_STATUS_MESSAGE_CHARS),
-            tuple((key, bounded_text(value, MAX_METADATA_VALUE_CHARS)) for key, value in entries))
+    return (
+        bounded_text(message, MAX_STATUS_MESSAGE_CHARS),
+        tuple((key, bounded_text(value, MAX_METADATA_VALUE_CHARS)) for key, value in entries),
+    )
 
 
 def worker_list(workers: Iterable[int]) -> str:
@@ -254,7 +270,8 @@ class ByteBudget:
         if not force and self.used + nbytes > self.capacity:
             raise ResourceExhaustedError(
                 f"{self.what} would exceed the server's budget: {nbytes} more bytes needed, {self.free} of "
-                f"{self.capacity} free. Free some (DeleteModel), or start the server with a larger {self.flag}.")
+                f"{self.capacity} free. Free some (DeleteModel), or start the server with a larger {self.flag}."
+            )
         self.used += nbytes
 
     async def wait_take(self, nbytes: int, timeout_s: float) -> None:
@@ -273,7 +290,8 @@ class ByteBudget:
             raise ResourceExhaustedError(
                 f"{self.what} waited {timeout_s:g} s for {nbytes} bytes of the server's budget ({self.free} of "
                 f"{self.capacity} free). Retry later, send smaller requests, or start the server with a larger "
-                f"{self.flag}.") from None
+                f"{self.flag}."
+            ) from None
         self.used += nbytes
 
     def give(self, nbytes: int) -> None:
@@ -282,8 +300,11 @@ class ByteBudget:
             asyncio.ensure_future(self._notify())
 
     async def _notify(self) -> None:
-        async with self._freed:
-            self._freed.notify_all()
+        freed = self._freed
+        if freed is None:
+            return
+        async with freed:
+            freed.notify_all()
 
 
 class Reservation:
@@ -299,7 +320,8 @@ class Reservation:
             raise ResourceExhaustedError(
                 f"{what or 'This model'} would need more than the server's per-model quota of {cap} bytes "
                 f"({self.nbytes + nbytes} bytes of state). Split the model over several servers "
-                "(ShardedClient), or start the server with a larger --max-model-bytes.")
+                "(ShardedClient), or start the server with a larger --max-model-bytes."
+            )
         self._budget.take(nbytes, force=force)
         self.nbytes += nbytes
 
@@ -330,7 +352,8 @@ class StreamCounter:
         if self.active >= self.limit:
             raise ResourceExhaustedError(
                 f"The server is handling its limit of {self.limit} concurrent calls; retry shortly, or "
-                "start the server with a larger --max-streams.")
+                "start the server with a larger --max-streams."
+            )
         self.active += 1
 
     def leave(self) -> None:
@@ -359,7 +382,9 @@ async def idle_guarded(requests: AsyncIterator, timeout_s: float) -> AsyncIterat
             raise AbortedError(
                 f"The request stream sent nothing for {timeout_s:g} s and was dropped; nothing of it was "
                 "applied. Send the request again (a server started with a larger --stream-idle-timeout "
-                "waits longer).", details={REASON_KEY: REASON_IDLE_STREAM}) from None
+                "waits longer).",
+                details={REASON_KEY: REASON_IDLE_STREAM},
+            ) from None
         yield message
 
 
@@ -407,26 +432,57 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*$", re.IGNORECASE
 
 # (flag, Limits field, parser kind, help)
 _FLAGS = (
-    ("--max-memory", "max_memory", "bytes", "bytes of model state (variables, slots, scratch) on the whole "
-     "server; a CreateModel that would exceed it is refused before its variables are received "
-     "(default: 3/4 of the machine's or the container's memory)"),
+    (
+        "--max-memory",
+        "max_memory",
+        "bytes",
+        "bytes of model state (variables, slots, scratch) on the whole "
+        "server; a CreateModel that would exceed it is refused before its variables are received "
+        "(default: 3/4 of the machine's or the container's memory)",
+    ),
     ("--max-model-bytes", "max_model_bytes", "bytes", "bytes of state of one model (default: --max-memory)"),
     ("--max-models", "max_models", "int", "models on the server (default: %(default)s)"),
-    ("--max-inflight-bytes", "max_inflight_bytes", "bytes", "bytes of request tensors being received or "
-     "held by waiting pushes, all calls together; uploads beyond it wait (default: 1/4 of the memory)"),
-    ("--max-streams", "max_streams", "int", "concurrent calls on the whole server, health checks not counted "
-     "(default: %(default)s)"),
-    ("--max-streams-per-connection", "max_streams_per_connection", "int",
-     "concurrent calls on one client connection (default: %(default)s)"),
-    ("--stream-idle-timeout", "stream_idle_timeout_s", "seconds", "seconds a request stream may send nothing "
-     "before it is dropped, and an upload may wait for in-flight room (default: %(default)s)"),
+    (
+        "--max-inflight-bytes",
+        "max_inflight_bytes",
+        "bytes",
+        "bytes of request tensors being received or "
+        "held by waiting pushes, all calls together; uploads beyond it wait (default: 1/4 of the memory)",
+    ),
+    (
+        "--max-streams",
+        "max_streams",
+        "int",
+        "concurrent calls on the whole server, health checks not counted (default: %(default)s)",
+    ),
+    (
+        "--max-streams-per-connection",
+        "max_streams_per_connection",
+        "int",
+        "concurrent calls on one client connection (default: %(default)s)",
+    ),
+    (
+        "--stream-idle-timeout",
+        "stream_idle_timeout_s",
+        "seconds",
+        "seconds a request stream may send nothing "
+        "before it is dropped, and an upload may wait for in-flight room (default: %(default)s)",
+    ),
     ("--max-workers", "max_workers", "int", "largest num_workers of a model (default: %(default)s)"),
     ("--max-sync-timeout", "max_sync_timeout_s", "seconds", "largest sync_timeout_s of a model (default: %(default)s)"),
     ("--max-variables", "max_variables", "int", "variables of one model (default: %(default)s)"),
-    ("--max-message-bytes", "max_message_bytes", "bytes", "largest message received; clients send tensors "
-     "in 1 MiB batches (default: %(default)s)"),
-    ("--max-config-bytes", "max_config_bytes", "bytes", "size of a model's optimizer config JSON "
-     "(default: %(default)s)"),
+    (
+        "--max-message-bytes",
+        "max_message_bytes",
+        "bytes",
+        "largest message received; clients send tensors in 1 MiB batches (default: %(default)s)",
+    ),
+    (
+        "--max-config-bytes",
+        "max_config_bytes",
+        "bytes",
+        "size of a model's optimizer config JSON (default: %(default)s)",
+    ),
 )
 
 
@@ -456,17 +512,25 @@ def add_arguments(parser) -> None:
             if not value > 0 or not math.isfinite(value):
                 raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
             return value
+
         return parse
 
     defaults = {f.name: f.default for f in dataclasses.fields(Limits)}
-    group = parser.add_argument_group("limits", "what one server accepts (requests beyond them are refused "
-                                                "with the status codes protos/optserve.proto lists)")
+    group = parser.add_argument_group(
+        "limits",
+        "what one server accepts (requests beyond them are refused with the status codes protos/optserve.proto lists)",
+    )
     for flag, field, name, help_text in _FLAGS:
         default = defaults[field]
         shown = default if isinstance(default, (int, float)) else None
-        group.add_argument(flag, dest=f"limit_{field}", type=kind(name), default=None,
-                           metavar="B" if name == "bytes" else ("S" if name == "seconds" else "N"),
-                           help=help_text.replace("%(default)s", str(shown)))
+        group.add_argument(
+            flag,
+            dest=f"limit_{field}",
+            type=kind(name),
+            default=None,
+            metavar="B" if name == "bytes" else ("S" if name == "seconds" else "N"),
+            help=help_text.replace("%(default)s", str(shown)),
+        )
 
 
 def from_arguments(args) -> Limits:

@@ -17,6 +17,7 @@ Label cardinality stays bounded: the first ``max_model_labels`` models get a
 model's series are removed. Methods are the services' own (a finite set), codes
 the 17 gRPC status codes.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,7 +25,8 @@ import os
 import pathlib
 import threading
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import grpc
 from prometheus_client import (
@@ -59,63 +61,106 @@ class ServerMetrics:
             raise ValueError(f"`max_model_labels` must be >= 1. Received: max_model_labels={max_model_labels}")
         self.registry = CollectorRegistry(auto_describe=True)
         self.max_model_labels = max_model_labels
-        self._labels: dict[str, str] = {}        # model_id -> its label
-        self._models: dict[str, object] = {}     # model_id -> live Model (read by the collector)
-        self._lock = threading.Lock()            # the collector runs on the HTTP thread
+        self._labels: dict[str, str] = {}  # model_id -> its label
+        self._models: dict[str, object] = {}  # model_id -> live Model (read by the collector)
+        self._lock = threading.Lock()  # the collector runs on the HTTP thread
         self._http: Any = None  # the WSGI server of start_http_server
         r = self.registry
         per_model = ("model",)
         self.steps = Counter("optserve_model_steps", "Optimizer updates applied.", per_model, registry=r)
-        self.pushes = Counter("optserve_model_pushes", "Gradient pushes accepted (duplicates included).",
-                              per_model, registry=r)
-        self.duplicates = Counter("optserve_model_duplicate_pushes",
-                                  "Pushes already counted before (retries), answered without applying them.",
-                                  per_model, registry=r)
-        self.received = Counter("optserve_model_received_bytes",
-                                "Tensor payload bytes received for the model (gradients, weights).",
-                                per_model, registry=r)
-        self.sent = Counter("optserve_model_sent_bytes",
-                            "Tensor payload bytes sent for the model (pulls, weights, push replies).",
-                            per_model, registry=r)
-        self.apply_seconds = Histogram("optserve_model_apply_seconds", "Seconds one optimizer update took.",
-                                       per_model, buckets=APPLY_BUCKETS, registry=r)
+        self.pushes = Counter(
+            "optserve_model_pushes", "Gradient pushes accepted (duplicates included).", per_model, registry=r
+        )
+        self.duplicates = Counter(
+            "optserve_model_duplicate_pushes",
+            "Pushes already counted before (retries), answered without applying them.",
+            per_model,
+            registry=r,
+        )
+        self.received = Counter(
+            "optserve_model_received_bytes",
+            "Tensor payload bytes received for the model (gradients, weights).",
+            per_model,
+            registry=r,
+        )
+        self.sent = Counter(
+            "optserve_model_sent_bytes",
+            "Tensor payload bytes sent for the model (pulls, weights, push replies).",
+            per_model,
+            registry=r,
+        )
+        self.apply_seconds = Histogram(
+            "optserve_model_apply_seconds",
+            "Seconds one optimizer update took.",
+            per_model,
+            buckets=APPLY_BUCKETS,
+            registry=r,
+        )
         self.sync_wait_seconds = Histogram(
             "optserve_model_sync_wait_seconds",
             "Seconds a synchronous push waited for its step to be applied (0 for the push completing it).",
-            per_model, buckets=WAIT_BUCKETS, registry=r)
-        self.step_timeouts = Counter("optserve_model_step_timeouts",
-                                     "Synchronous steps that reached their sync timeout (either policy).",
-                                     per_model, registry=r)
-        self.partial_applies = Counter("optserve_model_partial_applies",
-                                       "Steps applied without every worker (timeout_policy APPLY_PARTIAL).",
-                                       per_model, registry=r)
+            per_model,
+            buckets=WAIT_BUCKETS,
+            registry=r,
+        )
+        self.step_timeouts = Counter(
+            "optserve_model_step_timeouts",
+            "Synchronous steps that reached their sync timeout (either policy).",
+            per_model,
+            registry=r,
+        )
+        self.partial_applies = Counter(
+            "optserve_model_partial_applies",
+            "Steps applied without every worker (timeout_policy APPLY_PARTIAL).",
+            per_model,
+            registry=r,
+        )
         rpc = ("grpc_service", "grpc_method")
         self.rpcs_started = Counter("optserve_rpc_started", "RPCs started.", rpc, registry=r)
-        self.rpcs_handled = Counter("optserve_rpc_handled", "RPCs finished, by status code.",
-                                    (*rpc, "grpc_code"), registry=r)
-        self.rpc_seconds = Histogram("optserve_rpc_duration_seconds", "Seconds from an RPC's start to its status.",
-                                     rpc, buckets=RPC_BUCKETS, registry=r)
-        self.rpcs_in_flight = Gauge("optserve_rpc_in_flight", "RPCs (streams included) in progress.", rpc,
-                                    registry=r)
-        self.rpc_received = Counter("optserve_rpc_received_bytes", "Serialized request bytes received.", rpc,
-                                    registry=r)
+        self.rpcs_handled = Counter(
+            "optserve_rpc_handled", "RPCs finished, by status code.", (*rpc, "grpc_code"), registry=r
+        )
+        self.rpc_seconds = Histogram(
+            "optserve_rpc_duration_seconds",
+            "Seconds from an RPC's start to its status.",
+            rpc,
+            buckets=RPC_BUCKETS,
+            registry=r,
+        )
+        self.rpcs_in_flight = Gauge("optserve_rpc_in_flight", "RPCs (streams included) in progress.", rpc, registry=r)
+        self.rpc_received = Counter(
+            "optserve_rpc_received_bytes", "Serialized request bytes received.", rpc, registry=r
+        )
         self.rpc_sent = Counter("optserve_rpc_sent_bytes", "Serialized response bytes sent.", rpc, registry=r)
-        self.in_flight_bytes = Gauge("optserve_rpc_in_flight_received_bytes",
-                                     "Request bytes received by RPCs that have not finished yet.", registry=r)
+        self.in_flight_bytes = Gauge(
+            "optserve_rpc_in_flight_received_bytes",
+            "Request bytes received by RPCs that have not finished yet.",
+            registry=r,
+        )
         self.checkpoints = Counter("optserve_checkpoints", "Checkpoints written.", registry=r)
-        self.checkpoint_failures = Counter("optserve_checkpoint_failures", "Checkpoints that could not be written.",
-                                           registry=r)
-        self.checkpoint_seconds = Histogram("optserve_checkpoint_duration_seconds",
-                                            "Seconds to collect and write one checkpoint.",
-                                            buckets=CHECKPOINT_BUCKETS, registry=r)
-        self.checkpoint_bytes = Gauge("optserve_checkpoint_size_bytes", "Size of the newest checkpoint on disk.",
-                                      registry=r)
-        self.checkpoint_timestamp = Gauge("optserve_checkpoint_last_success_timestamp_seconds",
-                                          "Unix time of the newest checkpoint written.", registry=r)
+        self.checkpoint_failures = Counter(
+            "optserve_checkpoint_failures", "Checkpoints that could not be written.", registry=r
+        )
+        self.checkpoint_seconds = Histogram(
+            "optserve_checkpoint_duration_seconds",
+            "Seconds to collect and write one checkpoint.",
+            buckets=CHECKPOINT_BUCKETS,
+            registry=r,
+        )
+        self.checkpoint_bytes = Gauge(
+            "optserve_checkpoint_size_bytes", "Size of the newest checkpoint on disk.", registry=r
+        )
+        self.checkpoint_timestamp = Gauge(
+            "optserve_checkpoint_last_success_timestamp_seconds",
+            "Unix time of the newest checkpoint written.",
+            registry=r,
+        )
         self._last_checkpoint: float | None = None
-        self.checkpoint_age = Gauge("optserve_checkpoint_age_seconds",
-                                    "Seconds since the newest checkpoint was written (NaN before the first).",
-                                    registry=r)
+        self.checkpoint_age = Gauge(
+            "optserve_checkpoint_age_seconds",
+            "Seconds since the newest checkpoint was written (NaN before the first).",
+            registry=r,
+        )
         self.checkpoint_age.set_function(self._checkpoint_age)
         r.register(_LiveModelCollector(self))
 
@@ -140,8 +185,17 @@ class ServerMetrics:
         model.events = ModelEvents()
         if label is None or label == OTHER_MODELS:
             return
-        for metric in (self.steps, self.pushes, self.duplicates, self.received, self.sent, self.apply_seconds,
-                       self.sync_wait_seconds, self.step_timeouts, self.partial_applies):
+        for metric in (
+            self.steps,
+            self.pushes,
+            self.duplicates,
+            self.received,
+            self.sent,
+            self.apply_seconds,
+            self.sync_wait_seconds,
+            self.step_timeouts,
+            self.partial_applies,
+        ):
             try:
                 metric.remove(label)
             except KeyError:
@@ -181,7 +235,7 @@ class ServerMetrics:
             self._http.server_close()
             self._http = None
 
-    def interceptor(self) -> "RpcMetricsInterceptor":
+    def interceptor(self) -> RpcMetricsInterceptor:
         return RpcMetricsInterceptor(self)
 
 
@@ -243,16 +297,25 @@ class _LiveModelCollector:
 
     def collect(self) -> Iterable:
         families = {
-            "waiting": GaugeMetricFamily("optserve_model_waiting_workers",
-                                         "Workers that pushed the synchronous step in progress.", labels=["model"]),
-            "lr": GaugeMetricFamily("optserve_model_learning_rate", "Learning rate of the next update.",
-                                    labels=["model"]),
-            "iterations": GaugeMetricFamily("optserve_model_iterations", "The optimizer's iterations counter.",
-                                            labels=["model"]),
-            "step": GaugeMetricFamily("optserve_model_step", "The model's current step (the next one to push).",
-                                      labels=["model"]),
-            "bytes": GaugeMetricFamily("optserve_model_state_bytes",
-                                       "Bytes held by the model's variables and optimizer slots.", labels=["model"]),
+            "waiting": GaugeMetricFamily(
+                "optserve_model_waiting_workers",
+                "Workers that pushed the synchronous step in progress.",
+                labels=["model"],
+            ),
+            "lr": GaugeMetricFamily(
+                "optserve_model_learning_rate", "Learning rate of the next update.", labels=["model"]
+            ),
+            "iterations": GaugeMetricFamily(
+                "optserve_model_iterations", "The optimizer's iterations counter.", labels=["model"]
+            ),
+            "step": GaugeMetricFamily(
+                "optserve_model_step", "The model's current step (the next one to push).", labels=["model"]
+            ),
+            "bytes": GaugeMetricFamily(
+                "optserve_model_state_bytes",
+                "Bytes held by the model's variables and optimizer slots.",
+                labels=["model"],
+            ),
         }
         total_bytes = 0
         models = GaugeMetricFamily("optserve_models", "Models held by the server.")
@@ -280,6 +343,7 @@ class _LiveModelCollector:
 
 
 # ---------------------------------------------------------------- RPCs
+
 
 class _CallBytes:
     __slots__ = ("received",)
@@ -332,8 +396,11 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
             sent.inc(len(data))
             return data
 
-        kind = ("stream" if handler.request_streaming else "unary") + "_" + \
-               ("stream" if handler.response_streaming else "unary")
+        kind = (
+            ("stream" if handler.request_streaming else "unary")
+            + "_"
+            + ("stream" if handler.response_streaming else "unary")
+        )
         behavior = getattr(handler, kind)
         wrapped = (self._streaming if handler.response_streaming else self._unary)(behavior, labels, call_bytes)
         return handler._replace(request_deserializer=deserialize, response_serializer=serialize, **{kind: wrapped})
@@ -371,6 +438,7 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 self._end(labels, started, context, call_bytes, failure)
+
         return observed
 
     def _streaming(self, behavior, labels, call_bytes):
@@ -393,4 +461,5 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 self._end(labels, started, context, call_bytes, failure)
+
         return observed

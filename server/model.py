@@ -25,6 +25,7 @@ change to a model happens while holding the model's asyncio lock, inside a task
 that runs to completion even when the RPC that started it is cancelled: a client
 hanging up can never leave a half-applied update or a lock held by nobody.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -35,14 +36,15 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Executor
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
 from optserve.server import schedules, text
-from optserve.server.activity import ModelActivity, ModelEvents, nbytes as _nbytes, update_norm
-from optserve.server.usage import Activity
+from optserve.server.activity import ModelActivity, ModelEvents, update_norm
+from optserve.server.activity import nbytes as _nbytes
 from optserve.server.errors import (
     AbortedError,
     FailedPreconditionError,
@@ -58,6 +60,7 @@ from optserve.server.limits import (
     state_bytes,
     worker_list,
 )
+from optserve.server.usage import Activity
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +109,7 @@ class ModelSpec:
     optimizer_config: dict
     num_workers: int
     mode: str
-    sync_timeout_s: float          # effective timeout (the server default already filled in)
+    sync_timeout_s: float  # effective timeout (the server default already filled in)
     timeout_policy: str
     variables: tuple[VariableMeta, ...]
     non_finite_policy: str = REJECT
@@ -115,12 +118,11 @@ class ModelSpec:
     def optimizer_config_json(self) -> str:
         return json.dumps(self.optimizer_config, sort_keys=True)
 
-    def differences(self, other: "ModelSpec") -> list[str]:
+    def differences(self, other: ModelSpec) -> list[str]:
         """Human-readable list of what differs between an existing spec and a requested one."""
         found = []
         for path, mine, theirs in _dict_differences(self.optimizer_config, other.optimizer_config):
-            found.append(f"optimizer config {path}: existing {_config_value(mine)}, "
-                         f"requested {_config_value(theirs)}")
+            found.append(f"optimizer config {path}: existing {_config_value(mine)}, requested {_config_value(theirs)}")
         for field in ("num_workers", "mode", "non_finite_policy"):
             mine, theirs = getattr(self, field), getattr(other, field)
             if mine != theirs:
@@ -169,7 +171,8 @@ def parse_optimizer_config(config_json: str):
         config = json.loads(config_json)
     except ValueError as exc:
         raise InvalidArgumentError(
-            f"`optimizer_config_json` is not valid JSON ({exc}). Received: {text.name(config_json[:200])}") from None
+            f"`optimizer_config_json` is not valid JSON ({exc}). Received: {text.name(config_json[:200])}"
+        ) from None
     if not isinstance(config, (str, dict)):
         raise InvalidArgumentError(
             "`optimizer_config_json` must be a JSON object (a serialized optimizer) or a JSON string "
@@ -183,7 +186,8 @@ def check_model_id(model_id: str) -> str:
         raise InvalidArgumentError("`model_id` must be a non-empty string naming the training job.")
     if len(model_id) > MAX_MODEL_ID_LENGTH or not model_id.isprintable():
         raise InvalidArgumentError(
-            f"`model_id` must be at most {MAX_MODEL_ID_LENGTH} printable characters. Received: model_id={model_id[:300]!r}"
+            f"`model_id` must be at most {MAX_MODEL_ID_LENGTH} printable characters. "
+            f"Received: model_id={model_id[:300]!r}"
         )
     return model_id
 
@@ -217,14 +221,17 @@ def make_spec(
     elif non_finite_policy == REJECT and scales_loss:
         raise InvalidArgumentError(
             "`non_finite_policy` reject would refuse the non-finite steps a LossScaleOptimizer skips to lower its "
-            "scale; leave it unset (allow) or choose allow. Received: non_finite_policy='reject'")
+            "scale; leave it unset (allow) or choose allow. Received: non_finite_policy='reject'"
+        )
     if non_finite_policy not in NON_FINITE_POLICIES:
         raise InvalidArgumentError(
-            f"`non_finite_policy` must be one of {NON_FINITE_POLICIES}. Received: non_finite_policy={non_finite_policy!r}"
+            f"`non_finite_policy` must be one of {NON_FINITE_POLICIES}. "
+            f"Received: non_finite_policy={non_finite_policy!r}"
         )
     if not math.isfinite(sync_timeout_s) or sync_timeout_s < 0:
         raise InvalidArgumentError(
-            f"`sync_timeout_s` must be finite and >= 0 (0: the server default). Received: sync_timeout_s={sync_timeout_s}"
+            "`sync_timeout_s` must be finite and >= 0 (0: the server default). "
+            f"Received: sync_timeout_s={sync_timeout_s}"
         )
     if not variables:
         raise InvalidArgumentError(
@@ -253,7 +260,7 @@ class OptimizerStatus:
     learning_rate: float
     step: int
     scalars: dict
-    schedule: dict | None = None   # the serialized schedule the rate follows; None for a float rate
+    schedule: dict | None = None  # the serialized schedule the rate follows; None for a float rate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,19 +282,25 @@ class StateUpdate:
     scalars: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
-    def of(cls, state: "OptimizerStatus | StateUpdate") -> "StateUpdate":
+    def of(cls, state: OptimizerStatus | StateUpdate) -> StateUpdate:
         """Every field of an OptimizerStatus; a learning rate of 0 there keeps the current one."""
         if isinstance(state, StateUpdate):
             return state
-        return cls(iterations=state.iterations, raw_iterations=state.raw_iterations, step=state.step,
-                   learning_rate=state.learning_rate or None, schedule=state.schedule, scalars=dict(state.scalars))
+        return cls(
+            iterations=state.iterations,
+            raw_iterations=state.raw_iterations,
+            step=state.step,
+            learning_rate=state.learning_rate or None,
+            schedule=state.schedule,
+            scalars=dict(state.scalars),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
 class StepOutcome:
     """What a push is answered with."""
 
-    step: int                      # the model's step after the update: the next step to push
+    step: int  # the model's step after the update: the next step to push
     iterations: int
     learning_rate: float
     duplicate: bool
@@ -314,7 +327,7 @@ class ModelSummary:
     variables: tuple[VariableSummary, ...]
     waiting_workers: tuple[int, ...]
     activity: ModelActivity | None = None
-    usage: Any = None              # optserve.server.usage.ActivitySummary
+    usage: Any = None  # optserve.server.usage.ActivitySummary
 
 
 @dataclasses.dataclass(frozen=True)
@@ -408,7 +421,7 @@ class _RecentSteps:
         return list(self._order)
 
     @classmethod
-    def of(cls, steps: Iterable[int]) -> "_RecentSteps":
+    def of(cls, steps: Iterable[int]) -> _RecentSteps:
         recent = cls()
         for step in steps:
             recent.add(int(step))
@@ -440,11 +453,12 @@ class Model:
         self.events = ModelEvents()
         self.activity = ModelActivity()
         # The registry's reservation of this model's state in the server's memory budget.
-        self.memory = None
+        self.memory: Any = None  # optserve.server.limits.Reservation, given by the registry
 
     @classmethod
-    async def create(cls, spec: ModelSpec, engine, variables: Mapping[str, np.ndarray],
-                     executor: Executor | None = None) -> "Model":
+    async def create(
+        cls, spec: ModelSpec, engine, variables: Mapping[str, np.ndarray], executor: Executor | None = None
+    ) -> Model:
         """Build the engine's slots and copy the initial variables, off the event loop."""
         loop = asyncio.get_running_loop()
         # The received arrays are fresh and owned: the engine keeps them instead of copying them.
@@ -455,9 +469,11 @@ class Model:
         """Bytes of this model's state: variables, slots and scratch, and a synchronous step's merge buffer."""
         workers = self.spec.num_workers if self.spec.mode == SYNC else 1
         return sum(
-            state_bytes(math.prod(v.shape) * v.dtype.itemsize, self._engine.arrays_per_variable(v.name, v.shape),
-                        workers)
-            for v in self.spec.variables)
+            state_bytes(
+                math.prod(v.shape) * v.dtype.itemsize, self._engine.arrays_per_variable(v.name, v.shape), workers
+            )
+            for v in self.spec.variables
+        )
 
     # ----------------------------------------------------------- properties
 
@@ -479,11 +495,17 @@ class Model:
     def gauges(self) -> dict[str, float]:
         """Current readings for monitoring; cheap, and safe to take from another thread."""
         pending = self._pending
-        held = sum(math.prod(v.shape) * v.dtype.itemsize * (1 + len(self._engine.slot_names(v.name)))
-                   for v in self.spec.variables)
-        return {"waiting": len(pending.contributors) if pending else 0,
-                "lr": float(self._engine.current_learning_rate()),
-                "iterations": int(self._engine.iterations), "step": self._step, "bytes": held}
+        held = sum(
+            math.prod(v.shape) * v.dtype.itemsize * (1 + len(self._engine.slot_names(v.name)))
+            for v in self.spec.variables
+        )
+        return {
+            "waiting": len(pending.contributors) if pending else 0,
+            "lr": float(self._engine.current_learning_rate()),
+            "iterations": int(self._engine.iterations),
+            "step": self._step,
+            "bytes": held,
+        }
 
     def in_use_reason(self) -> str | None:
         """Why deleting the model now would fail work in progress; None when it is idle.
@@ -493,8 +515,9 @@ class Model:
         """
         reasons = []
         if self._pending is not None:
-            reasons.append(f"workers {sorted(self._pending.contributors)} pushed step {self._pending.step} "
-                           "and wait for the others")
+            reasons.append(
+                f"workers {sorted(self._pending.contributors)} pushed step {self._pending.step} and wait for the others"
+            )
         calls = self.usage.calls_in_flight
         if calls:
             reasons.append(f"{calls} call{'s' if calls != 1 else ''} in flight")
@@ -520,28 +543,34 @@ class Model:
         var = self._variables.get(name)
         if slot:
             raise InvalidArgumentError(
-                f"Gradient tensors must have an empty slot; received slot tensor {name[:100] + '/' + slot[:100]!r}.")
+                f"Gradient tensors must have an empty slot; received slot tensor {name[:100] + '/' + slot[:100]!r}."
+            )
         if var is None:
-            raise NotFoundError(f"Model {self.model_id!r} has no variable {name[:200]!r}; "
-                                f"its variables are {_names(self._variables)}.")
+            raise NotFoundError(
+                f"Model {self.model_id!r} has no variable {name[:200]!r}; its variables are {_names(self._variables)}."
+            )
         if shape != var.shape or dtype != var.dtype:
             raise InvalidArgumentError(
                 f"Gradient for {name!r} has {text.tensor(shape, dtype)}, but the variable has {var.describe()}; "
-                "send gradients of the variable's shape and dtype.")
+                "send gradients of the variable's shape and dtype."
+            )
 
     def check_weight_chunk(self, name: str, slot: str, dtype: np.dtype, shape: tuple, nbytes: int) -> None:
         """A SetWeights tensor's first chunk, checked before it is received or allocated."""
         var = self._variables.get(name)
         if var is None:
-            raise NotFoundError(f"Model {self.model_id!r} has no variable {name[:200]!r}; "
-                                f"its variables are {_names(self._variables)}.")
+            raise NotFoundError(
+                f"Model {self.model_id!r} has no variable {name[:200]!r}; its variables are {_names(self._variables)}."
+            )
         if slot and slot not in self._engine.slot_names(name):
             raise NotFoundError(
                 f"Variable {name!r} of model {self.model_id!r} has no slot {slot[:100]!r}; its slots are "
-                f"{list(self._engine.slot_names(name)) or 'none'} (slot '' is the variable itself).")
+                f"{list(self._engine.slot_names(name)) or 'none'} (slot '' is the variable itself)."
+            )
         if not slot and (shape != var.shape or dtype != var.dtype):
             raise InvalidArgumentError(
-                f"New value for {name!r} has {text.tensor(shape, dtype)}, but the variable has {var.describe()}.")
+                f"New value for {name!r} has {text.tensor(shape, dtype)}, but the variable has {var.describe()}."
+            )
 
     def worker_lost(self, worker: int, step: int) -> None:
         """A worker's push stream broke off before its push was complete (loop thread).
@@ -552,15 +581,26 @@ class Model:
         up afterwards is not lost: its contribution stands.
         """
         pending = self._pending
-        log.warning("model %r: worker %d's push for step %d broke off before it was complete; it was discarded",
-                    self.model_id, worker, step)
+        log.warning(
+            "model %r: worker %d's push for step %d broke off before it was complete; it was discarded",
+            self.model_id,
+            worker,
+            step,
+        )
         if self.spec.mode != SYNC or pending is None or pending.step != step or worker in pending.contributors:
             return
         task = asyncio.ensure_future(self._exclusive(lambda: self._expire(pending, lost_worker=worker)))
         task.add_done_callback(_log_failure)
 
-    async def push(self, worker: int, step: int, gradients: Mapping[str, np.ndarray], *,
-                   aggregated: bool = False, return_variables: bool = False) -> StepOutcome:
+    async def push(
+        self,
+        worker: int,
+        step: int,
+        gradients: Mapping[str, np.ndarray],
+        *,
+        aggregated: bool = False,
+        return_variables: bool = False,
+    ) -> StepOutcome:
         """Contribute one worker's gradients for ``step``; returns once the step is applied.
 
         Takes ownership of the gradient arrays (a sync step sums into them in place).
@@ -579,13 +619,13 @@ class Model:
     async def _push(self, worker, step, gradients, aggregated, return_variables) -> StepOutcome:
         payload = _nbytes(gradients.values())
         if self.spec.mode == ASYNC:
-            outcome = await self._exclusive(
-                lambda: self._push_async(worker, step, gradients, return_variables))
+            outcome = await self._exclusive(lambda: self._push_async(worker, step, gradients, return_variables))
             self.events.pushed(payload, outcome.duplicate)
             self.events.sent(_nbytes((outcome.variables or {}).values()))
             return outcome
         future, duplicate = await self._exclusive(
-            lambda: self._push_sync(worker, step, gradients, aggregated, return_variables))
+            lambda: self._push_sync(worker, step, gradients, aggregated, return_variables)
+        )
         self.events.pushed(payload, duplicate)
         waiting_since = time.perf_counter()
         try:
@@ -712,7 +752,8 @@ class Model:
         self._pending = None
         try:
             outcome = await self._apply_step(
-                pending.step, pending.sums, pending.contributors, missing, False, pending.return_variables)
+                pending.step, pending.sums, pending.contributors, missing, False, pending.return_variables
+            )
         except BaseException as exc:
             pending.fail(exc)
             return
@@ -732,37 +773,54 @@ class Model:
         arrived = worker_list(pending.contributors)
         timeout = self.spec.sync_timeout_s
         self.events.timed_out()
-        why = (f"after {timeout:.3g} s" if lost_worker is None
-               else f"after worker {lost_worker}'s push broke off")
+        why = f"after {timeout:.3g} s" if lost_worker is None else f"after worker {lost_worker}'s push broke off"
         if self.spec.timeout_policy == APPLY_PARTIAL:
-            log.warning("model %r step %d: applying the pushes of workers %s %s; missing workers %s",
-                        self.model_id, pending.step, arrived, why, worker_list(missing))
+            log.warning(
+                "model %r step %d: applying the pushes of workers %s %s; missing workers %s",
+                self.model_id,
+                pending.step,
+                arrived,
+                why,
+                worker_list(missing),
+            )
             await self._complete(pending, missing)
             return
-        log.warning("model %r step %d ended %s; missing workers %s",
-                    self.model_id, pending.step, why, worker_list(missing))
+        log.warning(
+            "model %r step %d ended %s; missing workers %s", self.model_id, pending.step, why, worker_list(missing)
+        )
         self._pending = None
         if lost_worker is None:
-            what = (f"Step {pending.step} of model {self.model_id!r} timed out after {timeout:g} s waiting for "
-                    f"workers [{worker_list(missing)}] (workers [{arrived}] pushed)")
-            hint = ("raise the model's sync_timeout_s (or the server's --sync-timeout), or create the model "
-                    "with timeout_policy APPLY_PARTIAL.")
+            what = (
+                f"Step {pending.step} of model {self.model_id!r} timed out after {timeout:g} s waiting for "
+                f"workers [{worker_list(missing)}] (workers [{arrived}] pushed)"
+            )
+            hint = (
+                "raise the model's sync_timeout_s (or the server's --sync-timeout), or create the model "
+                "with timeout_policy APPLY_PARTIAL."
+            )
             reason = REASON_SYNC_TIMEOUT
         else:
-            what = (f"Step {pending.step} of model {self.model_id!r} ended because worker {lost_worker}'s push "
-                    f"broke off (its connection closed or stalled) while workers [{arrived}] waited")
+            what = (
+                f"Step {pending.step} of model {self.model_id!r} ended because worker {lost_worker}'s push "
+                f"broke off (its connection closed or stalled) while workers [{arrived}] waited"
+            )
             hint = f"worker {lost_worker} (or its replacement) pushes step {pending.step} too."
             reason = REASON_WORKER_LOST
-        pending.fail(AbortedError(
-            f"{what}; nothing was applied. Push step {pending.step} again once every worker is running; {hint}",
-            details={"current_step": self._step, "missing_workers": worker_list(missing), REASON_KEY: reason},
-        ))
+        pending.fail(
+            AbortedError(
+                f"{what}; nothing was applied. Push step {pending.step} again once every worker is running; {hint}",
+                details={"current_step": self._step, "missing_workers": worker_list(missing), REASON_KEY: reason},
+            )
+        )
 
     async def _answer_completed_step(self, worker, step, return_variables) -> asyncio.Future:
         record = self._history.get(step)
         if record is None or not record.covers(worker):
-            why = (f"was completed without it (contributors {list(record.contributors)})" if record
-                   else "is already complete")
+            why = (
+                f"was completed without it (contributors {list(record.contributors)})"
+                if record
+                else "is already complete"
+            )
             raise FailedPreconditionError(
                 f"Worker {worker} pushed step {step} of model {self.model_id!r}, but step {step} {why}; "
                 f"the current step is {self._step}. Pull the variables and push step {self._step}.",
@@ -820,8 +878,9 @@ class Model:
 
         return await self._exclusive(read)
 
-    async def get_weights(self, names: Iterable[str] | None = None, include_variables: bool = False
-                          ) -> tuple[OptimizerStatus, list[tuple[str, str, np.ndarray]]]:
+    async def get_weights(
+        self, names: Iterable[str] | None = None, include_variables: bool = False
+    ) -> tuple[OptimizerStatus, list[tuple[str, str, np.ndarray]]]:
         """Optimizer state, then ``(variable, slot, value)`` in Keras order, variable by variable."""
         selected = self.select_names(names)
 
@@ -855,8 +914,9 @@ class Model:
                 VariableSummary(meta, tuple(self._engine.slot_names(meta.name)), norm_by_name.get(meta.name))
                 for meta in self.spec.variables
             )
-            return ModelSummary(self.spec, self._status(), variables, self.waiting_workers(), self.activity,
-                                self.usage.summary())
+            return ModelSummary(
+                self.spec, self._status(), variables, self.waiting_workers(), self.activity, self.usage.summary()
+            )
 
         return await self._exclusive(read)
 
@@ -876,8 +936,9 @@ class Model:
 
     # -------------------------------------------------------------- writes
 
-    async def set_weights(self, tensors: Mapping[tuple[str, str], np.ndarray],
-                          state: OptimizerStatus | StateUpdate | None = None) -> OptimizerStatus:
+    async def set_weights(
+        self, tensors: Mapping[tuple[str, str], np.ndarray], state: OptimizerStatus | StateUpdate | None = None
+    ) -> OptimizerStatus:
         """Overwrite variables (slot ""), slots and/or the optimizer state: all of it, or nothing.
 
         A new learning rate or schedule is used from the next update on.
@@ -936,7 +997,8 @@ class Model:
         _raw_iterations(self._engine, state)
         if state.learning_rate is not None and (not math.isfinite(state.learning_rate) or state.learning_rate < 0):
             raise InvalidArgumentError(
-                f"`learning_rate` must be a finite number >= 0. Received: learning_rate={state.learning_rate}")
+                f"`learning_rate` must be a finite number >= 0. Received: learning_rate={state.learning_rate}"
+            )
         if state.schedule is not None:
             # Checked exactly as the schedule of a CreateModel config, before anything is written.
             from optserve.server.optimizers.base import schedules_deserialize
@@ -994,8 +1056,10 @@ class Model:
                 "format": MODEL_STATE_FORMAT,
                 "spec": spec_state(self.spec),
                 "step": self._step,
-                "history": [[step, list(record.contributors), list(record.missing), record.aggregated]
-                            for step, record in self._history.items()],
+                "history": [
+                    [step, list(record.contributors), list(record.missing), record.aggregated]
+                    for step, record in self._history.items()
+                ],
                 "recent_async": {worker: recent.steps() for worker, recent in self._recent_async.items()},
                 "activity": self.usage.state(),
                 "engine": engine_state,
@@ -1004,12 +1068,14 @@ class Model:
         return await self._exclusive(read)
 
     @classmethod
-    async def restore(cls, state: Mapping[str, Any], new_engine: Callable[[dict], Any],
-                      executor: Executor | None = None) -> "Model":
+    async def restore(
+        cls, state: Mapping[str, Any], new_engine: Callable[[dict], Any], executor: Executor | None = None
+    ) -> Model:
         """The model ``checkpoint_state`` described; ``new_engine(config)`` gives an unbuilt engine."""
         if state.get("format") != MODEL_STATE_FORMAT:
             raise InvalidArgumentError(
-                f"Unknown model state format {state.get('format')!r}; expected {MODEL_STATE_FORMAT!r}.")
+                f"Unknown model state format {state.get('format')!r}; expected {MODEL_STATE_FORMAT!r}."
+            )
         spec = spec_from_state(state["spec"])
         engine = new_engine(spec.optimizer_config)
         loop = asyncio.get_running_loop()
@@ -1017,12 +1083,14 @@ class Model:
         if list(engine.variable_names) != [v.name for v in spec.variables]:
             raise InvalidArgumentError(
                 f"The checkpoint of model {spec.model_id!r} is inconsistent: its optimizer holds variables "
-                f"{_names(engine.variable_names)}, its spec {_names(v.name for v in spec.variables)}.")
+                f"{_names(engine.variable_names)}, its spec {_names(v.name for v in spec.variables)}."
+            )
         model = cls(spec, engine, executor)
         model._step = int(state["step"])
         if not 0 <= model._step <= MAX_STEP:
             raise InvalidArgumentError(
-                f"The checkpoint of model {spec.model_id!r} is at step {model._step}, beyond the bound of {MAX_STEP}.")
+                f"The checkpoint of model {spec.model_id!r} is at step {model._step}, beyond the bound of {MAX_STEP}."
+            )
         for step, contributors, missing, aggregated in state["history"]:
             model._remember(int(step), _StepRecord(tuple(contributors), tuple(missing), bool(aggregated)))
         model._recent_async = {int(worker): _RecentSteps.of(steps) for worker, steps in state["recent_async"].items()}
@@ -1086,8 +1154,10 @@ def spec_from_state(state: Mapping[str, Any]) -> ModelSpec:
         mode=state["mode"],
         sync_timeout_s=float(state["sync_timeout_s"]),
         timeout_policy=state["timeout_policy"],
-        variables=tuple(VariableMeta(name, tuple(int(d) for d in shape), np.dtype(dtype))
-                        for name, shape, dtype in state["variables"]),
+        variables=tuple(
+            VariableMeta(name, tuple(int(d) for d in shape), np.dtype(dtype))
+            for name, shape, dtype in state["variables"]
+        ),
         # Checkpoints from before the policy existed applied whatever arrived.
         non_finite_policy=state.get("non_finite_policy", ALLOW),
     )
@@ -1102,8 +1172,10 @@ def _all_finite(array: np.ndarray) -> bool:
     if array.dtype.kind != "f":
         return True
     flat = array.reshape(-1)
-    return all(np.isfinite(flat[start:start + _FINITE_CHECK_BLOCK]).all()
-               for start in range(0, flat.size, _FINITE_CHECK_BLOCK))
+    return all(
+        np.isfinite(flat[start : start + _FINITE_CHECK_BLOCK]).all()
+        for start in range(0, flat.size, _FINITE_CHECK_BLOCK)
+    )
 
 
 def _retrieve_task(task: asyncio.Task) -> None:
@@ -1121,8 +1193,9 @@ def _log_failure(task: asyncio.Task) -> None:
 
 def _read_counters(engine) -> StateUpdate:
     """The counters and scalars (not the learning rate), to write back when a write is undone."""
-    return StateUpdate(iterations=int(engine.iterations), raw_iterations=int(engine.raw_iterations),
-                       scalars=dict(engine.get_scalars()))
+    return StateUpdate(
+        iterations=int(engine.iterations), raw_iterations=int(engine.raw_iterations), scalars=dict(engine.get_scalars())
+    )
 
 
 def _accumulation_steps(engine) -> int:
@@ -1162,7 +1235,8 @@ def _write_counters(engine, state: StateUpdate) -> None:
     rate = state.learning_rate
     # A schedule's own current value (a state read back) is accepted as is; Keras refuses any other.
     on_its_schedule = engine.learning_rate_schedule is not None and math.isclose(
-        rate or 0.0, engine.current_learning_rate(), rel_tol=1e-6, abs_tol=0.0)
+        rate or 0.0, engine.current_learning_rate(), rel_tol=1e-6, abs_tol=0.0
+    )
     if rate is not None and not on_its_schedule and rate != engine.current_learning_rate():
         engine.set_learning_rate(rate)
     if state.scalars:

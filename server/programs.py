@@ -28,10 +28,12 @@ are the same few calls on every backend (``reduce_scalar``, ``axis_mean``,
 the math for NumPy and CuPy alike; each primitive is the very NumPy call Keras's
 NumPy backend makes, which keeps the CPU results bit-identical to Keras.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -177,15 +179,21 @@ class UpdateProgram:
                 backend.axis_mean(arrays[stage.into], arrays[stage.array], stage.axis, stage.keepdims)
             elif isinstance(stage, Broadcast):
                 backend.broadcast(
-                    stage.function, arrays[stage.into], arrays[stage.left], arrays[stage.right],
-                    stage.left_axis, stage.right_axis,
+                    stage.function,
+                    arrays[stage.into],
+                    arrays[stage.left],
+                    arrays[stage.right],
+                    stage.left_axis,
+                    stage.right_axis,
                 )
             elif isinstance(stage, Transpose):
                 backend.transpose_into(arrays[stage.into], arrays[stage.array])
             else:
                 backend.matmul(
-                    arrays[stage.into], arrays[stage.left], arrays[stage.right],
-                    stage.transpose_left, stage.transpose_right,
+                    arrays[stage.into],
+                    arrays[stage.left],
+                    arrays[stage.right],
+                    stage.transpose_left,
+                    stage.transpose_right,
                 )
         return values
-

@@ -7,6 +7,7 @@ are the same messages with the same field numbers under another package name, so
 reflection can describe ``v1`` itself, its file descriptor (``v1alpha``'s with the
 package renamed) is added to the descriptor pool once.
 """
+
 from __future__ import annotations
 
 import grpc
@@ -14,7 +15,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_reflection.v1alpha import reflection
 from grpc_reflection.v1alpha import reflection_pb2 as v1alpha_pb2
 
-V1ALPHA_SERVICE = reflection.SERVICE_NAME            # "grpc.reflection.v1alpha.ServerReflection"
+V1ALPHA_SERVICE = reflection.SERVICE_NAME  # "grpc.reflection.v1alpha.ServerReflection"
 V1_PACKAGE = "grpc.reflection.v1"
 V1_SERVICE = f"{V1_PACKAGE}.ServerReflection"
 _V1_FILE = "grpc/reflection/v1/reflection.proto"
@@ -42,7 +43,7 @@ def _register_v1_descriptor(pool: descriptor_pool.DescriptorPool) -> None:
 
 
 def enable_reflection(service_names, server: grpc.aio.Server) -> None:
-    """Serve reflection v1 and v1alpha on a grpc.aio ``server`` for ``service_names`` (plus both reflection services)."""
+    """Serve reflection v1 and v1alpha on a grpc.aio ``server`` for ``service_names`` (and both reflections)."""
     _register_v1_descriptor(descriptor_pool.Default())
     names = (*service_names, V1_SERVICE, V1ALPHA_SERVICE)
     servicer = reflection.aio.ReflectionServicer(names)
@@ -53,4 +54,5 @@ def enable_reflection(service_names, server: grpc.aio.Server) -> None:
             response_serializer=v1alpha_pb2.ServerReflectionResponse.SerializeToString,
         )
         server.add_generic_rpc_handlers(
-            (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": handler}),))
+            (grpc.method_handlers_generic_handler(service, {"ServerReflectionInfo": handler}),)
+        )

@@ -4,17 +4,18 @@
 between two of its updates); ``restore()`` rebuilds the models from one, while the
 registry refuses every call with UNAVAILABLE so that nothing sees half of them.
 """
+
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 
 from optserve.server import auth
-from optserve.server.usage import JOIN, Activity
 from optserve.server.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -26,6 +27,7 @@ from optserve.server.errors import (
 )
 from optserve.server.limits import Reservation, ServerLimits
 from optserve.server.model import MAX_LISTED_NAMES, Model, ModelSpec, make_spec
+from optserve.server.usage import JOIN, Activity
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,14 @@ def _engine_module():
 class ModelRegistry:
     """Holds every model of one server. Use on the server's event loop."""
 
-    def __init__(self, backend=None, executor: Executor | None = None, default_sync_timeout_s: float = 60.0,
-                 on_change: Callable[[int], None] | None = None, limits: ServerLimits | None = None):
+    def __init__(
+        self,
+        backend=None,
+        executor: Executor | None = None,
+        default_sync_timeout_s: float = 60.0,
+        on_change: Callable[[int], None] | None = None,
+        limits: ServerLimits | None = None,
+    ):
         self.backend = backend
         self.limits = limits or ServerLimits()
         self.executor = executor
@@ -74,11 +82,19 @@ class ModelRegistry:
         if len(self._models) + len(self._creating) >= max_models:
             raise ResourceExhaustedError(
                 f"This server holds its limit of {max_models} models; delete one (DeleteModel), or start the "
-                "server with a larger --max-models.")
+                "server with a larger --max-models."
+            )
 
-    async def create_or_join(self, *, variables: Mapping[str, np.ndarray], optimizer_config,
-                             reservation: Reservation | None = None, worker: int | None = None, peer: str = "",
-                             **spec_fields) -> tuple[Model, bool]:
+    async def create_or_join(
+        self,
+        *,
+        variables: Mapping[str, np.ndarray],
+        optimizer_config,
+        reservation: Reservation | None = None,
+        worker: int | None = None,
+        peer: str = "",
+        **spec_fields,
+    ) -> tuple[Model, bool]:
         """Create the model, or join the existing one with an identical spec. Returns (model, created).
 
         ``reservation``: the new model's state in the memory budget; it becomes the model's,
@@ -87,8 +103,9 @@ class ModelRegistry:
         """
         reservation = reservation or Reservation(self.limits.memory)
         try:
-            model, created = await self._create_or_join(variables, optimizer_config, reservation, worker, peer,
-                                                        **spec_fields)
+            model, created = await self._create_or_join(
+                variables, optimizer_config, reservation, worker, peer, **spec_fields
+            )
         except BaseException:
             if not reservation.transferred:
                 reservation.release()
@@ -99,8 +116,12 @@ class ModelRegistry:
 
     async def _create_or_join(self, variables, optimizer_config, reservation, worker, peer, **spec_fields):
         engine = self.new_engine(optimizer_config)
-        spec = make_spec(optimizer_config=engine.get_config(), variables=variables,
-                         default_sync_timeout_s=self.default_sync_timeout_s, **spec_fields)
+        spec = make_spec(
+            optimizer_config=engine.get_config(),
+            variables=variables,
+            default_sync_timeout_s=self.default_sync_timeout_s,
+            **spec_fields,
+        )
         while True:
             self._ensure_open()
             existing = self._models.get(spec.model_id)
@@ -114,7 +135,9 @@ class ModelRegistry:
             # Another worker is creating this model right now: wait, then join it (or differ from it).
             await asyncio.wait([in_flight])
         reservation.transferred = True  # the build task gives it to the model, or releases it
-        task = asyncio.ensure_future(self._build(spec, engine, variables, reservation, Activity.created_by(worker, peer)))
+        task = asyncio.ensure_future(
+            self._build(spec, engine, variables, reservation, Activity.created_by(worker, peer))
+        )
         self._creating[spec.model_id] = task
         task.add_done_callback(lambda _: self._creating.pop(spec.model_id, None))
         # Shielded: the model is still created (and joinable) if the creating client hangs up.
@@ -135,8 +158,14 @@ class ModelRegistry:
             reservation.take(shortfall, force=True)
         model.memory = reservation
         self._add(model)
-        log.info("created model %r: %s, %d variables, %d worker(s), %s", spec.model_id,
-                 spec.optimizer_config.get("class_name", "?"), len(spec.variables), spec.num_workers, spec.mode)
+        log.info(
+            "created model %r: %s, %d variables, %d worker(s), %s",
+            spec.model_id,
+            spec.optimizer_config.get("class_name", "?"),
+            len(spec.variables),
+            spec.num_workers,
+            spec.mode,
+        )
         return model
 
     def _add(self, model: Model) -> None:
@@ -169,7 +198,11 @@ class ModelRegistry:
         model = self._models.get(model_id)
         if model is None:
             known = sorted(filter(auth.visible, self._models))  # never name another tenant's models
-            hint = f"models on this server: {', '.join(map(repr, known[:MAX_LISTED_NAMES]))}" if known else "this server holds no models"
+            hint = (
+                f"models on this server: {', '.join(map(repr, known[:MAX_LISTED_NAMES]))}"
+                if known
+                else "this server holds no models"
+            )
             raise NotFoundError(f"No model {model_id!r} ({hint}); call CreateModel first.")
         return model
 
@@ -193,27 +226,37 @@ class ModelRegistry:
             raise FailedPreconditionError(
                 f"Model {model_id!r} is in use ({reason}); deleting it would fail those calls and lose the "
                 "step in progress. Stop its workers first, or delete it anyway (`optserve delete --force`, "
-                "DeleteModel without if_idle).")
+                "DeleteModel without if_idle)."
+            )
         self._remove(model, "deleted")
         return True
 
     def delete_idle(self, ttl_s: float) -> list[str]:
         """Delete every model idle for longer than ``ttl_s`` and not in use; returns their ids."""
         self._ensure_open()
-        expired = [model for model in self._models.values()
-                   if model.in_use_reason() is None and model.usage.idle_seconds() > ttl_s]
+        expired = [
+            model
+            for model in self._models.values()
+            if model.in_use_reason() is None and model.usage.idle_seconds() > ttl_s
+        ]
         for model in expired:
             record = model.usage.record
             who = f" by worker {record.last_worker}" if record.last_worker is not None else ""
-            self._remove(model, f"deleted after {model.usage.idle_seconds():.0f} s idle (--model-ttl "
-                                f"{ttl_s:g} s; last activity: {record.last_kind}{who})")
+            self._remove(
+                model,
+                f"deleted after {model.usage.idle_seconds():.0f} s idle (--model-ttl "
+                f"{ttl_s:g} s; last activity: {record.last_kind}{who})",
+            )
         return [model.model_id for model in expired]
 
     def _remove(self, model: Model, why: str) -> None:
         model_id = model.model_id
         del self._models[model_id]
-        model.close(FailedPreconditionError(
-            f"Model {model_id!r} was {why}; create it again (CreateModel) before pushing to it."))
+        model.close(
+            FailedPreconditionError(
+                f"Model {model_id!r} was {why}; create it again (CreateModel) before pushing to it."
+            )
+        )
         if model.memory is not None:
             model.memory.release()
         model.on_change = None
@@ -250,7 +293,8 @@ class ModelRegistry:
             raise InvalidArgumentError(f"Unknown server state format {found!r}; expected {SERVER_STATE_FORMAT!r}.")
         if self._models:
             raise FailedPreconditionError(
-                f"Cannot restore a checkpoint into a server that holds models ({_quoted(self._models)}).")
+                f"Cannot restore a checkpoint into a server that holds models ({_quoted(self._models)})."
+            )
         models = [await Model.restore(model_state, self.new_engine, self.executor) for model_state in state["models"]]
         for model in models:
             model.on_change = self._note_change

@@ -22,6 +22,7 @@ Validation follows Keras (same argument names, defaults and messages) and adds
 type checks, so a config that Keras would only reject when first evaluated is
 rejected here when the schedule is built.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -143,9 +144,7 @@ def _log(x):
 # Argument checks (Keras's wording: "Argument `x` ... Received: x=...").
 # ---------------------------------------------------------------------------
 def _invalid(argument: str, requirement: str, value) -> InvalidArgumentError:
-    return InvalidArgumentError(
-        f"Argument `{argument}` {requirement}. Received: {argument}={value!r}"
-    )
+    return InvalidArgumentError(f"Argument `{argument}` {requirement}. Received: {argument}={value!r}")
 
 
 def _is_number(value) -> bool:
@@ -166,9 +165,7 @@ def _plain_number(argument: str, value):
 def _positive_number(argument: str, value):
     value = _plain_number(argument, value)
     if value <= 0:
-        raise InvalidArgumentError(
-            f"Argument `{argument}` must be > 0. Received: {argument}={value}"
-        )
+        raise InvalidArgumentError(f"Argument `{argument}` must be > 0. Received: {argument}={value}")
     return value
 
 
@@ -222,13 +219,10 @@ class LearningRateSchedule:
 
     def get_config(self) -> dict:
         """Keras's ``get_config()``: the constructor arguments, sequences as lists."""
-        return {
-            field.name: _config_value(getattr(self, field.name))
-            for field in dataclasses.fields(self)
-        }
+        return {field.name: _config_value(getattr(self, field.name)) for field in dataclasses.fields(self)}
 
     @classmethod
-    def from_config(cls, config: dict) -> "LearningRateSchedule":
+    def from_config(cls, config: dict) -> LearningRateSchedule:
         return cls(**config)
 
     def _check_evaluates(self) -> None:
@@ -238,8 +232,7 @@ class LearningRateSchedule:
             self(0)
         except (ArithmeticError, TypeError, ValueError, IndexError) as error:
             raise InvalidArgumentError(
-                f"{type(self).__name__} cannot be evaluated with config "
-                f"{self.get_config()}: {error}"
+                f"{type(self).__name__} cannot be evaluated with config {self.get_config()}: {error}"
             ) from error
 
 
@@ -377,9 +370,7 @@ class PolynomialDecay(LearningRateSchedule):
         if self.cycle:
             # The first multiple of decay_steps at or above the step; at step 0
             # the multiplier is 1, not ceil(0) = 0.
-            multiplier = _where(
-                np.equal(global_step, 0), 1.0, _ceil(global_step / self.decay_steps)
-            )
+            multiplier = _where(np.equal(global_step, 0), 1.0, _ceil(global_step / self.decay_steps))
             decay_steps = _multiply(decay_steps, multiplier)
         else:
             global_step = _minimum(global_step, decay_steps)
@@ -489,9 +480,7 @@ class CosineDecayRestarts(LearningRateSchedule):
             i_restart = _floor(completed_fraction)
             return i_restart, completed_fraction - i_restart
         # Periods grow geometrically: solve sum_{k<i} t_mul**k <= fraction.
-        i_restart = _floor(
-            _log(_convert(1.0 - completed_fraction * (1.0 - t_mul), dtype)) / _log(t_mul)
-        )
+        i_restart = _floor(_log(_convert(1.0 - completed_fraction * (1.0 - t_mul), dtype)) / _log(t_mul))
         sum_r = _divide(1.0 - _power(t_mul, i_restart), (1.0 - t_mul))
         fraction = _divide(_subtract(completed_fraction, sum_r), _power(t_mul, i_restart))
         return i_restart, fraction
@@ -505,13 +494,9 @@ class CosineDecayRestarts(LearningRateSchedule):
         m_mul = _convert(self.m_mul, dtype)
 
         completed_fraction = _convert(step, dtype) / first_decay_steps
-        i_restart, completed_fraction = self._restart_and_fraction(
-            completed_fraction, t_mul, dtype
-        )
+        i_restart, completed_fraction = self._restart_and_fraction(completed_fraction, t_mul, dtype)
         m_fac = _power(m_mul, i_restart)
-        cosine_decayed = (
-            0.5 * m_fac * (1.0 + _cos(_multiply(_convert(math.pi, dtype), completed_fraction)))
-        )
+        cosine_decayed = 0.5 * m_fac * (1.0 + _cos(_multiply(_convert(math.pi, dtype), completed_fraction)))
         decayed = _add(_multiply((1 - alpha), cosine_decayed), alpha)
         return _multiply(initial_learning_rate, decayed)
 
@@ -540,9 +525,7 @@ def is_serialized_schedule(obj: Any) -> bool:
 def serialize(schedule: LearningRateSchedule) -> dict:
     """The dict ``keras.optimizers.schedules.serialize`` produces for the same schedule."""
     if not isinstance(schedule, LearningRateSchedule):
-        raise InvalidArgumentError(
-            f"Expected a learning rate schedule. Received: {schedule!r}"
-        )
+        raise InvalidArgumentError(f"Expected a learning rate schedule. Received: {schedule!r}")
     return {
         "module": KERAS_MODULE,
         "class_name": type(schedule).__name__,
@@ -557,22 +540,16 @@ def deserialize(obj: Any) -> LearningRateSchedule:
         return obj
     if not isinstance(obj, dict) or not isinstance(obj.get("class_name"), str):
         raise InvalidArgumentError(
-            "A learning rate schedule must be a dict with 'class_name' and 'config'. "
-            f"Received: {obj!r}"
+            f"A learning rate schedule must be a dict with 'class_name' and 'config'. Received: {obj!r}"
         )
     class_name = obj["class_name"]
     cls = REGISTRY.get(class_name)
     if cls is None:
-        raise InvalidArgumentError(
-            f"Unknown learning rate schedule: '{class_name}'. "
-            f"Supported: {sorted(REGISTRY)}"
-        )
+        raise InvalidArgumentError(f"Unknown learning rate schedule: '{class_name}'. Supported: {sorted(REGISTRY)}")
     _check_origin(obj, class_name)
     config = obj.get("config")
     if not isinstance(config, dict):
-        raise InvalidArgumentError(
-            f"The 'config' of a {class_name} must be a dict. Received: config={config!r}"
-        )
+        raise InvalidArgumentError(f"The 'config' of a {class_name} must be a dict. Received: config={config!r}")
     _check_arguments(cls, config)
     return cls.from_config(config)
 
@@ -589,8 +566,7 @@ def _check_origin(obj: dict, class_name: str) -> None:
     registered_name = obj.get("registered_name")
     if registered_name not in (None, class_name):
         raise InvalidArgumentError(
-            f"Custom learning rate schedules are not supported. "
-            f"Received: registered_name={registered_name!r}"
+            f"Custom learning rate schedules are not supported. Received: registered_name={registered_name!r}"
         )
 
 
@@ -599,15 +575,7 @@ def _check_arguments(cls: type, config: dict) -> None:
     allowed = [field.name for field in fields]
     unknown = sorted(set(config) - set(allowed), key=str)
     if unknown:
-        raise InvalidArgumentError(
-            f"Unknown argument(s) for {cls.__name__}: {unknown}. Allowed: {allowed}"
-        )
-    missing = [
-        field.name
-        for field in fields
-        if field.default is dataclasses.MISSING and field.name not in config
-    ]
+        raise InvalidArgumentError(f"Unknown argument(s) for {cls.__name__}: {unknown}. Allowed: {allowed}")
+    missing = [field.name for field in fields if field.default is dataclasses.MISSING and field.name not in config]
     if missing:
-        raise InvalidArgumentError(
-            f"Missing required argument(s) for {cls.__name__}: {missing}"
-        )
+        raise InvalidArgumentError(f"Missing required argument(s) for {cls.__name__}: {missing}")

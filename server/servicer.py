@@ -6,6 +6,7 @@ Large responses are serialized off the event loop, straight from the arrays
 (``tensors.serialized_chunk_messages``), and the new values of a synchronous
 step are serialized once for all of its workers.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -16,16 +17,17 @@ import json
 import logging
 import math
 import traceback
-from typing import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable
 
 import grpc
 import numpy as np
 
+from optserve.protos import errors
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
-from optserve.protos import errors
 from optserve.protos import tensors as codec
 from optserve.server import auth
+from optserve.server import limits as bounds
 from optserve.server import usage as calls
 from optserve.server.errors import (
     AbortedError,
@@ -34,21 +36,20 @@ from optserve.server.errors import (
     OptserveError,
     ResourceExhaustedError,
 )
-from optserve.server import limits as bounds
+from optserve.server.generation import ServerGeneration
 from optserve.server.limits import Reservation, ServerLimits
 from optserve.server.model import (
-    OptimizerStatus,
     APPLY_PARTIAL,
     ASYNC,
     FAIL,
     SYNC,
     ModelSummary,
+    OptimizerStatus,
     StateUpdate,
     StepOutcome,
     check_model_id,
     parse_optimizer_config,
 )
-from optserve.server.generation import ServerGeneration
 from optserve.server.registry import ModelRegistry
 from optserve.server.sparse import densify_gradients
 
@@ -63,10 +64,17 @@ _MODE_TO_PROTO = {SYNC: pb.SYNC, ASYNC: pb.ASYNC}
 _POLICY_FROM_PROTO = {pb.TIMEOUT_POLICY_UNSPECIFIED: FAIL, pb.FAIL: FAIL, pb.APPLY_PARTIAL: APPLY_PARTIAL}
 _POLICY_TO_PROTO = {FAIL: pb.FAIL, APPLY_PARTIAL: pb.APPLY_PARTIAL}
 # Unspecified: the server's default (reject; allow for a LossScaleOptimizer), see make_spec.
-_NON_FINITE_FROM_PROTO = {pb.NON_FINITE_POLICY_UNSPECIFIED: None, pb.NON_FINITE_REJECT: "reject",
-                          pb.NON_FINITE_ALLOW: "allow", pb.NON_FINITE_SKIP_STEP: "skip_step"}
-_NON_FINITE_TO_PROTO = {"reject": pb.NON_FINITE_REJECT, "allow": pb.NON_FINITE_ALLOW,
-                        "skip_step": pb.NON_FINITE_SKIP_STEP}
+_NON_FINITE_FROM_PROTO = {
+    pb.NON_FINITE_POLICY_UNSPECIFIED: None,
+    pb.NON_FINITE_REJECT: "reject",
+    pb.NON_FINITE_ALLOW: "allow",
+    pb.NON_FINITE_SKIP_STEP: "skip_step",
+}
+_NON_FINITE_TO_PROTO = {
+    "reject": pb.NON_FINITE_REJECT,
+    "allow": pb.NON_FINITE_ALLOW,
+    "skip_step": pb.NON_FINITE_SKIP_STEP,
+}
 
 
 # ------------------------------------------------------------------ errors
@@ -80,10 +88,16 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[st
     if isinstance(exc, codec.TensorFormatError):
         return grpc.StatusCode.INVALID_ARGUMENT, bounds.bounded_text(str(exc), bounds.MAX_STATUS_MESSAGE_CHARS), ()
     if isinstance(exc, MemoryError):
-        return (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "The server ran out of memory for this request; send smaller requests or give the server more memory.", ())
-    return (grpc.StatusCode.INTERNAL,
-            f"Internal server error ({type(exc).__name__}); the server log has the details.", ())
+        return (
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "The server ran out of memory for this request; send smaller requests or give the server more memory.",
+            (),
+        )
+    return (
+        grpc.StatusCode.INTERNAL,
+        f"Internal server error ({type(exc).__name__}); the server log has the details.",
+        (),
+    )
 
 
 async def _abort(context: grpc.aio.ServicerContext, exc: Exception, rpc: str) -> None:
@@ -136,8 +150,9 @@ class _Undecodable:
 
 def _decoded(request, rpc: str):
     if isinstance(request, _Undecodable):
-        raise InvalidArgumentError(f"The {rpc} request could not be decoded ({request.error}); send a valid "
-                                   f"optserve.v1 {rpc}Request message.")
+        raise InvalidArgumentError(
+            f"The {rpc} request could not be decoded ({request.error}); send a valid optserve.v1 {rpc}Request message."
+        )
     return request
 
 
@@ -162,6 +177,7 @@ def _translating_errors(method):
     rpc = method.__name__
 
     if inspect.isasyncgenfunction(method):
+
         @functools.wraps(method)
         async def streaming(self, request, context):
             entered = False
@@ -178,6 +194,7 @@ def _translating_errors(method):
             finally:
                 if entered:
                     self.limits.streams.leave()
+
         return streaming
 
     @functools.wraps(method)
@@ -195,6 +212,7 @@ def _translating_errors(method):
         finally:
             if entered:
                 self.limits.streams.leave()
+
     return unary
 
 
@@ -253,7 +271,8 @@ class _RequestTensors:
         if len(self._names) > limits.max_variables:
             raise InvalidArgumentError(
                 f"A request may carry at most {limits.max_variables} variables (a server started with a "
-                "larger --max-variables takes more).")
+                "larger --max-variables takes more)."
+            )
         shape = bounds.check_shape(chunk.name, chunk.shape, limits)
         nbytes = self._check_room(chunk, shape)
         if self._admit is not None:
@@ -279,8 +298,7 @@ class _RequestTensors:
         tensors = self.result()
         slotted = [f"{name}/{slot}" for name, slot in tensors if slot]
         if slotted:
-            raise InvalidArgumentError(
-                f"{what} tensors must have an empty slot; received slot tensors {slotted[:10]}.")
+            raise InvalidArgumentError(f"{what} tensors must have an empty slot; received slot tensors {slotted[:10]}.")
         return codec.variables_only(tensors)
 
 
@@ -333,7 +351,7 @@ def _request_deserializer(message_type):
     return deserialize_or_mark
 
 
-def add_to_server(servicer: "ParameterServerServicer", server) -> None:
+def add_to_server(servicer: ParameterServerServicer, server) -> None:
     """Register the servicer as the generated ``add_ParameterServerServicer_to_server`` does,
     except that streamed responses may be pre-serialized bytes and tensor-carrying
     requests arrive split (see ``_CHUNKED_REQUEST_FIELDS``)."""
@@ -359,9 +377,15 @@ def _generation_message(generation: ServerGeneration) -> pb.ServerGeneration:
 
 def _state_message(status: OptimizerStatus, generation: pb.ServerGeneration | None = None) -> pb.OptimizerState:
     schedule = json.dumps(status.schedule, sort_keys=True) if status.schedule is not None else ""
-    return pb.OptimizerState(iterations=status.iterations, raw_iterations=status.raw_iterations,
-                             learning_rate=status.learning_rate, step=status.step, scalars=status.scalars,
-                             learning_rate_schedule_json=schedule, generation=generation)
+    return pb.OptimizerState(
+        iterations=status.iterations,
+        raw_iterations=status.raw_iterations,
+        learning_rate=status.learning_rate,
+        step=status.step,
+        scalars=status.scalars,
+        learning_rate_schedule_json=schedule,
+        generation=generation,
+    )
 
 
 STATE_FIELDS = ("iterations", "raw_iterations", "learning_rate", "learning_rate_schedule_json", "step", "scalars")
@@ -377,7 +401,8 @@ def _state_update(state: pb.OptimizerState, state_fields) -> StateUpdate:
     unknown = sorted(set(named) - set(STATE_FIELDS))
     if unknown:
         raise InvalidArgumentError(
-            f"`state_fields` names unknown OptimizerState fields {unknown}; the fields are {list(STATE_FIELDS)}.")
+            f"`state_fields` names unknown OptimizerState fields {unknown}; the fields are {list(STATE_FIELDS)}."
+        )
     fields = set(named or STATE_FIELDS)
     rate = None
     if "learning_rate" in fields and (named or state.HasField("learning_rate")):
@@ -398,24 +423,34 @@ def _state_update(state: pb.OptimizerState, state_fields) -> StateUpdate:
 def _parse_schedule(text: str) -> dict:
     if not text.strip():
         raise InvalidArgumentError(
-            "`learning_rate_schedule_json` is empty; send keras.optimizers.schedules.serialize(schedule) as JSON.")
+            "`learning_rate_schedule_json` is empty; send keras.optimizers.schedules.serialize(schedule) as JSON."
+        )
     try:
         schedule = json.loads(text)
     except ValueError as exc:
         raise InvalidArgumentError(
-            f"`learning_rate_schedule_json` is not valid JSON ({exc}). Received: {text[:200]!r}") from None
+            f"`learning_rate_schedule_json` is not valid JSON ({exc}). Received: {text[:200]!r}"
+        ) from None
     if not isinstance(schedule, dict):
         raise InvalidArgumentError(
             "`learning_rate_schedule_json` must be a JSON object, a serialized schedule with 'class_name' and "
-            f"'config' (keras.optimizers.schedules.serialize). Received: {text[:200]!r}")
+            f"'config' (keras.optimizers.schedules.serialize). Received: {text[:200]!r}"
+        )
     return schedule
 
 
 def _step_result(outcome: StepOutcome, generation: pb.ServerGeneration | None = None) -> pb.StepResult:
-    return pb.StepResult(step=outcome.step, iterations=outcome.iterations, learning_rate=outcome.learning_rate,
-                         duplicate=outcome.duplicate, contributors=outcome.contributors,
-                         missing_workers=outcome.missing, generation=generation,
-                         skipped_non_finite=bool(outcome.non_finite), non_finite_variables=outcome.non_finite)
+    return pb.StepResult(
+        step=outcome.step,
+        iterations=outcome.iterations,
+        learning_rate=outcome.learning_rate,
+        duplicate=outcome.duplicate,
+        contributors=outcome.contributors,
+        missing_workers=outcome.missing,
+        generation=generation,
+        skipped_non_finite=bool(outcome.non_finite),
+        non_finite_variables=outcome.non_finite,
+    )
 
 
 def _model_info(summary: ModelSummary, generation: pb.ServerGeneration | None = None) -> pb.ModelInfo:
@@ -431,9 +466,7 @@ def _model_info(summary: ModelSummary, generation: pb.ServerGeneration | None = 
             non_finite_policy=_NON_FINITE_TO_PROTO[spec.non_finite_policy],
         ),
         state=_state_message(summary.status, generation),
-        variables=[
-            _variable_info(v) for v in summary.variables
-        ],
+        variables=[_variable_info(v) for v in summary.variables],
         waiting_workers=summary.waiting_workers,
         **_activity_fields(summary.activity),
         activity=_activity_message(summary.usage),
@@ -454,9 +487,13 @@ def _activity_message(summary) -> pb.ModelActivity | None:
         return None
     record = summary.record
     message = pb.ModelActivity(
-        created_unix_s=record.created_unix_s, creator_peer=record.creator_peer,
-        last_activity_unix_s=record.last_unix_s, last_activity=record.last_kind,
-        calls_in_flight=summary.calls_in_flight, idle_s=summary.idle_s)
+        created_unix_s=record.created_unix_s,
+        creator_peer=record.creator_peer,
+        last_activity_unix_s=record.last_unix_s,
+        last_activity=record.last_kind,
+        calls_in_flight=summary.calls_in_flight,
+        idle_s=summary.idle_s,
+    )
     if record.creator_worker is not None:
         message.creator_worker = record.creator_worker
     if record.last_worker is not None:
@@ -465,8 +502,12 @@ def _activity_message(summary) -> pb.ModelActivity | None:
 
 
 def _variable_info(summary) -> pb.VariableInfo:
-    info = pb.VariableInfo(name=summary.meta.name, dtype=codec.dtype_to_proto(summary.meta.dtype),
-                           shape=summary.meta.shape, slots=summary.slots)
+    info = pb.VariableInfo(
+        name=summary.meta.name,
+        dtype=codec.dtype_to_proto(summary.meta.dtype),
+        shape=summary.meta.shape,
+        slots=summary.slots,
+    )
     if summary.norm is not None:  # only when asked for (with_stats)
         info.norm = summary.norm
     return info
@@ -485,8 +526,13 @@ def _enum(value: int, table: dict, field: str):
 class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     """optserve.v1.ParameterServer on grpc.aio; every handler runs on the server's event loop."""
 
-    def __init__(self, registry: ModelRegistry, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
-                 checkpointer=None, limits: ServerLimits | None = None):
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        checkpointer=None,
+        limits: ServerLimits | None = None,
+    ):
         self.registry = registry
         self.max_request_bytes = int(max_request_bytes)
         self.checkpointer = checkpointer  # optserve.server.checkpoint.Checkpointer, when checkpointing
@@ -511,21 +557,24 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         tensors = None
         try:
             async for request in request_iterator:
-                if spec is None:
+                if tensors is None:  # the first message
                     if not request.HasField("spec"):
                         raise InvalidArgumentError("The first CreateModelRequest must carry `spec`.")
                     spec = request.spec
                     worker = request.worker_index if request.HasField("worker_index") else None
                     # Refuse a bad spec before its (possibly large) variables are read.
                     fields = self._spec_fields(spec)
-                    tensors = _RequestTensors(self.max_request_bytes, self.limits,
-                                              self._state_admission(fields, state))
+                    tensors = _RequestTensors(self.max_request_bytes, self.limits, self._state_admission(fields, state))
                 await tensors.add_all(request.variables)
-            if spec is None:
+            if tensors is None or fields is None:
                 raise InvalidArgumentError("CreateModel received no messages; send the spec, then the variables.")
             model, created = await self.registry.create_or_join(
-                variables=tensors.variables("Initial variable"), reservation=state, worker=worker,
-                peer=context.peer() or "", **fields)
+                variables=tensors.variables("Initial variable"),
+                reservation=state,
+                worker=worker,
+                peer=context.peer() or "",
+                **fields,
+            )
         finally:
             if tensors is not None:
                 tensors.release()
@@ -570,7 +619,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             with contextlib.ExitStack() as in_use:
                 try:
                     async for request in request_iterator:
-                        if header is None:
+                        if tensors is None:  # the first message
                             if not request.HasField("header"):
                                 raise InvalidArgumentError("The first ApplyGradientsRequest must carry `header`.")
                             header = request.header
@@ -586,12 +635,13 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 except (asyncio.CancelledError, AbortedError):
                     # The worker hung up (or stalled) mid-upload: its partial push is dropped here, and
                     # the step it belonged to must not wait for it (see Model.worker_lost).
-                    if model is not None:
+                    if model is not None and header is not None:
                         model.worker_lost(header.worker_index, header.step)
                     raise
                 if header is None or model is None or tensors is None:
                     raise InvalidArgumentError(
-                        "ApplyGradients received no messages; send a header, then the gradients.")
+                        "ApplyGradients received no messages; send a header, then the gradients."
+                    )
                 if tensors.broken_off(header):
                     # gRPC ends the request stream of a cancelled call (the worker hung up, its
                     # connection dropped) as it ends a finished one: only a push that is not
@@ -600,19 +650,29 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     tensors.variables("Gradient")  # names the tensor short of its bytes, if one is
                     raise InvalidArgumentError(
                         f"The push's stream ended after {tensors.count} of the {header.num_gradients} gradients "
-                        "its header declared; nothing of it was applied. Send the whole push again.")
+                        "its header declared; nothing of it was applied. Send the whole push again."
+                    )
                 if sparse_declared:
                     gradients = await self._densified(model, tensors.result(), sparse_declared)
                 else:
                     gradients = tensors.variables("Gradient")
                 try:
-                    outcome = await model.push(header.worker_index, header.step, gradients,
-                                               aggregated=header.aggregated, return_variables=header.return_variables)
+                    outcome = await model.push(
+                        header.worker_index,
+                        header.step,
+                        gradients,
+                        aggregated=header.aggregated,
+                        return_variables=header.return_variables,
+                    )
                 except asyncio.CancelledError:
                     # Its push arrived whole, so it stays in the step: the worker (or its replacement)
                     # pushing the step again is answered as a duplicate.
-                    log.info("model %r: worker %d hung up while its push for step %d waited; it still counts",
-                             header.model_id, header.worker_index, header.step)
+                    log.info(
+                        "model %r: worker %d hung up while its push for step %d waited; it still counts",
+                        header.model_id,
+                        header.worker_index,
+                        header.step,
+                    )
                     raise
         finally:
             if tensors is not None:
@@ -628,7 +688,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         encoding = outcome.memo.get("encoded_variables")
         if encoding is None:
             encoding = outcome.memo["encoded_variables"] = asyncio.ensure_future(
-                self._encode(pb.ApplyGradientsResponse(), "variables", _as_variables(values)))
+                self._encode(pb.ApplyGradientsResponse(), "variables", _as_variables(values))
+            )
         for message in await asyncio.shield(encoding):
             yield message
 
@@ -643,9 +704,14 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         model = self.registry.get(request.model_id)
         with model.usage.call(calls.PULL):
             status, values = await model.pull(request.names)
-        first = pb.PullResponse(state=pb.StepResult(step=status.step, iterations=status.iterations,
-                                                    learning_rate=status.learning_rate,
-                                                    generation=self._generation))
+        first = pb.PullResponse(
+            state=pb.StepResult(
+                step=status.step,
+                iterations=status.iterations,
+                learning_rate=status.learning_rate,
+                generation=self._generation,
+            )
+        )
         for message in await self._encode(first, "variables", _as_variables(values)):
             yield message
 
@@ -664,7 +730,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             return list(codec.chunk_messages(first, field, tensors))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(
-            self.registry.executor, lambda: list(codec.serialized_chunk_messages(first, field, tensors)))
+            self.registry.executor, lambda: list(codec.serialized_chunk_messages(first, field, tensors))
+        )
 
     @_translating_errors
     async def SetWeights(self, request_iterator: AsyncIterator[pb.SetWeightsRequest], context):
@@ -672,7 +739,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         try:
             with contextlib.ExitStack() as in_use:
                 async for request in request_iterator:
-                    if first is None:
+                    if tensors is None:  # the first message
                         first = request
                         model = self.registry.get(request.model_id)  # fail fast, before the payload
                         # has_state: clients from before field presence

@@ -29,19 +29,21 @@ from optserve.server.model import Model
 __all__ = ["densify_gradients"]
 
 
-def densify_gradients(model: Model, dense: Mapping[str, np.ndarray],
-                      sparse: Mapping[str, tuple[SparseGradient, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+def densify_gradients(
+    model: Model, dense: Mapping[str, np.ndarray], sparse: Mapping[str, tuple[SparseGradient, tuple[int, ...]]]
+) -> dict[str, np.ndarray]:
     """``dense`` plus every sparse gradient made dense; raises before anything is applied."""
     variables = {meta.name: meta for meta in model.spec.variables}
     for name, (gradient, declared_shape) in sparse.items():
         meta = variables.get(name)
         if meta is None:
             raise NotFoundError(
-                f"Model {model.model_id!r} has no variable {name!r}; its variables are {sorted(variables)}.")
+                f"Model {model.model_id!r} has no variable {name!r}; its variables are {sorted(variables)}."
+            )
         if declared_shape and declared_shape != meta.shape:
             raise InvalidArgumentError(
-                f"Sparse gradient for {name!r} declares shape {declared_shape}, but the variable has "
-                f"{meta.describe()}.")
+                f"Sparse gradient for {name!r} declares shape {declared_shape}, but the variable has {meta.describe()}."
+            )
         gradient.check_against(name, meta.shape, meta.dtype)
     merged = dict(dense)
     for name, (gradient, _) in sparse.items():

@@ -3,10 +3,12 @@
 A shape is ``[3, 2]`` (not ``(3, 2)``), a config value is JSON (``null``, ``true``,
 ``{"learning_rate": 0.01}``), a name is a JSON string (``"dense/kernel"``).
 """
+
 from __future__ import annotations
 
 import json
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 

@@ -5,6 +5,7 @@ also requires every client to present a certificate signed by that CA (mTLS).
 The files are read once, at start: rotating a certificate means a restart
 (workers retry through it).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -32,22 +33,28 @@ class ServerTLS:
         client_ca = _read_pem(self.client_ca_file, "--tls-client-ca") if self.client_ca_file is not None else None
         return grpc.ssl_server_credentials(
             [(_read_pem(self.key_file, "--tls-key"), _read_pem(self.cert_file, "--tls-cert"))],
-            root_certificates=client_ca, require_client_auth=self.mutual)
+            root_certificates=client_ca,
+            require_client_auth=self.mutual,
+        )
 
 
 def server_tls(cert_file=None, key_file=None, client_ca_file=None) -> ServerTLS | None:
     """The TLS settings from the three options (None: plaintext); refuses incomplete combinations."""
     if cert_file is None and key_file is None:
         if client_ca_file is not None:
-            raise InvalidArgumentError("`tls_client_ca` (--tls-client-ca) needs `tls_cert` and `tls_key` "
-                                       "(--tls-cert, --tls-key): client certificates are checked over TLS.")
+            raise InvalidArgumentError(
+                "`tls_client_ca` (--tls-client-ca) needs `tls_cert` and `tls_key` "
+                "(--tls-cert, --tls-key): client certificates are checked over TLS."
+            )
         return None
     if cert_file is None or key_file is None:
         given, missing = ("tls_cert", "tls_key") if key_file is None else ("tls_key", "tls_cert")
-        raise InvalidArgumentError(f"`{given}` needs `{missing}` too: TLS needs the server's certificate "
-                                   "and its private key (PEM files).")
-    tls = ServerTLS(os.fspath(cert_file), os.fspath(key_file),
-                    None if client_ca_file is None else os.fspath(client_ca_file))
+        raise InvalidArgumentError(
+            f"`{given}` needs `{missing}` too: TLS needs the server's certificate and its private key (PEM files)."
+        )
+    tls = ServerTLS(
+        os.fspath(cert_file), os.fspath(key_file), None if client_ca_file is None else os.fspath(client_ca_file)
+    )
     tls.credentials()  # read and checked now, so a bad file is a startup error
     return tls
 
@@ -59,8 +66,10 @@ def _read_pem(path: str, flag: str) -> bytes:
     except OSError as error:
         raise InvalidArgumentError(f"Cannot read {flag} file {path}: {error.strerror}.") from None
     if PEM_MARKER not in data:
-        raise InvalidArgumentError(f"{flag} file {path} is not PEM (no '-----BEGIN' line); convert it with "
-                                   "`openssl x509 -outform pem` (certificates) or `openssl pkey` (keys).")
+        raise InvalidArgumentError(
+            f"{flag} file {path} is not PEM (no '-----BEGIN' line); convert it with "
+            "`openssl x509 -outform pem` (certificates) or `openssl pkey` (keys)."
+        )
     return data
 
 
@@ -79,11 +88,15 @@ def exposure_warnings(host: str, tls: ServerTLS | None, tokens: bool) -> list[st
         return []
     where = f"{host} is reachable from other machines"
     if tls is None and not tokens:
-        return [f"{where} with neither TLS nor tokens: anyone who can connect may read, overwrite and delete "
-                "every model. Use --tls-cert/--tls-key and --auth-tokens (see deploy/README.md)."]
+        return [
+            f"{where} with neither TLS nor tokens: anyone who can connect may read, overwrite and delete "
+            "every model. Use --tls-cert/--tls-key and --auth-tokens (see deploy/README.md)."
+        ]
     if tls is None:
         return [f"{where} without TLS: tokens and tensors travel in clear text. Use --tls-cert/--tls-key."]
     if not tokens and not tls.mutual:
-        return [f"{where} with TLS but no client authentication: any client may read, overwrite and delete "
-                "every model. Add --auth-tokens FILE or --tls-client-ca FILE."]
+        return [
+            f"{where} with TLS but no client authentication: any client may read, overwrite and delete "
+            "every model. Add --auth-tokens FILE or --tls-client-ca FILE."
+        ]
     return []

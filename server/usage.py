@@ -13,12 +13,14 @@ so watching a model never keeps it alive.
 Times shown to people are wall-clock (``time.time()``); idle time is measured on
 the monotonic clock, so a clock step never makes a model look idle. Loop thread only.
 """
+
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import time
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 # What a call on a model was, as shown by `optserve inspect`.
 CREATE, JOIN, PUSH, PULL = "create", "join", "push", "pull"
@@ -54,7 +56,7 @@ class Activity:
         self._idle_since = time.monotonic()
 
     @classmethod
-    def created_by(cls, worker: int | None, peer: str) -> "Activity":
+    def created_by(cls, worker: int | None, peer: str) -> Activity:
         activity = cls()
         activity.record.creator_worker = worker
         activity.record.creator_peer = peer
@@ -95,7 +97,7 @@ class Activity:
         return dataclasses.asdict(self.record)
 
     @classmethod
-    def restored(cls, state: Mapping[str, Any] | None) -> "Activity":
+    def restored(cls, state: Mapping[str, Any] | None) -> Activity:
         """The activity saved in a checkpoint; its idle time starts at the restore, so a TTL
         gives the workers of a restarted server a full TTL to come back."""
         if not state:

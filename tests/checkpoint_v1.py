@@ -1,5 +1,6 @@
 """Writes checkpoints in format version 1 (``arrays.bin``), as optserve wrote them before version 2,
 so tests can check that such checkpoints still restore."""
+
 from __future__ import annotations
 
 import hashlib
@@ -28,11 +29,26 @@ def write_v1_checkpoint(directory: pathlib.Path, sequence: int, state) -> pathli
             offset += padding
             raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8).tobytes()
             handle.write(raw)
-            index.append({"dtype": array.dtype.str, "shape": list(array.shape), "offset": offset,
-                          "nbytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()})
+            index.append(
+                {
+                    "dtype": array.dtype.str,
+                    "shape": list(array.shape),
+                    "offset": offset,
+                    "nbytes": len(raw),
+                    "sha256": hashlib.sha256(raw).hexdigest(),
+                }
+            )
             offset += len(raw)
-    body = {"format": "optserve-checkpoint", "version": 1, "sequence": sequence, "saved_at": time.time(),
-            "data_file": "arrays.bin", "data_bytes": offset, "arrays": index, "tree": tree}
+    body = {
+        "format": "optserve-checkpoint",
+        "version": 1,
+        "sequence": sequence,
+        "saved_at": time.time(),
+        "data_file": "arrays.bin",
+        "data_bytes": offset,
+        "arrays": index,
+        "tree": tree,
+    }
     _write_manifest(path / "manifest.json", body)
     assert json.loads((path / "manifest.json").read_text())["version"] == 1
     os.sync()

@@ -1,4 +1,5 @@
 """Shared fixtures: a real optserve server on a free loopback port."""
+
 from __future__ import annotations
 
 import os

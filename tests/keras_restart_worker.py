@@ -10,6 +10,7 @@ kernel tells exactly how many updates the server applied:
 `1/num_workers` of it. A callback paces the steps so that the test can stop the
 server mid-`fit`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,6 +52,7 @@ def main(argv=None):
 
     import keras
     from keras import ops
+
     from optserve.client import RemoteOptimizer
 
     model = keras.Sequential(
@@ -58,9 +60,15 @@ def main(argv=None):
         name="restart",
     )
     share = 1.0 / args.num_workers
-    opt = RemoteOptimizer(keras.optimizers.SGD(LEARNING_RATE), args.address, model_id=args.model_id,
-                          num_workers=args.num_workers, worker_index=args.worker_index, sync_timeout_s=120,
-                          retry_window_s=120)
+    opt = RemoteOptimizer(
+        keras.optimizers.SGD(LEARNING_RATE),
+        args.address,
+        model_id=args.model_id,
+        num_workers=args.num_workers,
+        worker_index=args.worker_index,
+        sync_timeout_s=120,
+        retry_window_s=120,
+    )
     model.compile(loss=lambda y_true, y_pred: ops.mean(y_pred) * share, optimizer=opt)
     x = np.tile(FEATURES, (args.steps * BATCH, 1))
     y = np.zeros((args.steps * BATCH, 1), dtype="float32")

@@ -12,6 +12,7 @@ batch), in the order given. Then it runs the single-worker checks. Every check's
 to the JSON report: ``{"checks": {name: "ok" | "skip: why" | traceback}, "facts": {...}}``.
 A failed check does not stop the others.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ import traceback
 
 import numpy as np
 
-ATOL = 1e-5   # float32 results of two implementations of the same math
+ATOL = 1e-5  # float32 results of two implementations of the same math
 RTOL = 1e-5
 SEED = 1234
 
@@ -140,7 +141,7 @@ def keras_slots(optimizer, model_variables):
     for variable in optimizer.variables:
         for prefix, index in prefixes:
             if variable.name.startswith(prefix):
-                slots[(index, variable.name[len(prefix):])] = np.asarray(variable)
+                slots[(index, variable.name[len(prefix) :])] = np.asarray(variable)
                 break
     return slots
 
@@ -189,13 +190,13 @@ class Checks:
     def check_issue_fit_program(self):
         """Program 1 of the issue, and the same training with a local Keras Adam."""
         import keras
+
         from optserve.client import RemoteOptimizer
 
         x, y = data()
         model = make_model("fit_remote")
         local_model = twin(model, "fit_local")
-        opt = RemoteOptimizer(keras.optimizers.Adam(learning_rate=0.01), self.address,
-                              model_id=self.model_id("fit"))
+        opt = RemoteOptimizer(keras.optimizers.Adam(learning_rate=0.01), self.address, model_id=self.model_id("fit"))
         local_opt = keras.optimizers.Adam(learning_rate=0.01)
         model.compile(loss="categorical_crossentropy", optimizer=opt)
         local_model.compile(loss="categorical_crossentropy", optimizer=local_opt)
@@ -216,8 +217,7 @@ class Checks:
         assert_close(model.get_weights(), local_model.get_weights(), "model weights")
         np.testing.assert_allclose(history.history["loss"], local_history.history["loss"], rtol=1e-5)
         _, server_values = opt.client.pull(opt.model_id)
-        assert_close([server_values[v.path] for v in model.trainable_weights], model.get_weights(),
-                     "server values")
+        assert_close([server_values[v.path] for v in model.trainable_weights], model.get_weights(), "server values")
         assert_close(opt.get_weights(), keras_state(local_opt), "get_weights()")
         # `variables` read through to the server, also after the trainer wrote them back.
         assert_close([np.asarray(v) for v in opt.variables], keras_state(local_opt), "variables")
@@ -226,6 +226,7 @@ class Checks:
     def check_fit_with_schedule_matches_local(self):
         """A learning-rate schedule, evaluated on the server, as Keras evaluates it."""
         import keras
+
         from optserve.client import RemoteOptimizer
 
         def schedule():
@@ -234,15 +235,19 @@ class Checks:
         x, y = data(seed=7)
         model = make_model("sched_remote")
         local_model = twin(model, "sched_local")
-        opt = RemoteOptimizer(keras.optimizers.SGD(learning_rate=schedule(), momentum=0.9), self.address,
-                              model_id=self.model_id("schedule"))
+        opt = RemoteOptimizer(
+            keras.optimizers.SGD(learning_rate=schedule(), momentum=0.9),
+            self.address,
+            model_id=self.model_id("schedule"),
+        )
         local_opt = keras.optimizers.SGD(learning_rate=schedule(), momentum=0.9)
         # JAX and TensorFlow also run several steps per compiled call (PyTorch refuses
         # steps_per_execution > 1).
         steps_per_execution = 1 if self.backend == "torch" else 2
         model.compile(loss="categorical_crossentropy", optimizer=opt, steps_per_execution=steps_per_execution)
-        local_model.compile(loss="categorical_crossentropy", optimizer=local_opt,
-                            steps_per_execution=steps_per_execution)
+        local_model.compile(
+            loss="categorical_crossentropy", optimizer=local_opt, steps_per_execution=steps_per_execution
+        )
         model.fit(x, y, epochs=1, batch_size=4, shuffle=False, verbose=0)
         local_model.fit(x, y, epochs=1, batch_size=4, shuffle=False, verbose=0)
 
@@ -253,6 +258,7 @@ class Checks:
     def check_fit_eager_matches_local(self):
         """`run_eagerly=True` (the JAX trainer then calls stateless_apply without jit)."""
         import keras
+
         from optserve.client import RemoteOptimizer
 
         x, y = data(seed=11)
@@ -270,6 +276,7 @@ class Checks:
     def check_fit_with_ema_matches_local(self):
         """`use_ema`: the server keeps the averages; at the end of fit the variables take them."""
         import keras
+
         from optserve.client import RemoteOptimizer
 
         def adam():
@@ -286,21 +293,23 @@ class Checks:
         local_model.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
         assert_close(model.get_weights(), local_model.get_weights(), "model weights (the averages)")
         _, server_values = opt.client.pull(opt.model_id)
-        assert_close([server_values[v.path] for v in model.trainable_weights], model.get_weights(),
-                     "server values")
+        assert_close([server_values[v.path] for v in model.trainable_weights], model.get_weights(), "server values")
         assert_state_like_keras(opt, model, local_opt, local_model)
 
     def check_fit_with_constraint_matches_local(self):
         """Keras constrains a variable after each update; the server must continue from that value."""
         import keras
         from keras import layers
+
         from optserve.client import RemoteOptimizer
 
         def constrained(prefix):
             return keras.Sequential(
-                [keras.Input((10,)),
-                 layers.Dense(8, kernel_constraint=keras.constraints.NonNeg(), name=f"{prefix}_dense"),
-                 layers.Activation("softmax", name=f"{prefix}_softmax")],
+                [
+                    keras.Input((10,)),
+                    layers.Dense(8, kernel_constraint=keras.constraints.NonNeg(), name=f"{prefix}_dense"),
+                    layers.Activation("softmax", name=f"{prefix}_softmax"),
+                ],
                 name=prefix,
             )
 
@@ -308,8 +317,9 @@ class Checks:
         model = constrained("nonneg_remote")
         local_model = constrained("nonneg_local")
         local_model.set_weights(model.get_weights())
-        opt = RemoteOptimizer(keras.optimizers.SGD(learning_rate=0.5), self.address,
-                              model_id=self.model_id("constraint"))
+        opt = RemoteOptimizer(
+            keras.optimizers.SGD(learning_rate=0.5), self.address, model_id=self.model_id("constraint")
+        )
         local_opt = keras.optimizers.SGD(learning_rate=0.5)
         model.compile(loss="categorical_crossentropy", optimizer=opt)
         local_model.compile(loss="categorical_crossentropy", optimizer=local_opt)
@@ -317,12 +327,12 @@ class Checks:
         local_model.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
         assert_close(model.get_weights(), local_model.get_weights(), "model weights")
         _, server_values = opt.client.pull(opt.model_id)
-        assert_close([server_values[v.path] for v in model.trainable_weights], model.get_weights(),
-                     "server values")
+        assert_close([server_values[v.path] for v in model.trainable_weights], model.get_weights(), "server values")
 
     def check_issue_custom_loop(self):
         """Program 2 of the issue: a custom loop with the backend's gradients."""
         import keras
+
         from optserve.client import RemoteOptimizer
 
         x, y = data(seed=3)
@@ -331,7 +341,7 @@ class Checks:
         loss_fn = keras.losses.CategoricalCrossentropy()
         optimizer = RemoteOptimizer("adam", self.address, model_id=self.model_id("loop"))
         local_optimizer = keras.optimizers.Adam()
-        dataset = [(x[i:i + 8], y[i:i + 8]) for i in range(0, len(x), 8)]
+        dataset = [(x[i : i + 8], y[i : i + 8]) for i in range(0, len(x), 8)]
         for batch_x, batch_y in dataset:
             grads = gradients(model, loss_fn, batch_x, batch_y)
             optimizer.apply_gradients(zip(grads, model.trainable_weights))
@@ -347,19 +357,19 @@ class Checks:
     def check_set_weights_then_training_continues_like_keras(self):
         """Local Keras trains k steps; a fresh RemoteOptimizer takes its state; both go on alike."""
         import keras
+
         from optserve.client import RemoteOptimizer
 
         x, y = data(seed=5)
         loss_fn = keras.losses.CategoricalCrossentropy()
         local_model = make_model("resume_local")
         local_opt = keras.optimizers.Adam(learning_rate=0.05)
-        batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, len(x), 8)]
+        batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, len(x), 8)]
         for batch_x, batch_y in batches[:2]:
             local_opt.apply(gradients(local_model, loss_fn, batch_x, batch_y), local_model.trainable_weights)
 
         model = twin(local_model, "resume_remote")
-        opt = RemoteOptimizer(keras.optimizers.Adam(learning_rate=0.05), self.address,
-                              model_id=self.model_id("resume"))
+        opt = RemoteOptimizer(keras.optimizers.Adam(learning_rate=0.05), self.address, model_id=self.model_id("resume"))
         opt.build(model.trainable_weights)
         opt.set_weights(keras_state(local_opt))
         assert int(opt.iterations) == 2
@@ -373,6 +383,7 @@ class Checks:
 
     def check_set_weights_rejects_bad_lists(self):
         import keras
+
         from optserve.client import RemoteOptimizer
 
         model = make_model("reject")
@@ -397,12 +408,12 @@ class Checks:
         import tempfile
 
         import keras
+
         from optserve.client import RemoteOptimizer
 
         x, y = data(seed=19)
         model = make_model("saved")
-        opt = RemoteOptimizer(keras.optimizers.Adam(learning_rate=0.01), self.address,
-                              model_id=self.model_id("saved"))
+        opt = RemoteOptimizer(keras.optimizers.Adam(learning_rate=0.01), self.address, model_id=self.model_id("saved"))
         model.compile(loss="categorical_crossentropy", optimizer=opt)
         model.fit(x, y, epochs=1, batch_size=8, verbose=0)
         saved_state = opt.get_weights()
@@ -424,6 +435,7 @@ class Checks:
             raise SkipCheck("only JAX traces Python functions into compiled ones")
         import jax
         import keras
+
         from optserve.client import RemoteOptimizer
 
         variable = keras.Variable(np.zeros(3, "float32"), name="traced")
@@ -439,11 +451,17 @@ class Checks:
 
     def check_serialization_round_trip(self):
         import keras
+
         from optserve.client import RemoteOptimizer
 
         schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=10000, decay_rate=0.9)
-        opt = RemoteOptimizer(keras.optimizers.Adam(learning_rate=schedule), self.address,
-                              model_id="never-built", num_workers=2, worker_index=1)
+        opt = RemoteOptimizer(
+            keras.optimizers.Adam(learning_rate=schedule),
+            self.address,
+            model_id="never-built",
+            num_workers=2,
+            worker_index=1,
+        )
         again = RemoteOptimizer.from_config(opt.get_config())
         assert again.get_config() == opt.get_config()
         revived = keras.optimizers.deserialize(keras.optimizers.serialize(opt))
@@ -458,6 +476,7 @@ class Checks:
         import tempfile
 
         import keras
+
         from optserve.client import RemoteOptimizer
 
         x, y = data(seed=41)
@@ -487,6 +506,7 @@ class Checks:
 
     def check_restore_best_weights_reaches_the_server(self):
         import keras
+
         from optserve.client import RemoteOptimizer
 
         x, y = data(seed=43)
@@ -499,8 +519,7 @@ class Checks:
         for m, o in ((model, opt), (local, local_opt)):
             m.compile(loss="categorical_crossentropy", optimizer=o)
             stop = keras.callbacks.EarlyStopping(patience=1, restore_best_weights=True)
-            m.fit(x, y, validation_data=(vx, vy), epochs=6, batch_size=8, shuffle=False, verbose=0,
-                  callbacks=[stop])
+            m.fit(x, y, validation_data=(vx, vy), epochs=6, batch_size=8, shuffle=False, verbose=0, callbacks=[stop])
             m.fit(x, y, epochs=1, batch_size=8, shuffle=False, verbose=0)
         assert_close(model.get_weights(), local.get_weights(), "weights")
 
@@ -509,6 +528,7 @@ class Checks:
         import tempfile
 
         import keras
+
         from optserve.client import RemoteOptimizer
 
         x, y = data(seed=47)
@@ -540,6 +560,7 @@ class Checks:
     def check_auto_named_reruns_join_one_job(self):
         """A notebook cell run twice: the same model, other auto names, one job."""
         import keras
+
         from optserve.client import RemoteOptimizer
 
         def cell():
@@ -571,7 +592,6 @@ class Checks:
             raise AssertionError("a different model joined the job")
 
     def check_default_job_is_fresh_and_resume_is_explicit(self):
-        import keras
         from optserve.client import RemoteOptimizer
 
         x, y = data(seed=59)
@@ -593,7 +613,8 @@ class Checks:
             raise AssertionError("resume=False joined a trained job")
         try:
             RemoteOptimizer("adam", self.address, model_id=self.model_id("absent"), resume=True).build(
-                make_model("absent").trainable_weights)
+                make_model("absent").trainable_weights
+            )
         except ValueError as error:
             assert "resume=True" in str(error), str(error)
         else:
@@ -608,11 +629,13 @@ class Checks:
     def check_learning_rate_callbacks_match_local(self):
         """LearningRateScheduler and ReduceLROnPlateau set the rate on the server, with Keras's numbers."""
         import keras
+
         from optserve.client import RemoteOptimizer
 
         x, y = data(seed=67)
         for kind in ("scheduler", "plateau"):
-            def callbacks():
+
+            def callbacks(kind=kind):
                 if kind == "scheduler":
                     return [keras.callbacks.LearningRateScheduler(lambda epoch, lr: lr * 0.5 if epoch else lr)]
                 # min_delta so large that every epoch counts as no improvement: the rate drops each epoch.
@@ -635,6 +658,7 @@ class Checks:
     def check_a_steady_fit_costs_one_round_trip_per_step(self):
         """Write-back detection, restart handling and state mirrors add no call to a steady step."""
         import keras
+
         from optserve.client import RemoteOptimizer
 
         x, y = data(seed=73)
@@ -661,6 +685,7 @@ class Checks:
 
     def check_iterations_read_right_after_set_weights_and_fit(self):
         import keras
+
         from optserve.client import RemoteOptimizer
 
         x, y = data(seed=61)
@@ -685,6 +710,7 @@ class Checks:
         self.require_tensorflow()
         import keras
         import tensorflow as tf
+
         from optserve.client import RemoteOptimizer
 
         x, y = data(seed=23)
@@ -709,7 +735,7 @@ class Checks:
         local_optimizer = keras.optimizers.Adam(0.02)
         traces, local_traces = [], []
         step, local_step = make_step(model, optimizer, traces), make_step(local_model, local_optimizer, local_traces)
-        batches = [(x[i:i + 8], y[i:i + 8]) for i in range(0, len(x), 8)] * 2
+        batches = [(x[i : i + 8], y[i : i + 8]) for i in range(0, len(x), 8)] * 2
         for batch_x, batch_y in batches:
             step(tf.constant(batch_x), tf.constant(batch_y))
             local_step(tf.constant(batch_x), tf.constant(batch_y))
@@ -719,14 +745,14 @@ class Checks:
         assert_close(model.get_weights(), local_model.get_weights(), "model weights")
         assert_close(optimizer.get_weights(), keras_state(local_optimizer), "get_weights()")
         _, server_values = optimizer.client.pull(optimizer.model_id)
-        assert_close([server_values[v.path] for v in model.trainable_weights], model.get_weights(),
-                     "server values")
+        assert_close([server_values[v.path] for v in model.trainable_weights], model.get_weights(), "server values")
 
     def check_tf_data_and_callbacks_during_fit(self):
         """`tf.data` input; callbacks read iterations and the learning rate after every batch."""
         self.require_tensorflow()
         import keras
         import tensorflow as tf
+
         from optserve.client import RemoteOptimizer
 
         def sgd():
@@ -745,6 +771,7 @@ class Checks:
         def recorder(optimizer, seen):
             def on_train_batch_end(batch, logs):
                 seen.append((int(optimizer.iterations), float(optimizer.learning_rate)))
+
             return keras.callbacks.LambdaCallback(on_train_batch_end=on_train_batch_end)
 
         seen, local_seen = [], []
@@ -760,12 +787,17 @@ class Checks:
         self.require_tensorflow()
         import keras
         import tensorflow as tf
+
         from optserve.client import RemoteOptimizer, SparseGradient
 
         def embedding_model(prefix):
             return keras.Sequential(
-                [keras.Input((3,), dtype="int32"), keras.layers.Embedding(50, 4, name=f"{prefix}_embedding"),
-                 keras.layers.Flatten(name=f"{prefix}_flatten"), keras.layers.Dense(2, name=f"{prefix}_dense")],
+                [
+                    keras.Input((3,), dtype="int32"),
+                    keras.layers.Embedding(50, 4, name=f"{prefix}_embedding"),
+                    keras.layers.Flatten(name=f"{prefix}_flatten"),
+                    keras.layers.Dense(2, name=f"{prefix}_dense"),
+                ],
                 name=prefix,
             )
 
@@ -784,9 +816,9 @@ class Checks:
             pushed = []
             push_pull = opt.client.push_pull
 
-            def spy(model_id, grads, **kwargs):
-                pushed.append({name: type(g).__name__ for name, g in grads.items()})
-                return push_pull(model_id, grads, **kwargs)
+            def spy(model_id, grads, _pushed=pushed, _push_pull=push_pull, **kwargs):
+                _pushed.append({name: type(g).__name__ for name, g in grads.items()})
+                return _push_pull(model_id, grads, **kwargs)
 
             opt.client.push_pull = spy
             model.compile(loss="mse", optimizer=opt, run_eagerly=eager)
@@ -807,6 +839,7 @@ class Checks:
         """The tf.keras docs' example: RMSprop state after fit, then set_weights and iterations."""
         self.require_tensorflow()
         import keras
+
         from optserve.client import RemoteOptimizer
 
         opt = RemoteOptimizer(keras.optimizers.RMSprop(), self.address, model_id=self.model_id("rms_docs"))
@@ -828,7 +861,6 @@ class Checks:
     def check_tf_jit_compile_is_refused_clearly(self):
         """XLA cannot compile the host call: the error says what to set, and nothing is applied."""
         self.require_tensorflow()
-        import keras
         from optserve.client import RemoteOptimizer
 
         x, y = data(seed=31)
@@ -846,8 +878,8 @@ class Checks:
     def check_tf_errors_inside_fit_are_clear(self):
         """A deleted model and a server that is gone, met inside the traced train step."""
         self.require_tensorflow()
-        import keras
         import tensorflow as tf
+
         from optserve.client import RemoteOptimizer
         from optserve.server.app import start_server
 
@@ -884,12 +916,13 @@ class Checks:
     def run_two_workers(self, model_id, worker_index, num_workers, steps=3):
         """Each worker pushes the gradient of its half of the batch, loss scaled so the sum is the full one."""
         import keras
+
         from optserve.client import RemoteOptimizer
 
         x, y = data(n=16, seed=21)
         half = len(x) // num_workers
-        my_x = x[worker_index * half:(worker_index + 1) * half]
-        my_y = y[worker_index * half:(worker_index + 1) * half]
+        my_x = x[worker_index * half : (worker_index + 1) * half]
+        my_y = y[worker_index * half : (worker_index + 1) * half]
         full_loss = keras.losses.CategoricalCrossentropy()
 
         def my_loss(y_true, y_pred):
@@ -897,8 +930,14 @@ class Checks:
             return full_loss(y_true, y_pred) * (half / len(x))
 
         model = make_model("shared")
-        opt = RemoteOptimizer(keras.optimizers.Adam(learning_rate=0.02), self.address, model_id=model_id,
-                              num_workers=num_workers, worker_index=worker_index, sync_timeout_s=120)
+        opt = RemoteOptimizer(
+            keras.optimizers.Adam(learning_rate=0.02),
+            self.address,
+            model_id=model_id,
+            num_workers=num_workers,
+            worker_index=worker_index,
+            sync_timeout_s=120,
+        )
         opt.build(model.trainable_weights)
         initial = model.get_weights()  # the server's values, whoever created the model
         for _ in range(steps):
@@ -953,9 +992,11 @@ def main(argv=None):
         except Exception:  # noqa: BLE001
             results[f"peer:{model_id}"] = traceback.format_exc()
 
-    names = args.only if args.only is not None else [
-        name[len("check_"):] for name in vars(Checks) if name.startswith("check_")
-    ]
+    names = (
+        args.only
+        if args.only is not None
+        else [name[len("check_") :] for name in vars(Checks) if name.startswith("check_")]
+    )
     run(checks, names, results)
     with open(args.report, "w") as handle:
         json.dump(report, handle, indent=1)

@@ -1,9 +1,10 @@
 """Drive an optserve server through the generated stubs (no client library), for the server tests."""
+
 from __future__ import annotations
 
 import json
 import time
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import grpc
 import numpy as np
@@ -40,12 +41,26 @@ def _variable_tensors(values: Mapping[str, np.ndarray]):
     return ((name, "", np.asarray(value)) for name, value in values.items())
 
 
-def create_model(stub, model_id: str, variables: Mapping[str, np.ndarray], optimizer=None, *,
-                 num_workers: int = 1, mode=pb.SYNC, sync_timeout_s: float = 0.0,
-                 timeout_policy=pb.FAIL) -> pb.CreateModelResponse:
+def create_model(
+    stub,
+    model_id: str,
+    variables: Mapping[str, np.ndarray],
+    optimizer=None,
+    *,
+    num_workers: int = 1,
+    mode=pb.SYNC,
+    sync_timeout_s: float = 0.0,
+    timeout_policy=pb.FAIL,
+) -> pb.CreateModelResponse:
     config = optimizer if optimizer is not None else sgd()
-    spec = pb.ModelSpec(model_id=model_id, optimizer_config_json=json.dumps(config), num_workers=num_workers,
-                        mode=mode, sync_timeout_s=sync_timeout_s, timeout_policy=timeout_policy)
+    spec = pb.ModelSpec(
+        model_id=model_id,
+        optimizer_config_json=json.dumps(config),
+        num_workers=num_workers,
+        mode=mode,
+        sync_timeout_s=sync_timeout_s,
+        timeout_policy=timeout_policy,
+    )
 
     def requests():
         yield pb.CreateModelRequest(spec=spec)
@@ -55,11 +70,20 @@ def create_model(stub, model_id: str, variables: Mapping[str, np.ndarray], optim
     return stub.CreateModel(requests(), timeout=TIMEOUT_S)
 
 
-def push(stub, model_id: str, worker: int, step: int, gradients: Mapping[str, np.ndarray], *,
-         aggregated: bool = False, return_variables: bool = False, timeout: float = TIMEOUT_S
-         ) -> tuple[pb.StepResult, dict[str, np.ndarray]]:
-    header = pb.ApplyGradientsHeader(model_id=model_id, worker_index=worker, step=step,
-                                     aggregated=aggregated, return_variables=return_variables)
+def push(
+    stub,
+    model_id: str,
+    worker: int,
+    step: int,
+    gradients: Mapping[str, np.ndarray],
+    *,
+    aggregated: bool = False,
+    return_variables: bool = False,
+    timeout: float = TIMEOUT_S,
+) -> tuple[pb.StepResult, dict[str, np.ndarray]]:
+    header = pb.ApplyGradientsHeader(
+        model_id=model_id, worker_index=worker, step=step, aggregated=aggregated, return_variables=return_variables
+    )
 
     def requests():
         yield pb.ApplyGradientsRequest(header=header)
@@ -85,8 +109,9 @@ def pull(stub, model_id: str, names: Iterable[str] = ()) -> tuple[pb.StepResult,
     return state, codec.variables_only(assembler.result())
 
 
-def get_weights(stub, model_id: str, names: Iterable[str] = (), include_variables: bool = False
-                ) -> tuple[pb.OptimizerState, dict[tuple[str, str], np.ndarray]]:
+def get_weights(
+    stub, model_id: str, names: Iterable[str] = (), include_variables: bool = False
+) -> tuple[pb.OptimizerState, dict[tuple[str, str], np.ndarray]]:
     """State and ``{(variable, slot): value}`` in the order the server sent them."""
     state = None
     assembler = codec.TensorAssembler()
@@ -98,8 +123,9 @@ def get_weights(stub, model_id: str, names: Iterable[str] = (), include_variable
     return state, assembler.result()
 
 
-def set_weights(stub, model_id: str, tensors: Mapping[tuple[str, str], np.ndarray] = (),
-                state: pb.OptimizerState | None = None) -> pb.SetWeightsResponse:
+def set_weights(
+    stub, model_id: str, tensors: Mapping[tuple[str, str], np.ndarray] = (), state: pb.OptimizerState | None = None
+) -> pb.SetWeightsResponse:
     tensors = dict(tensors)
 
     def requests():
@@ -151,4 +177,3 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.01) -> None
 def waiting_workers(stub, model_id: str) -> list[int]:
     response = stub.ListModels(pb.ListModelsRequest(model_id=model_id), timeout=TIMEOUT_S)
     return list(response.models[0].waiting_workers)
-

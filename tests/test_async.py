@@ -1,12 +1,13 @@
 """Asynchronous mode: every push applied as it arrives, atomically, none lost, none applied twice."""
+
 from __future__ import annotations
 
 import threading
 
 import grpc
 import numpy as np
-
 import rpc_helpers as rpc
+
 from optserve.protos import optserve_pb2 as pb
 
 WORKERS = 8
@@ -17,8 +18,14 @@ def test_concurrent_pushes_lose_no_update(address):
     size = 1000
     channel, stub = rpc.connect(address)
     with channel:
-        rpc.create_model(stub, "job", {"w": np.zeros(size, np.float32), "b": np.zeros(3, np.float32)},
-                         rpc.sgd(1.0), num_workers=WORKERS, mode=pb.ASYNC)
+        rpc.create_model(
+            stub,
+            "job",
+            {"w": np.zeros(size, np.float32), "b": np.zeros(3, np.float32)},
+            rpc.sgd(1.0),
+            num_workers=WORKERS,
+            mode=pb.ASYNC,
+        )
     failures = []
 
     def worker(index):
@@ -27,8 +34,13 @@ def test_concurrent_pushes_lose_no_update(address):
         with worker_channel:
             for step in range(PUSHES):
                 try:
-                    rpc.push(worker_stub, "job", index, step,
-                             {"w": np.ones(size, np.float32), "b": np.full(3, index, np.float32)})
+                    rpc.push(
+                        worker_stub,
+                        "job",
+                        index,
+                        step,
+                        {"w": np.ones(size, np.float32), "b": np.full(3, index, np.float32)},
+                    )
                 except grpc.RpcError as error:  # pragma: no cover - reported below
                     failures.append(error)
 

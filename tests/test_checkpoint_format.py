@@ -1,11 +1,12 @@
 """Checkpoint files readable without optserve (safetensors), and version-1 checkpoints still restoring."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from checkpoint_v1 import write_v1_checkpoint
 from safetensors.numpy import load_file
 
-from checkpoint_v1 import write_v1_checkpoint
 from optserve.client.client import Client
 from optserve.server.app import start_server
 from optserve.server.checkpoint import DATA_FILE, CheckpointStore
@@ -48,8 +49,12 @@ def test_a_checkpoints_arrays_load_with_safetensors_and_equal_get_weights(tmp_pa
 
 def test_unusual_dtypes_are_stored_as_safetensors_can_hold_them_and_come_back_exact(tmp_path):
     store = CheckpointStore(tmp_path)
-    state = {"complex": np.array([1 + 2j, -3.5j], np.complex128), "big_endian": np.arange(3, dtype=">i4"),
-             "scalar": np.float16(1.5), "empty": np.zeros((0, 2), np.float32)}
+    state = {
+        "complex": np.array([1 + 2j, -3.5j], np.complex128),
+        "big_endian": np.arange(3, dtype=">i4"),
+        "scalar": np.float16(1.5),
+        "empty": np.zeros((0, 2), np.float32),
+    }
     path = store.save(state)
     tensors = load_file(str(path / DATA_FILE))
     np.testing.assert_array_equal(tensors["complex"], [[1.0, 2.0], [0.0, -3.5]])
@@ -83,7 +88,7 @@ def test_a_version_1_checkpoint_restores_and_the_next_one_is_version_2(tmp_path)
         restored.stop(final_checkpoint=False)
     assert newest.endswith("ckpt-00000006")
     assert CheckpointStore(old).describe(newest)["sequence"] == 6
-    assert f"models/job/engine/variables/bias" in load_file(f"{newest}/{DATA_FILE}")
+    assert "models/job/engine/variables/bias" in load_file(f"{newest}/{DATA_FILE}")
 
 
 @pytest.mark.parametrize("where", ["header-length", "data"])

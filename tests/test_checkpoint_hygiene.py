@@ -1,4 +1,5 @@
 """Checkpoint directory hygiene: interrupted saves are cleaned up at start-up; a full disk says what helps."""
+
 from __future__ import annotations
 
 import errno
@@ -41,21 +42,30 @@ def test_a_full_disk_says_what_helps(tmp_path, monkeypatch):
     def disk_full(self, state):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    with start_server(device="cpu", checkpoint_dir=tmp_path, checkpoint_every="off") as server, \
-            Client(server.address) as client:
+    with (
+        start_server(device="cpu", checkpoint_dir=tmp_path, checkpoint_every="off") as server,
+        Client(server.address) as client,
+    ):
         client.create_model("job", "sgd", {"w": np.ones(4, np.float32)})
         monkeypatch.setattr(CheckpointStore, "save", disk_full)
         with pytest.raises(ResourceExhaustedError) as error:
             client.checkpoint()
     message = str(error.value)
-    for words in ("bytes free", "Free space there", "--checkpoint-keep", "larger disk",
-                  "previous checkpoints are intact"):
+    for words in (
+        "bytes free",
+        "Free space there",
+        "--checkpoint-keep",
+        "larger disk",
+        "previous checkpoints are intact",
+    ):
         assert words in message
 
 
 def test_a_checkpoint_with_a_step_beyond_the_bound_is_refused_at_start_up(tmp_path):
-    with start_server(device="cpu", checkpoint_dir=tmp_path, checkpoint_every="off") as server, \
-            Client(server.address) as client:
+    with (
+        start_server(device="cpu", checkpoint_dir=tmp_path, checkpoint_every="off") as server,
+        Client(server.address) as client,
+    ):
         client.create_model("job", "sgd", {"w": np.ones(4, np.float32)})
     store = CheckpointStore(tmp_path)
     state = store.load(store.list()[-1].path)

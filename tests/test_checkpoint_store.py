@@ -1,4 +1,5 @@
 """CheckpointStore: exact round trips, atomic saves, pruning, damaged checkpoints skipped."""
+
 from __future__ import annotations
 
 import json
@@ -230,13 +231,16 @@ def test_failed_save_leaves_nothing_behind(tmp_path, monkeypatch):
     _assert_same(store.load_latest()[0], _state(0))
 
 
-@pytest.mark.parametrize("bad, fragment", [
-    ({"x": np.array([object()], dtype=object)}, "dtype object at /x"),
-    ({"x": {1, 2}}, "type set at /x"),
-    ({"x": [b"raw"]}, "type bytes at /x/0"),
-    ({(1, 2): 3}, "dict key of type tuple"),
-    ({np.int64(1): 3}, "dict key of type int64"),
-])
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        ({"x": np.array([object()], dtype=object)}, "dtype object at /x"),
+        ({"x": {1, 2}}, "type set at /x"),
+        ({"x": [b"raw"]}, "type bytes at /x/0"),
+        ({(1, 2): 3}, "dict key of type tuple"),
+        ({np.int64(1): 3}, "dict key of type int64"),
+    ],
+)
 def test_unsupported_values_are_rejected_before_writing(tmp_path, bad, fragment):
     store = CheckpointStore(tmp_path)
     with pytest.raises(InvalidArgumentError, match="Cannot checkpoint") as info:

@@ -4,6 +4,7 @@ A crash is ``RunningServer.stop(final_checkpoint=False)``: what changed after th
 last checkpoint is lost, exactly as when the process is killed. Starting a new
 server on the same directory is the restart.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,9 +19,9 @@ import threading
 
 import numpy as np
 import pytest
+import rpc_helpers as rpc
 from grpc_health.v1 import health_pb2
 
-import rpc_helpers as rpc
 from optserve.client.client import (
     Client,
     FailedPreconditionError,
@@ -28,7 +29,7 @@ from optserve.client.client import (
     StepMismatchError,
     UnavailableError,
 )
-from optserve.server import cli
+from optserve.server import cli, errors
 from optserve.server.app import ParameterServer, start_server
 from optserve.server.checkpoint import (
     DATA_FILE,
@@ -37,12 +38,18 @@ from optserve.server.checkpoint import (
     CheckpointStore,
     parse_checkpoint_every,
 )
-from optserve.server import errors
 from optserve.server.errors import InvalidArgumentError
 
-NADAM = {"class_name": "Nadam", "config": {"use_ema": True, "learning_rate": {
-    "class_name": "ExponentialDecay",
-    "config": {"initial_learning_rate": 0.1, "decay_steps": 3, "decay_rate": 0.5}}}}
+NADAM = {
+    "class_name": "Nadam",
+    "config": {
+        "use_ema": True,
+        "learning_rate": {
+            "class_name": "ExponentialDecay",
+            "config": {"initial_learning_rate": 0.1, "decay_steps": 3, "decay_rate": 0.5},
+        },
+    },
+}
 SGD = {"class_name": "SGD", "config": {"learning_rate": 1.0}}
 
 
@@ -62,9 +69,12 @@ def _serve(directory, **options):
 
 def _sync_step(clients: list[Client], model_id: str, step: int) -> None:
     """Every worker of ``clients`` pushes ``step``; returns once it is applied."""
-    threads = [threading.Thread(target=client.push, args=(model_id, _grads(step, index)),
-                                kwargs={"worker_index": index, "step": step})
-               for index, client in enumerate(clients[1:], start=1)]
+    threads = [
+        threading.Thread(
+            target=client.push, args=(model_id, _grads(step, index)), kwargs={"worker_index": index, "step": step}
+        )
+        for index, client in enumerate(clients[1:], start=1)
+    ]
     for thread in threads:
         thread.start()
     clients[0].push(model_id, _grads(step, 0), worker_index=0, step=step)
@@ -80,11 +90,22 @@ def _everything(client: Client, model_id: str):
 
 def _assert_same_state(before, after) -> None:
     (info_a, weights_a), (info_b, weights_b) = before, after
-    for field in ("step", "iterations", "raw_iterations", "learning_rate", "scalars", "num_workers", "mode",
-                  "optimizer_config", "sync_timeout_s", "timeout_policy"):
+    for field in (
+        "step",
+        "iterations",
+        "raw_iterations",
+        "learning_rate",
+        "scalars",
+        "num_workers",
+        "mode",
+        "optimizer_config",
+        "sync_timeout_s",
+        "timeout_policy",
+    ):
         assert getattr(info_a, field) == getattr(info_b, field), field
-    assert [(v.name, v.shape, v.dtype, v.slots) for v in info_a.variables] == \
-        [(v.name, v.shape, v.dtype, v.slots) for v in info_b.variables]
+    assert [(v.name, v.shape, v.dtype, v.slots) for v in info_a.variables] == [
+        (v.name, v.shape, v.dtype, v.slots) for v in info_b.variables
+    ]
     assert list(weights_a.variables) == list(weights_b.variables)
     for name in weights_a.variables:
         assert weights_a.variables[name].tobytes() == weights_b.variables[name].tobytes(), name
@@ -103,8 +124,11 @@ def _checkpoint_step(path, model_id: str) -> int:
 
 def test_a_restored_server_holds_exactly_the_state_it_checkpointed_and_trains_on_identically(tmp_path):
     """Nadam with EMA and a schedule: variables, slots, counters, u_product, schedule position, step."""
-    with start_server(device="cpu") as reference, Client(reference.address) as ref, \
-            Client(reference.address) as ref_two:
+    with (
+        start_server(device="cpu") as reference,
+        Client(reference.address) as ref,
+        Client(reference.address) as ref_two,
+    ):
         ref.create_model("sync", NADAM, _variables(), num_workers=2)
         ref.create_model("async", SGD, _variables(), mode="async")
         server = _serve(tmp_path)
@@ -137,12 +161,15 @@ def test_after_a_crash_pushes_the_checkpoint_counted_are_duplicates_and_later_on
         one.create_model("job", SGD, _variables(), num_workers=2)
         for step in range(3):
             _sync_step([one, two], "job", step)
-        one.checkpoint()                       # steps 0-2 are in it
-        _sync_step([one, two], "job", 3)       # lost in the crash
+        one.checkpoint()  # steps 0-2 are in it
+        _sync_step([one, two], "job", 3)  # lost in the crash
         refused = []
-        parked = threading.Thread(target=lambda: refused.append(pytest.raises(
-            UnavailableError, two.push, "job", _grads(4, 1), worker_index=1, step=4)))
-        parked.start()                         # half of step 4 is collected when the server dies
+        parked = threading.Thread(
+            target=lambda: refused.append(
+                pytest.raises(UnavailableError, two.push, "job", _grads(4, 1), worker_index=1, step=4)
+            )
+        )
+        parked.start()  # half of step 4 is collected when the server dies
         rpc.wait_until(lambda: one.list_models("job")[0].waiting_workers == [1])
         server.stop(final_checkpoint=False)
         parked.join()
@@ -151,13 +178,13 @@ def test_after_a_crash_pushes_the_checkpoint_counted_are_duplicates_and_later_on
     with _serve(tmp_path) as restarted, Client(restarted.address) as one, Client(restarted.address) as two:
         info = one.list_models("job")[0]
         assert (info.step, info.iterations, info.waiting_workers) == (3, 3, [])
-        retried = one.push("job", _grads(2, 0), worker_index=0, step=2)   # its answer was lost in the crash
+        retried = one.push("job", _grads(2, 0), worker_index=0, step=2)  # its answer was lost in the crash
         assert (retried.duplicate, retried.step, retried.iterations) == (True, 3, 3)
         with pytest.raises(StepMismatchError) as ahead:
             one.push("job", _grads(4, 0), worker_index=0, step=4)
         assert ahead.value.current_step == 3
         assert one.resync("job", 0) == 3
-        _sync_step([one, two], "job", 3)        # the lost step, pushed again
+        _sync_step([one, two], "job", 3)  # the lost step, pushed again
         assert one.list_models("job")[0].iterations == 4
 
 
@@ -204,15 +231,15 @@ def test_periodic_checkpoints_by_steps_keep_the_newest(tmp_path):
         client.create_model("b", SGD, _variables())
         for step in range(2):
             client.push("a", _grads(step))
-        client.push("b", _grads(0))           # updates of all models count together
+        client.push("b", _grads(0))  # updates of all models count together
         rpc.wait_until(lambda: len(store.list()) == 1)
         newest = store.list()[-1].path
         assert (_checkpoint_step(newest, "a"), _checkpoint_step(newest, "b")) == (2, 1)
         for round_ in range(2):
             for step in range(3):
                 client.push("a", _grads(step))
-            rpc.wait_until(lambda: store.list()[-1].sequence == round_ + 2)
-        assert [info.sequence for info in store.list()] == [2, 3]   # keep 2
+            rpc.wait_until(lambda round_=round_: store.list()[-1].sequence == round_ + 2)
+        assert [info.sequence for info in store.list()] == [2, 3]  # keep 2
         assert _checkpoint_step(store.list()[-1].path, "a") == 8
 
 
@@ -223,7 +250,7 @@ def test_periodic_checkpoints_by_time_only_when_something_changed(tmp_path):
         client.push("job", _grads(0))
         rpc.wait_until(lambda: store.list() and _checkpoint_step(store.list()[-1].path, "job") == 1)
         written = len(store.list())
-        threading.Event().wait(0.3)   # several periods without a change
+        threading.Event().wait(0.3)  # several periods without a change
         assert len(store.list()) == written
         client.push("job", _grads(1))
         rpc.wait_until(lambda: _checkpoint_step(store.list()[-1].path, "job") == 2)
@@ -238,12 +265,12 @@ def test_a_failing_save_is_reported_and_the_server_keeps_serving(tmp_path, monke
         client.create_model("job", SGD, _variables())
         monkeypatch.setattr(CheckpointStore, "save", disk_full)
         with caplog.at_level(logging.ERROR, logger="optserve.server.checkpoint"):
-            client.push("job", _grads(0))     # the save after it fails: logged, nothing else
+            client.push("job", _grads(0))  # the save after it fails: logged, nothing else
             rpc.wait_until(lambda: "No space left on device" in caplog.text)
         assert "keeps serving" in caplog.text
         with pytest.raises(ResourceExhaustedError, match="No space left on device.*previous checkpoints are intact"):
             client.checkpoint()
-        monkeypatch.undo()                    # space again
+        monkeypatch.undo()  # space again
         assert client.push("job", _grads(1)).step == 2
         rpc.wait_until(lambda: store.list() and _checkpoint_step(store.list()[-1].path, "job") == 2)
     assert [info.sequence for info in store.list()] == [1]
@@ -258,7 +285,7 @@ def test_stop_writes_a_final_checkpoint_of_what_changed(tmp_path):
     server.stop()
     assert [info.sequence for info in store.list()] == [1]
     assert _checkpoint_step(store.list()[-1].path, "job") == 1
-    _serve(tmp_path).stop()                 # restored, nothing changed: no new checkpoint
+    _serve(tmp_path).stop()  # restored, nothing changed: no new checkpoint
     assert [info.sequence for info in store.list()] == [1]
 
 
@@ -283,8 +310,11 @@ def _damage_manifest(path):
     (path / MANIFEST_FILE).write_text(text[: len(text) // 2])
 
 
-@pytest.mark.parametrize("damage", [_damage_truncated, _damage_flipped_byte, _damage_manifest],
-                         ids=["truncated-data", "corrupted-data", "half-a-manifest"])
+@pytest.mark.parametrize(
+    "damage",
+    [_damage_truncated, _damage_flipped_byte, _damage_manifest],
+    ids=["truncated-data", "corrupted-data", "half-a-manifest"],
+)
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog, damage):
     server = _serve(tmp_path)
     with Client(server.address) as client:
@@ -359,8 +389,7 @@ def _health_or_none(address):
 
 def test_a_checkpoint_that_cannot_be_restored_stops_the_start_with_a_clear_error(tmp_path):
     CheckpointStore(tmp_path).save({"format": "something else", "models": []})
-    with pytest.raises(errors.FailedPreconditionError,
-                       match="Cannot restore checkpoint .*ckpt-00000001.*move it out"):
+    with pytest.raises(errors.FailedPreconditionError, match="Cannot restore checkpoint .*ckpt-00000001.*move it out"):
         _serve(tmp_path)
 
 
@@ -368,10 +397,23 @@ def test_a_checkpoint_that_cannot_be_restored_stops_the_start_with_a_clear_error
 
 
 def test_sigterm_makes_serve_write_a_final_checkpoint_and_exit_0(tmp_path):
-    command = [sys.executable, "-m", "optserve.server", "serve", "--port", "0", "--device", "cpu",
-               "--checkpoint-dir", str(tmp_path), "--checkpoint-every", "off"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1")) as process:
+    command = [
+        sys.executable,
+        "-m",
+        "optserve.server",
+        "serve",
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+        "--checkpoint-dir",
+        str(tmp_path),
+        "--checkpoint-every",
+        "off",
+    ]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")
+    ) as process:
         try:
             address = re.search(r"optserve listening on (\S+)", process.stdout.readline()).group(1)
             with Client(address) as one, Client(address, retries=0) as two:
@@ -379,8 +421,11 @@ def test_sigterm_makes_serve_write_a_final_checkpoint_and_exit_0(tmp_path):
                 for step in range(2):
                     _sync_step([one, two], "job", step)
                 failures = []
-                parked = threading.Thread(target=lambda: failures.append(pytest.raises(
-                    UnavailableError, two.push, "job", _grads(2, 1), worker_index=1, step=2)))
+                parked = threading.Thread(
+                    target=lambda: failures.append(
+                        pytest.raises(UnavailableError, two.push, "job", _grads(2, 1), worker_index=1, step=2)
+                    )
+                )
                 parked.start()
                 rpc.wait_until(lambda: one.list_models("job")[0].waiting_workers == [1])
                 process.send_signal(signal.SIGTERM)
@@ -393,26 +438,29 @@ def test_sigterm_makes_serve_write_a_final_checkpoint_and_exit_0(tmp_path):
                 process.kill()
     assert "Final checkpoint" in log and "Traceback" not in log, log
     [checkpoint] = CheckpointStore(tmp_path).list()
-    assert _checkpoint_step(checkpoint.path, "job") == 2   # the half-collected step 2 is not in it
+    assert _checkpoint_step(checkpoint.path, "job") == 2  # the half-collected step 2 is not in it
 
 
 # ---------------------------------------------------------------------------- options
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("60s", CheckpointSchedule(seconds=60.0)),
-    ("5m", CheckpointSchedule(seconds=300.0)),
-    ("1h", CheckpointSchedule(seconds=3600.0)),
-    ("30", CheckpointSchedule(seconds=30.0)),
-    ("0.5s", CheckpointSchedule(seconds=0.5)),
-    (2.5, CheckpointSchedule(seconds=2.5)),
-    ("500steps", CheckpointSchedule(steps=500)),
-    ("500 steps", CheckpointSchedule(steps=500)),
-    ("1 step", CheckpointSchedule(steps=1)),
-    ("0", CheckpointSchedule()),
-    ("off", CheckpointSchedule()),
-    (None, CheckpointSchedule()),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("60s", CheckpointSchedule(seconds=60.0)),
+        ("5m", CheckpointSchedule(seconds=300.0)),
+        ("1h", CheckpointSchedule(seconds=3600.0)),
+        ("30", CheckpointSchedule(seconds=30.0)),
+        ("0.5s", CheckpointSchedule(seconds=0.5)),
+        (2.5, CheckpointSchedule(seconds=2.5)),
+        ("500steps", CheckpointSchedule(steps=500)),
+        ("500 steps", CheckpointSchedule(steps=500)),
+        ("1 step", CheckpointSchedule(steps=1)),
+        ("0", CheckpointSchedule()),
+        ("off", CheckpointSchedule()),
+        (None, CheckpointSchedule()),
+    ],
+)
 def test_checkpoint_every_forms(text, expected):
     assert parse_checkpoint_every(text) == expected
 
@@ -423,12 +471,15 @@ def test_checkpoint_every_refuses_anything_else(text):
         parse_checkpoint_every(text)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["serve", "--checkpoint-every", "60s"], "--checkpoint-every needs --checkpoint-dir"),
-    (["serve", "--checkpoint-keep", "2"], "--checkpoint-keep needs --checkpoint-dir"),
-    (["serve", "--checkpoint-dir", "d", "--checkpoint-every", "soon"], "--checkpoint-every: must be a time"),
-    (["serve", "--checkpoint-dir", "d", "--checkpoint-keep", "0"], "--checkpoint-keep: must be > 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["serve", "--checkpoint-every", "60s"], "--checkpoint-every needs --checkpoint-dir"),
+        (["serve", "--checkpoint-keep", "2"], "--checkpoint-keep needs --checkpoint-dir"),
+        (["serve", "--checkpoint-dir", "d", "--checkpoint-every", "soon"], "--checkpoint-every: must be a time"),
+        (["serve", "--checkpoint-dir", "d", "--checkpoint-keep", "0"], "--checkpoint-keep: must be > 0"),
+    ],
+)
 def test_serve_refuses_bad_checkpoint_flags(argv, message, capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main(argv)

@@ -1,4 +1,5 @@
 """The plain Python client against a real server (and a fake one for failures a real one never shows)."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -74,12 +75,15 @@ def test_one_address_in_a_list_is_fine():
         assert c.address == "127.0.0.1:1"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(num_workers=0), "`num_workers` must be an integer >= 1"),
-    (dict(mode="eventual"), "`mode` must be one of 'sync', 'async'. Received: mode='eventual'"),
-    (dict(timeout_policy="retry"), "`timeout_policy` must be one of"),
-    (dict(sync_timeout_s=-1.0), "`sync_timeout_s` must be a number >= 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(num_workers=0), "`num_workers` must be an integer >= 1"),
+        (dict(mode="eventual"), "`mode` must be one of 'sync', 'async'. Received: mode='eventual'"),
+        (dict(timeout_policy="retry"), "`timeout_policy` must be one of"),
+        (dict(sync_timeout_s=-1.0), "`sync_timeout_s` must be a number >= 0"),
+    ],
+)
 def test_create_model_arguments_are_checked_before_sending(kwargs, message):
     with Client("127.0.0.1:1", retries=0) as c:  # nothing listens there: a send would fail differently
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -115,7 +119,9 @@ def test_create_join_conflict_list_delete(client):
     assert (info.model_id, info.optimizer, info.mode, info.num_workers) == ("m", "SGD", "sync", 2)
     assert (info.step, info.iterations, info.learning_rate) == (0, 0, 0.5)
     assert [(v.name, v.shape, v.dtype) for v in info.variables] == [
-        ("dense/kernel", (2, 3), "float32"), ("dense/bias", (3,), "float32")]
+        ("dense/kernel", (2, 3), "float32"),
+        ("dense/bias", (3,), "float32"),
+    ]
     assert client.create_model("m", SGD, _variables(), num_workers=2, sync_timeout_s=5.0).created is False
     with pytest.raises(AlreadyExistsError, match="num_workers"):
         client.create_model("m", SGD, _variables(), num_workers=3)
@@ -228,7 +234,7 @@ def test_step_mismatch_is_raised_not_skipped_and_resync_adopts_the_server_step(c
     with Client(address) as other:
         other.push("m", _ones_like(_variables()), step=0)
         other.push("m", _ones_like(_variables()), step=1)
-    client.pull("m")                    # learn step 2 ...
+    client.pull("m")  # learn step 2 ...
     client.steps.record_worker_step("m", 0, 5)  # ... then pretend this worker lost track
     with pytest.raises(StepMismatchError) as caught:
         client.push("m", _ones_like(_variables()))
@@ -282,8 +288,12 @@ def test_get_and_set_weights(client):
     assert list(only_bias.slots) == ["dense/bias"] and only_bias.variables == {}
 
     new_momentum = np.full(3, 7.0, np.float32)
-    state = client.set_weights("m", slots={"dense/bias": {"momentum": new_momentum}},
-                               variables={"dense/bias": np.full(3, 2.0, np.float32)}, iterations=10)
+    state = client.set_weights(
+        "m",
+        slots={"dense/bias": {"momentum": new_momentum}},
+        variables={"dense/bias": np.full(3, 2.0, np.float32)},
+        iterations=10,
+    )
     assert state.iterations == 10 and state.step == 1
     after = client.get_weights("m", include_variables=True)
     np.testing.assert_array_equal(after.slots["dense/bias"]["momentum"], new_momentum)
@@ -295,8 +305,11 @@ def test_set_weights_rejects_unknown_slot_and_changes_nothing(client):
     client.create_model("m", "adam", _variables())
     before = client.get_weights("m", include_variables=True)
     with pytest.raises(NotFoundError, match="no slot 'nope'"):
-        client.set_weights("m", slots={"dense/bias": {"nope": np.zeros(3, np.float32)}},
-                           variables={"dense/bias": np.ones(3, np.float32)})
+        client.set_weights(
+            "m",
+            slots={"dense/bias": {"nope": np.zeros(3, np.float32)}},
+            variables={"dense/bias": np.ones(3, np.float32)},
+        )
     after = client.get_weights("m", include_variables=True)
     np.testing.assert_array_equal(after.variables["dense/bias"], before.variables["dense/bias"])
 
@@ -312,13 +325,19 @@ def test_set_weights_list_round_trip(client):
         np.testing.assert_allclose(got, want)
 
 
-@pytest.mark.parametrize("mutate, message", [
-    (lambda w: w[:-1], r"expects 5 weights \(\[iterations\] \+ 4 slots\); received 4"),
-    (lambda w: w + [w[-1]], "received 6"),
-    (lambda w: [w[0], w[1].T, *w[2:]], r"weights\[1\] \(slot 'momentum' of variable 'dense/kernel'\) "
-                                       r"has shape \(3, 2\); expected \(2, 3\)"),
-    (lambda w: [np.zeros(2), *w[1:]], r"weights\[0\] must be the iterations counter"),
-])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda w: w[:-1], r"expects 5 weights \(\[iterations\] \+ 4 slots\); received 4"),
+        (lambda w: w + [w[-1]], "received 6"),
+        (
+            lambda w: [w[0], w[1].T, *w[2:]],
+            r"weights\[1\] \(slot 'momentum' of variable 'dense/kernel'\) "
+            r"has shape \(3, 2\); expected \(2, 3\)",
+        ),
+        (lambda w: [np.zeros(2), *w[1:]], r"weights\[0\] must be the iterations counter"),
+    ],
+)
 def test_set_weights_list_is_checked_locally_and_sends_nothing(client, monkeypatch, mutate, message):
     client.create_model("m", "adam", _variables())
     weights = client.get_weights("m").as_list()
@@ -337,7 +356,7 @@ def test_server_errors_map_to_client_exceptions(client):
     with pytest.raises(NotFoundError) as caught:
         client.pull("missing")
     assert isinstance(caught.value, KeyError) and caught.value.code == "NOT_FOUND"
-    assert "'missing'" in str(caught.value) and not str(caught.value).startswith(("\"", "'"))  # no KeyError quoting
+    assert "'missing'" in str(caught.value) and not str(caught.value).startswith(('"', "'"))  # no KeyError quoting
 
     client.create_model("m", SGD, _variables())
     with pytest.raises(InvalidArgumentError, match="has shape \\[2\\] float32") as caught:
@@ -362,8 +381,7 @@ def test_closed_client_refuses_calls(address):
 
 def test_push_pull_of_a_64_mib_tensor(client):
     n = 16 << 20  # float32: 64 MiB, as big as a whole gRPC message may be
-    client.create_model("big", {"class_name": "SGD", "config": {"learning_rate": 1.0}},
-                        {"w": np.zeros(n, np.float32)})
+    client.create_model("big", {"class_name": "SGD", "config": {"learning_rate": 1.0}}, {"w": np.zeros(n, np.float32)})
     gradient = np.arange(n, dtype=np.float32)
     result, values = client.push_pull("big", {"w": gradient})
     assert result.step == 1
@@ -375,8 +393,8 @@ def test_large_state_round_trips_exactly_through_wire_bytes(client):
     """Requests built as wire bytes and replies split by hand, several messages each way, every dtype."""
     variables = {
         "w": np.random.default_rng(0).standard_normal((700, 1001)).astype(np.float32),  # 2.8 MB: 3 messages
-        "d": np.linspace(-3, 3, 150_001),                                                # float64, odd size
-        "b": np.arange(5, dtype=">f4"),                                                  # big-endian input
+        "d": np.linspace(-3, 3, 150_001),  # float64, odd size
+        "b": np.arange(5, dtype=">f4"),  # big-endian input
     }
     client.create_model("m", {"class_name": "SGD", "config": {"learning_rate": 0.5, "momentum": 0.5}}, variables)
     _, pulled = client.pull("m")
@@ -450,7 +468,7 @@ def test_unavailable_is_retried_and_a_push_keeps_its_step(fake_server):
         grads = {"w": np.zeros(300_000, np.float32)}  # 1.2 MB: more than one message
         assert c.push("m", grads, step=4).step == 5
     assert servicer.calls == {"ListModels": 3, "ApplyGradients": 3}
-    messages, = servicer.received_messages
+    (messages,) = servicer.received_messages
     assert len(messages) == 2 and messages[0].header.step == 4
     assert all(m.ByteSize() < 2 * tensors.CHUNK_BYTES for m in messages)
 
@@ -460,7 +478,7 @@ def test_requests_are_the_messages_protobuf_would_build(fake_server):
     grads = {"w": np.arange(700_000, dtype=np.float32), "b": np.arange(3, dtype=">f8")}
     with Client(fake_server(servicer)) as c:
         c.push("m", grads, step=2, worker_index=1)
-    messages, = servicer.received_messages
+    (messages,) = servicer.received_messages
     header = pb.ApplyGradientsHeader(model_id="m", worker_index=1, step=2, num_gradients=2)
     batches = list(tensors.batch_chunks(tensors.encode_many((n, "", a) for n, a in grads.items())))
     expected = [pb.ApplyGradientsRequest(header=header, gradients=batches[0])]
@@ -470,8 +488,10 @@ def test_requests_are_the_messages_protobuf_would_build(fake_server):
 
 class _MalformedReplyServicer(pb_grpc.ParameterServerServicer):
     def Pull(self, request, context):
-        yield pb.PullResponse(state=pb.StepResult(step=1), variables=[
-            pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[4], data=b"\0" * 12)])  # 12 of 16 bytes
+        yield pb.PullResponse(
+            state=pb.StepResult(step=1),
+            variables=[pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[4], data=b"\0" * 12)],
+        )  # 12 of 16 bytes
 
 
 def test_a_malformed_reply_is_an_internal_error(fake_server):
@@ -491,8 +511,11 @@ def test_retries_give_up_with_unavailable(fake_server):
 
 
 def test_other_errors_are_not_retried_and_carry_their_metadata(fake_server):
-    servicer = _FlakyServicer(failures=10, code=grpc.StatusCode.FAILED_PRECONDITION,
-                              metadata=(("optserve-current-step", "12"), ("other", "x")))
+    servicer = _FlakyServicer(
+        failures=10,
+        code=grpc.StatusCode.FAILED_PRECONDITION,
+        metadata=(("optserve-current-step", "12"), ("other", "x")),
+    )
     with Client(fake_server(servicer), retries=3, backoff=0.01) as c:
         with pytest.raises(StepMismatchError) as caught:
             c.push("m", {"w": np.zeros(2, np.float32)}, step=3)

@@ -1,4 +1,5 @@
 """The client's seams: a Transport behind Client, one StepTracker, server generations in replies."""
+
 from __future__ import annotations
 
 import copy
@@ -37,8 +38,9 @@ class RecordingTransport:
 
     def apply_gradients(self, model_id, gradients, *, worker_index, step, aggregated, return_variables, timeout):
         self.calls.append(("apply_gradients", model_id, sorted(gradients), worker_index, step))
-        return StepResult(step=step + 1, iterations=step + 1, learning_rate=0.1,
-                          generation=ServerGeneration("run-1")), {}
+        return StepResult(
+            step=step + 1, iterations=step + 1, learning_rate=0.1, generation=ServerGeneration("run-1")
+        ), {}
 
     def close(self):
         self.closed = True
@@ -68,8 +70,10 @@ def test_a_client_runs_over_any_transport_and_checks_arguments_before_it():
 
 def test_a_sharded_client_makes_one_transport_per_shard():
     made = []
-    with Client(["127.0.0.1:1", "127.0.0.1:2"],
-                transport_factory=lambda *args: made.append(RecordingTransport(*args)) or made[-1]) as client:
+    with Client(
+        ["127.0.0.1:1", "127.0.0.1:2"],
+        transport_factory=lambda *args: made.append(RecordingTransport(*args)) or made[-1],
+    ) as client:
         assert [t.address for t in made] == ["127.0.0.1:1", "127.0.0.1:2"] == client.addresses
         assert client.transports == made
     assert all(t.closed for t in made)
@@ -94,14 +98,19 @@ def test_client_and_server_raise_the_same_error_classes():
     assert isinstance(errors.error_from_status("OUT_OF_RANGE", "x"), InvalidArgumentError)
     unknown = errors.error_from_status("DATA_LOSS", "gone")
     assert type(unknown) is OptserveError and unknown.code == "DATA_LOSS"
-    assert errors.status_metadata(server_errors.FailedPreconditionError("x", details={"current_step": 7})) == \
-        (("optserve-current-step", "7"),)
+    assert errors.status_metadata(server_errors.FailedPreconditionError("x", details={"current_step": 7})) == (
+        ("optserve-current-step", "7"),
+    )
 
 
 def test_the_former_client_signature_of_errors_still_works():
     error = NotFoundError("NOT_FOUND", "Model 'm' not found.", {"why": "gone"})
-    assert (error.code, error.message, str(error), error.details) == \
-        ("NOT_FOUND", "Model 'm' not found.", "Model 'm' not found.", {"why": "gone"})
+    assert (error.code, error.message, str(error), error.details) == (
+        "NOT_FOUND",
+        "Model 'm' not found.",
+        "Model 'm' not found.",
+        {"why": "gone"},
+    )
     mismatch = StepMismatchError("FAILED_PRECONDITION", "behind", {"current_step": "2"})
     assert mismatch.current_step == 2
     assert OptserveError("UNKNOWN", "odd").code == "UNKNOWN"
@@ -118,8 +127,12 @@ def test_an_error_names_its_shard_in_declared_fields_and_survives_pickling():
     assert on_shard.on_shard(0, "h1:50051") is on_shard  # the first shard to report it keeps it
     assert error.shard_index is None  # the original is left alone
     copied = pickle.loads(pickle.dumps(on_shard))
-    assert (type(copied), str(copied), copied.shard_index, copied.details) == \
-        (NotFoundError, str(on_shard), 1, {"why": "gone"})
+    assert (type(copied), str(copied), copied.shard_index, copied.details) == (
+        NotFoundError,
+        str(on_shard),
+        1,
+        {"why": "gone"},
+    )
     mismatch = pickle.loads(pickle.dumps(StepMismatchError("behind", details={"current_step": "3"})))
     assert mismatch.current_step == 3 and mismatch.code == "FAILED_PRECONDITION"
 
@@ -149,8 +162,7 @@ def test_replies_carry_the_server_generation_and_a_restart_from_a_checkpoint_sho
         assert first.generation.restored_checkpoint == ""
         client.checkpoint()
         client.push("m", {"w": np.ones(3, np.float32)})
-    with start_server(device="cpu", checkpoint_dir=tmp_path) as server, \
-            Client(server.address) as client2:
+    with start_server(device="cpu", checkpoint_dir=tmp_path) as server, Client(server.address) as client2:
         result, _ = client2.pull("m")
         assert result.step >= 1
         assert result.generation.server_id != first.generation.server_id
@@ -164,12 +176,16 @@ def test_a_client_that_sees_a_new_generation_counts_a_restart(tmp_path):
 
     tracker = StepTracker()
     variables = {"w": np.zeros(3, np.float32)}
-    with start_server(device="cpu", checkpoint_dir=tmp_path) as server, \
-            Client(server.address, step_tracker=tracker) as client:
+    with (
+        start_server(device="cpu", checkpoint_dir=tmp_path) as server,
+        Client(server.address, step_tracker=tracker) as client,
+    ):
         client.create_model("m", "sgd", variables)
         client.push("m", {"w": np.ones(3, np.float32)})
-    with start_server(device="cpu", checkpoint_dir=tmp_path) as server, \
-            Client(server.address, step_tracker=tracker) as client:
+    with (
+        start_server(device="cpu", checkpoint_dir=tmp_path) as server,
+        Client(server.address, step_tracker=tracker) as client,
+    ):
         client.pull("m")
         assert tracker.progress("m").restarts == 1
         with pytest.raises(FailedPreconditionError):

@@ -1,5 +1,6 @@
 """Concurrency limits and dead workers: streams per server and per connection, the in-flight
 byte budget, stalled uploads, and workers whose push breaks off."""
+
 from __future__ import annotations
 
 import json
@@ -12,11 +13,11 @@ import time
 
 import grpc
 import numpy as np
-
 import rpc_helpers as rpc
+from test_limits import assert_still_serving, limited_server
+
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
-from test_limits import assert_still_serving, limited_server
 
 MiB = 1 << 20
 SGD_1 = {"class_name": "SGD", "config": {"learning_rate": 1.0}}
@@ -51,7 +52,7 @@ class Upload:
         finally:
             self.done.set()
 
-    def outcome(self, timeout: float = 10.0) -> "Upload":
+    def outcome(self, timeout: float = 10.0) -> Upload:
         assert self.done.wait(timeout), "the call did not end"
         return self
 
@@ -69,8 +70,9 @@ def push_header(model_id: str, worker: int, step: int = 0, num_gradients: int | 
 
 def partial_gradient(n: int) -> pb.ApplyGradientsRequest:
     """The first half of an ``n``-float gradient for "w"."""
-    return pb.ApplyGradientsRequest(gradients=[
-        pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[n], data=b"\0" * (2 * n))])
+    return pb.ApplyGradientsRequest(
+        gradients=[pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[n], data=b"\0" * (2 * n))]
+    )
 
 
 class Push(threading.Thread):
@@ -165,8 +167,16 @@ def test_a_request_larger_than_the_in_flight_budget_is_refused_at_once():
 def test_an_upload_waits_for_in_flight_room_and_health_answers_meanwhile():
     with limited_server(max_inflight_bytes=MiB, stream_idle_timeout_s=20.0) as (server, stub):
         spec = pb.ModelSpec(model_id="first", optimizer_config_json=json.dumps(rpc.sgd()))
-        holder = Upload(stub, "CreateModel", [pb.CreateModelRequest(spec=spec, variables=[
-            pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[200_000], data=b"\0" * 4096)])])  # 800 KB held
+        holder = Upload(
+            stub,
+            "CreateModel",
+            [
+                pb.CreateModelRequest(
+                    spec=spec,
+                    variables=[pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[200_000], data=b"\0" * 4096)],
+                )
+            ],
+        )  # 800 KB held
         time.sleep(0.3)
         waiter = Push(stub, "bystander", 0, 0, {"w": np.ones(4, np.float32)})  # tiny: fits beside it
         assert waiter.outcome().error is None
@@ -208,8 +218,15 @@ def test_a_worker_that_hangs_up_mid_upload_ends_its_step_at_once():
 
 def test_under_apply_partial_a_lost_worker_lets_the_others_step_at_once():
     with limited_server() as (server, stub):
-        rpc.create_model(stub, "job", {"w": np.zeros(4, np.float32)}, SGD_1, num_workers=2, sync_timeout_s=60,
-                         timeout_policy=pb.APPLY_PARTIAL)
+        rpc.create_model(
+            stub,
+            "job",
+            {"w": np.zeros(4, np.float32)},
+            SGD_1,
+            num_workers=2,
+            sync_timeout_s=60,
+            timeout_policy=pb.APPLY_PARTIAL,
+        )
         parked = Push(stub, "job", 0, 0, {"w": np.ones(4, np.float32)})
         rpc.wait_until(lambda: rpc.waiting_workers(stub, "job") == [0])
         dying = Upload(stub, "ApplyGradients", [push_header("job", 1)])

@@ -4,6 +4,7 @@ Every command a container runs is checked against the real CLI (`--help`), the
 Dockerfile's COPY sources and entry point against the repository, and the
 compose health check is run as a plain process against a real server.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,10 +18,10 @@ import shlex
 import socket
 import subprocess
 import sys
-import tomllib
 from concurrent import futures
 
 import pytest
+import tomllib
 
 yaml = pytest.importorskip("yaml", reason="PyYAML (the `test` extra) parses docker-compose.yml")
 
@@ -71,8 +72,9 @@ def exec_form(arguments: str) -> list[str]:
 
 @functools.cache
 def cli_help(subcommand: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "optserve.server", subcommand, "--help"],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "optserve.server", subcommand, "--help"], capture_output=True, text=True, timeout=120
+    )
 
 
 def require_subcommand(subcommand: str) -> str:
@@ -89,8 +91,10 @@ def interpolate(text: str) -> str:
 
 def container_commands() -> list[tuple[str, list[str]]]:
     """``(where, argv after the entry point)`` of every command the image runs."""
-    commands = [(f"service {name}", [interpolate(str(arg)) for arg in service["command"]])
-                for name, service in services().items()]
+    commands = [
+        (f"service {name}", [interpolate(str(arg)) for arg in service["command"]])
+        for name, service in services().items()
+    ]
     cmd = [exec_form(args) for instruction, args in dockerfile_instructions() if instruction == "CMD"]
     return commands + [("Dockerfile CMD", cmd[-1])]
 
@@ -117,8 +121,19 @@ def healthcheck_argv(address: str) -> list[str]:
 
 def test_server_service():
     server = services()["server"]
-    assert server["command"] == ["serve", "--host", "0.0.0.0", "--port", SERVER_PORT, "--device", "auto",
-                                 "--checkpoint-dir", "/checkpoints", "--checkpoint-every", "60s"]
+    assert server["command"] == [
+        "serve",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        SERVER_PORT,
+        "--device",
+        "auto",
+        "--checkpoint-dir",
+        "/checkpoints",
+        "--checkpoint-every",
+        "60s",
+    ]
     assert server["restart"] == "unless-stopped"
     assert "checkpoints:/checkpoints" in server["volumes"]
     assert any(str(port).endswith(f":{SERVER_PORT}:{SERVER_PORT}") for port in server["ports"])
@@ -212,8 +227,9 @@ def unknown_flags(subcommand: str, arguments: list[str], help_text: str) -> list
     return sorted({arg.split("=", 1)[0] for arg in unknown if arg.startswith("--")})
 
 
-@pytest.mark.parametrize("where, command", [pytest.param(where, command, id=where.split()[-1])
-                                            for where, command in container_commands()])
+@pytest.mark.parametrize(
+    "where, command", [pytest.param(where, command, id=where.split()[-1]) for where, command in container_commands()]
+)
 def test_container_commands_are_real_optserve_subcommands(where, command):
     subcommand, *arguments = command
     help_text = require_subcommand(subcommand)
@@ -227,8 +243,9 @@ def test_health_subcommand_when_the_cli_offers_it():
 
 
 def test_healthcheck_module_runs():
-    run = subprocess.run([sys.executable, "-m", "optserve.client.health", "--help"],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [sys.executable, "-m", "optserve.client.health", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert run.returncode == 0 and "exit 0 only when it is SERVING" in run.stdout
 
 
@@ -303,8 +320,7 @@ def test_compose_healthcheck_passes_against_a_real_server(live_server):
 
 
 def test_compose_healthcheck_fails_when_nothing_listens():
-    run = subprocess.run(healthcheck_argv(f"127.0.0.1:{free_port()}"), capture_output=True, text=True,
-                         timeout=60)
+    run = subprocess.run(healthcheck_argv(f"127.0.0.1:{free_port()}"), capture_output=True, text=True, timeout=60)
     assert run.returncode == 1
 
 
@@ -334,12 +350,15 @@ def health_only_server():
         server.stop(None)
 
 
-@pytest.mark.parametrize("extra, status, printed", [
-    ([], 0, "SERVING"),
-    (["--service", "draining"], 1, "NOT_SERVING"),
-    (["--service", "unknown"], 1, ""),
-    (["--quiet"], 0, ""),
-])
+@pytest.mark.parametrize(
+    "extra, status, printed",
+    [
+        ([], 0, "SERVING"),
+        (["--service", "draining"], 1, "NOT_SERVING"),
+        (["--service", "unknown"], 1, ""),
+        (["--quiet"], 0, ""),
+    ],
+)
 def test_health_main_exit_status(health_only_server, capsys, extra, status, printed):
     from optserve.client.health import health_main
 

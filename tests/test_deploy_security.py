@@ -4,6 +4,7 @@ The override's commands are parsed by the real CLI; the README's openssl and
 `optserve token` blocks are run as written, and a real server is started with
 what they make.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,7 +42,7 @@ def test_the_secure_server_command_is_the_base_one_plus_tls_and_tokens():
 
     server = secure_services()["server"]
     base = base_services()["server"]["command"]
-    assert server["command"][:len(base)] == base
+    assert server["command"][: len(base)] == base
     args = cli.build_parser().parse_args(server["command"])
     mounted = {SECRETS_MOUNT + name for name in server["secrets"]}
     assert {args.tls_cert, args.tls_key, args.auth_tokens} <= mounted
@@ -88,8 +89,9 @@ def recipe_secrets(tmp_path_factory):
     # `optserve` as installed, even when the venv's bin is not on PATH.
     prelude = f'set -euo pipefail\noptserve() {{ "{sys.executable}" -m optserve.server "$@"; }}\n'
     for label in ("certificates", "tokens"):
-        run = subprocess.run(["bash", "-c", prelude + f"cd {work}\n" + readme_block(label)],
-                             capture_output=True, text=True, timeout=120)
+        run = subprocess.run(
+            ["bash", "-c", prelude + f"cd {work}\n" + readme_block(label)], capture_output=True, text=True, timeout=120
+        )
         assert run.returncode == 0, f"README block {label!r} failed:\n{run.stderr}"
     return work / "deploy" / "secrets"
 
@@ -106,8 +108,13 @@ def test_a_server_runs_with_the_recipes_files(recipe_secrets):
     from optserve.server.app import start_server
 
     s = recipe_secrets
-    with start_server(device="cpu", tls_cert=s / "server.pem", tls_key=s / "server.key",
-                      tls_client_ca=s / "ca.pem", auth_tokens=s / "tokens.txt") as server:
+    with start_server(
+        device="cpu",
+        tls_cert=s / "server.pem",
+        tls_key=s / "server.key",
+        tls_client_ca=s / "ca.pem",
+        auth_tokens=s / "tokens.txt",
+    ) as server:
         tls = {"ca": s / "ca.pem", "cert": s / "worker-0.pem", "key": s / "worker-0.key"}
         worker_token = (s / "worker.token").read_text().strip()
         with Client(server.address, tls=tls, token=worker_token, retries=0) as worker:
@@ -115,11 +122,16 @@ def test_a_server_runs_with_the_recipes_files(recipe_secrets):
             with pytest.raises(UnauthenticatedError, match="outside that scope"):
                 worker.create_model("other-job", "sgd", {"w": np.zeros(2, np.float32)})
         # The compose health check, as the server container runs it (CA from the environment).
-        env = {**os.environ, "OPTSERVE_TLS_CA": str(s / "ca.pem"), "OPTSERVE_TLS_CERT": str(s / "worker-0.pem"),
-               "OPTSERVE_TLS_KEY": str(s / "worker-0.key")}
+        env = {
+            **os.environ,
+            "OPTSERVE_TLS_CA": str(s / "ca.pem"),
+            "OPTSERVE_TLS_CERT": str(s / "worker-0.pem"),
+            "OPTSERVE_TLS_KEY": str(s / "worker-0.key"),
+        }
         test = base_services()["server"]["healthcheck"]["test"]
-        argv = [sys.executable if arg == "python" else arg.replace("127.0.0.1:50051", server.address)
-                for arg in test[1:]]
+        argv = [
+            sys.executable if arg == "python" else arg.replace("127.0.0.1:50051", server.address) for arg in test[1:]
+        ]
         assert subprocess.run(argv, env=env, timeout=60).returncode == 0
         # Inside compose the workers dial "server", which the certificate names too.
         admin_token = (s / "admin.token").read_text().strip()

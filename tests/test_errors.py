@@ -1,4 +1,5 @@
 """Refused requests: the right status code, a message that says what to do, and no change at all."""
+
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ import threading
 import grpc
 import numpy as np
 import pytest
-
 import rpc_helpers as rpc
+
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import tensors as codec
 from optserve.server import errors, optimizers
@@ -18,9 +19,16 @@ from optserve.server.model import Model
 from optserve.server.servicer import status_for
 
 ADAM = {"class_name": "Adam", "config": {"learning_rate": 0.01}}
-SCHEDULED = {"class_name": "SGD", "config": {"momentum": 0.9, "learning_rate": {
-    "class_name": "ExponentialDecay",
-    "config": {"initial_learning_rate": 0.1, "decay_steps": 10, "decay_rate": 0.5}}}}
+SCHEDULED = {
+    "class_name": "SGD",
+    "config": {
+        "momentum": 0.9,
+        "learning_rate": {
+            "class_name": "ExponentialDecay",
+            "config": {"initial_learning_rate": 0.1, "decay_steps": 10, "decay_rate": 0.5},
+        },
+    },
+}
 
 
 def _variables():
@@ -53,13 +61,21 @@ def _chunks(name, array, slot=""):
 
 # ------------------------------------------------------------------ pushes
 
-@pytest.mark.parametrize("gradients, code, words", [
-    ({"nope": np.ones(2, np.float32)}, grpc.StatusCode.NOT_FOUND, ["'nope'", "'w'"]),
-    ({"w": np.ones((3, 2), np.float32)}, grpc.StatusCode.INVALID_ARGUMENT, ["shape [3, 2] float32", "shape [2, 3] float32"]),
-    ({"b": np.ones(2, np.float64)}, grpc.StatusCode.INVALID_ARGUMENT, ["float64", "float32"]),
-    ({"b": np.ones(2, np.float32), "w": np.ones(1, np.float32)}, grpc.StatusCode.INVALID_ARGUMENT, ["'w'"]),
-    # A push without gradients is valid (a step of a shard none of whose variables got a gradient).
-])
+
+@pytest.mark.parametrize(
+    "gradients, code, words",
+    [
+        ({"nope": np.ones(2, np.float32)}, grpc.StatusCode.NOT_FOUND, ["'nope'", "'w'"]),
+        (
+            {"w": np.ones((3, 2), np.float32)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["shape [3, 2] float32", "shape [2, 3] float32"],
+        ),
+        ({"b": np.ones(2, np.float64)}, grpc.StatusCode.INVALID_ARGUMENT, ["float64", "float32"]),
+        ({"b": np.ones(2, np.float32), "w": np.ones(1, np.float32)}, grpc.StatusCode.INVALID_ARGUMENT, ["'w'"]),
+        # A push without gradients is valid (a step of a shard none of whose variables got a gradient).
+    ],
+)
 def test_a_bad_push_is_refused_whole(stub, trained, gradients, code, words):
     error = rpc.rpc_error(rpc.push, stub, "job", 0, 1, gradients)
     assert error.code() == code
@@ -68,22 +84,50 @@ def test_a_bad_push_is_refused_whole(stub, trained, gradients, code, words):
     rpc.assert_same_snapshot(trained, rpc.snapshot(stub, "job"))
 
 
-@pytest.mark.parametrize("requests, words", [
-    ([pb.ApplyGradientsRequest(gradients=_chunks("b", np.ones(2, np.float32)))], ["header"]),
-    ([pb.ApplyGradientsRequest(header=_header(), gradients=_chunks("b", np.ones(2, np.float32), slot="m"))],
-     ["slot", "b/m"]),
-    ([pb.ApplyGradientsRequest(header=_header(), gradients=[
-        pb.TensorChunk(name="b", dtype=pb.FLOAT32, shape=[2], offset=4, data=b"\0" * 4)])], ["offset"]),
-    ([pb.ApplyGradientsRequest(header=_header(), gradients=[
-        pb.TensorChunk(name="b", dtype=pb.FLOAT32, shape=[2], data=b"\0" * 4)])], ["4 of 8 bytes"]),
-    ([pb.ApplyGradientsRequest(header=_header(), gradients=[
-        pb.TensorChunk(name="b", dtype=99, shape=[2], data=b"\0" * 8)])], ["dtype"]),
-    ([pb.ApplyGradientsRequest(header=_header(step=-1), gradients=_chunks("b", np.ones(2, np.float32)))],
-     ["`step` must be >= 0"]),
-    ([pb.ApplyGradientsRequest(header=_header(worker=-1), gradients=_chunks("b", np.ones(2, np.float32)))],
-     ["worker_index", "[0, 1)"]),
-    ([], ["no messages"]),
-])
+@pytest.mark.parametrize(
+    "requests, words",
+    [
+        ([pb.ApplyGradientsRequest(gradients=_chunks("b", np.ones(2, np.float32)))], ["header"]),
+        (
+            [pb.ApplyGradientsRequest(header=_header(), gradients=_chunks("b", np.ones(2, np.float32), slot="m"))],
+            ["slot", "b/m"],
+        ),
+        (
+            [
+                pb.ApplyGradientsRequest(
+                    header=_header(),
+                    gradients=[pb.TensorChunk(name="b", dtype=pb.FLOAT32, shape=[2], offset=4, data=b"\0" * 4)],
+                )
+            ],
+            ["offset"],
+        ),
+        (
+            [
+                pb.ApplyGradientsRequest(
+                    header=_header(), gradients=[pb.TensorChunk(name="b", dtype=pb.FLOAT32, shape=[2], data=b"\0" * 4)]
+                )
+            ],
+            ["4 of 8 bytes"],
+        ),
+        (
+            [
+                pb.ApplyGradientsRequest(
+                    header=_header(), gradients=[pb.TensorChunk(name="b", dtype=99, shape=[2], data=b"\0" * 8)]
+                )
+            ],
+            ["dtype"],
+        ),
+        (
+            [pb.ApplyGradientsRequest(header=_header(step=-1), gradients=_chunks("b", np.ones(2, np.float32)))],
+            ["`step` must be >= 0"],
+        ),
+        (
+            [pb.ApplyGradientsRequest(header=_header(worker=-1), gradients=_chunks("b", np.ones(2, np.float32)))],
+            ["worker_index", "[0, 1)"],
+        ),
+        ([], ["no messages"]),
+    ],
+)
 def test_a_malformed_push_is_invalid_argument(stub, trained, requests, words):
     error = rpc.rpc_error(_raw_push, stub, requests)
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -133,22 +177,54 @@ def test_unknown_variable_names_in_reads_are_not_found(stub, trained):
 
 # ------------------------------------------------------------- SetWeights
 
-@pytest.mark.parametrize("tensors, state, code, words", [
-    ({("w", ""): np.zeros((2, 3), np.float32), ("zz", ""): np.zeros(2, np.float32)}, None,
-     grpc.StatusCode.NOT_FOUND, ["'zz'"]),
-    ({("w", ""): np.zeros((2, 3), np.float32), ("b", "nope"): np.zeros(2, np.float32)}, None,
-     grpc.StatusCode.NOT_FOUND, ["'nope'", "momentum", "velocity"]),
-    ({("w", ""): np.zeros((2, 3), np.float32), ("b", ""): np.zeros(3, np.float32)}, None,
-     grpc.StatusCode.INVALID_ARGUMENT, ["'b'", "shape [3] float32"]),
-    ({("w", "momentum"): np.zeros((2, 3), np.float32), ("b", "velocity"): np.zeros(5, np.float32)}, None,
-     grpc.StatusCode.INVALID_ARGUMENT, ["velocity"]),
-    ({("w", ""): np.zeros((2, 3), np.float32)}, pb.OptimizerState(iterations=-1),
-     grpc.StatusCode.INVALID_ARGUMENT, ["iterations"]),
-    ({("w", ""): np.zeros((2, 3), np.float32)}, pb.OptimizerState(iterations=3, raw_iterations=7),
-     grpc.StatusCode.INVALID_ARGUMENT, ["disagree"]),
-    ({("w", ""): np.zeros((2, 3), np.float32)}, pb.OptimizerState(scalars={"u_product": 1.0}),
-     grpc.StatusCode.NOT_FOUND, ["u_product"]),
-])
+
+@pytest.mark.parametrize(
+    "tensors, state, code, words",
+    [
+        (
+            {("w", ""): np.zeros((2, 3), np.float32), ("zz", ""): np.zeros(2, np.float32)},
+            None,
+            grpc.StatusCode.NOT_FOUND,
+            ["'zz'"],
+        ),
+        (
+            {("w", ""): np.zeros((2, 3), np.float32), ("b", "nope"): np.zeros(2, np.float32)},
+            None,
+            grpc.StatusCode.NOT_FOUND,
+            ["'nope'", "momentum", "velocity"],
+        ),
+        (
+            {("w", ""): np.zeros((2, 3), np.float32), ("b", ""): np.zeros(3, np.float32)},
+            None,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["'b'", "shape [3] float32"],
+        ),
+        (
+            {("w", "momentum"): np.zeros((2, 3), np.float32), ("b", "velocity"): np.zeros(5, np.float32)},
+            None,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["velocity"],
+        ),
+        (
+            {("w", ""): np.zeros((2, 3), np.float32)},
+            pb.OptimizerState(iterations=-1),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["iterations"],
+        ),
+        (
+            {("w", ""): np.zeros((2, 3), np.float32)},
+            pb.OptimizerState(iterations=3, raw_iterations=7),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["disagree"],
+        ),
+        (
+            {("w", ""): np.zeros((2, 3), np.float32)},
+            pb.OptimizerState(scalars={"u_product": 1.0}),
+            grpc.StatusCode.NOT_FOUND,
+            ["u_product"],
+        ),
+    ],
+)
 def test_set_weights_is_validated_whole(stub, trained, tensors, state, code, words):
     error = rpc.rpc_error(rpc.set_weights, stub, "job", tensors, state)
     assert error.code() == code
@@ -183,18 +259,22 @@ def test_set_weights_cannot_move_the_step_while_a_step_is_pending(stub):
 
 # ------------------------------------------------------------ CreateModel
 
-@pytest.mark.parametrize("config_json, variables, fields, words", [
-    ("{", _variables(), {}, ["JSON"]),
-    ("", _variables(), {}, ["empty"]),
-    (json.dumps("nope"), _variables(), {}, ["nope", "Adam"]),
-    (json.dumps({"class_name": "Adam", "config": {"bogus": 1}}), _variables(), {}, ["bogus"]),
-    (json.dumps({"class_name": "Adam", "config": {"beta_1": 2.0}}), _variables(), {}, ["beta_1"]),
-    (json.dumps("adam"), {}, {}, ["no variables"]),
-    (json.dumps("adam"), {"i": np.ones(2, np.int32)}, {}, ["int32"]),
-    (json.dumps("adam"), _variables(), {"model_id": ""}, ["model_id"]),
-    (json.dumps("adam"), _variables(), {"num_workers": -2}, ["num_workers"]),
-    (json.dumps("adam"), _variables(), {"sync_timeout_s": -1.0}, ["sync_timeout_s"]),
-])
+
+@pytest.mark.parametrize(
+    "config_json, variables, fields, words",
+    [
+        ("{", _variables(), {}, ["JSON"]),
+        ("", _variables(), {}, ["empty"]),
+        (json.dumps("nope"), _variables(), {}, ["nope", "Adam"]),
+        (json.dumps({"class_name": "Adam", "config": {"bogus": 1}}), _variables(), {}, ["bogus"]),
+        (json.dumps({"class_name": "Adam", "config": {"beta_1": 2.0}}), _variables(), {}, ["beta_1"]),
+        (json.dumps("adam"), {}, {}, ["no variables"]),
+        (json.dumps("adam"), {"i": np.ones(2, np.int32)}, {}, ["int32"]),
+        (json.dumps("adam"), _variables(), {"model_id": ""}, ["model_id"]),
+        (json.dumps("adam"), _variables(), {"num_workers": -2}, ["num_workers"]),
+        (json.dumps("adam"), _variables(), {"sync_timeout_s": -1.0}, ["sync_timeout_s"]),
+    ],
+)
 def test_a_bad_create_is_invalid_argument_and_creates_nothing(stub, config_json, variables, fields, words):
     spec = dict(model_id="job", optimizer_config_json=config_json)
     spec.update(fields)
@@ -215,6 +295,7 @@ def test_create_without_a_spec_first_is_invalid(stub):
 
 # ------------------------------------------------------------ size limits
 
+
 def test_requests_over_max_request_bytes_are_resource_exhausted():
     with start_server(device="cpu", max_request_bytes=4096) as server:
         channel, stub = rpc.connect(server.address)
@@ -228,26 +309,36 @@ def test_requests_over_max_request_bytes_are_resource_exhausted():
             at_the_limit = {"w": np.ones(512, np.float32), "b": np.ones(512, np.float32)}
             rpc.push(stub, "job", 0, 0, at_the_limit)  # exactly the limit: accepted
             before = rpc.snapshot(stub, "job")
-            error = rpc.rpc_error(rpc.push, stub, "job", 0, 1, {"w": np.ones(512, np.float32),
-                                                                "b": np.ones(512, np.float32), "x": np.ones(1, np.float32)})
+            error = rpc.rpc_error(
+                rpc.push,
+                stub,
+                "job",
+                0,
+                1,
+                {"w": np.ones(512, np.float32), "b": np.ones(512, np.float32), "x": np.ones(1, np.float32)},
+            )
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             rpc.assert_same_snapshot(before, rpc.snapshot(stub, "job"))
 
 
 # --------------------------------------------------------------- mapping
 
-@pytest.mark.parametrize("exception, code", [
-    (errors.InvalidArgumentError("x"), grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.NotFoundError("x"), grpc.StatusCode.NOT_FOUND),
-    (errors.AlreadyExistsError("x"), grpc.StatusCode.ALREADY_EXISTS),
-    (errors.FailedPreconditionError("x"), grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.ResourceExhaustedError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.DeadlineExceededError("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
-    (errors.UnavailableError("x"), grpc.StatusCode.UNAVAILABLE),
-    (codec.TensorFormatError("x"), grpc.StatusCode.INVALID_ARGUMENT),
-    (MemoryError(), grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (RuntimeError("secret internals"), grpc.StatusCode.INTERNAL),
-])
+
+@pytest.mark.parametrize(
+    "exception, code",
+    [
+        (errors.InvalidArgumentError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (errors.NotFoundError("x"), grpc.StatusCode.NOT_FOUND),
+        (errors.AlreadyExistsError("x"), grpc.StatusCode.ALREADY_EXISTS),
+        (errors.FailedPreconditionError("x"), grpc.StatusCode.FAILED_PRECONDITION),
+        (errors.ResourceExhaustedError("x"), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (errors.DeadlineExceededError("x"), grpc.StatusCode.DEADLINE_EXCEEDED),
+        (errors.UnavailableError("x"), grpc.StatusCode.UNAVAILABLE),
+        (codec.TensorFormatError("x"), grpc.StatusCode.INVALID_ARGUMENT),
+        (MemoryError(), grpc.StatusCode.RESOURCE_EXHAUSTED),
+        (RuntimeError("secret internals"), grpc.StatusCode.INTERNAL),
+    ],
+)
 def test_every_exception_maps_to_one_status(exception, code):
     got, message, _ = status_for(exception)
     assert got == code
@@ -285,8 +376,11 @@ def test_corrupt_request_bytes_are_invalid_argument(address, method):
     channel = grpc.insecure_channel(address)
     with channel:
         kind = channel.stream_stream if method == "ApplyGradients" else channel.stream_unary
-        call = kind(f"/optserve.v1.ParameterServer/{method}",
-                    request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw)
+        call = kind(
+            f"/optserve.v1.ParameterServer/{method}",
+            request_serializer=lambda raw: raw,
+            response_deserializer=lambda raw: raw,
+        )
         with pytest.raises(grpc.RpcError) as error:
             response = call(iter([b"\x12\x05\x0a\x01w\x18"]), timeout=10)
             if method == "ApplyGradients":

@@ -4,6 +4,7 @@ The server runs as its own process (``python -m optserve.server serve``) where i
 must be killed; the workers are ``optserve demo`` join-mode processes, or client
 threads where a test needs exact, known gradients.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,20 +81,47 @@ class Output:
 
 
 def start_server_process(port: int, checkpoint_dir, every: str) -> tuple[subprocess.Popen, Output]:
-    command = [sys.executable, "-m", "optserve.server", "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--device", "cpu", "--checkpoint-dir", str(checkpoint_dir), "--checkpoint-every", every]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=child_env())
+    command = [
+        sys.executable,
+        "-m",
+        "optserve.server",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--checkpoint-dir",
+        str(checkpoint_dir),
+        "--checkpoint-every",
+        every,
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
     output = Output(process)
     output.wait_for(LISTENING)
     return process, output
 
 
 def start_worker(address: str, index: int, steps: int, model_id: str) -> tuple[subprocess.Popen, Output]:
-    command = [sys.executable, "-m", "optserve.client.demo", "--address", address, "--worker-index", str(index),
-               "--num-workers", "2", "--model-id", model_id, "--steps", str(steps), "--retries", "20"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env=child_env())
+    command = [
+        sys.executable,
+        "-m",
+        "optserve.client.demo",
+        "--address",
+        address,
+        "--worker-index",
+        str(index),
+        "--num-workers",
+        "2",
+        "--model-id",
+        model_id,
+        "--steps",
+        str(steps),
+        "--retries",
+        "20",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
     return process, Output(process)
 
 
@@ -199,8 +227,12 @@ def test_after_a_kill_every_step_is_applied_exactly_once(tmp_path):
     checkpoints = tmp_path / "checkpoints"
     server, _ = start_server_process(port, checkpoints, "7steps")
     with reaped([server]) as processes, Client(address) as client:
-        client.create_model("exact", {"class_name": "SGD", "config": {"learning_rate": 1.0}},
-                            {"x": np.zeros(4, np.float32)}, num_workers=2)
+        client.create_model(
+            "exact",
+            {"class_name": "SGD", "config": {"learning_rate": 1.0}},
+            {"x": np.zeros(4, np.float32)},
+            num_workers=2,
+        )
         failures: list[BaseException] = []
 
         def worker(index: int) -> None:
@@ -245,8 +277,14 @@ def test_a_worker_killed_mid_step_times_the_step_out_and_a_restarted_worker_rejo
     steps = 200
     with start_server(device="cpu") as server, Client(server.address) as client:
         # The demo's model, created ahead of the workers with a short step timeout; they join it.
-        client.create_model("job", demo.optimizer_config("adam", 0.01), demo.initial_params(0), num_workers=2,
-                            sync_timeout_s=0.5, timeout_policy="fail")
+        client.create_model(
+            "job",
+            demo.optimizer_config("adam", 0.01),
+            demo.initial_params(0),
+            num_workers=2,
+            sync_timeout_s=0.5,
+            timeout_policy="fail",
+        )
         first, first_output = start_worker(server.address, 0, steps, "job")
         second, second_output = start_worker(server.address, 1, steps, "job")
         with reaped([first, second]) as processes:
@@ -276,9 +314,14 @@ def _push_in_background(client: Client, model_id: str, grads, **kwargs) -> threa
 def test_apply_partial_goes_on_without_a_dead_worker_and_takes_it_back():
     ones, twos = np.ones(2, np.float32), np.full(2, 2.0, np.float32)
     with start_server(device="cpu") as server, Client(server.address) as first, Client(server.address) as second:
-        first.create_model("partial", {"class_name": "SGD", "config": {"learning_rate": 1.0}},
-                           {"x": np.zeros(2, np.float32)}, num_workers=2, sync_timeout_s=0.3,
-                           timeout_policy="apply_partial")
+        first.create_model(
+            "partial",
+            {"class_name": "SGD", "config": {"learning_rate": 1.0}},
+            {"x": np.zeros(2, np.float32)},
+            num_workers=2,
+            sync_timeout_s=0.3,
+            timeout_policy="apply_partial",
+        )
         other = _push_in_background(second, "partial", {"x": twos}, worker_index=1, step=0)
         first.push("partial", {"x": ones}, worker_index=0, step=0)
         other.join()
@@ -300,8 +343,13 @@ def test_apply_partial_goes_on_without_a_dead_worker_and_takes_it_back():
 
 def test_fail_policy_refuses_the_step_and_applies_nothing():
     with start_server(device="cpu") as server, Client(server.address) as client:
-        client.create_model("strict", {"class_name": "SGD", "config": {"learning_rate": 1.0}},
-                            {"x": np.zeros(2, np.float32)}, num_workers=2, sync_timeout_s=0.2)
+        client.create_model(
+            "strict",
+            {"class_name": "SGD", "config": {"learning_rate": 1.0}},
+            {"x": np.zeros(2, np.float32)},
+            num_workers=2,
+            sync_timeout_s=0.2,
+        )
         with pytest.raises(DeadlineExceededError) as timed_out:
             client.push("strict", {"x": np.ones(2, np.float32)}, worker_index=0, step=0)
         assert timed_out.value.details["missing_workers"] == "1"

@@ -1,4 +1,5 @@
 """`optserve inspect` and `optserve demo` against real servers."""
+
 from __future__ import annotations
 
 import json
@@ -10,16 +11,19 @@ import sys
 import numpy as np
 import pytest
 
-from optserve.client import Client
-from optserve.client import demo, inspect
+from optserve.client import Client, demo, inspect
 
 
 @pytest.fixture
 def populated(address):
     with Client(address) as client:
-        client.create_model("mlp", {"class_name": "Adam", "config": {"learning_rate": 0.01}},
-                            {"dense/kernel": np.full((3, 4), 2.0, np.float32), "dense/bias": np.zeros(4, np.float32)},
-                            num_workers=2, sync_timeout_s=5.0)
+        client.create_model(
+            "mlp",
+            {"class_name": "Adam", "config": {"learning_rate": 0.01}},
+            {"dense/kernel": np.full((3, 4), 2.0, np.float32), "dense/bias": np.zeros(4, np.float32)},
+            num_workers=2,
+            sync_timeout_s=5.0,
+        )
         client.create_model("linear", "sgd", {"w": np.ones(5, np.float64)}, mode="async")
     return address
 
@@ -64,8 +68,13 @@ def test_inspect_json(populated, capsys):
     code, out, _ = _run_inspect(capsys, [populated, "mlp", "--json", "--slots"])
     model = json.loads(out)
     assert model["optimizer"] == "Adam" and model["num_workers"] == 2
-    assert model["variables"][0] == {"name": "dense/kernel", "shape": [3, 4], "dtype": "float32",
-                                     "slots": ["momentum", "velocity"], "norm": pytest.approx(np.sqrt(48))}
+    assert model["variables"][0] == {
+        "name": "dense/kernel",
+        "shape": [3, 4],
+        "dtype": "float32",
+        "slots": ["momentum", "velocity"],
+        "norm": pytest.approx(np.sqrt(48)),
+    }
     assert model["slot_stats"]["dense/bias"]["momentum"] == {"shape": [4], "dtype": "float32", "norm": 0.0}
 
 
@@ -98,8 +107,10 @@ def test_numpy_gradients_match_finite_differences():
         index = (0,) * params[name].ndim
         shifted = {k: v.copy() for k, v in params.items()}
         shifted[name][index] += 1e-6
-        numeric = (demo.loss_and_grads(shifted, x, y, with_grads=False)[0]
-                   - demo.loss_and_grads(params, x, y, with_grads=False)[0]) / 1e-6
+        numeric = (
+            demo.loss_and_grads(shifted, x, y, with_grads=False)[0]
+            - demo.loss_and_grads(params, x, y, with_grads=False)[0]
+        ) / 1e-6
         assert grads[name][index] == pytest.approx(numeric, rel=1e-3, abs=1e-6)
 
 
@@ -111,8 +122,7 @@ def _optserve_command() -> list[str]:
 
 
 def test_optserve_demo_starts_its_own_server():
-    run = subprocess.run([*_optserve_command(), "demo", "--steps", "30"], capture_output=True, text=True,
-                         timeout=120)
+    run = subprocess.run([*_optserve_command(), "demo", "--steps", "30"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     losses = [float(m) for m in re.findall(r"step\s+\d+/30\s+loss (\d+\.\d+)", run.stdout)]
     assert len(losses) >= 3 and losses[-1] < losses[0]
@@ -127,11 +137,25 @@ def test_join_mode_worker_checkpoints_the_finished_job(tmp_path, capsys):
 
     running = start_server(device="cpu", checkpoint_dir=str(tmp_path), checkpoint_every="off")
     try:
-        code = demo.main(["--address", running.address, "--workers", "1", "--worker-index", "0",
-                          "--num-workers", "1", "--steps", "5", "--model-id", "joined"])
+        code = demo.main(
+            [
+                "--address",
+                running.address,
+                "--workers",
+                "1",
+                "--worker-index",
+                "0",
+                "--num-workers",
+                "1",
+                "--steps",
+                "5",
+                "--model-id",
+                "joined",
+            ]
+        )
         assert code == 0, capsys.readouterr().err
         state, _ = CheckpointStore(tmp_path).load_latest()
-        saved, = state["models"]
+        (saved,) = state["models"]
         assert saved["spec"]["model_id"] == "joined" and saved["step"] == 5
     finally:
         running.stop()
@@ -139,7 +163,21 @@ def test_join_mode_worker_checkpoints_the_finished_job(tmp_path, capsys):
 
 
 def test_join_mode_worker_without_checkpoints_still_succeeds(address, capsys):
-    code = demo.main(["--address", address, "--workers", "1", "--worker-index", "0",
-                      "--num-workers", "1", "--steps", "3", "--model-id", "joined"])
+    code = demo.main(
+        [
+            "--address",
+            address,
+            "--workers",
+            "1",
+            "--worker-index",
+            "0",
+            "--num-workers",
+            "1",
+            "--steps",
+            "3",
+            "--model-id",
+            "joined",
+        ]
+    )
     assert code == 0
     assert "checkpointed" not in capsys.readouterr().out

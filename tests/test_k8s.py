@@ -1,10 +1,10 @@
 """deploy/k8s/: the manifests validate against a pinned Kubernetes (offline), agree with each
 other, and the commands their pods run work as plain processes: N shards, probes, metrics,
 an Indexed Job's workers, a SIGTERM with its final checkpoint."""
+
 from __future__ import annotations
 
 import functools
-import os
 import pathlib
 import re
 import signal
@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
-KUBERNETES_VERSION = "1.31.0"   # the oldest Kubernetes these manifests promise to work on
+KUBERNETES_VERSION = "1.31.0"  # the oldest Kubernetes these manifests promise to work on
 APPLIED = ("service.yaml", "statefulset.yaml", "worker-job.yaml")
 EXAMPLES = ("secrets.example.yaml",)
 
@@ -50,6 +50,7 @@ def container(workload: dict) -> dict:
 @pytest.fixture
 def no_network(monkeypatch):
     """Validation must work offline: any attempt to reach the network fails the test."""
+
     def refuse(*args, **kwargs):
         raise AssertionError(f"network access during validation: {args!r}")
 
@@ -95,7 +96,7 @@ def test_shards_behind_a_headless_service_with_a_volume_each():
     assert shards["spec"]["selector"]["matchLabels"].items() <= labels.items()
     args = container(shards)["args"]
     assert args[0] == "serve" and flag(args, "--host") == "0.0.0.0"
-    claim, = shards["spec"]["volumeClaimTemplates"]
+    (claim,) = shards["spec"]["volumeClaimTemplates"]
     mounts = {m["name"]: m["mountPath"] for m in container(shards)["volumeMounts"]}
     assert mounts[claim["metadata"]["name"]] == flag(args, "--checkpoint-dir")
     assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
@@ -137,8 +138,10 @@ def test_tls_and_token_secrets_are_mounted_optionally():
 def shard_addresses() -> list[str]:
     shards, service = one("StatefulSet"), one("Service")
     port = flag(container(shards)["args"], "--port")
-    return [f"{shards['metadata']['name']}-{i}.{service['metadata']['name']}:{port}"
-            for i in range(shards["spec"]["replicas"])]
+    return [
+        f"{shards['metadata']['name']}-{i}.{service['metadata']['name']}:{port}"
+        for i in range(shards["spec"]["replicas"])
+    ]
 
 
 def test_the_indexed_job_runs_one_worker_per_index_against_every_shard():
@@ -150,8 +153,10 @@ def test_the_indexed_job_runs_one_worker_per_index_against_every_shard():
     assert spec["completions"] == spec["parallelism"] == int(flag(args, "--num-workers"))
     env = {e["name"]: e for e in worker["env"]}
     index_var = re.fullmatch(r"\$\((\w+)\)", flag(args, "--worker-index")).group(1)
-    assert env[index_var]["valueFrom"]["fieldRef"]["fieldPath"] == \
-        "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    assert (
+        env[index_var]["valueFrom"]["fieldRef"]["fieldPath"]
+        == "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+    )
     assert flag(args, "--address").split(",") == shard_addresses()
     assert spec["template"]["spec"]["restartPolicy"] == "OnFailure"
     assert int(flag(args, "--retries")) >= 8
@@ -196,8 +201,9 @@ def wait_listening(process: subprocess.Popen) -> str:
 
 def probe(address: str, service: str) -> int:
     with grpc.insecure_channel(address) as channel:
-        return health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=10).status
+        return (
+            health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+        )
 
 
 def test_the_pods_commands_train_a_sharded_job_and_stop_with_a_final_checkpoint(tmp_path):
@@ -208,9 +214,16 @@ def test_the_pods_commands_train_a_sharded_job_and_stop_with_a_final_checkpoint(
     try:
         for index in range(shards["spec"]["replicas"]):
             metrics_port = free_port()
-            args = replace_flags(server["args"], {
-                "--host": "127.0.0.1", "--port": str(free_port()), "--metrics-port": str(metrics_port),
-                "--checkpoint-dir": str(tmp_path / f"shard-{index}"), "--device": "cpu"})
+            args = replace_flags(
+                server["args"],
+                {
+                    "--host": "127.0.0.1",
+                    "--port": str(free_port()),
+                    "--metrics-port": str(metrics_port),
+                    "--checkpoint-dir": str(tmp_path / f"shard-{index}"),
+                    "--device": "cpu",
+                },
+            )
             servers.append(optserve(args, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL))
             addresses.append(wait_listening(servers[-1]))
             metrics_ports.append(metrics_port)
@@ -222,7 +235,7 @@ def test_the_pods_commands_train_a_sharded_job_and_stop_with_a_final_checkpoint(
         worker = container(job)
         workers = []
         for index in range(job["spec"]["completions"]):
-            env = {"WORKER_INDEX": str(index)}   # what the Job controller puts in the annotation
+            env = {"WORKER_INDEX": str(index)}  # what the Job controller puts in the annotation
             args = replace_flags(expand(worker["args"], env), {"--address": ",".join(addresses), "--steps": "3"})
             workers.append(optserve(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE))
         for process in workers:

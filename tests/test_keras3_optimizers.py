@@ -9,6 +9,7 @@
   Keras skips and end with Keras's scale, counter, weights and slots.
 * Staged programs allocate nothing in steady state on the NumPy backend.
 """
+
 from __future__ import annotations
 
 import json
@@ -17,11 +18,11 @@ import warnings
 
 import numpy as np
 import pytest
-
 import test_optimizer_parity as parity
+from test_optimizer_parity import keras_float64_arithmetic  # noqa: F401 - a fixture
+
 from optserve.server import optimizers
 from optserve.server.errors import InvalidArgumentError, NotFoundError
-from test_optimizer_parity import keras_float64_arithmetic  # noqa: F401 - a fixture
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -60,28 +61,49 @@ def test_keras_single_step(class_name, config, expected):
 def test_keras_single_step_2d():
     [adafactor] = run(engine("Adafactor", learning_rate=0.5), [[1.0, 2.0], [3.0, 4.0]], [[[1.0, 6.0], [7.0, 2.0]]])
     np.testing.assert_allclose(adafactor, [[0.7007, -0.0081], [1.2492, 3.4407]], rtol=1e-4, atol=1e-4)
-    [muon] = run(engine("Muon", learning_rate=0.5, weight_decay=0.0), [[1.0, 2.0], [3.0, 4.0]],
-                 [[[1.0, 6.0], [7.0, 2.0]]])
+    [muon] = run(
+        engine("Muon", learning_rate=0.5, weight_decay=0.0), [[1.0, 2.0], [3.0, 4.0]], [[[1.0, 6.0], [7.0, 2.0]]]
+    )
     np.testing.assert_allclose(muon, [[0.988775, 1.887053], [2.873428, 3.97035]], rtol=1e-2, atol=1e-2)
 
 
 _RAMP = np.arange(0.1, 1.1, 0.1)
 GOLDEN = [
-    ("AdamW", {"learning_rate": 1.0, "weight_decay": 0.5, "epsilon": 2}, np.array([
-        [0.4998, 0.4998, 0.4998, 0.4998, 0.4998, 0.4998, 0.4998, 0.4998, 0.4998, 0.4998],
-        [0.2486, 0.2475, 0.2463, 0.2451, 0.244, 0.2428, 0.2417, 0.2405, 0.2394, 0.2382],
-        [0.1223, 0.1198, 0.1174, 0.1149, 0.1124, 0.11, 0.1075, 0.1051, 0.1027, 0.1003],
-        [0.0586, 0.0549, 0.0512, 0.0475, 0.0439, 0.0402, 0.0366, 0.033, 0.0294, 0.0258],
-        [0.0263, 0.0215, 0.0167, 0.012, 0.0073, 0.0026, -0.0021, -0.0067, -0.0113, -0.0159]])),
+    (
+        "AdamW",
+        {"learning_rate": 1.0, "weight_decay": 0.5, "epsilon": 2},
+        np.array(
+            [
+                [0.4998, 0.4998, 0.4998, 0.4998, 0.4998, 0.4998, 0.4998, 0.4998, 0.4998, 0.4998],
+                [0.2486, 0.2475, 0.2463, 0.2451, 0.244, 0.2428, 0.2417, 0.2405, 0.2394, 0.2382],
+                [0.1223, 0.1198, 0.1174, 0.1149, 0.1124, 0.11, 0.1075, 0.1051, 0.1027, 0.1003],
+                [0.0586, 0.0549, 0.0512, 0.0475, 0.0439, 0.0402, 0.0366, 0.033, 0.0294, 0.0258],
+                [0.0263, 0.0215, 0.0167, 0.012, 0.0073, 0.0026, -0.0021, -0.0067, -0.0113, -0.0159],
+            ]
+        ),
+    ),
     ("Lion", {}, np.tile([[0.999], [0.998], [0.997], [0.996], [0.995]], (1, 10))),
     ("Lamb", {}, np.tile([[0.999], [0.9982], [0.9974], [0.9965], [0.9955]], (1, 10))),
-    ("Adafactor", {"learning_rate": 0.5, "beta_2_decay": -0.65, "epsilon_1": 1e-15, "epsilon_2": 1e-4,
-                   "clip_threshold": 0.9, "relative_step": False}, np.array([
-        [0.55, 0.55, 0.55, 0.55, 0.55, 0.55, 0.55, 0.55, 0.55, 0.55],
-        [0.3031, 0.3026, 0.3025, 0.3024, 0.3024, 0.3024, 0.3024, 0.3024, 0.3024, 0.3024],
-        [0.1671, 0.1665, 0.1663, 0.1663, 0.1663, 0.1663, 0.1663, 0.1663, 0.1663, 0.1663],
-        [0.0923, 0.0916, 0.0915, 0.0914, 0.0914, 0.0914, 0.0914, 0.0914, 0.0914, 0.0914],
-        [0.0554, 0.0548, 0.0546, 0.0546, 0.0546, 0.0546, 0.0546, 0.0545, 0.0545, 0.0545]])),
+    (
+        "Adafactor",
+        {
+            "learning_rate": 0.5,
+            "beta_2_decay": -0.65,
+            "epsilon_1": 1e-15,
+            "epsilon_2": 1e-4,
+            "clip_threshold": 0.9,
+            "relative_step": False,
+        },
+        np.array(
+            [
+                [0.55, 0.55, 0.55, 0.55, 0.55, 0.55, 0.55, 0.55, 0.55, 0.55],
+                [0.3031, 0.3026, 0.3025, 0.3024, 0.3024, 0.3024, 0.3024, 0.3024, 0.3024, 0.3024],
+                [0.1671, 0.1665, 0.1663, 0.1663, 0.1663, 0.1663, 0.1663, 0.1663, 0.1663, 0.1663],
+                [0.0923, 0.0916, 0.0915, 0.0914, 0.0914, 0.0914, 0.0914, 0.0914, 0.0914, 0.0914],
+                [0.0554, 0.0548, 0.0546, 0.0546, 0.0546, 0.0546, 0.0546, 0.0545, 0.0545, 0.0545],
+            ]
+        ),
+    ),
 ]
 
 
@@ -151,8 +173,15 @@ def test_muon_chooses_adamw_and_weight_decay_like_keras():
 
 
 # ----------------------------------------------- bit identity on odd shapes
-ODD_SHAPES = {"tall": (70, 30), "wide": (24, 90), "token_embedding": (40, 8), "vector": (1000,), "deep": (3, 33, 17),
-              "scalar": (), "small_tall": (5, 3)}
+ODD_SHAPES = {
+    "tall": (70, 30),
+    "wide": (24, 90),
+    "token_embedding": (40, 8),
+    "vector": (1000,),
+    "deep": (3, 33, 17),
+    "scalar": (),
+    "small_tall": (5, 3),
+}
 ODD_CASES = [
     parity.Case("Lamb", learning_rate=0.02),
     parity.Case("Lamb", learning_rate=0.02, weight_decay=0.1, beta_1=0.0),
@@ -199,7 +228,11 @@ def test_adafactor_slots_are_factored_and_checked_by_their_own_shapes():
     adafactor = engine("Adafactor")
     adafactor.build({"w": np.ones((4, 3, 5), np.float32), "b": np.ones(5, np.float32)})
     slots = adafactor.get_slots()
-    assert {slot: value.shape for slot, value in slots["w"].items()} == {"r": (4, 3), "c": (4, 5), "velocity": (4, 3, 5)}
+    assert {slot: value.shape for slot, value in slots["w"].items()} == {
+        "r": (4, 3),
+        "c": (4, 5),
+        "velocity": (4, 3, 5),
+    }
     assert {slot: value.shape for slot, value in slots["b"].items()} == {"r": (), "c": (), "velocity": (5,)}
     with pytest.raises(InvalidArgumentError, match=r"shape \(4, 3, 5\); expected \(4, 3\)"):
         adafactor.set_slots({"w": {"r": np.zeros((4, 3, 5), np.float32)}})
@@ -208,15 +241,20 @@ def test_adafactor_slots_are_factored_and_checked_by_their_own_shapes():
     restored = engine("Adafactor")
     restored.load_state_dict(adafactor.state_dict())
     np.testing.assert_array_equal(restored.get_slots()["w"]["r"], adafactor.get_slots()["w"]["r"])
-    assert restored.weights_description() == adafactor.weights_description() == [
-        "iterations", "w:r", "w:c", "w:velocity", "b:r", "b:c", "b:velocity"]
+    assert (
+        restored.weights_description()
+        == adafactor.weights_description()
+        == ["iterations", "w:r", "w:c", "w:velocity", "b:r", "b:c", "b:velocity"]
+    )
     weights = adafactor.get_weights()
     assert [w.shape for w in weights] == [(), (4, 3), (4, 5), (4, 3, 5), (), (), (5,)]
     weights[2] = np.full((4, 5), 3.0, np.float32)
     restored.set_weights(weights)
     assert restored.get_slots(["w"])["w"]["c"][0, 0] == 3.0
     weights[5] = np.zeros(5, np.float32)  # b's c is a scalar placeholder
-    with pytest.raises(InvalidArgumentError, match=r"Entry 5 \(slot 'c' of variable 'b'\) has shape \(5,\); expected \(\)"):
+    with pytest.raises(
+        InvalidArgumentError, match=r"Entry 5 \(slot 'c' of variable 'b'\) has shape \(5,\); expected \(\)"
+    ):
         restored.set_weights(weights)
 
 
@@ -262,20 +300,30 @@ def _keras_lso(keras, inner_class, inner_config, **config):
 
 LSO_CASES = [
     ("Adam", {"learning_rate": 0.01}, {"initial_scale": 8.0, "dynamic_growth_steps": 3}, "float32"),
-    ("SGD", {"learning_rate": 0.1, "momentum": 0.9, "gradient_accumulation_steps": 2}, {"dynamic_growth_steps": 2},
-     "float32"),
+    (
+        "SGD",
+        {"learning_rate": 0.1, "momentum": 0.9, "gradient_accumulation_steps": 2},
+        {"dynamic_growth_steps": 2},
+        "float32",
+    ),
     ("Lamb", {"learning_rate": 0.02, "use_ema": True, "loss_scale_factor": 4.0}, {"initial_scale": 1024.0}, "float32"),
-    ("Adafactor", {"learning_rate": 0.05, "clipnorm": 1.0}, {"initial_scale": 2.0**10, "dynamic_growth_steps": 4},
-     "float32"),
+    (
+        "Adafactor",
+        {"learning_rate": 0.05, "clipnorm": 1.0},
+        {"initial_scale": 2.0**10, "dynamic_growth_steps": 4},
+        "float32",
+    ),
     ("AdamW", {"learning_rate": 0.01}, {"initial_scale": 16.0, "dynamic_growth_steps": 2}, "float64"),
 ]
 NON_FINITE_STEPS = {2: ("bias", np.inf), 3: ("kernel", np.nan), 9: ("kernel", -np.inf)}
 
 
-@pytest.mark.parametrize("inner_class, inner_config, config, dtype", LSO_CASES,
-                         ids=[f"{c[0]}-{c[3]}" for c in LSO_CASES])
-def test_loss_scale_optimizer_skips_the_steps_keras_skips(keras_float64_arithmetic, inner_class, inner_config,
-                                                          config, dtype):
+@pytest.mark.parametrize(
+    "inner_class, inner_config, config, dtype", LSO_CASES, ids=[f"{c[0]}-{c[3]}" for c in LSO_CASES]
+)
+def test_loss_scale_optimizer_skips_the_steps_keras_skips(
+    keras_float64_arithmetic, inner_class, inner_config, config, dtype
+):
     import keras
 
     rng = np.random.default_rng(3)
@@ -320,8 +368,13 @@ def test_loss_scale_optimizer_skips_the_steps_keras_skips(keras_float64_arithmet
 
 def test_loss_scale_optimizer_keras_unit_tests():
     finite = optimizers.deserialize(
-        {"class_name": "LossScaleOptimizer", "config": {"inner_optimizer": {"class_name": "SGD", "config": {
-            "learning_rate": 0.5, "loss_scale_factor": 100.0}}}})
+        {
+            "class_name": "LossScaleOptimizer",
+            "config": {
+                "inner_optimizer": {"class_name": "SGD", "config": {"learning_rate": 0.5, "loss_scale_factor": 100.0}}
+            },
+        }
+    )
     assert finite.inner_optimizer.loss_scale_factor is None  # Keras disables the inner scaling
     finite.build({"x": np.array([1.0, 2.0, 3.0, 4.0], np.float32)})
     finite.apply({"x": np.array([1.0, 6.0, 7.0, 2.0], np.float32) * finite.initial_scale})
@@ -349,9 +402,16 @@ def test_loss_scale_optimizer_config_of_a_mixed_precision_model_round_trips():
     assert ours.inner_optimizer.class_name == "AdamW"
 
 
-@pytest.mark.parametrize("arguments", [
-    {"dynamic": False}, {"weight_decay": 0.1}, {"use_ema": True}, {"foo": 1, "bar": 2},
-], ids=lambda a: ",".join(a))
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"dynamic": False},
+        {"weight_decay": 0.1},
+        {"use_ema": True},
+        {"foo": 1, "bar": 2},
+    ],
+    ids=lambda a: ",".join(a),
+)
 def test_loss_scale_optimizer_refuses_what_keras_refuses_in_keras_words(arguments):
     import keras
 
@@ -362,16 +422,21 @@ def test_loss_scale_optimizer_refuses_what_keras_refuses_in_keras_words(argument
     assert str(ours.value) == str(keras_error.value)
 
 
-@pytest.mark.parametrize("config, message", [
-    ({}, "LossScaleOptimizer needs `inner_optimizer`"),
-    ({"inner_optimizer": "yogi"}, "Unknown optimizer: 'yogi'"),
-    ({"inner_optimizer": {"class_name": "LossScaleOptimizer", "config": {"inner_optimizer": "sgd"}}},
-     "cannot be another LossScaleOptimizer"),
-    ({"inner_optimizer": "sgd", "initial_scale": 0.0}, "`initial_scale` must be a finite number > 0"),
-    ({"inner_optimizer": "sgd", "initial_scale": 1e39}, "`initial_scale` must be finite in float32"),
-    ({"inner_optimizer": "sgd", "dynamic_growth_steps": 0}, "`dynamic_growth_steps` must be an integer >= 1"),
-    ({"inner_optimizer": "sgd", "weight_decay": None, "use_ema": False}, None),  # defaults pass, as in Keras
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({}, "LossScaleOptimizer needs `inner_optimizer`"),
+        ({"inner_optimizer": "yogi"}, "Unknown optimizer: 'yogi'"),
+        (
+            {"inner_optimizer": {"class_name": "LossScaleOptimizer", "config": {"inner_optimizer": "sgd"}}},
+            "cannot be another LossScaleOptimizer",
+        ),
+        ({"inner_optimizer": "sgd", "initial_scale": 0.0}, "`initial_scale` must be a finite number > 0"),
+        ({"inner_optimizer": "sgd", "initial_scale": 1e39}, "`initial_scale` must be finite in float32"),
+        ({"inner_optimizer": "sgd", "dynamic_growth_steps": 0}, "`dynamic_growth_steps` must be an integer >= 1"),
+        ({"inner_optimizer": "sgd", "weight_decay": None, "use_ema": False}, None),  # defaults pass, as in Keras
+    ],
+)
 def test_loss_scale_optimizer_validation(config, message):
     document = {"class_name": "LossScaleOptimizer", "config": config}
     if message is None:
@@ -382,9 +447,16 @@ def test_loss_scale_optimizer_validation(config, message):
 
 
 def _lso_adam():
-    return optimizers.deserialize({"class_name": "LossScaleOptimizer", "config": {
-        "inner_optimizer": {"class_name": "Nadam", "config": {"learning_rate": 0.01}},
-        "initial_scale": 64.0, "dynamic_growth_steps": 3}})
+    return optimizers.deserialize(
+        {
+            "class_name": "LossScaleOptimizer",
+            "config": {
+                "inner_optimizer": {"class_name": "Nadam", "config": {"learning_rate": 0.01}},
+                "initial_scale": 64.0,
+                "dynamic_growth_steps": 3,
+            },
+        }
+    )
 
 
 def test_loss_scale_optimizer_state_travels_with_the_inner_state():
@@ -416,8 +488,11 @@ def test_loss_scale_optimizer_scalars_are_checked_before_any_is_set():
     optimizer.build({"w": np.ones(3, np.float32)})
     optimizer.set_scalars({"dynamic_scale": 512.0, "step_counter": 2})
     assert (optimizer.dynamic_scale, optimizer.step_counter) == (512.0, 2)
-    for values, error in [({"dynamic_scale": 0.0}, InvalidArgumentError), ({"step_counter": 1.5}, InvalidArgumentError),
-                          ({"dynamic_scale": 8.0, "nope": 1.0}, NotFoundError)]:
+    for values, error in [
+        ({"dynamic_scale": 0.0}, InvalidArgumentError),
+        ({"step_counter": 1.5}, InvalidArgumentError),
+        ({"dynamic_scale": 8.0, "nope": 1.0}, NotFoundError),
+    ]:
         with pytest.raises(error):
             optimizer.set_scalars(values)
         assert (optimizer.dynamic_scale, optimizer.step_counter) == (512.0, 2)

@@ -8,6 +8,7 @@ two synchronous workers. Each check is reported as its own test here.
 In-process: Keras on its NumPy backend (set by conftest.py) covers arguments,
 configuration, the eager step and the error paths, without a subprocess.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -18,14 +19,13 @@ import subprocess
 import sys
 import warnings
 
+import keras_worker
 import numpy as np
 import pytest
 
-import keras_worker
-
 WORKER = pathlib.Path(__file__).with_name("keras_worker.py")
 BACKENDS = ("torch", "jax", "tensorflow")
-CHECKS = [name[len("check_"):] for name in vars(keras_worker.Checks) if name.startswith("check_")]
+CHECKS = [name[len("check_") :] for name in vars(keras_worker.Checks) if name.startswith("check_")]
 WORKER_TIMEOUT_S = 300
 # Models trained by two synchronous worker processes, each on half of the batch:
 # {model: (backend of worker 0, backend of worker 1)}. A backend listed twice in
@@ -125,7 +125,7 @@ def _report(worker_reports, backend):
 def test_backend(worker_reports, backend, check):
     outcome = _report(worker_reports, backend)["checks"].get(check, "the worker did not run this check")
     if outcome.startswith("skip: "):
-        pytest.skip(outcome[len("skip: "):])
+        pytest.skip(outcome[len("skip: ") :])
     assert outcome == "ok", f"{backend} / {check}:\n{outcome}"
 
 
@@ -235,11 +235,10 @@ def test_every_optimizer_form_gives_the_same_server_config(RemoteOptimizer, kera
     forms = [
         instance,
         keras.optimizers.serialize(instance),
-        {"class_name": "Adam", **instance.get_config()},   # a bare get_config() with its class name
+        {"class_name": "Adam", **instance.get_config()},  # a bare get_config() with its class name
         "Adam",
     ]
-    configs = [RemoteOptimizer(form, "127.0.0.1:1", learning_rate=0.01)._server_optimizer_config()
-               for form in forms]
+    configs = [RemoteOptimizer(form, "127.0.0.1:1", learning_rate=0.01)._server_optimizer_config() for form in forms]
     assert all(config == configs[0] for config in configs)
     assert configs[0]["module"] == "keras.optimizers"
     assert "name" not in configs[0]["config"]  # Keras's instance names differ from worker to worker
@@ -260,8 +259,16 @@ def test_wrapping_a_loss_scale_optimizer_is_refused(RemoteOptimizer, keras):
 
 def test_config_round_trip(RemoteOptimizer, keras):
     schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=10000, decay_rate=0.9)
-    opt = RemoteOptimizer(keras.optimizers.Adam(learning_rate=schedule), "127.0.0.1:1", model_id="m",
-                          num_workers=3, worker_index=2, mode="async", sync_timeout_s=5, timeout=None)
+    opt = RemoteOptimizer(
+        keras.optimizers.Adam(learning_rate=schedule),
+        "127.0.0.1:1",
+        model_id="m",
+        num_workers=3,
+        worker_index=2,
+        mode="async",
+        sync_timeout_s=5,
+        timeout=None,
+    )
     assert RemoteOptimizer.from_config(opt.get_config()).get_config() == opt.get_config()
     serialized = keras.optimizers.serialize(opt)
     assert serialized["registered_name"] == "optserve>RemoteOptimizer"
@@ -283,7 +290,10 @@ def test_apply_matches_keras_and_state_reads_through(RemoteOptimizer, keras, ser
     local_state = [local.iterations] + [v for v in local.variables[2:]]  # Keras 3 adds learning_rate 2nd
     _close(opt.get_weights(), local_state)
     assert [v.name for v in opt.variables] == [
-        "iteration", "remote_kernel_momentum", "remote_kernel_velocity", "remote_bias_momentum",
+        "iteration",
+        "remote_kernel_momentum",
+        "remote_kernel_velocity",
+        "remote_bias_momentum",
         "remote_bias_velocity",
     ]
     _close(opt.variables, local_state)
@@ -317,8 +327,7 @@ def test_stateless_apply_without_jax_matches_apply(RemoteOptimizer, keras, serve
     assert int(optimizer_values[0]) == 2
 
 
-def test_set_weights_checks_everything_and_changes_nothing_on_error(RemoteOptimizer, keras, server_address,
-                                                                    model_id):
+def test_set_weights_checks_everything_and_changes_nothing_on_error(RemoteOptimizer, keras, server_address, model_id):
     opt = RemoteOptimizer(keras.optimizers.SGD(momentum=0.9), server_address, model_id=model_id)
     variables = _variables(keras, "v")
     opt.apply(_grads(0), variables)
@@ -345,8 +354,7 @@ def test_state_methods_need_a_built_optimizer(RemoteOptimizer):
         opt.apply([np.zeros(3, "float32")])
 
 
-def test_a_learning_rate_set_before_build_creates_the_job_with_it(RemoteOptimizer, keras, server_address,
-                                                                     model_id):
+def test_a_learning_rate_set_before_build_creates_the_job_with_it(RemoteOptimizer, keras, server_address, model_id):
     opt = RemoteOptimizer("adam", server_address, model_id=model_id)
     opt.learning_rate = 0.5
     assert float(opt.learning_rate) == 0.5
@@ -375,11 +383,12 @@ def test_a_second_worker_joins_and_adopts_the_servers_values(RemoteOptimizer, ke
     _close(second_vars, first_vars)
 
 
-def test_joining_with_other_variables_fails_with_the_differences(RemoteOptimizer, keras, server_address,
-                                                                  model_id):
+def test_joining_with_other_variables_fails_with_the_differences(RemoteOptimizer, keras, server_address, model_id):
     RemoteOptimizer("sgd", server_address, model_id=model_id).build(_variables(keras, "w"))
-    other = [keras.Variable(np.zeros((5, 3), "float32"), name="w_kernel"),
-             keras.Variable(np.zeros((3,), "float32"), name="w_bias")]
+    other = [
+        keras.Variable(np.zeros((5, 3), "float32"), name="w_kernel"),
+        keras.Variable(np.zeros((3,), "float32"), name="w_bias"),
+    ]
     from optserve.client import AlreadyExistsError
 
     with pytest.raises(AlreadyExistsError, match=r"w_kernel.*\[4, 3\].*\[5, 3\]"):
@@ -395,8 +404,14 @@ def test_variable_paths_must_be_unique(RemoteOptimizer, keras):
 def test_aggregated_gradients_are_applied_once_without_waiting(RemoteOptimizer, keras, server_address, model_id):
     # experimental_aggregate_gradients=False: this push already holds every worker's sum.
     remote_vars, local_vars = _variables(keras, "r"), _variables(keras, "l")
-    opt = RemoteOptimizer(keras.optimizers.SGD(learning_rate=0.1), server_address, model_id=model_id,
-                          num_workers=2, worker_index=0, sync_timeout_s=30)
+    opt = RemoteOptimizer(
+        keras.optimizers.SGD(learning_rate=0.1),
+        server_address,
+        model_id=model_id,
+        num_workers=2,
+        worker_index=0,
+        sync_timeout_s=30,
+    )
     opt.apply_gradients(zip(_grads(0), remote_vars), experimental_aggregate_gradients=False)
     keras.optimizers.SGD(learning_rate=0.1).apply(_grads(0), local_vars)
     _close(remote_vars, local_vars)
@@ -405,8 +420,14 @@ def test_aggregated_gradients_are_applied_once_without_waiting(RemoteOptimizer, 
 
 def test_async_mode_applies_each_push_as_it_arrives(RemoteOptimizer, keras, server_address, model_id):
     remote_vars, local_vars = _variables(keras, "r"), _variables(keras, "l")
-    opt = RemoteOptimizer(keras.optimizers.SGD(learning_rate=0.1), server_address, model_id=model_id,
-                          num_workers=2, worker_index=1, mode="async")
+    opt = RemoteOptimizer(
+        keras.optimizers.SGD(learning_rate=0.1),
+        server_address,
+        model_id=model_id,
+        num_workers=2,
+        worker_index=1,
+        mode="async",
+    )
     local = keras.optimizers.SGD(learning_rate=0.1)
     for step in range(2):  # worker 0 never pushes; nothing waits for it
         opt.apply(_grads(step), remote_vars)
@@ -450,8 +471,9 @@ def test_no_warning_when_nothing_is_wrong(RemoteOptimizer, keras, server_address
         opt.get_weights()
 
 
-def test_a_learning_rate_set_after_build_goes_to_the_server_from_worker_0_only(RemoteOptimizer, keras,
-                                                                                server_address, model_id, caplog):
+def test_a_learning_rate_set_after_build_goes_to_the_server_from_worker_0_only(
+    RemoteOptimizer, keras, server_address, model_id, caplog
+):
     first = RemoteOptimizer("sgd", server_address, model_id=model_id, num_workers=2, worker_index=0)
     second = RemoteOptimizer("sgd", server_address, model_id=model_id, num_workers=2, worker_index=1)
     first.build(_variables(keras, "lr_after"))

@@ -6,10 +6,10 @@ started again on the same port from its checkpoints. The workers' gradients
 are a known constant, so the final kernel says exactly how many updates the
 server applied, and the workers' logs say how many steps the restore lost.
 """
+
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import signal
@@ -19,9 +19,9 @@ import time
 
 import numpy as np
 import pytest
+from test_failures import child_env, free_port, reaped, start_server_process, wait_for_step
 
 from optserve.client import Client
-from test_failures import child_env, free_port, reaped, start_server_process, wait_for_step
 
 WORKER = pathlib.Path(__file__).with_name("keras_restart_worker.py")
 STEPS = 60
@@ -31,9 +31,22 @@ LOST = re.compile(r"(\d+) step\(s\) are lost")
 
 def start_worker(backend, address, model_id, num_workers, worker_index, report):
     env = {**child_env(), "KERAS_BACKEND": backend, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    command = [sys.executable, str(WORKER), "--address", address, "--model-id", model_id,
-               "--num-workers", str(num_workers), "--worker-index", str(worker_index),
-               "--steps", str(STEPS), "--report", str(report)]
+    command = [
+        sys.executable,
+        str(WORKER),
+        "--address",
+        address,
+        "--model-id",
+        model_id,
+        "--num-workers",
+        str(num_workers),
+        "--worker-index",
+        str(worker_index),
+        "--steps",
+        str(STEPS),
+        "--report",
+        str(report),
+    ]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -69,8 +82,10 @@ def test_sync_workers_fit_through_a_sigkill_and_a_restore_from_an_older_checkpoi
     server, _ = start_server_process(port, checkpoints, "5steps")
     address = f"127.0.0.1:{port}"
     reports = [tmp_path / "torch.json", tmp_path / "jax.json"]
-    workers = [start_worker(backend, address, "restart-sync", 2, index, report)
-               for index, (backend, report) in enumerate(zip(("torch", "jax"), reports))]
+    workers = [
+        start_worker(backend, address, "restart-sync", 2, index, report)
+        for index, (backend, report) in enumerate(zip(("torch", "jax"), reports))
+    ]
     with reaped([*workers]):
         with Client(address, timeout=30) as client:
             wait_for_step(client, "restart-sync", 17, timeout=WORKER_TIMEOUT_S)
@@ -89,8 +104,7 @@ def test_sync_workers_fit_through_a_sigkill_and_a_restore_from_an_older_checkpoi
         assert result["server_iterations"] == final.iterations
     assert STEPS - 7 <= final.iterations < STEPS, final.iterations  # some steps lost, the rest applied once
     (kernel,) = final.variables.values()
-    np.testing.assert_allclose(kernel.reshape(-1),
-                               expected_kernel(final.iterations), rtol=1e-5)
+    np.testing.assert_allclose(kernel.reshape(-1), expected_kernel(final.iterations), rtol=1e-5)
 
 
 def test_fit_waits_through_a_sigterm_and_ten_seconds_down_and_loses_nothing(tmp_path):

@@ -1,4 +1,5 @@
 """The update-math DSL (server/kernels.py) and the compute backends (server/backends.py)."""
+
 from __future__ import annotations
 
 import shutil
@@ -129,9 +130,7 @@ class TestFolding:
         assert len(kernel.host_values) == 1
 
     def test_folding_goes_through_named_host_temporaries(self):
-        kernel = UpdateKernel(
-            name="k", inputs=(), state=("x",), scalars=("b",), body="c = 1 - b\nd = c * 2\nx = x * d"
-        )
+        kernel = UpdateKernel(name="k", inputs=(), state=("x",), scalars=("b",), body="c = 1 - b\nd = c * 2\nx = x * d")
         assert len(kernel.host_values) == 1
         assert kernel.host_constants({"b": 0.25}, np.float64) == (1.5,)
 
@@ -144,7 +143,6 @@ class TestFolding:
         # (x * a) * b keeps two roundings; only a whole scalar subtree folds.
         kernel = UpdateKernel(name="k", inputs=(), state=("x",), scalars=("a", "b"), body="x = x * a * b")
         assert len(kernel.host_values) == 2
-
 
     @pytest.mark.parametrize(
         "expression, expected",
@@ -162,12 +160,9 @@ class TestFolding:
         ],
     )
     def test_host_folding_follows_ieee_where_python_would_raise(self, expression, expected):
-        kernel = UpdateKernel(
-            name="k", inputs=(), state=("x",), scalars=("a", "b"), body=f"x = x + {expression}"
-        )
+        kernel = UpdateKernel(name="k", inputs=(), state=("x",), scalars=("a", "b"), body=f"x = x + {expression}")
         (value,) = kernel.host_constants({"a": 1.0, "b": 0.0}, np.float64)
         np.testing.assert_equal(value, expected)
-
 
     @pytest.mark.parametrize("function", ["maximum", "minimum"])
     @pytest.mark.parametrize("a, b", [(0.0, -0.0), (-0.0, 0.0), (1.0, np.nan), (np.nan, 1.0)])
@@ -188,9 +183,7 @@ class TestSemantics:
         assert out["y"].tolist() == [14.0, 28.0]  # 10 + 1 + 3
 
     def test_a_temporary_keeps_a_states_old_value(self):
-        out = run_once(
-            "old = x\nx = x * 2\ny = old + x", {"x": np.array([1.0, 5.0]), "y": np.zeros(2)}
-        )
+        out = run_once("old = x\nx = x * 2\ny = old + x", {"x": np.array([1.0, 5.0]), "y": np.zeros(2)})
         assert out["x"].tolist() == [2.0, 10.0]
         assert out["y"].tolist() == [3.0, 15.0]
 
@@ -637,7 +630,11 @@ y = power(t, 0.5) + sign(g) + exp(log(t))
 
 def test_generated_cuda_source_compiles_as_cpp(tmp_path):
     """Without a GPU, a host C++ compiler still checks the generated code's syntax and types."""
-    kernels = [adam_kernel(), ftrl_kernel(), make("y = where(s > 0, g, -x)\nx = sign(y) * exp(log(abs(y)))", state=("x", "y"))]
+    kernels = [
+        adam_kernel(),
+        ftrl_kernel(),
+        make("y = where(s > 0, g, -x)\nx = sign(y) * exp(log(abs(y)))", state=("x", "y")),
+    ]
     _compile_as_cpp(kernels, tmp_path)
 
 
@@ -672,8 +669,19 @@ def test_every_optimizer_kernel_compiles_as_cpp(tmp_path):
     kernels = _optimizer_kernels()
     names = {kernel.name for kernel in kernels}
     # The staged optimizers' kernels are among them.
-    assert {"lion", "lamb_moments", "lamb_apply", "schedule_free_adamw", "adafactor_factor_average",
-            "adafactor_apply", "muon_nesterov_momentum", "muon_combine", "muon_apply_adjusted", "adam", "ftrl"} <= names
+    assert {
+        "lion",
+        "lamb_moments",
+        "lamb_apply",
+        "schedule_free_adamw",
+        "adafactor_factor_average",
+        "adafactor_apply",
+        "muon_nesterov_momentum",
+        "muon_combine",
+        "muon_apply_adjusted",
+        "adam",
+        "ftrl",
+    } <= names
     _compile_as_cpp(kernels, tmp_path)
 
 
@@ -681,8 +689,13 @@ def _compile_as_cpp(kernels, tmp_path):
     compiler = shutil.which("g++") or shutil.which("clang++")
     if compiler is None:
         pytest.skip("no C++ compiler found; the generated CUDA source is not compiled")
-    units = ["#include <cmath>", "using std::sqrt; using std::exp; using std::log; using std::pow; using std::fabs;",
-             "#define __device__", "#define __forceinline__ inline", CUDA_PREAMBLE]
+    units = [
+        "#include <cmath>",
+        "using std::sqrt; using std::exp; using std::log; using std::pow; using std::fabs;",
+        "#define __device__",
+        "#define __forceinline__ inline",
+        CUDA_PREAMBLE,
+    ]
     for kernel in kernels:
         source = kernel.cuda_source()
         parameters = [f"const {p}" for p in source.in_params.split(", ")]
@@ -695,7 +708,10 @@ def _compile_as_cpp(kernels, tmp_path):
     path = tmp_path / "kernels.cpp"
     path.write_text("\n".join(units) + "\n")
     result = subprocess.run(
-        [compiler, "-std=c++14", "-Wall", "-Werror", "-fsyntax-only", str(path)], capture_output=True, text=True, timeout=60
+        [compiler, "-std=c++14", "-Wall", "-Werror", "-fsyntax-only", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
 
@@ -717,12 +733,16 @@ def test_cupy_matches_numpy(gpu, make_kernel, scalars, dtype):
     kernel = make_kernel()
     for size in [0, 1, 1000, 100_003]:
         host = dict(zip(kernel.array_names, random_arrays(4, size, dtype, seed=size)))
-        host[kernel.state[2 if kernel.name == "adam" else 1]] = np.abs(host[kernel.state[2 if kernel.name == "adam" else 1]]) + dtype(0.1)
+        host[kernel.state[2 if kernel.name == "adam" else 1]] = np.abs(
+            host[kernel.state[2 if kernel.name == "adam" else 1]]
+        ) + dtype(0.1)
         device = {name: gpu.asarray(value) for name, value in host.items()}
         get_backend("cpu").run(kernel, host, scalars)
         gpu.run(kernel, device, scalars)
         for name in kernel.state:
-            np.testing.assert_allclose(gpu.to_host(device[name]), host[name], rtol=2e-6 if dtype == np.float32 else 1e-14)
+            np.testing.assert_allclose(
+                gpu.to_host(device[name]), host[name], rtol=2e-6 if dtype == np.float32 else 1e-14
+            )
 
 
 @pytest.mark.parametrize("body, reference", FUNCTION_CASES, ids=[case[0] for case in FUNCTION_CASES])

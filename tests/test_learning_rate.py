@@ -4,6 +4,7 @@ Engine (parity with Keras's ``optimizer.learning_rate = ...``), checkpoint and c
 round trips, the SetWeights RPC (``state_fields``, the schedule field, old-style
 requests) and ``Client.set_weights(learning_rate=...)``.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,11 @@ import warnings
 import grpc
 import numpy as np
 import pytest
-
 import rpc_helpers as rpc
+
 from optserve.client import Client
-from optserve.client.client import FailedPreconditionError, InvalidArgumentError as ClientInvalidArgument
+from optserve.client.client import FailedPreconditionError
+from optserve.client.client import InvalidArgumentError as ClientInvalidArgument
 from optserve.protos import optserve_pb2 as pb
 from optserve.server import optimizers
 from optserve.server.app import start_server
@@ -25,12 +27,31 @@ from optserve.server.errors import InvalidArgumentError
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
-DECAY = {"module": "keras.optimizers.schedules", "class_name": "ExponentialDecay",
-         "config": {"initial_learning_rate": 0.5, "decay_steps": 2, "decay_rate": 0.5, "staircase": False,
-                    "name": "ExponentialDecay"}, "registered_name": None}
-COSINE = {"module": "keras.optimizers.schedules", "class_name": "CosineDecay",
-          "config": {"initial_learning_rate": 0.2, "decay_steps": 10, "alpha": 0.0, "name": "CosineDecay",
-                     "warmup_target": None, "warmup_steps": 0}, "registered_name": None}
+DECAY = {
+    "module": "keras.optimizers.schedules",
+    "class_name": "ExponentialDecay",
+    "config": {
+        "initial_learning_rate": 0.5,
+        "decay_steps": 2,
+        "decay_rate": 0.5,
+        "staircase": False,
+        "name": "ExponentialDecay",
+    },
+    "registered_name": None,
+}
+COSINE = {
+    "module": "keras.optimizers.schedules",
+    "class_name": "CosineDecay",
+    "config": {
+        "initial_learning_rate": 0.2,
+        "decay_steps": 10,
+        "alpha": 0.0,
+        "name": "CosineDecay",
+        "warmup_target": None,
+        "warmup_steps": 0,
+    },
+    "registered_name": None,
+}
 SHAPES = {"kernel": (3, 4), "bias": (5,)}
 
 
@@ -65,8 +86,7 @@ def test_learning_rate_changes_match_keras_step_by_step():
     for step in range(11):
         change = changes.get(step)
         if change is not None:
-            local.learning_rate = (keras.optimizers.schedules.deserialize(change) if isinstance(change, dict)
-                                   else change)
+            local.learning_rate = keras.optimizers.schedules.deserialize(change) if isinstance(change, dict) else change
             engine.set_learning_rate(change)
         keras_rate = np.float32(keras.ops.convert_to_numpy(local.learning_rate))
         assert engine.current_learning_rate() == float(keras_rate), step
@@ -76,8 +96,9 @@ def test_learning_rate_changes_match_keras_step_by_step():
             local.apply([keras.ops.convert_to_tensor(grads[name]) for name in variables], list(variables.values()))
         engine.apply(grads)
         for name, value in engine.read_variables().items():
-            np.testing.assert_array_equal(value, keras.ops.convert_to_numpy(variables[name]),
-                                          err_msg=f"{name} at step {step}")
+            np.testing.assert_array_equal(
+                value, keras.ops.convert_to_numpy(variables[name]), err_msg=f"{name} at step {step}"
+            )
     keras_config = keras.optimizers.serialize(local)["config"]
     assert engine.get_config()["config"]["learning_rate"] == keras_config["learning_rate"] == COSINE
 
@@ -94,8 +115,10 @@ def test_a_float_cannot_replace_a_schedule_but_a_schedule_can():
 
 def test_a_new_schedule_is_checked_as_in_a_config():
     engine = _engine({"class_name": "SGD", "config": {"learning_rate": 0.1}})
-    bad = {"class_name": "ExponentialDecay", "config": {"initial_learning_rate": 0.1, "decay_steps": 0,
-                                                         "decay_rate": 0.5}}
+    bad = {
+        "class_name": "ExponentialDecay",
+        "config": {"initial_learning_rate": 0.1, "decay_steps": 0, "decay_rate": 0.5},
+    }
     with pytest.raises(InvalidArgumentError) as from_set:
         engine.set_learning_rate(bad)
     with pytest.raises(InvalidArgumentError) as from_config:
@@ -133,8 +156,9 @@ def stub(address):
 
 
 def _sgd_model(client, model_id="m", learning_rate=0.1):
-    client.create_model(model_id, {"class_name": "SGD", "config": {"learning_rate": learning_rate}},
-                        {"w": np.ones(3, np.float32)})
+    client.create_model(
+        model_id, {"class_name": "SGD", "config": {"learning_rate": learning_rate}}, {"w": np.ones(3, np.float32)}
+    )
 
 
 def _push_and_read(client, model_id="m", gradient=1.0):
@@ -229,17 +253,23 @@ def test_set_weights_with_state_fields_changes_only_those_fields(stub, address):
         for _ in range(3):
             client.push("m", {"w": np.ones(3, np.float32)})
     # Only the learning rate: the zeros in the other fields are not written.
-    request = pb.SetWeightsRequest(model_id="m", has_state=True, state_fields=["learning_rate"],
-                                   state=pb.OptimizerState(learning_rate=0.5))
+    request = pb.SetWeightsRequest(
+        model_id="m", has_state=True, state_fields=["learning_rate"], state=pb.OptimizerState(learning_rate=0.5)
+    )
     state = stub.SetWeights(iter([request]), timeout=10).state
     assert (state.learning_rate, state.iterations, state.raw_iterations, state.step) == (0.5, 3, 3, 3)
     # Only iterations: the step stays, the raw counter moves with it.
-    request = pb.SetWeightsRequest(model_id="m", has_state=True, state_fields=["iterations"],
-                                   state=pb.OptimizerState(iterations=10))
+    request = pb.SetWeightsRequest(
+        model_id="m", has_state=True, state_fields=["iterations"], state=pb.OptimizerState(iterations=10)
+    )
     state = stub.SetWeights(iter([request]), timeout=10).state
     assert (state.iterations, state.raw_iterations, state.step, state.learning_rate) == (10, 10, 3, 0.5)
-    request = pb.SetWeightsRequest(model_id="m", has_state=True, state_fields=["learning_rate_schedule_json"],
-                                   state=pb.OptimizerState(learning_rate_schedule_json=json.dumps(DECAY)))
+    request = pb.SetWeightsRequest(
+        model_id="m",
+        has_state=True,
+        state_fields=["learning_rate_schedule_json"],
+        state=pb.OptimizerState(learning_rate_schedule_json=json.dumps(DECAY)),
+    )
     state = stub.SetWeights(iter([request]), timeout=10).state
     assert json.loads(state.learning_rate_schedule_json) == DECAY and state.iterations == 10
 
@@ -251,15 +281,17 @@ def test_set_weights_without_state_fields_keeps_an_absent_learning_rate(stub, ad
     # The whole state, as clients that predate state_fields send it: a rate of 0 is absent on the wire.
     state = rpc.set_weights(stub, "m", state=pb.OptimizerState(iterations=1, raw_iterations=1, step=1)).state
     assert state.learning_rate == pytest.approx(0.1) and not state.learning_rate_schedule_json
-    state = rpc.set_weights(stub, "m", state=pb.OptimizerState(iterations=1, raw_iterations=1, step=1,
-                                                               learning_rate=0.0)).state
+    state = rpc.set_weights(
+        stub, "m", state=pb.OptimizerState(iterations=1, raw_iterations=1, step=1, learning_rate=0.0)
+    ).state
     assert state.learning_rate == 0.0  # present: set, 0 included
 
 
 def test_a_state_read_back_sets_the_same_schedule(stub, address):
     with Client(address) as client:
-        client.create_model("m", {"class_name": "SGD", "config": {"learning_rate": DECAY}},
-                            {"w": np.ones(3, np.float32)})
+        client.create_model(
+            "m", {"class_name": "SGD", "config": {"learning_rate": DECAY}}, {"w": np.ones(3, np.float32)}
+        )
         client.push("m", {"w": np.ones(3, np.float32)})
     before = rpc.snapshot(stub, "m")
     state, tensors = before
@@ -267,24 +299,36 @@ def test_a_state_read_back_sets_the_same_schedule(stub, address):
     rpc.assert_same_snapshot(before, rpc.snapshot(stub, "m"))
 
 
-@pytest.mark.parametrize("fields, state, message", [
-    (["learning_rate", "lr"], pb.OptimizerState(), "unknown OptimizerState fields \\['lr'\\]"),
-    (["learning_rate_schedule_json"], pb.OptimizerState(), "is empty"),
-    ([], pb.OptimizerState(learning_rate_schedule_json="{nope"), "not valid JSON"),
-    ([], pb.OptimizerState(learning_rate_schedule_json='"ExponentialDecay"'), "must be a JSON object"),
-    (["learning_rate_schedule_json"], pb.OptimizerState(learning_rate_schedule_json='{"class_name": "ExponentialDecay",'
-                                                        ' "config": {"initial_learning_rate": 0.1}}'),
-     "decay_steps"),
-    (["learning_rate"], pb.OptimizerState(learning_rate=-1.0), "must be a finite number >= 0"),
-])
+@pytest.mark.parametrize(
+    "fields, state, message",
+    [
+        (["learning_rate", "lr"], pb.OptimizerState(), "unknown OptimizerState fields \\['lr'\\]"),
+        (["learning_rate_schedule_json"], pb.OptimizerState(), "is empty"),
+        ([], pb.OptimizerState(learning_rate_schedule_json="{nope"), "not valid JSON"),
+        ([], pb.OptimizerState(learning_rate_schedule_json='"ExponentialDecay"'), "must be a JSON object"),
+        (
+            ["learning_rate_schedule_json"],
+            pb.OptimizerState(
+                learning_rate_schedule_json='{"class_name": "ExponentialDecay",'
+                ' "config": {"initial_learning_rate": 0.1}}'
+            ),
+            "decay_steps",
+        ),
+        (["learning_rate"], pb.OptimizerState(learning_rate=-1.0), "must be a finite number >= 0"),
+    ],
+)
 def test_bad_learning_rate_requests_are_refused_whole(stub, address, fields, state, message):
     with Client(address) as client:
         _sgd_model(client)
         client.push("m", {"w": np.ones(3, np.float32)})
     before = rpc.snapshot(stub, "m")
-    request = pb.SetWeightsRequest(model_id="m", has_state=True, state_fields=fields, state=state,
-                                   tensors=[pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[3],
-                                                           data=np.zeros(3, np.float32).tobytes())])
+    request = pb.SetWeightsRequest(
+        model_id="m",
+        has_state=True,
+        state_fields=fields,
+        state=state,
+        tensors=[pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[3], data=np.zeros(3, np.float32).tobytes())],
+    )
     with pytest.raises(grpc.RpcError) as error:
         stub.SetWeights(iter([request]), timeout=10)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -294,11 +338,13 @@ def test_bad_learning_rate_requests_are_refused_whole(stub, address, fields, sta
 
 def test_a_float_on_a_schedule_is_failed_precondition_over_rpc(stub, address):
     with Client(address) as client:
-        client.create_model("m", {"class_name": "SGD", "config": {"learning_rate": DECAY}},
-                            {"w": np.ones(3, np.float32)})
+        client.create_model(
+            "m", {"class_name": "SGD", "config": {"learning_rate": DECAY}}, {"w": np.ones(3, np.float32)}
+        )
     before = rpc.snapshot(stub, "m")
-    request = pb.SetWeightsRequest(model_id="m", has_state=True, state_fields=["learning_rate"],
-                                   state=pb.OptimizerState(learning_rate=0.01))
+    request = pb.SetWeightsRequest(
+        model_id="m", has_state=True, state_fields=["learning_rate"], state=pb.OptimizerState(learning_rate=0.01)
+    )
     with pytest.raises(grpc.RpcError) as error:
         stub.SetWeights(iter([request]), timeout=10)
     assert error.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -309,8 +355,9 @@ def test_a_float_on_a_schedule_is_failed_precondition_over_rpc(stub, address):
 def test_setting_iterations_on_a_schedule_model_moves_its_rate_along(address):
     # Only the counter is named in the request: the schedule's rate follows it, nothing refuses it.
     with Client(address) as client:
-        client.create_model("m", {"class_name": "SGD", "config": {"learning_rate": DECAY}},
-                            {"w": np.ones(3, np.float32)})
+        client.create_model(
+            "m", {"class_name": "SGD", "config": {"learning_rate": DECAY}}, {"w": np.ones(3, np.float32)}
+        )
         state = client.set_weights("m", iterations=4)
         assert state.iterations == 4 and state.raw_iterations == 4 and state.step == 0
         assert state.learning_rate == pytest.approx(0.125) and state.learning_rate_schedule == DECAY

@@ -1,4 +1,5 @@
 """Model lifecycle: `optserve delete`, who created a model and its last activity, --model-ttl."""
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,7 @@ import time
 import numpy as np
 import pytest
 
-from optserve.client import Client
-from optserve.client import delete, inspect
+from optserve.client import Client, inspect
 from optserve.client.client import FailedPreconditionError, NotFoundError
 from optserve.server.app import start_server
 from optserve.server.cli import build_parser
@@ -260,8 +260,7 @@ def test_model_ttl_deletes_idle_models_but_never_one_in_use(caplog):
             client.push("busy", {"w": np.ones(4, np.float32)})
     messages = [r.getMessage() for r in caplog.records if "--model-ttl" in r.getMessage()]
     assert any(m.startswith("model 'idle' deleted after") and "last activity: create" in m for m in messages)
-    assert any(m.startswith("model 'busy' deleted after") and "last activity: push by worker 0" in m
-               for m in messages)
+    assert any(m.startswith("model 'busy' deleted after") and "last activity: push by worker 0" in m for m in messages)
 
 
 def test_model_ttl_leaves_no_expired_model_in_the_checkpoints(tmp_path):
@@ -293,8 +292,9 @@ def test_model_ttl_option_is_checked():
 
 def test_optserve_serve_with_a_model_ttl():
     command = [*_optserve_command(), "serve", "--port", "0", "--device", "cpu", "--model-ttl", "1s"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1")) as process:
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1")
+    ) as process:
         try:
             address = re.search(r"optserve listening on (\S+)", process.stdout.readline()).group(1)
             with Client(address) as client:

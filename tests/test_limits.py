@@ -1,5 +1,6 @@
 """Request bounds and precise statuses: each bound answers its documented code, changes nothing,
 and leaves health and the other models answering."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,9 +11,9 @@ import time
 import grpc
 import numpy as np
 import pytest
+import rpc_helpers as rpc
 from grpc_health.v1 import health_pb2
 
-import rpc_helpers as rpc
 from optserve.protos import optserve_pb2 as pb
 from optserve.server.app import start_server
 from optserve.server.limits import MAX_STEP, Limits
@@ -41,10 +42,16 @@ def assert_still_serving(server, stub, within_s: float = 1.0) -> None:
 
 
 def spec_error(stub, **fields) -> grpc.RpcError:
-    spec = pb.ModelSpec(model_id=fields.pop("model_id", "m"),
-                        optimizer_config_json=fields.pop("optimizer_config_json", json.dumps(rpc.sgd())), **fields)
-    requests = [pb.CreateModelRequest(spec=spec, variables=[
-        pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[2], data=b"\0" * 8)])]
+    spec = pb.ModelSpec(
+        model_id=fields.pop("model_id", "m"),
+        optimizer_config_json=fields.pop("optimizer_config_json", json.dumps(rpc.sgd())),
+        **fields,
+    )
+    requests = [
+        pb.CreateModelRequest(
+            spec=spec, variables=[pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[2], data=b"\0" * 8)]
+        )
+    ]
     return rpc.rpc_error(stub.CreateModel, iter(requests), timeout=10)
 
 
@@ -60,19 +67,24 @@ def model_ids(stub) -> list[str]:
 # ------------------------------------------------------------------ spec bounds
 
 
-@pytest.mark.parametrize("fields, words", [
-    (dict(num_workers=4097), ["num_workers", "[1, 4096]"]),
-    (dict(num_workers=-1), ["num_workers"]),
-    (dict(num_workers=2**31 - 1), ["num_workers"]),
-    (dict(sync_timeout_s=float("inf")), ["sync_timeout_s", "finite"]),
-    (dict(sync_timeout_s=float("nan")), ["sync_timeout_s"]),
-    (dict(sync_timeout_s=-1.0), ["sync_timeout_s"]),
-    (dict(sync_timeout_s=86401.0), ["sync_timeout_s", "86400"]),
-    (dict(optimizer_config_json="[" * 5000 + "]" * 5000), ["nest", "32"]),
-    (dict(optimizer_config_json=json.dumps({"class_name": "SGD", "config": {}, "pad": "x" * 70000})),
-     ["at most 65536 bytes"]),
-    (dict(non_finite_policy=99), ["non_finite_policy"]),
-])
+@pytest.mark.parametrize(
+    "fields, words",
+    [
+        (dict(num_workers=4097), ["num_workers", "[1, 4096]"]),
+        (dict(num_workers=-1), ["num_workers"]),
+        (dict(num_workers=2**31 - 1), ["num_workers"]),
+        (dict(sync_timeout_s=float("inf")), ["sync_timeout_s", "finite"]),
+        (dict(sync_timeout_s=float("nan")), ["sync_timeout_s"]),
+        (dict(sync_timeout_s=-1.0), ["sync_timeout_s"]),
+        (dict(sync_timeout_s=86401.0), ["sync_timeout_s", "86400"]),
+        (dict(optimizer_config_json="[" * 5000 + "]" * 5000), ["nest", "32"]),
+        (
+            dict(optimizer_config_json=json.dumps({"class_name": "SGD", "config": {}, "pad": "x" * 70000})),
+            ["at most 65536 bytes"],
+        ),
+        (dict(non_finite_policy=99), ["non_finite_policy"]),
+    ],
+)
 def test_a_spec_beyond_a_bound_is_invalid_argument(fields, words):
     with limited_server() as (server, stub):
         error = spec_error(stub, **fields)
@@ -150,14 +162,17 @@ def test_an_async_push_step_beyond_the_bound_is_invalid_argument(stub):
 # ------------------------------------------------------------------ tensors
 
 
-@pytest.mark.parametrize("chunk, words", [
-    (pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[1] * 65, data=b"\0" * 4), ["65 dimensions", "32"]),
-    (pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[0, 2**62, 2**62]), ["elements"]),
-    (pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[-1]), ["negative"]),
-    (pb.TensorChunk(name="x" * 2000, dtype=pb.FLOAT32, shape=[1], data=b"\0" * 4), ["at most 1024 bytes"]),
-    (pb.TensorChunk(name="x" * (1 << 20), dtype=pb.FLOAT32, shape=[1], data=b"\0" * 4), ["at most 1024 bytes"]),
-    (pb.TensorChunk(name="w", slot="s" * 5000, dtype=pb.FLOAT32, shape=[1], data=b"\0" * 4), ["slot name"]),
-])
+@pytest.mark.parametrize(
+    "chunk, words",
+    [
+        (pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[1] * 65, data=b"\0" * 4), ["65 dimensions", "32"]),
+        (pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[0, 2**62, 2**62]), ["elements"]),
+        (pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[-1]), ["negative"]),
+        (pb.TensorChunk(name="x" * 2000, dtype=pb.FLOAT32, shape=[1], data=b"\0" * 4), ["at most 1024 bytes"]),
+        (pb.TensorChunk(name="x" * (1 << 20), dtype=pb.FLOAT32, shape=[1], data=b"\0" * 4), ["at most 1024 bytes"]),
+        (pb.TensorChunk(name="w", slot="s" * 5000, dtype=pb.FLOAT32, shape=[1], data=b"\0" * 4), ["slot name"]),
+    ],
+)
 def test_a_tensor_beyond_a_bound_is_invalid_argument(chunk, words):
     with limited_server() as (server, stub):
         error = create_error(stub, [chunk])
@@ -184,8 +199,9 @@ def test_a_push_with_a_shape_other_than_the_variables_is_refused_before_it_is_re
     # Declares 1 GiB but sends 4 bytes: refused on the declaration, nothing allocated.
     header = pb.ApplyGradientsRequest(header=pb.ApplyGradientsHeader(model_id="job"))
     chunk = pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[1 << 28], data=b"\0" * 4)
-    error = rpc.rpc_error(lambda: list(stub.ApplyGradients(iter([header, pb.ApplyGradientsRequest(
-        gradients=[chunk])]), timeout=10)))
+    error = rpc.rpc_error(
+        lambda: list(stub.ApplyGradients(iter([header, pb.ApplyGradientsRequest(gradients=[chunk])]), timeout=10))
+    )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "variable has shape [4] float32" in error.details()
     rpc.assert_same_snapshot(before, rpc.snapshot(stub, "job"))
 
@@ -193,9 +209,16 @@ def test_a_push_with_a_shape_other_than_the_variables_is_refused_before_it_is_re
 # ------------------------------------------------------------------ statuses
 
 
-@pytest.mark.parametrize("method, streaming_response", [
-    ("Pull", True), ("GetWeights", True), ("ListModels", False), ("DeleteModel", False), ("Checkpoint", False),
-])
+@pytest.mark.parametrize(
+    "method, streaming_response",
+    [
+        ("Pull", True),
+        ("GetWeights", True),
+        ("ListModels", False),
+        ("DeleteModel", False),
+        ("Checkpoint", False),
+    ],
+)
 def test_undecodable_bytes_on_unary_requests_are_invalid_argument(address, method, streaming_response):
     with grpc.insecure_channel(address) as channel:
         kind = channel.unary_stream if streaming_response else channel.unary_unary

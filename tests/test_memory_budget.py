@@ -1,5 +1,6 @@
 """Memory budgets: a model that would not fit is refused before it is received, refusals
 give memory back, and health and the other models keep answering."""
+
 from __future__ import annotations
 
 import json
@@ -12,10 +13,10 @@ import time
 import grpc
 import numpy as np
 import pytest
-
 import rpc_helpers as rpc
-from optserve.protos import optserve_pb2 as pb
 from test_limits import assert_still_serving, limited_server, model_ids
+
+from optserve.protos import optserve_pb2 as pb
 
 MiB = 1 << 20
 ADAM = {"class_name": "Adam", "config": {"learning_rate": 0.01}}
@@ -106,8 +107,20 @@ def _rss(pid: int, key: str = "VmRSS") -> int:
 
 @pytest.fixture(scope="module")
 def server_process():
-    command = [sys.executable, "-m", "optserve.server", "serve", "--port", "0", "--device", "cpu",
-               "--log-level", "WARNING", "--max-memory", "256M"]
+    command = [
+        sys.executable,
+        "-m",
+        "optserve.server",
+        "serve",
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+        "--log-level",
+        "WARNING",
+        "--max-memory",
+        "256M",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()

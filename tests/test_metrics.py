@@ -1,4 +1,5 @@
 """Prometheus metrics: a real sync run scraped over HTTP, label bounds, the CLI flag, the dashboard."""
+
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ import urllib.request
 import grpc
 import numpy as np
 import pytest
+import rpc_helpers
 from prometheus_client.parser import text_string_to_metric_families
 
-import rpc_helpers
 from optserve.protos import optserve_pb2 as pb
 from optserve.server.app import start_server
 
@@ -71,10 +72,12 @@ def test_a_sync_run_with_two_workers_and_a_step_timeout_moves_the_metrics_by_wha
         assert value(before, "optserve_models") == 0
         sgd = rpc_helpers.sgd(learning_rate=0.1, momentum=0.9)
         initial = {"w": np.zeros(SHAPE, np.float32)}
-        rpc_helpers.create_model(stub, "job", initial, sgd, num_workers=2, sync_timeout_s=0.4,
-                                 timeout_policy=pb.APPLY_PARTIAL)
-        rpc_helpers.create_model(stub, "strict", initial, sgd, num_workers=2, sync_timeout_s=0.3,
-                                 timeout_policy=pb.FAIL)
+        rpc_helpers.create_model(
+            stub, "job", initial, sgd, num_workers=2, sync_timeout_s=0.4, timeout_policy=pb.APPLY_PARTIAL
+        )
+        rpc_helpers.create_model(
+            stub, "strict", initial, sgd, num_workers=2, sync_timeout_s=0.3, timeout_policy=pb.FAIL
+        )
         for step in range(3):
             assert all(isinstance(r, pb.StepResult) for r in _push_all(stub, "job", step))
         duplicate, _ = rpc_helpers.push(stub, "job", 0, 2, _gradient(20))
@@ -86,9 +89,9 @@ def test_a_sync_run_with_two_workers_and_a_step_timeout_moves_the_metrics_by_wha
         time.sleep(0.15)
         during = scrape(server.metrics_port)
         pusher.join(20)
-        partial, = lone
+        (partial,) = lone
         assert list(partial.missing_workers) == [1]
-        failed, = _push_all(stub, "strict", 0, workers=(0,))  # FAIL policy: nothing applied
+        (failed,) = _push_all(stub, "strict", 0, workers=(0,))  # FAIL policy: nothing applied
         assert failed.code() == grpc.StatusCode.ABORTED
         assert time.perf_counter() - waiting_started >= 0.7
         rpc_helpers.pull(stub, "job")
@@ -107,7 +110,7 @@ def test_a_sync_run_with_two_workers_and_a_step_timeout_moves_the_metrics_by_wha
     assert value(during, "optserve_model_steps_total", **job) == 3
     assert value(during, "optserve_model_step_timeouts_total", **job) == 0
     assert value(after, "optserve_model_steps_total", **job) == 4
-    assert value(after, "optserve_model_pushes_total", **job) == 8          # 3 x 2, a duplicate, a lone push
+    assert value(after, "optserve_model_pushes_total", **job) == 8  # 3 x 2, a duplicate, a lone push
     assert value(after, "optserve_model_duplicate_pushes_total", **job) == 1
     assert value(after, "optserve_model_received_bytes_total", **job) == 8 * PAYLOAD
     assert value(after, "optserve_model_sent_bytes_total", **job) == PAYLOAD  # the pull
@@ -124,18 +127,18 @@ def test_a_sync_run_with_two_workers_and_a_step_timeout_moves_the_metrics_by_wha
     assert value(after, "optserve_model_iterations", **job) == 4
     assert value(after, "optserve_model_step", **job) == 4
     assert value(after, "optserve_model_learning_rate", **job) == pytest.approx(0.1)
-    assert value(after, "optserve_model_state_bytes", **job) == 2 * PAYLOAD   # variable + momentum
+    assert value(after, "optserve_model_state_bytes", **job) == 2 * PAYLOAD  # variable + momentum
     assert value(after, "optserve_state_bytes") == 4 * PAYLOAD
     assert value(after, "optserve_models") == 2
 
     assert value(after, "optserve_rpc_handled_total", grpc_method="ApplyGradients", grpc_code="OK", **rpc) == 8
-    assert value(after, "optserve_rpc_handled_total", grpc_method="ApplyGradients",
-                 grpc_code="ABORTED", **rpc) == 1
+    assert value(after, "optserve_rpc_handled_total", grpc_method="ApplyGradients", grpc_code="ABORTED", **rpc) == 1
     assert value(after, "optserve_rpc_handled_total", grpc_method="CreateModel", grpc_code="OK", **rpc) == 2
     assert value(after, "optserve_rpc_started_total", grpc_method="ApplyGradients", **rpc) == 9
     assert value(after, "optserve_rpc_duration_seconds_count", grpc_method="ApplyGradients", **rpc) == 9
-    assert value(after, "optserve_rpc_duration_seconds_bucket", grpc_method="ApplyGradients", le="0.25",
-                 **rpc) <= 7  # the lone pushes waited for their timeout
+    assert (
+        value(after, "optserve_rpc_duration_seconds_bucket", grpc_method="ApplyGradients", le="0.25", **rpc) <= 7
+    )  # the lone pushes waited for their timeout
     assert value(after, "optserve_rpc_in_flight", grpc_method="ApplyGradients", **rpc) == 0
     assert value(after, "optserve_rpc_in_flight_received_bytes") == 0
     assert value(after, "optserve_rpc_received_bytes_total", grpc_method="ApplyGradients", **rpc) > 9 * PAYLOAD
@@ -182,8 +185,11 @@ def test_model_labels_are_bounded_and_a_deleted_models_series_go():
 
 def test_optserve_serve_metrics_port_serves_prometheus_text():
     process = subprocess.Popen(
-        [sys.executable, "-m", "optserve.server.cli", "serve", "--port", "0", "--metrics-port", "0",
-         "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [sys.executable, "-m", "optserve.server.cli", "serve", "--port", "0", "--metrics-port", "0", "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         port = None
         deadline = time.monotonic() + 60
@@ -205,15 +211,20 @@ def test_optserve_serve_metrics_port_serves_prometheus_text():
 
 
 def test_metrics_port_must_be_a_port():
-    result = subprocess.run([sys.executable, "-m", "optserve.server.cli", "serve", "--metrics-port", "70000"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "optserve.server.cli", "serve", "--metrics-port", "70000"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 2
     assert "--metrics-port" in result.stderr
 
 
 def _exported_names() -> set[str]:
-    from optserve.server.metrics import ServerMetrics
     from prometheus_client import generate_latest
+
+    from optserve.server.metrics import ServerMetrics
 
     metrics = ServerMetrics()
     model = _FakeModel("m")
@@ -222,9 +233,14 @@ def _exported_names() -> set[str]:
     text = generate_latest(metrics.registry).decode()
     # The collector's families show only with a model; counters and histograms show their samples.
     names = set(re.findall(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)", text, re.M))
-    return names | {"optserve_rpc_started_total", "optserve_rpc_handled_total", "optserve_rpc_in_flight",
-                    "optserve_rpc_received_bytes_total", "optserve_rpc_sent_bytes_total",
-                    *(f"optserve_rpc_duration_seconds_{s}" for s in ("bucket", "sum", "count"))}
+    return names | {
+        "optserve_rpc_started_total",
+        "optserve_rpc_handled_total",
+        "optserve_rpc_in_flight",
+        "optserve_rpc_received_bytes_total",
+        "optserve_rpc_sent_bytes_total",
+        *(f"optserve_rpc_duration_seconds_{s}" for s in ("bucket", "sum", "count")),
+    }
 
 
 def test_the_grafana_dashboard_uses_only_exported_metrics():

@@ -1,4 +1,5 @@
 """Non-finite gradients: reject (the default), skip_step and allow, per model."""
+
 from __future__ import annotations
 
 import threading
@@ -6,8 +7,8 @@ import threading
 import grpc
 import numpy as np
 import pytest
-
 import rpc_helpers as rpc
+
 from optserve.client.client import Client, InvalidArgumentError
 from optserve.protos import optserve_pb2 as pb
 
@@ -27,8 +28,13 @@ def _grads(poison=None):
 
 def _create(stub, policy=None, **options):
     spec_options = {} if policy is None else {"non_finite_policy": policy}
-    spec = pb.ModelSpec(model_id="job", optimizer_config_json=__import__("json").dumps(ADAM),
-                        num_workers=options.get("num_workers", 1), sync_timeout_s=30, **spec_options)
+    spec = pb.ModelSpec(
+        model_id="job",
+        optimizer_config_json=__import__("json").dumps(ADAM),
+        num_workers=options.get("num_workers", 1),
+        sync_timeout_s=30,
+        **spec_options,
+    )
 
     def requests():
         yield pb.CreateModelRequest(spec=spec)
@@ -70,8 +76,12 @@ def test_skip_step_takes_the_step_without_an_update(stub):
     _create(stub, pb.NON_FINITE_SKIP_STEP, num_workers=2)
     before = rpc.snapshot(stub, "job")
     results = {}
-    threads = [threading.Thread(target=lambda w=w: results.update({w: rpc.push(
-        stub, "job", w, 0, _grads(np.nan if w == 1 else None))[0]})) for w in range(2)]
+    threads = [
+        threading.Thread(
+            target=lambda w=w: results.update({w: rpc.push(stub, "job", w, 0, _grads(np.nan if w == 1 else None))[0]})
+        )
+        for w in range(2)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -111,8 +121,10 @@ def test_the_client_passes_the_policy_through(address):
             client.create_model("bad", ADAM, _initial(), non_finite_policy="ignore")
 
 
-LOSS_SCALED_ADAM = {"class_name": "LossScaleOptimizer", "config": {
-    "inner_optimizer": ADAM, "initial_scale": 8.0, "dynamic_growth_steps": 2}}
+LOSS_SCALED_ADAM = {
+    "class_name": "LossScaleOptimizer",
+    "config": {"inner_optimizer": ADAM, "initial_scale": 8.0, "dynamic_growth_steps": 2},
+}
 
 
 def test_a_loss_scale_optimizer_lets_non_finite_gradients_through_by_default(address):

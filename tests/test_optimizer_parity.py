@@ -22,6 +22,7 @@ with float32 arithmetic. The engine keeps float64 in float64, as Keras on
 TensorFlow does; the float64 oracle is the same Keras code with that one
 promotion entry switched to TensorFlow's (see ``keras_float64_arithmetic``).
 """
+
 from __future__ import annotations
 
 import json
@@ -80,8 +81,22 @@ def _short(value):
     return value.class_name if isinstance(value, Schedule) else value
 
 
-OPTIMIZERS = ["SGD", "RMSprop", "Adam", "Adadelta", "Adagrad", "Adamax", "Nadam", "Ftrl", "AdamW", "Lion", "Lamb",
-              "ScheduleFreeAdamW", "Adafactor", "Muon"]
+OPTIMIZERS = [
+    "SGD",
+    "RMSprop",
+    "Adam",
+    "Adadelta",
+    "Adagrad",
+    "Adamax",
+    "Nadam",
+    "Ftrl",
+    "AdamW",
+    "Lion",
+    "Lamb",
+    "ScheduleFreeAdamW",
+    "Adafactor",
+    "Muon",
+]
 # LossScaleOptimizer wraps these; its parity runs (injected non-finite gradients) are in
 # tests/test_keras3_optimizers.py.
 WRAPPERS = {"lossscaleoptimizer"}
@@ -111,11 +126,23 @@ OWN_OPTIONS = [
     Case("Ftrl"),
     Case("Ftrl", learning_rate=0.1, l1_regularization_strength=0.05),
     Case("Ftrl", learning_rate=0.1, l2_regularization_strength=0.1, beta=0.5),
-    Case("Ftrl", learning_rate=0.1, l2_shrinkage_regularization_strength=0.05, learning_rate_power=-0.7,
-         initial_accumulator_value=0.3),
-    Case("Ftrl", learning_rate=0.05, learning_rate_power=0.0, l1_regularization_strength=0.001,
-         l2_regularization_strength=0.01, l2_shrinkage_regularization_strength=0.01, beta=0.1,
-         initial_accumulator_value=0.0),
+    Case(
+        "Ftrl",
+        learning_rate=0.1,
+        l2_shrinkage_regularization_strength=0.05,
+        learning_rate_power=-0.7,
+        initial_accumulator_value=0.3,
+    ),
+    Case(
+        "Ftrl",
+        learning_rate=0.05,
+        learning_rate_power=0.0,
+        l1_regularization_strength=0.001,
+        l2_regularization_strength=0.01,
+        l2_shrinkage_regularization_strength=0.01,
+        beta=0.1,
+        initial_accumulator_value=0.0,
+    ),
     Case("AdamW"),
     Case("AdamW", learning_rate=0.02, weight_decay=0.3, amsgrad=True),
     Case("AdamW", learning_rate=0.02, weight_decay=0.0, beta_1=0.5, beta_2=0.9, epsilon=1e-3),
@@ -129,20 +156,53 @@ OWN_OPTIONS = [
     Case("ScheduleFreeAdamW", learning_rate=0.02, beta_1=0.5, beta_2=0.9, epsilon=1e-3),
     Case("ScheduleFreeAdamW", learning_rate=0.05, warmup_steps=3),
     Case("Adafactor"),
-    Case("Adafactor", learning_rate=0.05, relative_step=False, beta_2_decay=-0.5, epsilon_1=1e-20, epsilon_2=1e-2,
-         clip_threshold=0.5),
+    Case(
+        "Adafactor",
+        learning_rate=0.05,
+        relative_step=False,
+        beta_2_decay=-0.5,
+        epsilon_1=1e-20,
+        epsilon_2=1e-2,
+        clip_threshold=0.5,
+    ),
     Case("Adafactor", learning_rate=0.5, clip_threshold=2.0),
     Case("Muon"),
     Case("Muon", learning_rate=0.02, nesterov=False, ns_steps=3, rms_rate=None, adam_lr_ratio=0.1),
-    Case("Muon", learning_rate=0.05, weight_decay=0.1, adam_weight_decay=0.2, momentum=0.5, muon_a=3.0, muon_b=-4.0,
-         muon_c=2.0, exclude_layers=["conv"], adam_beta_1=0.5, adam_beta_2=0.9, epsilon=1e-3, rms_rate=0.5),
+    Case(
+        "Muon",
+        learning_rate=0.05,
+        weight_decay=0.1,
+        adam_weight_decay=0.2,
+        momentum=0.5,
+        muon_a=3.0,
+        muon_b=-4.0,
+        muon_c=2.0,
+        exclude_layers=["conv"],
+        adam_beta_1=0.5,
+        adam_beta_2=0.9,
+        epsilon=1e-3,
+        rms_rate=0.5,
+    ),
     Case("Muon", learning_rate=0.02, exclude_layers=["^kernel$"], exclude_embeddings=False, ns_steps=0),
 ]
 
 # Learning rates large enough that every option visibly changes the result.
-_LR = {"SGD": 0.1, "RMSprop": 0.01, "Adam": 0.02, "Adadelta": 1.0, "Adagrad": 0.1, "Adamax": 0.02, "Nadam": 0.02,
-       "Ftrl": 0.1, "AdamW": 0.02, "Lion": 0.01, "Lamb": 0.02, "ScheduleFreeAdamW": 0.02, "Adafactor": 0.05,
-       "Muon": 0.02}
+_LR = {
+    "SGD": 0.1,
+    "RMSprop": 0.01,
+    "Adam": 0.02,
+    "Adadelta": 1.0,
+    "Adagrad": 0.1,
+    "Adamax": 0.02,
+    "Nadam": 0.02,
+    "Ftrl": 0.1,
+    "AdamW": 0.02,
+    "Lion": 0.01,
+    "Lamb": 0.02,
+    "ScheduleFreeAdamW": 0.02,
+    "Adafactor": 0.05,
+    "Muon": 0.02,
+}
 COMMON_OPTIONS = [
     {"clipnorm": 0.5},
     {"clipvalue": 0.3},
@@ -155,19 +215,52 @@ COMMON_OPTIONS = [
 COMMON_CASES = [Case(name, learning_rate=_LR[name], **options) for name in OPTIMIZERS for options in COMMON_OPTIONS]
 
 COMBINED_CASES = [
-    Case("Adam", learning_rate=0.02, gradient_accumulation_steps=2, clipnorm=0.5, loss_scale_factor=8.0,
-         grad_scale=8.0, use_ema=True, ema_momentum=0.5, ema_overwrite_frequency=2, weight_decay=0.3, steps=9),
-    Case("RMSprop", learning_rate=0.01, momentum=0.5, centered=True, global_clipnorm=0.7, weight_decay=0.2,
-         use_ema=True, ema_momentum=0.8, exclude=["bias"]),
-    Case("SGD", learning_rate=0.1, momentum=0.9, nesterov=True, gradient_accumulation_steps=2,
-         clipvalue=0.2, use_ema=True, steps=8, drop={1: ["bias"], 3: ["kernel", "bias"]}),
-    Case("Nadam", learning_rate=0.02, gradient_accumulation_steps=2, use_ema=True, ema_overwrite_frequency=1,
-         steps=8),
-    Case("Ftrl", learning_rate=0.1, l1_regularization_strength=0.01, weight_decay=0.1, exclude=["conv", "bias"],
-         clipnorm=1.0),
+    Case(
+        "Adam",
+        learning_rate=0.02,
+        gradient_accumulation_steps=2,
+        clipnorm=0.5,
+        loss_scale_factor=8.0,
+        grad_scale=8.0,
+        use_ema=True,
+        ema_momentum=0.5,
+        ema_overwrite_frequency=2,
+        weight_decay=0.3,
+        steps=9,
+    ),
+    Case(
+        "RMSprop",
+        learning_rate=0.01,
+        momentum=0.5,
+        centered=True,
+        global_clipnorm=0.7,
+        weight_decay=0.2,
+        use_ema=True,
+        ema_momentum=0.8,
+        exclude=["bias"],
+    ),
+    Case(
+        "SGD",
+        learning_rate=0.1,
+        momentum=0.9,
+        nesterov=True,
+        gradient_accumulation_steps=2,
+        clipvalue=0.2,
+        use_ema=True,
+        steps=8,
+        drop={1: ["bias"], 3: ["kernel", "bias"]},
+    ),
+    Case("Nadam", learning_rate=0.02, gradient_accumulation_steps=2, use_ema=True, ema_overwrite_frequency=1, steps=8),
+    Case(
+        "Ftrl",
+        learning_rate=0.1,
+        l1_regularization_strength=0.01,
+        weight_decay=0.1,
+        exclude=["conv", "bias"],
+        clipnorm=1.0,
+    ),
     Case("Adagrad", learning_rate=0.1, drop={0: ["conv_kernel"], 2: ["kernel"]}, global_clipnorm=1.5),
-    Case("Adam", learning_rate=0.02, amsgrad=True, drop={1: ["kernel", "conv_kernel"], 4: ["bias"]},
-         weight_decay=0.1),
+    Case("Adam", learning_rate=0.02, amsgrad=True, drop={1: ["kernel", "conv_kernel"], 4: ["bias"]}, weight_decay=0.1),
 ]
 
 _SCHEDULES = [
@@ -175,14 +268,14 @@ _SCHEDULES = [
     Schedule("ExponentialDecay", initial_learning_rate=0.05, decay_steps=2, decay_rate=0.5, staircase=True),
     Schedule("PiecewiseConstantDecay", boundaries=[1, 3], values=[0.05, 0.02, 0.005]),
     Schedule("PolynomialDecay", initial_learning_rate=0.05, decay_steps=4, end_learning_rate=0.001, power=2.0),
-    Schedule("PolynomialDecay", initial_learning_rate=0.05, decay_steps=2, end_learning_rate=0.001, power=0.5,
-             cycle=True),
+    Schedule(
+        "PolynomialDecay", initial_learning_rate=0.05, decay_steps=2, end_learning_rate=0.001, power=0.5, cycle=True
+    ),
     Schedule("InverseTimeDecay", initial_learning_rate=0.05, decay_steps=1, decay_rate=0.5),
     Schedule("InverseTimeDecay", initial_learning_rate=0.05, decay_steps=2, decay_rate=0.5, staircase=True),
     Schedule("CosineDecay", initial_learning_rate=0.05, decay_steps=5, alpha=0.1),
     Schedule("CosineDecay", initial_learning_rate=0.001, decay_steps=4, warmup_target=0.05, warmup_steps=2),
-    Schedule("CosineDecayRestarts", initial_learning_rate=0.05, first_decay_steps=2, t_mul=2.0, m_mul=0.5,
-             alpha=0.1),
+    Schedule("CosineDecayRestarts", initial_learning_rate=0.05, first_decay_steps=2, t_mul=2.0, m_mul=0.5, alpha=0.1),
 ]
 _SCHEDULE_OPTIMIZERS = [
     ("SGD", {"momentum": 0.9}),
@@ -223,16 +316,31 @@ FLOAT64_CASES = [
     Case("Adamax", dtype="float64", learning_rate=0.02, clipvalue=0.3, loss_scale_factor=4.0, grad_scale=4.0),
     Case("Nadam", dtype="float64", learning_rate=0.02, weight_decay=0.2),
     Case("Nadam", dtype="float64", learning_rate=_SCHEDULES[3], gradient_accumulation_steps=2, steps=7),
-    Case("Ftrl", dtype="float64", learning_rate=0.1, l1_regularization_strength=0.01, l2_regularization_strength=0.01,
-         l2_shrinkage_regularization_strength=0.01, beta=0.1),
+    Case(
+        "Ftrl",
+        dtype="float64",
+        learning_rate=0.1,
+        l1_regularization_strength=0.01,
+        l2_regularization_strength=0.01,
+        l2_shrinkage_regularization_strength=0.01,
+        beta=0.1,
+    ),
     Case("AdamW", dtype="float64", learning_rate=0.02, weight_decay=0.3, clipnorm=0.5),
     Case("Lion", dtype="float64", learning_rate=0.01, beta_1=0.7, use_ema=True),
     Case("Lamb", dtype="float64", learning_rate=0.02, global_clipnorm=1.0, weight_decay=0.1),
-    Case("ScheduleFreeAdamW", dtype="float64", learning_rate=0.02, warmup_steps=2, gradient_accumulation_steps=2,
-         steps=7),
+    Case(
+        "ScheduleFreeAdamW", dtype="float64", learning_rate=0.02, warmup_steps=2, gradient_accumulation_steps=2, steps=7
+    ),
     Case("Adafactor", dtype="float64", learning_rate=0.05, clipnorm=0.5),
-    Case("Muon", dtype="float64", learning_rate=0.02, adam_lr_ratio=0.1, weight_decay=0.3, loss_scale_factor=4.0,
-         grad_scale=4.0),
+    Case(
+        "Muon",
+        dtype="float64",
+        learning_rate=0.02,
+        adam_lr_ratio=0.1,
+        weight_decay=0.3,
+        loss_scale_factor=4.0,
+        grad_scale=4.0,
+    ),
 ]
 
 FLOAT32_CASES = OWN_OPTIONS + COMMON_CASES + COMBINED_CASES + SCHEDULE_CASES
@@ -436,8 +544,14 @@ BIT_EXACT_CASES = [
     Case("Adam", learning_rate=0.02, amsgrad=True, clipnorm=0.5),
     Case("Nadam", learning_rate=0.02, gradient_accumulation_steps=2, steps=6),
     Case("RMSprop", learning_rate=0.01, momentum=0.5, centered=True, use_ema=True, ema_overwrite_frequency=2),
-    Case("Ftrl", learning_rate=0.1, l1_regularization_strength=0.05, l2_shrinkage_regularization_strength=0.05,
-         beta=0.2, global_clipnorm=1.0),
+    Case(
+        "Ftrl",
+        learning_rate=0.1,
+        l1_regularization_strength=0.05,
+        l2_shrinkage_regularization_strength=0.05,
+        beta=0.2,
+        global_clipnorm=1.0,
+    ),
     Case("Adadelta", learning_rate=1.0, weight_decay=0.2, loss_scale_factor=16.0, grad_scale=16.0),
     Case("AdamW", learning_rate=0.02, weight_decay=0.3, amsgrad=True, clipnorm=0.5),
     Case("Lion", learning_rate=0.01, beta_1=0.5, weight_decay=0.2, use_ema=True),
@@ -513,8 +627,17 @@ def test_parity_table_covers_every_optimizer_option_and_schedule():
 
     covered = {case.class_name.lower() for case in ALL_CASES} | WRAPPERS
     assert covered == set(optimizers.REGISTRY), f"optimizers without parity cases: {set(optimizers.REGISTRY) - covered}"
-    common = {"clipnorm", "clipvalue", "global_clipnorm", "weight_decay", "use_ema", "ema_momentum",
-              "ema_overwrite_frequency", "gradient_accumulation_steps", "loss_scale_factor"}
+    common = {
+        "clipnorm",
+        "clipvalue",
+        "global_clipnorm",
+        "weight_decay",
+        "use_ema",
+        "ema_momentum",
+        "ema_overwrite_frequency",
+        "gradient_accumulation_steps",
+        "loss_scale_factor",
+    }
     for cls in optimizers.REGISTRY.values():
         if cls.class_name.lower() in WRAPPERS:
             continue
@@ -530,4 +653,3 @@ def test_parity_table_covers_every_optimizer_option_and_schedule():
     ]
     assert set(scheduled) == set(schedules.REGISTRY)
     assert min(scheduled.count(name) for name in schedules.REGISTRY) >= 3
-

@@ -1,4 +1,5 @@
 """Optimizer state: slot layout, get/set weights, slots, scalars, checkpoints, and all-or-nothing errors."""
+
 from __future__ import annotations
 
 import copy
@@ -56,8 +57,10 @@ def assert_same_state(a, b):
         ("sgd", []),
         ({"class_name": "SGD", "config": {"momentum": 0.9}}, ["momentum"]),
         ("rmsprop", ["velocity"]),
-        ({"class_name": "RMSprop", "config": {"momentum": 0.5, "centered": True}},
-         ["velocity", "momentum", "average_gradient"]),
+        (
+            {"class_name": "RMSprop", "config": {"momentum": 0.5, "centered": True}},
+            ["velocity", "momentum", "average_gradient"],
+        ),
         ("adam", ["momentum", "velocity"]),
         ({"class_name": "Adam", "config": {"amsgrad": True}}, ["momentum", "velocity", "velocity_hat"]),
         ("adadelta", ["accumulated_grad", "accumulated_delta_var"]),
@@ -65,8 +68,10 @@ def assert_same_state(a, b):
         ("adamax", ["momentum", "norm"]),
         ("nadam", ["momentum", "velocity"]),
         ("ftrl", ["accumulator", "linear"]),
-        ({"class_name": "Adam", "config": {"use_ema": True, "gradient_accumulation_steps": 2}},
-         ["average", "gradient_accumulator", "momentum", "velocity"]),
+        (
+            {"class_name": "Adam", "config": {"use_ema": True, "gradient_accumulation_steps": 2}},
+            ["average", "gradient_accumulator", "momentum", "velocity"],
+        ),
     ],
 )
 def test_slot_names_follow_keras(config, slots):
@@ -79,7 +84,7 @@ def test_slot_names_follow_keras(config, slots):
     config = engine.get_config()
     keras_optimizer = keras.optimizers.deserialize(config)
     keras_optimizer.build([keras.Variable(np.zeros((2,), np.float32), name="w")])
-    keras_slots = [v.name[len("w_"):] for v in keras_optimizer.variables if v.name.startswith("w_")]
+    keras_slots = [v.name[len("w_") :] for v in keras_optimizer.variables if v.name.startswith("w_")]
     assert keras_slots == slots
 
 
@@ -115,9 +120,15 @@ def test_get_weights_goes_variable_by_variable_and_includes_pipeline_slots():
     engine = make({"class_name": "RMSprop", "config": {"momentum": 0.5, "use_ema": True}})
     assert engine.weights_description() == [
         "iterations",
-        "kernel:average", "kernel:velocity", "kernel:momentum",
-        "bias:average", "bias:velocity", "bias:momentum",
-        "conv_kernel:average", "conv_kernel:velocity", "conv_kernel:momentum",
+        "kernel:average",
+        "kernel:velocity",
+        "kernel:momentum",
+        "bias:average",
+        "bias:velocity",
+        "bias:momentum",
+        "conv_kernel:average",
+        "conv_kernel:velocity",
+        "conv_kernel:momentum",
     ]
     weights = engine.get_weights()
     slots = engine.get_slots()
@@ -187,10 +198,14 @@ def test_set_weights_keeps_the_position_inside_an_accumulation_cycle():
     [
         (lambda w: w[:-1], "`weights` has 6 entries; expected 7: iterations, kernel:momentum, kernel:velocity"),
         (lambda w: w + [np.zeros(3)], "`weights` has 8 entries; expected 7"),
-        (lambda w: [w[0], w[1], np.zeros((4, 3)), *w[3:]],
-         "Entry 2 (slot 'velocity' of variable 'kernel') has shape (4, 3); expected (3, 4)."),
-        (lambda w: [*w[:5], np.zeros((2, 3)), w[6]],
-         "Entry 5 (slot 'momentum' of variable 'conv_kernel') has shape (2, 3); expected (2, 3, 2)."),
+        (
+            lambda w: [w[0], w[1], np.zeros((4, 3)), *w[3:]],
+            "Entry 2 (slot 'velocity' of variable 'kernel') has shape (4, 3); expected (3, 4).",
+        ),
+        (
+            lambda w: [*w[:5], np.zeros((2, 3)), w[6]],
+            "Entry 5 (slot 'momentum' of variable 'conv_kernel') has shape (2, 3); expected (2, 3, 2).",
+        ),
         (lambda w: [np.array(-1), *w[1:]], "Entry 0 (iterations) must be an integer >= 0. Received: array(-1)"),
         (lambda w: [np.array(1.5), *w[1:]], "Entry 0 (iterations) must be an integer >= 0"),
         (lambda w: [np.array([1, 2]), *w[1:]], "Entry 0 (iterations) must be an integer >= 0"),
@@ -213,14 +228,26 @@ def test_set_weights_errors_say_which_entry_and_change_nothing(mutate, message):
 @pytest.mark.parametrize(
     "grads, error, message",
     [
-        (lambda g: {**g, "unknown": np.zeros(2, np.float32)}, NotFoundError,
-         "Gradient(s) for unknown variable(s) 'unknown'. This optimizer holds: 'kernel', 'bias', 'conv_kernel'"),
-        (lambda g: {**g, "bias": np.zeros(4, np.float32)}, InvalidArgumentError,
-         "Gradient for variable 'bias' has shape (4,); expected (5,)."),
-        (lambda g: {**g, "conv_kernel": g["conv_kernel"].astype(np.float64)}, InvalidArgumentError,
-         "Gradient for variable 'conv_kernel' has dtype float64; expected float32."),
-        (lambda g: {**g, "kernel": g["kernel"].astype(np.int32)}, InvalidArgumentError,
-         "Gradient for variable 'kernel' has dtype int32; expected float32."),
+        (
+            lambda g: {**g, "unknown": np.zeros(2, np.float32)},
+            NotFoundError,
+            "Gradient(s) for unknown variable(s) 'unknown'. This optimizer holds: 'kernel', 'bias', 'conv_kernel'",
+        ),
+        (
+            lambda g: {**g, "bias": np.zeros(4, np.float32)},
+            InvalidArgumentError,
+            "Gradient for variable 'bias' has shape (4,); expected (5,).",
+        ),
+        (
+            lambda g: {**g, "conv_kernel": g["conv_kernel"].astype(np.float64)},
+            InvalidArgumentError,
+            "Gradient for variable 'conv_kernel' has dtype float64; expected float32.",
+        ),
+        (
+            lambda g: {**g, "kernel": g["kernel"].astype(np.int32)},
+            InvalidArgumentError,
+            "Gradient for variable 'kernel' has dtype int32; expected float32.",
+        ),
         (lambda g: {name: None for name in g}, InvalidArgumentError, "No gradients provided for any variable."),
         (lambda g: {}, InvalidArgumentError, "No gradients provided for any variable."),
         (lambda g: list(g.values()), InvalidArgumentError, "Gradients must be a {name: array} mapping"),
@@ -228,8 +255,11 @@ def test_set_weights_errors_say_which_entry_and_change_nothing(mutate, message):
 )
 @pytest.mark.parametrize(
     "config",
-    ["sgd", {"class_name": "Adam", "config": {"use_ema": True, "clipnorm": 1.0, "weight_decay": 0.1}},
-     {"class_name": "Nadam", "config": {"gradient_accumulation_steps": 2, "loss_scale_factor": 4.0}}],
+    [
+        "sgd",
+        {"class_name": "Adam", "config": {"use_ema": True, "clipnorm": 1.0, "weight_decay": 0.1}},
+        {"class_name": "Nadam", "config": {"gradient_accumulation_steps": 2, "loss_scale_factor": 4.0}},
+    ],
     ids=["sgd", "adam-ema-clip-decay", "nadam-accumulation"],
 )
 def test_apply_errors_change_nothing(config, grads, error, message):
@@ -417,8 +447,18 @@ def test_counters_under_gradient_accumulation():
 
 
 def test_schedule_reads_the_raw_counter():
-    engine = make({"class_name": "SGD", "config": {"gradient_accumulation_steps": 2, "learning_rate": {
-        "class_name": "PiecewiseConstantDecay", "config": {"boundaries": [0, 1], "values": [0.5, 0.25, 0.125]}}}})
+    engine = make(
+        {
+            "class_name": "SGD",
+            "config": {
+                "gradient_accumulation_steps": 2,
+                "learning_rate": {
+                    "class_name": "PiecewiseConstantDecay",
+                    "config": {"boundaries": [0, 1], "values": [0.5, 0.25, 0.125]},
+                },
+            },
+        }
+    )
     rates = []
     for step in range(4):
         rates.append(engine.current_learning_rate())
@@ -442,9 +482,17 @@ def test_set_iterations_validates():
     [
         {"class_name": "Nadam", "config": {"use_ema": True, "gradient_accumulation_steps": 2}},
         {"class_name": "Ftrl", "config": {"weight_decay": 0.1, "l1_regularization_strength": 0.01}},
-        {"class_name": "RMSprop", "config": {"momentum": 0.5, "centered": True, "learning_rate": {
-            "class_name": "ExponentialDecay", "config": {"initial_learning_rate": 0.1, "decay_steps": 2,
-                                                         "decay_rate": 0.5}}}},
+        {
+            "class_name": "RMSprop",
+            "config": {
+                "momentum": 0.5,
+                "centered": True,
+                "learning_rate": {
+                    "class_name": "ExponentialDecay",
+                    "config": {"initial_learning_rate": 0.1, "decay_steps": 2, "decay_rate": 0.5},
+                },
+            },
+        },
     ],
     ids=["nadam", "ftrl", "rmsprop-schedule"],
 )
@@ -533,9 +581,11 @@ def test_finalize_variable_values_takes_the_moving_averages():
 
 @pytest.mark.parametrize(
     "config",
-    ["adam",
-     {"class_name": "Nadam", "config": {"gradient_accumulation_steps": 2, "use_ema": True, "weight_decay": 0.1}},
-     {"class_name": "Adam", "config": {"loss_scale_factor": 8.0, "clipvalue": 1.0}}],
+    [
+        "adam",
+        {"class_name": "Nadam", "config": {"gradient_accumulation_steps": 2, "use_ema": True, "weight_decay": 0.1}},
+        {"class_name": "Adam", "config": {"loss_scale_factor": 8.0, "clipvalue": 1.0}},
+    ],
     ids=["adam", "nadam-accumulation-ema-decay", "adam-loss-scale-clipvalue"],
 )
 def test_apply_allocates_no_full_size_arrays_per_step(config):

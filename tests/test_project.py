@@ -1,4 +1,5 @@
 """Project hygiene: CI runs README's test command; the package layout stays importable."""
+
 from __future__ import annotations
 
 import os
@@ -49,18 +50,29 @@ def _build_isolation() -> list[str]:
 
 
 def test_the_wheel_holds_every_subpackage_and_imports_on_its_own(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", *_build_isolation(), "-q",
-                    "-w", str(tmp_path)], check=True, cwd=tmp_path, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", *_build_isolation(), "-q", "-w", str(tmp_path)],
+        check=True,
+        cwd=tmp_path,
+        timeout=300,
+    )
     (wheel,) = tmp_path.glob("optserve-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for expected in ("optserve/__init__.py", "optserve/server/optimizers/adam.py", "optserve/protos/optserve.proto",
-                     "optserve/protos/optserve_pb2.pyi", "optserve/client/transport.py"):
+    for expected in (
+        "optserve/__init__.py",
+        "optserve/server/optimizers/adam.py",
+        "optserve/protos/optserve.proto",
+        "optserve/protos/optserve_pb2.pyi",
+        "optserve/client/transport.py",
+    ):
         assert expected in names, expected
     assert not any(name.startswith(("tests/", "server/", "client/", "protos/", "benchmarks/")) for name in names)
     # Imported from the wheel alone (a zip on sys.path), not from this checkout.
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); import optserve.server.model, optserve.server.app, "
-              "optserve.client, optserve.server.optimizers.adam as adam; "
-              "assert adam.__file__.startswith(sys.argv[1]), adam.__file__; "
-              "from optserve.client import Client, SparseGradient")
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[1]); import optserve.server.model, optserve.server.app, "
+        "optserve.client, optserve.server.optimizers.adam as adam; "
+        "assert adam.__file__.startswith(sys.argv[1]), adam.__file__; "
+        "from optserve.client import Client, SparseGradient"
+    )
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", script, str(wheel)], check=True, cwd=tmp_path, env=env, timeout=120)

@@ -4,6 +4,7 @@ Everything here is built from the document and the generated messages alone: no
 optserve client library and no optserve tensor codec (tensors are encoded by hand,
 little-endian, C order, chunked as the document says).
 """
+
 from __future__ import annotations
 
 import json
@@ -35,10 +36,12 @@ def chunks(name: str, array: np.ndarray, chunk_bytes: int, slot: str = "") -> li
     """A tensor as the document says: every chunk repeats name, slot, dtype, shape; contiguous from 0."""
     dtype = {np.dtype("<f4"): pb.FLOAT32, np.dtype("<f8"): pb.FLOAT64}[array.dtype.newbyteorder("<")]
     raw = np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
-    pieces = [raw[i:i + chunk_bytes] for i in range(0, len(raw), chunk_bytes)] or [b""]
+    pieces = [raw[i : i + chunk_bytes] for i in range(0, len(raw), chunk_bytes)] or [b""]
     offsets = np.cumsum([0] + [len(p) for p in pieces[:-1]])
-    return [pb.TensorChunk(name=name, slot=slot, dtype=dtype, shape=list(array.shape), offset=int(offset), data=p)
-            for offset, p in zip(offsets, pieces)]
+    return [
+        pb.TensorChunk(name=name, slot=slot, dtype=dtype, shape=list(array.shape), offset=int(offset), data=p)
+        for offset, p in zip(offsets, pieces)
+    ]
 
 
 def assemble(received: list[pb.TensorChunk]) -> dict[tuple[str, str], np.ndarray]:
@@ -61,12 +64,16 @@ class Raw:
         self.channel = channel
 
     def _method(self, kind, name, request_type, response_type):
-        return getattr(self.channel, kind)(f"/{SERVICE}/{name}", request_serializer=request_type.SerializeToString,
-                                           response_deserializer=response_type.FromString)
+        return getattr(self.channel, kind)(
+            f"/{SERVICE}/{name}",
+            request_serializer=request_type.SerializeToString,
+            response_deserializer=response_type.FromString,
+        )
 
     def create(self, messages):
         return self._method("stream_unary", "CreateModel", pb.CreateModelRequest, pb.CreateModelResponse)(
-            iter(messages), timeout=TIMEOUT)
+            iter(messages), timeout=TIMEOUT
+        )
 
     def push(self, messages, timeout=TIMEOUT):
         call = self._method("stream_stream", "ApplyGradients", pb.ApplyGradientsRequest, pb.ApplyGradientsResponse)
@@ -81,19 +88,23 @@ class Raw:
 
     def set_weights(self, messages):
         return self._method("stream_unary", "SetWeights", pb.SetWeightsRequest, pb.SetWeightsResponse)(
-            iter(messages), timeout=TIMEOUT)
+            iter(messages), timeout=TIMEOUT
+        )
 
     def list_models(self, request):
         return self._method("unary_unary", "ListModels", pb.ListModelsRequest, pb.ListModelsResponse)(
-            request, timeout=TIMEOUT)
+            request, timeout=TIMEOUT
+        )
 
     def delete(self, request):
         return self._method("unary_unary", "DeleteModel", pb.DeleteModelRequest, pb.DeleteModelResponse)(
-            request, timeout=TIMEOUT)
+            request, timeout=TIMEOUT
+        )
 
     def checkpoint(self):
         return self._method("unary_unary", "Checkpoint", pb.CheckpointRequest, pb.CheckpointResponse)(
-            pb.CheckpointRequest(), timeout=TIMEOUT)
+            pb.CheckpointRequest(), timeout=TIMEOUT
+        )
 
 
 def error_of(call, *args, **kwargs) -> grpc.RpcError:
@@ -109,8 +120,9 @@ def trailing(error: grpc.RpcError) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     plain = start_server(port=0, device="cpu")
-    with_checkpoints = start_server(port=0, device="cpu", checkpoint_dir=tmp_path_factory.mktemp("ckpt"),
-                                    checkpoint_every="off")
+    with_checkpoints = start_server(
+        port=0, device="cpu", checkpoint_dir=tmp_path_factory.mktemp("ckpt"), checkpoint_every="off"
+    )
     yield plain, with_checkpoints
     plain.stop()
     with_checkpoints.stop()
@@ -143,12 +155,17 @@ def test_every_rpc_as_the_document_describes(servers, raw):
     bias = np.array([0.5, -1.0], "<f8")
     spec = pb.ModelSpec(model_id="doc", optimizer_config_json=SGD, num_workers=2, sync_timeout_s=30)
     # The spec in the first message only; the tensors later, kernel split in 3 chunks of 8 bytes.
-    created = raw.create([pb.CreateModelRequest(spec=spec),
-                          pb.CreateModelRequest(variables=chunks("kernel", kernel, 8)),
-                          pb.CreateModelRequest(variables=chunks("bias", bias, 1 << 20))])
+    created = raw.create(
+        [
+            pb.CreateModelRequest(spec=spec),
+            pb.CreateModelRequest(variables=chunks("kernel", kernel, 8)),
+            pb.CreateModelRequest(variables=chunks("bias", bias, 1 << 20)),
+        ]
+    )
     assert created.created and created.model.state.step == 0
-    joined = raw.create([pb.CreateModelRequest(spec=spec, variables=chunks("kernel", kernel, 1 << 20)
-                                               + chunks("bias", bias, 1 << 20))])
+    joined = raw.create(
+        [pb.CreateModelRequest(spec=spec, variables=chunks("kernel", kernel, 1 << 20) + chunks("bias", bias, 1 << 20))]
+    )
     assert not joined.created and joined.model.state.step == 0  # a joiner reads the step here
 
     # Step 0: worker 1 pushes nothing (a contribution all the same), worker 0 pushes both gradients.
@@ -156,8 +173,9 @@ def test_every_rpc_as_the_document_describes(servers, raw):
 
     def push(worker, gradients):
         header = pb.ApplyGradientsHeader(model_id="doc", worker_index=worker, step=0)
-        answers[worker] = raw.push([pb.ApplyGradientsRequest(header=header),
-                                    pb.ApplyGradientsRequest(gradients=gradients)])
+        answers[worker] = raw.push(
+            [pb.ApplyGradientsRequest(header=header), pb.ApplyGradientsRequest(gradients=gradients)]
+        )
 
     gradient = np.ones((2, 3), "<f4")
     waiting = threading.Thread(target=push, args=(1, []))
@@ -168,17 +186,25 @@ def test_every_rpc_as_the_document_describes(servers, raw):
         result = answers[worker][0].result
         assert (result.step, result.iterations, list(result.contributors)) == (1, 1, [0, 1])
         assert result.learning_rate == pytest.approx(0.1)
-    repeated = raw.push([pb.ApplyGradientsRequest(header=pb.ApplyGradientsHeader(model_id="doc", worker_index=1,
-                                                                                 step=0))])
+    repeated = raw.push(
+        [pb.ApplyGradientsRequest(header=pb.ApplyGradientsHeader(model_id="doc", worker_index=1, step=0))]
+    )
     assert repeated[0].result.duplicate and repeated[0].result.step == 1
 
-    future = error_of(raw.push, [pb.ApplyGradientsRequest(
-        header=pb.ApplyGradientsHeader(model_id="doc", worker_index=0, step=5))])
+    future = error_of(
+        raw.push, [pb.ApplyGradientsRequest(header=pb.ApplyGradientsHeader(model_id="doc", worker_index=0, step=5))]
+    )
     assert future.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert trailing(future)["optserve-current-step"] == "1"
-    wrong = error_of(raw.push, [pb.ApplyGradientsRequest(
-        header=pb.ApplyGradientsHeader(model_id="doc", worker_index=0, step=1),
-        gradients=chunks("kernel", np.ones((3, 2), "<f4"), 1 << 20))])
+    wrong = error_of(
+        raw.push,
+        [
+            pb.ApplyGradientsRequest(
+                header=pb.ApplyGradientsHeader(model_id="doc", worker_index=0, step=1),
+                gradients=chunks("kernel", np.ones((3, 2), "<f4"), 1 << 20),
+            )
+        ],
+    )
     assert wrong.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "shape [3, 2] float32" in wrong.details() and "shape [2, 3] float32" in wrong.details()
     no_header = error_of(raw.push, [pb.ApplyGradientsRequest(gradients=chunks("bias", bias, 1 << 20))])
@@ -197,18 +223,25 @@ def test_every_rpc_as_the_document_describes(servers, raw):
 
     # SetWeights with `state` present (field presence), tensors in a later message.
     state = pb.OptimizerState(iterations=7, step=3)
-    reply = raw.set_weights([pb.SetWeightsRequest(model_id="doc", state=state),
-                             pb.SetWeightsRequest(tensors=chunks("bias", np.zeros(2, "<f8"), 1 << 20))])
+    reply = raw.set_weights(
+        [
+            pb.SetWeightsRequest(model_id="doc", state=state),
+            pb.SetWeightsRequest(tensors=chunks("bias", np.zeros(2, "<f8"), 1 << 20)),
+        ]
+    )
     assert (reply.state.iterations, reply.state.raw_iterations, reply.state.step) == (7, 7, 3)
     assert reply.state.learning_rate == pytest.approx(0.1)  # 0 keeps the rate
-    tensors_only = raw.set_weights([pb.SetWeightsRequest(model_id="doc",
-                                                         tensors=chunks("bias", np.ones(2, "<f8"), 1 << 20))])
+    tensors_only = raw.set_weights(
+        [pb.SetWeightsRequest(model_id="doc", tensors=chunks("bias", np.ones(2, "<f8"), 1 << 20))]
+    )
     assert tensors_only.state.iterations == 7  # no state: counters untouched
     legacy = pb.SetWeightsRequest(model_id="doc", has_state=True)
     legacy.state.CopyFrom(pb.OptimizerState(iterations=8, step=3))
     assert raw.set_weights([legacy]).state.iterations == 8
-    disagree = error_of(raw.set_weights, [pb.SetWeightsRequest(
-        model_id="doc", state=pb.OptimizerState(iterations=2, raw_iterations=5, step=3))])
+    disagree = error_of(
+        raw.set_weights,
+        [pb.SetWeightsRequest(model_id="doc", state=pb.OptimizerState(iterations=2, raw_iterations=5, step=3))],
+    )
     assert disagree.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     listed = raw.list_models(pb.ListModelsRequest(model_id="doc", with_stats=True)).models[0]
@@ -231,11 +264,13 @@ def test_every_rpc_as_the_document_describes(servers, raw):
 
 
 def test_a_step_timeout_carries_the_documented_metadata(raw):
-    spec = pb.ModelSpec(model_id="late", optimizer_config_json=SGD, num_workers=2, sync_timeout_s=0.2,
-                        timeout_policy=pb.FAIL)
+    spec = pb.ModelSpec(
+        model_id="late", optimizer_config_json=SGD, num_workers=2, sync_timeout_s=0.2, timeout_policy=pb.FAIL
+    )
     raw.create([pb.CreateModelRequest(spec=spec, variables=chunks("w", np.zeros(2, "<f4"), 8))])
-    timed_out = error_of(raw.push, [pb.ApplyGradientsRequest(
-        header=pb.ApplyGradientsHeader(model_id="late", worker_index=0, step=0))])
+    timed_out = error_of(
+        raw.push, [pb.ApplyGradientsRequest(header=pb.ApplyGradientsHeader(model_id="late", worker_index=0, step=0))]
+    )
     assert timed_out.code() == grpc.StatusCode.ABORTED
     assert trailing(timed_out)["optserve-current-step"] == "0"
     assert trailing(timed_out)["optserve-missing-workers"] == "1"
@@ -258,25 +293,43 @@ def test_health_and_both_reflection_versions(servers):
     with grpc.insecure_channel(servers[0].address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", SERVICE):
-            assert health.Check(health_pb2.HealthCheckRequest(service=service),
-                                timeout=TIMEOUT).status == health_pb2.HealthCheckResponse.SERVING
+            assert (
+                health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT).status
+                == health_pb2.HealthCheckResponse.SERVING
+            )
         for package in ("grpc.reflection.v1", "grpc.reflection.v1alpha"):
-            call = channel.stream_stream(f"/{package}.ServerReflection/ServerReflectionInfo",
-                                         request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
-                                         response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
-            listed, described = call(iter([
-                reflection_pb2.ServerReflectionRequest(list_services=""),
-                reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE),
-            ]), timeout=TIMEOUT)
+            call = channel.stream_stream(
+                f"/{package}.ServerReflection/ServerReflectionInfo",
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+            listed, described = call(
+                iter(
+                    [
+                        reflection_pb2.ServerReflectionRequest(list_services=""),
+                        reflection_pb2.ServerReflectionRequest(file_containing_symbol=SERVICE),
+                    ]
+                ),
+                timeout=TIMEOUT,
+            )
             names = {s.name for s in listed.list_services_response.service}
-            assert {SERVICE, "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection",
-                    "grpc.reflection.v1alpha.ServerReflection"} <= names, package
+            assert {
+                SERVICE,
+                "grpc.health.v1.Health",
+                "grpc.reflection.v1.ServerReflection",
+                "grpc.reflection.v1alpha.ServerReflection",
+            } <= names, package
             assert described.file_descriptor_response.file_descriptor_proto, package
-        v1, = channel.stream_stream("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-                                    request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
-                                    response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)(
-            iter([reflection_pb2.ServerReflectionRequest(
-                file_containing_symbol="grpc.reflection.v1.ServerReflection")]), timeout=TIMEOUT)
+        (v1,) = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )(
+            iter(
+                [reflection_pb2.ServerReflectionRequest(file_containing_symbol="grpc.reflection.v1.ServerReflection")]
+            ),
+            timeout=TIMEOUT,
+        )
         assert v1.file_descriptor_response.file_descriptor_proto
 
 

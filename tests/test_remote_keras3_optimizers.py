@@ -6,6 +6,7 @@ read back through ``get_weights()`` and the counters must be Keras's. On the CPU
 backend the server's math is Keras's operation for operation, so the results are
 compared bit for bit.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -104,14 +105,14 @@ def test_adamw_refuses_no_weight_decay_like_keras(keras, server_address):
 def test_an_unknown_optimizer_is_refused_at_creation_naming_the_supported_ones(server_address):
     """What the server answers a config it cannot run: INVALID_ARGUMENT with the supported list."""
     import grpc
-
     import rpc_helpers
 
     channel, stub = rpc_helpers.connect(server_address)
     with channel:
         with pytest.raises(grpc.RpcError) as raised:
-            rpc_helpers.create_model(stub, "unknown-optimizer", {"w": np.zeros(3, np.float32)},
-                                     {"class_name": "Yogi", "config": {}})
+            rpc_helpers.create_model(
+                stub, "unknown-optimizer", {"w": np.zeros(3, np.float32)}, {"class_name": "Yogi", "config": {}}
+            )
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "Unknown optimizer: 'Yogi'. Supported: Adadelta, Adafactor, Adagrad, Adam, AdamW" in raised.value.details()
     assert "LossScaleOptimizer, Muon" in raised.value.details()
@@ -120,9 +121,14 @@ def test_an_unknown_optimizer_is_refused_at_creation_naming_the_supported_ones(s
 def test_loss_scale_optimizer_on_a_server_skips_non_finite_steps_and_reports_its_scale(server_address):
     import rpc_helpers
 
-    config = {"class_name": "LossScaleOptimizer", "config": {
-        "inner_optimizer": {"class_name": "Adam", "config": {"learning_rate": 0.01}},
-        "initial_scale": 256.0, "dynamic_growth_steps": 2}}
+    config = {
+        "class_name": "LossScaleOptimizer",
+        "config": {
+            "inner_optimizer": {"class_name": "Adam", "config": {"learning_rate": 0.01}},
+            "initial_scale": 256.0,
+            "dynamic_growth_steps": 2,
+        },
+    }
     variables = {"w": np.ones((2, 3), np.float32)}
     channel, stub = rpc_helpers.connect(server_address)
     with channel:
@@ -130,7 +136,11 @@ def test_loss_scale_optimizer_on_a_server_skips_non_finite_steps_and_reports_its
         finite = {"w": np.full((2, 3), 256.0, np.float32)}
         rpc_helpers.push(stub, "loss-scaled", 0, 0, finite)
         before = rpc_helpers.snapshot(stub, "loss-scaled")
-        assert (before[0].iterations, before[0].scalars["dynamic_scale"], before[0].scalars["step_counter"]) == (1, 256, 1)
+        assert (before[0].iterations, before[0].scalars["dynamic_scale"], before[0].scalars["step_counter"]) == (
+            1,
+            256,
+            1,
+        )
         poisoned = {"w": finite["w"].copy()}
         poisoned["w"][1, 2] = np.inf
         rpc_helpers.push(stub, "loss-scaled", 0, 1, poisoned)
@@ -148,13 +158,22 @@ def test_loss_scale_optimizer_on_a_server_skips_non_finite_steps_and_reports_its
         assert rpc_helpers.set_weights(stub, "loss-scaled", state=state).state.scalars["dynamic_scale"] == 1024.0
 
 
-@pytest.mark.parametrize("config", [
-    {"class_name": "LossScaleOptimizer", "config": {
-        "inner_optimizer": {"class_name": "Adafactor", "config": {"learning_rate": 0.05}}, "initial_scale": 4.0,
-        "dynamic_growth_steps": 2}},
-    {"class_name": "Muon", "config": {"learning_rate": 0.05}},
-    {"class_name": "ScheduleFreeAdamW", "config": {"learning_rate": 0.05, "warmup_steps": 3}},
-], ids=["LossScaleOptimizer(Adafactor)", "Muon", "ScheduleFreeAdamW"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        {
+            "class_name": "LossScaleOptimizer",
+            "config": {
+                "inner_optimizer": {"class_name": "Adafactor", "config": {"learning_rate": 0.05}},
+                "initial_scale": 4.0,
+                "dynamic_growth_steps": 2,
+            },
+        },
+        {"class_name": "Muon", "config": {"learning_rate": 0.05}},
+        {"class_name": "ScheduleFreeAdamW", "config": {"learning_rate": 0.05, "warmup_steps": 3}},
+    ],
+    ids=["LossScaleOptimizer(Adafactor)", "Muon", "ScheduleFreeAdamW"],
+)
 def test_a_checkpoint_restores_the_new_optimizers_exactly(tmp_path, config):
     """Factored slots of their own shapes, per-variable slot sets and the loss scale survive a restart."""
     from optserve.client import Client
@@ -185,8 +204,10 @@ def test_a_checkpoint_restores_the_new_optimizers_exactly(tmp_path, config):
             run(first, range(3))
             first.checkpoint()
         server.stop(final_checkpoint=False)
-        with start_server(device="cpu", checkpoint_dir=tmp_path, checkpoint_every="off") as restarted, \
-                Client(restarted.address) as resumed:
+        with (
+            start_server(device="cpu", checkpoint_dir=tmp_path, checkpoint_every="off") as restarted,
+            Client(restarted.address) as resumed,
+        ):
             run(resumed, range(3, 5))
             actual = resumed.get_weights("job", include_variables=True)
             assert resumed.list_models("job")[0].scalars == expected_scalars
@@ -212,8 +233,9 @@ def test_keras_golden_values_through_remote_optimizer(keras, server_address, ind
     golden_cases, ramp = _golden_cases()
     class_name, config, golden = golden_cases[index]
     x = keras.Variable(np.ones(10, np.float32), name="golden_x")
-    optimizer = RemoteOptimizer(getattr(keras.optimizers, class_name)(**config), server_address,
-                                model_id=f"golden-{next(_model_ids)}")
+    optimizer = RemoteOptimizer(
+        getattr(keras.optimizers, class_name)(**config), server_address, model_id=f"golden-{next(_model_ids)}"
+    )
     optimizer.apply([np.full(10, 0.01, np.float32)], [x])
     for step, expected in enumerate(golden):
         np.testing.assert_allclose(np.asarray(x), expected, rtol=5e-4, atol=5e-4, err_msg=f"{class_name} {step}")

@@ -17,6 +17,7 @@ Keras is given the step as an int64 variable, exactly as its optimizers do
 (``schedule(self._iterations)``); the NaN that some odd but accepted configs
 produce (``t_mul < 1``) compares equal to NaN.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,46 +39,77 @@ STEPS = list(range(301)) + [1000, 4095, 4096, 65537, 10**6, 2**24 + 1, 2**31 + 7
 # in int32 (decay_rate=0.5 truncates to 0, pi becomes 3): parity covers them too.
 CASES = [
     ("exp_default", "ExponentialDecay", dict(initial_learning_rate=0.1, decay_steps=1000, decay_rate=0.96)),
-    ("exp_staircase", "ExponentialDecay",
-     dict(initial_learning_rate=0.05, decay_steps=7, decay_rate=0.5, staircase=True)),
-    ("exp_growth_float_steps", "ExponentialDecay",
-     dict(initial_learning_rate=0.01, decay_steps=3.5, decay_rate=1.01, name="grow")),
+    (
+        "exp_staircase",
+        "ExponentialDecay",
+        dict(initial_learning_rate=0.05, decay_steps=7, decay_rate=0.5, staircase=True),
+    ),
+    (
+        "exp_growth_float_steps",
+        "ExponentialDecay",
+        dict(initial_learning_rate=0.01, decay_steps=3.5, decay_rate=1.01, name="grow"),
+    ),
     ("exp_int_lr", "ExponentialDecay", dict(initial_learning_rate=1, decay_steps=10, decay_rate=0.5)),
     ("pw_basic", "PiecewiseConstantDecay", dict(boundaries=[10, 20], values=[0.1, 0.05, 0.01])),
-    ("pw_float_boundaries", "PiecewiseConstantDecay",
-     dict(boundaries=[0.5, 10.5, 100.7], values=[1.0, 0.5, 0.25, 0.125])),
+    (
+        "pw_float_boundaries",
+        "PiecewiseConstantDecay",
+        dict(boundaries=[0.5, 10.5, 100.7], values=[1.0, 0.5, 0.25, 0.125]),
+    ),
     ("pw_boundary_zero", "PiecewiseConstantDecay", dict(boundaries=[0], values=[1.0, 0.5])),
     ("pw_int_values", "PiecewiseConstantDecay", dict(boundaries=[5, 10], values=[3, 2, 1])),
     ("pw_float_then_int", "PiecewiseConstantDecay", dict(boundaries=[5, 50], values=[0.3, 1, 2])),
     ("pw_not_increasing", "PiecewiseConstantDecay", dict(boundaries=[20, 10], values=[0.1, 0.2, 0.3])),
     ("poly_default", "PolynomialDecay", dict(initial_learning_rate=0.1, decay_steps=100)),
-    ("poly_sqrt_cycle", "PolynomialDecay",
-     dict(initial_learning_rate=0.1, decay_steps=50, end_learning_rate=0.001, power=0.5, cycle=True)),
-    ("poly_square", "PolynomialDecay",
-     dict(initial_learning_rate=0.2, decay_steps=17, end_learning_rate=0.02, power=2.0)),
-    ("poly_cycle_every_step", "PolynomialDecay",
-     dict(initial_learning_rate=0.3, decay_steps=1, power=3.0, cycle=True)),
+    (
+        "poly_sqrt_cycle",
+        "PolynomialDecay",
+        dict(initial_learning_rate=0.1, decay_steps=50, end_learning_rate=0.001, power=0.5, cycle=True),
+    ),
+    (
+        "poly_square",
+        "PolynomialDecay",
+        dict(initial_learning_rate=0.2, decay_steps=17, end_learning_rate=0.02, power=2.0),
+    ),
+    ("poly_cycle_every_step", "PolynomialDecay", dict(initial_learning_rate=0.3, decay_steps=1, power=3.0, cycle=True)),
     ("poly_int_lr", "PolynomialDecay", dict(initial_learning_rate=1, decay_steps=100)),
     ("inv_default", "InverseTimeDecay", dict(initial_learning_rate=0.1, decay_steps=10, decay_rate=0.5)),
-    ("inv_staircase", "InverseTimeDecay",
-     dict(initial_learning_rate=0.1, decay_steps=7, decay_rate=2.0, staircase=True)),
+    (
+        "inv_staircase",
+        "InverseTimeDecay",
+        dict(initial_learning_rate=0.1, decay_steps=7, decay_rate=2.0, staircase=True),
+    ),
     ("inv_int_lr", "InverseTimeDecay", dict(initial_learning_rate=1, decay_steps=10, decay_rate=0.5)),
     ("cos_default", "CosineDecay", dict(initial_learning_rate=0.1, decay_steps=100)),
     ("cos_alpha", "CosineDecay", dict(initial_learning_rate=0.1, decay_steps=250, alpha=0.1)),
-    ("cos_warmup_from_zero", "CosineDecay",
-     dict(initial_learning_rate=0.0, decay_steps=200, alpha=0.05, warmup_target=0.1, warmup_steps=50)),
-    ("cos_warmup_from_nonzero", "CosineDecay",
-     dict(initial_learning_rate=0.01, decay_steps=30, warmup_target=0.2, warmup_steps=13)),
-    ("cos_int_lr_warmup", "CosineDecay",
-     dict(initial_learning_rate=0, decay_steps=100, warmup_target=0.1, warmup_steps=20)),
+    (
+        "cos_warmup_from_zero",
+        "CosineDecay",
+        dict(initial_learning_rate=0.0, decay_steps=200, alpha=0.05, warmup_target=0.1, warmup_steps=50),
+    ),
+    (
+        "cos_warmup_from_nonzero",
+        "CosineDecay",
+        dict(initial_learning_rate=0.01, decay_steps=30, warmup_target=0.2, warmup_steps=13),
+    ),
+    (
+        "cos_int_lr_warmup",
+        "CosineDecay",
+        dict(initial_learning_rate=0, decay_steps=100, warmup_target=0.1, warmup_steps=20),
+    ),
     ("cos_int_lr", "CosineDecay", dict(initial_learning_rate=1, decay_steps=100)),
     ("sgdr_default", "CosineDecayRestarts", dict(initial_learning_rate=0.1, first_decay_steps=10)),
-    ("sgdr_equal_periods", "CosineDecayRestarts",
-     dict(initial_learning_rate=0.1, first_decay_steps=20, t_mul=1.0, m_mul=0.9, alpha=0.05)),
-    ("sgdr_growing", "CosineDecayRestarts",
-     dict(initial_learning_rate=0.05, first_decay_steps=7, t_mul=1.5, m_mul=0.7, alpha=0.01)),
-    ("sgdr_shrinking_periods", "CosineDecayRestarts",
-     dict(initial_learning_rate=0.1, first_decay_steps=10, t_mul=0.5)),
+    (
+        "sgdr_equal_periods",
+        "CosineDecayRestarts",
+        dict(initial_learning_rate=0.1, first_decay_steps=20, t_mul=1.0, m_mul=0.9, alpha=0.05),
+    ),
+    (
+        "sgdr_growing",
+        "CosineDecayRestarts",
+        dict(initial_learning_rate=0.05, first_decay_steps=7, t_mul=1.5, m_mul=0.7, alpha=0.01),
+    ),
+    ("sgdr_shrinking_periods", "CosineDecayRestarts", dict(initial_learning_rate=0.1, first_decay_steps=10, t_mul=0.5)),
     ("sgdr_int_lr", "CosineDecayRestarts", dict(initial_learning_rate=1, first_decay_steps=10)),
 ]
 CASE_IDS = [case_id for case_id, _, _ in CASES]
@@ -87,8 +119,7 @@ CASE_IDS = [case_id for case_id, _, _ in CASES]
 def keras():
     keras = pytest.importorskip("keras")
     if keras.backend.backend() != "numpy":
-        pytest.skip("exact parity is defined against Keras's NumPy backend "
-                    f"(KERAS_BACKEND={keras.backend.backend()})")
+        pytest.skip(f"exact parity is defined against Keras's NumPy backend (KERAS_BACKEND={keras.backend.backend()})")
     return keras
 
 
@@ -107,6 +138,7 @@ def bare(class_name, config):
 
 
 # --------------------------------------------------------------------------- values
+
 
 @pytest.mark.parametrize("class_name, config", [case[1:] for case in CASES], ids=CASE_IDS)
 def test_values_equal_keras_at_every_step(keras, class_name, config):
@@ -138,6 +170,7 @@ def test_documented_boundaries_and_edges():
 
 # --------------------------------------------------------------------------- serialization
 
+
 @pytest.mark.parametrize("class_name, config", [case[1:] for case in CASES], ids=CASE_IDS)
 def test_serialization_matches_keras(keras, class_name, config):
     keras_schedules = keras.optimizers.schedules
@@ -165,7 +198,8 @@ def test_defaults_and_signatures_match_keras(keras):
 def test_cases_cover_registry_and_registry_covers_keras(keras):
     keras_schedules = keras.optimizers.schedules
     keras_classes = {
-        name for name in dir(keras_schedules)
+        name
+        for name in dir(keras_schedules)
         if isinstance(getattr(keras_schedules, name), type)
         and issubclass(getattr(keras_schedules, name), keras_schedules.LearningRateSchedule)
         and getattr(keras_schedules, name) is not keras_schedules.LearningRateSchedule
@@ -180,17 +214,27 @@ def test_cases_cover_registry_and_registry_covers_keras(keras):
 def test_is_serialized_schedule():
     assert schedules.is_serialized_schedule(bare("CosineDecay", {}))
     assert schedules.is_serialized_schedule(schedules.serialize(schedules.CosineDecay(0.1, 5)))
-    for obj in ("adam", "CosineDecay", 0.1, None, {}, {"class_name": "Adam", "config": {}},
-                {"config": {"decay_steps": 1}}):
+    for obj in (
+        "adam",
+        "CosineDecay",
+        0.1,
+        None,
+        {},
+        {"class_name": "Adam", "config": {}},
+        {"config": {"decay_steps": 1}},
+    ):
         assert not schedules.is_serialized_schedule(obj), obj
 
 
 def test_deserialize_accepts_a_schedule_and_legacy_module():
     schedule = schedules.ExponentialDecay(0.1, 10, 0.9)
     assert schedules.deserialize(schedule) is schedule
-    legacy = {"module": "keras.src.optimizers.schedules.learning_rate_schedule",
-              "class_name": "ExponentialDecay", "registered_name": "ExponentialDecay",
-              "config": schedule.get_config()}
+    legacy = {
+        "module": "keras.src.optimizers.schedules.learning_rate_schedule",
+        "class_name": "ExponentialDecay",
+        "registered_name": "ExponentialDecay",
+        "config": schedule.get_config(),
+    }
     assert schedules.deserialize(legacy) == schedule
 
 
@@ -218,13 +262,17 @@ def test_module_does_not_import_keras():
 
 # --------------------------------------------------------------------------- validation
 
-@pytest.mark.parametrize("class_name, steps_argument, extra", [
-    ("ExponentialDecay", "decay_steps", dict(decay_rate=0.5)),
-    ("PolynomialDecay", "decay_steps", {}),
-    ("InverseTimeDecay", "decay_steps", dict(decay_rate=0.5)),
-    ("CosineDecay", "decay_steps", {}),
-    ("CosineDecayRestarts", "first_decay_steps", {}),
-])
+
+@pytest.mark.parametrize(
+    "class_name, steps_argument, extra",
+    [
+        ("ExponentialDecay", "decay_steps", dict(decay_rate=0.5)),
+        ("PolynomialDecay", "decay_steps", {}),
+        ("InverseTimeDecay", "decay_steps", dict(decay_rate=0.5)),
+        ("CosineDecay", "decay_steps", {}),
+        ("CosineDecayRestarts", "first_decay_steps", {}),
+    ],
+)
 @pytest.mark.parametrize("bad_steps", [0, -3, 0.0])
 def test_non_positive_decay_steps_rejected_like_keras(keras, class_name, steps_argument, extra, bad_steps):
     config = dict(initial_learning_rate=0.1, **{steps_argument: bad_steps}, **extra)
@@ -245,15 +293,17 @@ def test_piecewise_length_mismatch_rejected_like_keras(keras):
     assert str(our_error.value) == str(keras_error.value)
 
 
-@pytest.mark.parametrize("class_name, config, keras_call_error", [
-    # Keras builds these but fails on the first call; we reject them up front.
-    ("PiecewiseConstantDecay", dict(boundaries=[5], values=[1, 0.5]), TypeError),
-    ("PiecewiseConstantDecay", dict(boundaries=[], values=[0.1]), IndexError),
-    ("PiecewiseConstantDecay", dict(boundaries=[2**33], values=[0.1, 0.2]), OverflowError),
-    ("ExponentialDecay", dict(initial_learning_rate=0.1, decay_steps=10, decay_rate=0.5, name=None),
-     ValueError),
-    ("CosineDecay", dict(initial_learning_rate=0.1, decay_steps=10, name="a/b"), ValueError),
-])
+@pytest.mark.parametrize(
+    "class_name, config, keras_call_error",
+    [
+        # Keras builds these but fails on the first call; we reject them up front.
+        ("PiecewiseConstantDecay", dict(boundaries=[5], values=[1, 0.5]), TypeError),
+        ("PiecewiseConstantDecay", dict(boundaries=[], values=[0.1]), IndexError),
+        ("PiecewiseConstantDecay", dict(boundaries=[2**33], values=[0.1, 0.2]), OverflowError),
+        ("ExponentialDecay", dict(initial_learning_rate=0.1, decay_steps=10, decay_rate=0.5, name=None), ValueError),
+        ("CosineDecay", dict(initial_learning_rate=0.1, decay_steps=10, name="a/b"), ValueError),
+    ],
+)
 def test_configs_keras_cannot_evaluate_are_rejected(keras, class_name, config, keras_call_error):
     keras_schedule = getattr(keras.optimizers.schedules, class_name)(**config)
     with pytest.raises(keras_call_error):
@@ -262,29 +312,50 @@ def test_configs_keras_cannot_evaluate_are_rejected(keras, class_name, config, k
         schedules.deserialize(bare(class_name, config))
 
 
-@pytest.mark.parametrize("class_name, config, message", [
-    ("ExponentialDecay", dict(initial_learning_rate="0.1", decay_steps=10, decay_rate=0.5),
-     "Argument `initial_learning_rate` must be a number. Received: initial_learning_rate='0.1'"),
-    ("ExponentialDecay", dict(initial_learning_rate=True, decay_steps=10, decay_rate=0.5),
-     "`initial_learning_rate` must be a number"),
-    ("ExponentialDecay", dict(initial_learning_rate=0.1, decay_steps=10, decay_rate=float("nan")),
-     "Argument `decay_rate` must be finite. Received: decay_rate=nan"),
-    ("InverseTimeDecay", dict(initial_learning_rate=0.1, decay_steps=10, decay_rate=0.5, staircase="no"),
-     "Argument `staircase` must be a boolean. Received: staircase='no'"),
-    ("PolynomialDecay", dict(initial_learning_rate=0.1, decay_steps=float("inf")),
-     "`decay_steps` must be finite"),
-    ("PolynomialDecay", dict(initial_learning_rate=0.1, decay_steps=10, cycle=1),
-     "`cycle` must be a boolean"),
-    ("PiecewiseConstantDecay", dict(boundaries=10, values=[0.1, 0.2]),
-     "`boundaries` must be a list of numbers"),
-    ("PiecewiseConstantDecay", dict(boundaries=[10], values=[0.1, None]),
-     "Argument `values[1]` must be a number. Received: values[1]=None"),
-    ("CosineDecay", dict(initial_learning_rate=0.1, decay_steps=10, warmup_target="0.2"),
-     "`warmup_target` must be a number"),
-    ("CosineDecayRestarts", dict(initial_learning_rate=0.1, first_decay_steps=10, name=""), None),
-    ("CosineDecayRestarts", dict(initial_learning_rate=0.1, first_decay_steps=10, t_mul=None),
-     "`t_mul` must be a number"),
-])
+@pytest.mark.parametrize(
+    "class_name, config, message",
+    [
+        (
+            "ExponentialDecay",
+            dict(initial_learning_rate="0.1", decay_steps=10, decay_rate=0.5),
+            "Argument `initial_learning_rate` must be a number. Received: initial_learning_rate='0.1'",
+        ),
+        (
+            "ExponentialDecay",
+            dict(initial_learning_rate=True, decay_steps=10, decay_rate=0.5),
+            "`initial_learning_rate` must be a number",
+        ),
+        (
+            "ExponentialDecay",
+            dict(initial_learning_rate=0.1, decay_steps=10, decay_rate=float("nan")),
+            "Argument `decay_rate` must be finite. Received: decay_rate=nan",
+        ),
+        (
+            "InverseTimeDecay",
+            dict(initial_learning_rate=0.1, decay_steps=10, decay_rate=0.5, staircase="no"),
+            "Argument `staircase` must be a boolean. Received: staircase='no'",
+        ),
+        ("PolynomialDecay", dict(initial_learning_rate=0.1, decay_steps=float("inf")), "`decay_steps` must be finite"),
+        ("PolynomialDecay", dict(initial_learning_rate=0.1, decay_steps=10, cycle=1), "`cycle` must be a boolean"),
+        ("PiecewiseConstantDecay", dict(boundaries=10, values=[0.1, 0.2]), "`boundaries` must be a list of numbers"),
+        (
+            "PiecewiseConstantDecay",
+            dict(boundaries=[10], values=[0.1, None]),
+            "Argument `values[1]` must be a number. Received: values[1]=None",
+        ),
+        (
+            "CosineDecay",
+            dict(initial_learning_rate=0.1, decay_steps=10, warmup_target="0.2"),
+            "`warmup_target` must be a number",
+        ),
+        ("CosineDecayRestarts", dict(initial_learning_rate=0.1, first_decay_steps=10, name=""), None),
+        (
+            "CosineDecayRestarts",
+            dict(initial_learning_rate=0.1, first_decay_steps=10, t_mul=None),
+            "`t_mul` must be a number",
+        ),
+    ],
+)
 def test_argument_checks(class_name, config, message):
     if message is None:  # accepted, as by Keras
         schedules.deserialize(bare(class_name, config))
@@ -294,21 +365,36 @@ def test_argument_checks(class_name, config, message):
     assert message in str(error.value)
 
 
-@pytest.mark.parametrize("obj, message", [
-    ("ExponentialDecay", "must be a dict with 'class_name' and 'config'"),
-    ({"config": {}}, "must be a dict with 'class_name' and 'config'"),
-    (bare("LinearWarmup", {}), "Unknown learning rate schedule: 'LinearWarmup'. Supported: ["),
-    ({"class_name": "CosineDecay", "config": None}, "'config' of a CosineDecay must be a dict"),
-    (bare("CosineDecay", dict(initial_learning_rate=0.1, decay_steps=10, warmup=5)),
-     "Unknown argument(s) for CosineDecay: ['warmup']. Allowed: ['initial_learning_rate'"),
-    (bare("ExponentialDecay", dict(initial_learning_rate=0.1, decay_steps=10)),
-     "Missing required argument(s) for ExponentialDecay: ['decay_rate']"),
-    ({"module": "my_project.schedules", "class_name": "CosineDecay", "config": {}},
-     "Only Keras's built-in learning rate schedules are supported"),
-    ({"module": "keras.optimizers.schedules", "class_name": "CosineDecay",
-      "registered_name": "MyPackage>CosineDecay", "config": {}},
-     "Custom learning rate schedules are not supported"),
-])
+@pytest.mark.parametrize(
+    "obj, message",
+    [
+        ("ExponentialDecay", "must be a dict with 'class_name' and 'config'"),
+        ({"config": {}}, "must be a dict with 'class_name' and 'config'"),
+        (bare("LinearWarmup", {}), "Unknown learning rate schedule: 'LinearWarmup'. Supported: ["),
+        ({"class_name": "CosineDecay", "config": None}, "'config' of a CosineDecay must be a dict"),
+        (
+            bare("CosineDecay", dict(initial_learning_rate=0.1, decay_steps=10, warmup=5)),
+            "Unknown argument(s) for CosineDecay: ['warmup']. Allowed: ['initial_learning_rate'",
+        ),
+        (
+            bare("ExponentialDecay", dict(initial_learning_rate=0.1, decay_steps=10)),
+            "Missing required argument(s) for ExponentialDecay: ['decay_rate']",
+        ),
+        (
+            {"module": "my_project.schedules", "class_name": "CosineDecay", "config": {}},
+            "Only Keras's built-in learning rate schedules are supported",
+        ),
+        (
+            {
+                "module": "keras.optimizers.schedules",
+                "class_name": "CosineDecay",
+                "registered_name": "MyPackage>CosineDecay",
+                "config": {},
+            },
+            "Custom learning rate schedules are not supported",
+        ),
+    ],
+)
 def test_deserialize_rejects(obj, message):
     with pytest.raises(InvalidArgumentError) as error:
         schedules.deserialize(obj)

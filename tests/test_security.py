@@ -2,6 +2,7 @@
 
 Certificates are made here (tests/tls_certs.py); tokens with ``optserve.server.auth``.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,8 +25,7 @@ pytest.importorskip("cryptography", reason="the `test` extra installs cryptograp
 import rpc_helpers
 from tls_certs import CertificateAuthority
 
-from optserve.client import Client, NotFoundError, OptserveError, UnauthenticatedError, UnavailableError
-from optserve.client import security
+from optserve.client import Client, NotFoundError, OptserveError, UnauthenticatedError, UnavailableError, security
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors as codec
@@ -61,8 +61,8 @@ def pki(tmp_path_factory):
     return {
         "ca": ca.bundle,
         "server": ca.issue("server", server=True),
-        "client": ca.issue("worker-7"),            # listed in the token file (cert_cn)
-        "unlisted_client": ca.issue("unlisted"),   # signed by the right CA, but no principal
+        "client": ca.issue("worker-7"),  # listed in the token file (cert_cn)
+        "unlisted_client": ca.issue("unlisted"),  # signed by the right CA, but no principal
         "rogue_ca": rogue.bundle,
         "rogue_client": rogue.issue("worker-7-rogue"),
     }
@@ -83,9 +83,15 @@ def secure(pki, tmp_path_factory):
     """A server with mTLS and tokens; yields (running server, {name: token}, TLS options of a client)."""
     directory = tmp_path_factory.mktemp("secure")
     tokens = write_tokens(directory / "tokens.txt", extra=CERT_PRINCIPAL + "\n")
-    server = start_server(device="cpu", checkpoint_dir=directory / "checkpoints", checkpoint_every="off",
-                          tls_cert=pki["server"].cert, tls_key=pki["server"].key, tls_client_ca=pki["ca"],
-                          auth_tokens=directory / "tokens.txt")
+    server = start_server(
+        device="cpu",
+        checkpoint_dir=directory / "checkpoints",
+        checkpoint_every="off",
+        tls_cert=pki["server"].cert,
+        tls_key=pki["server"].key,
+        tls_client_ca=pki["ca"],
+        auth_tokens=directory / "tokens.txt",
+    )
     client_tls = security.TLSOptions(ca=pki["ca"], cert=pki["client"].cert, key=pki["client"].key)
     try:
         yield server, tokens, client_tls
@@ -115,8 +121,7 @@ def stub_for(secure, pki, caller: str):
     certificate the token file does not list)."""
     server, tokens, client_tls = secure
     if caller == "none":
-        client_tls = security.TLSOptions(ca=pki["ca"], cert=pki["unlisted_client"].cert,
-                                         key=pki["unlisted_client"].key)
+        client_tls = security.TLSOptions(ca=pki["ca"], cert=pki["unlisted_client"].cert, key=pki["unlisted_client"].key)
     token = {"none": False, "bogus": "osk_bogus"}.get(caller) if caller in ("none", "bogus") else tokens[caller]
     channel = security.open_channel(server.address, codec.GRPC_OPTIONS, tls=client_tls, token=token)
     return channel, pb_grpc.ParameterServerStub(channel)
@@ -202,14 +207,14 @@ OK, DENIED, UNAUTHENTICATED = "OK", "PERMISSION_DENIED", "UNAUTHENTICATED"
 # The documented answer of every RPC for each caller, on a model of team-a.
 # "none" (no token, an unlisted certificate) and "bogus" (an unknown token) are UNAUTHENTICATED everywhere.
 EXPECTED = {
-    "ListModels":     {"reader-a": OK, "worker-a": OK, "admin-a": OK, "root": OK},
-    "Pull":           {"reader-a": OK, "worker-a": OK, "admin-a": OK, "root": OK},
-    "GetWeights":     {"reader-a": OK, "worker-a": OK, "admin-a": OK, "root": OK},
-    "CreateModel":    {"reader-a": DENIED, "worker-a": OK, "admin-a": OK, "root": OK},
+    "ListModels": {"reader-a": OK, "worker-a": OK, "admin-a": OK, "root": OK},
+    "Pull": {"reader-a": OK, "worker-a": OK, "admin-a": OK, "root": OK},
+    "GetWeights": {"reader-a": OK, "worker-a": OK, "admin-a": OK, "root": OK},
+    "CreateModel": {"reader-a": DENIED, "worker-a": OK, "admin-a": OK, "root": OK},
     "ApplyGradients": {"reader-a": DENIED, "worker-a": OK, "admin-a": OK, "root": OK},
-    "SetWeights":     {"reader-a": DENIED, "worker-a": DENIED, "admin-a": OK, "root": OK},
-    "DeleteModel":    {"reader-a": DENIED, "worker-a": DENIED, "admin-a": OK, "root": OK},
-    "Checkpoint":     {"reader-a": DENIED, "worker-a": DENIED, "admin-a": DENIED, "root": OK},
+    "SetWeights": {"reader-a": DENIED, "worker-a": DENIED, "admin-a": OK, "root": OK},
+    "DeleteModel": {"reader-a": DENIED, "worker-a": DENIED, "admin-a": OK, "root": OK},
+    "Checkpoint": {"reader-a": DENIED, "worker-a": DENIED, "admin-a": DENIED, "root": OK},
 }
 CALLERS = ["reader-a", "worker-a", "admin-a", "root", "bogus", "none"]
 
@@ -246,10 +251,13 @@ def test_an_rpc_without_a_rule_is_refused_for_everybody():
     assert refused.value.code == grpc.StatusCode.PERMISSION_DENIED and "no access rule" in refused.value.message
 
 
-@pytest.mark.parametrize("messages, says", [
-    ([], "received no messages"),
-    ([pb.CreateModelRequest()], "must carry `spec`"),
-])
+@pytest.mark.parametrize(
+    "messages, says",
+    [
+        ([], "received no messages"),
+        ([pb.CreateModelRequest()], "must carry `spec`"),
+    ],
+)
 def test_a_stream_that_names_no_model_reaches_the_handlers_own_check(secure, pki, messages, says):
     channel, stub = stub_for(secure, pki, "worker-a")
     with channel:
@@ -268,17 +276,24 @@ def test_health_and_reflection_need_no_token(secure):
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10).status
         assert status == health_pb2.HealthCheckResponse.SERVING
         replies = reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
-            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10)
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
         services = [s.name for reply in replies for s in reply.list_services_response.service]
         assert "optserve.v1.ParameterServer" in services
 
 
-@pytest.mark.parametrize("metadata, says", [
-    ((), "requires a token: the call carries no `authorization: Bearer <token>` metadata and its client "
-         "certificate (CN=unlisted) is not listed"),
-    ((("authorization", "Basic dXNlcjpwYXNz"),), "must read 'Bearer <token>'"),
-    ((("authorization", "Bearer osk_not-a-known-token"),), "not known to this server"),
-])
+@pytest.mark.parametrize(
+    "metadata, says",
+    [
+        (
+            (),
+            "requires a token: the call carries no `authorization: Bearer <token>` metadata and its client "
+            "certificate (CN=unlisted) is not listed",
+        ),
+        ((("authorization", "Basic dXNlcjpwYXNz"),), "must read 'Bearer <token>'"),
+        ((("authorization", "Bearer osk_not-a-known-token"),), "not known to this server"),
+    ],
+)
 def test_unauthenticated_calls_say_what_is_missing_and_never_echo_the_token(secure, pki, metadata, says):
     channel, stub = stub_for(secure, pki, "none")
     with channel:
@@ -332,7 +347,9 @@ def test_an_exact_scope_covers_the_shard_pieces_of_its_model():
     principal = auth.parse_token_file("name=x role=worker models=job,team-c/* token=sha256:" + "0" * 64)[0]
     assert principal.may_touch("job") and principal.may_touch("job@0123456789ab")
     assert principal.may_touch("job@0123456789ab/layout") and principal.may_touch("team-c/anything")
-    assert not principal.may_touch("job2") and not principal.may_touch("job@xyz") and not principal.may_touch("team-d/x")
+    assert (
+        not principal.may_touch("job2") and not principal.may_touch("job@xyz") and not principal.may_touch("team-d/x")
+    )
 
 
 def test_a_worker_without_the_aggregate_right_cannot_complete_a_step_alone(secure):
@@ -347,8 +364,11 @@ def test_a_worker_without_the_aggregate_right_cannot_complete_a_step_alone(secur
         import concurrent.futures
 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            results = list(pool.map(lambda args: args[0].push(model_id, G, worker_index=args[1], step=0),
-                                    [(worker, 0), (other, 1)]))
+            results = list(
+                pool.map(
+                    lambda args: args[0].push(model_id, G, worker_index=args[1], step=0), [(worker, 0), (other, 1)]
+                )
+            )
         assert [r.duplicate for r in results] == [False, False]
         assert sorted(results[0].contributors) == [0, 1]
     with client_for(secure, "chief-a") as chief:
@@ -358,17 +378,22 @@ def test_a_worker_without_the_aggregate_right_cannot_complete_a_step_alone(secur
 # ---------------------------------------------------------------------------- the token file
 
 
-@pytest.mark.parametrize("line, message", [
-    ("name=a role=writer models=* token=sha256:" + "0" * 64, "`role` must be one of reader, worker, admin"),
-    ("name=a role=worker models=* token=osk_plainsecret", "not the token itself"),
-    ("name=a role=worker token=sha256:" + "0" * 64, "missing models"),
-    ("name=a role=worker models=a*b token=sha256:" + "0" * 64, "prefixes ending in '*'"),
-    ("name=a role=worker models=* rights=root token=sha256:" + "0" * 64, "`rights` may hold"),
-    ("name=a role=worker models=*", "token=sha256:<hex>"),
-    ("name=a role=worker models=* secret=x token=sha256:" + "0" * 64, "expected key=value"),
-    ("name=a role=worker models=* token=sha256:" + "0" * 64 + "\nname=a role=reader models=* cert_cn=x",
-     "each name may appear once"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("name=a role=writer models=* token=sha256:" + "0" * 64, "`role` must be one of reader, worker, admin"),
+        ("name=a role=worker models=* token=osk_plainsecret", "not the token itself"),
+        ("name=a role=worker token=sha256:" + "0" * 64, "missing models"),
+        ("name=a role=worker models=a*b token=sha256:" + "0" * 64, "prefixes ending in '*'"),
+        ("name=a role=worker models=* rights=root token=sha256:" + "0" * 64, "`rights` may hold"),
+        ("name=a role=worker models=*", "token=sha256:<hex>"),
+        ("name=a role=worker models=* secret=x token=sha256:" + "0" * 64, "expected key=value"),
+        (
+            "name=a role=worker models=* token=sha256:" + "0" * 64 + "\nname=a role=reader models=* cert_cn=x",
+            "each name may appear once",
+        ),
+    ],
+)
 def test_a_bad_token_file_is_refused_with_the_line_and_the_fix(line, message):
     with pytest.raises(auth.TokenFileError) as refused:
         auth.parse_token_file(line, "tokens.txt")
@@ -387,16 +412,38 @@ def test_the_file_holds_only_the_hash_and_lookups_find_the_token(tmp_path):
 
 def test_optserve_token_appends_a_line_that_the_server_accepts(tmp_path):
     path = tmp_path / "tokens.txt"
-    run = subprocess.run([sys.executable, "-m", "optserve.server", "token", "--name", "ci", "--role", "worker",
-                          "--models", "team-a/*", "--rights", "aggregate", "--append", str(path)],
-                         capture_output=True, text=True, timeout=60)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "optserve.server",
+            "token",
+            "--name",
+            "ci",
+            "--role",
+            "worker",
+            "--models",
+            "team-a/*",
+            "--rights",
+            "aggregate",
+            "--append",
+            str(path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert run.returncode == 0, run.stderr
     secret = run.stdout.strip()
     assert secret.startswith(auth.TOKEN_PREFIX) and secret not in path.read_text()
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     principal = auth.TokenTable(path).by_token(secret)
-    assert (principal.name, principal.role, principal.models, principal.rights) == \
-        ("ci", "worker", ("team-a/*",), frozenset({"aggregate"}))
+    assert (principal.name, principal.role, principal.models, principal.rights) == (
+        "ci",
+        "worker",
+        ("team-a/*",),
+        frozenset({"aggregate"}),
+    )
 
 
 def test_tokens_are_never_logged(secure, caplog):
@@ -433,16 +480,36 @@ def test_sighup_reloads_the_token_file_of_optserve_serve_and_revokes_a_token(tmp
     path = tmp_path / "tokens.txt"
     tokens = write_tokens(path, ["worker-a", "root"])
     process = subprocess.Popen(
-        [sys.executable, "-m", "optserve.server", "serve", "--host", "127.0.0.1", "--port", "0", "--device", "cpu",
-         "--auth-tokens", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "optserve.server",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+            "--auth-tokens",
+            str(path),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = process.stdout.readline()
         assert line.startswith("optserve listening on "), line + process.stderr.read()
         address = line.split()[-1]
-        with Client(address, token=tokens["worker-a"], retries=0) as revoked, \
-                Client(address, token=tokens["root"], retries=0) as kept:
+        with (
+            Client(address, token=tokens["worker-a"], retries=0) as revoked,
+            Client(address, token=tokens["root"], retries=0) as kept,
+        ):
             revoked.create_model("team-a/job", "sgd", W)
-            path.write_text("\n".join(l for l in path.read_text().splitlines() if "name=worker-a" not in l) + "\n")
+            path.write_text(
+                "\n".join(line for line in path.read_text().splitlines() if "name=worker-a" not in line) + "\n"
+            )
             process.send_signal(signal.SIGHUP)
             deadline = time.monotonic() + 20
             while True:
@@ -465,17 +532,24 @@ def test_sighup_reloads_the_token_file_of_optserve_serve_and_revokes_a_token(tmp
 # ---------------------------------------------------------------------------- options and warnings
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"tls_cert": "server"}, "`tls_cert` needs `tls_key`"),
-    ({"tls_key": "server"}, "`tls_key` needs `tls_cert`"),
-    ({"tls_client_ca": "ca"}, "needs `tls_cert` and `tls_key`"),
-    ({"tls_cert": "notpem", "tls_key": "server"}, "is not PEM"),
-    ({"tls_cert": "missing", "tls_key": "server"}, "Cannot read --tls-cert"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"tls_cert": "server"}, "`tls_cert` needs `tls_key`"),
+        ({"tls_key": "server"}, "`tls_key` needs `tls_cert`"),
+        ({"tls_client_ca": "ca"}, "needs `tls_cert` and `tls_key`"),
+        ({"tls_cert": "notpem", "tls_key": "server"}, "is not PEM"),
+        ({"tls_cert": "missing", "tls_key": "server"}, "Cannot read --tls-cert"),
+    ],
+)
 def test_incomplete_or_unreadable_tls_options_are_startup_errors(pki, tmp_path, options, message):
     (tmp_path / "notpem").write_text("not a certificate")
-    files = {"server": str(pki["server"].cert), "ca": str(pki["ca"]), "notpem": str(tmp_path / "notpem"),
-             "missing": str(tmp_path / "missing.pem")}
+    files = {
+        "server": str(pki["server"].cert),
+        "ca": str(pki["ca"]),
+        "notpem": str(tmp_path / "notpem"),
+        "missing": str(tmp_path / "missing.pem"),
+    }
     arguments = {key: files[value] for key, value in options.items()}
     if "tls_key" in arguments and options.get("tls_key") == "server":
         arguments["tls_key"] = str(pki["server"].key)
@@ -513,11 +587,14 @@ def test_the_environment_points_unchanged_code_at_a_secure_server(secure, pki, m
         assert client.push(model_id, G).step == 1
 
 
-@pytest.mark.parametrize("tls_argument, message", [
-    ({"cert": "a.pem"}, "`cert` needs `key`"),
-    ({"ca": "a.pem", "password": "x"}, "unknown keys: \\['password'\\]"),
-    (3, "`tls` must be None"),
-])
+@pytest.mark.parametrize(
+    "tls_argument, message",
+    [
+        ({"cert": "a.pem"}, "`cert` needs `key`"),
+        ({"ca": "a.pem", "password": "x"}, "unknown keys: \\['password'\\]"),
+        (3, "`tls` must be None"),
+    ],
+)
 def test_bad_tls_arguments_are_refused_eagerly(tls_argument, message):
     with pytest.raises((ValueError, TypeError), match=message):
         Client("127.0.0.1:1", tls=tls_argument)
@@ -542,8 +619,9 @@ def test_optserve_checkpoint_has_the_same_connection_options_as_the_client_comma
     def flags(parser):
         return sorted((a.dest, tuple(a.option_strings), a.nargs, a.const) for a in parser._actions if a.dest != "help")
 
-    checkpoint = next(action for action in cli.build_parser()._actions
-                      if isinstance(action, argparse._SubParsersAction)).choices["checkpoint"]
+    checkpoint = next(
+        action for action in cli.build_parser()._actions if isinstance(action, argparse._SubParsersAction)
+    ).choices["checkpoint"]
     reference = argparse.ArgumentParser()
     security.add_connection_arguments(reference)
     assert set(flags(reference)) <= set(flags(checkpoint))
@@ -557,8 +635,9 @@ def test_cli_subcommands_take_the_tls_and_token_options(secure, pki, tmp_path):
     tls_args = ["--tls-ca", str(pki["ca"]), "--tls-cert", str(pki["client"].cert), "--tls-key", str(pki["client"].key)]
 
     def optserve(*argv):
-        return subprocess.run([sys.executable, "-m", "optserve.server", *argv], capture_output=True, text=True,
-                              timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "optserve.server", *argv], capture_output=True, text=True, timeout=120
+        )
 
     health = optserve("health", server.address, *tls_args)
     assert health.returncode == 0 and health.stdout.strip() == "SERVING", health.stderr
@@ -608,13 +687,18 @@ def test_remote_optimizer_trains_through_tls_and_a_token_on_torch(pki, tmp_path)
     pytest.importorskip("torch")
     path = tmp_path / "tokens.txt"
     tokens = write_tokens(path, ["worker-a"])
-    with start_server(device="cpu", tls_cert=pki["server"].cert, tls_key=pki["server"].key,
-                      auth_tokens=path) as server:
+    with start_server(device="cpu", tls_cert=pki["server"].cert, tls_key=pki["server"].key, auth_tokens=path) as server:
         env = {**os.environ, "KERAS_BACKEND": "torch"}
         for name in (security.ENV_TOKEN, security.ENV_TOKEN_FILE, security.ENV_TLS_CA):
             env.pop(name, None)
-        run = subprocess.run([sys.executable, "-c", KERAS_SCRIPT, server.address, str(pki["ca"]),
-                              tokens["worker-a"]], capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        run = subprocess.run(
+            [sys.executable, "-c", KERAS_SCRIPT, server.address, str(pki["ca"]), tokens["worker-a"]],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=env,
+            cwd=ROOT,
+        )
     assert run.returncode == 0, run.stderr[-4000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["backend"] == "torch"

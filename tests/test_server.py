@@ -1,4 +1,5 @@
 """The parameter server end to end: every RPC over a real server on a free loopback port."""
+
 from __future__ import annotations
 
 import json
@@ -13,10 +14,10 @@ import types
 import grpc
 import numpy as np
 import pytest
+import rpc_helpers as rpc
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-import rpc_helpers as rpc
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import tensors as codec
 from optserve.server import cli
@@ -50,8 +51,10 @@ def test_create_returns_model_info_and_joins_an_identical_spec(stub):
     assert info.spec.model_id == "job" and info.spec.num_workers == 2 and info.spec.mode == pb.SYNC
     assert info.spec.sync_timeout_s > 0  # the server default was filled in
     assert json.loads(info.spec.optimizer_config_json)["class_name"] == "SGD"
-    assert [(v.name, list(v.shape), v.dtype) for v in info.variables] == [("w", [2, 3], pb.FLOAT32),
-                                                                         ("b", [2], pb.FLOAT32)]
+    assert [(v.name, list(v.shape), v.dtype) for v in info.variables] == [
+        ("w", [2, 3], pb.FLOAT32),
+        ("b", [2], pb.FLOAT32),
+    ]
     assert info.state.step == 0 and info.state.iterations == 0
 
     # A second worker sends the same spec (other initial values are ignored): it joins.
@@ -64,8 +67,9 @@ def test_create_returns_model_info_and_joins_an_identical_spec(stub):
 
 def test_create_with_a_different_spec_says_what_differs(stub):
     rpc.create_model(stub, "job", _variables(), rpc.sgd(0.5), num_workers=2)
-    error = rpc.rpc_error(rpc.create_model, stub, "job", {"w": np.zeros((2, 4), np.float32)}, rpc.sgd(0.1),
-                          num_workers=2)
+    error = rpc.rpc_error(
+        rpc.create_model, stub, "job", {"w": np.zeros((2, 4), np.float32)}, rpc.sgd(0.1), num_workers=2
+    )
     assert error.code() == grpc.StatusCode.ALREADY_EXISTS
     message = error.details()
     assert "learning_rate" in message and "'w'" in message and "'b'" in message
@@ -168,10 +172,26 @@ def test_a_64_mib_variable_round_trips(stub):
 
 
 def test_cli_serve_prints_the_address_answers_health_and_stops_on_sigterm():
-    command = [sys.executable, "-m", "optserve.server", "serve", "--port", "0", "--device", "cpu",
-               "--log-level", "WARNING"]
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1")) as process:
+    command = [
+        sys.executable,
+        "-m",
+        "optserve.server",
+        "serve",
+        "--port",
+        "0",
+        "--device",
+        "cpu",
+        "--log-level",
+        "WARNING",
+    ]
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"),
+    ) as process:
         try:
             line = process.stdout.readline().strip()
             assert line.startswith("optserve listening on 127.0.0.1:"), line
@@ -198,8 +218,10 @@ def test_cli_runs_inspect_and_demo_from_the_client_package_lazily(monkeypatch):
 
 
 def test_serve_does_not_import_the_client_commands():
-    code = ("import sys; import optserve.server.cli as cli; cli.build_parser(); "
-            "assert not any(m.startswith('optserve.client') for m in sys.modules), sorted(sys.modules)")
+    code = (
+        "import sys; import optserve.server.cli as cli; cli.build_parser(); "
+        "assert not any(m.startswith('optserve.client') for m in sys.modules), sorted(sys.modules)"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 
@@ -237,6 +259,7 @@ def test_optimizer_wide_scalars_travel_with_the_state(stub):
 
 
 # Empty pushes: a shard of a sharded model whose variables got no gradient in a step.
+
 
 def test_an_empty_push_is_a_step_that_changes_no_variable(stub):
     rpc.create_model(stub, "job", _variables(), rpc.sgd(0.5, 0.9))
@@ -281,20 +304,23 @@ def test_an_empty_push_does_what_keras_does_to_variables_without_a_gradient(stub
     assert state.scalars["u_product"] == pytest.approx(float(optimizer._u_product), rel=0, abs=0)
     keras_slots = {v.path.rsplit("/", 1)[-1]: np.asarray(v) for v in optimizer.variables}
     np.testing.assert_array_equal(tensors[("b", "")], np.asarray(kb))
-    for (name, slot), value in tensors.items():
+    for (_name, slot), value in tensors.items():
         if slot:
             np.testing.assert_array_equal(value, keras_slots[f"b_{slot}"], err_msg=slot)
 
 
 # The server's response encoders (protos/tensors.py): same messages as batch_chunks(encode_many(...)).
 
+
 def _mixed_tensors():
     rng = np.random.default_rng(3)
-    return [("big", "", rng.standard_normal(300_000).astype(np.float32)),   # 1.2 MB: two chunks
-            ("m", "momentum", np.arange(7, dtype=">f8")),                    # big-endian input
-            ("empty", "", np.zeros((0, 4), np.float32)),
-            ("scalar", "", np.float64(2.5)),
-            *[(f"small{i}", "", np.full(1000, i, np.float32)) for i in range(300)]]  # batched several a message
+    return [
+        ("big", "", rng.standard_normal(300_000).astype(np.float32)),  # 1.2 MB: two chunks
+        ("m", "momentum", np.arange(7, dtype=">f8")),  # big-endian input
+        ("empty", "", np.zeros((0, 4), np.float32)),
+        ("scalar", "", np.float64(2.5)),
+        *[(f"small{i}", "", np.full(1000, i, np.float32)) for i in range(300)],
+    ]  # batched several a message
 
 
 def _reference_messages(first, field, tensors, chunk_bytes):
@@ -310,8 +336,10 @@ def test_response_encoders_match_batched_chunks(chunk_bytes):
 
     expected = _reference_messages(first(), "variables", _mixed_tensors(), chunk_bytes)
     built = list(codec.chunk_messages(first(), "variables", _mixed_tensors(), chunk_bytes))
-    wire = [pb.PullResponse.FromString(raw)
-            for raw in codec.serialized_chunk_messages(first(), "variables", _mixed_tensors(), chunk_bytes)]
+    wire = [
+        pb.PullResponse.FromString(raw)
+        for raw in codec.serialized_chunk_messages(first(), "variables", _mixed_tensors(), chunk_bytes)
+    ]
     assert built == expected and wire == expected
     decoded = codec.decode_all(chunk for message in wire for chunk in message.variables)
     for name, slot, array in _mixed_tensors():

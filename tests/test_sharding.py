@@ -1,4 +1,5 @@
 """A model sharded over 2 or 3 real servers trains exactly like on one (client/sharded.py)."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -9,14 +10,27 @@ import uuid
 import numpy as np
 import pytest
 
-from optserve.client import AlreadyExistsError, Client, FailedPreconditionError, InvalidArgumentError, NotFoundError
-from optserve.client import demo, inspect
+from optserve.client import (
+    AlreadyExistsError,
+    Client,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    demo,
+    inspect,
+)
 from optserve.client.sharded import ShardedClient, ShardedModelInfo, plan_for_optimizer
 
 ADAM = {"class_name": "Adam", "config": {"learning_rate": 0.01}}
-NADAM_SCHEDULED = {"class_name": "Nadam", "config": {"learning_rate": {
-    "class_name": "ExponentialDecay",
-    "config": {"initial_learning_rate": 0.02, "decay_steps": 2, "decay_rate": 0.5}}}}
+NADAM_SCHEDULED = {
+    "class_name": "Nadam",
+    "config": {
+        "learning_rate": {
+            "class_name": "ExponentialDecay",
+            "config": {"initial_learning_rate": 0.02, "decay_steps": 2, "decay_rate": 0.5},
+        }
+    },
+}
 STEPS = 4
 
 
@@ -66,14 +80,18 @@ def _train(client: Client, model_id: str, optimizer, steps: int = STEPS, **creat
 
 def _assert_same_training(actual: dict, expected: dict) -> None:
     for (step, iterations, rate, values), (step_1, iterations_1, rate_1, values_1) in zip(
-            actual["history"], expected["history"]):
+        actual["history"], expected["history"]
+    ):
         assert (step, iterations, rate) == (step_1, iterations_1, rate_1)
         assert list(values) == list(values_1)
         for name in values_1:
             np.testing.assert_allclose(values[name], values_1[name], rtol=1e-6, atol=1e-7, err_msg=name)
     weights, weights_1 = actual["weights"], expected["weights"]
-    assert (weights.iterations, weights.step, weights.scalars) == (weights_1.iterations, weights_1.step,
-                                                                    weights_1.scalars)
+    assert (weights.iterations, weights.step, weights.scalars) == (
+        weights_1.iterations,
+        weights_1.step,
+        weights_1.scalars,
+    )
     as_list, as_list_1 = weights.as_list(), weights_1.as_list()
     assert len(as_list) == len(as_list_1)
     for array, array_1 in zip(as_list, as_list_1):
@@ -111,13 +129,17 @@ def test_several_addresses_make_a_sharded_client():
 
 def test_the_sharded_client_offers_the_client_api_with_the_same_signatures():
     def api(cls):
-        return {name: pyinspect.signature(member) for name, member in pyinspect.getmembers(cls, callable)
-                if not name.startswith("_")}
+        return {
+            name: pyinspect.signature(member)
+            for name, member in pyinspect.getmembers(cls, callable)
+            if not name.startswith("_")
+        }
 
     client_api, sharded_api = api(Client), api(ShardedClient)
     assert set(client_api) <= set(sharded_api), set(client_api) - set(sharded_api)
-    differing = {name: (client_api[name], sharded_api[name]) for name in client_api
-                 if client_api[name] != sharded_api[name]}
+    differing = {
+        name: (client_api[name], sharded_api[name]) for name in client_api if client_api[name] != sharded_api[name]
+    }
     assert not differing
     assert pyinspect.signature(Client.__init__) == pyinspect.signature(ShardedClient.__init__)
     assert {"push", "pull", "create_model", "get_weights", "set_weights"} <= set(client_api)
@@ -148,8 +170,10 @@ def test_two_workers_on_two_shards_equal_one_worker_on_the_summed_gradient(addre
         client.create_model(model_id, ADAM, _variables(), num_workers=2, sync_timeout_s=30.0)
         with concurrent.futures.ThreadPoolExecutor(2) as pool:  # both workers share one client
             for step in range(3):
-                futures = [pool.submit(client.push_pull, model_id, _gradients(step, worker), worker_index=worker)
-                           for worker in (0, 1)]
+                futures = [
+                    pool.submit(client.push_pull, model_id, _gradients(step, worker), worker_index=worker)
+                    for worker in (0, 1)
+                ]
                 answers = [future.result(timeout=60) for future in futures]
                 assert [result.contributors for result, _ in answers] == [[0, 1], [0, 1]]
         _, sharded = client.pull(model_id)
@@ -157,8 +181,9 @@ def test_two_workers_on_two_shards_equal_one_worker_on_the_summed_gradient(addre
         reference = _model_id()
         single.create_model(reference, ADAM, _variables())
         for step in range(3):
-            summed = {name: g0 + g1 for (name, g0), g1 in zip(_gradients(step, 0).items(),
-                                                              _gradients(step, 1).values())}
+            summed = {
+                name: g0 + g1 for (name, g0), g1 in zip(_gradients(step, 0).items(), _gradients(step, 1).values())
+            }
             result, values = single.push_pull(reference, summed)
     assert result.step == 3
     for name in values:
@@ -170,8 +195,12 @@ def test_async_workers_on_two_shards(addresses):
     with Client(addresses[:2]) as client:
         client.create_model(model_id, ADAM, _variables(), num_workers=2, mode="async")
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            futures = [pool.submit(lambda w: [client.push(model_id, _gradients(s, w), worker_index=w)
-                                              for s in range(3)], worker) for worker in (0, 1)]
+            futures = [
+                pool.submit(
+                    lambda w: [client.push(model_id, _gradients(s, w), worker_index=w) for s in range(3)], worker
+                )
+                for worker in (0, 1)
+            ]
             for future in futures:
                 future.result(timeout=60)
         info = client.list_models(model_id)[0]
@@ -272,12 +301,14 @@ def test_set_weights_and_weights_list_round_trip_through_split_slots(addresses):
         assert all(np.array_equal(a, b) for a, b in zip(again, doubled))
         new_embedding = np.full((1500, 600), 0.5, np.float32)
         client.set_weights(model_id, variables={"embedding/embeddings": new_embedding})
-        assert np.array_equal(client.pull(model_id, ["embedding/embeddings"])[1]["embedding/embeddings"],
-                              new_embedding)
+        assert np.array_equal(client.pull(model_id, ["embedding/embeddings"])[1]["embedding/embeddings"], new_embedding)
         before = client.pull(model_id, ["output/bias"])[1]["output/bias"]
         with pytest.raises(NotFoundError, match="no slot 'nope'"):
-            client.set_weights(model_id, slots={"dense/bias": {"nope": np.zeros(256, np.float32)}},
-                               variables={"output/bias": np.ones(10, np.float32)})
+            client.set_weights(
+                model_id,
+                slots={"dense/bias": {"nope": np.zeros(256, np.float32)}},
+                variables={"output/bias": np.ones(10, np.float32)},
+            )
         assert np.array_equal(client.pull(model_id, ["output/bias"])[1]["output/bias"], before)  # nothing written
 
 
@@ -350,8 +381,20 @@ def test_inspect_shows_the_placement(addresses, capsys):
 
 def test_demo_join_mode_trains_to_the_step_and_resumes(addresses, capsys):
     model_id = _model_id()
-    argv = ["--address", ",".join(addresses[:2]), "--workers", "1", "--worker-index", "0", "--num-workers", "1",
-            "--model-id", model_id, "--batch-size", "16"]
+    argv = [
+        "--address",
+        ",".join(addresses[:2]),
+        "--workers",
+        "1",
+        "--worker-index",
+        "0",
+        "--num-workers",
+        "1",
+        "--model-id",
+        model_id,
+        "--batch-size",
+        "16",
+    ]
     assert demo.main(argv + ["--steps", "4"]) == 0
     assert "created model" in capsys.readouterr().out
     assert demo.main(argv + ["--steps", "6"]) == 0  # a restart goes on from the job's step
@@ -362,8 +405,9 @@ def test_demo_join_mode_trains_to_the_step_and_resumes(addresses, capsys):
 
 
 def test_demo_join_mode_exits_nonzero_without_a_server(capsys):
-    code = demo.main(["--address", "127.0.0.1:1,127.0.0.1:2", "--worker-index", "1", "--num-workers", "2",
-                      "--retries", "0"])
+    code = demo.main(
+        ["--address", "127.0.0.1:1,127.0.0.1:2", "--worker-index", "1", "--num-workers", "2", "--retries", "0"]
+    )
     assert code == demo.EXIT_UNAVAILABLE
     assert "no server at" in capsys.readouterr().err
 

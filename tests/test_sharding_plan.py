@@ -1,4 +1,5 @@
 """plan_placement / ShardPlan: deterministic, balanced, exact split and join."""
+
 from __future__ import annotations
 
 import json
@@ -107,8 +108,10 @@ def test_placement_is_pinned():
     # A fixed expected answer: workers running different releases must agree, so the
     # algorithm (largest first onto the least-loaded shard, ties by name, then by shard index)
     # may not drift silently.
-    variables = {name: ((units * 256,), "float32") for name, units in
-                 [("e", 4), ("a", 8), ("d", 5), ("b", 7), ("c", 6), ("f", 4)]}
+    variables = {
+        name: ((units * 256,), "float32")
+        for name, units in [("e", 4), ("a", 8), ("d", 5), ("b", 7), ("c", 6), ("f", 4)]
+    }
     plan = plan_placement(variables, 2)
     assert [[p.part_name for p in shard] for shard in plan.shards] == [["a", "d", "e"], ["b", "c", "f"]]
     assert plan.loads() == [17 * 1024, 17 * 1024]
@@ -116,8 +119,12 @@ def test_placement_is_pinned():
 
 def test_greedy_beats_round_robin():
     # Round robin in name order would put both big variables on shard 0.
-    variables = {"a_big": ((1000,), "float32"), "b": ((10,), "float32"),
-                 "c_big": ((1000,), "float32"), "d": ((10,), "float32")}
+    variables = {
+        "a_big": ((1000,), "float32"),
+        "b": ((10,), "float32"),
+        "c_big": ((1000,), "float32"),
+        "d": ((10,), "float32"),
+    }
     plan = plan_placement(variables, 2)
     assert plan.shard_of("a_big") != plan.shard_of("c_big")
     assert plan.imbalance() == 1.0
@@ -255,12 +262,17 @@ def test_more_shards_than_variables_leaves_shards_empty():
 
 
 def test_zero_size_and_scalar_variables_are_never_split():
-    variables = {"no_rows": ((0, 4), "float32"), "no_cols": ((6, 0), "float32"), "scalar": ((), "float64"),
-                 "one_row": ((1, 64), "float32"), "two_rows": ((2, 64), "float32")}
+    variables = {
+        "no_rows": ((0, 4), "float32"),
+        "no_cols": ((6, 0), "float32"),
+        "scalar": ((), "float64"),
+        "one_row": ((1, 64), "float32"),
+        "two_rows": ((2, 64), "float32"),
+    }
     plan = plan_placement(variables, 4, split_threshold_bytes=1)
     assert plan.split_variables() == ["two_rows"]  # at most one part per row
     assert len(plan.locate("two_rows")) == 2
-    (_, scalar), = plan.locate("scalar")
+    ((_, scalar),) = plan.locate("scalar")
     assert (scalar.row_start, scalar.row_stop, scalar.shape, scalar.nbytes) == (None, None, (), 8)
     values = _values(variables)
     _assert_bitwise_equal(plan.join(plan.split(values)), values)
@@ -300,14 +312,17 @@ def test_split_threshold_must_be_a_positive_integer(threshold):
         plan_placement({"w": ((2,), "float32")}, 2, split_threshold_bytes=threshold)
 
 
-@pytest.mark.parametrize("spec, fragment", [
-    (((2, -1), "float32"), "shape must hold integers >= 0"),
-    (((2.5,), "float32"), "shape must be a sequence of integers"),
-    (((True,), "float32"), "shape must hold integers >= 0"),
-    (((2,), "not-a-dtype"), "unknown dtype"),
-    (((2,), None), "unknown dtype"),
-    ("float32", "must be given as (shape, dtype)"),
-])
+@pytest.mark.parametrize(
+    "spec, fragment",
+    [
+        (((2, -1), "float32"), "shape must hold integers >= 0"),
+        (((2.5,), "float32"), "shape must be a sequence of integers"),
+        (((True,), "float32"), "shape must hold integers >= 0"),
+        (((2,), "not-a-dtype"), "unknown dtype"),
+        (((2,), None), "unknown dtype"),
+        ("float32", "must be given as (shape, dtype)"),
+    ],
+)
 def test_bad_variable_specs_are_rejected(spec, fragment):
     with pytest.raises(ValueError) as info:
         plan_placement({"w": spec}, 2)
@@ -341,23 +356,29 @@ def test_to_dict_round_trips_through_json():
 
 
 def _tampered(mutate):
-    plan = plan_placement({"w": ((10, 2), "float32"), "b": ((2,), "float32"), "s": ((), "int64")}, 2,
-                          split_threshold_bytes=40)
+    plan = plan_placement(
+        {"w": ((10, 2), "float32"), "b": ((2,), "float32"), "s": ((), "int64")}, 2, split_threshold_bytes=40
+    )
     data = json.loads(json.dumps(plan.to_dict()))
     mutate(data)
     return data
 
 
-@pytest.mark.parametrize("mutate, fragment", [
-    (lambda d: d.update(version=99), "Not a shard plan"),
-    (lambda d: d.update(num_shards=3), "lists 2 shards but num_shards=3"),
-    (lambda d: d["shards"][0].clear(), "do not tile it exactly once"),
-    (lambda d: d["shards"][0][0]["rows"].__setitem__(1, 4), "do not tile it exactly once"),
-    (lambda d: d["shards"][1].extend(d["shards"][0]), "do not tile it exactly once"),
-    (lambda d: d["shards"][0].append({"part": "x", "variable": "x", "rows": None, "shape": [], "nbytes": 4}),
-     "unknown variable 'x'"),
-    (lambda d: d.pop("variables"), "Malformed shard plan"),
-])
+@pytest.mark.parametrize(
+    "mutate, fragment",
+    [
+        (lambda d: d.update(version=99), "Not a shard plan"),
+        (lambda d: d.update(num_shards=3), "lists 2 shards but num_shards=3"),
+        (lambda d: d["shards"][0].clear(), "do not tile it exactly once"),
+        (lambda d: d["shards"][0][0]["rows"].__setitem__(1, 4), "do not tile it exactly once"),
+        (lambda d: d["shards"][1].extend(d["shards"][0]), "do not tile it exactly once"),
+        (
+            lambda d: d["shards"][0].append({"part": "x", "variable": "x", "rows": None, "shape": [], "nbytes": 4}),
+            "unknown variable 'x'",
+        ),
+        (lambda d: d.pop("variables"), "Malformed shard plan"),
+    ],
+)
 def test_from_dict_rejects_inconsistent_plans(mutate, fragment):
     with pytest.raises(ValueError) as info:
         ShardPlan.from_dict(_tampered(mutate))

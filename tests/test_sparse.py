@@ -1,4 +1,5 @@
 """Sparse gradients (rows of a variable, as tf.IndexedSlices): applied exactly as their dense form."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -12,8 +13,8 @@ import uuid
 import grpc
 import numpy as np
 import pytest
-
 import rpc_helpers as rpc
+
 from optserve.client import Client, InvalidArgumentError, NotFoundError, SparseGradient
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import tensors as codec
@@ -62,12 +63,15 @@ def test_a_sparse_gradient_densifies_with_repeated_indices_summed():
     assert SparseGradient([], np.zeros((0, 2), np.float32)).densify((3, 2)).tolist() == [[0, 0]] * 3
 
 
-@pytest.mark.parametrize("indices, values, message", [
-    ([[0, 1]], np.zeros((2, 2), np.float32), "1-D array of integers"),
-    ([0.5], np.zeros((1, 2), np.float32), "1-D array of integers"),
-    ([0, 1], np.zeros((3, 2), np.float32), "one row per index"),
-    ([0], np.zeros((1, 2), np.complex64), "Unsupported dtype"),
-])
+@pytest.mark.parametrize(
+    "indices, values, message",
+    [
+        ([[0, 1]], np.zeros((2, 2), np.float32), "1-D array of integers"),
+        ([0.5], np.zeros((1, 2), np.float32), "1-D array of integers"),
+        ([0, 1], np.zeros((3, 2), np.float32), "one row per index"),
+        ([0], np.zeros((1, 2), np.complex64), "Unsupported dtype"),
+    ],
+)
 def test_a_malformed_sparse_gradient_is_refused_when_made(indices, values, message):
     with pytest.raises(InvalidArgumentError, match=message):
         SparseGradient(indices, values)
@@ -85,7 +89,8 @@ def test_a_sparse_push_applies_exactly_its_dense_form(address):
             gradient = _sparse(step)
             _, sparse_values = client.push_pull(sparse_id, {"emb": gradient, "bias": _bias_gradient(step)})
             _, dense_values = client.push_pull(
-                dense_id, {"emb": gradient.densify((ROWS, WIDTH)), "bias": _bias_gradient(step)})
+                dense_id, {"emb": gradient.densify((ROWS, WIDTH)), "bias": _bias_gradient(step)}
+            )
             np.testing.assert_array_equal(sparse_values["emb"], dense_values["emb"])
         _assert_same_state(client, sparse_id, dense_id)
 
@@ -109,19 +114,28 @@ def test_in_a_sync_step_sparse_and_dense_pushes_sum_like_dense_ones(address):
         for step in range(2):
             for model_id, sparse_form in ((mixed_id, True), (dense_id, False)):
                 grads = [_sparse(step, worker) for worker in range(2)]
-                pushes = [pool.submit(client.push, model_id, {
-                    "emb": g if (sparse_form and worker == 0) else g.densify((ROWS, WIDTH))}, worker_index=worker)
-                    for worker, g in enumerate(grads)]
+                pushes = [
+                    pool.submit(
+                        client.push,
+                        model_id,
+                        {"emb": g if (sparse_form and worker == 0) else g.densify((ROWS, WIDTH))},
+                        worker_index=worker,
+                    )
+                    for worker, g in enumerate(grads)
+                ]
                 assert [p.result().step for p in pushes] == [step + 1] * 2
         _assert_same_state(client, mixed_id, dense_id)
 
 
-@pytest.mark.parametrize("gradient, error, message", [
-    (SparseGradient([0, ROWS], np.ones((2, WIDTH), np.float32)), InvalidArgumentError, f"index {ROWS}, outside"),
-    (SparseGradient([-1], np.ones((1, WIDTH), np.float32)), InvalidArgumentError, "index -1, outside"),
-    (SparseGradient([0], np.ones((1, WIDTH + 1), np.float32)), InvalidArgumentError, "rows of shape"),
-    (SparseGradient([0], np.ones((1, WIDTH), np.float64)), InvalidArgumentError, "dtype float64"),
-])
+@pytest.mark.parametrize(
+    "gradient, error, message",
+    [
+        (SparseGradient([0, ROWS], np.ones((2, WIDTH), np.float32)), InvalidArgumentError, f"index {ROWS}, outside"),
+        (SparseGradient([-1], np.ones((1, WIDTH), np.float32)), InvalidArgumentError, "index -1, outside"),
+        (SparseGradient([0], np.ones((1, WIDTH + 1), np.float32)), InvalidArgumentError, "rows of shape"),
+        (SparseGradient([0], np.ones((1, WIDTH), np.float64)), InvalidArgumentError, "dtype float64"),
+    ],
+)
 def test_a_sparse_push_that_does_not_fit_is_refused_and_changes_nothing(address, gradient, error, message):
     model_id = _model_id()
     with Client(address) as client:
@@ -140,20 +154,41 @@ def test_a_sparse_push_that_does_not_fit_is_refused_and_changes_nothing(address,
 
 
 def _raw_push(stub, model_id: str, tensors, sparse_names):
-    first = pb.ApplyGradientsRequest(header=pb.ApplyGradientsHeader(model_id=model_id, step=0),
-                                     sparse_gradients=[pb.SparseGradient(name=n) for n in sparse_names])
+    first = pb.ApplyGradientsRequest(
+        header=pb.ApplyGradientsHeader(model_id=model_id, step=0),
+        sparse_gradients=[pb.SparseGradient(name=n) for n in sparse_names],
+    )
     return list(stub.ApplyGradients(iter(codec.chunk_messages(first, "gradients", tensors)), timeout=rpc.TIMEOUT_S))
 
 
-@pytest.mark.parametrize("tensors, declared, message", [
-    ([("emb", "sparse_indices", np.array([0])), ("emb", "sparse_values", np.ones((1, WIDTH), np.float32))], [],
-     "must have an empty slot"),  # undeclared: refused as by a server that knows no sparse form
-    ([("emb", "sparse_indices", np.array([0]))], ["emb"], "lacks its ['sparse_values'] tensor"),
-    ([("emb", "", np.ones((ROWS, WIDTH), np.float32)), ("emb", "sparse_indices", np.array([0])),
-      ("emb", "sparse_values", np.ones((1, WIDTH), np.float32))], ["emb"], "both dense and sparse"),
-    ([("emb", "sparse_indices", np.array([0.0], np.float32)),
-      ("emb", "sparse_values", np.ones((1, WIDTH), np.float32))], ["emb"], "1-D array of integers"),
-])
+@pytest.mark.parametrize(
+    "tensors, declared, message",
+    [
+        (
+            [("emb", "sparse_indices", np.array([0])), ("emb", "sparse_values", np.ones((1, WIDTH), np.float32))],
+            [],
+            "must have an empty slot",
+        ),  # undeclared: refused as by a server that knows no sparse form
+        ([("emb", "sparse_indices", np.array([0]))], ["emb"], "lacks its ['sparse_values'] tensor"),
+        (
+            [
+                ("emb", "", np.ones((ROWS, WIDTH), np.float32)),
+                ("emb", "sparse_indices", np.array([0])),
+                ("emb", "sparse_values", np.ones((1, WIDTH), np.float32)),
+            ],
+            ["emb"],
+            "both dense and sparse",
+        ),
+        (
+            [
+                ("emb", "sparse_indices", np.array([0.0], np.float32)),
+                ("emb", "sparse_values", np.ones((1, WIDTH), np.float32)),
+            ],
+            ["emb"],
+            "1-D array of integers",
+        ),
+    ],
+)
 def test_the_wire_form_is_checked(address, stub, tensors, declared, message):
     model_id = _model_id()
     with Client(address) as client:
@@ -169,8 +204,9 @@ def _keras_tf_and_optserve(address: str, steps: list, table: np.ndarray) -> tupl
     """The table and slots after ``steps`` of (indices, rows): Keras (TensorFlow, tf.IndexedSlices), optserve."""
     job = {"optimizer": ADAM, "table": table.tolist(), "steps": steps}
     worker = pathlib.Path(__file__).with_name("tf_sparse_worker.py")
-    done = subprocess.run([sys.executable, str(worker)], input=json.dumps(job), capture_output=True, text=True,
-                          timeout=300, check=True)
+    done = subprocess.run(
+        [sys.executable, str(worker)], input=json.dumps(job), capture_output=True, text=True, timeout=300, check=True
+    )
     keras_result = json.loads(done.stdout.strip().splitlines()[-1])
     model_id = _model_id()
     with Client(address) as client:
@@ -180,16 +216,19 @@ def _keras_tf_and_optserve(address: str, steps: list, table: np.ndarray) -> tupl
         return keras_result, client.get_weights(model_id, include_variables=True)
 
 
-needs_tensorflow = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
-                                      reason="TensorFlow is not installed")
+needs_tensorflow = pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed"
+)
 
 
 @needs_tensorflow
 def test_sparse_pushes_match_keras_applying_tf_indexed_slices(address):
     rng = np.random.default_rng(7)
     table = rng.standard_normal((ROWS, WIDTH)).astype(np.float32)
-    steps = [(rng.choice(ROWS, 6, replace=False).tolist(), rng.standard_normal((6, WIDTH)).astype(np.float32).tolist())
-             for _ in range(3)]
+    steps = [
+        (rng.choice(ROWS, 6, replace=False).tolist(), rng.standard_normal((6, WIDTH)).astype(np.float32).tolist())
+        for _ in range(3)
+    ]
     keras_result, weights = _keras_tf_and_optserve(address, steps, table)
     np.testing.assert_array_equal(weights.variables["table"], np.asarray(keras_result["table"], np.float32))
     for ours, theirs in zip(weights.slot_list(), keras_result["slots"]):

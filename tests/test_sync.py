@@ -1,4 +1,5 @@
 """Synchronous steps: the merge buffer, duplicates, stale and future pushes, timeouts, aggregated pushes."""
+
 from __future__ import annotations
 
 import threading
@@ -6,9 +7,9 @@ import threading
 import grpc
 import numpy as np
 import pytest
+import rpc_helpers as rpc
 from grpc_health.v1 import health_pb2
 
-import rpc_helpers as rpc
 from optserve.protos import optserve_pb2 as pb
 from optserve.server import optimizers
 from optserve.server.app import start_server
@@ -40,8 +41,10 @@ class Push(threading.Thread):
 
 def _initial():
     rng = np.random.default_rng(1)
-    return {"kernel": rng.standard_normal((20, 10)).astype(np.float32),
-            "bias": rng.standard_normal(10).astype(np.float32)}
+    return {
+        "kernel": rng.standard_normal((20, 10)).astype(np.float32),
+        "bias": rng.standard_normal(10).astype(np.float32),
+    }
 
 
 def _gradients(seed, exact=False):
@@ -77,11 +80,15 @@ def test_four_workers_give_the_engine_result_on_the_summed_gradients(stub):
         for worker, grads in enumerate(pushes):
             threads.append(Push(stub, "job", worker, step, grads, return_variables=True))
             if worker < 3:  # arrival order = worker order, so the float sum order is known
-                rpc.wait_until(lambda: rpc.waiting_workers(stub, "job") == list(range(worker + 1)))
+                rpc.wait_until(lambda worker=worker: rpc.waiting_workers(stub, "job") == list(range(worker + 1)))
         outcomes = [t.outcome() for t in threads]
         assert all(o.error is None for o in outcomes), [o.error for o in outcomes]
         for o in outcomes:
-            assert (o.result.step, o.result.iterations, list(o.result.contributors)) == (step + 1, step + 1, [0, 1, 2, 3])
+            assert (o.result.step, o.result.iterations, list(o.result.contributors)) == (
+                step + 1,
+                step + 1,
+                [0, 1, 2, 3],
+            )
             assert not o.result.duplicate
     expected = _reference(ADAM, _initial(), steps)
     for o in outcomes:
@@ -176,8 +183,7 @@ def test_a_missing_worker_ends_the_step_with_aborted_sync_timeout(stub):
 
 
 def test_apply_partial_applies_the_pushes_that_arrived_and_says_who_was_missing(stub):
-    rpc.create_model(stub, "job", _initial(), ADAM, num_workers=3, sync_timeout_s=0.8,
-                     timeout_policy=pb.APPLY_PARTIAL)
+    rpc.create_model(stub, "job", _initial(), ADAM, num_workers=3, sync_timeout_s=0.8, timeout_policy=pb.APPLY_PARTIAL)
     g0, g1 = _gradients(1, exact=True), _gradients(2, exact=True)
     pushes = [Push(stub, "job", 0, 0, g0)]
     rpc.wait_until(lambda: rpc.waiting_workers(stub, "job") == [0])

@@ -1,4 +1,5 @@
 """Error texts are language-neutral: shapes as lists, values as JSON."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,8 +20,12 @@ def test_the_formatting_helpers_write_json():
 def test_spec_differences_show_json_values():
     variables = {"w": np.zeros((3, 2), np.float32)}
     mine = make_spec(model_id="m", optimizer_config={"config": {"clipnorm": None, "lr": 0.1}}, variables=variables)
-    theirs = make_spec(model_id="m", optimizer_config={"config": {"clipnorm": 1.0, "lr": 0.1}},
-                       variables={"w": np.zeros((2, 3), np.float64)}, num_workers=2)
+    theirs = make_spec(
+        model_id="m",
+        optimizer_config={"config": {"clipnorm": 1.0, "lr": 0.1}},
+        variables={"w": np.zeros((2, 3), np.float64)},
+        num_workers=2,
+    )
     found = mine.differences(theirs)
     assert "optimizer config config.clipnorm: existing null, requested 1.0" in found
     assert "num_workers: existing 1, requested 2" in found

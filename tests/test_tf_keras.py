@@ -4,6 +4,7 @@ tests/tf_keras_worker.py runs every check in a subprocess with
 `TF_USE_LEGACY_KERAS=1` (so `tf.keras` is tf_keras) and reports each; each
 check is one test here.
 """
+
 from __future__ import annotations
 
 import ast
@@ -19,15 +20,15 @@ import pytest
 WORKER = pathlib.Path(__file__).with_name("tf_keras_worker.py")
 # The check names, read without importing the worker (importing it imports TensorFlow).
 CHECKS = [
-    node.name[len("check_"):]
-    for cls in ast.parse(WORKER.read_text()).body if isinstance(cls, ast.ClassDef) and cls.name == "Checks"
-    for node in cls.body if isinstance(node, ast.FunctionDef) and node.name.startswith("check_")
+    node.name[len("check_") :]
+    for cls in ast.parse(WORKER.read_text()).body
+    if isinstance(cls, ast.ClassDef) and cls.name == "Checks"
+    for node in cls.body
+    if isinstance(node, ast.FunctionDef) and node.name.startswith("check_")
 ]
 WORKER_TIMEOUT_S = 300
 
-pytestmark = pytest.mark.skipif(
-    importlib.util.find_spec("tf_keras") is None, reason="tf_keras is not installed"
-)
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("tf_keras") is None, reason="tf_keras is not installed")
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +43,17 @@ def report(tmp_path_factory):
         with open(log_path, "w") as log:
             process = subprocess.run(
                 [sys.executable, str(WORKER), "--address", running.address, "--report", str(path)],
-                env=env, stdout=log, stderr=log, timeout=WORKER_TIMEOUT_S,
+                env=env,
+                stdout=log,
+                stderr=log,
+                timeout=WORKER_TIMEOUT_S,
             )
     finally:
         running.stop()
     if not path.exists():
-        pytest.fail(f"The tf_keras worker (exit code {process.returncode}) wrote no report:\n"
-                    f"{log_path.read_text()[-4000:]}")
+        pytest.fail(
+            f"The tf_keras worker (exit code {process.returncode}) wrote no report:\n{log_path.read_text()[-4000:]}"
+        )
     return json.loads(path.read_text())
 
 

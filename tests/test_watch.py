@@ -1,4 +1,5 @@
 """`optserve inspect ADDRESS --watch` / `optserve top`: a live table, driven for a fixed number of refreshes."""
+
 from __future__ import annotations
 
 import io
@@ -10,8 +11,8 @@ import threading
 
 import numpy as np
 import pytest
-
 import rpc_helpers
+
 from optserve.client import inspect
 from optserve.client.watch import CLEAR, watch
 
@@ -25,7 +26,7 @@ def _table(frame: str) -> dict[str, dict[str, str]]:
     starts = [m.start() for m in re.finditer(r"\S+(?: \S+)*", header)]
     names = re.findall(r"\S+(?: \S+)*", header)
     rows = {}
-    for line in lines[header_at + 1:]:
+    for line in lines[header_at + 1 :]:
         if not line.strip() or line.startswith("unreachable"):
             break
         cells = [line[a:b].strip() for a, b in zip(starts, starts[1:] + [None])]
@@ -61,7 +62,7 @@ def test_watch_refreshes_a_table_with_rates_latency_and_norms(address, training,
     frames = re.split(r"\n\n(?=optserve )", out)
     assert len(re.findall(r"^optserve \S+  \d\d:\d\d:\d\d  1 model$", out, re.M)) == 3
     first, last = _table(frames[0])["live"], _table(frames[-1])["live"]
-    assert first["STEPS/S"] == "-" and first["PUSH MS"] == "-"      # no earlier reading to compare with
+    assert first["STEPS/S"] == "-" and first["PUSH MS"] == "-"  # no earlier reading to compare with
     assert float(last["STEPS/S"]) > 0 and float(last["PUSH MS"]) > 0
     assert re.fullmatch(r"[012]/2", last["WAITING"])
     assert float(last["LEARNING RATE"]) == pytest.approx(0.1)
@@ -87,17 +88,24 @@ def test_an_unreachable_server_is_shown_and_the_watch_goes_on():
 
 
 def test_optserve_top_is_inspect_watch(address):
-    run = subprocess.run([sys.executable, "-m", "optserve.server", "top", address, "--count", "1"],
-                         capture_output=True, text=True, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-m", "optserve.server", "top", address, "--count", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith(f"optserve {address}") and "No models." in run.stdout
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["127.0.0.1:1", "--count", "2"], "--count needs --watch"),
-    (["127.0.0.1:1", "--watch", "--json"], "does not combine"),
-    (["127.0.0.1:1", "--watch", "--interval", "0"], "must be > 0"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["127.0.0.1:1", "--count", "2"], "--count needs --watch"),
+        (["127.0.0.1:1", "--watch", "--json"], "does not combine"),
+        (["127.0.0.1:1", "--watch", "--interval", "0"], "must be > 0"),
+    ],
+)
 def test_watch_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as info:
         inspect.main(argv)

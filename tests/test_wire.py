@@ -1,4 +1,5 @@
 """The wire contract: generated code is fresh, and the tensor codec round-trips exactly."""
+
 from __future__ import annotations
 
 import pathlib
@@ -16,8 +17,9 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_generated_code_is_not_stale():
     pytest.importorskip("grpc_tools", reason="grpcio-tools is needed to regenerate the stubs")
-    run = subprocess.run([sys.executable, str(ROOT / "protos" / "generate.py"), "--check"],
-                         capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "protos" / "generate.py"), "--check"], capture_output=True, text=True
+    )
     assert run.returncode == 0, run.stdout + run.stderr
 
 
@@ -26,7 +28,7 @@ def test_generated_code_is_not_stale():
 def test_round_trip_small(dtype, shape):
     array = (np.arange(int(np.prod(shape))).reshape(shape) * 3 - 7).astype(dtype)
     out = tensors.decode_all(tensors.encode("w", array, slot="momentum"))
-    (key, value), = out.items()
+    ((key, value),) = out.items()
     assert key == ("w", "momentum")
     assert value.dtype == array.dtype and value.shape == array.shape
     np.testing.assert_array_equal(value, array)
@@ -44,7 +46,7 @@ def test_large_tensor_is_chunked_and_reassembled():
 
 def test_big_endian_input_is_sent_little_endian():
     array = np.arange(6, dtype=">f4").reshape(2, 3)
-    chunk, = tensors.encode("x", array)
+    (chunk,) = tensors.encode("x", array)
     assert chunk.data == np.arange(6, dtype="<f4").tobytes()
     np.testing.assert_array_equal(tensors.decode_all([chunk])[("x", "")], array)
 
@@ -62,12 +64,15 @@ def _chunk(**kw):
     return pb.TensorChunk(**base)
 
 
-@pytest.mark.parametrize("chunk, message", [
-    (_chunk(dtype=pb.DTYPE_UNSPECIFIED), "dtype"),
-    (_chunk(data=b"\0" * 12), "12 bytes received"),
-    (_chunk(offset=4), "offset 0"),
-    (_chunk(shape=[-1]), "negative"),
-])
+@pytest.mark.parametrize(
+    "chunk, message",
+    [
+        (_chunk(dtype=pb.DTYPE_UNSPECIFIED), "dtype"),
+        (_chunk(data=b"\0" * 12), "12 bytes received"),
+        (_chunk(offset=4), "offset 0"),
+        (_chunk(shape=[-1]), "negative"),
+    ],
+)
 def test_malformed_chunks_are_rejected(chunk, message):
     with pytest.raises(tensors.TensorFormatError, match=message):
         tensors.decode_all([chunk])
@@ -94,13 +99,15 @@ def test_unsupported_dtype_names_the_allowed_ones():
 
 def _mixed_tensors():
     rng = np.random.default_rng(1)
-    return [("big", "", rng.standard_normal(300_001).astype(np.float32)),  # 1.2 MB: spans chunks, odd size
-            ("m", "momentum", np.arange(7, dtype=">f8")),                   # big-endian input
-            ("i", "", np.arange(-5, 5, dtype=">i8").reshape(2, 5)),
-            ("empty", "", np.zeros((0, 4), np.float32)),
-            ("scalar", "", np.float64(2.5)),
-            ("half", "", np.linspace(-1, 1, 9, dtype=np.float16)),
-            *[(f"small{i}", "", np.full(1000, i, np.int32)) for i in range(30)]]
+    return [
+        ("big", "", rng.standard_normal(300_001).astype(np.float32)),  # 1.2 MB: spans chunks, odd size
+        ("m", "momentum", np.arange(7, dtype=">f8")),  # big-endian input
+        ("i", "", np.arange(-5, 5, dtype=">i8").reshape(2, 5)),
+        ("empty", "", np.zeros((0, 4), np.float32)),
+        ("scalar", "", np.float64(2.5)),
+        ("half", "", np.linspace(-1, 1, 9, dtype=np.float16)),
+        *[(f"small{i}", "", np.full(1000, i, np.int32)) for i in range(30)],
+    ]
 
 
 def _first():
@@ -132,7 +139,7 @@ def test_split_message_holds_what_protobuf_parses(split_path, chunk_bytes):
 
 
 def test_large_messages_are_split_into_payload_views():
-    raw, = tensors.serialized_chunk_messages(_first(), "variables", [("w", "", np.ones(100_000, np.float32))])
+    (raw,) = tensors.serialized_chunk_messages(_first(), "variables", [("w", "", np.ones(100_000, np.float32))])
     message, (chunk,) = tensors.split_message(raw, pb.PullResponse, "variables")
     assert isinstance(chunk, tensors.WireChunk) and isinstance(chunk.data, memoryview)
     assert chunk.data.obj is raw  # a view, not a copy
@@ -141,7 +148,7 @@ def test_large_messages_are_split_into_payload_views():
 
 def test_many_small_chunks_go_through_protobuf():
     tensors_list = [(f"v{i}", "", np.zeros(4, np.float32)) for i in range(5000)]  # ~150 KB, 5000 chunks
-    raw, = tensors.serialized_chunk_messages(_first(), "variables", tensors_list)
+    (raw,) = tensors.serialized_chunk_messages(_first(), "variables", tensors_list)
     assert len(raw) >= tensors.SPLIT_MIN_BYTES
     _, chunks = tensors.split_message(raw, pb.PullResponse, "variables")
     assert len(chunks) == 5000 and isinstance(chunks[0], pb.TensorChunk)
@@ -179,11 +186,17 @@ def test_chunk_boundaries(elements):
 
 def test_split_keeps_protobuf_semantics_for_repeated_fields(split_path):
     """Concatenated encodings merge: the last ``data`` wins and other fields keep their last value."""
-    chunk = (pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[2], data=b"\1" * 8).SerializeToString()
-             + pb.TensorChunk(data=b"\2" * 8).SerializeToString())
-    raw = pb.PullResponse(state=pb.StepResult(step=1)).SerializeToString() \
-        + b"\x12" + tensors._varint(len(chunk)) + chunk \
+    chunk = (
+        pb.TensorChunk(name="w", dtype=pb.FLOAT32, shape=[2], data=b"\1" * 8).SerializeToString()
+        + pb.TensorChunk(data=b"\2" * 8).SerializeToString()
+    )
+    raw = (
+        pb.PullResponse(state=pb.StepResult(step=1)).SerializeToString()
+        + b"\x12"
+        + tensors._varint(len(chunk))
+        + chunk
         + pb.PullResponse(state=pb.StepResult(iterations=9)).SerializeToString()
+    )
     expected = pb.PullResponse.FromString(raw)
     message, chunks = tensors.split_message(raw, pb.PullResponse, "variables")
     assert [_as_tuple(c) for c in chunks] == [_as_tuple(c) for c in expected.variables]
@@ -191,14 +204,19 @@ def test_split_keeps_protobuf_semantics_for_repeated_fields(split_path):
     assert message.state.step == 1 and message.state.iterations == 9
 
 
-@pytest.mark.parametrize("mangle, message", [
-    (lambda raw: raw[:-3], "truncated|Malformed"),
-    (lambda raw: raw + b"\x83", "truncated|Malformed"),
-    (lambda raw: raw + b"\x0b", "wire type|Malformed"),  # a group, which proto3 never sends
-    (lambda raw: raw.replace(b"\x0a\x01w", b"\x0a\x01\xff", 1), "UTF-8|Malformed"),
-])
+@pytest.mark.parametrize(
+    "mangle, message",
+    [
+        (lambda raw: raw[:-3], "truncated|Malformed"),
+        (lambda raw: raw + b"\x83", "truncated|Malformed"),
+        (lambda raw: raw + b"\x0b", "wire type|Malformed"),  # a group, which proto3 never sends
+        (lambda raw: raw.replace(b"\x0a\x01w", b"\x0a\x01\xff", 1), "UTF-8|Malformed"),
+    ],
+)
 def test_malformed_wire_bytes_raise_tensor_format_errors(split_path, mangle, message):
-    raw, = tensors.serialized_chunk_messages(pb.PullResponse(), "variables", [("w", "", np.ones(100_000, np.float32))])
+    (raw,) = tensors.serialized_chunk_messages(
+        pb.PullResponse(), "variables", [("w", "", np.ones(100_000, np.float32))]
+    )
     with pytest.raises(tensors.TensorFormatError, match=message):
         tensors.split_message(mangle(raw), pb.PullResponse, "variables")
 
@@ -207,7 +225,8 @@ def test_split_deserializer_reads_like_the_message():
     header = pb.ApplyGradientsHeader(model_id="m", step=3)
     gradient = np.arange(100_000, dtype=np.float32)
     first, second = tensors.serialized_chunk_messages(
-        pb.ApplyGradientsRequest(header=header), "gradients", [("w", "", gradient)], chunk_bytes=200_000)
+        pb.ApplyGradientsRequest(header=header), "gradients", [("w", "", gradient)], chunk_bytes=200_000
+    )
     deserialize = tensors.split_deserializer(pb.ApplyGradientsRequest, "gradients")
     request, later = deserialize(first), deserialize(second)
     assert request.HasField("header") and request.header.step == 3 and not later.HasField("header")
@@ -233,7 +252,7 @@ def test_the_assembler_reads_each_payload_once():
 
 
 def test_assembled_arrays_do_not_share_memory_with_the_received_bytes():
-    raw, = tensors.serialized_chunk_messages(_first(), "variables", [("w", "", np.ones(100_000, np.float32))])
+    (raw,) = tensors.serialized_chunk_messages(_first(), "variables", [("w", "", np.ones(100_000, np.float32))])
     _, chunks = tensors.split_message(raw, pb.PullResponse, "variables")
     value = tensors.decode_all(chunks)[("w", "")]
     value[:] = 7

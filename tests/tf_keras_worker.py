@@ -8,6 +8,7 @@ imported once, here, and every check runs in this process:
 Each check compares the remote optimizer with tf_keras's own optimizer of the
 same class. The report is `{"checks": {name: "ok" | traceback}, "facts": {...}}`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -116,8 +117,8 @@ class Checks:
             run = tf.function(step) if compiled else step
             run_local = tf.function(step) if compiled else step
             for i in range(0, len(x), 8):
-                run(model, opt, tf.constant(x[i:i + 8]), tf.constant(y[i:i + 8]))
-                run_local(local, local_opt, tf.constant(x[i:i + 8]), tf.constant(y[i:i + 8]))
+                run(model, opt, tf.constant(x[i : i + 8]), tf.constant(y[i : i + 8]))
+                run_local(local, local_opt, tf.constant(x[i : i + 8]), tf.constant(y[i : i + 8]))
             assert int(opt.iterations) == 4, int(opt.iterations)
             assert_close(model.get_weights(), local.get_weights(), f"weights (tf.function: {compiled})")
             assert_close(opt.get_weights(), state(local_opt), f"get_weights() (tf.function: {compiled})")
@@ -172,8 +173,9 @@ class Checks:
         opt = self.remote(keras.optimizers.Adam(0.02), "saved")
         again = RemoteOptimizer.from_config(opt.get_config())
         assert again.get_config() == opt.get_config()
-        from_plain_config = RemoteOptimizer({"class_name": "Adam", **keras.optimizers.Adam(0.02).get_config()},
-                                            self.address, model_id=opt.model_id)
+        from_plain_config = RemoteOptimizer(
+            {"class_name": "Adam", **keras.optimizers.Adam(0.02).get_config()}, self.address, model_id=opt.model_id
+        )
         assert from_plain_config._server_config_json == opt._server_config_json
         x, y = data(5)
         model = make_model("saved")
@@ -211,9 +213,9 @@ def main(argv=None):
     for name in [n for n in vars(Checks) if n.startswith("check_")]:
         try:
             getattr(checks, name)()
-            results[name[len("check_"):]] = "ok"
+            results[name[len("check_") :]] = "ok"
         except Exception:  # noqa: BLE001 - every failure goes into the report
-            results[name[len("check_"):]] = traceback.format_exc()
+            results[name[len("check_") :]] = traceback.format_exc()
     with open(args.report, "w") as handle:
         json.dump({"checks": results, "facts": checks.facts}, handle, indent=1)
     return 0

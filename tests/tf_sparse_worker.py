@@ -4,6 +4,7 @@ Run as a subprocess (TensorFlow is imported once, here): reads JSON from stdin
 ({"optimizer": config, "table": [[...]], "steps": [[indices, rows], ...]}) and
 prints the table after Keras applied every step, and the optimizer's variables.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,11 +25,17 @@ def main() -> None:
     optimizer = keras.optimizers.deserialize(job["optimizer"])
     optimizer.build([table])
     for indices, rows in job["steps"]:
-        gradient = tf.IndexedSlices(tf.constant(rows, tf.float32), tf.constant(indices, tf.int64),
-                                    dense_shape=tf.constant(table.shape, tf.int64))
+        gradient = tf.IndexedSlices(
+            tf.constant(rows, tf.float32),
+            tf.constant(indices, tf.int64),
+            dense_shape=tf.constant(table.shape, tf.int64),
+        )
         optimizer.apply_gradients([(gradient, table)])
-    print(json.dumps({"table": np.asarray(table).tolist(),
-                      "slots": [np.asarray(v).tolist() for v in optimizer.variables[2:]]}))
+    print(
+        json.dumps(
+            {"table": np.asarray(table).tolist(), "slots": [np.asarray(v).tolist() for v in optimizer.variables[2:]]}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@
 Anything else (an unknown optimizer or argument, an out-of-range value) raises
 ``InvalidArgumentError`` naming what is allowed.
 """
+
 from __future__ import annotations
 
 import json
@@ -39,17 +40,47 @@ from .schedule_free_adamw import ScheduleFreeAdamW
 from .sgd import SGD
 
 __all__ = [
-    "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "Ftrl", "Lamb", "Lion", "LossScaleOptimizer", "Muon", "Nadam", "Optimizer", "RMSprop",
-    "SGD", "ScheduleFreeAdamW",
-    "REGISTRY", "deserialize", "get", "serialize",
+    "Adadelta",
+    "Adafactor",
+    "Adagrad",
+    "Adam",
+    "AdamW",
+    "Adamax",
+    "Ftrl",
+    "Lamb",
+    "Lion",
+    "LossScaleOptimizer",
+    "Muon",
+    "Nadam",
+    "Optimizer",
+    "RMSprop",
+    "SGD",
+    "ScheduleFreeAdamW",
+    "REGISTRY",
+    "deserialize",
+    "get",
+    "serialize",
 ]
 
 # Keras class name, lower-cased -> class (Keras looks names up the same way).
 REGISTRY: dict[str, Any] = {
     cls.class_name.lower(): cls
     for cls in (
-        SGD, RMSprop, Adam, Adadelta, Adagrad, Adamax, Nadam, Ftrl, AdamW, Lion, Lamb, ScheduleFreeAdamW,
-        Adafactor, Muon, LossScaleOptimizer,
+        SGD,
+        RMSprop,
+        Adam,
+        Adadelta,
+        Adagrad,
+        Adamax,
+        Nadam,
+        Ftrl,
+        AdamW,
+        Lion,
+        Lamb,
+        ScheduleFreeAdamW,
+        Adafactor,
+        Muon,
+        LossScaleOptimizer,
     )
 }
 ENGINE_TYPES = (Optimizer, LossScaleOptimizer)
@@ -130,8 +161,7 @@ def _check_origin(config: Mapping[str, Any], class_name: str) -> None:
     module = config.get("module")
     if module is not None and not (isinstance(module, str) and module.split(".")[0] == "keras"):
         raise InvalidArgumentError(
-            f"Only Keras's built-in optimizers are supported. Received: module={module!r} for "
-            f"class_name={class_name!r}"
+            f"Only Keras's built-in optimizers are supported. Received: module={module!r} for class_name={class_name!r}"
         )
     registered_name = config.get("registered_name")
     if registered_name is not None and str(registered_name).lower() != class_name.lower():

@@ -1,4 +1,5 @@
 """Adadelta (``keras.optimizers.Adadelta``)."""
+
 from __future__ import annotations
 
 from ..kernels import UpdateKernel
@@ -7,7 +8,9 @@ from .base import Optimizer
 from .validation import Hyperparameter
 
 ADADELTA = UpdateKernel(
-    name="adadelta", inputs=("grad",), state=("var", "accumulated_grad", "accumulated_delta_var"),
+    name="adadelta",
+    inputs=("grad",),
+    state=("var", "accumulated_grad", "accumulated_delta_var"),
     scalars=("lr", "rho", "epsilon"),
     body="""
 accumulated_grad = rho * accumulated_grad + (1 - rho) * square(grad)

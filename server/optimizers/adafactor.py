@@ -12,6 +12,7 @@ Slots per variable, in Keras's order: ``r``, ``c``, ``velocity``. (Keras names
 the ``r`` and ``c`` variables after the model variable itself; here they are
 called by the attribute names Keras keeps them in.)
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -23,21 +24,32 @@ from .base import Optimizer
 from .validation import Hyperparameter
 
 REGULATED_SQUARE = UpdateKernel(
-    name="adafactor_regulated_square", inputs=("grad",), state=("out",), scalars=("epsilon_1",),
+    name="adafactor_regulated_square",
+    inputs=("grad",),
+    state=("out",),
+    scalars=("epsilon_1",),
     body="out = square(grad) + epsilon_1\n",
 )
 # r and c: moving averages of the row / column means of the regulated square.
 FACTOR_AVERAGE = UpdateKernel(
-    name="adafactor_factor_average", inputs=("mean",), state=("factor",), scalars=("beta_2_t", "one_minus_beta_2_t"),
+    name="adafactor_factor_average",
+    inputs=("mean",),
+    state=("factor",),
+    scalars=("beta_2_t", "one_minus_beta_2_t"),
     body="factor = beta_2_t * factor + one_minus_beta_2_t * mean\n",
 )
 SCALED_GRADIENT = UpdateKernel(
-    name="adafactor_scaled_gradient", inputs=("grad", "velocity"), state=("out",), scalars=(),
+    name="adafactor_scaled_gradient",
+    inputs=("grad", "velocity"),
+    state=("out",),
+    scalars=(),
     body="out = grad / sqrt(velocity)\n",
 )
 # Variables of fewer than 2 dimensions: an unfactored moving average.
 UNFACTORED = UpdateKernel(
-    name="adafactor_unfactored", inputs=("grad",), state=("velocity", "out"),
+    name="adafactor_unfactored",
+    inputs=("grad",),
+    state=("velocity", "out"),
     scalars=("epsilon_1", "beta_2_t", "one_minus_beta_2_t"),
     body="""
 velocity = beta_2_t * velocity + one_minus_beta_2_t * (square(grad) + epsilon_1)
@@ -45,7 +57,10 @@ out = grad / sqrt(velocity)
 """,
 )
 APPLY = UpdateKernel(
-    name="adafactor_apply", inputs=("update",), state=("var",), scalars=("alpha_t", "clip_denominator"),
+    name="adafactor_apply",
+    inputs=("update",),
+    state=("var",),
+    scalars=("alpha_t", "clip_denominator"),
     body="var = var - alpha_t * (update / clip_denominator)\n",
 )
 

@@ -1,4 +1,5 @@
 """Adagrad (``keras.optimizers.Adagrad``)."""
+
 from __future__ import annotations
 
 from ..kernels import UpdateKernel
@@ -7,7 +8,10 @@ from .base import Optimizer
 from .validation import Hyperparameter
 
 ADAGRAD = UpdateKernel(
-    name="adagrad", inputs=("grad",), state=("var", "accumulator"), scalars=("lr", "epsilon"),
+    name="adagrad",
+    inputs=("grad",),
+    state=("var", "accumulator"),
+    scalars=("lr", "epsilon"),
     body="""
 accumulator = accumulator + square(grad)
 var = var - (lr * grad) / sqrt(accumulator + epsilon)

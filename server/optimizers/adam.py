@@ -1,4 +1,5 @@
 """Adam, optionally AMSGrad (``keras.optimizers.Adam``)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -13,14 +14,19 @@ momentum = momentum + (grad - momentum) * (1 - beta_1)
 velocity = velocity + (square(grad) - velocity) * (1 - beta_2)
 """
 ADAM = UpdateKernel(
-    name="adam", inputs=("grad",), state=("var", "momentum", "velocity"),
+    name="adam",
+    inputs=("grad",),
+    state=("var", "momentum", "velocity"),
     scalars=("alpha", "beta_1", "beta_2", "epsilon"),
     body=_MOMENTS + "var = var - (momentum * alpha) / (sqrt(velocity) + epsilon)\n",
 )
 AMSGRAD = UpdateKernel(
-    name="adam_amsgrad", inputs=("grad",), state=("var", "momentum", "velocity", "velocity_hat"),
+    name="adam_amsgrad",
+    inputs=("grad",),
+    state=("var", "momentum", "velocity", "velocity_hat"),
     scalars=("alpha", "beta_1", "beta_2", "epsilon"),
-    body=_MOMENTS + """
+    body=_MOMENTS
+    + """
 velocity_hat = maximum(velocity_hat, velocity)
 var = var - (momentum * alpha) / (sqrt(velocity_hat) + epsilon)
 """,

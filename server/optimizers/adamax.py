@@ -1,4 +1,5 @@
 """Adamax, Adam with the infinity norm (``keras.optimizers.Adamax``)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -9,7 +10,9 @@ from .base import Optimizer
 from .validation import Hyperparameter
 
 ADAMAX = UpdateKernel(
-    name="adamax", inputs=("grad",), state=("var", "momentum", "norm"),
+    name="adamax",
+    inputs=("grad",),
+    state=("var", "momentum", "norm"),
     scalars=("lr", "beta_1", "beta_2", "epsilon", "bias_correction"),
     body="""
 momentum = momentum + (grad - momentum) * (1 - beta_1)

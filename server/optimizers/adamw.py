@@ -3,6 +3,7 @@
 Keras's AdamW is Adam with ``weight_decay=0.004`` by default and ``None``
 refused; the decay itself is the common pipeline's decoupled step.
 """
+
 from __future__ import annotations
 
 from ..errors import InvalidArgumentError

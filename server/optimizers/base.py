@@ -21,12 +21,13 @@ then the optimizer's own slots (e.g. RMSprop: ``velocity``, ``momentum``,
 accumulators are part of it; optimizer-wide scalars (Nadam's ``u_product``) are
 in ``get_scalars()``, and ``state_dict()`` holds everything, raw counter included.
 """
+
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -63,11 +64,17 @@ VARIABLE_VALUE = "variable value"
 def _pipeline_kernels(name: str, expression: str, scalars: tuple[str, ...]):
     """The same gradient transform twice: into an owned buffer, and in place."""
     copying = UpdateKernel(
-        name=f"{name}_into", inputs=("grad",), state=("out",), scalars=scalars,
+        name=f"{name}_into",
+        inputs=("grad",),
+        state=("out",),
+        scalars=scalars,
         body=f"out = {expression}\n",
     )
     in_place = UpdateKernel(
-        name=f"{name}_in_place", inputs=(), state=("grad",), scalars=scalars,
+        name=f"{name}_in_place",
+        inputs=(),
+        state=("grad",),
+        scalars=scalars,
         body=f"grad = {expression}\n",
     )
     return copying, in_place
@@ -75,24 +82,39 @@ def _pipeline_kernels(name: str, expression: str, scalars: tuple[str, ...]):
 
 # Keras divides (`g / scale`), it does not multiply by the reciprocal.
 UNSCALE = UpdateKernel(
-    name="loss_unscale", inputs=("grad",), state=("out",), scalars=("loss_scale",),
+    name="loss_unscale",
+    inputs=("grad",),
+    state=("out",),
+    scalars=("loss_scale",),
     body="out = grad / loss_scale\n",
 )
 ACCUMULATE = UpdateKernel(
-    name="accumulate_gradient", inputs=("grad",), state=("accumulator",), scalars=(),
+    name="accumulate_gradient",
+    inputs=("grad",),
+    state=("accumulator",),
+    scalars=(),
     body="accumulator = accumulator + grad\n",
 )
 ACCUMULATE_UNSCALED = UpdateKernel(
-    name="accumulate_unscaled_gradient", inputs=("grad",), state=("accumulator",), scalars=("loss_scale",),
+    name="accumulate_unscaled_gradient",
+    inputs=("grad",),
+    state=("accumulator",),
+    scalars=("loss_scale",),
     body="accumulator = accumulator + grad / loss_scale\n",
 )
 # On the k-th call the accumulator becomes the gradient the update uses.
 ACCUMULATED_MEAN = UpdateKernel(
-    name="accumulated_mean", inputs=("grad",), state=("accumulator",), scalars=("steps",),
+    name="accumulated_mean",
+    inputs=("grad",),
+    state=("accumulator",),
+    scalars=("steps",),
     body="accumulator = (grad + accumulator) / steps\n",
 )
 ACCUMULATED_MEAN_UNSCALED = UpdateKernel(
-    name="accumulated_mean_unscaled", inputs=("grad",), state=("accumulator",), scalars=("steps", "loss_scale"),
+    name="accumulated_mean_unscaled",
+    inputs=("grad",),
+    state=("accumulator",),
+    scalars=("steps", "loss_scale"),
     body="accumulator = (grad / loss_scale + accumulator) / steps\n",
 )
 RESET = UpdateKernel(name="reset_to_zero", inputs=(), state=("buffer",), scalars=(), body="buffer = 0\n")
@@ -101,11 +123,17 @@ CLIP_BY_NORM = _pipeline_kernels("clip_by_norm", "grad * clipnorm / norm_or_clip
 SCALE_BY_GLOBAL_NORM = _pipeline_kernels("clip_by_global_norm", "grad * scale", ("scale",))
 CLIP_BY_VALUE = _pipeline_kernels("clip_by_value", "clip(grad, -clipvalue, clipvalue)", ("clipvalue",))
 WEIGHT_DECAY = UpdateKernel(
-    name="decoupled_weight_decay", inputs=(), state=("var",), scalars=("weight_decay", "lr"),
+    name="decoupled_weight_decay",
+    inputs=(),
+    state=("var",),
+    scalars=("weight_decay", "lr"),
     body="var = var - var * weight_decay * lr\n",
 )
 EMA = UpdateKernel(
-    name="exponential_moving_average", inputs=("var",), state=("average",), scalars=("ema_momentum",),
+    name="exponential_moving_average",
+    inputs=("var",),
+    state=("average",),
+    scalars=("ema_momentum",),
     body="average = ema_momentum * average + (1 - ema_momentum) * var\n",
 )
 
@@ -144,8 +172,13 @@ def _describe(names: Sequence[str], limit: int = 10) -> str:
 
 
 def _adoptable(array: Any) -> bool:
-    return (type(array) is np.ndarray and array.base is None and array.flags.c_contiguous
-            and array.flags.writeable and array.dtype.isnative)
+    return (
+        type(array) is np.ndarray
+        and array.base is None
+        and array.flags.c_contiguous
+        and array.flags.writeable
+        and array.dtype.isnative
+    )
 
 
 class _Variable:
@@ -209,8 +242,7 @@ class Optimizer:
         unknown = {k: v for k, v in kwargs.items() if k not in cls.argument_names()}
         if unknown:
             raise InvalidArgumentError(
-                f"Argument(s) not recognized: {unknown}. "
-                f"{cls.class_name} accepts: {', '.join(cls.argument_names())}"
+                f"Argument(s) not recognized: {unknown}. {cls.class_name} accepts: {', '.join(cls.argument_names())}"
             )
         config: dict[str, Any] = {"name": check.name_string("name", kwargs.get("name"))}
         if config["name"] is None:
@@ -486,17 +518,13 @@ class Optimizer:
 
     def _require_built(self) -> None:
         if not self._built:
-            raise FailedPreconditionError(
-                f"Optimizer '{self.name}' has no variables yet; call build(variables) first."
-            )
+            raise FailedPreconditionError(f"Optimizer '{self.name}' has no variables yet; call build(variables) first.")
 
     def _require_variable(self, name: str) -> _Variable:
         self._require_built()
         variable = self._variables.get(name)
         if variable is None:
-            raise NotFoundError(
-                f"Unknown variable {name!r}. This optimizer holds: {_describe(list(self._variables))}"
-            )
+            raise NotFoundError(f"Unknown variable {name!r}. This optimizer holds: {_describe(list(self._variables))}")
         return variable
 
     def _require_variables(self, names: Iterable[str]) -> list[_Variable]:
@@ -555,8 +583,7 @@ class Optimizer:
             self._update_moving_averages()
         self._raw_iterations += 1
 
-    def _validated_gradients(self, grads: Mapping[str, Any], allow_empty: bool = False
-                             ) -> list[tuple[_Variable, Any]]:
+    def _validated_gradients(self, grads: Mapping[str, Any], allow_empty: bool = False) -> list[tuple[_Variable, Any]]:
         if not isinstance(grads, Mapping):
             raise InvalidArgumentError(f"Gradients must be a {{name: array}} mapping. Received: {type(grads).__name__}")
         unknown = [name for name in grads if name not in self._variables]
@@ -855,8 +882,7 @@ class Optimizer:
             raise InvalidArgumentError(f"`weights` must be a list of {expected} arrays.")
         if len(weights) != expected:
             raise InvalidArgumentError(
-                f"`weights` has {len(weights)} entries; expected {expected}: "
-                f"{', '.join(self.weights_description())}."
+                f"`weights` has {len(weights)} entries; expected {expected}: {', '.join(self.weights_description())}."
             )
         iterations = self._checked_iterations("Entry 0 (iterations)", weights[0])
         slot_values = []
@@ -949,7 +975,9 @@ class Optimizer:
         }
         checked_slots = {
             (name, slot): self._checked_value(
-                f"State slot '{slot}' of variable '{name}'", value, self._variables[name],
+                f"State slot '{slot}' of variable '{name}'",
+                value,
+                self._variables[name],
                 self._variables[name].slots[slot].shape,
             )
             for name, variable_slots in slots.items()

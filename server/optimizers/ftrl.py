@@ -1,4 +1,5 @@
 """FTRL-proximal (``keras.optimizers.Ftrl``)."""
+
 from __future__ import annotations
 
 from ..errors import InvalidArgumentError
@@ -10,7 +11,9 @@ from .validation import Hyperparameter
 # The variable is recomputed from `linear`, not incremented; `linear` sees the
 # shrinkage-augmented gradient while the accumulator sees the raw one.
 FTRL = UpdateKernel(
-    name="ftrl", inputs=("grad",), state=("var", "accumulator", "linear"),
+    name="ftrl",
+    inputs=("grad",),
+    state=("var", "accumulator", "linear"),
     scalars=("lr", "accumulator_power", "shrinkage", "l1", "two_l2"),
     body="""
 grad_to_use = grad + shrinkage * var

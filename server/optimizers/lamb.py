@@ -5,6 +5,7 @@ variable between the moment update and the variable update, so Lamb is a staged
 program (``optserve.server.programs``): moments and update, two reductions, the
 ratio on the host, the variable update.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -18,14 +19,20 @@ from .validation import Hyperparameter
 
 # Keras: m_hat = m / (1 - beta_1^t); update = m_hat / (sqrt(v / (1 - beta_2^t)) + epsilon).
 MOMENTS_AND_UPDATE = UpdateKernel(
-    name="lamb_moments", inputs=("grad",), state=("momentum", "velocity", "update"),
+    name="lamb_moments",
+    inputs=("grad",),
+    state=("momentum", "velocity", "update"),
     scalars=("beta_1", "beta_2", "one_minus_beta_1_power", "one_minus_beta_2_power", "epsilon"),
-    body=_MOMENTS + """
+    body=_MOMENTS
+    + """
 update = (momentum / one_minus_beta_1_power) / (sqrt(velocity / one_minus_beta_2_power) + epsilon)
 """,
 )
 APPLY = UpdateKernel(
-    name="lamb_apply", inputs=("update",), state=("var",), scalars=("ratio_lr",),
+    name="lamb_apply",
+    inputs=("update",),
+    state=("var",),
+    scalars=("ratio_lr",),
     body="var = var - ratio_lr * update\n",
 )
 

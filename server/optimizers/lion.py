@@ -1,4 +1,5 @@
 """Lion, sign of an interpolated momentum (``keras.optimizers.Lion``)."""
+
 from __future__ import annotations
 
 from ..kernels import UpdateKernel
@@ -9,7 +10,9 @@ from .validation import Hyperparameter
 # Keras casts beta_1 / beta_2 to the variable dtype first and takes 1 - beta
 # in that dtype: the host passes both factors.
 LION = UpdateKernel(
-    name="lion", inputs=("grad",), state=("var", "momentum"),
+    name="lion",
+    inputs=("grad",),
+    state=("var", "momentum"),
     scalars=("lr", "beta_1", "one_minus_beta_1", "beta_2", "one_minus_beta_2"),
     body="""
 var = var - lr * sign(momentum * beta_1 + grad * one_minus_beta_1)

@@ -15,6 +15,7 @@ Everything else (slots, weights, learning rate, iterations) is the inner
 optimizer's; the two scalars join the inner optimizer's optimizer-wide scalars
 (``get_scalars()``), so they travel in GetState/SetState and checkpoints.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,9 +53,15 @@ class LossScaleOptimizer:
     class_name = "LossScaleOptimizer"
     hyperparameters = ()
 
-    def __init__(self, backend: Any = None, inner_optimizer: Any = None,
-                 initial_scale: Any = DEFAULT_INITIAL_SCALE, dynamic_growth_steps: Any = DEFAULT_GROWTH_STEPS,
-                 name: Any = None, **kwargs: Any):
+    def __init__(
+        self,
+        backend: Any = None,
+        inner_optimizer: Any = None,
+        initial_scale: Any = DEFAULT_INITIAL_SCALE,
+        dynamic_growth_steps: Any = DEFAULT_GROWTH_STEPS,
+        name: Any = None,
+        **kwargs: Any,
+    ):
         self._check_keras_arguments(kwargs)
         backend = _resolve_backend(backend)
         self.inner_optimizer = self._inner(inner_optimizer, backend)
@@ -87,21 +94,19 @@ class LossScaleOptimizer:
                     f"Instead, set `{argument}` on the `inner_optimizer`."
                 )
         if kwargs:
-            raise InvalidArgumentError(
-                f"LossScaleOptimizer does not support arguments: `{'`, `'.join(kwargs)}`."
-            )
+            raise InvalidArgumentError(f"LossScaleOptimizer does not support arguments: `{'`, `'.join(kwargs)}`.")
 
     @staticmethod
     def _inner(config: Any, backend: Any) -> Optimizer:
         from . import deserialize
 
         if config is None:
-            raise InvalidArgumentError(
-                "LossScaleOptimizer needs `inner_optimizer`: the serialized optimizer it wraps."
-            )
+            raise InvalidArgumentError("LossScaleOptimizer needs `inner_optimizer`: the serialized optimizer it wraps.")
         inner = config if isinstance(config, Optimizer) else deserialize(config, backend=backend)
         if not isinstance(inner, Optimizer):
-            raise InvalidArgumentError("The `inner_optimizer` of a LossScaleOptimizer cannot be another LossScaleOptimizer.")
+            raise InvalidArgumentError(
+                "The `inner_optimizer` of a LossScaleOptimizer cannot be another LossScaleOptimizer."
+            )
         return inner
 
     def __getattr__(self, name: str) -> Any:
@@ -170,8 +175,11 @@ class LossScaleOptimizer:
 
     # ----------------------------------------------------------------- scalars
     def get_scalars(self) -> dict[str, float]:
-        return {**self.inner_optimizer.get_scalars(), STEP_COUNTER: float(self._step_counter),
-                DYNAMIC_SCALE: self.dynamic_scale}
+        return {
+            **self.inner_optimizer.get_scalars(),
+            STEP_COUNTER: float(self._step_counter),
+            DYNAMIC_SCALE: self.dynamic_scale,
+        }
 
     def set_scalars(self, values: Mapping[str, Any]) -> None:
         values = dict(self.inner_optimizer._mapping("values", values))

@@ -15,6 +15,7 @@ products and elementwise kernels over buffers allocated once per variable, with
 the same operand layouts as Keras's NumPy code (a tall matrix is iterated on its
 transpose), so that the CPU results are Keras's bit for bit.
 """
+
 from __future__ import annotations
 
 import functools
@@ -31,11 +32,16 @@ from .base import Optimizer
 from .validation import Hyperparameter
 
 MOMENTUM = UpdateKernel(
-    name="muon_momentum", inputs=("grad",), state=("momentum",), scalars=("momentum_minus_one",),
+    name="muon_momentum",
+    inputs=("grad",),
+    state=("momentum",),
+    scalars=("momentum_minus_one",),
     body="momentum = momentum + (grad + momentum * momentum_minus_one)\n",
 )
 NESTEROV_MOMENTUM = UpdateKernel(
-    name="muon_nesterov_momentum", inputs=("grad",), state=("momentum", "out"),
+    name="muon_nesterov_momentum",
+    inputs=("grad",),
+    state=("momentum", "out"),
     scalars=("momentum_minus_one", "momentum_coefficient"),
     body="""
 momentum = momentum + (grad + momentum * momentum_minus_one)
@@ -43,28 +49,46 @@ out = grad + momentum_coefficient * momentum
 """,
 )
 NORMALIZE = UpdateKernel(
-    name="muon_normalize", inputs=("matrix",), state=("out",), scalars=("denominator",),
+    name="muon_normalize",
+    inputs=("matrix",),
+    state=("out",),
+    scalars=("denominator",),
     body="out = matrix / denominator\n",
 )
 SCALE = UpdateKernel(
-    name="muon_scale", inputs=("matrix",), state=("out",), scalars=("muon_c",),
+    name="muon_scale",
+    inputs=("matrix",),
+    state=("out",),
+    scalars=("muon_c",),
     body="out = muon_c * matrix\n",
 )
 POLYNOMIAL = UpdateKernel(
-    name="muon_polynomial", inputs=("gram", "gram_product"), state=("out",), scalars=("muon_b",),
+    name="muon_polynomial",
+    inputs=("gram", "gram_product"),
+    state=("out",),
+    scalars=("muon_b",),
     body="out = muon_b * gram + gram_product\n",
 )
 COMBINE = UpdateKernel(
-    name="muon_combine", inputs=("product",), state=("x",), scalars=("muon_a",),
+    name="muon_combine",
+    inputs=("product",),
+    state=("x",),
+    scalars=("muon_a",),
     body="x = muon_a * x + product\n",
 )
 APPLY = UpdateKernel(
-    name="muon_apply", inputs=("update",), state=("var",), scalars=("lr",),
+    name="muon_apply",
+    inputs=("update",),
+    state=("var",),
+    scalars=("lr",),
     body="var = var - lr * update\n",
 )
 # Keras's lr_adjust: (lr * update) * sqrt(max(rows, cols)) * rms_rate, left to right.
 APPLY_ADJUSTED = UpdateKernel(
-    name="muon_apply_adjusted", inputs=("update",), state=("var",), scalars=("lr", "sqrt_scale", "rms_rate"),
+    name="muon_apply_adjusted",
+    inputs=("update",),
+    state=("var",),
+    scalars=("lr", "sqrt_scale", "rms_rate"),
     body="var = var - ((lr * update) * sqrt_scale) * rms_rate\n",
 )
 # Keras adds 1e-7 to the norm (cast to the variable dtype) before dividing.
@@ -75,7 +99,7 @@ def _normalizer(dtype, values):
     return {"denominator": float(dtype(values["norm"]) + dtype(_NORM_EPSILON))}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def newton_schulz_program(shape: tuple, steps: int, nesterov: bool, adjusted: bool) -> UpdateProgram:
     """The Muon update of one 2-D variable of ``shape``."""
     rows, columns = shape
@@ -84,8 +108,14 @@ def newton_schulz_program(shape: tuple, steps: int, nesterov: bool, adjusted: bo
     side = min(rows, columns)
     square = (side, side)
     source = "ns_input" if nesterov else "momentum"
-    scratch = {"x": lambda s: wide, "product": lambda s: wide, "gram": lambda s: square,
-               "scaled_gram": lambda s: square, "gram_product": lambda s: square, "polynomial": lambda s: square}
+    scratch = {
+        "x": lambda s: wide,
+        "product": lambda s: wide,
+        "gram": lambda s: square,
+        "scaled_gram": lambda s: square,
+        "gram_product": lambda s: square,
+        "polynomial": lambda s: square,
+    }
     if nesterov:
         scratch["ns_input"] = SAME
     if transposed:
@@ -136,7 +166,9 @@ def _exclude_layers(name, value):
         try:
             re.compile(pattern)
         except re.error as error:
-            raise InvalidArgumentError(f"`exclude_layers` holds an invalid regular expression {pattern!r}: {error}") from None
+            raise InvalidArgumentError(
+                f"`exclude_layers` holds an invalid regular expression {pattern!r}: {error}"
+            ) from None
     return list(value)
 
 
@@ -192,11 +224,16 @@ class Muon(Optimizer):
         alpha = bias_corrected_alpha(dtype, adam_lr, self.adam_beta_1, self.adam_beta_2, self.iterations + 1)
         return {
             # AdamW variables
-            "alpha": float(alpha), "beta_1": self.adam_beta_1, "beta_2": self.adam_beta_2, "epsilon": self.epsilon,
+            "alpha": float(alpha),
+            "beta_1": self.adam_beta_1,
+            "beta_2": self.adam_beta_2,
+            "epsilon": self.epsilon,
             # Muon variables
             "lr": float(lr),
             "momentum_minus_one": self.momentum - 1,
             "momentum_coefficient": self.momentum,
-            "muon_a": self.muon_a, "muon_b": self.muon_b, "muon_c": self.muon_c,
+            "muon_a": self.muon_a,
+            "muon_b": self.muon_b,
+            "muon_c": self.muon_c,
             "rms_rate": self.rms_rate if self.rms_rate is not None else 0.0,
         }

@@ -1,4 +1,5 @@
 """Nadam, Adam with Nesterov momentum (``keras.optimizers.Nadam``)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -12,10 +13,19 @@ from .validation import Hyperparameter
 # The momentum-schedule factors are host scalars; the kernel keeps Keras's
 # operation order: (u_t_1 * m) / (1 - u_product_t_1) + ((1 - u_t) * g) / (1 - u_product_t).
 NADAM = UpdateKernel(
-    name="nadam", inputs=("grad",), state=("var", "momentum", "velocity"),
+    name="nadam",
+    inputs=("grad",),
+    state=("var", "momentum", "velocity"),
     scalars=(
-        "lr", "one_minus_beta_1", "one_minus_beta_2", "epsilon",
-        "u_t_1", "one_minus_u_t", "one_minus_u_product_t_1", "one_minus_u_product_t", "one_minus_beta_2_power",
+        "lr",
+        "one_minus_beta_1",
+        "one_minus_beta_2",
+        "epsilon",
+        "u_t_1",
+        "one_minus_u_t",
+        "one_minus_u_product_t_1",
+        "one_minus_u_product_t",
+        "one_minus_beta_2_power",
     ),
     body="""
 momentum = momentum + (grad - momentum) * one_minus_beta_1

@@ -1,4 +1,5 @@
 """RMSprop, optionally centered and with momentum (``keras.optimizers.RMSprop``)."""
+
 from __future__ import annotations
 
 from ..kernels import UpdateKernel
@@ -23,7 +24,8 @@ def _rmsprop_kernel(centered: bool, with_momentum: bool) -> UpdateKernel:
     state = ("var", "velocity") + (("momentum",) if with_momentum else ()) + (("average_gradient",) if centered else ())
     return UpdateKernel(
         name="rmsprop" + ("_centered" if centered else "") + ("_momentum" if with_momentum else ""),
-        inputs=("grad",), state=state,
+        inputs=("grad",),
+        state=state,
         scalars=("lr", "rho", "epsilon") + (("momentum_coefficient",) if with_momentum else ()),
         body="\n".join(lines) + "\n",
     )

@@ -4,6 +4,7 @@ The variable holds the interpolation y; the ``momentum`` slot holds the
 sequence z the gradient steps move (it starts as a copy of the variable); the
 average x is recovered from y and the old z on every step, as Keras does.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,9 +16,19 @@ from .validation import Hyperparameter
 
 # x_old is computed before `momentum` is assigned, so it reads the old z.
 SCHEDULE_FREE_ADAMW = UpdateKernel(
-    name="schedule_free_adamw", inputs=("grad",), state=("var", "momentum", "velocity"),
-    scalars=("lr", "beta_1", "one_minus_beta_1", "one_minus_beta_2", "bias_correction_2", "epsilon",
-             "weight", "one_minus_weight"),
+    name="schedule_free_adamw",
+    inputs=("grad",),
+    state=("var", "momentum", "velocity"),
+    scalars=(
+        "lr",
+        "beta_1",
+        "one_minus_beta_1",
+        "one_minus_beta_2",
+        "bias_correction_2",
+        "epsilon",
+        "weight",
+        "one_minus_weight",
+    ),
     body="""
 velocity = velocity + (square(grad) - velocity) * one_minus_beta_2
 x_old = (var - one_minus_beta_1 * momentum) / beta_1

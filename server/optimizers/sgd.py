@@ -1,4 +1,5 @@
 """SGD with optional momentum and Nesterov momentum (``keras.optimizers.SGD``)."""
+
 from __future__ import annotations
 
 from ..kernels import UpdateKernel
@@ -7,11 +8,17 @@ from .base import Optimizer
 from .validation import Hyperparameter
 
 PLAIN = UpdateKernel(
-    name="sgd", inputs=("grad",), state=("var",), scalars=("lr",),
+    name="sgd",
+    inputs=("grad",),
+    state=("var",),
+    scalars=("lr",),
     body="var = var - grad * lr\n",
 )
 MOMENTUM = UpdateKernel(
-    name="sgd_momentum", inputs=("grad",), state=("var", "momentum"), scalars=("lr", "momentum_coefficient"),
+    name="sgd_momentum",
+    inputs=("grad",),
+    state=("var", "momentum"),
+    scalars=("lr", "momentum_coefficient"),
     body="""
 momentum = momentum * momentum_coefficient - grad * lr
 var = var + momentum
@@ -19,7 +26,10 @@ var = var + momentum
 )
 # Nesterov: the variable moves by the freshly updated momentum's next step.
 NESTEROV = UpdateKernel(
-    name="sgd_nesterov", inputs=("grad",), state=("var", "momentum"), scalars=("lr", "momentum_coefficient"),
+    name="sgd_nesterov",
+    inputs=("grad",),
+    state=("var", "momentum"),
+    scalars=("lr", "momentum_coefficient"),
     body="""
 momentum = momentum * momentum_coefficient - grad * lr
 var = var + (momentum * momentum_coefficient - grad * lr)

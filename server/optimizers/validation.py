@@ -6,11 +6,13 @@ and the received value, e.g. "`rho` must be in [0, 1]. Received: rho=1.5".
 Checks that Keras itself performs keep Keras's wording; the others add range
 checks for values Keras would accept but that cannot produce a sensible update.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from ..errors import InvalidArgumentError
 
@@ -46,9 +48,7 @@ def in_interval(low: float, high: float, *, high_open: bool = False) -> Checker:
     def check(name: str, value: Any) -> Any:
         ok = is_finite_number(value) and low <= value and (value < high if high_open else value <= high)
         if not ok:
-            raise InvalidArgumentError(
-                f"`{name}` must be in [{low:g}, {high:g}{closing}. {received(name, value)}"
-            )
+            raise InvalidArgumentError(f"`{name}` must be in [{low:g}, {high:g}{closing}. {received(name, value)}")
         return value
 
     return check
@@ -138,8 +138,7 @@ def ema_overwrite_frequency(name: str, value: Any) -> Any:
         return None
     if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
         raise InvalidArgumentError(
-            "`ema_overwrite_frequency` must be an integer >= 1 or None. "
-            f"Received: ema_overwrite_frequency={value!r}"
+            f"`ema_overwrite_frequency` must be an integer >= 1 or None. Received: ema_overwrite_frequency={value!r}"
         )
     return value
 
