@@ -77,6 +77,7 @@ class ClientBase(abc.ABC):
         transport_factory: TransportFactory | None = None,
         tls: Any = None,
         token: Any = None,
+        retry_window_s: float | None = None,
     ):
         addresses = parse_addresses(address)
         check_non_negative("timeout", timeout, allow_none=True)
@@ -95,7 +96,8 @@ class ClientBase(abc.ABC):
         self.max_backoff = max(max_backoff, backoff)
         self.steps = step_tracker if step_tracker is not None else StepTracker()
         self._closed = False
-        retry = RetryPolicy(retries, backoff, self.max_backoff, attempt_timeout)
+        check_non_negative("retry_window_s", retry_window_s, allow_none=True)
+        retry = RetryPolicy(retries, backoff, self.max_backoff, attempt_timeout, retry_window_s)
         self._connect(addresses, retry, options, transport_factory or grpc_transport(tls, token))
 
     @abc.abstractmethod

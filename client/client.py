@@ -123,6 +123,9 @@ class Client(ClientBase):
             (default: :class:`~optserve.client.transport.GrpcTransport`).
         tls, token: TLS settings and bearer token (``optserve.client.security``);
             None reads them from ``OPTSERVE_TLS_*`` and ``OPTSERVE_TOKEN``.
+        retry_window_s: keep retrying a server that is unavailable for this many
+            seconds (e.g. 300 to wait through a container restart), logging that
+            it waits; None (the default): ``retries`` attempts only.
     """
 
     transport: Transport

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -109,6 +110,8 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
+log = logging.getLogger("optserve.client")
+
 # --------------------------------------------------------------------------- channel and errors
 
 
@@ -152,27 +155,37 @@ class RetryPolicy:
     backoff: float = 0.2  # first pause (seconds), doubled each time, with jitter
     max_backoff: float = 5.0
     attempt_timeout: float | None = None  # deadline of one attempt; None: the call's whole budget
+    # Keep retrying an unavailable server for this long (seconds), however many attempts that
+    # takes: a server restarting (a container restart) is waited for. None: ``retries`` alone.
+    retry_window_s: float | None = None
 
     def run(self, attempt: Callable[[float | None], T], timeout: float | None) -> T:
         """``attempt(deadline_seconds)`` with retries; any gRPC failure becomes an OptserveError."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        window_ends = None if self.retry_window_s is None else time.monotonic() + self.retry_window_s
         delay = self.backoff
-        for attempt_number in range(self.retries + 1):
+        attempt_number = 0
+        while True:
             attempt_timeout = self._attempt_timeout(deadline)
             started = time.monotonic()
             try:
                 return attempt(attempt_timeout)
             except grpc.RpcError as rpc_error:
                 error = error_from_rpc(rpc_error)
-                last_attempt = attempt_number == self.retries
+                waiting = error.code == "UNAVAILABLE" and window_ends is not None and time.monotonic() < window_ends
+                last_attempt = attempt_number >= self.retries and not waiting
                 if last_attempt or not self._retryable(error, started, attempt_timeout, deadline):
                     raise error from None
+                if waiting and window_ends is not None and attempt_number == self.retries:
+                    log.warning(
+                        "%s; waiting for the server for up to %.0f s more.", error, window_ends - time.monotonic()
+                    )
+            attempt_number += 1
             pause = min(delay, self.max_backoff) * random.uniform(0.5, 1.0)
             if deadline is not None:
                 pause = min(pause, max(0.0, deadline - time.monotonic()))
             time.sleep(pause)
             delay *= 2
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def _attempt_timeout(self, deadline: float | None) -> float | None:
         remaining = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -589,3 +589,35 @@ def test_error_from_rpc_maps_every_listed_code():
         error = error_from_rpc(FakeRpcError(code))
         assert isinstance(error, kind) and isinstance(error, OptserveError)
         assert error.code == code.name and str(error) == "why"
+
+
+def test_a_retry_window_waits_for_a_server_that_comes_up_later(caplog):
+    """`retry_window_s` keeps retrying an unavailable server (a container restart) past `retries`."""
+    import threading
+    import time
+
+    from test_failures import free_port
+
+    from optserve.server.app import start_server
+
+    port = free_port()
+    started = []
+
+    def start_later():
+        time.sleep(1.5)
+        started.append(start_server(host="127.0.0.1", port=port, device="cpu"))
+
+    thread = threading.Thread(target=start_later)
+    thread.start()
+    try:
+        with caplog.at_level("WARNING", logger="optserve.client"):
+            with Client(f"127.0.0.1:{port}", retries=1, backoff=0.05, max_backoff=0.2, retry_window_s=60) as client:
+                assert client.health() == "SERVING"
+        assert "waiting for the server" in caplog.text
+    finally:
+        thread.join()
+        for server in started:
+            server.stop()
+    with Client(f"127.0.0.1:{port}", retries=1, backoff=0.05, timeout=5) as client:
+        with pytest.raises(UnavailableError):
+            client.health()  # no window: two attempts, then the error
