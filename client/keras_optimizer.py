@@ -67,6 +67,7 @@ from optserve.client.remote_job import (
     check_job_arguments,
     check_resume,
     check_server_layout,
+    job_config,
     match_variables,
 )
 from optserve.client.steps import StepTracker
@@ -216,19 +217,7 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         return json.loads(self._wrapped_config_json)
 
     def get_config(self):
-        return {
-            "name": self.name,
-            "optimizer": self.wrapped_config,
-            "address": self.address,
-            "model_id": self.model_id,
-            "num_workers": self.num_workers,
-            "worker_index": self.worker_index,
-            "mode": self.mode,
-            "sync_timeout_s": self.sync_timeout_s,
-            "timeout": self.timeout,
-            "retry_window_s": self.retry_window_s,
-            "tls": self._tls.to_config() if isinstance(self._tls, security.TLSOptions) else self._tls,
-        }
+        return {**job_config(self), "retry_window_s": self.retry_window_s}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):

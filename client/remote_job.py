@@ -18,6 +18,7 @@ __all__ = [
     "match_variables",
     "check_resume",
     "server_config",
+    "job_config",
     "PulledValues",
     "is_int",
     "is_number",
@@ -115,6 +116,30 @@ def match_variables(model_id, info, names, values) -> list[str]:
             f"{model_id}`), or use another `model_id`."
         )
     return [entry[0] for entry in server]
+
+
+def job_config(optimizer) -> dict:
+    """The job entries of a remote optimizer's `get_config()`, the same for both Keras.
+
+    TLS settings are kept as file paths (None when they were given as bytes); the
+    token never is, so `model.save` does not store a secret: a loaded model reads
+    `OPTSERVE_TOKEN`.
+    """
+    from optserve.client import security
+
+    tls = optimizer._tls
+    return {
+        "name": optimizer.name,
+        "optimizer": optimizer.wrapped_config,
+        "address": optimizer.address,
+        "model_id": optimizer.model_id,
+        "num_workers": optimizer.num_workers,
+        "worker_index": optimizer.worker_index,
+        "mode": optimizer.mode,
+        "sync_timeout_s": optimizer.sync_timeout_s,
+        "timeout": optimizer.timeout,
+        "tls": tls.to_config() if isinstance(tls, security.TLSOptions) else tls,
+    }
 
 
 def server_config(class_name: str, config: dict, schedule_module: str = "keras.optimizers.schedules") -> dict:

@@ -37,6 +37,7 @@ from optserve.client.remote_job import (
     check_job_arguments,
     check_server_layout,
     check_unique_names,
+    job_config,
     server_config,
 )
 
@@ -132,19 +133,7 @@ class RemoteOptimizer(tf_keras.optimizers.Optimizer):
         return json.loads(self._wrapped_config_json)
 
     def get_config(self):
-        return {
-            "name": self.name,
-            "optimizer": self.wrapped_config,
-            "address": self.address,
-            "model_id": self.model_id,
-            "num_workers": self.num_workers,
-            "worker_index": self.worker_index,
-            "mode": self.mode,
-            "sync_timeout_s": self.sync_timeout_s,
-            "timeout": self.timeout,
-            # File paths only; the token never (a loaded model reads OPTSERVE_TOKEN).
-            "tls": self._tls.to_config() if isinstance(self._tls, security.TLSOptions) else self._tls,
-        }
+        return job_config(self)
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
