@@ -24,45 +24,25 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import statistics
-import subprocess
 import sys
 import threading
 import time
 
+import bench_rpc
 import numpy as np
 
 from optserve.client import Client
 from optserve.server.limits import parse_byte_size
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 MiB = 1 << 20
 
 
-class ServerProcess:
+class ServerProcess(bench_rpc.ServerProcess):
+    """The benchmarks' server, whose memory this benchmark reads from /proc."""
+
     def __init__(self, *flags: str):
-        command = [
-            sys.executable,
-            "-m",
-            "optserve.server",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--device",
-            "cpu",
-            "--log-level",
-            "ERROR",
-            *flags,
-        ]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        line = self.process.stdout.readline().strip()
-        if not line.startswith("optserve listening on "):
-            self.process.kill()
-            raise RuntimeError(f"The server did not start; it printed {line!r}")
-        self.address = line.rsplit(" ", 1)[1]
+        super().__init__(*flags, log_level="ERROR")
 
     def status(self, key: str) -> int:
         with open(f"/proc/{self.process.pid}/status") as status:
@@ -71,17 +51,6 @@ class ServerProcess:
     def reset_peak(self) -> None:
         with open(f"/proc/{self.process.pid}/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
-
-    def __enter__(self) -> ServerProcess:
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 def memory_case(size: int) -> list[dict]:

@@ -168,18 +168,22 @@ def bare_grpc_gbps(nbytes: int, repeats: int) -> float:
 
 
 class ServerProcess:
-    def __init__(self, *extra_args: str):
+    """One ``optserve serve`` child on a free loopback port (the benchmarks' server)."""
+
+    def __init__(self, *extra_args: str, log_level: str = "WARNING"):
         command = [
             sys.executable,
             "-m",
             "optserve.server",
             "serve",
+            "--host",
+            "127.0.0.1",
             "--port",
             "0",
             "--device",
             "cpu",
             "--log-level",
-            "WARNING",
+            log_level,
             *extra_args,
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
@@ -189,9 +193,19 @@ class ServerProcess:
             raise RuntimeError(f"server did not start: {line!r}")
         self.address = line.rsplit(" ", 1)[1]
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30) -> None:
         self.process.terminate()
-        self.process.wait(timeout=30)
+        try:
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop(timeout=60)
 
 
 def _passthrough(message) -> bytes:

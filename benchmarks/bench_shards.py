@@ -25,54 +25,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
 import numpy as np
+from bench_rpc import ServerProcess
 
 from optserve.client import Client
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 MB = 1 << 20
 ROW_ELEMENTS = 256  # every variable is (rows, 256) or a bias vector
 SERVER_START_TIMEOUT_S = 60.0
-
-
-class ServerProcess:
-    """One ``optserve serve`` child on a free port."""
-
-    def __init__(self):
-        command = [
-            sys.executable,
-            "-m",
-            "optserve.server",
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--device",
-            "cpu",
-            "--log-level",
-            "WARNING",
-        ]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
-        line = self.process.stdout.readline().strip()
-        if not line.startswith("optserve listening on "):
-            self.process.kill()
-            raise RuntimeError(f"The server did not start; it printed {line!r}")
-        self.address = line.rsplit(" ", 1)[1]
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
 
 
 def model_variables(total_bytes: int, count: int, seed: int = 0) -> dict[str, np.ndarray]:
