@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from typing import NoReturn
 
-from optserve.client.shard_layout import PART_NAME, SHARD_MODEL_ID, ShardedModel, plan_for_optimizer
+from optserve.client.shard_layout import (
+    PART_NAME,
+    SHARD_MODEL_ID,
+    ShardedModel,
+    needs_joint_norm,
+    plan_for_optimizer,
+)
 from optserve.client.types import ModelInfo, VariableInfo
 from optserve.protos.errors import FailedPreconditionError, NotFoundError
 
@@ -47,7 +53,8 @@ def discover(
         )
     config = next(info.optimizer_config for info in infos if info is not None)
     plan = plan_for_optimizer(specs, len(addresses), config)
-    model = ShardedModel(model_id, plan, order, next(info.mode for info in infos if info is not None))
+    mode = next(info.mode for info in infos if info is not None)
+    model = ShardedModel(model_id, plan, order, mode, needs_joint_norm(config))
     placed = [sorted(p.part_name for p in shard) for shard in plan.shards]
     held = [sorted(v.name for v in info.variables) if info is not None else [] for info in infos]
     if model.fingerprint != fingerprint or placed != held:

@@ -66,23 +66,44 @@ def _splits_exactly(config: Any) -> bool:
     options = _optimizer_options(config)
     if optimizer_class_name(config).lower() not in ELEMENTWISE_OPTIMIZERS:
         return False
-    if options.get("clipnorm") is not None:
-        return False  # the norm of a part is not the norm of the variable
+    if options.get("clipnorm") is not None or options.get("global_clipnorm") is not None:
+        return False  # the norm of a part is not the norm of the variable, bit for bit
     return not any(options.get(key) for key in EXCLUSION_KEYS)
+
+
+def needs_joint_norm(config: Any) -> bool:
+    """Whether updates clip by a norm over all variables (a two-phase step on several shards)."""
+    return _optimizer_options(config).get("global_clipnorm") is not None
+
+
+def check_sharded_optimizer(config: Any, num_shards: int, mode: str) -> None:
+    """Refuse, before anything is created, what several shards cannot compute as one server does."""
+    if num_shards <= 1:
+        return
+    name = optimizer_class_name(config)
+    if name.lower() in ("lossscaleoptimizer", "loss_scale_optimizer"):
+        raise ValueError(
+            "A LossScaleOptimizer skips a step when any gradient of the model is not finite and changes its scale "
+            f"then, which no shard of {num_shards} can decide alone. Use one server, or a fixed "
+            "`loss_scale_factor`. Received: optimizer LossScaleOptimizer"
+        )
+    options = _optimizer_options(config)
+    if needs_joint_norm(config) and mode == "async" and options.get("gradient_accumulation_steps"):
+        raise ValueError(
+            "`global_clipnorm` with `gradient_accumulation_steps` needs mode 'sync' on several shards: in "
+            "async mode which push ends an accumulation cycle depends on arrival order at each shard. "
+            f"Received: mode='async', gradient_accumulation_steps={options['gradient_accumulation_steps']}"
+        )
 
 
 def plan_for_optimizer(variables: Mapping[str, Any], num_shards: int, optimizer: Any) -> ShardPlan:
     """The placement of ``variables`` on ``num_shards`` shards for this optimizer config.
 
-    Raises ValueError for ``global_clipnorm`` with more than one shard.
+    Variables are kept whole unless the optimizer's update splits exactly: ``clipnorm``,
+    ``global_clipnorm`` (each variable's sum of squares must be the one server's, bit for bit),
+    weight-decay exclusion patterns and the optimizers whose update is not elementwise.
     """
     config = json.loads(optimizer_config_json(optimizer))
-    if num_shards > 1 and _optimizer_options(config).get("global_clipnorm") is not None:
-        raise ValueError(
-            "`global_clipnorm` clips by the norm over all variables, but with "
-            f"{num_shards} shards each server sees only its own variables. Use `clipnorm` or "
-            f"`clipvalue`, or one shard. Received: global_clipnorm={_optimizer_options(config)['global_clipnorm']}"
-        )
     threshold = None if _splits_exactly(config) else KEEP_WHOLE_THRESHOLD
     return plan_placement(variables, num_shards, split_threshold_bytes=threshold)
 
@@ -101,6 +122,7 @@ class ShardedModel:
     plan: ShardPlan
     order: tuple[str, ...]  # variable names in creation order
     mode: str = "sync"  # "sync" | "async"
+    joint_norm: bool = False  # updates clip by global_clipnorm: pushes go in two phases
 
     @property
     def piece_model_id(self) -> str:

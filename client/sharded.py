@@ -99,14 +99,17 @@ from optserve.client.shard_layout import (
     ShardedModelInfo,
     check_like_variables,
     check_scalar_dtypes,
+    check_sharded_optimizer,
     consistent,
     known_names,
     merged_step_result,
+    needs_joint_norm,
     plan_for_optimizer,
     shard_model_ids,
     state_key,
 )
 from optserve.client.transport import RetryPolicy, Transport
+from optserve.client.two_phase import commit_step, join_terms, push_held
 from optserve.client.types import (
     ModelInfo,
     ModelSpec,
@@ -247,8 +250,9 @@ class ShardedClient(ClientBase):
                 f"(the shards add a suffix). Received: {len(model_id)} characters"
             )
         config = json.loads(spec.optimizer_config_json)
+        check_sharded_optimizer(config, self.num_shards, spec.mode)
         plan = plan_for_optimizer(variables, self.num_shards, config)
-        model = ShardedModel(model_id, plan, tuple(variables), spec.mode)
+        model = ShardedModel(model_id, plan, tuple(variables), spec.mode, needs_joint_norm(config))
         check_scalar_dtypes(model, config)
         self._refuse_other_placements(model, self._listings(timeout))
         values = plan.split(variables)
@@ -448,6 +452,9 @@ class ShardedClient(ClientBase):
         timeout: float | None,
     ) -> tuple[StepResult, dict[str, np.ndarray]]:
         model, per_shard = prepared
+        if model.joint_norm and len(model.active_shards) > 1:
+            answers = self._push_two_phase(model, per_shard, worker_index, step, aggregated, return_variables, timeout)
+            return self._merged_push(model, answers, return_variables)
 
         def push(index: int) -> tuple[StepResult, dict[str, np.ndarray]]:
             return self.transports[index].apply_gradients(
@@ -460,7 +467,11 @@ class ShardedClient(ClientBase):
                 timeout=timeout,
             )
 
-        answers = self._on_shards(push, model.active_shards, model_id)
+        return self._merged_push(model, self._on_shards(push, model.active_shards, model_id), return_variables)
+
+    def _merged_push(
+        self, model: ShardedModel, answers: list[tuple[StepResult, dict]], return_variables: bool
+    ) -> tuple[StepResult, dict[str, np.ndarray]]:
         result = merged_step_result(model, [result for result, _ in answers])
         if not return_variables:
             return result, {}
@@ -468,6 +479,66 @@ class ShardedClient(ClientBase):
         for index, (_, values) in zip(model.active_shards, answers):
             parts[index] = values
         return result, model.in_order(model.plan.join(parts))
+
+    def _push_two_phase(
+        self,
+        model: ShardedModel,
+        per_shard: list[dict[str, Gradient]],
+        worker_index: int,
+        step: int,
+        aggregated: bool,
+        return_variables: bool,
+        timeout: float | None,
+    ) -> list[tuple[StepResult, dict[str, np.ndarray]]]:
+        """Push held on every shard, then commit the joint norm terms where the step is held.
+
+        (See optserve.client.two_phase.) A failure between the phases leaves the client's
+        step where it was: pushing it again answers with the same terms on the shards that
+        still hold it or applied it, and commits the rest.
+        """
+        shards = model.active_shards
+
+        def push(index: int):
+            return push_held(
+                self.transports[index],
+                model.piece_model_id,
+                per_shard[index],
+                worker_index=worker_index,
+                step=step,
+                aggregated=aggregated,
+                return_variables=return_variables,
+                timeout=timeout,
+            )
+
+        pushed = self._on_shards(push, shards, model.model_id)
+        answers = {index: (result, values) for index, (result, _, values) in zip(shards, pushed)}
+        joints = [joint for _, joint, _ in pushed]
+        if any(joint is not None for joint in joints):
+            terms = join_terms(model.model_id, model.order, joints, shards)
+            holding = [index for index, joint in zip(shards, joints) if joint is not None and joint.held]
+
+            def commit(index: int):
+                return commit_step(
+                    self.transports[index],
+                    model.piece_model_id,
+                    terms,
+                    worker_index=worker_index,
+                    step=step,
+                    return_variables=return_variables,
+                    timeout=timeout,
+                )
+
+            for index, (result, values) in zip(holding, self._on_shards(commit, holding, model.model_id)):
+                # The push's own standing in the step (contributors, duplicate) is phase 1's.
+                first = answers[index][0]
+                result = dataclasses.replace(
+                    result,
+                    duplicate=first.duplicate,
+                    contributors=first.contributors,
+                    missing_workers=first.missing_workers,
+                )
+                answers[index] = (result, values)
+        return [answers[index] for index in shards]
 
     def _check_every_shard_counts_the_step(self, model: ShardedModel, per_shard: list[dict]) -> None:
         """Refuse, before sending anything, a push that would leave a shard's step behind."""

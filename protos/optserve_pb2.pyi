@@ -104,20 +104,22 @@ class CreateModelResponse(_message.Message):
     def __init__(self, created: _Optional[bool] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ApplyGradientsHeader(_message.Message):
-    __slots__ = ("model_id", "worker_index", "step", "aggregated", "return_variables", "num_gradients")
+    __slots__ = ("model_id", "worker_index", "step", "aggregated", "return_variables", "num_gradients", "hold_for_joint_norm")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_INDEX_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     AGGREGATED_FIELD_NUMBER: _ClassVar[int]
     RETURN_VARIABLES_FIELD_NUMBER: _ClassVar[int]
     NUM_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    HOLD_FOR_JOINT_NORM_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     worker_index: int
     step: int
     aggregated: bool
     return_variables: bool
     num_gradients: int
-    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ..., step: _Optional[int] = ..., aggregated: _Optional[bool] = ..., return_variables: _Optional[bool] = ..., num_gradients: _Optional[int] = ...) -> None: ...
+    hold_for_joint_norm: bool
+    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ..., step: _Optional[int] = ..., aggregated: _Optional[bool] = ..., return_variables: _Optional[bool] = ..., num_gradients: _Optional[int] = ..., hold_for_joint_norm: _Optional[bool] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
     __slots__ = ("header", "gradients", "sparse_gradients")
@@ -138,7 +140,7 @@ class SparseGradient(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dense_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors", "missing_workers", "skipped_non_finite", "non_finite_variables", "generation")
+    __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors", "missing_workers", "skipped_non_finite", "non_finite_variables", "generation", "joint_norm")
     STEP_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +150,7 @@ class StepResult(_message.Message):
     SKIPPED_NON_FINITE_FIELD_NUMBER: _ClassVar[int]
     NON_FINITE_VARIABLES_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    JOINT_NORM_FIELD_NUMBER: _ClassVar[int]
     step: int
     iterations: int
     learning_rate: float
@@ -157,7 +160,26 @@ class StepResult(_message.Message):
     skipped_non_finite: bool
     non_finite_variables: _containers.RepeatedScalarFieldContainer[str]
     generation: ServerGeneration
-    def __init__(self, step: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., duplicate: _Optional[bool] = ..., contributors: _Optional[_Iterable[int]] = ..., missing_workers: _Optional[_Iterable[int]] = ..., skipped_non_finite: _Optional[bool] = ..., non_finite_variables: _Optional[_Iterable[str]] = ..., generation: _Optional[_Union[ServerGeneration, _Mapping]] = ...) -> None: ...
+    joint_norm: JointNormTerms
+    def __init__(self, step: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., duplicate: _Optional[bool] = ..., contributors: _Optional[_Iterable[int]] = ..., missing_workers: _Optional[_Iterable[int]] = ..., skipped_non_finite: _Optional[bool] = ..., non_finite_variables: _Optional[_Iterable[str]] = ..., generation: _Optional[_Union[ServerGeneration, _Mapping]] = ..., joint_norm: _Optional[_Union[JointNormTerms, _Mapping]] = ...) -> None: ...
+
+class NormTerm(_message.Message):
+    __slots__ = ("name", "dtype", "sum_squares")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SUM_SQUARES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    sum_squares: float
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., sum_squares: _Optional[float] = ...) -> None: ...
+
+class JointNormTerms(_message.Message):
+    __slots__ = ("terms", "held")
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    HELD_FIELD_NUMBER: _ClassVar[int]
+    terms: _containers.RepeatedCompositeFieldContainer[NormTerm]
+    held: bool
+    def __init__(self, terms: _Optional[_Iterable[_Union[NormTerm, _Mapping]]] = ..., held: _Optional[bool] = ...) -> None: ...
 
 class ServerGeneration(_message.Message):
     __slots__ = ("server_id", "restored_checkpoint")
@@ -341,6 +363,20 @@ class DeleteModelResponse(_message.Message):
     DELETED_FIELD_NUMBER: _ClassVar[int]
     deleted: bool
     def __init__(self, deleted: _Optional[bool] = ...) -> None: ...
+
+class CommitStepRequest(_message.Message):
+    __slots__ = ("model_id", "worker_index", "step", "terms", "return_variables")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    TERMS_FIELD_NUMBER: _ClassVar[int]
+    RETURN_VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    worker_index: int
+    step: int
+    terms: _containers.RepeatedCompositeFieldContainer[NormTerm]
+    return_variables: bool
+    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ..., step: _Optional[int] = ..., terms: _Optional[_Iterable[_Union[NormTerm, _Mapping]]] = ..., return_variables: _Optional[bool] = ...) -> None: ...
 
 class CheckpointRequest(_message.Message):
     __slots__ = ()

@@ -74,6 +74,11 @@ class ParameterServerStub:
                 request_serializer=optserve_dot_protos_dot_optserve__pb2.CheckpointRequest.SerializeToString,
                 response_deserializer=optserve_dot_protos_dot_optserve__pb2.CheckpointResponse.FromString,
                 _registered_method=True)
+        self.CommitStep = channel.unary_stream(
+                '/optserve.v1.ParameterServer/CommitStep',
+                request_serializer=optserve_dot_protos_dot_optserve__pb2.CommitStepRequest.SerializeToString,
+                response_deserializer=optserve_dot_protos_dot_optserve__pb2.ApplyGradientsResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -127,6 +132,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CommitStep(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +180,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.Checkpoint,
                     request_deserializer=optserve_dot_protos_dot_optserve__pb2.CheckpointRequest.FromString,
                     response_serializer=optserve_dot_protos_dot_optserve__pb2.CheckpointResponse.SerializeToString,
+            ),
+            'CommitStep': grpc.unary_stream_rpc_method_handler(
+                    servicer.CommitStep,
+                    request_deserializer=optserve_dot_protos_dot_optserve__pb2.CommitStepRequest.FromString,
+                    response_serializer=optserve_dot_protos_dot_optserve__pb2.ApplyGradientsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +403,33 @@ class ParameterServer:
             '/optserve.v1.ParameterServer/Checkpoint',
             optserve_dot_protos_dot_optserve__pb2.CheckpointRequest.SerializeToString,
             optserve_dot_protos_dot_optserve__pb2.CheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CommitStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/optserve.v1.ParameterServer/CommitStep',
+            optserve_dot_protos_dot_optserve__pb2.CommitStepRequest.SerializeToString,
+            optserve_dot_protos_dot_optserve__pb2.ApplyGradientsResponse.FromString,
             options,
             channel_credentials,
             insecure,

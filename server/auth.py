@@ -302,6 +302,7 @@ RPC_RULES: dict[str, Rule] = {
     "GetWeights": Rule(READER, "model", lambda m: m.model_id),
     "CreateModel": Rule(WORKER, "model", lambda m: _field(m, "spec", "model_id")),
     "ApplyGradients": Rule(WORKER, "model", lambda m: _field(m, "header", "model_id")),
+    "CommitStep": Rule(WORKER, "model", lambda m: m.model_id),
     "SetWeights": Rule(ADMIN, "model", lambda m: m.model_id, right=SET_WEIGHTS, audited=True),
     "DeleteModel": Rule(ADMIN, "model", lambda m: m.model_id, audited=True),
     "Checkpoint": Rule(ADMIN, "all", audited=True),

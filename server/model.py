@@ -60,6 +60,7 @@ from optserve.server.limits import (
     state_bytes,
     worker_list,
 )
+from optserve.server.two_phase import TwoPhaseSteps, apply_with_joint_norm, non_finite_terms
 from optserve.server.usage import Activity
 
 log = logging.getLogger(__name__)
@@ -308,6 +309,7 @@ class StepOutcome:
     missing: tuple[int, ...] = ()  # workers left out of a step applied under APPLY_PARTIAL
     variables: dict | None = None  # {name: array} after the update, when asked for
     non_finite: tuple[str, ...] = ()  # skip_step: the step was skipped; these variables were not finite
+    joint_norm: Any = None  # optserve.server.two_phase.JointNorm: a two-phase step's terms
     # Shared by the outcomes of every waiter of one step (dataclasses.replace keeps it), so
     # work done once per step for the answer (encoding the variables) can be reused.
     memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -349,6 +351,7 @@ class _PendingStep:
         self.contributors: list[int] = []
         self.sums: dict[str, np.ndarray] = {}
         self.return_variables = False
+        self.hold = False  # hold for the joint norm (optserve.server.two_phase)
         self.future: asyncio.Future = loop.create_future()
         # Waiters may all have hung up; the result must not warn as "never retrieved".
         self.future.add_done_callback(_retrieve)
@@ -454,6 +457,7 @@ class Model:
         self.activity = ModelActivity()
         # The registry's reservation of this model's state in the server's memory budget.
         self.memory: Any = None  # optserve.server.limits.Reservation, given by the registry
+        self.two_phase = TwoPhaseSteps(self)  # updates held for a sharded model's global norm
 
     @classmethod
     async def create(
@@ -518,6 +522,9 @@ class Model:
             reasons.append(
                 f"workers {sorted(self._pending.contributors)} pushed step {self._pending.step} and wait for the others"
             )
+        held = self.two_phase.held_description()
+        if held:
+            reasons.append(held)
         calls = self.usage.calls_in_flight
         if calls:
             reasons.append(f"{calls} call{'s' if calls != 1 else ''} in flight")
@@ -600,10 +607,12 @@ class Model:
         *,
         aggregated: bool = False,
         return_variables: bool = False,
+        hold_for_joint_norm: bool = False,
     ) -> StepOutcome:
         """Contribute one worker's gradients for ``step``; returns once the step is applied.
 
         Takes ownership of the gradient arrays (a sync step sums into them in place).
+        ``hold_for_joint_norm``: see optserve.server.two_phase (answered held, applied by ``commit``).
         """
         self.check_push_header(worker, step)
         self.check_gradients(gradients)
@@ -612,19 +621,19 @@ class Model:
             self._refuse_non_finite(worker, step, await self._run(non_finite_names, gradients))
         started = time.perf_counter()
         try:
-            return await self._push(worker, step, gradients, aggregated, return_variables)
+            return await self._push(worker, step, gradients, aggregated, return_variables, hold_for_joint_norm)
         finally:
             self.activity.pushed(time.perf_counter() - started)
 
-    async def _push(self, worker, step, gradients, aggregated, return_variables) -> StepOutcome:
+    async def _push(self, worker, step, gradients, aggregated, return_variables, hold=False) -> StepOutcome:
         payload = _nbytes(gradients.values())
         if self.spec.mode == ASYNC:
-            outcome = await self._exclusive(lambda: self._push_async(worker, step, gradients, return_variables))
+            outcome = await self._exclusive(lambda: self._push_async(worker, step, gradients, return_variables, hold))
             self.events.pushed(payload, outcome.duplicate)
             self.events.sent(_nbytes((outcome.variables or {}).values()))
             return outcome
         future, duplicate = await self._exclusive(
-            lambda: self._push_sync(worker, step, gradients, aggregated, return_variables)
+            lambda: self._push_sync(worker, step, gradients, aggregated, return_variables, hold)
         )
         self.events.pushed(payload, duplicate)
         waiting_since = time.perf_counter()
@@ -668,14 +677,24 @@ class Model:
                     f"but the variable has {var.describe()}; send gradients of the variable's shape and dtype."
                 )
 
-    async def _push_sync(self, worker, step, gradients, aggregated, return_variables):
+    async def _push_sync(self, worker, step, gradients, aggregated, return_variables, hold=False):
         """Holding the lock: answer, merge or apply one push. Returns (future of the outcome, duplicate)."""
         self._ensure_open()
         if step < self._step:
             return await self._answer_completed_step(worker, step, return_variables), True
         if step > self._step:
             raise self._future_step_error(worker, step)
+        held = self.two_phase.answer_push(worker, step)
+        if held is not None:
+            return _done_future(held), True
         pending = self._pending
+        if pending is not None and pending.contributors and pending.hold != hold:
+            raise FailedPreconditionError(
+                f"Worker {worker}'s push for step {step} {'asks' if hold else 'does not ask'} to hold for the joint "
+                "norm, unlike the pushes already in the step; every worker of a sharded model must push the same "
+                "way (use the same client).",
+                details={"current_step": self._step},
+            )
         if pending is not None and worker in pending.contributors:
             pending.return_variables |= return_variables
             return pending.future, True
@@ -687,10 +706,11 @@ class Model:
                     "of a model must push the same way (aggregated or not).",
                     details={"current_step": self._step},
                 )
-            outcome = await self._apply_step(step, gradients, (worker,), (), aggregated, return_variables)
+            outcome = await self._apply_step(step, gradients, (worker,), (), aggregated, return_variables, hold=hold)
             return _done_future(outcome), False
         if pending is None:
             pending = self._open_step(step)
+            pending.hold = hold
         try:
             await self._run(pending.accumulate, gradients)
         except BaseException as exc:
@@ -708,27 +728,54 @@ class Model:
             await self._complete(pending, missing=())
         return pending.future, False
 
-    async def _push_async(self, worker, step, gradients, return_variables) -> StepOutcome:
+    async def _push_async(self, worker, step, gradients, return_variables, hold=False) -> StepOutcome:
         self._ensure_open()
         recent = self._recent_async.setdefault(worker, _RecentSteps())
         if step in recent:
             variables = await self._read_all_variables() if return_variables else None
-            return self._outcome((worker,), (), variables, duplicate=True)
-        outcome = await self._apply_step(step, gradients, (worker,), (), False, return_variables)
-        recent.add(step)
+            outcome = self._outcome((worker,), (), variables, duplicate=True)
+            return dataclasses.replace(outcome, joint_norm=self.two_phase.applied_norm(worker, step))
+        held = self.two_phase.answer_push(worker, step)
+        if held is not None:
+            return held
+        outcome = await self._apply_step(step, gradients, (worker,), (), False, return_variables, hold=hold)
+        if outcome.joint_norm is None:
+            recent.add(step)
         return outcome
 
-    async def _apply_step(self, step, gradients, contributors, missing, aggregated, return_variables) -> StepOutcome:
-        skipped = ()
+    def _count_async_push(self, worker: int, step: int) -> None:
+        """An ASYNC push applied by its commit (optserve.server.two_phase) counts as seen."""
+        self._recent_async.setdefault(worker, _RecentSteps()).add(step)
+
+    async def commit(self, worker: int, step: int, joint, return_variables: bool = False) -> StepOutcome:
+        """The second phase of a held step: apply it with ``joint``, every shard's norm terms."""
+        self.check_push_header(worker, step)
+        return await self._exclusive(lambda: self.two_phase.commit(worker, step, tuple(joint), return_variables))
+
+    async def _apply_step(
+        self, step, gradients, contributors, missing, aggregated, return_variables, hold=False, joint=None
+    ) -> StepOutcome:
+        if hold:
+            held = await self.two_phase.hold(
+                step, contributors[0], gradients, contributors, missing, aggregated, return_variables
+            )
+            if held is not None:
+                return held
+        skipped: tuple[str, ...] = ()
         if self.spec.non_finite_policy == SKIP_STEP and gradients:
             skipped = tuple(await self._run(non_finite_names, gradients))
+        if self.spec.non_finite_policy == SKIP_STEP and joint and not skipped:
+            skipped = non_finite_terms(joint)  # another shard's gradient was not finite: skip everywhere
         if skipped:
             log.warning("model %r step %d skipped: non-finite gradients in %s", self.model_id, step, _names(skipped))
         else:
             # Gradients for none of the variables (every push of the step was empty) still make a step.
             before = await self._read_all_variables() if self.activity.tracking else None
             started = time.perf_counter()
-            await self._run(functools.partial(self._engine.apply, dict(gradients), count_empty_step=True))
+            if joint is None:
+                await self._run(functools.partial(self._engine.apply, dict(gradients), count_empty_step=True))
+            else:
+                await self._run(apply_with_joint_norm, self._engine, dict(gradients), joint)
             self.events.applied(time.perf_counter() - started, partial=bool(missing))
             if before is not None:
                 self.activity.update_norm = await self._run(update_norm, before, await self._read_all_variables())
@@ -752,7 +799,7 @@ class Model:
         self._pending = None
         try:
             outcome = await self._apply_step(
-                pending.step, pending.sums, pending.contributors, missing, False, pending.return_variables
+                pending.step, pending.sums, pending.contributors, missing, False, pending.return_variables, pending.hold
             )
         except BaseException as exc:
             pending.fail(exc)
@@ -827,7 +874,8 @@ class Model:
                 details={"current_step": self._step},
             )
         variables = await self._read_all_variables() if return_variables else None
-        return _done_future(self._outcome(record.contributors, record.missing, variables))
+        outcome = self._outcome(record.contributors, record.missing, variables)
+        return _done_future(dataclasses.replace(outcome, joint_norm=self.two_phase.applied_norm(worker, step)))
 
     def _future_step_error(self, worker: int, step: int) -> FailedPreconditionError:
         return FailedPreconditionError(
@@ -1098,6 +1146,7 @@ class Model:
         return model
 
     def _notify(self, applied: int) -> None:
+        self.two_phase.state_changed()
         if self.on_change is not None:
             self.on_change(applied)
 
@@ -1111,6 +1160,7 @@ class Model:
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.fail(error)
+        self.two_phase.close()
 
     def _ensure_open(self) -> None:
         if self._closed is not None:

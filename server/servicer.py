@@ -52,6 +52,7 @@ from optserve.server.model import (
 )
 from optserve.server.registry import ModelRegistry
 from optserve.server.sparse import densify_gradients
+from optserve.server.two_phase import terms_from_messages
 
 log = logging.getLogger(__name__)
 
@@ -450,7 +451,17 @@ def _step_result(outcome: StepOutcome, generation: pb.ServerGeneration | None = 
         generation=generation,
         skipped_non_finite=bool(outcome.non_finite),
         non_finite_variables=outcome.non_finite,
+        joint_norm=_joint_norm(outcome.joint_norm),
     )
+
+
+def _joint_norm(joint) -> pb.JointNormTerms | None:
+    if joint is None:
+        return None
+    terms = [
+        pb.NormTerm(name=t.name, dtype=codec.dtype_to_proto(t.dtype), sum_squares=t.sum_squares) for t in joint.terms
+    ]
+    return pb.JointNormTerms(terms=terms, held=joint.held)
 
 
 def _model_info(summary: ModelSummary, generation: pb.ServerGeneration | None = None) -> pb.ModelInfo:
@@ -663,6 +674,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                         gradients,
                         aggregated=header.aggregated,
                         return_variables=header.return_variables,
+                        hold_for_joint_norm=header.hold_for_joint_norm,
                     )
                 except asyncio.CancelledError:
                     # Its push arrived whole, so it stays in the step: the worker (or its replacement)
@@ -691,6 +703,18 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 self._encode(pb.ApplyGradientsResponse(), "variables", _as_variables(values))
             )
         for message in await asyncio.shield(encoding):
+            yield message
+
+    @_translating_errors
+    async def CommitStep(self, request: pb.CommitStepRequest, context):
+        """The second phase of a two-phase step (optserve.server.two_phase)."""
+        bounds.check_counter("step", request.step, self.limits.limits)
+        model = self.registry.get(request.model_id)
+        joint = terms_from_messages(request.terms, codec.dtype_from_proto)
+        with model.usage.call(calls.PUSH, request.worker_index):
+            outcome = await model.commit(request.worker_index, request.step, joint, request.return_variables)
+        first = pb.ApplyGradientsResponse(result=_step_result(outcome, self._generation))
+        for message in await self._encode(first, "variables", _as_variables(outcome.variables or {})):
             yield message
 
     async def _densified(self, model, received: dict, declared: list) -> dict[str, np.ndarray]:

@@ -199,11 +199,14 @@ def _call_rpc(stub, rpc: str, model_id: str) -> None:
         "SetWeights": lambda: rpc_helpers.set_weights(stub, model_id, {("w", ""): np.zeros(4, np.float32)}),
         "DeleteModel": lambda: stub.DeleteModel(pb.DeleteModelRequest(model_id=model_id), timeout=20),
         "Checkpoint": lambda: stub.Checkpoint(pb.CheckpointRequest(), timeout=60),
+        # Nothing is held for a global norm: let through, it is refused as a step not held.
+        "CommitStep": lambda: list(stub.CommitStep(pb.CommitStepRequest(model_id=model_id), timeout=20)),
     }
     calls[rpc]()
 
 
 OK, DENIED, UNAUTHENTICATED = "OK", "PERMISSION_DENIED", "UNAUTHENTICATED"
+HELD = "FAILED_PRECONDITION"  # allowed, but the model holds no step for its global norm
 # The documented answer of every RPC for each caller, on a model of team-a.
 # "none" (no token, an unlisted certificate) and "bogus" (an unknown token) are UNAUTHENTICATED everywhere.
 EXPECTED = {
@@ -215,6 +218,7 @@ EXPECTED = {
     "SetWeights": {"reader-a": DENIED, "worker-a": DENIED, "admin-a": OK, "root": OK},
     "DeleteModel": {"reader-a": DENIED, "worker-a": DENIED, "admin-a": OK, "root": OK},
     "Checkpoint": {"reader-a": DENIED, "worker-a": DENIED, "admin-a": DENIED, "root": OK},
+    "CommitStep": {"reader-a": DENIED, "worker-a": HELD, "admin-a": HELD, "root": HELD},
 }
 CALLERS = ["reader-a", "worker-a", "admin-a", "root", "bogus", "none"]
 

@@ -218,18 +218,6 @@ def test_clipnorm_keeps_variables_whole_and_matches_one_shard(addresses):
     _assert_same_training(actual, expected)
 
 
-def test_global_clipnorm_is_refused_on_several_shards(addresses):
-    model_id = _model_id()
-    optimizer = {"class_name": "Adam", "config": {"global_clipnorm": 1.0}}
-    with Client(addresses[:2]) as client:
-        with pytest.raises(ValueError, match="`global_clipnorm`.*Use `clipnorm` or `clipvalue`, or one shard"):
-            client.create_model(model_id, optimizer, _variables())
-        with pytest.raises(NotFoundError):
-            client.list_models(model_id)
-    with Client(addresses[0]) as shard:
-        assert not [m for m in shard.list_models() if m.model_id.startswith(model_id)]
-
-
 # ---------------------------------------------------------------------------- one plan for every worker
 
 

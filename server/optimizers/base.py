@@ -227,6 +227,8 @@ class Optimizer:
         # Set by a LossScaleOptimizer wrapping this one: the dynamic scale that
         # divides the gradients, exactly where `loss_scale_factor` would.
         self.dynamic_loss_scale: float | None = None
+        # (dtype, per-variable sums of squares) of a whole sharded model, for one apply.
+        self.joint_norm_terms: tuple[Any, list[float]] | None = None
 
     # ------------------------------------------------------------------ config
     @classmethod
@@ -728,11 +730,17 @@ class Optimizer:
     def _clip_by_global_norm(self, gradients):
         # Keras: scale = clip * minimum(1 / norm, 1 / clip) + (norm - norm), in
         # the gradients' common dtype; a non-finite norm makes every gradient NaN.
-        dtype = np.result_type(*(variable.dtype for variable, _, _ in gradients)).type
+        # A shard of a sharded model gets every shard's sums (optserve.server.two_phase).
+        joint = self.joint_norm_terms
+        if joint is None:
+            dtype = np.result_type(*(variable.dtype for variable, _, _ in gradients)).type
+            sums = [self._backend.sum_squares(grad) for _, grad, _ in gradients]
+        else:
+            dtype, sums = joint
         clip_norm = self._config["global_clipnorm"]
         with np.errstate(all="ignore"):
             # np.sum over the stacked per-tensor sums, as Keras adds them.
-            squared = np.sum(np.array([self._backend.sum_squares(grad) for _, grad, _ in gradients], dtype=dtype))
+            squared = np.sum(np.array(sums, dtype=dtype))
             norm = np.sqrt(squared)
             scale = dtype(clip_norm) * np.minimum(dtype(1.0) / norm, dtype(1.0 / clip_norm)) + (norm - norm)
         scalars = {"scale": float(scale)}
