@@ -3,6 +3,7 @@
     python benchmarks/bench_shards.py                   # 64 MB of float32, Adam, 1/2/4 shards
     python benchmarks/bench_shards.py --quick           # fewer steps
     python benchmarks/bench_shards.py --shards 1,2,3 --total-mb 128 --optimizer sgd --json
+    python benchmarks/bench_shards.py --two-phase       # global_clipnorm's two-phase step vs none, 2 shards
 
 Every shard is its own ``python -m optserve.server serve --port 0 --device cpu``
 process; the client is ``optserve.client.Client(addresses)`` (a ShardedClient
@@ -15,6 +16,13 @@ Reported per shard count, after ``--warmup`` untimed steps:
 * ``steps/s``: completed push-apply-pull steps per second;
 * ``GB/s``: gradient bytes pushed plus variable bytes pulled per second;
 * ``vs 1 shard``: the ratio of steps/s to the first case (one shard).
+
+``--two-phase`` measures what ``global_clipnorm`` costs on several shards (a push
+held on every shard, its norm terms joined on the client, a CommitStep to every
+shard; see ``optserve.client.two_phase``): on ``--two-phase-shards`` shards (default
+2), the optimizer without clipping, then with ``global_clipnorm`` (which keeps every
+variable whole), then with ``clipnorm`` (also whole, one phase: the same placement
+and a norm per variable, so the difference to it is the second round trip).
 
 The shards share this machine's cores with each other and with the client, so
 the scaling shows what more processes buy on this host, not on separate hosts.
@@ -60,7 +68,7 @@ def model_variables(total_bytes: int, count: int, seed: int = 0) -> dict[str, np
     return variables
 
 
-def run_case(num_shards: int, variables: dict, optimizer: str, steps: int, warmup: int) -> dict:
+def run_case(num_shards: int, variables: dict, optimizer, steps: int, warmup: int, label: str = "") -> dict:
     servers = []
     try:
         for _ in range(num_shards):
@@ -86,6 +94,7 @@ def run_case(num_shards: int, variables: dict, optimizer: str, steps: int, warmu
     seconds = statistics.median(times)
     return {
         "shards": num_shards,
+        "case": label,
         "steps_per_s": 1 / seconds,
         "gbps": 2 * model_bytes / seconds / 1e9,
         "seconds_per_step": seconds,
@@ -104,6 +113,8 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     parser.add_argument("--quick", action="store_true", help="fewer timed steps")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--two-phase", action="store_true", help="global_clipnorm vs none on several shards")
+    parser.add_argument("--two-phase-shards", type=int, default=2, help="shards for --two-phase (default 2)")
     args = parser.parse_args(argv)
     counts = [int(part) for part in args.shards.split(",") if part.strip()]
     if not counts or min(counts) < 1:
@@ -119,8 +130,8 @@ def main(argv=None) -> int:
             flush=True,
         )
     results = []
-    for count in counts:
-        results.append(run_case(count, variables, args.optimizer, steps, args.warmup))
+    for count, optimizer, label in _cases(args, counts):
+        results.append(run_case(count, variables, optimizer, steps, args.warmup, label))
         if not args.json:
             _print_row(results[-1], results[0], header=len(results) == 1)
     if args.json:
@@ -142,16 +153,31 @@ def main(argv=None) -> int:
     return 0
 
 
+def _cases(args, counts: list[int]) -> list[tuple[int, object, str]]:
+    if not args.two_phase:
+        return [(count, args.optimizer, args.optimizer) for count in counts]
+    shards = args.two_phase_shards
+    # A norm that never clips: the numbers do not change, the protocol does.
+    clipped = {"class_name": args.optimizer, "config": {"global_clipnorm": 1e30}}
+    per_variable = {"class_name": args.optimizer, "config": {"clipnorm": 1e30}}
+    return [
+        (shards, args.optimizer, "none"),
+        (shards, clipped, "global_clipnorm"),
+        (shards, per_variable, "clipnorm"),
+    ]
+
+
 def _print_row(result: dict, baseline: dict, header: bool) -> None:
     if header:
         print(
-            f"{'shards':>6}  {'steps/s':>8}  {'ms/step':>8}  {'GB/s':>6}  "
-            f"{'vs ' + str(baseline['shards']) + ' shard':>11}"
+            f"{'case':>16}  {'shards':>6}  {'steps/s':>8}  {'ms/step':>8}  {'GB/s':>6}  "
+            f"{'vs first':>11}"
             f"  {'imbalance':>9}  {'split':>5}"
         )
     ratio = result["steps_per_s"] / baseline["steps_per_s"]
     print(
-        f"{result['shards']:>6}  {result['steps_per_s']:>8.2f}  {1000 * result['seconds_per_step']:>8.1f}  "
+        f"{result['case']:>16}  {result['shards']:>6}  {result['steps_per_s']:>8.2f}  "
+        f"{1000 * result['seconds_per_step']:>8.1f}  "
         f"{result['gbps']:>6.2f}  {ratio:>10.2f}x  {result['imbalance']:>9.3f}  {result['split_variables']:>5}",
         flush=True,
     )

@@ -283,4 +283,6 @@ def merged_step_result(model: ShardedModel, results: list[StepResult]) -> StepRe
         contributors=sorted({w for r in results for w in r.contributors}),
         missing_workers=sorted({w for r in results for w in r.missing_workers}),
         generation=ServerGeneration.combine([r.generation for r in results]),
+        skipped_non_finite=any(r.skipped_non_finite for r in results),
+        non_finite_variables=sorted({name for r in results for name in r.non_finite_variables}),
     )

@@ -55,12 +55,23 @@ throwaway probe model.
 **What sharding changes.**
 
 * ``global_clipnorm`` needs the norm over all variables, which no shard sees:
-  with more than one shard ``create_model`` raises ValueError (use
-  ``clipnorm``/``clipvalue``, or one shard).
-* ``clipnorm`` clips each variable by its own norm: variables are then kept
-  whole, never split. So are they when the config names weight-decay exclusion
-  patterns (a pattern such as ``"kernel$"`` would not match a part name), and
-  for optimizers whose update is not elementwise.
+  pushes then go in two phases (``optserve.client.two_phase``): every shard holds
+  its update and answers the sums of squares of its gradients, the client joins
+  them in the model's variable order and commits them to every shard, which
+  applies with the norm one server would take -- the same numbers, bit for bit,
+  for one or several workers, sync or async, with gradient accumulation (the norm
+  is taken when the accumulated gradient is applied) and ``loss_scale_factor``. A
+  push that failed between the phases is completed by pushing the step again.
+  Async mode with ``gradient_accumulation_steps`` is refused at ``create_model``
+  (ValueError): which push ends a cycle would depend on each shard's arrival order.
+* A LossScaleOptimizer is refused on several shards (ValueError): whether a step is
+  skipped depends on the gradients of every variable.
+* ``clipnorm`` and ``global_clipnorm`` take norms of whole variables: variables are
+  then kept whole, never split. So are they when the config names weight-decay
+  exclusion patterns (a pattern such as ``"kernel$"`` would not match a part name),
+  and for optimizers whose update is not elementwise (Lamb's trust ratio,
+  Adafactor's row and column statistics, Muon's Newton-Schulz iterations need the
+  whole variable; each variable lives on one shard, so they are exact).
 * Nadam keeps ``u_product`` in the dtype of the first variable; a model whose
   shards would start with variables of another dtype is refused (ValueError).
 * ``set_weights`` is checked on the client (names, shapes, slots, scalars)

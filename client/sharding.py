@@ -30,9 +30,9 @@ a part from a plan with a different split can never be taken for another part.
 Splitting changes what a per-tensor statistic means: with ``clipnorm`` each part
 would be clipped by its own norm. Callers that need exact Keras semantics must
 keep such variables whole (``split_threshold_bytes`` above the largest variable).
-``global_clipnorm`` differs with more than one shard even without splitting:
-each shard sees only its own variables, so the joint norm has to be computed
-across shards.
+``global_clipnorm`` needs the norm over every shard's variables: the sharded
+client takes it in a two-phase step (``optserve.client.two_phase``) and keeps
+variables whole so that each variable's sum of squares is exactly one server's.
 """
 
 from __future__ import annotations

@@ -153,6 +153,23 @@ def test_without_global_clipnorm_nothing_is_held(addresses):
         assert joint is None and result.step == 1  # applied at once, as without the flag
 
 
+def test_a_non_finite_gradient_on_one_shard_skips_the_step_on_every_shard(addresses):
+    variables = _variables()
+    runs = []
+    for shards in (addresses[:2], addresses[-1:]):
+        model_id = _model_id()
+        with Client(shards) as client:
+            client.create_model(model_id, ADAM, variables, non_finite_policy="skip_step")
+            client.push(model_id, _gradients(variables, 0))
+            poisoned = _gradients(variables, 1)
+            poisoned["output/bias"][3] = np.inf
+            result = client.push(model_id, poisoned)
+            assert result.skipped_non_finite and "output/bias" in result.non_finite_variables
+            client.push(model_id, _gradients(variables, 2))
+            runs.append(_final(client, model_id))
+    _assert_identical(*runs)
+
+
 # ---------------------------------------------------------------------------- failures between the phases
 
 
