@@ -275,6 +275,10 @@ UNARY = {
     "ListModels": (pb.ListModelsRequest(with_stats=True), False),
     "DeleteModel": (pb.DeleteModelRequest(model_id="missing"), False),
     "Checkpoint": (pb.CheckpointRequest(), False),
+    "CommitStep": (
+        pb.CommitStepRequest(model_id=TARGET, step=0, terms=[pb.NormTerm(name="w", dtype=pb.FLOAT32, sum_squares=1.0)]),
+        True,
+    ),
 }
 
 

@@ -217,6 +217,7 @@ def test_a_push_with_a_shape_other_than_the_variables_is_refused_before_it_is_re
         ("ListModels", False),
         ("DeleteModel", False),
         ("Checkpoint", False),
+        ("CommitStep", True),
     ],
 )
 def test_undecodable_bytes_on_unary_requests_are_invalid_argument(address, method, streaming_response):
