@@ -308,6 +308,7 @@ class StepOutcome:
     missing: tuple[int, ...] = ()  # workers left out of a step applied under APPLY_PARTIAL
     variables: dict | None = None  # {name: array} after the update, when asked for
     non_finite: tuple[str, ...] = ()  # skip_step: the step was skipped; these variables were not finite
+    scalars: dict = dataclasses.field(default_factory=dict)  # the optimizer-wide scalars after the update
     # Shared by the outcomes of every waiter of one step (dataclasses.replace keeps it), so
     # work done once per step for the answer (encoding the variables) can be reused.
     memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -850,6 +851,7 @@ class Model:
             contributors=tuple(sorted(contributors)),
             missing=tuple(missing),
             variables=variables,
+            scalars={k: float(v) for k, v in self._engine.get_scalars().items()},
         )
 
     # --------------------------------------------------------------- reads

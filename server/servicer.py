@@ -450,6 +450,7 @@ def _step_result(outcome: StepOutcome, generation: pb.ServerGeneration | None = 
         generation=generation,
         skipped_non_finite=bool(outcome.non_finite),
         non_finite_variables=outcome.non_finite,
+        scalars=outcome.scalars,
     )
 
 
