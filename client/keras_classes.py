@@ -48,7 +48,9 @@ def _wrapped_class(optimizer) -> type | None:
         if isinstance(optimizer, keras.optimizers.Optimizer):
             return public_class(type(optimizer))
         if isinstance(optimizer, str):
-            return public_class(type(keras.optimizers.get(optimizer)))
+            # By name first: creating the optimizer would use up its auto name ("adam" -> "adam_1").
+            named = _public_classes_by_name().get(optimizer.lower())
+            return named if named is not None else public_class(type(keras.optimizers.get(optimizer)))
         if isinstance(optimizer, dict) and isinstance(optimizer.get("class_name"), str):
             found = getattr(keras.optimizers, optimizer["class_name"], None)
             if isinstance(found, type) and issubclass(found, keras.optimizers.Optimizer):
@@ -56,6 +58,16 @@ def _wrapped_class(optimizer) -> type | None:
     except (ValueError, TypeError):
         return None  # RemoteOptimizer's own checks report a bad argument
     return None
+
+
+def _public_classes_by_name() -> dict[str, type]:
+    classes = {}
+    for name in dir(keras.optimizers):
+        found = getattr(keras.optimizers, name)
+        if isinstance(found, type) and issubclass(found, keras.optimizers.Optimizer):
+            if found is not keras.optimizers.Optimizer:
+                classes[name.lower()] = found
+    return classes
 
 
 def keras_base(remote_class_: type) -> type:
