@@ -121,8 +121,8 @@ def test_injected_infinities_skip_the_steps_keras_skips(keras, address):
         assert float(remote.scale_loss(1.0)) == scale
         remote.apply([g * scale for g in grads], remote_vars)
         local.apply([g * scale for g in grads], local_vars)
-        seen.append((float(remote.dynamic_scale), int(remote.step_counter), int(remote.iterations)))
-        assert seen[-1] == (float(local.dynamic_scale), int(local.step_counter), int(local.iterations))
+        seen.append((_value(remote.dynamic_scale), _value(remote.step_counter), _value(remote.iterations)))
+        assert seen[-1] == (_value(local.dynamic_scale), _value(local.step_counter), _value(local.iterations))
     for a, b in zip(remote_vars, local_vars):
         np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value))  # bit-identical
     assert [s[2] for s in seen] == [1, 2, 2, 2, 3, 4, 5, 6]  # steps 2 and 3 skipped
@@ -173,7 +173,36 @@ def test_weights_list_round_trip_includes_the_scale(keras, address):
     assert len(weights) == len(opt.variables) == 7
     assert (int(weights[-2]), float(weights[-1])) == (0, 512.0)
     opt.set_weights([*weights[:-2], np.int64(1), np.float32(64.0)])
-    assert (int(opt.step_counter), float(opt.dynamic_scale)) == (1, 64.0)
+    assert (_value(opt.step_counter), _value(opt.dynamic_scale)) == (1, 64.0)
     assert opt.client.get_weights(opt.model_id).scalars["dynamic_scale"] == 64.0
     with pytest.raises(ValueError, match="step_counter, dynamic_scale"):
         opt.set_weights([weights[0]])
+
+
+def _value(variable):
+    return np.asarray(variable.value).item()
+
+
+def test_learning_rate_reaches_the_inner_optimizer(keras, address):
+    from optserve.client import RemoteOptimizer
+
+    opt = RemoteOptimizer(_loss_scale(keras), address, model_id="lso-join")
+    opt.learning_rate = 0.5  # before the job exists: the inner optimizer's config
+    assert opt.wrapped_config["config"]["inner_optimizer"]["config"]["learning_rate"] == 0.5
+    variables, _ = _pair(keras, "join")
+    opt.apply([np.ones((4, 3), "float32"), np.ones(3, "float32")], variables)
+    assert float(opt.learning_rate) == 0.5
+    opt.learning_rate = 0.25  # on the server, for the next update
+    assert opt.client.list_models("lso-join")[0].learning_rate == 0.25
+
+
+def test_a_second_optimizer_joins_the_job_and_reads_its_scale(keras, address):
+    from optserve.client import RemoteOptimizer
+
+    first = RemoteOptimizer(_loss_scale(keras), address, model_id="lso-second")
+    variables, again = _pair(keras, "second")
+    first.apply([np.full((4, 3), np.inf, "float32"), np.ones(3, "float32")], variables)
+    second = RemoteOptimizer(_loss_scale(keras), address, model_id="lso-second")
+    second.build(again)
+    assert (_value(second.dynamic_scale), _value(second.step_counter)) == (512.0, 0)
+    assert float(second.scale_loss(1.0)) == 512.0
