@@ -168,6 +168,31 @@ class RemoteLossScaling:
                 self._refreshing = False
         return None
 
+    # ------------------------------------------------------------------ TensorFlow's traced step
+
+    def _graph_apply(self, named_grads, aggregated):
+        """In a `tf.function`: after the step's host call, the mirrors take the new scalars in the graph.
+
+        The host call writes them too, but a graph does not know it did; assigning
+        them here orders the write before any later read, in a `steps_per_execution`
+        loop as well.
+        """
+        super()._graph_apply(named_grads, aggregated)
+        import tensorflow as tf
+
+        mirrors = (self.step_counter, self.dynamic_scale)
+
+        @tf.autograph.experimental.do_not_convert
+        def read():
+            return [
+                np.asarray(self._counter_value, mirrors[0].dtype),
+                np.asarray(self._scale_value, mirrors[1].dtype),
+            ]
+
+        values = tf.py_function(read, [], [tf.as_dtype(mirror.dtype) for mirror in mirrors])
+        for mirror, value in zip(mirrors, values):
+            mirror.assign(tf.reshape(value, ()))
+
     # ------------------------------------------------------------------ JAX's stateless step
 
     def stateless_apply(self, optimizer_variables, grads, trainable_variables):

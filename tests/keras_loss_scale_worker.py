@@ -108,11 +108,17 @@ class Checks:
         from optserve.client import RemoteOptimizer
 
         x, y = poisoned_data(seed=21)
-        for run_eagerly in (False, True):
-            what = "eager" if run_eagerly else "compiled"
-            opt = RemoteOptimizer(loss_scale_adam(), self.address, model_id=self.model_id(f"fit-{what}"))
+        modes = {
+            "compiled": {},
+            "eager": {"run_eagerly": True},
+            "three steps per execution": {"steps_per_execution": 3},
+        }
+        if self.backend == "torch":
+            del modes["three steps per execution"]  # Keras's torch trainer runs one step per call
+        for what, compile_args in modes.items():
+            opt = RemoteOptimizer(loss_scale_adam(), self.address, model_id=self.model_id(f"fit-{what[:5]}"))
             local_opt = loss_scale_adam()
-            model, local_model = self._fit_pair(f"lso_{what}", opt, local_opt, x, y, run_eagerly=run_eagerly)
+            model, local_model = self._fit_pair(f"lso_{what[:5]}", opt, local_opt, x, y, **compile_args)
             # 10 steps, 2 skipped; the scale halved twice and doubled after each 2 finite steps.
             assert int(local_opt.iterations) == 8, int(local_opt.iterations)
             self._assert_loss_scale_like_keras(opt, local_opt, model, local_model, f"RemoteOptimizer(LSO) {what}")
