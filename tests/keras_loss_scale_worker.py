@@ -115,6 +115,7 @@ class Checks:
         }
         if self.backend == "torch":
             del modes["three steps per execution"]  # Keras's torch trainer runs one step per call
+            modes["torch.compile"] = {"jit_compile": True}
         for what, compile_args in modes.items():
             opt = RemoteOptimizer(loss_scale_adam(), self.address, model_id=self.model_id(f"fit-{what[:5]}"))
             local_opt = loss_scale_adam()
