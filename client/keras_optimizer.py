@@ -38,7 +38,7 @@ from keras import ops
 # must not be tracked as optimizer variables (Keras's own build() runs under it).
 from keras.src.utils import tracking
 
-from optserve.client import security
+from optserve.client import keras_classes, security
 from optserve.client.client import (
     Client,
     NotFoundError,
@@ -147,6 +147,10 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
     the same order (an auto-named rerun of the same model) joins by position.
     """
 
+    def __new__(cls, *args, **kwargs):
+        # One subclass per wrapped Keras class (client/keras_classes.py): isinstance(opt, keras.optimizers.Adam).
+        return super().__new__(keras_classes.remote_class(cls, *args, **kwargs))
+
     def __init__(
         self,
         optimizer,
@@ -179,11 +183,13 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         wrapped_config = portable_config(wrapped)
         first_learning_rate = initial_learning_rate(wrapped)
 
-        super().__init__(
+        # The base optimizer's __init__, not the wrapped Keras class's (client/keras_classes.py).
+        keras.optimizers.Optimizer.__init__(
+            self,
             # A callable keeps Keras from creating a learning-rate variable: the
             # rate lives on the server, and `variables` keeps tf.keras's layout.
             learning_rate=self._server_learning_rate,
-            name=name,
+            name=name or wrapped.name,
             **{key: getattr(wrapped, key) for key in _BASE_ARGUMENTS},
         )
         self.address = address
@@ -456,7 +462,8 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
             new_values, new_iterations = self._jax_stateless_step(grads, trainable_variables)
         else:
             new_values, new_iterations = self._eager_stateless_step(grads, trainable_variables)
-        optimizer_variables = list(optimizer_variables)
+        # Keras's LossScaleOptimizer passes the variables themselves (values in its StatelessScope).
+        optimizer_variables = [v.value if isinstance(v, keras.Variable) else v for v in optimizer_variables]
         optimizer_variables[_ITERATIONS_POSITION] = new_iterations
         return new_values, optimizer_variables
 
@@ -527,8 +534,12 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         if missing:
             raise RuntimeError(f"The server's answer for model {self.model_id!r} lacks the variables {missing}.")
         self._adopt_state(result.iterations, result.learning_rate)
+        self._adopt_step_result(result)
         self._slots_stale = True
         return values
+
+    def _adopt_step_result(self, result):
+        """Hook: a step's answer (client/keras_loss_scale.py reads the loss scale from it)."""
 
     def _adopt_server_step(self, error):
         behind = error.step - error.current_step
@@ -683,10 +694,6 @@ def _wrapped_optimizer(optimizer, overrides):
         raise TypeError(
             "`optimizer` must be a Keras optimizer, its serialized config or a name such as 'adam'. "
             f"Received: optimizer={optimizer!r}"
-        )
-    if isinstance(instance, keras.optimizers.LossScaleOptimizer):
-        raise ValueError(
-            "`optimizer` must not be a LossScaleOptimizer; set `loss_scale_factor` on the wrapped optimizer instead."
         )
     if overrides:
         config = instance.get_config()

@@ -491,6 +491,7 @@ def step_result(message: pb.StepResult) -> StepResult:
         generation=generation(message),
         skipped_non_finite=bool(message.skipped_non_finite),
         non_finite_variables=list(message.non_finite_variables),
+        scalars={str(k): float(v) for k, v in message.scalars.items()},
     )
 
 

@@ -72,6 +72,8 @@ class StepResult:
     # Under the non-finite policy "skip_step": the step was taken without an update, because of these.
     skipped_non_finite: bool = False
     non_finite_variables: list[str] = dataclasses.field(default_factory=list)
+    # The optimizer-wide scalars after the update (e.g. a LossScaleOptimizer's dynamic_scale); {}: not sent.
+    scalars: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass

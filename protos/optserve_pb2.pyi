@@ -140,7 +140,14 @@ class SparseGradient(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dense_shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors", "missing_workers", "skipped_non_finite", "non_finite_variables", "generation", "joint_norm")
+    __slots__ = ("step", "iterations", "learning_rate", "duplicate", "contributors", "missing_workers", "skipped_non_finite", "non_finite_variables", "scalars", "generation", "joint_norm")
+    class ScalarsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     STEP_FIELD_NUMBER: _ClassVar[int]
     ITERATIONS_FIELD_NUMBER: _ClassVar[int]
     LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
@@ -149,6 +156,7 @@ class StepResult(_message.Message):
     MISSING_WORKERS_FIELD_NUMBER: _ClassVar[int]
     SKIPPED_NON_FINITE_FIELD_NUMBER: _ClassVar[int]
     NON_FINITE_VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    SCALARS_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     JOINT_NORM_FIELD_NUMBER: _ClassVar[int]
     step: int
@@ -159,9 +167,10 @@ class StepResult(_message.Message):
     missing_workers: _containers.RepeatedScalarFieldContainer[int]
     skipped_non_finite: bool
     non_finite_variables: _containers.RepeatedScalarFieldContainer[str]
+    scalars: _containers.ScalarMap[str, float]
     generation: ServerGeneration
     joint_norm: JointNormTerms
-    def __init__(self, step: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., duplicate: _Optional[bool] = ..., contributors: _Optional[_Iterable[int]] = ..., missing_workers: _Optional[_Iterable[int]] = ..., skipped_non_finite: _Optional[bool] = ..., non_finite_variables: _Optional[_Iterable[str]] = ..., generation: _Optional[_Union[ServerGeneration, _Mapping]] = ..., joint_norm: _Optional[_Union[JointNormTerms, _Mapping]] = ...) -> None: ...
+    def __init__(self, step: _Optional[int] = ..., iterations: _Optional[int] = ..., learning_rate: _Optional[float] = ..., duplicate: _Optional[bool] = ..., contributors: _Optional[_Iterable[int]] = ..., missing_workers: _Optional[_Iterable[int]] = ..., skipped_non_finite: _Optional[bool] = ..., non_finite_variables: _Optional[_Iterable[str]] = ..., scalars: _Optional[_Mapping[str, float]] = ..., generation: _Optional[_Union[ServerGeneration, _Mapping]] = ..., joint_norm: _Optional[_Union[JointNormTerms, _Mapping]] = ...) -> None: ...
 
 class NormTerm(_message.Message):
     __slots__ = ("name", "dtype", "sum_squares")

@@ -310,6 +310,7 @@ class StepOutcome:
     variables: dict | None = None  # {name: array} after the update, when asked for
     non_finite: tuple[str, ...] = ()  # skip_step: the step was skipped; these variables were not finite
     joint_norm: Any = None  # optserve.server.two_phase.JointNorm: a two-phase step's terms
+    scalars: dict = dataclasses.field(default_factory=dict)  # the optimizer-wide scalars after the update
     # Shared by the outcomes of every waiter of one step (dataclasses.replace keeps it), so
     # work done once per step for the answer (encoding the variables) can be reused.
     memo: dict = dataclasses.field(default_factory=dict, compare=False, repr=False)
@@ -898,6 +899,7 @@ class Model:
             contributors=tuple(sorted(contributors)),
             missing=tuple(missing),
             variables=variables,
+            scalars={k: float(v) for k, v in self._engine.get_scalars().items()},
         )
 
     # --------------------------------------------------------------- reads

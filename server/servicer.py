@@ -452,6 +452,7 @@ def _step_result(outcome: StepOutcome, generation: pb.ServerGeneration | None = 
         skipped_non_finite=bool(outcome.non_finite),
         non_finite_variables=outcome.non_finite,
         joint_norm=_joint_norm(outcome.joint_norm),
+        scalars=outcome.scalars,
     )
 
 

@@ -252,11 +252,6 @@ def test_keyword_arguments_override_the_wrapped_optimizer(RemoteOptimizer):
     assert float(opt.learning_rate) == pytest.approx(0.25)
 
 
-def test_wrapping_a_loss_scale_optimizer_is_refused(RemoteOptimizer, keras):
-    with pytest.raises(ValueError, match="loss_scale_factor"):
-        RemoteOptimizer(keras.optimizers.LossScaleOptimizer(keras.optimizers.SGD()), "127.0.0.1:1")
-
-
 def test_config_round_trip(RemoteOptimizer, keras):
     schedule = keras.optimizers.schedules.ExponentialDecay(1e-2, decay_steps=10000, decay_rate=0.9)
     opt = RemoteOptimizer(
