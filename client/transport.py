@@ -424,9 +424,7 @@ class GrpcTransport:
 
     def _open_shared_memory(self, model_id: str, worker_index: int) -> pb.OpenSharedMemoryResponse:
         request = pb.OpenSharedMemoryRequest(model_id=model_id, worker_index=worker_index)
-        return self._call(lambda deadline: self._stub.OpenSharedMemory(request, timeout=deadline), self.retry_timeout)
-
-    retry_timeout = 30.0  # opening a session: a control call, bounded on its own
+        return self._call(lambda deadline: self._stub.OpenSharedMemory(request, timeout=deadline), _OPEN_TIMEOUT_S)
 
     def _push_shared(
         self, header: pb.ApplyGradientsHeader, tensor_list: list[Tensor], timeout: float | None
@@ -514,6 +512,9 @@ class GrpcTransport:
 
         return optimizer_state(self._call(attempt, timeout).state)
 
+
+# Opening a shared-memory session is a control call of its own, bounded apart from the push.
+_OPEN_TIMEOUT_S = 30.0
 
 # Answers after which the server holds nothing of a push: its shared-memory segment may be reused.
 _SERVER_REFUSALS = frozenset(
