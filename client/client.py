@@ -126,6 +126,10 @@ class Client(ClientBase):
         retry_window_s: keep retrying a server that is unavailable for this many
             seconds (e.g. 300 to wait through a container restart), logging that
             it waits; None (the default): ``retries`` attempts only.
+        shared_memory: pushes to a server on this host pass gradients and new
+            values through shared memory (``optserve.client.shared_memory``);
+            False: always gRPC; None (the default): on unless
+            ``OPTSERVE_SHARED_MEMORY=0``. Falls back to gRPC by itself.
     """
 
     transport: Transport

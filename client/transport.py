@@ -29,6 +29,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from optserve.client import security
+from optserve.client import shared_memory as shared_memory_client
 from optserve.client.activity import activity_from_message
 from optserve.client.types import (
     ModelInfo,
@@ -244,6 +245,12 @@ def wire_stub(channel: grpc.Channel) -> pb_grpc.ParameterServerStub:
         response_deserializer=None,
         _registered_method=True,
     )
+    stub.ApplyGradientsUnary = channel.unary_unary(
+        _SERVICE_PATH + "ApplyGradientsUnary",
+        request_serializer=None,
+        response_deserializer=None,
+        _registered_method=True,
+    )
     stub.SetWeights = channel.stream_unary(
         _SERVICE_PATH + "SetWeights",
         request_serializer=None,
@@ -267,6 +274,7 @@ class GrpcTransport:
         options: Sequence[tuple[str, Any]] | None = None,
         tls: Any = None,
         token: Any = None,
+        shared_memory: bool | None = None,
     ):
         self.address = address
         self.retry = retry or RetryPolicy()
@@ -276,6 +284,12 @@ class GrpcTransport:
         self._stub = wire_stub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._closed = False
+        # Pushes through shared memory when the server is on this host (optserve.client.shared_memory).
+        use_shared_memory = shared_memory_client.enabled_by_default() if shared_memory is None else shared_memory
+        self.shared_memory = shared_memory_client.SharedMemorySessions(self._open_shared_memory)
+        self.shared_memory.available = bool(use_shared_memory)
+        self._unary = True  # False once the server turned out not to know ApplyGradientsUnary
+        self._streamed_models: set[str] = set()  # models whose replies are too large for one message
 
     def __repr__(self) -> str:
         return f"GrpcTransport({self.address!r})"
@@ -283,6 +297,7 @@ class GrpcTransport:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
+            self.shared_memory.close()
             self._channel.close()
 
     def _call(self, attempt: Callable[[float | None], T], timeout: float | None) -> T:
@@ -327,6 +342,7 @@ class GrpcTransport:
     def delete_model(self, model_id: str, *, timeout: float | None, if_idle: bool = False) -> bool:
         request = pb.DeleteModelRequest(model_id=model_id, if_idle=bool(if_idle))
         response = self._call(lambda deadline: self._stub.DeleteModel(request, timeout=deadline), timeout)
+        self.shared_memory.forget_model(model_id)
         return bool(response.deleted)
 
     def checkpoint(self, *, timeout: float | None) -> tuple[str, int]:
@@ -361,9 +377,19 @@ class GrpcTransport:
         tensor_list, sparse = tensors.gradient_tensors(gradients)
         # Lets the server tell a push that broke off (a cancelled stream ends like a whole one) from a whole one.
         header.num_gradients = len(tensor_list)
+        if not sparse:
+            pushed = self._push_shared(header, tensor_list, timeout)
+            if pushed is not None:
+                return pushed
         first = pb.ApplyGradientsRequest(header=header)
         if sparse:
             first.sparse_gradients.extend(sparse)
+        elif self._unary and model_id not in self._streamed_models:
+            messages = list(tensors.serialized_chunk_messages(first, "gradients", tensor_list))
+            if len(messages) == 1:
+                pushed = self._push_unary(header, messages[0], timeout)
+                if pushed is not None:
+                    return pushed
 
         def attempt(deadline: float | None) -> tuple[Any, dict]:
             # Built lazily, one message at a time as gRPC sends them: a push holds one extra
@@ -374,6 +400,65 @@ class GrpcTransport:
 
         result, values = self._call(attempt, timeout)
         return step_result(result), tensors.variables_only(values)
+
+    def _push_unary(
+        self, header: pb.ApplyGradientsHeader, request: bytes, timeout: float | None
+    ) -> tuple[StepResult, dict[str, np.ndarray]] | None:
+        """A push in one message each way; None: the server wants it streamed (nothing was applied)."""
+
+        def attempt(deadline: float | None) -> tuple[Any, dict]:
+            reply = self._stub.ApplyGradientsUnary(request, timeout=deadline)
+            return read_stream([reply], pb.ApplyGradientsResponse, "result", "variables")
+
+        try:
+            result, values = self._call(attempt, timeout)
+        except OptserveError as error:
+            if error.code == "UNIMPLEMENTED":
+                self._unary = False  # a server from before the unary path
+                return None
+            if error.code == "FAILED_PRECONDITION" and error.details.get("unary"):
+                self._streamed_models.add(header.model_id)
+                return None
+            raise
+        return step_result(result), tensors.variables_only(values)
+
+    def _open_shared_memory(self, model_id: str, worker_index: int) -> pb.OpenSharedMemoryResponse:
+        request = pb.OpenSharedMemoryRequest(model_id=model_id, worker_index=worker_index)
+        return self._call(lambda deadline: self._stub.OpenSharedMemory(request, timeout=deadline), _OPEN_TIMEOUT_S)
+
+    def _push_shared(
+        self, header: pb.ApplyGradientsHeader, tensor_list: list[Tensor], timeout: float | None
+    ) -> tuple[StepResult, dict[str, np.ndarray]] | None:
+        """A push whose gradients and new values go through shared memory; None: push over gRPC."""
+        segment = self.shared_memory.segment(header.model_id, header.worker_index)
+        if segment is None or not segment.fits(tensor_list) or not segment.lock.acquire(blocking=False):
+            return None  # no segment, gradients the server must word an error about, or another push in it
+        try:
+            names = segment.write_gradients(tensor_list)
+            shared = pb.ApplyGradientsHeader()
+            shared.CopyFrom(header)
+            shared.num_gradients = 0
+            shared.shared_memory_session = segment.session_id
+            shared.shared_memory_gradients.extend(names)
+            request = pb.ApplyGradientsRequest(header=shared).SerializeToString()
+
+            def attempt(deadline: float | None) -> pb.ApplyGradientsResponse:
+                return pb.ApplyGradientsResponse.FromString(self._stub.ApplyGradientsUnary(request, timeout=deadline))
+
+            try:
+                response = self._call(attempt, timeout)
+            except OptserveError as error:
+                if error.code not in _SERVER_REFUSALS or error.details.get("shared_memory"):
+                    # The server may still read this segment (a push it holds), or no longer knows it:
+                    # it is never written again; the next push opens a new one.
+                    self.shared_memory.discard(header.model_id, header.worker_index, segment)
+                if error.details.get("shared_memory") or error.code == "UNIMPLEMENTED":
+                    return None  # the server restarted (or forgot the session): this push goes over gRPC
+                raise
+            values = segment.read_values() if response.variables_in_shared_memory else {}
+        finally:
+            segment.lock.release()
+        return step_result(response.result), values
 
     def pull(
         self, model_id: str, names: Sequence[str], *, timeout: float | None
@@ -427,6 +512,14 @@ class GrpcTransport:
 
         return optimizer_state(self._call(attempt, timeout).state)
 
+
+# Opening a shared-memory session is a control call of its own, bounded apart from the push.
+_OPEN_TIMEOUT_S = 30.0
+
+# Answers after which the server holds nothing of a push: its shared-memory segment may be reused.
+_SERVER_REFUSALS = frozenset(
+    {"INVALID_ARGUMENT", "FAILED_PRECONDITION", "NOT_FOUND", "PERMISSION_DENIED", "ABORTED", "RESOURCE_EXHAUSTED"}
+)
 
 # --------------------------------------------------------------------------- messages <-> domain values
 

@@ -104,7 +104,7 @@ class CreateModelResponse(_message.Message):
     def __init__(self, created: _Optional[bool] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ApplyGradientsHeader(_message.Message):
-    __slots__ = ("model_id", "worker_index", "step", "aggregated", "return_variables", "num_gradients", "hold_for_joint_norm")
+    __slots__ = ("model_id", "worker_index", "step", "aggregated", "return_variables", "num_gradients", "hold_for_joint_norm", "shared_memory_session", "shared_memory_gradients")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_INDEX_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,8 @@ class ApplyGradientsHeader(_message.Message):
     RETURN_VARIABLES_FIELD_NUMBER: _ClassVar[int]
     NUM_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     HOLD_FOR_JOINT_NORM_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     worker_index: int
     step: int
@@ -119,7 +121,9 @@ class ApplyGradientsHeader(_message.Message):
     return_variables: bool
     num_gradients: int
     hold_for_joint_norm: bool
-    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ..., step: _Optional[int] = ..., aggregated: _Optional[bool] = ..., return_variables: _Optional[bool] = ..., num_gradients: _Optional[int] = ..., hold_for_joint_norm: _Optional[bool] = ...) -> None: ...
+    shared_memory_session: str
+    shared_memory_gradients: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ..., step: _Optional[int] = ..., aggregated: _Optional[bool] = ..., return_variables: _Optional[bool] = ..., num_gradients: _Optional[int] = ..., hold_for_joint_norm: _Optional[bool] = ..., shared_memory_session: _Optional[str] = ..., shared_memory_gradients: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
     __slots__ = ("header", "gradients", "sparse_gradients")
@@ -199,12 +203,50 @@ class ServerGeneration(_message.Message):
     def __init__(self, server_id: _Optional[str] = ..., restored_checkpoint: _Optional[str] = ...) -> None: ...
 
 class ApplyGradientsResponse(_message.Message):
-    __slots__ = ("result", "variables")
+    __slots__ = ("result", "variables", "variables_in_shared_memory")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     VARIABLES_FIELD_NUMBER: _ClassVar[int]
+    VARIABLES_IN_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
     result: StepResult
     variables: _containers.RepeatedCompositeFieldContainer[TensorChunk]
-    def __init__(self, result: _Optional[_Union[StepResult, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ...) -> None: ...
+    variables_in_shared_memory: bool
+    def __init__(self, result: _Optional[_Union[StepResult, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., variables_in_shared_memory: _Optional[bool] = ...) -> None: ...
+
+class OpenSharedMemoryRequest(_message.Message):
+    __slots__ = ("model_id", "worker_index")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    worker_index: int
+    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ...) -> None: ...
+
+class SharedTensor(_message.Message):
+    __slots__ = ("name", "dtype", "shape", "gradient_offset", "value_offset")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    GRADIENT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    VALUE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    dtype: DType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    gradient_offset: int
+    value_offset: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., gradient_offset: _Optional[int] = ..., value_offset: _Optional[int] = ...) -> None: ...
+
+class OpenSharedMemoryResponse(_message.Message):
+    __slots__ = ("session_id", "path", "nonce", "size", "tensors")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    path: str
+    nonce: bytes
+    size: int
+    tensors: _containers.RepeatedCompositeFieldContainer[SharedTensor]
+    def __init__(self, session_id: _Optional[str] = ..., path: _Optional[str] = ..., nonce: _Optional[bytes] = ..., size: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[SharedTensor, _Mapping]]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("model_id", "names")

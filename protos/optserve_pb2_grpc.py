@@ -79,6 +79,16 @@ class ParameterServerStub:
                 request_serializer=optserve_dot_protos_dot_optserve__pb2.CommitStepRequest.SerializeToString,
                 response_deserializer=optserve_dot_protos_dot_optserve__pb2.ApplyGradientsResponse.FromString,
                 _registered_method=True)
+        self.ApplyGradientsUnary = channel.unary_unary(
+                '/optserve.v1.ParameterServer/ApplyGradientsUnary',
+                request_serializer=optserve_dot_protos_dot_optserve__pb2.ApplyGradientsRequest.SerializeToString,
+                response_deserializer=optserve_dot_protos_dot_optserve__pb2.ApplyGradientsResponse.FromString,
+                _registered_method=True)
+        self.OpenSharedMemory = channel.unary_unary(
+                '/optserve.v1.ParameterServer/OpenSharedMemory',
+                request_serializer=optserve_dot_protos_dot_optserve__pb2.OpenSharedMemoryRequest.SerializeToString,
+                response_deserializer=optserve_dot_protos_dot_optserve__pb2.OpenSharedMemoryResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -138,6 +148,21 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyGradientsUnary(self, request, context):
+        """A push that fits in one message, answered in one message (same semantics as ApplyGradients):
+        the fast path for small pushes and for pushes through shared memory. A reply that would not
+        fit in one message is refused with FAILED_PRECONDITION before anything is applied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenSharedMemory(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -185,6 +210,16 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.CommitStep,
                     request_deserializer=optserve_dot_protos_dot_optserve__pb2.CommitStepRequest.FromString,
                     response_serializer=optserve_dot_protos_dot_optserve__pb2.ApplyGradientsResponse.SerializeToString,
+            ),
+            'ApplyGradientsUnary': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyGradientsUnary,
+                    request_deserializer=optserve_dot_protos_dot_optserve__pb2.ApplyGradientsRequest.FromString,
+                    response_serializer=optserve_dot_protos_dot_optserve__pb2.ApplyGradientsResponse.SerializeToString,
+            ),
+            'OpenSharedMemory': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenSharedMemory,
+                    request_deserializer=optserve_dot_protos_dot_optserve__pb2.OpenSharedMemoryRequest.FromString,
+                    response_serializer=optserve_dot_protos_dot_optserve__pb2.OpenSharedMemoryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -430,6 +465,60 @@ class ParameterServer:
             '/optserve.v1.ParameterServer/CommitStep',
             optserve_dot_protos_dot_optserve__pb2.CommitStepRequest.SerializeToString,
             optserve_dot_protos_dot_optserve__pb2.ApplyGradientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyGradientsUnary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.ParameterServer/ApplyGradientsUnary',
+            optserve_dot_protos_dot_optserve__pb2.ApplyGradientsRequest.SerializeToString,
+            optserve_dot_protos_dot_optserve__pb2.ApplyGradientsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenSharedMemory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.ParameterServer/OpenSharedMemory',
+            optserve_dot_protos_dot_optserve__pb2.OpenSharedMemoryRequest.SerializeToString,
+            optserve_dot_protos_dot_optserve__pb2.OpenSharedMemoryResponse.FromString,
             options,
             channel_credentials,
             insecure,

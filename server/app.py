@@ -26,7 +26,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from optserve.protos.tensors import GRPC_OPTIONS
-from optserve.server import auth, tls
+from optserve.server import auth, shared_memory, tls
 from optserve.server.checkpoint import (
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_CHECKPOINT_KEEP,
@@ -83,6 +83,7 @@ class ParameterServer:
         metrics_port: int | None = None,
         model_ttl_s: float | None = None,
         limits: Limits | None = None,
+        shared_memory_dir: str | None = shared_memory.DEFAULT_DIRECTORY,
     ):
         _check_options(sync_timeout_s, max_request_bytes, apply_threads)
         # Security (optserve.server.tls, optserve.server.auth): checked here, before anything binds.
@@ -98,6 +99,8 @@ class ParameterServer:
                 f"Received: sync_timeout_s={sync_timeout_s}"
             )
         self.host = host
+        # Where segments for workers on this host are made (optserve.server.shared_memory); None: off.
+        self.shared_memory_dir = shared_memory_dir
         self.requested_port = port
         self.device = device
         self.sync_timeout_s = float(sync_timeout_s)
@@ -161,8 +164,11 @@ class ParameterServer:
             }
         )
         self._server = grpc.aio.server(interceptors=interceptors, options=list(options.items()))
+        sessions = None
+        if self.shared_memory_dir is not None:
+            sessions = shared_memory.SharedMemorySessions(self.shared_memory_dir, server_limits.memory)
         self._servicer = ParameterServerServicer(
-            self._registry, self.max_request_bytes, self._checkpointer, server_limits
+            self._registry, self.max_request_bytes, self._checkpointer, server_limits, shared_memory=sessions
         )
         add_to_server(self._servicer, self._server)
         self._health = health.aio.HealthServicer()
@@ -291,6 +297,8 @@ class ParameterServer:
         await server.stop(grace)
         executor.shutdown(wait=True)
         self._server = None
+        if self._servicer is not None and self._servicer.shared_memory is not None:
+            self._servicer.shared_memory.close()
         if self.metrics is not None:
             self.metrics.stop_http()
         log.info("optserve on %s stopped", self.address)

@@ -303,6 +303,8 @@ RPC_RULES: dict[str, Rule] = {
     "CreateModel": Rule(WORKER, "model", lambda m: _field(m, "spec", "model_id")),
     "ApplyGradients": Rule(WORKER, "model", lambda m: _field(m, "header", "model_id")),
     "CommitStep": Rule(WORKER, "model", lambda m: m.model_id),
+    "ApplyGradientsUnary": Rule(WORKER, "model", lambda m: _field(m, "header", "model_id")),
+    "OpenSharedMemory": Rule(WORKER, "model", lambda m: m.model_id),
     "SetWeights": Rule(ADMIN, "model", lambda m: m.model_id, right=SET_WEIGHTS, audited=True),
     "DeleteModel": Rule(ADMIN, "model", lambda m: m.model_id, audited=True),
     "Checkpoint": Rule(ADMIN, "all", audited=True),
@@ -390,7 +392,7 @@ def authorize(principal: Principal, rpc: str, message) -> str:
             "outside that scope.",
         )
     if (
-        rpc == "ApplyGradients"
+        rpc in ("ApplyGradients", "ApplyGradientsUnary")
         and message is not None
         and _field(message, "header", "aggregated")
         and not principal.has_right(AGGREGATE)

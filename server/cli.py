@@ -166,6 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint-dir (default: off)",
     )
     serve.add_argument(
+        "--shared-memory-dir",
+        default="/dev/shm",
+        metavar="DIR",
+        help="where segments for workers on this host are made: their gradients and new values go "
+        "through shared memory instead of gRPC (default: %(default)s; see deploy/README.md for containers)",
+    )
+    serve.add_argument(
+        "--no-shared-memory",
+        action="store_true",
+        help="every worker pushes over gRPC, even on this host",
+    )
+    serve.add_argument(
         "--log-level",
         default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -334,6 +346,7 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             apply_threads=args.apply_threads,
             metrics_port=args.metrics_port,
             model_ttl_s=args.model_ttl or None,
+            shared_memory_dir=None if args.no_shared_memory else args.shared_memory_dir,
             limits=limits.from_arguments(args),
             **checkpoint_options,
             **_security_options(args),

@@ -26,7 +26,7 @@ from optserve.protos import errors
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors as codec
-from optserve.server import auth
+from optserve.server import auth, shared_memory_rpc, unary_reply
 from optserve.server import limits as bounds
 from optserve.server import usage as calls
 from optserve.server.errors import (
@@ -51,6 +51,7 @@ from optserve.server.model import (
     parse_optimizer_config,
 )
 from optserve.server.registry import ModelRegistry
+from optserve.server.shared_memory import SharedMemorySessions
 from optserve.server.sparse import densify_gradients
 from optserve.server.two_phase import terms_from_messages
 
@@ -544,11 +545,14 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
         checkpointer=None,
         limits: ServerLimits | None = None,
+        shared_memory: SharedMemorySessions | None = None,
     ):
         self.registry = registry
         self.max_request_bytes = int(max_request_bytes)
         self.checkpointer = checkpointer  # optserve.server.checkpoint.Checkpointer, when checkpointing
         self.limits = limits or registry.limits
+        # Segments for workers on this host (optserve.server.shared_memory); None: off.
+        self.shared_memory = shared_memory
         self.generation = ServerGeneration.new()  # the app records the checkpoint it restores
 
     @property
@@ -625,7 +629,27 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
 
     @_translating_errors
     async def ApplyGradients(self, request_iterator: AsyncIterator[pb.ApplyGradientsRequest], context):
-        header = model = tensors = None
+        async for response in self._push(request_iterator, context):
+            yield response
+
+    @_translating_errors
+    async def ApplyGradientsUnary(self, request: pb.ApplyGradientsRequest, context):
+        """One message each way; a reply too large for one message is refused before anything applies."""
+        if request.HasField("header") and request.header.return_variables:
+            unary_reply.check_fits(self.registry.get(request.header.model_id), request.header)
+        return await unary_reply.merged(self._push(unary_reply.one(request), context), pb.ApplyGradientsResponse)
+
+    @_translating_errors
+    async def OpenSharedMemory(self, request: pb.OpenSharedMemoryRequest, context):
+        if self.shared_memory is None:
+            raise FailedPreconditionError("Shared memory is disabled on this server; pushes use gRPC.")
+        model = self.registry.get(request.model_id)
+        model.check_push_header(request.worker_index, model.step)
+        session = self.shared_memory.open(model, request.worker_index)
+        return shared_memory_rpc.open_response(session)
+
+    async def _push(self, request_iterator: AsyncIterator[pb.ApplyGradientsRequest], context):
+        header = model = tensors = session = None
         sparse_declared: list = []
         try:
             with contextlib.ExitStack() as in_use:
@@ -664,7 +688,10 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                         f"The push's stream ended after {tensors.count} of the {header.num_gradients} gradients "
                         "its header declared; nothing of it was applied. Send the whole push again."
                     )
-                if sparse_declared:
+                if header.shared_memory_session:
+                    session = shared_memory_rpc.session_for(self.shared_memory, header, tensors.count)
+                    gradients = session.gradients_for(header.shared_memory_gradients)
+                elif sparse_declared:
                     gradients = await self._densified(model, tensors.result(), sparse_declared)
                 else:
                     gradients = tensors.variables("Gradient")
@@ -692,6 +719,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 tensors.release()
         first = pb.ApplyGradientsResponse(result=_step_result(outcome, self._generation))
         values = outcome.variables or {}
+        if session is not None:
+            yield await shared_memory_rpc.reply_through(session, first, values, self.registry.executor)
+            return
         if _payload_bytes(values.values()) <= codec.CHUNK_BYTES:
             for message in codec.chunk_messages(first, "variables", _as_variables(values)):
                 yield message

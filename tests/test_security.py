@@ -189,6 +189,10 @@ def test_a_listed_client_certificate_stands_for_a_token(secure):
 # ---------------------------------------------------------------------------- roles x RPCs
 
 
+def _unary_first(model_id: str) -> pb.ApplyGradientsRequest:
+    return pb.ApplyGradientsRequest(header=pb.ApplyGradientsHeader(model_id=model_id, worker_index=0, step=0))
+
+
 def _call_rpc(stub, rpc: str, model_id: str) -> None:
     calls = {
         "ListModels": lambda: stub.ListModels(pb.ListModelsRequest(), timeout=20),
@@ -196,6 +200,13 @@ def _call_rpc(stub, rpc: str, model_id: str) -> None:
         "GetWeights": lambda: rpc_helpers.get_weights(stub, model_id),
         "CreateModel": lambda: rpc_helpers.create_model(stub, model_id + "-new", W),
         "ApplyGradients": lambda: rpc_helpers.push(stub, model_id, 0, 0, G),
+        "ApplyGradientsUnary": lambda: stub.ApplyGradientsUnary(
+            next(iter(codec.chunk_messages(_unary_first(model_id), "gradients", [(n, "", g) for n, g in G.items()]))),
+            timeout=20,
+        ),
+        "OpenSharedMemory": lambda: stub.OpenSharedMemory(
+            pb.OpenSharedMemoryRequest(model_id=model_id, worker_index=0), timeout=20
+        ),
         "SetWeights": lambda: rpc_helpers.set_weights(stub, model_id, {("w", ""): np.zeros(4, np.float32)}),
         "DeleteModel": lambda: stub.DeleteModel(pb.DeleteModelRequest(model_id=model_id), timeout=20),
         "Checkpoint": lambda: stub.Checkpoint(pb.CheckpointRequest(), timeout=60),
@@ -215,6 +226,8 @@ EXPECTED = {
     "GetWeights": {"reader-a": OK, "worker-a": OK, "admin-a": OK, "root": OK},
     "CreateModel": {"reader-a": DENIED, "worker-a": OK, "admin-a": OK, "root": OK},
     "ApplyGradients": {"reader-a": DENIED, "worker-a": OK, "admin-a": OK, "root": OK},
+    "ApplyGradientsUnary": {"reader-a": DENIED, "worker-a": OK, "admin-a": OK, "root": OK},
+    "OpenSharedMemory": {"reader-a": DENIED, "worker-a": OK, "admin-a": OK, "root": OK},
     "SetWeights": {"reader-a": DENIED, "worker-a": DENIED, "admin-a": OK, "root": OK},
     "DeleteModel": {"reader-a": DENIED, "worker-a": DENIED, "admin-a": OK, "root": OK},
     "Checkpoint": {"reader-a": DENIED, "worker-a": DENIED, "admin-a": DENIED, "root": OK},

@@ -1,0 +1,159 @@
+"""The client's side of shared memory with a server on the same host (``optserve.server.shared_memory``).
+
+For each (model, worker) the transport asks the server for a session
+(``OpenSharedMemory``), opens the segment file the server names, and checks
+that it starts with the nonce the server sent: only a process sharing the
+server's ``/dev/shm`` (the same host, the same IPC namespace) and its user
+(the file is 0600) can. It then maps the segment and deletes its name at once,
+so that nothing is left behind whoever dies first. Pushes write the gradients
+into the segment and send only the header over gRPC; the new values are read
+back from it.
+
+Anything that does not work out (an older server, shared memory disabled on
+either side, another host, no room) leaves that transport on gRPC; nothing
+fails because of it. ``OPTSERVE_SHARED_MEMORY=0`` turns it off for a process.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import mmap
+import os
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from optserve.protos import optserve_pb2 as pb
+from optserve.protos import tensors
+
+log = logging.getLogger("optserve.client")
+
+ENVIRONMENT_SWITCH = "OPTSERVE_SHARED_MEMORY"
+
+
+def enabled_by_default() -> bool:
+    return os.environ.get(ENVIRONMENT_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class SharedSegment:
+    """One mapped session: views of its gradient and value regions, used by one push at a time."""
+
+    def __init__(self, response: pb.OpenSharedMemoryResponse):
+        self.session_id = response.session_id
+        self.lock = threading.Lock()
+        self.buffer = _map_verified(response.path, response.size, response.nonce)
+        self.gradients: dict[str, np.ndarray] = {}
+        self.values: dict[str, np.ndarray] = {}
+        for tensor in response.tensors:
+            dtype = tensors.dtype_from_proto(tensor.dtype)
+            shape = tuple(int(d) for d in tensor.shape)
+            count = math.prod(shape)
+            self.gradients[tensor.name] = _view(self.buffer, dtype, shape, count, tensor.gradient_offset)
+            self.values[tensor.name] = _view(self.buffer, dtype, shape, count, tensor.value_offset)
+
+    def fits(self, gradients: Sequence[tuple[str, str, Any]]) -> bool:
+        """Whether every gradient is a dense array of its variable's shape and dtype (else the push
+        goes over gRPC, where the server words the error)."""
+        for name, slot, array in gradients:
+            target = self.gradients.get(name)
+            if (
+                slot
+                or target is None
+                or not isinstance(array, np.ndarray)
+                or array.shape != target.shape
+                or array.dtype != target.dtype
+            ):
+                return False
+        return True
+
+    def write_gradients(self, gradients: list[tuple[str, str, np.ndarray]]) -> list[str]:
+        for name, _, array in gradients:
+            np.copyto(self.gradients[name], array)
+        return [name for name, _, _ in gradients]
+
+    def read_values(self) -> dict[str, np.ndarray]:
+        return {name: view.copy() for name, view in self.values.items()}
+
+
+class SegmentUnusable(Exception):
+    """The segment the server named cannot be used from here (another host, another user, ...)."""
+
+
+def _map_verified(path: str, size: int, nonce: bytes) -> mmap.mmap:
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except OSError as error:
+        raise SegmentUnusable(f"cannot open {path} ({error.strerror})") from None
+    try:
+        if os.fstat(fd).st_size != size:
+            raise SegmentUnusable(f"{path} is not the server's segment (size)")
+        buffer = mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+    if bytes(buffer[: len(nonce)]) != nonce or not nonce:
+        buffer.close()
+        raise SegmentUnusable(f"{path} is not the server's segment (nonce)")
+    try:
+        os.unlink(path)  # mapped by both sides now: the name is no longer needed
+    except OSError:
+        pass
+    return buffer
+
+
+def _view(buffer: mmap.mmap, dtype: np.dtype, shape: tuple, count: int, offset: int) -> np.ndarray:
+    return np.frombuffer(buffer, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
+class SharedMemorySessions:
+    """A transport's segments by (model, worker), and whether its server offers shared memory at all."""
+
+    def __init__(self, open_session):
+        self._open_session = open_session  # (model_id, worker_index) -> pb.OpenSharedMemoryResponse
+        self._segments: dict[tuple[str, int], SharedSegment] = {}
+        self._guard = threading.Lock()
+        self.available = True
+
+    def segment(self, model_id: str, worker: int) -> SharedSegment | None:
+        """The segment for pushes of (model, worker), opened on first use; None: push over gRPC."""
+        if not self.available:
+            return None
+        key = (model_id, worker)
+        with self._guard:
+            segment = self._segments.get(key)
+        if segment is not None:
+            return segment
+        try:
+            segment = SharedSegment(self._open_session(model_id, worker))
+        except SegmentUnusable as reason:
+            log.info("shared memory with the server is not possible (%s); pushes use gRPC", reason)
+            self.available = False
+            return None
+        except Exception as error:  # noqa: BLE001 - an older server, disabled, no room: gRPC does the job
+            code = getattr(error, "code", "")
+            if code in ("UNIMPLEMENTED", "FAILED_PRECONDITION", "PERMISSION_DENIED"):
+                log.info("the server offers no shared memory (%s); pushes use gRPC", error)
+                self.available = False
+            else:
+                log.debug("shared memory for model %r not opened (%s); this push uses gRPC", model_id, error)
+            return None
+        with self._guard:
+            self._segments[key] = segment
+        return segment
+
+    def discard(self, model_id: str, worker: int, segment: SharedSegment) -> None:
+        """Never use ``segment`` again (the server may still read from it); the next push opens a new one."""
+        with self._guard:
+            if self._segments.get((model_id, worker)) is segment:
+                del self._segments[(model_id, worker)]
+
+    def forget_model(self, model_id: str) -> None:
+        with self._guard:
+            for key in [k for k in self._segments if k[0] == model_id]:
+                del self._segments[key]
+
+    def close(self) -> None:
+        with self._guard:
+            self._segments.clear()
