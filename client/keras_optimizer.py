@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 import keras
@@ -48,15 +49,19 @@ from optserve.client.client import (
 )
 from optserve.client.keras_state import ServerState
 from optserve.client.keras_support import (
+    cast_gradient,
     change_token,
+    deserialize_optimizer,
     eager_scope,
     host_code,
     host_gradient,
     in_tf_graph,
     initial_learning_rate,
+    is_jax_sparse,
     job_id,
     overwrite,
     portable_config,
+    refuse_overwrite_with_gradient,
     refuse_traced,
     tensorflow_helpers,
     to_numpy,
@@ -71,6 +76,7 @@ from optserve.client.remote_job import (
     match_variables,
 )
 from optserve.client.steps import StepTracker
+from optserve.protos.tensors import SparseGradient
 
 __all__ = ["RemoteOptimizer"]
 
@@ -81,7 +87,7 @@ log = logging.getLogger("optserve.client.keras")
 DEFAULT_RETRY_WINDOW_S = 300.0
 _MAX_RETRY_PAUSE_S = 5.0
 
-# `variables` is tf.keras's layout, [iterations, *slots]: the counter comes first.
+# `variables` is Keras 3's layout, [iterations, learning_rate (a float's), *slots]: the counter comes first.
 _ITERATIONS_POSITION = 0
 
 # Keyword arguments of the Keras base optimizer that the worker needs to know as
@@ -168,7 +174,7 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         address = parse_address(address)
         tls = tls if tls is None or isinstance(tls, bool) else security.resolve_tls(tls)
         token = None if token is None else security.resolve_token(token)
-        wrapped = _wrapped_optimizer(optimizer, kwargs)
+        wrapped, rate_function = _wrapped_optimizer(optimizer, kwargs)
         check_job_arguments(
             "unnamed" if model_id is None else model_id, num_workers, worker_index, mode, sync_timeout_s, timeout
         )
@@ -180,8 +186,8 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         first_learning_rate = initial_learning_rate(wrapped)
 
         super().__init__(
-            # A callable keeps Keras from creating a learning-rate variable: the
-            # rate lives on the server, and `variables` keeps tf.keras's layout.
+            # A callable keeps Keras from creating its learning-rate variable: the
+            # rate lives on the server, and a mirror of it takes that variable's place.
             learning_rate=self._server_learning_rate,
             name=name,
             **{key: getattr(wrapped, key) for key in _BASE_ARGUMENTS},
@@ -200,6 +206,9 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         self._wrapped_config_json = json.dumps(wrapped_config)
         self._client = None
         self._learning_rate_value = first_learning_rate
+        # A plain callable rate: called before each step, as Keras calls it, and sent when it changes.
+        self._rate_function = rate_function
+        self._weight_decay_exclusions = None  # server-name patterns, resolved at build
         self._steps = StepTracker()  # shared with self.client: the one record of the server's counters
         self._slots_stale = False
         self._refreshing = False
@@ -207,7 +216,7 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         self._slot_mirrors = []
         self._pulled = PulledValues()
         self._warned_learning_rate_writer = False
-        self._replace_iterations_variable()
+        self._replace_iterations_variable(float_rate=not _is_schedule(wrapped) and rate_function is None)
 
     # ------------------------------------------------------------------ configuration
 
@@ -217,19 +226,31 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         return json.loads(self._wrapped_config_json)
 
     def get_config(self):
-        return {**job_config(self), "retry_window_s": self.retry_window_s}
+        config = {**job_config(self), "retry_window_s": self.retry_window_s}
+        if self._weight_decay_exclusions:
+            config["weight_decay_exclusions"] = list(self._weight_decay_exclusions)
+        return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         # `resume` is not in the config: an optimizer rebuilt from it (load_model)
-        # continues its job, joining it if the server still holds it.
-        return cls(**config)
+        # continues its job, joining it if the server still holds it. The weight-decay
+        # exclusions, resolved when it was built, come back with it (the job holds them).
+        config = dict(config)
+        exclusions = config.pop("weight_decay_exclusions", None)
+        optimizer = cls(**config)
+        optimizer._weight_decay_exclusions = list(exclusions) if exclusions else None
+        return optimizer
 
     def _server_optimizer_config(self):
         # Keras names optimizer instances "adam", "adam_1", ... in creation order;
         # the server compares configs to let workers join, so the name stays out.
         config = self.wrapped_config
         config["config"].pop("name", None)
+        if self._weight_decay_exclusions:
+            # Patterns that each match one variable's server name exactly; part of the
+            # config, so a worker excluding other variables is refused when it joins.
+            config["config"]["weight_decay_exclusions"] = list(self._weight_decay_exclusions)
         return config
 
     # ------------------------------------------------------------------ connection
@@ -261,8 +282,30 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         """
         if self.built:
             return
+        variables = list(variables)
+        if not variables:
+            # Keras's build([]): nothing to train, so no job on the server; the optimizer is built.
+            self.built = True
+            return
         with eager_scope():
-            self._build_on_server(list(variables))
+            self._build_on_server(variables)
+
+    def exclude_from_weight_decay(self, var_list=None, var_names=None):
+        """Exclude variables from weight decay, as Keras does; call it before the optimizer is built.
+
+        Both forms are resolved on the worker with Keras's own rule when the
+        optimizer is built (`var_names` are regular expressions searched in
+        `variable.name`), and the server is told exactly which variables not to
+        decay. Workers joining the job must exclude the same variables.
+        """
+        if self.built:
+            raise ValueError("`exclude_from_weight_decay()` can only be configured before the optimizer is built.")
+        super().exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+
+    def _excluded_names(self, variables, names):
+        """The server names of the variables Keras's rule excludes from weight decay (anchored patterns)."""
+        excluded = [name for name, v in zip(names, variables) if not self._use_weight_decay(v)]
+        return ["^" + re.escape(name) + "$" for name in excluded]
 
     def _build_on_server(self, variables):
         local_names = variable_names(variables)
@@ -283,6 +326,10 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
                 "Pass resume='auto' to create it."
             )
         initial_values = {name: local_values[local] for name, local in zip(names, local_names)}
+        if self._weight_decay_exclusions is None or any(
+            getattr(self, key, None) for key in ("_exclude_from_weight_decay", "_exclude_from_weight_decay_pattern")
+        ):
+            self._weight_decay_exclusions = self._excluded_names(variables, names)
         info = self.client.create_model(
             self.model_id,
             self._server_optimizer_config(),
@@ -359,17 +406,39 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         refuse_traced(grads)
         variables = self._variables_for(grads, trainable_variables)
         grads, variables = self._filter_empty_gradients(grads, variables)
-        names = [self._name_of(v) for v in variables]
+        # Keras's update casts each gradient to its variable's dtype; here it is done before the wire.
+        grads = [cast_gradient(g, v.dtype) for g, v in zip(grads, variables)]
         if in_tf_graph():
-            self._graph_apply(list(zip(names, grads)), aggregated)
+            refuse_overwrite_with_gradient(variables, "inside a `tf.function`")
+            self._graph_apply([(self._name_of(v), g) for g, v in zip(grads, variables)], aggregated)
             return
+        grads, variables = self._overwrite_with_gradients(grads, variables)
+        names = [self._name_of(v) for v in variables]
         self._write_back(self._changed_variables())
+        if not grads:  # every gradient overwrote its variable: nothing for the optimizer to apply
+            return
         values = self._push_pull({name: host_gradient(g) for name, g in zip(names, grads)}, aggregated)
         for name, variable in zip(self._variable_names, self._trainable_variables):
             variable.assign(values[name])
             self._note_pulled(name, variable, values[name])
         overwrite(self._iterations, np.asarray(self._server_iterations, dtype=self._iterations.dtype))
         self._apply_constraints()
+
+    def _overwrite_with_gradients(self, grads, variables):
+        """Keras's `overwrite_with_gradient` (float8 training): such a variable takes its gradient as its value.
+
+        The new value reaches the server as a write outside the optimizer,
+        before the push of the other gradients, which the server applies as usual.
+        """
+        marked = [i for i, v in enumerate(variables) if getattr(v, "overwrite_with_gradient", False)]
+        if not marked:
+            return grads, variables
+        if self.gradient_accumulation_steps:
+            refuse_overwrite_with_gradient(variables, "with `gradient_accumulation_steps`")
+        for index in marked:
+            variables[index].assign(ops.convert_to_tensor(to_numpy(grads[index]), dtype=variables[index].dtype))
+        kept = [i for i in range(len(variables)) if i not in marked]
+        return [grads[i] for i in kept], [variables[i] for i in kept]
 
     def _graph_apply(self, named_grads, aggregated):
         """Inside a `tf.function`: the round trip as one host call, then in-graph assignments."""
@@ -452,6 +521,8 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
                 f"Argument `optimizer_variables` must match `optimizer.variables` one-to-one. Received "
                 f"{len(optimizer_variables)} values, expected {len(self.variables)}."
             )
+        refuse_overwrite_with_gradient(self._trainable_variables, "in `stateless_apply`")
+        grads = [cast_gradient(g, v.dtype) for g, v in zip(grads, self._trainable_variables)]
         if keras.backend.backend() == "jax":
             new_values, new_iterations = self._jax_stateless_step(grads, trainable_variables)
         else:
@@ -467,21 +538,35 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         value_types = [jax.ShapeDtypeStruct(np.shape(v), v.dtype) for v in trainable_variables]
         iterations_type = jax.ShapeDtypeStruct((), self._iterations.dtype)
 
-        count = len(self._variable_names)
+        # A BCOO gradient of whole rows (an Embedding's) crosses as its rows and
+        # row indices and goes on the wire sparse; any other BCOO is densified.
+        grads = [g.todense() if is_jax_sparse(g) and not _row_sparse(g) else g for g in grads]
+        sparse = [is_jax_sparse(g) for g in grads]
+        flat = []
+        for g, is_sparse in zip(grads, sparse):
+            flat += [g.data, g.indices[:, 0]] if is_sparse else [g]
+        count = len(flat)
 
         def host_step(*arrays):
             # Runs on the host with NumPy arrays, once per step, in program order:
             # the gradients, then the values the trainer carries (changed if the
             # user wrote the model's variables since the last step).
-            host_grads, current_values = arrays[:count], arrays[count:]
+            host_flat, current_values = iter(arrays[:count]), arrays[count:]
+            host_grads = {}
+            for name, is_sparse in zip(self._variable_names, sparse):
+                if is_sparse:
+                    data = np.asarray(next(host_flat))
+                    host_grads[name] = SparseGradient(np.asarray(next(host_flat)), data)
+                else:
+                    host_grads[name] = next(host_flat)
             self._write_back(self._changed_values(current_values))
-            values = self._push_pull(dict(zip(self._variable_names, host_grads)), aggregated=False)
+            values = self._push_pull(host_grads, aggregated=False)
             new_values = [np.asarray(values[name], dtype=t.dtype) for name, t in zip(self._variable_names, value_types)]
             self._note_all_pulled(dict(zip(self._variable_names, new_values)))
             return new_values, np.asarray(self._server_iterations, dtype=iterations_type.dtype)
 
         new_values, new_iterations = io_callback(
-            host_step, (value_types, iterations_type), *grads, *trainable_variables, ordered=True
+            host_step, (value_types, iterations_type), *flat, *trainable_variables, ordered=True
         )
         new_values = self._stateless_constraints(list(new_values), io_callback)
         return new_values, new_iterations
@@ -505,6 +590,7 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         came back at another step (it restored an older checkpoint) is
         followed: this worker adopts its step and pushes the gradients there.
         """
+        self._send_rate_function_value()
         waiting_since = None
         while True:
             try:
@@ -529,6 +615,14 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         self._adopt_state(result.iterations, result.learning_rate)
         self._slots_stale = True
         return values
+
+    def _send_rate_function_value(self):
+        if self._rate_function is None or self.worker_index != 0:
+            return
+        value = float(to_numpy(self._rate_function()))
+        if value != self._learning_rate_value:
+            state = self.client.set_weights(self.model_id, learning_rate=value)
+            self._adopt_state(state.iterations, state.learning_rate)
 
     def _adopt_server_step(self, error):
         behind = error.step - error.current_step
@@ -661,6 +755,15 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
 # --------------------------------------------------------------------------- helpers
 
 
+def _is_schedule(instance):
+    return isinstance(instance._learning_rate, keras.optimizers.schedules.LearningRateSchedule)
+
+
+def _row_sparse(gradient):
+    """Whether a BCOO gradient holds whole rows: one sparse (leading) dimension, the rest dense."""
+    return gradient.n_batch == 0 and gradient.indices.shape[-1] == 1
+
+
 def _wrapped_optimizer(optimizer, overrides):
     """A Keras optimizer instance from any accepted form, with `overrides` applied (validates eagerly)."""
     if isinstance(optimizer, RemoteOptimizer):
@@ -676,7 +779,7 @@ def _wrapped_optimizer(optimizer, overrides):
             )
         if "config" not in config:  # a bare get_config() dict with its class name beside it
             config = {"class_name": config.pop("class_name"), "config": config}
-        instance = keras.optimizers.deserialize(config)
+        instance = deserialize_optimizer(config)
     elif isinstance(optimizer, keras.optimizers.Optimizer):
         instance = optimizer
     else:
@@ -688,15 +791,24 @@ def _wrapped_optimizer(optimizer, overrides):
         raise ValueError(
             "`optimizer` must not be a LossScaleOptimizer; set `loss_scale_factor` on the wrapped optimizer instead."
         )
-    if overrides:
+    rate_function = _rate_function(instance._learning_rate)
+    if overrides or rate_function is not None:
         config = instance.get_config()
+        if rate_function is not None:
+            # The server gets the rate's current value; the function stays on the worker.
+            config["learning_rate"] = float(to_numpy(rate_function()))
         config.update(overrides)
+        rate_function = _rate_function(config.get("learning_rate")) or rate_function
+        if rate_function is not None and callable(config.get("learning_rate")):
+            config["learning_rate"] = float(to_numpy(rate_function()))
         instance = instance.__class__.from_config(config)
-    lr = instance._learning_rate
-    if callable(lr) and not isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        raise ValueError(
-            "The wrapped optimizer's `learning_rate` must be a float or a "
-            "`keras.optimizers.schedules.LearningRateSchedule` (the server evaluates it). "
-            f"Received: learning_rate={lr!r}"
-        )
-    return instance
+    return instance, rate_function
+
+
+def _rate_function(learning_rate):
+    """A plain callable learning rate (not a schedule), which Keras calls at every step; else None."""
+    if callable(learning_rate) and not isinstance(
+        learning_rate, (keras.optimizers.schedules.LearningRateSchedule, keras.Variable)
+    ):
+        return learning_rate
+    return None
