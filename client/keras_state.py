@@ -89,6 +89,34 @@ class ServerState:
             raise TypeError(str(error)) from None
         self._adopt_state(state.iterations, state.learning_rate)
 
+    @property
+    def loss_scale_factor(self):
+        return self.__dict__.get("_remote_loss_scale_factor")
+
+    @loss_scale_factor.setter
+    def loss_scale_factor(self, value):
+        """Set before the job exists (MultiOptimizer sets its own on the optimizers it holds): sent with it.
+
+        The server divides the gradients by the factor, so once the job exists a
+        new factor would reach the worker's `scale_loss` only: refused.
+        """
+        if "_wrapped_config_json" not in self.__dict__:  # Keras's constructor sets it first
+            self.__dict__["_remote_loss_scale_factor"] = value
+            return
+        if value == self.loss_scale_factor:
+            return
+        if self.built:
+            raise ValueError(
+                f"The `loss_scale_factor` of a RemoteOptimizer cannot change once its job exists on the server "
+                f"(it divides the gradients there). Received: loss_scale_factor={value!r}, the job's is "
+                f"{self.loss_scale_factor!r}. Set it before the optimizer is built."
+            )
+        wrapped = deserialize_optimizer(self.wrapped_config)
+        config = wrapped.get_config()
+        config["loss_scale_factor"] = value
+        self._wrapped_config_json = json.dumps(portable_config(type(wrapped).from_config(config)))
+        self.__dict__["_remote_loss_scale_factor"] = value
+
     def _set_wrapped_learning_rate(self, learning_rate, schedule):
         """Before the job exists: the wrapped optimizer is created with the new rate."""
         wrapped = deserialize_optimizer(self.wrapped_config)

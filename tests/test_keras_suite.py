@@ -7,10 +7,9 @@ each built-in optimizer class those tests construct into
 starts. Every test must pass, or be listed in NOT_APPLICABLE with its reason; a
 listed test that passes fails too, so the list only ever shrinks.
 
-Files left out, and why (each backend's run must stay within about a minute):
-- `multi_optimizer_test.py` wraps several optimizers in one MultiOptimizer and
-  trains models with `fit`: it is what `test_keras_integration.py`'s
-  MultiOptimizer check covers directly, and it doubles the JAX run's time.
+Every file is run, `multi_optimizer_test.py` included: MultiOptimizer /
+OptimizerMap route variables to several RemoteOptimizers (one job each).
+Each backend's run takes about 30 s on an idle machine; the three run at once.
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import pytest
 TESTS = pathlib.Path(__file__).parent
 BACKENDS = ("torch", "jax", "tensorflow")
 SUITE_TIMEOUT_S = 300
-LEFT_OUT = ("multi_optimizer_test.py",)
+LEFT_OUT: tuple[str, ...] = ()
 # Below this many tests that created a remote optimizer, the substitution itself broke.
 MIN_EXERCISED = 100
 
@@ -63,6 +62,14 @@ NOT_APPLICABLE = {
         BACKENDS,
         _STATE + " (`_model_variables_moving_average`)",
     ),
+    "multi_optimizer_test.py::MultiOptimizerTest::test_swap_ema_weights_with_multi_optimizer": (
+        BACKENDS,
+        "tensorflow: the lazily built model below; torch: "
+        + _STATE
+        + " (`_model_variables_moving_average`, which SwapEMAWeights reads); jax: "
+        "MultiOptimizer's stateless_apply (JAX's compiled fit) calls each inner `apply` inside the trace, "
+        "which RemoteOptimizer refuses with a ValueError naming `stateless_apply` (eager `apply` works)",
+    ),
     "optimizer_test.py::OptimizerTest::test_gradient_accumulation": (BACKENDS, _STATE + " (`_accumulated_gradients`)"),
     "optimizer_test.py::OptimizerTest::test_overwrite_with_gradient_with_gradient_accumulation": (
         BACKENDS,
@@ -86,9 +93,25 @@ NOT_APPLICABLE = {
         )
     },
     # Owned by the loss-scaling work (LossScaleOptimizer around/inside RemoteOptimizer, isinstance, names).
-    "loss_scale_optimizer_test.py::LossScaleOptimizerTest::test_finite_step_with_inner_loss_scale_*": (
-        BACKENDS,
+    "loss_scale_optimizer_test.py::LossScaleOptimizerTest::test_finite_step_with_inner_loss_scale_stateful": (
+        ("jax",),
         "pending: LossScaleOptimizer(RemoteOptimizer) (the loss-scaling work)",
+    ),
+    "loss_scale_optimizer_test.py::LossScaleOptimizerTest::test_finite_step_with_inner_loss_scale_stateless": (
+        ("tensorflow",),
+        "pending: LossScaleOptimizer(RemoteOptimizer) (the loss-scaling work)",
+    ),
+    "multi_optimizer_test.py::MultiOptimizerTest::test_multi_optimizer_wrapped_in_loss_scale_optimizer": (
+        ("jax",),
+        "pending: LossScaleOptimizer(RemoteOptimizer) under JAX (the loss-scaling work)",
+    ),
+    "multi_optimizer_test.py::MultiOptimizerTest::test_serialization": (
+        BACKENDS,
+        "pending: reads the class name of the optimizers inside (`Adam`): the isinstance/name work",
+    ),
+    "multi_optimizer_test.py::MultiOptimizerTest::test_tensorboard_logging_with_multi_optimizer": (
+        BACKENDS,
+        "pending: TensorBoard names the rates after the optimizers' names (`SGD`): the isinstance/name work",
     ),
     "loss_scale_optimizer_test.py::LossScaleOptimizerTest::test_finite_step_with_overwrite_stateless": (
         ("torch", "tensorflow"),
