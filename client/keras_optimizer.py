@@ -415,8 +415,6 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         grads, variables = self._overwrite_with_gradients(grads, variables)
         names = [self._name_of(v) for v in variables]
         self._write_back(self._changed_variables())
-        if not grads:  # every gradient overwrote its variable: nothing for the optimizer to apply
-            return
         values = self._push_pull({name: host_gradient(g) for name, g in zip(names, grads)}, aggregated)
         for name, variable in zip(self._variable_names, self._trainable_variables):
             variable.assign(values[name])
@@ -438,7 +436,19 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         for index in marked:
             variables[index].assign(ops.convert_to_tensor(to_numpy(grads[index]), dtype=variables[index].dtype))
         kept = [i for i in range(len(variables)) if i not in marked]
+        # With no gradient left the push is empty: the server counts the step, as Keras does.
         return [grads[i] for i in kept], [variables[i] for i in kept]
+
+    def _take_overwrites(self, host_grads):
+        """Stateless steps: the `overwrite_with_gradient` variables' gradients leave the push as their new values."""
+        overwrites = {}
+        for name, variable in zip(self._variable_names, self._trainable_variables):
+            if getattr(variable, "overwrite_with_gradient", False) and name in host_grads:
+                gradient = host_grads.pop(name)
+                if isinstance(gradient, SparseGradient):
+                    gradient = gradient.densify(tuple(variable.shape))
+                overwrites[name] = np.array(gradient, dtype=np.asarray(gradient).dtype)
+        return overwrites  # an empty push left over still counts the step, as Keras's does
 
     def _graph_apply(self, named_grads, aggregated):
         """Inside a `tf.function`: the round trip as one host call, then in-graph assignments."""
@@ -521,13 +531,16 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
                 f"Argument `optimizer_variables` must match `optimizer.variables` one-to-one. Received "
                 f"{len(optimizer_variables)} values, expected {len(self.variables)}."
             )
-        refuse_overwrite_with_gradient(self._trainable_variables, "in `stateless_apply`")
+        if self.gradient_accumulation_steps:
+            refuse_overwrite_with_gradient(self._trainable_variables, "with `gradient_accumulation_steps`")
         grads = [cast_gradient(g, v.dtype) for g, v in zip(grads, self._trainable_variables)]
         if keras.backend.backend() == "jax":
             new_values, new_iterations = self._jax_stateless_step(grads, trainable_variables)
         else:
             new_values, new_iterations = self._eager_stateless_step(grads, trainable_variables)
-        optimizer_variables = list(optimizer_variables)
+        # A caller may pass the variables themselves (LossScaleOptimizer does, in a StatelessScope):
+        # what comes back must be values.
+        optimizer_variables = [v.value if isinstance(v, keras.Variable) else v for v in optimizer_variables]
         optimizer_variables[_ITERATIONS_POSITION] = new_iterations
         return new_values, optimizer_variables
 
@@ -559,7 +572,7 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
                     host_grads[name] = SparseGradient(np.asarray(next(host_flat)), data)
                 else:
                     host_grads[name] = next(host_flat)
-            self._write_back(self._changed_values(current_values))
+            self._write_back({**self._changed_values(current_values), **self._take_overwrites(host_grads)})
             values = self._push_pull(host_grads, aggregated=False)
             new_values = [np.asarray(values[name], dtype=t.dtype) for name, t in zip(self._variable_names, value_types)]
             self._note_all_pulled(dict(zip(self._variable_names, new_values)))
@@ -573,7 +586,8 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
 
     def _eager_stateless_step(self, grads, trainable_variables):
         host_grads = {name: to_numpy(g) for name, g in zip(self._variable_names, grads)}
-        self._write_back(self._changed_values([to_numpy(v) for v in trainable_variables]))
+        changed = self._changed_values([to_numpy(v) for v in trainable_variables])
+        self._write_back({**changed, **self._take_overwrites(host_grads)})
         values = self._push_pull(host_grads, aggregated=False)
         self._note_all_pulled(values)
         new_values = [

@@ -26,7 +26,7 @@ import pytest
 
 TESTS = pathlib.Path(__file__).parent
 BACKENDS = ("torch", "jax", "tensorflow")
-SUITE_TIMEOUT_S = 300
+SUITE_TIMEOUT_S = 480  # per backend process; about 30 s each on an idle machine
 LEFT_OUT: tuple[str, ...] = ()
 # Below this many tests that created a remote optimizer, the substitution itself broke.
 MIN_EXERCISED = 100
@@ -93,14 +93,6 @@ NOT_APPLICABLE = {
         )
     },
     # Owned by the loss-scaling work (LossScaleOptimizer around/inside RemoteOptimizer, isinstance, names).
-    "loss_scale_optimizer_test.py::LossScaleOptimizerTest::test_finite_step_with_inner_loss_scale_stateful": (
-        ("jax",),
-        "pending: LossScaleOptimizer(RemoteOptimizer) (the loss-scaling work)",
-    ),
-    "loss_scale_optimizer_test.py::LossScaleOptimizerTest::test_finite_step_with_inner_loss_scale_stateless": (
-        ("tensorflow",),
-        "pending: LossScaleOptimizer(RemoteOptimizer) (the loss-scaling work)",
-    ),
     "multi_optimizer_test.py::MultiOptimizerTest::test_multi_optimizer_wrapped_in_loss_scale_optimizer": (
         ("jax",),
         "pending: LossScaleOptimizer(RemoteOptimizer) under JAX (the loss-scaling work)",
@@ -112,19 +104,6 @@ NOT_APPLICABLE = {
     "multi_optimizer_test.py::MultiOptimizerTest::test_tensorboard_logging_with_multi_optimizer": (
         BACKENDS,
         "pending: TensorBoard names the rates after the optimizers' names (`SGD`): the isinstance/name work",
-    ),
-    "loss_scale_optimizer_test.py::LossScaleOptimizerTest::test_finite_step_with_overwrite_stateless": (
-        ("torch", "tensorflow"),
-        "refused at the first call with a ValueError: `overwrite_with_gradient` in `stateless_apply` "
-        "(it works in `apply`: test_finite_step_with_overwrite_stateful passes)",
-    ),
-    "loss_scale_optimizer_test.py::LossScaleOptimizerTest::test_*_stateless": (
-        ("jax",),
-        "pending: LossScaleOptimizer(RemoteOptimizer).stateless_apply under JAX (the loss-scaling work)",
-    ),
-    "optimizer_sparse_test.py::OptimizerSparseTest::test_sparse_correctness_loss_scale_optimizer_sgd": (
-        ("jax",),
-        "pending: LossScaleOptimizer(RemoteOptimizer) (the loss-scaling work)",
     ),
     "optimizer_test.py::OptimizerTest::test_optimizer_auto_naming": (
         BACKENDS,
