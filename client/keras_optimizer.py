@@ -310,6 +310,7 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
     def _build_on_server(self, variables):
         local_names = variable_names(variables)
         local_values = {name: to_numpy(v) for name, v in zip(local_names, variables)}
+        _refuse_valueless(variables, local_names, local_values)
         existing = self._existing_job()
         names = local_names
         if existing is not None:
@@ -767,6 +768,22 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _refuse_valueless(variables, names, values):
+    """TensorFlow: variables created inside the step being traced hold no value until it runs.
+
+    That is a model without `keras.Input` whose first `fit`/`train_on_batch` step builds it;
+    the job cannot be created from values that do not exist yet.
+    """
+    empty = [name for name, v in zip(names, variables) if tuple(np.shape(values[name])) != tuple(v.shape)]
+    if empty:
+        raise ValueError(
+            f"RemoteOptimizer was built before the model's variables hold values: {empty} were created "
+            "inside the train step being traced (a model without `keras.Input`, built by its first step). "
+            "Build the model first: give it a `keras.Input(...)`, or call `model.build(input_shape)` or "
+            "`model(x)` before `fit` / `train_on_batch`."
+        )
 
 
 def _is_schedule(instance):

@@ -79,12 +79,11 @@ NOT_APPLICABLE = {
     # (test_sparse_gradients_scatter_update's optimizer is a test-local class: it stays local and passes.)
     "optimizer_sparse_test.py::OptimizerSparseTest::test_sparse_gradients_[!s]*": _MOCKS_UPDATE_PATH,
     "optimizer_sparse_test.py::OptimizerSparseTest::test_sparse_gradients_sgd*": _MOCKS_UPDATE_PATH,
-    # A known gap, not a design limit: on TensorFlow, a model without `keras.Input` creates its
-    # variables inside the first traced train step, and the optimizer (built there, lifted out of
-    # the trace) reads them before they hold values: the job is created with empty arrays and the
-    # step is refused (InvalidArgumentError naming the variable). Models with `keras.Input` work.
+    # TensorFlow: a model without `keras.Input` creates its variables inside the first traced train
+    # step, and they hold no value until that step runs, when the optimizer (built there, lifted out
+    # of the trace) must create the job: refused with a ValueError saying to build the model first.
     **{
-        test_id: (("tensorflow",), "pending: TensorFlow model built lazily inside the first traced step")
+        test_id: (("tensorflow",), "refused with a clear error: a model built inside the first traced step")
         for test_id in (
             "adam_test.py::AdamTest::test_clipnorm_indexed_slices",
             "lion_test.py::LionTest::test_ema",
