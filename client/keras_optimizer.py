@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 
 import keras
@@ -47,6 +46,7 @@ from optserve.client.client import (
     UnavailableError,
     parse_address,
 )
+from optserve.client.keras_features import KerasFeatures, is_schedule, plain_rate_function, refuse_valueless, row_sparse
 from optserve.client.keras_state import ServerState
 from optserve.client.keras_support import (
     cast_gradient,
@@ -107,7 +107,7 @@ _BASE_ARGUMENTS = (
 
 
 @keras.saving.register_keras_serializable(package="optserve")
-class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
+class RemoteOptimizer(KerasFeatures, ServerState, keras.optimizers.Optimizer):
     """A Keras optimizer that trains through an optserve parameter server.
 
     Args:
@@ -216,7 +216,7 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         self._slot_mirrors = []
         self._pulled = PulledValues()
         self._warned_learning_rate_writer = False
-        self._replace_iterations_variable(float_rate=not _is_schedule(wrapped) and rate_function is None)
+        self._replace_iterations_variable(float_rate=not is_schedule(wrapped) and rate_function is None)
 
     # ------------------------------------------------------------------ configuration
 
@@ -290,27 +290,10 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         with eager_scope():
             self._build_on_server(variables)
 
-    def exclude_from_weight_decay(self, var_list=None, var_names=None):
-        """Exclude variables from weight decay, as Keras does; call it before the optimizer is built.
-
-        Both forms are resolved on the worker with Keras's own rule when the
-        optimizer is built (`var_names` are regular expressions searched in
-        `variable.name`), and the server is told exactly which variables not to
-        decay. Workers joining the job must exclude the same variables.
-        """
-        if self.built:
-            raise ValueError("`exclude_from_weight_decay()` can only be configured before the optimizer is built.")
-        super().exclude_from_weight_decay(var_list=var_list, var_names=var_names)
-
-    def _excluded_names(self, variables, names):
-        """The server names of the variables Keras's rule excludes from weight decay (anchored patterns)."""
-        excluded = [name for name, v in zip(names, variables) if not self._use_weight_decay(v)]
-        return ["^" + re.escape(name) + "$" for name in excluded]
-
     def _build_on_server(self, variables):
         local_names = variable_names(variables)
         local_values = {name: to_numpy(v) for name, v in zip(local_names, variables)}
-        _refuse_valueless(variables, local_names, local_values)
+        refuse_valueless(variables, local_names, local_values)
         existing = self._existing_job()
         names = local_names
         if existing is not None:
@@ -423,34 +406,6 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         overwrite(self._iterations, np.asarray(self._server_iterations, dtype=self._iterations.dtype))
         self._apply_constraints()
 
-    def _overwrite_with_gradients(self, grads, variables):
-        """Keras's `overwrite_with_gradient` (float8 training): such a variable takes its gradient as its value.
-
-        The new value reaches the server as a write outside the optimizer,
-        before the push of the other gradients, which the server applies as usual.
-        """
-        marked = [i for i, v in enumerate(variables) if getattr(v, "overwrite_with_gradient", False)]
-        if not marked:
-            return grads, variables
-        if self.gradient_accumulation_steps:
-            refuse_overwrite_with_gradient(variables, "with `gradient_accumulation_steps`")
-        for index in marked:
-            variables[index].assign(ops.convert_to_tensor(to_numpy(grads[index]), dtype=variables[index].dtype))
-        kept = [i for i in range(len(variables)) if i not in marked]
-        # With no gradient left the push is empty: the server counts the step, as Keras does.
-        return [grads[i] for i in kept], [variables[i] for i in kept]
-
-    def _take_overwrites(self, host_grads):
-        """Stateless steps: the `overwrite_with_gradient` variables' gradients leave the push as their new values."""
-        overwrites = {}
-        for name, variable in zip(self._variable_names, self._trainable_variables):
-            if getattr(variable, "overwrite_with_gradient", False) and name in host_grads:
-                gradient = host_grads.pop(name)
-                if isinstance(gradient, SparseGradient):
-                    gradient = gradient.densify(tuple(variable.shape))
-                overwrites[name] = np.array(gradient, dtype=np.asarray(gradient).dtype)
-        return overwrites  # an empty push left over still counts the step, as Keras's does
-
     def _graph_apply(self, named_grads, aggregated):
         """Inside a `tf.function`: the round trip as one host call, then in-graph assignments."""
         dtypes = [v.dtype for v in self._trainable_variables] + [self._iterations.dtype]
@@ -554,7 +509,7 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
 
         # A BCOO gradient of whole rows (an Embedding's) crosses as its rows and
         # row indices and goes on the wire sparse; any other BCOO is densified.
-        grads = [g.todense() if is_jax_sparse(g) and not _row_sparse(g) else g for g in grads]
+        grads = [g.todense() if is_jax_sparse(g) and not row_sparse(g) else g for g in grads]
         sparse = [is_jax_sparse(g) for g in grads]
         flat = []
         for g, is_sparse in zip(grads, sparse):
@@ -770,31 +725,6 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
 # --------------------------------------------------------------------------- helpers
 
 
-def _refuse_valueless(variables, names, values):
-    """TensorFlow: variables created inside the step being traced hold no value until it runs.
-
-    That is a model without `keras.Input` whose first `fit`/`train_on_batch` step builds it;
-    the job cannot be created from values that do not exist yet.
-    """
-    empty = [name for name, v in zip(names, variables) if tuple(np.shape(values[name])) != tuple(v.shape)]
-    if empty:
-        raise ValueError(
-            f"RemoteOptimizer was built before the model's variables hold values: {empty} were created "
-            "inside the train step being traced (a model without `keras.Input`, built by its first step). "
-            "Build the model first: give it a `keras.Input(...)`, or call `model.build(input_shape)` or "
-            "`model(x)` before `fit` / `train_on_batch`."
-        )
-
-
-def _is_schedule(instance):
-    return isinstance(instance._learning_rate, keras.optimizers.schedules.LearningRateSchedule)
-
-
-def _row_sparse(gradient):
-    """Whether a BCOO gradient holds whole rows: one sparse (leading) dimension, the rest dense."""
-    return gradient.n_batch == 0 and gradient.indices.shape[-1] == 1
-
-
 def _wrapped_optimizer(optimizer, overrides):
     """A Keras optimizer instance from any accepted form, with `overrides` applied (validates eagerly)."""
     if isinstance(optimizer, RemoteOptimizer):
@@ -822,24 +752,15 @@ def _wrapped_optimizer(optimizer, overrides):
         raise ValueError(
             "`optimizer` must not be a LossScaleOptimizer; set `loss_scale_factor` on the wrapped optimizer instead."
         )
-    rate_function = _rate_function(instance._learning_rate)
+    rate_function = plain_rate_function(instance._learning_rate)
     if overrides or rate_function is not None:
         config = instance.get_config()
         if rate_function is not None:
             # The server gets the rate's current value; the function stays on the worker.
             config["learning_rate"] = float(to_numpy(rate_function()))
         config.update(overrides)
-        rate_function = _rate_function(config.get("learning_rate")) or rate_function
+        rate_function = plain_rate_function(config.get("learning_rate")) or rate_function
         if rate_function is not None and callable(config.get("learning_rate")):
             config["learning_rate"] = float(to_numpy(rate_function()))
         instance = instance.__class__.from_config(config)
     return instance, rate_function
-
-
-def _rate_function(learning_rate):
-    """A plain callable learning rate (not a schedule), which Keras calls at every step; else None."""
-    if callable(learning_rate) and not isinstance(
-        learning_rate, (keras.optimizers.schedules.LearningRateSchedule, keras.Variable)
-    ):
-        return learning_rate
-    return None
