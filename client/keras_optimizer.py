@@ -46,17 +46,22 @@ from optserve.client.client import (
     UnavailableError,
     parse_address,
 )
+from optserve.client.keras_features import KerasFeatures, is_schedule, plain_rate_function, refuse_valueless, row_sparse
 from optserve.client.keras_state import ServerState
 from optserve.client.keras_support import (
+    cast_gradient,
     change_token,
+    deserialize_optimizer,
     eager_scope,
     host_code,
     host_gradient,
     in_tf_graph,
     initial_learning_rate,
+    is_jax_sparse,
     job_id,
     overwrite,
     portable_config,
+    refuse_overwrite_with_gradient,
     refuse_traced,
     tensorflow_helpers,
     to_numpy,
@@ -71,6 +76,7 @@ from optserve.client.remote_job import (
     match_variables,
 )
 from optserve.client.steps import StepTracker
+from optserve.protos.tensors import SparseGradient
 
 __all__ = ["RemoteOptimizer"]
 
@@ -81,7 +87,7 @@ log = logging.getLogger("optserve.client.keras")
 DEFAULT_RETRY_WINDOW_S = 300.0
 _MAX_RETRY_PAUSE_S = 5.0
 
-# `variables` is tf.keras's layout, [iterations, *slots]: the counter comes first.
+# `variables` is Keras 3's layout, [iterations, learning_rate (a float's), *slots]: the counter comes first.
 _ITERATIONS_POSITION = 0
 
 # Keyword arguments of the Keras base optimizer that the worker needs to know as
@@ -101,7 +107,7 @@ _BASE_ARGUMENTS = (
 
 
 @keras.saving.register_keras_serializable(package="optserve")
-class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
+class RemoteOptimizer(KerasFeatures, ServerState, keras.optimizers.Optimizer):
     """A Keras optimizer that trains through an optserve parameter server.
 
     Args:
@@ -172,7 +178,7 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         address = parse_address(address)
         tls = tls if tls is None or isinstance(tls, bool) else security.resolve_tls(tls)
         token = None if token is None else security.resolve_token(token)
-        wrapped = _wrapped_optimizer(optimizer, kwargs)
+        wrapped, rate_function = _wrapped_optimizer(optimizer, kwargs)
         check_job_arguments(
             "unnamed" if model_id is None else model_id, num_workers, worker_index, mode, sync_timeout_s, timeout
         )
@@ -186,8 +192,8 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         # The base optimizer's __init__, not the wrapped Keras class's (client/keras_classes.py).
         keras.optimizers.Optimizer.__init__(
             self,
-            # A callable keeps Keras from creating a learning-rate variable: the
-            # rate lives on the server, and `variables` keeps tf.keras's layout.
+            # A callable keeps Keras from creating its learning-rate variable: the
+            # rate lives on the server, and a mirror of it takes that variable's place.
             learning_rate=self._server_learning_rate,
             name=name or wrapped.name,
             **{key: getattr(wrapped, key) for key in _BASE_ARGUMENTS},
@@ -206,6 +212,9 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         self._wrapped_config_json = json.dumps(wrapped_config)
         self._client = None
         self._learning_rate_value = first_learning_rate
+        # A plain callable rate: called before each step, as Keras calls it, and sent when it changes.
+        self._rate_function = rate_function
+        self._weight_decay_exclusions = None  # server-name patterns, resolved at build
         self._steps = StepTracker()  # shared with self.client: the one record of the server's counters
         self._slots_stale = False
         self._refreshing = False
@@ -213,7 +222,7 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         self._slot_mirrors = []
         self._pulled = PulledValues()
         self._warned_learning_rate_writer = False
-        self._replace_iterations_variable()
+        self._replace_iterations_variable(float_rate=not is_schedule(wrapped) and rate_function is None)
 
     # ------------------------------------------------------------------ configuration
 
@@ -223,19 +232,31 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         return json.loads(self._wrapped_config_json)
 
     def get_config(self):
-        return {**job_config(self), "retry_window_s": self.retry_window_s}
+        config = {**job_config(self), "retry_window_s": self.retry_window_s}
+        if self._weight_decay_exclusions:
+            config["weight_decay_exclusions"] = list(self._weight_decay_exclusions)
+        return config
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
         # `resume` is not in the config: an optimizer rebuilt from it (load_model)
-        # continues its job, joining it if the server still holds it.
-        return cls(**config)
+        # continues its job, joining it if the server still holds it. The weight-decay
+        # exclusions, resolved when it was built, come back with it (the job holds them).
+        config = dict(config)
+        exclusions = config.pop("weight_decay_exclusions", None)
+        optimizer = cls(**config)
+        optimizer._weight_decay_exclusions = list(exclusions) if exclusions else None
+        return optimizer
 
     def _server_optimizer_config(self):
         # Keras names optimizer instances "adam", "adam_1", ... in creation order;
         # the server compares configs to let workers join, so the name stays out.
         config = self.wrapped_config
         config["config"].pop("name", None)
+        if self._weight_decay_exclusions:
+            # Patterns that each match one variable's server name exactly; part of the
+            # config, so a worker excluding other variables is refused when it joins.
+            config["config"]["weight_decay_exclusions"] = list(self._weight_decay_exclusions)
         return config
 
     # ------------------------------------------------------------------ connection
@@ -267,12 +288,18 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         """
         if self.built:
             return
+        variables = list(variables)
+        if not variables:
+            # Keras's build([]): nothing to train, so no job on the server; the optimizer is built.
+            self.built = True
+            return
         with eager_scope():
-            self._build_on_server(list(variables))
+            self._build_on_server(variables)
 
     def _build_on_server(self, variables):
         local_names = variable_names(variables)
         local_values = {name: to_numpy(v) for name, v in zip(local_names, variables)}
+        refuse_valueless(variables, local_names, local_values)
         existing = self._existing_job()
         names = local_names
         if existing is not None:
@@ -289,6 +316,10 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
                 "Pass resume='auto' to create it."
             )
         initial_values = {name: local_values[local] for name, local in zip(names, local_names)}
+        if self._weight_decay_exclusions is None or any(
+            getattr(self, key, None) for key in ("_exclude_from_weight_decay", "_exclude_from_weight_decay_pattern")
+        ):
+            self._weight_decay_exclusions = self._excluded_names(variables, names)
         info = self.client.create_model(
             self.model_id,
             self._server_optimizer_config(),
@@ -365,10 +396,14 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         refuse_traced(grads)
         variables = self._variables_for(grads, trainable_variables)
         grads, variables = self._filter_empty_gradients(grads, variables)
-        names = [self._name_of(v) for v in variables]
+        # Keras's update casts each gradient to its variable's dtype; here it is done before the wire.
+        grads = [cast_gradient(g, v.dtype) for g, v in zip(grads, variables)]
         if in_tf_graph():
-            self._graph_apply(list(zip(names, grads)), aggregated)
+            refuse_overwrite_with_gradient(variables, "inside a `tf.function`")
+            self._graph_apply([(self._name_of(v), g) for g, v in zip(grads, variables)], aggregated)
             return
+        grads, variables = self._overwrite_with_gradients(grads, variables)
+        names = [self._name_of(v) for v in variables]
         self._write_back(self._changed_variables())
         values = self._push_pull({name: host_gradient(g) for name, g in zip(names, grads)}, aggregated)
         for name, variable in zip(self._variable_names, self._trainable_variables):
@@ -458,11 +493,15 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
                 f"Argument `optimizer_variables` must match `optimizer.variables` one-to-one. Received "
                 f"{len(optimizer_variables)} values, expected {len(self.variables)}."
             )
+        if self.gradient_accumulation_steps:
+            refuse_overwrite_with_gradient(self._trainable_variables, "with `gradient_accumulation_steps`")
+        grads = [cast_gradient(g, v.dtype) for g, v in zip(grads, self._trainable_variables)]
         if keras.backend.backend() == "jax":
             new_values, new_iterations = self._jax_stateless_step(grads, trainable_variables)
         else:
             new_values, new_iterations = self._eager_stateless_step(grads, trainable_variables)
-        # Keras's LossScaleOptimizer passes the variables themselves (values in its StatelessScope).
+        # A caller may pass the variables themselves (LossScaleOptimizer does, in a StatelessScope):
+        # what comes back must be values.
         optimizer_variables = [v.value if isinstance(v, keras.Variable) else v for v in optimizer_variables]
         optimizer_variables[_ITERATIONS_POSITION] = new_iterations
         return new_values, optimizer_variables
@@ -474,28 +513,43 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         value_types = [jax.ShapeDtypeStruct(np.shape(v), v.dtype) for v in trainable_variables]
         iterations_type = jax.ShapeDtypeStruct((), self._iterations.dtype)
 
-        count = len(self._variable_names)
+        # A BCOO gradient of whole rows (an Embedding's) crosses as its rows and
+        # row indices and goes on the wire sparse; any other BCOO is densified.
+        grads = [g.todense() if is_jax_sparse(g) and not row_sparse(g) else g for g in grads]
+        sparse = [is_jax_sparse(g) for g in grads]
+        flat = []
+        for g, is_sparse in zip(grads, sparse):
+            flat += [g.data, g.indices[:, 0]] if is_sparse else [g]
+        count = len(flat)
 
         def host_step(*arrays):
             # Runs on the host with NumPy arrays, once per step, in program order:
             # the gradients, then the values the trainer carries (changed if the
             # user wrote the model's variables since the last step).
-            host_grads, current_values = arrays[:count], arrays[count:]
-            self._write_back(self._changed_values(current_values))
-            values = self._push_pull(dict(zip(self._variable_names, host_grads)), aggregated=False)
+            host_flat, current_values = iter(arrays[:count]), arrays[count:]
+            host_grads = {}
+            for name, is_sparse in zip(self._variable_names, sparse):
+                if is_sparse:
+                    data = np.asarray(next(host_flat))
+                    host_grads[name] = SparseGradient(np.asarray(next(host_flat)), data)
+                else:
+                    host_grads[name] = next(host_flat)
+            self._write_back({**self._changed_values(current_values), **self._take_overwrites(host_grads)})
+            values = self._push_pull(host_grads, aggregated=False)
             new_values = [np.asarray(values[name], dtype=t.dtype) for name, t in zip(self._variable_names, value_types)]
             self._note_all_pulled(dict(zip(self._variable_names, new_values)))
             return new_values, np.asarray(self._server_iterations, dtype=iterations_type.dtype)
 
         new_values, new_iterations = io_callback(
-            host_step, (value_types, iterations_type), *grads, *trainable_variables, ordered=True
+            host_step, (value_types, iterations_type), *flat, *trainable_variables, ordered=True
         )
         new_values = self._stateless_constraints(list(new_values), io_callback)
         return new_values, new_iterations
 
     def _eager_stateless_step(self, grads, trainable_variables):
         host_grads = {name: to_numpy(g) for name, g in zip(self._variable_names, grads)}
-        self._write_back(self._changed_values([to_numpy(v) for v in trainable_variables]))
+        changed = self._changed_values([to_numpy(v) for v in trainable_variables])
+        self._write_back({**changed, **self._take_overwrites(host_grads)})
         values = self._push_pull(host_grads, aggregated=False)
         self._note_all_pulled(values)
         new_values = [
@@ -512,6 +566,7 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
         came back at another step (it restored an older checkpoint) is
         followed: this worker adopts its step and pushes the gradients there.
         """
+        self._send_rate_function_value()
         waiting_since = None
         while True:
             try:
@@ -540,6 +595,14 @@ class RemoteOptimizer(ServerState, keras.optimizers.Optimizer):
 
     def _adopt_step_result(self, result):
         """Hook: a step's answer (client/keras_loss_scale.py reads the loss scale from it)."""
+
+    def _send_rate_function_value(self):
+        if self._rate_function is None or self.worker_index != 0:
+            return
+        value = float(to_numpy(self._rate_function()))
+        if value != self._learning_rate_value:
+            state = self.client.set_weights(self.model_id, learning_rate=value)
+            self._adopt_state(state.iterations, state.learning_rate)
 
     def _adopt_server_step(self, error):
         behind = error.step - error.current_step
@@ -687,7 +750,7 @@ def _wrapped_optimizer(optimizer, overrides):
             )
         if "config" not in config:  # a bare get_config() dict with its class name beside it
             config = {"class_name": config.pop("class_name"), "config": config}
-        instance = keras.optimizers.deserialize(config)
+        instance = deserialize_optimizer(config)
     elif isinstance(optimizer, keras.optimizers.Optimizer):
         instance = optimizer
     else:
@@ -695,15 +758,15 @@ def _wrapped_optimizer(optimizer, overrides):
             "`optimizer` must be a Keras optimizer, its serialized config or a name such as 'adam'. "
             f"Received: optimizer={optimizer!r}"
         )
-    if overrides:
+    rate_function = plain_rate_function(instance._learning_rate)
+    if overrides or rate_function is not None:
         config = instance.get_config()
+        if rate_function is not None:
+            # The server gets the rate's current value; the function stays on the worker.
+            config["learning_rate"] = float(to_numpy(rate_function()))
         config.update(overrides)
+        rate_function = plain_rate_function(config.get("learning_rate")) or rate_function
+        if rate_function is not None and callable(config.get("learning_rate")):
+            config["learning_rate"] = float(to_numpy(rate_function()))
         instance = instance.__class__.from_config(config)
-    lr = instance._learning_rate
-    if callable(lr) and not isinstance(lr, keras.optimizers.schedules.LearningRateSchedule):
-        raise ValueError(
-            "The wrapped optimizer's `learning_rate` must be a float or a "
-            "`keras.optimizers.schedules.LearningRateSchedule` (the server evaluates it). "
-            f"Received: learning_rate={lr!r}"
-        )
-    return instance
+    return instance, rate_function

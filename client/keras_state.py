@@ -22,6 +22,7 @@ from keras.src.backend.common.stateless_scope import in_stateless_scope
 
 from optserve.client.client import FailedPreconditionError
 from optserve.client.keras_support import (
+    deserialize_optimizer,
     in_tf_graph,
     initial_learning_rate,
     mirror_class,
@@ -58,14 +59,16 @@ class ServerState:
         every worker reads the server's rate after its next step.
         """
         schedule = isinstance(learning_rate, keras.optimizers.schedules.LearningRateSchedule)
+        self._rate_function = None
         if not schedule:
-            if callable(learning_rate):
-                raise ValueError(
-                    "A RemoteOptimizer's learning rate must be a float or a "
-                    "`keras.optimizers.schedules.LearningRateSchedule` (the server evaluates it). "
-                    f"Received: learning_rate={learning_rate!r}"
-                )
+            if callable(learning_rate) and not isinstance(learning_rate, keras.Variable):
+                # A plain function: called before each step (as Keras does), its value sent when it changes.
+                self._rate_function = learning_rate
+                self._drop_learning_rate_variable()
+                learning_rate = learning_rate()
             learning_rate = float(to_numpy(learning_rate))
+        if schedule:
+            self._drop_learning_rate_variable()
         if not self.built:
             self._set_wrapped_learning_rate(learning_rate, schedule)
             return
@@ -86,9 +89,37 @@ class ServerState:
             raise TypeError(str(error)) from None
         self._adopt_state(state.iterations, state.learning_rate)
 
+    @property
+    def loss_scale_factor(self):
+        return self.__dict__.get("_remote_loss_scale_factor")
+
+    @loss_scale_factor.setter
+    def loss_scale_factor(self, value):
+        """Set before the job exists (MultiOptimizer sets its own on the optimizers it holds): sent with it.
+
+        The server divides the gradients by the factor, so once the job exists a
+        new factor would reach the worker's `scale_loss` only: refused.
+        """
+        if "_wrapped_config_json" not in self.__dict__:  # Keras's constructor sets it first
+            self.__dict__["_remote_loss_scale_factor"] = value
+            return
+        if value == self.loss_scale_factor:
+            return
+        if self.built:
+            raise ValueError(
+                f"The `loss_scale_factor` of a RemoteOptimizer cannot change once its job exists on the server "
+                f"(it divides the gradients there). Received: loss_scale_factor={value!r}, the job's is "
+                f"{self.loss_scale_factor!r}. Set it before the optimizer is built."
+            )
+        wrapped = deserialize_optimizer(self.wrapped_config)
+        config = wrapped.get_config()
+        config["loss_scale_factor"] = value
+        self._wrapped_config_json = json.dumps(portable_config(type(wrapped).from_config(config)))
+        self.__dict__["_remote_loss_scale_factor"] = value
+
     def _set_wrapped_learning_rate(self, learning_rate, schedule):
         """Before the job exists: the wrapped optimizer is created with the new rate."""
-        wrapped = keras.optimizers.deserialize(self.wrapped_config)
+        wrapped = deserialize_optimizer(self.wrapped_config)
         if schedule:
             wrapped_config = wrapped.get_config()
             wrapped_config["learning_rate"] = learning_rate
@@ -117,27 +148,42 @@ class ServerState:
 
     @property
     def weights(self):
-        """Same as `variables`: `[iterations, *slots]`, read from the server."""
+        """Same as `variables`: Keras 3's `[iterations, learning_rate (a float's), *slots]`, read from the server."""
         return self.variables
 
     def get_weights(self):
-        """The server's optimizer state in tf.keras's layout: `[iterations, *slots]`."""
+        """The server's optimizer state in tf.keras's layout: `[iterations, *slots]` (no learning rate)."""
         self._check_built("get_weights")
+        if not self._variable_names:  # built on no variables: no job on the server
+            return [np.asarray(self._server_iterations, dtype=self._iterations.dtype)]
         weights = self.client.get_weights(self.model_id)
         self._adopt_state(weights.iterations, weights.learning_rate)
         return weights.as_list()
 
     def set_weights(self, weights):
-        """Overwrite the server's optimizer state from `[iterations, *slots]`.
+        """Overwrite the server's optimizer state from `[iterations, *slots]` or from `variables`' layout.
 
-        The count and every shape are checked first (ValueError naming the bad
-        entry); a rejected list changes nothing.
+        tf.keras's `get_weights()` list, or Keras 3's `[iterations,
+        learning_rate, *slots]` (what another optimizer's `variables` hold;
+        recognised by its length when the rate is a float, and then its rate
+        is set too). The count and every shape are checked first (ValueError
+        naming the bad entry); a rejected list changes nothing.
         """
         self._check_built("set_weights")
-        state = self.client.set_weights_list(self.model_id, [to_numpy(w) for w in weights])
-        self._adopt_state(state.iterations, state.learning_rate)
+        weights = [to_numpy(w) for w in weights]
+        learning_rate = None
+        if self._learning_rate_mirror is not None and len(weights) == len(self._slot_mirrors) + 2:
+            learning_rate = float(weights[1])
+            weights = weights[:1] + weights[2:]
+        state = self.client.set_weights_list(self.model_id, weights)
+        if learning_rate is not None and learning_rate != float(state.learning_rate):
+            self.learning_rate = learning_rate
+            state = None
+        if state is not None:
+            self._adopt_state(state.iterations, state.learning_rate)
         self._slots_stale = True
         overwrite(self._iterations, np.asarray(self._server_iterations, dtype=self._iterations.dtype))
+        return
 
     def save_own_variables(self, store):
         """Saving a model (`model.save`) stores the server's optimizer state."""
@@ -154,7 +200,9 @@ class ServerState:
                 stacklevel=2,
             )
             return
-        count = len(self.variables)
+        count = len(self._slot_mirrors) + 1  # tf.keras's layout, as saved; Keras 3's has the rate too
+        if len(store.keys()) == count + 1 and self._learning_rate_mirror is not None:
+            count += 1
         if len(store.keys()) != count:
             warnings.warn(
                 f"Skipping variable loading for optimizer '{self.name}', because it has {count} "
@@ -173,13 +221,25 @@ class ServerState:
 
     # ------------------------------------------------------------------ mirrors of server state
 
-    def _replace_iterations_variable(self):
+    def _replace_iterations_variable(self, float_rate):
         # Keras created a plain "iteration" variable; a mirror takes its place and position.
+        # Keras 3 also tracks a float learning rate as a variable, right after it: so does this.
         plain = self._iterations
         self._untrack_variable(plain)
         with keras.name_scope(self.name, caller=self):
             mirror = self._add_mirror(np.zeros((), dtype=plain.dtype), "iteration")
+            self._learning_rate_mirror = None
+            if float_rate:
+                self._learning_rate_mirror = self._add_mirror(
+                    np.asarray(self._learning_rate_value, dtype=keras.backend.floatx()), "learning_rate"
+                )
         self._iterations = mirror
+
+    def _drop_learning_rate_variable(self):
+        """A schedule replaced the float rate: as in Keras, the learning-rate variable is untracked."""
+        if self._learning_rate_mirror is not None:
+            self._untrack_variable(self._learning_rate_mirror)
+            self._learning_rate_mirror = None
 
     def _add_mirror(self, value, name):
         variable_class = mirror_class(keras.Variable)
@@ -203,6 +263,8 @@ class ServerState:
         try:
             if mirror is self._iterations:
                 self._refresh_iterations()
+            elif mirror is self._learning_rate_mirror:
+                self._refresh_learning_rate()
             elif self._slots_stale or mirror._value is not mirror._server_snapshot:
                 self._refresh_slots()
         finally:
@@ -214,6 +276,13 @@ class ServerState:
         # The counter comes with every step's answer; no round trip is needed.
         if current is None or current is not mirror._server_snapshot or int(current) != self._server_iterations:
             overwrite(mirror, np.asarray(self._server_iterations, dtype=mirror.dtype))
+
+    def _refresh_learning_rate(self):
+        # The rate comes with every step's answer, like the counter.
+        mirror = self._learning_rate_mirror
+        current = mirror._value
+        if current is None or current is not mirror._server_snapshot or float(current) != self._learning_rate_value:
+            overwrite(mirror, np.asarray(self._learning_rate_value, dtype=mirror.dtype))
 
     def _refresh_slots(self):
         weights = self.client.get_weights(self.model_id)

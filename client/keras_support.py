@@ -35,6 +35,10 @@ __all__ = [
     "change_token",
     "host_gradient",
     "refuse_traced",
+    "cast_gradient",
+    "deserialize_optimizer",
+    "is_jax_sparse",
+    "refuse_overwrite_with_gradient",
 ]
 
 
@@ -206,3 +210,71 @@ def refuse_traced(grads):
             "`optimizer.stateless_apply(optimizer_variables, grads, trainable_variables)`, which "
             "works inside jax.jit (model.fit uses it)."
         )
+
+
+def cast_gradient(gradient, dtype):
+    """`gradient` in `dtype`, as Keras's update casts it to the variable's (sparse stays sparse).
+
+    Done before the gradient leaves the worker: the server takes gradients of
+    the variable's dtype only, and a float64 gradient of a float32 variable
+    rounds here exactly as it does in Keras's `update_step`.
+    """
+    if gradient is None:
+        return None
+    tf_helpers = tensorflow_helpers()
+    if tf_helpers is not None and tf_helpers.is_sparse(gradient):
+        # Indices may be given as a Python tuple; the host call needs a tensor.
+        return type(gradient)(
+            cast_gradient(gradient.values, dtype), ops.convert_to_tensor(gradient.indices), gradient.dense_shape
+        )
+    if is_jax_sparse(gradient):
+        from jax.experimental import sparse as jax_sparse
+
+        if keras.backend.standardize_dtype(gradient.dtype) == keras.backend.standardize_dtype(dtype):
+            return gradient
+        return jax_sparse.BCOO((ops.cast(gradient.data, dtype), gradient.indices), shape=gradient.shape)
+    if hasattr(gradient, "dtype") and keras.backend.standardize_dtype(gradient.dtype) == (
+        keras.backend.standardize_dtype(dtype)
+    ):
+        return gradient
+    return ops.cast(gradient, dtype)
+
+
+def is_jax_sparse(gradient) -> bool:
+    if keras.backend.backend() != "jax":
+        return False
+    from jax.experimental import sparse as jax_sparse
+
+    return isinstance(gradient, jax_sparse.JAXSparse)
+
+
+def refuse_overwrite_with_gradient(variables, where):
+    """float8 training's `overwrite_with_gradient` variables take their gradient as their value, in Keras.
+
+    RemoteOptimizer does that in an eager `apply`; elsewhere (inside a traced
+    step, with gradient accumulation) it refuses at the first call rather than
+    letting the server apply such a "gradient" (an amax history or a scale).
+    """
+    marked = [getattr(v, "path", None) or v.name for v in variables if getattr(v, "overwrite_with_gradient", False)]
+    if marked:
+        raise ValueError(
+            f"RemoteOptimizer supports variables with `overwrite_with_gradient=True` (float8 training) only in "
+            f"an eager `apply` without gradient accumulation, not {where}. Received such variables: {marked}. "
+            "Train the float8 layers with a local Keras optimizer, call `apply` eagerly, or use another "
+            "dtype policy for them."
+        )
+
+
+def deserialize_optimizer(config):
+    """`keras.optimizers.deserialize(config)`, also for the built-ins it does not know.
+
+    Keras 3.15's `deserialize` leaves some public optimizers (Lamb) out of its
+    table and returns the class name as a string for them.
+    """
+    instance = keras.optimizers.deserialize(config)
+    if isinstance(instance, keras.optimizers.Optimizer):
+        return instance
+    public = getattr(keras.optimizers, str(config.get("class_name")), None)
+    if isinstance(public, type) and issubclass(public, keras.optimizers.Optimizer) and "config" in config:
+        return public.from_config(dict(config["config"]))
+    raise ValueError(f"Could not deserialize the optimizer {config.get('class_name')!r}. Received: {config!r}")

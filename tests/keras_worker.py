@@ -220,7 +220,7 @@ class Checks:
         assert_close([server_values[v.path] for v in model.trainable_weights], model.get_weights(), "server values")
         assert_close(opt.get_weights(), keras_state(local_opt), "get_weights()")
         # `variables` read through to the server, also after the trainer wrote them back.
-        assert_close([np.asarray(v) for v in opt.variables], keras_state(local_opt), "variables")
+        assert_close([np.asarray(v) for v in opt.variables], list(local_opt.variables), "variables")
         np.testing.assert_allclose(float(opt.learning_rate), float(local_opt.learning_rate), rtol=1e-7)
 
     def check_fit_with_schedule_matches_local(self):
@@ -958,6 +958,52 @@ class Checks:
         assert int(opt.iterations) == steps
         assert_close(model.get_weights(), reference.get_weights(), "weights vs one process on the full batch")
         assert_close(opt.get_weights(), keras_state(reference_opt), "get_weights() vs local Keras")
+
+    # ------------------------------------------------------------------ Keras API beyond plain updates
+
+    def check_fit_with_weight_decay_exclusions_matches_local(self):
+        """`exclude_from_weight_decay(var_names=["bias"])` in the compiled `fit` of every backend."""
+        import keras
+
+        from optserve.client import RemoteOptimizer
+
+        x, y = data(seed=41)
+        model = make_model("wd_remote")
+        local_model = twin(model, "wd_local")
+
+        def make():
+            optimizer = keras.optimizers.AdamW(learning_rate=0.05, weight_decay=0.5)
+            optimizer.exclude_from_weight_decay(var_names=["bias"])
+            return optimizer
+
+        opt = RemoteOptimizer(make(), self.address, model_id=self.model_id("wd"))
+        opt.exclude_from_weight_decay(var_names=["bias"])
+        local_opt = make()
+        model.compile(loss="categorical_crossentropy", optimizer=opt)
+        local_model.compile(loss="categorical_crossentropy", optimizer=local_opt)
+        model.fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0)
+        local_model.fit(x, y, epochs=2, batch_size=8, shuffle=False, verbose=0)
+        assert_close(model.get_weights(), local_model.get_weights(), "model weights")
+        exclusions = opt.get_config()["weight_decay_exclusions"]
+        assert exclusions == ["^" + model.layers[0].bias.path + "$"], exclusions
+        assert [v.name for v in opt.variables] == [v.name.replace("wd_local", "wd_remote") for v in local_opt.variables]
+
+    def check_tf_model_built_inside_the_first_step_is_refused_clearly(self):
+        """A model without `keras.Input` has no variable values while its first traced step builds it."""
+        self.require_tensorflow()
+        import keras
+
+        from optserve.client import RemoteOptimizer
+
+        model = keras.Sequential([keras.layers.Dense(2, name="lazy_dense")], name="lazy")
+        opt = RemoteOptimizer("sgd", self.address, model_id=self.model_id("lazy"))
+        model.compile(loss="mse", optimizer=opt)
+        try:
+            model.train_on_batch(np.ones((1, 3), "float32"), np.ones((1, 2), "float32"))
+        except ValueError as error:
+            assert "keras.Input" in str(error) and "lazy/lazy_dense/kernel" in str(error), str(error)
+        else:
+            raise AssertionError("a step on a model built inside the traced step ran")
 
 
 def run(checks, names, results):

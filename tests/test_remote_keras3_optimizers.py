@@ -89,7 +89,9 @@ def test_remote_optimizer_trains_like_local_keras(keras, server_address, class_n
     remote_state = remote.get_weights()
     assert len(remote_state) == 1 + sum(map(len, local_by_name.values()))
     assert int(remote_state[0]) == int(local.iterations)
-    for variable, value in zip(remote.variables[1:], remote_state[1:], strict=True):
+    # `variables` is Keras 3's layout too: [iterations, learning_rate, *slots].
+    assert remote.variables[1].name == "learning_rate"
+    for variable, value in zip(remote.variables[2:], remote_state[1:], strict=True):
         name = variable.name if variable.name in local_by_name else variable.name.rsplit("_", 1)[0]
         expected = local_by_name[name].pop(0)
         np.testing.assert_array_equal(np.asarray(value, np.float64), np.asarray(expected, np.float64), err_msg=name)

@@ -98,6 +98,10 @@ def serialize(optimizer: Optimizer) -> dict[str, Any]:
     return optimizer.get_config()
 
 
+# The config key that carries `exclude_from_weight_decay(var_names=...)` patterns.
+WEIGHT_DECAY_EXCLUSIONS = "weight_decay_exclusions"
+
+
 def get(identifier: Any, backend: Any = None) -> Optimizer | LossScaleOptimizer:
     """``keras.optimizers.get``: an optimizer is returned as is; anything else is deserialized."""
     if isinstance(identifier, ENGINE_TYPES):
@@ -113,7 +117,18 @@ def deserialize(config: Any, backend: Any = None) -> Optimizer | LossScaleOptimi
         return _from_string(config, backend)
     if isinstance(config, Mapping):
         class_name, arguments = _split_config(config)
-        return _lookup(class_name)(backend=backend, **arguments)
+        # Not a constructor argument in Keras either: `exclude_from_weight_decay(var_names=...)`
+        # before build. A client sends the patterns in the config, so every worker must agree.
+        exclusions = arguments.pop(WEIGHT_DECAY_EXCLUSIONS, None)
+        engine = _lookup(class_name)(backend=backend, **arguments)
+        if exclusions is not None:
+            if not isinstance(exclusions, (list, tuple)) or not hasattr(engine, "exclude_from_weight_decay"):
+                raise InvalidArgumentError(
+                    f"`{WEIGHT_DECAY_EXCLUSIONS}` must be a list of regular expressions (strings) of a plain "
+                    f"optimizer's config. Received: {exclusions!r}"
+                )
+            engine.exclude_from_weight_decay(list(exclusions))
+        return engine
     raise InvalidArgumentError(
         "Could not interpret optimizer identifier: expected a name such as 'adam', a serialized "
         f"optimizer dict or its JSON text. Received: {config!r}"

@@ -324,6 +324,10 @@ class Optimizer:
             config[hyper.name] = self._config[hyper.name]
         for hyper in self.hyperparameters:
             config[hyper.name] = self._config[hyper.name]
+        if self._weight_decay_names:
+            # Not Keras's (it keeps exclusions out of its config): part of the job, so that a
+            # worker excluding other variables is refused when it joins (optimizers.deserialize reads it).
+            config["weight_decay_exclusions"] = list(self._weight_decay_names)
         return {"module": "keras.optimizers", "class_name": self.class_name, "config": config, "registered_name": None}
 
     @property
