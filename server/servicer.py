@@ -110,33 +110,11 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, rpc: str) ->
     # drop the request payloads its frames hold now instead of at the next full collection.
     traceback.clear_frames(exc.__traceback__)
     if rpc in _STREAMED_REQUESTS:
-        _schedule_trim()  # a refused upload leaves the resident size where it was
+        _REFUSAL_TRIMMER.after(context)  # a refused upload leaves the resident size where it was
     await context.abort(code, message, trailing_metadata=metadata)
 
 
-_trim_pending = False
-_last_trim = 0.0
-# A trim (a full garbage collection, then malloc_trim) takes ~20 ms of the event loop:
-# at most one a second, however many uploads are refused.
-_TRIM_INTERVAL_S = 1.0
-
-
-def _schedule_trim() -> None:
-    """Give freed memory back shortly after a refused upload (once for a burst of them)."""
-    global _trim_pending
-    if _trim_pending:
-        return
-    _trim_pending = True
-    loop = asyncio.get_running_loop()
-
-    def trim() -> None:
-        global _trim_pending, _last_trim
-        _trim_pending = False
-        _last_trim = loop.time()
-        bounds.give_back_freed_memory()
-
-    # After the call's own objects are gone (a moment), and not sooner than the interval allows.
-    loop.call_later(max(0.2, _last_trim + _TRIM_INTERVAL_S - loop.time()), trim)
+_REFUSAL_TRIMMER = bounds.RefusalTrimmer()
 
 
 class _Undecodable:

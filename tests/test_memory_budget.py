@@ -147,6 +147,13 @@ def test_refused_large_requests_give_their_memory_back(server_process):
         spec = pb.ModelSpec(model_id=f"m{i}", optimizer_config_json=big_config)
         error = rpc.rpc_error(stub.CreateModel, iter([pb.CreateModelRequest(spec=spec)]), timeout=30)
         assert error.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT)
+    # Under the message limit: received and decoded whole, then refused by the server (its memory
+    # is freed only after the call ended, some of it a moment later).
+    mid_config = json.dumps({"class_name": "SGD", "config": {"name": "x" * (6 * MiB)}})
+    for i in range(20):
+        spec = pb.ModelSpec(model_id=f"mid{i}", optimizer_config_json=mid_config)
+        error = rpc.rpc_error(stub.CreateModel, iter([pb.CreateModelRequest(spec=spec)]), timeout=30)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     # A model over --max-memory, refused after its first 32 MiB variable arrived whole.
     error = rpc.rpc_error(rpc.create_model, stub, "huge", {"a": _floats(32 * MiB), "b": _floats(256 * MiB)})
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
