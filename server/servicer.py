@@ -431,9 +431,13 @@ def _step_result(outcome: StepOutcome, generation: pb.ServerGeneration | None = 
     )
 
 
-def _model_info(summary: ModelSummary, generation: pb.ServerGeneration | None = None) -> pb.ModelInfo:
+def _model_info(
+    summary: ModelSummary, generation: pb.ServerGeneration | None = None, memory: Reservation | None = None
+) -> pb.ModelInfo:
     spec = summary.spec
     return pb.ModelInfo(
+        owner=memory.owner_name if memory is not None else "",
+        state_bytes=memory.nbytes if memory is not None else 0,
         spec=pb.ModelSpec(
             model_id=spec.model_id,
             optimizer_config_json=spec.optimizer_config_json,
@@ -553,10 +557,15 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 peer=context.peer() or "",
                 **fields,
             )
+        except BaseException:
+            if not state.transferred:  # refused before the registry had it: give back what was reserved
+                state.release()
+            raise
         finally:
             if tensors is not None:
                 tensors.release()
-        return pb.CreateModelResponse(created=created, model=_model_info(await model.summary(), self._generation))
+        info = _model_info(await model.summary(), self._generation, model.memory)
+        return pb.CreateModelResponse(created=created, model=info)
 
     def _spec_fields(self, spec: pb.ModelSpec) -> dict:
         """A spec's fields, every one checked against the server's bounds (nothing is allocated yet)."""
@@ -578,6 +587,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         if self.registry.has(fields["model_id"]):
             return None
         self.registry.check_room_for_model(self.limits.limits.max_models)
+        principal = auth.current_principal()  # None without --auth-tokens: only the server's limits
+        if principal is not None and state.owner is None:
+            state.owner = self.limits.principals.claim_model(principal, fields["model_id"])
         engine = self.registry.new_engine(fields["optimizer_config"])
         workers = fields["num_workers"] if fields["mode"] == SYNC else 1
         quota = self.limits.limits.max_model_bytes  # None: only --max-memory bounds a model
@@ -752,7 +764,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             if request.track_updates:
                 model.activity.track_updates()
             try:
-                info = _model_info(await model.summary(request.with_stats), self._generation)
+                info = _model_info(await model.summary(request.with_stats), self._generation, model.memory)
             except OptserveError:
                 if request.model_id or not model.closed:
                     raise  # a model deleted while listing everything is simply left out
