@@ -242,3 +242,18 @@ def test_health_answers_while_a_quota_refuses_a_large_model(tokens):
         assert rpc.trailing(error)["optserve-principal"] == "team-a"
         _assert_health_answers(server)
         team_a.create_model("team-a/ok", "sgd", {"w": np.ones(4, np.float32)})
+
+
+def test_each_principals_use_is_a_metric(tokens):
+    from test_metrics import scrape
+
+    path, issued = tokens
+    with (
+        start_server(device="cpu", auth_tokens=path, metrics_port=0) as server,
+        Client(server.address, token=issued["team-a"]) as team_a,
+    ):
+        team_a.create_model("team-a/one", "sgd", {"w": _floats(MiB)})
+        team_a.create_model("team-a/two", ADAM, {"w": _floats(MiB // 4)})
+        series = scrape(server.metrics_port)
+    assert series[("optserve_principal_models", (("principal", "team-a"),))] == 2
+    assert series[("optserve_principal_state_bytes", (("principal", "team-a"),))] == MiB + 3 * MiB // 4
