@@ -349,7 +349,7 @@ def _principal_families(models: Iterable) -> list:
     for model in models:
         memory = getattr(model, "memory", None)
         owner = memory.owner_name if memory is not None else ""
-        if owner:
+        if owner and memory is not None:
             counts[owner] = counts.get(owner, 0) + 1
             reserved[owner] = reserved.get(owner, 0) + memory.nbytes
     held = GaugeMetricFamily(
