@@ -244,12 +244,16 @@ def _check_unique(principals: list[Principal], source: str) -> None:
             raise TokenFileError(f"{source}: each {what} may appear once; repeated: {', '.join(map(str, shown))}.")
 
 
-def new_token_line(name: str, role: str, models: str, rights: str = "") -> tuple[str, str]:
-    """(a new random token, its line for the token file); the line is checked by the parser."""
+def new_token_line(name: str, role: str, models: str, rights: str = "", **quotas: str) -> tuple[str, str]:
+    """(a new random token, its line for the token file); the line is checked by the parser.
+
+    ``quotas``: ``max_models=``, ``max_memory=`` of the line (optserve.server.quotas)."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     line = f"name={name} role={role} models={models}"
     if rights:
         line += f" rights={rights}"
+    for key, value in quotas.items():
+        line += f" {key}={value}"
     line += f" token={hash_token(token)}"
     parse_token_file(line, "the new line")
     return token, line

@@ -54,8 +54,8 @@ class PrincipalAccount:
         if self.max_memory is not None and use.state_bytes + nbytes > self.max_memory:
             raise ResourceExhaustedError(
                 f"{what} would take principal {self.name!r} past its memory quota of {self.max_memory} bytes "
-                f"({self.memory_source}): its {use.models} model(s) hold {use.state_bytes} bytes of state and "
-                f"{nbytes} more are needed. Delete one of its models (DeleteModel), or have the operator "
+                f"({self.memory_source}): it holds {use.state_bytes} bytes of state (this model's so far included) "
+                f"and {nbytes} more are needed. Delete one of its models (DeleteModel), or have the operator "
                 f"raise {self.memory_source}.",
                 details=_details(self.name, "max_memory", use.state_bytes, self.max_memory),
             )

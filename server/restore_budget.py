@@ -36,7 +36,7 @@ class RestoreBudgetError(FailedPreconditionError):
 
 
 def _size(nbytes: int) -> str:
-    return f"{nbytes} bytes ({nbytes / (1 << 20):.1f} MiB)"
+    return f"{nbytes} bytes" + (f" ({nbytes / (1 << 20):.1f} MiB)" if nbytes >= 1 << 20 else "")
 
 
 def _suggested(nbytes: int) -> str:

@@ -257,3 +257,29 @@ def test_each_principals_use_is_a_metric(tokens):
         series = scrape(server.metrics_port)
     assert series[("optserve_principal_models", (("principal", "team-a"),))] == 2
     assert series[("optserve_principal_state_bytes", (("principal", "team-a"),))] == MiB + 3 * MiB // 4
+
+
+def test_an_expired_model_gives_its_principals_quota_back(tokens):
+    path, issued = tokens
+    limits = Limits(max_models_per_principal=1)
+    with (
+        start_server(device="cpu", auth_tokens=path, limits=limits, model_ttl_s=0.5) as server,
+        Client(server.address, token=issued["team-b"]) as team_b,
+    ):
+        team_b.create_model("team-b/first", "sgd", {"w": np.ones(4, np.float32)})
+        with pytest.raises(ResourceExhaustedError):
+            team_b.create_model("team-b/second", "sgd", {"w": np.ones(4, np.float32)})
+        rpc.wait_until(lambda: "team-b/first" not in _list(server, issued["platform"]), timeout=20, interval=0.2)
+        team_b.create_model("team-b/second", "sgd", {"w": np.ones(4, np.float32)})
+
+
+def test_optserve_token_writes_the_quotas_on_the_line(tmp_path, capsys):
+    from optserve.server.cli import main
+
+    path = tmp_path / "tokens.txt"
+    argv = ["token", "--name", "a", "--role", "worker", "--models", "a/*", "--max-models", "3", "--max-memory", "1G"]
+    assert main([*argv, "--append", str(path)]) == 0
+    (principal,) = auth.TokenTable(path)._principals
+    assert (principal.max_models, principal.max_memory) == (3, 1 << 30)
+    assert main([*argv[:-2], "--max-memory", "none"]) == 2
+    assert "`max_memory` must be a size" in capsys.readouterr().err
