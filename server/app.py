@@ -426,7 +426,7 @@ def keep_freed_memory_for_reuse() -> bool:
     would keep the largest message it ever received at the top of its own arena,
     where nothing gives it back (measured: 40 refused 25 MB requests left +100-150 MB);
     in the one arena, freed blocks are reused by every thread and a trim after a
-    refused request (``limits.give_back_freed_memory``) returns them.
+    refused request (``heap.RefusalTrimmer``) returns them.
     Returns False where it does not apply (not glibc).
     """
     try:

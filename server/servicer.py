@@ -26,7 +26,7 @@ from optserve.protos import errors
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors as codec
-from optserve.server import auth
+from optserve.server import auth, heap
 from optserve.server import limits as bounds
 from optserve.server import usage as calls
 from optserve.server.errors import (
@@ -114,7 +114,7 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, rpc: str) ->
     await context.abort(code, message, trailing_metadata=metadata)
 
 
-_REFUSAL_TRIMMER = bounds.RefusalTrimmer()
+_REFUSAL_TRIMMER = heap.RefusalTrimmer()
 
 
 class _Undecodable:
