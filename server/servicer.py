@@ -117,6 +117,13 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, rpc: str) ->
 _REFUSAL_TRIMMER = heap.RefusalTrimmer()
 
 
+def _cancelled(rpc: str) -> None:
+    """An upload that gRPC ended (a message over --max-message-bytes, the client hung up) leaves its
+    buffers behind as a refusal does."""
+    if rpc in _STREAMED_REQUESTS:
+        _REFUSAL_TRIMMER.call_ended()
+
+
 class _Undecodable:
     """What the request deserializer returns for bytes that are not a valid message."""
 
@@ -166,6 +173,9 @@ def _translating_errors(method):
                     yield response
             except grpc.aio.AbortError:
                 raise
+            except asyncio.CancelledError:
+                _cancelled(rpc)
+                raise
             except Exception as exc:  # noqa: BLE001 - the single translation point
                 request = None  # noqa: F841 - not held by the abort's traceback
                 await _abort(context, exc, rpc)
@@ -183,6 +193,9 @@ def _translating_errors(method):
             entered = True
             return await method(self, _request_of(self, request, rpc), context)
         except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:
+            _cancelled(rpc)
             raise
         except Exception as exc:  # noqa: BLE001 - the single translation point
             request = None  # noqa: F841 - not held by the abort's traceback
