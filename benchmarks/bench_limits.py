@@ -14,7 +14,9 @@ process, so its resident size is the server's alone (the client is this process)
   state bytes``, the peak reset (``/proc/PID/clear_refs``) just before the call.
   1.0 means the server needed nothing beyond the state it keeps.
 * ``refusals``: resident size before and after 40 CreateModel calls with a 25 MB
-  optimizer config, each refused, and after one model over ``--max-memory``.
+  optimizer config (over the message limit: refused by gRPC), 40 with a 7.5 MiB one
+  (received whole, then refused by the server), each refused, and after one model
+  over ``--max-memory``.
 * ``contention``: p50/p99 latency of 4 KB push round trips (one worker, SGD) alone,
   then while a second client uploads a ``--size`` model to the same server.
 """
@@ -93,6 +95,15 @@ def refusals_case(size: int) -> dict:
                 refused += 1
         time.sleep(1.5)  # the server trims after refused uploads, at most once a second
         after_configs = server.status("VmRSS")
+        # Under --max-message-bytes, so the server receives and decodes each one whole.
+        mid_config = {"class_name": "SGD", "config": {"name": "x" * (15 << 19)}}
+        for index in range(40):
+            try:
+                client.create_model(f"mid{index}", mid_config, {"w": np.ones(1, np.float32)})
+            except Exception:  # noqa: BLE001
+                refused += 1
+        time.sleep(1.5)
+        after_mid_configs = server.status("VmRSS")
         try:
             client.create_model(
                 "over", "sgd", {"a": np.ones(size // 8, np.float32), "b": np.ones(size // 2, np.float32)}
@@ -105,6 +116,7 @@ def refusals_case(size: int) -> dict:
         "refused": refused,
         "rss_before": before,
         "rss_after_configs": after_configs,
+        "rss_after_mid_configs": after_mid_configs,
         "rss_after_model": after_model,
     }
 
@@ -201,6 +213,7 @@ def _print(results: dict) -> None:
         print(
             f"  refusals: {row['refused']} refused; RSS {row['rss_before'] / MiB:.0f} MiB before, "
             f"{row['rss_after_configs'] / MiB:.0f} MiB after 40 x 25 MB configs, "
+            f"{row['rss_after_mid_configs'] / MiB:.0f} MiB after 40 x 7.5 MiB configs, "
             f"{row['rss_after_model'] / MiB:.0f} MiB after a model over --max-memory"
         )
     if "contention" in results:

@@ -354,7 +354,7 @@ class VariableInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., slots: _Optional[_Iterable[str]] = ..., norm: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("spec", "state", "variables", "waiting_workers", "update_norm", "pushes", "push_seconds", "activity")
+    __slots__ = ("spec", "state", "variables", "waiting_workers", "update_norm", "pushes", "push_seconds", "activity", "owner", "state_bytes")
     SPEC_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     VARIABLES_FIELD_NUMBER: _ClassVar[int]
@@ -363,6 +363,8 @@ class ModelInfo(_message.Message):
     PUSHES_FIELD_NUMBER: _ClassVar[int]
     PUSH_SECONDS_FIELD_NUMBER: _ClassVar[int]
     ACTIVITY_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    STATE_BYTES_FIELD_NUMBER: _ClassVar[int]
     spec: ModelSpec
     state: OptimizerState
     variables: _containers.RepeatedCompositeFieldContainer[VariableInfo]
@@ -371,7 +373,9 @@ class ModelInfo(_message.Message):
     pushes: int
     push_seconds: float
     activity: ModelActivity
-    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., state: _Optional[_Union[OptimizerState, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[VariableInfo, _Mapping]]] = ..., waiting_workers: _Optional[_Iterable[int]] = ..., update_norm: _Optional[float] = ..., pushes: _Optional[int] = ..., push_seconds: _Optional[float] = ..., activity: _Optional[_Union[ModelActivity, _Mapping]] = ...) -> None: ...
+    owner: str
+    state_bytes: int
+    def __init__(self, spec: _Optional[_Union[ModelSpec, _Mapping]] = ..., state: _Optional[_Union[OptimizerState, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[VariableInfo, _Mapping]]] = ..., waiting_workers: _Optional[_Iterable[int]] = ..., update_norm: _Optional[float] = ..., pushes: _Optional[int] = ..., push_seconds: _Optional[float] = ..., activity: _Optional[_Union[ModelActivity, _Mapping]] = ..., owner: _Optional[str] = ..., state_bytes: _Optional[int] = ...) -> None: ...
 
 class ModelActivity(_message.Message):
     __slots__ = ("created_unix_s", "creator_worker", "creator_peer", "last_activity_unix_s", "last_activity", "last_worker", "calls_in_flight", "idle_s")

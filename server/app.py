@@ -40,6 +40,7 @@ from optserve.server.expiry import ModelExpiry, check_model_ttl
 from optserve.server.limits import Limits, ServerLimits
 from optserve.server.reflection import enable_reflection
 from optserve.server.registry import ModelRegistry
+from optserve.server.restore_budget import RestoreBudgetError, check_checkpoint_fits
 from optserve.server.servicer import DEFAULT_MAX_REQUEST_BYTES, SERVICE_NAME, ParameterServerServicer, add_to_server
 
 if TYPE_CHECKING:  # imported only with --metrics-port (prometheus-client)
@@ -89,6 +90,15 @@ class ParameterServer:
         # Security (optserve.server.tls, optserve.server.auth): checked here, before anything binds.
         self.tls = tls.server_tls(tls_cert, tls_key, tls_client_ca)
         self.tokens = auth.TokenTable(auth_tokens) if auth_tokens is not None else None
+        if (
+            self.tokens is None
+            and limits is not None
+            and (limits.max_models_per_principal is not None or limits.max_memory_per_principal is not None)
+        ):
+            raise InvalidArgumentError(
+                "--max-models-per-principal and --max-memory-per-principal need --auth-tokens: without a "
+                "token file there are no principals, and only the server-wide limits apply."
+            )
         # Models idle for longer are deleted (None: never); see optserve.server.expiry.
         self.model_ttl_s = check_model_ttl(model_ttl_s)
         _check_options(sync_timeout_s, max_request_bytes, apply_threads)
@@ -244,13 +254,16 @@ class ParameterServer:
     async def _restore(self) -> None:
         checkpointer, registry = self._checkpointer, self._registry
         assert checkpointer is not None and registry is not None  # start() made both before restoring
+        check_checkpoint_fits(checkpointer.store, registry.limits.memory.capacity)  # before reading its arrays
         found = await checkpointer.load_latest()
         if found is None:
             log.info("No checkpoint in %s yet; starting without models.", self.checkpoint_dir)
             return
         state, path = found
         try:
-            await registry.restore(state)
+            await registry.restore(state, self.tokens.by_name if self.tokens is not None else None)
+        except RestoreBudgetError as error:
+            raise RestoreBudgetError(f"Cannot restore checkpoint {path}: {error.message}") from error
         except (OptserveError, KeyError, TypeError, ValueError, AttributeError) as error:
             message = error.message if isinstance(error, OptserveError) else repr(error)
             raise FailedPreconditionError(
@@ -421,7 +434,7 @@ def keep_freed_memory_for_reuse() -> bool:
     would keep the largest message it ever received at the top of its own arena,
     where nothing gives it back (measured: 40 refused 25 MB requests left +100-150 MB);
     in the one arena, freed blocks are reused by every thread and a trim after a
-    refused request (``limits.give_back_freed_memory``) returns them.
+    refused request (``heap.RefusalTrimmer``) returns them.
     Returns False where it does not apply (not glibc).
     """
     try:

@@ -29,6 +29,10 @@ The file holds one principal per line, ``key=value`` fields separated by spaces:
 * ``cert_cn=NAME``: with ``--tls-client-ca``, a verified client certificate
   whose subject common name is NAME stands for this principal when the call
   carries no token.
+* ``max_models=N``, ``max_memory=SIZE`` (optional): this principal's quotas, the
+  models it may have created and their bytes of state (``512M``, ``2GiB``;
+  ``unlimited`` for none); without them ``--max-models-per-principal`` and
+  ``--max-memory-per-principal`` apply (``optserve.server.quotas``).
 
 A model outside the caller's scope is answered PERMISSION_DENIED, decided from
 the model id and the scope alone, before the registry is asked: the answer is
@@ -58,6 +62,7 @@ import grpc
 
 from optserve.protos import optserve_pb2 as pb
 from optserve.server.errors import InvalidArgumentError
+from optserve.server.limits import parse_byte_size
 
 log = logging.getLogger(__name__)
 audit_log = logging.getLogger("optserve.audit")
@@ -69,7 +74,8 @@ AGGREGATE, SET_WEIGHTS = "aggregate", "set_weights"
 RIGHTS = (AGGREGATE, SET_WEIGHTS)
 TOKEN_PREFIX = "osk_"
 HASH_PREFIX = "sha256:"
-FIELDS = ("name", "role", "models", "rights", "token", "cert_cn")
+FIELDS = ("name", "role", "models", "rights", "token", "cert_cn", "max_models", "max_memory")
+UNLIMITED = "unlimited"  # a quota field's value for no quota
 # Shard pieces of model "m" are stored as "m@<12 hex digits>" and "m@<...>/layout".
 _SHARD_PIECE = re.compile(r"@[0-9a-f]{12}(/layout)?")
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -93,6 +99,9 @@ class Principal:
     rights: frozenset[str] = frozenset()
     token_digest: bytes | None = None  # raw SHA-256 of the token
     cert_cn: str | None = None
+    # Quotas (optserve.server.quotas): None: the server's default; -1: unlimited.
+    max_models: int | None = None
+    max_memory: int | None = None
 
     @property
     def unrestricted(self) -> bool:
@@ -192,7 +201,25 @@ def _parse_line(line: str, where: str) -> Principal:
         rights=rights,
         token_digest=_digest_field(fields.get("token"), where),
         cert_cn=fields.get("cert_cn"),
+        max_models=_quota_field(fields, "max_models", where),
+        max_memory=_quota_field(fields, "max_memory", where),
     )
+
+
+def _quota_field(fields: dict[str, str], key: str, where: str) -> int | None:
+    value = fields.get(key)
+    if value is None:
+        return None
+    if value == UNLIMITED:
+        return -1
+    try:
+        quota = parse_byte_size(value) if key == "max_memory" else int(value)
+    except ValueError:
+        quota = -1
+    if quota < 0 or (key == "max_memory" and quota == 0):
+        example = "a size such as 512M or 2GiB" if key == "max_memory" else "a number of models >= 0"
+        raise TokenFileError(f"{where}: `{key}` must be {example}, or {UNLIMITED}. Received: {key}={value!r}")
+    return quota
 
 
 def _digest_field(value: str | None, where: str) -> bytes | None:
@@ -217,12 +244,16 @@ def _check_unique(principals: list[Principal], source: str) -> None:
             raise TokenFileError(f"{source}: each {what} may appear once; repeated: {', '.join(map(str, shown))}.")
 
 
-def new_token_line(name: str, role: str, models: str, rights: str = "") -> tuple[str, str]:
-    """(a new random token, its line for the token file); the line is checked by the parser."""
+def new_token_line(name: str, role: str, models: str, rights: str = "", **quotas: str) -> tuple[str, str]:
+    """(a new random token, its line for the token file); the line is checked by the parser.
+
+    ``quotas``: ``max_models=``, ``max_memory=`` of the line (optserve.server.quotas)."""
     token = TOKEN_PREFIX + secrets.token_urlsafe(32)
     line = f"name={name} role={role} models={models}"
     if rights:
         line += f" rights={rights}"
+    for key, value in quotas.items():
+        line += f" {key}={value}"
     line += f" token={hash_token(token)}"
     parse_token_file(line, "the new line")
     return token, line
@@ -268,6 +299,10 @@ class TokenTable:
             if principal.token_digest is not None and hmac.compare_digest(principal.token_digest, digest):
                 found = principal
         return found
+
+    def by_name(self, name: str) -> Principal | None:
+        """The principal of ``name=`` (not secret: for quotas of models restored from a checkpoint)."""
+        return next((p for p in self._principals if p.name == name), None)
 
     def by_certificate(self, common_names: Iterable[str]) -> Principal | None:
         names = set(common_names)

@@ -268,6 +268,8 @@ def _add_token_command(commands) -> None:
     token.add_argument(
         "--rights", default="", metavar="RIGHTS", help=f"extra rights, comma-separated: {', '.join(RIGHTS)}"
     )
+    token.add_argument("--max-models", metavar="N", help="this principal's quota of models (or 'unlimited')")
+    token.add_argument("--max-memory", metavar="SIZE", help="its quota of bytes of state: 512M, 2GiB, 'unlimited'")
     token.add_argument("--append", metavar="FILE", help="append the line to FILE (created with mode 0600)")
 
 
@@ -277,7 +279,8 @@ def run_token(args: argparse.Namespace) -> int:
     from optserve.server.auth import new_token_line
 
     try:
-        secret, line = new_token_line(args.name, args.role, args.models, args.rights)
+        quotas = {key: value for key in ("max_models", "max_memory") if (value := getattr(args, key)) is not None}
+        secret, line = new_token_line(args.name, args.role, args.models, args.rights, **quotas)
     except OptserveError as error:
         print(f"optserve token: error: {error.message}", file=sys.stderr)
         return 2

@@ -25,9 +25,7 @@ so that no single client can stall or exhaust the server for the others:
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import dataclasses
-import gc
 import logging
 import math
 import os
@@ -35,6 +33,7 @@ import re
 from collections.abc import AsyncIterator, Iterable
 
 from optserve.server.errors import AbortedError, InvalidArgumentError, ResourceExhaustedError
+from optserve.server.quotas import PrincipalAccount, PrincipalQuotas
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +84,9 @@ def _default_inflight() -> int:
     return max(64 << 20, total // 4) if total else 4 << 30
 
 
+_OPTIONAL_LIMITS = ("max_model_bytes", "max_models_per_principal", "max_memory_per_principal")
+
+
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """Bounds and budgets of one server (``optserve serve --help`` names the flags)."""
@@ -101,6 +103,9 @@ class Limits:
     max_models: int = 1024  # models on the server
     max_memory: int = dataclasses.field(default_factory=_default_memory)  # state of all models, bytes
     max_model_bytes: int | None = None  # state of one model; None: max_memory
+    # Quotas of each principal (with --auth-tokens; a token-file line may set its own); None: none.
+    max_models_per_principal: int | None = None
+    max_memory_per_principal: int | None = None
     max_inflight_bytes: int = dataclasses.field(default_factory=_default_inflight)  # tensors being received
     max_streams: int = 8192  # concurrent ParameterServer calls, whole server
     max_streams_per_connection: int = 256  # concurrent calls on one connection (HTTP/2 streams)
@@ -114,7 +119,7 @@ class Limits:
     def __post_init__(self):
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if value is None and field.name == "max_model_bytes":
+            if value is None and field.name in _OPTIONAL_LIMITS:
                 continue
             if (
                 isinstance(value, bool)
@@ -308,11 +313,16 @@ class ByteBudget:
 
 
 class Reservation:
-    """Bytes one holder took from a budget; ``release()`` gives them all back (idempotent)."""
+    """Bytes one holder took from a budget; ``release()`` gives them all back (idempotent).
 
-    def __init__(self, budget: ByteBudget):
+    ``owner``: the model's claim on its principal's quotas (``optserve.server.quotas``),
+    charged and released with the bytes.
+    """
+
+    def __init__(self, budget: ByteBudget, owner: PrincipalAccount | None = None):
         self._budget = budget
         self.nbytes = 0
+        self.owner = owner
         self.transferred = False  # handed to another owner (a model being built), who releases it
 
     def take(self, nbytes: int, cap: int | None = None, what: str = "", force: bool = False) -> None:
@@ -322,8 +332,12 @@ class Reservation:
                 f"({self.nbytes + nbytes} bytes of state). Split the model over several servers "
                 "(ShardedClient), or start the server with a larger --max-model-bytes."
             )
+        if self.owner is not None and not force:
+            self.owner.check_bytes(nbytes, what or "This model")
         self._budget.take(nbytes, force=force)
         self.nbytes += nbytes
+        if self.owner is not None:
+            self.owner.add_bytes(nbytes)
 
     async def wait_take(self, nbytes: int, timeout_s: float) -> None:
         await self._budget.wait_take(nbytes, timeout_s)
@@ -333,6 +347,12 @@ class Reservation:
         nbytes, self.nbytes = self.nbytes, 0
         if nbytes:
             self._budget.give(nbytes)
+        if self.owner is not None:
+            self.owner.release()
+
+    @property
+    def owner_name(self) -> str:
+        return self.owner.name if self.owner is not None else ""
 
 
 def state_bytes(variable_bytes: int, arrays_per_variable: int, sync_workers: int) -> int:
@@ -368,6 +388,7 @@ class ServerLimits:
         self.memory = ByteBudget(self.limits.max_memory, "The models' state", "--max-memory")
         self.inflight = ByteBudget(self.limits.max_inflight_bytes, "A request's tensors", "--max-inflight-bytes")
         self.streams = StreamCounter(self.limits.max_streams)
+        self.principals = PrincipalQuotas(self.limits.max_models_per_principal, self.limits.max_memory_per_principal)
 
 
 async def idle_guarded(requests: AsyncIterator, timeout_s: float) -> AsyncIterator:
@@ -395,36 +416,6 @@ async def _within(awaitable, timeout_s: float):
     return await asyncio.wait_for(awaitable, timeout_s)
 
 
-# ------------------------------------------------------------------ memory
-
-
-def _malloc_trim():
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-
-
-_MALLOC_TRIM = _malloc_trim()
-# Requests that received less than this leave too little behind to be worth a trim.
-TRIM_AFTER_BYTES = 4 << 20
-
-
-def give_back_freed_memory() -> bool:
-    """Return freed heap memory to the system (glibc); after a large request was refused.
-
-    The server keeps freed blocks for reuse (``keep_freed_memory_for_reuse``), the right
-    trade for accepted requests; a refused one must leave the resident size where it was.
-    """
-    # gRPC's per-call objects form reference cycles that may hold the last request message;
-    # they are young, so collecting the young generations finds them cheaply.
-    gc.collect()
-    if _MALLOC_TRIM is None:
-        return False
-    return bool(_MALLOC_TRIM(0))
-
-
 # ------------------------------------------------------------------ command line
 
 _SIZE_SUFFIXES = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -442,6 +433,19 @@ _FLAGS = (
     ),
     ("--max-model-bytes", "max_model_bytes", "bytes", "bytes of state of one model (default: --max-memory)"),
     ("--max-models", "max_models", "int", "models on the server (default: %(default)s)"),
+    (
+        "--max-models-per-principal",
+        "max_models_per_principal",
+        "int",
+        "models each principal of --auth-tokens may have created; max_models= on its line overrides it "
+        "(default: no quota)",
+    ),
+    (
+        "--max-memory-per-principal",
+        "max_memory_per_principal",
+        "bytes",
+        "bytes of state of each principal's models; max_memory= on its line overrides it (default: no quota)",
+    ),
     (
         "--max-inflight-bytes",
         "max_inflight_bytes",

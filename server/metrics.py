@@ -339,7 +339,33 @@ class _LiveModelCollector:
                 families[key].add_metric([OTHER_MODELS], value)
         models.add_metric([], len(live))
         state.add_metric([], total_bytes)
-        return [*families.values(), models, state]
+        return [*families.values(), models, state, *_principal_families(model for _, model in live)]
+
+
+def _principal_families(models: Iterable) -> list:
+    """Each principal's models and reserved state (optserve.server.quotas), with --auth-tokens."""
+    counts: dict[str, int] = {}
+    reserved: dict[str, int] = {}
+    for model in models:
+        memory = getattr(model, "memory", None)
+        owner = memory.owner_name if memory is not None else ""
+        if owner and memory is not None:
+            counts[owner] = counts.get(owner, 0) + 1
+            reserved[owner] = reserved.get(owner, 0) + memory.nbytes
+    held = GaugeMetricFamily(
+        "optserve_principal_models",
+        "Models created by each principal (its --max-models-per-principal use).",
+        labels=["principal"],
+    )
+    state = GaugeMetricFamily(
+        "optserve_principal_state_bytes",
+        "Bytes of state of each principal's models (its --max-memory-per-principal use).",
+        labels=["principal"],
+    )
+    for owner in sorted(counts):
+        held.add_metric([owner], counts[owner])
+        state.add_metric([owner], reserved[owner])
+    return [held, state]
 
 
 # ---------------------------------------------------------------- RPCs

@@ -27,6 +27,7 @@ from optserve.server.errors import (
 )
 from optserve.server.limits import Reservation, ServerLimits
 from optserve.server.model import MAX_LISTED_NAMES, Model, ModelSpec, make_spec
+from optserve.server.restore_budget import RestoreBudget
 from optserve.server.usage import JOIN, Activity
 
 log = logging.getLogger(__name__)
@@ -276,8 +277,13 @@ class ModelRegistry:
         models = list(self._models.values())
         states = [await model.checkpoint_state() for model in models]
         # A model deleted while the others were being read is not part of the server any more.
-        kept = [state for model, state in zip(models, states) if self._models.get(model.model_id) is model]
-        return {"format": SERVER_STATE_FORMAT, "models": kept}
+        kept = [(model, state) for model, state in zip(models, states) if self._models.get(model.model_id) is model]
+        # Who owns each model (its principal's quotas), so that a restart charges them again.
+        owners = {model.model_id: model.memory.owner_name for model, _ in kept if model.memory and model.memory.owner}
+        snapshot: dict[str, Any] = {"format": SERVER_STATE_FORMAT, "models": [state for _, state in kept]}
+        if owners:
+            snapshot["owners"] = owners
+        return snapshot
 
     def begin_restore(self) -> None:
         """Refuse every call with UNAVAILABLE until ``end_restore``."""
@@ -286,8 +292,17 @@ class ModelRegistry:
     def end_restore(self) -> None:
         self._restoring = False
 
-    async def restore(self, state: Mapping[str, Any]) -> list[Model]:
-        """Rebuild the models of a ``snapshot()``; the registry must hold none yet. Returns them."""
+    async def restore(
+        self, state: Mapping[str, Any], principal_named: Callable[[str], Any] | None = None
+    ) -> list[Model]:
+        """Rebuild the models of a ``snapshot()``; the registry must hold none yet. Returns them.
+
+        The models must fit the server's limits (``RestoreBudget``: checked from their specs,
+        before their state is built; a checkpoint that does not fit refuses the start). Each
+        is charged to its owner again (``principal_named(name)``: the principal of that name,
+        when the token file still lists it), whose quotas it may exceed: that is logged, and
+        the principal's new models are refused until it is back within them.
+        """
         if not isinstance(state, Mapping) or state.get("format") != SERVER_STATE_FORMAT:
             found = state.get("format") if isinstance(state, Mapping) else type(state).__name__
             raise InvalidArgumentError(f"Unknown server state format {found!r}; expected {SERVER_STATE_FORMAT!r}.")
@@ -295,14 +310,19 @@ class ModelRegistry:
             raise FailedPreconditionError(
                 f"Cannot restore a checkpoint into a server that holds models ({_quoted(self._models)})."
             )
+        budget = RestoreBudget(self.limits, self.new_engine)
+        budget.check(state["models"])  # before any model's state is built
         models = [await Model.restore(model_state, self.new_engine, self.executor) for model_state in state["models"]]
+        owners = state.get("owners") or {}
         for model in models:
             model.on_change = self._note_change
-            # Restored whatever the budget: refusing would lose the checkpoint's models.
-            model.memory = Reservation(self.limits.memory)
-            model.memory.take(model.state_bytes(), force=True)
+            model.memory = Reservation(
+                self.limits.memory, budget.owner_account(owners.get(model.model_id), model, principal_named)
+            )
+            model.memory.take(model.state_bytes(), force=True)  # checked above; exact now
             self._models[model.model_id] = model
             self._observe("model_added", model)
+        budget.warn_over_quota(principal_named)
         return models
 
     def close(self) -> None:

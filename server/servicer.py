@@ -26,7 +26,7 @@ from optserve.protos import errors
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors as codec
-from optserve.server import auth, shared_memory_rpc, unary_reply
+from optserve.server import auth, heap, shared_memory_rpc, unary_reply
 from optserve.server import limits as bounds
 from optserve.server import usage as calls
 from optserve.server.errors import (
@@ -112,33 +112,18 @@ async def _abort(context: grpc.aio.ServicerContext, exc: Exception, rpc: str) ->
     # drop the request payloads its frames hold now instead of at the next full collection.
     traceback.clear_frames(exc.__traceback__)
     if rpc in _STREAMED_REQUESTS:
-        _schedule_trim()  # a refused upload leaves the resident size where it was
+        _REFUSAL_TRIMMER.after(context)  # a refused upload leaves the resident size where it was
     await context.abort(code, message, trailing_metadata=metadata)
 
 
-_trim_pending = False
-_last_trim = 0.0
-# A trim (a full garbage collection, then malloc_trim) takes ~20 ms of the event loop:
-# at most one a second, however many uploads are refused.
-_TRIM_INTERVAL_S = 1.0
+_REFUSAL_TRIMMER = heap.RefusalTrimmer()
 
 
-def _schedule_trim() -> None:
-    """Give freed memory back shortly after a refused upload (once for a burst of them)."""
-    global _trim_pending
-    if _trim_pending:
-        return
-    _trim_pending = True
-    loop = asyncio.get_running_loop()
-
-    def trim() -> None:
-        global _trim_pending, _last_trim
-        _trim_pending = False
-        _last_trim = loop.time()
-        bounds.give_back_freed_memory()
-
-    # After the call's own objects are gone (a moment), and not sooner than the interval allows.
-    loop.call_later(max(0.2, _last_trim + _TRIM_INTERVAL_S - loop.time()), trim)
+def _cancelled(rpc: str) -> None:
+    """An upload that gRPC ended (a message over --max-message-bytes, the client hung up) leaves its
+    buffers behind as a refusal does."""
+    if rpc in _STREAMED_REQUESTS:
+        _REFUSAL_TRIMMER.call_ended()
 
 
 class _Undecodable:
@@ -190,6 +175,9 @@ def _translating_errors(method):
                     yield response
             except grpc.aio.AbortError:
                 raise
+            except asyncio.CancelledError:
+                _cancelled(rpc)
+                raise
             except Exception as exc:  # noqa: BLE001 - the single translation point
                 request = None  # noqa: F841 - not held by the abort's traceback
                 await _abort(context, exc, rpc)
@@ -207,6 +195,9 @@ def _translating_errors(method):
             entered = True
             return await method(self, _request_of(self, request, rpc), context)
         except grpc.aio.AbortError:
+            raise
+        except asyncio.CancelledError:
+            _cancelled(rpc)
             raise
         except Exception as exc:  # noqa: BLE001 - the single translation point
             request = None  # noqa: F841 - not held by the abort's traceback
@@ -466,9 +457,13 @@ def _joint_norm(joint) -> pb.JointNormTerms | None:
     return pb.JointNormTerms(terms=terms, held=joint.held)
 
 
-def _model_info(summary: ModelSummary, generation: pb.ServerGeneration | None = None) -> pb.ModelInfo:
+def _model_info(
+    summary: ModelSummary, generation: pb.ServerGeneration | None = None, memory: Reservation | None = None
+) -> pb.ModelInfo:
     spec = summary.spec
     return pb.ModelInfo(
+        owner=memory.owner_name if memory is not None else "",
+        state_bytes=memory.nbytes if memory is not None else 0,
         spec=pb.ModelSpec(
             model_id=spec.model_id,
             optimizer_config_json=spec.optimizer_config_json,
@@ -591,10 +586,15 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 peer=context.peer() or "",
                 **fields,
             )
+        except BaseException:
+            if not state.transferred:  # refused before the registry had it: give back what was reserved
+                state.release()
+            raise
         finally:
             if tensors is not None:
                 tensors.release()
-        return pb.CreateModelResponse(created=created, model=_model_info(await model.summary(), self._generation))
+        info = _model_info(await model.summary(), self._generation, model.memory)
+        return pb.CreateModelResponse(created=created, model=info)
 
     def _spec_fields(self, spec: pb.ModelSpec) -> dict:
         """A spec's fields, every one checked against the server's bounds (nothing is allocated yet)."""
@@ -616,6 +616,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         if self.registry.has(fields["model_id"]):
             return None
         self.registry.check_room_for_model(self.limits.limits.max_models)
+        principal = auth.current_principal()  # None without --auth-tokens: only the server's limits
+        if principal is not None and state.owner is None:
+            state.owner = self.limits.principals.claim_model(principal, fields["model_id"])
         engine = self.registry.new_engine(fields["optimizer_config"])
         workers = fields["num_workers"] if fields["mode"] == SYNC else 1
         quota = self.limits.limits.max_model_bytes  # None: only --max-memory bounds a model
@@ -829,7 +832,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             if request.track_updates:
                 model.activity.track_updates()
             try:
-                info = _model_info(await model.summary(request.with_stats), self._generation)
+                info = _model_info(await model.summary(request.with_stats), self._generation, model.memory)
             except OptserveError:
                 if request.model_id or not model.closed:
                     raise  # a model deleted while listing everything is simply left out

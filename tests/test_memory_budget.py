@@ -147,6 +147,13 @@ def test_refused_large_requests_give_their_memory_back(server_process):
         spec = pb.ModelSpec(model_id=f"m{i}", optimizer_config_json=big_config)
         error = rpc.rpc_error(stub.CreateModel, iter([pb.CreateModelRequest(spec=spec)]), timeout=30)
         assert error.code() in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.INVALID_ARGUMENT)
+    # Under the message limit: received and decoded whole, then refused by the server (its memory
+    # is freed only after the call ended, some of it a moment later).
+    mid_config = json.dumps({"class_name": "SGD", "config": {"name": "x" * (6 * MiB)}})
+    for i in range(20):
+        spec = pb.ModelSpec(model_id=f"mid{i}", optimizer_config_json=mid_config)
+        error = rpc.rpc_error(stub.CreateModel, iter([pb.CreateModelRequest(spec=spec)]), timeout=30)
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     # A model over --max-memory, refused after its first 32 MiB variable arrived whole.
     error = rpc.rpc_error(rpc.create_model, stub, "huge", {"a": _floats(32 * MiB), "b": _floats(256 * MiB)})
     assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -171,3 +178,34 @@ def test_accepting_a_model_peaks_near_its_state_size(server_process):
     stub.DeleteModel(pb.DeleteModelRequest(model_id="adam"), timeout=10)
     # The decoded request becomes the variable (no second copy of it): a copy would make 4/3.
     assert growth < 1.3 * state, growth / state
+
+
+def test_the_trim_waits_until_refused_calls_settle_then_checks_again():
+    import asyncio
+
+    from optserve.server.heap import TRIM_MIN_FREE_BYTES, RefusalTrimmer
+
+    freed = [TRIM_MIN_FREE_BYTES]  # what the heap holds freed at each follow-up
+
+    async def scenario() -> list[float]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        trims: list[float] = []
+        trimmer = RefusalTrimmer(
+            settle_s=0.1,
+            max_wait_s=1.0,
+            follow_ups=2,
+            follow_up_s=0.1,
+            trim=lambda: trims.append(loop.time()),
+            freed=lambda: freed.pop(0) if freed else 0,
+        )
+        for _ in range(3):  # a burst of refusals: one trim, after the last of them
+            trimmer.call_ended()
+            await asyncio.sleep(0.03)
+        await asyncio.sleep(0.6)
+        return [t - started for t in trims]
+
+    trims = asyncio.run(scenario())
+    # The settled trim, then the first follow-up (memory freed meanwhile); the second found nothing.
+    assert len(trims) == 2, trims
+    assert trims[0] >= 0.06 + 0.1 - 0.01
