@@ -216,6 +216,9 @@ class RemoteLossScaling:
 
     # ------------------------------------------------------------------ weights: [iterations, *slots, counter, scale]
 
+    def _weights_length(self):
+        return super()._weights_length() + 2
+
     def get_weights(self):
         """The server's state: `[iterations, *slots, step_counter, dynamic_scale]`."""
         self._check_built("get_weights")
@@ -231,7 +234,7 @@ class RemoteLossScaling:
     def set_weights(self, weights):
         """Overwrite the server's state from `[iterations, *slots, step_counter, dynamic_scale]`, in one request."""
         self._check_built("set_weights")
-        weights = [to_numpy(w) for w in weights]
+        weights, learning_rate = self._without_learning_rate([to_numpy(w) for w in weights])
         if len(weights) < 3:
             raise ValueError(
                 "A remote LossScaleOptimizer's weights are [iterations, *slots, step_counter, dynamic_scale]. "
@@ -244,7 +247,8 @@ class RemoteLossScaling:
         change = self.client.set_weights(
             self.model_id, slots=slots, iterations=int(np.asarray(state[0]).reshape(-1)[0]), scalars=scalars
         )
-        self._adopt_state(change.iterations, change.learning_rate)
+        if not self._set_saved_learning_rate(learning_rate, change.learning_rate):
+            self._adopt_state(change.iterations, change.learning_rate)
         self._adopt_scalars(change.scalars if DYNAMIC_SCALE in change.scalars else scalars)
         self._slots_stale = True
         overwrite(self._iterations, np.asarray(self._server_iterations, dtype=self._iterations.dtype))

@@ -171,19 +171,30 @@ class ServerState:
         """
         self._check_built("set_weights")
         weights = [to_numpy(w) for w in weights]
-        learning_rate = None
-        if self._learning_rate_mirror is not None and len(weights) == len(self._slot_mirrors) + 2:
-            learning_rate = float(weights[1])
-            weights = weights[:1] + weights[2:]
+        weights, learning_rate = self._without_learning_rate(weights)
         state = self.client.set_weights_list(self.model_id, weights)
-        if learning_rate is not None and learning_rate != float(state.learning_rate):
-            self.learning_rate = learning_rate
-            state = None
-        if state is not None:
+        if not self._set_saved_learning_rate(learning_rate, state.learning_rate):
             self._adopt_state(state.iterations, state.learning_rate)
         self._slots_stale = True
         overwrite(self._iterations, np.asarray(self._server_iterations, dtype=self._iterations.dtype))
         return
+
+    def _weights_length(self):
+        """How many arrays `get_weights()` returns (tf.keras's layout, no learning rate)."""
+        return len(self._slot_mirrors) + 1
+
+    def _without_learning_rate(self, weights):
+        """`weights` in tf.keras's layout, and the rate when they came in Keras 3's (`variables`') layout."""
+        if self._learning_rate_mirror is not None and len(weights) == self._weights_length() + 1:
+            return weights[:1] + weights[2:], float(np.asarray(weights[1]))
+        return weights, None
+
+    def _set_saved_learning_rate(self, learning_rate, server_rate):
+        """Sets a rate that came with the weights when it differs from the server's; True if it did."""
+        if learning_rate is None or learning_rate == float(server_rate):
+            return False
+        self.learning_rate = learning_rate
+        return True
 
     def save_own_variables(self, store):
         """Saving a model (`model.save`) stores the server's optimizer state."""
@@ -200,7 +211,7 @@ class ServerState:
                 stacklevel=2,
             )
             return
-        count = len(self._slot_mirrors) + 1  # tf.keras's layout, as saved; Keras 3's has the rate too
+        count = self._weights_length()  # tf.keras's layout, as saved; Keras 3's has the rate too
         if len(store.keys()) == count + 1 and self._learning_rate_mirror is not None:
             count += 1
         if len(store.keys()) != count:

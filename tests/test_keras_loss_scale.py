@@ -170,11 +170,18 @@ def test_weights_list_round_trip_includes_the_scale(keras, address):
     variables, _ = _pair(keras, "weights")
     opt.apply([np.full((4, 3), np.inf, "float32"), np.ones(3, "float32")], variables)
     weights = opt.get_weights()
-    assert len(weights) == len(opt.variables) == 7
+    # get_weights in tf.keras's layout; `variables` in Keras 3's, with the learning rate second.
+    assert len(weights) == 7 and len(opt.variables) == 8
     assert (int(weights[-2]), float(weights[-1])) == (0, 512.0)
     opt.set_weights([*weights[:-2], np.int64(1), np.float32(64.0)])
     assert (_value(opt.step_counter), _value(opt.dynamic_scale)) == (1, 64.0)
     assert opt.client.get_weights(opt.model_id).scalars["dynamic_scale"] == 64.0
+    # `variables`' layout is accepted too, and its learning rate is set.
+    keras3_layout = [weights[0], np.float32(0.25), *weights[1:-2], np.int64(2), np.float32(32.0)]
+    opt.set_weights(keras3_layout)
+    assert (_value(opt.step_counter), _value(opt.dynamic_scale)) == (2, 32.0)
+    assert float(opt.learning_rate) == 0.25
+    assert opt.client.get_weights(opt.model_id).scalars["dynamic_scale"] == 32.0
     with pytest.raises(ValueError, match="step_counter, dynamic_scale"):
         opt.set_weights([weights[0]])
 
