@@ -32,7 +32,6 @@ import asyncio
 import collections
 import dataclasses
 import functools
-import json
 import logging
 import math
 import time
@@ -60,195 +59,28 @@ from optserve.server.limits import (
     state_bytes,
     worker_list,
 )
+from optserve.server.model_spec import (
+    APPLY_PARTIAL,
+    ASYNC,
+    REJECT,
+    SKIP_STEP,
+    SYNC,
+    ModelSpec,
+    VariableMeta,
+    spec_from_state,
+    spec_state,
+)
+from optserve.server.step_records import REMEMBERED_STEPS, PendingStep, RecentSteps, StepRecord, done_future
 from optserve.server.two_phase import TwoPhaseSteps, apply_with_joint_norm, non_finite_terms
 from optserve.server.usage import Activity
 
 log = logging.getLogger(__name__)
 
-SYNC = "sync"
-ASYNC = "async"
-MODES = (SYNC, ASYNC)
-FAIL = "fail"
-APPLY_PARTIAL = "apply_partial"
-TIMEOUT_POLICIES = (FAIL, APPLY_PARTIAL)
-# What a push holding NaN or inf does; "reject" by default, since one worker's NaN
-# would otherwise poison the synchronous sum of every worker, silently.
-REJECT = "reject"
-ALLOW = "allow"
-SKIP_STEP = "skip_step"
-NON_FINITE_POLICIES = (REJECT, ALLOW, SKIP_STEP)
 # Elements checked for finiteness at a time: a small temporary instead of one the gradient's size.
 _FINITE_CHECK_BLOCK = 1 << 18
 
 MODEL_STATE_FORMAT = "optserve.model_state/1"
-# Completed steps (sync) or pushed steps per worker (async) remembered to
-# recognise a retried push. A client retries within seconds, so a few
-# thousand steps of memory is generous while staying a few hundred KiB.
-REMEMBERED_STEPS = 4096
-MAX_MODEL_ID_LENGTH = 256
 MAX_LISTED_NAMES = 10
-
-
-# --------------------------------------------------------------------------- spec
-
-
-@dataclasses.dataclass(frozen=True)
-class VariableMeta:
-    name: str
-    shape: tuple[int, ...]
-    dtype: np.dtype
-
-    def describe(self) -> str:
-        return text.tensor(self.shape, self.dtype)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    """What defines a model; two CreateModel calls join the same model when these agree."""
-
-    model_id: str
-    optimizer_config: dict
-    num_workers: int
-    mode: str
-    sync_timeout_s: float  # effective timeout (the server default already filled in)
-    timeout_policy: str
-    variables: tuple[VariableMeta, ...]
-    non_finite_policy: str = REJECT
-
-    @property
-    def optimizer_config_json(self) -> str:
-        return json.dumps(self.optimizer_config, sort_keys=True)
-
-    def differences(self, other: ModelSpec) -> list[str]:
-        """Human-readable list of what differs between an existing spec and a requested one."""
-        found = []
-        for path, mine, theirs in _dict_differences(self.optimizer_config, other.optimizer_config):
-            found.append(f"optimizer config {path}: existing {_config_value(mine)}, requested {_config_value(theirs)}")
-        for field in ("num_workers", "mode", "non_finite_policy"):
-            mine, theirs = getattr(self, field), getattr(other, field)
-            if mine != theirs:
-                found.append(f"{field}: existing {text.value(mine)}, requested {text.value(theirs)}")
-        found.extend(_variable_differences(self.variables, other.variables))
-        return found
-
-
-def _config_value(item: Any) -> str:
-    return item if item == "<absent>" else text.value(item)
-
-
-def _dict_differences(mine: Any, theirs: Any, path: str = "") -> Iterable[tuple[str, Any, Any]]:
-    if isinstance(mine, dict) and isinstance(theirs, dict):
-        for key in sorted(set(mine) | set(theirs), key=str):
-            sub = f"{path}.{key}" if path else str(key)
-            yield from _dict_differences(mine.get(key, "<absent>"), theirs.get(key, "<absent>"), sub)
-    elif mine != theirs:
-        yield path or "<whole>", mine, theirs
-
-
-def _variable_differences(mine: tuple[VariableMeta, ...], theirs: tuple[VariableMeta, ...]) -> list[str]:
-    by_name = {v.name: v for v in theirs}
-    found = []
-    for var in mine:
-        other = by_name.get(var.name)
-        if other is None:
-            found.append(f"variable {var.name!r}: existing {var.describe()}, missing from the request")
-        elif other != var:
-            found.append(f"variable {var.name!r}: existing {var.describe()}, requested {other.describe()}")
-    known = {v.name for v in mine}
-    found.extend(f"variable {v.name!r}: not in the existing model" for v in theirs if v.name not in known)
-    if not found and [v.name for v in mine] != [v.name for v in theirs]:
-        found.append("variable order differs")
-    return found
-
-
-def parse_optimizer_config(config_json: str):
-    """The JSON text of a ModelSpec's optimizer config -> what ``optimizers.deserialize`` takes."""
-    if not config_json.strip():
-        raise InvalidArgumentError(
-            "`optimizer_config_json` is empty. Send keras.optimizers.serialize(optimizer) as JSON, "
-            'or a name such as "\\"adam\\"".'
-        )
-    try:
-        config = json.loads(config_json)
-    except ValueError as exc:
-        raise InvalidArgumentError(
-            f"`optimizer_config_json` is not valid JSON ({exc}). Received: {text.name(config_json[:200])}"
-        ) from None
-    if not isinstance(config, (str, dict)):
-        raise InvalidArgumentError(
-            "`optimizer_config_json` must be a JSON object (a serialized optimizer) or a JSON string "
-            f"(an optimizer name). Received: {config_json[:200]}"
-        )
-    return config
-
-
-def check_model_id(model_id: str) -> str:
-    if not model_id:
-        raise InvalidArgumentError("`model_id` must be a non-empty string naming the training job.")
-    if len(model_id) > MAX_MODEL_ID_LENGTH or not model_id.isprintable():
-        raise InvalidArgumentError(
-            f"`model_id` must be at most {MAX_MODEL_ID_LENGTH} printable characters. "
-            f"Received: model_id={model_id[:300]!r}"
-        )
-    return model_id
-
-
-def make_spec(
-    *,
-    model_id: str,
-    optimizer_config: dict,
-    variables: Mapping[str, np.ndarray],
-    num_workers: int = 1,
-    mode: str = SYNC,
-    sync_timeout_s: float = 0.0,
-    timeout_policy: str = FAIL,
-    non_finite_policy: str | None = None,
-    default_sync_timeout_s: float = 60.0,
-) -> ModelSpec:
-    """Check a requested spec eagerly and fill in defaults; nothing is created here."""
-    check_model_id(model_id)
-    if num_workers < 1:
-        raise InvalidArgumentError(f"`num_workers` must be >= 1. Received: num_workers={num_workers}")
-    if mode not in MODES:
-        raise InvalidArgumentError(f"`mode` must be one of {MODES}. Received: mode={mode!r}")
-    if timeout_policy not in TIMEOUT_POLICIES:
-        raise InvalidArgumentError(
-            f"`timeout_policy` must be one of {TIMEOUT_POLICIES}. Received: timeout_policy={timeout_policy!r}"
-        )
-    scales_loss = optimizer_config.get("class_name") == "LossScaleOptimizer"
-    if non_finite_policy is None:
-        # A LossScaleOptimizer exists to see non-finite gradients: it skips their step and shrinks its scale.
-        non_finite_policy = ALLOW if scales_loss else REJECT
-    elif non_finite_policy == REJECT and scales_loss:
-        raise InvalidArgumentError(
-            "`non_finite_policy` reject would refuse the non-finite steps a LossScaleOptimizer skips to lower its "
-            "scale; leave it unset (allow) or choose allow. Received: non_finite_policy='reject'"
-        )
-    if non_finite_policy not in NON_FINITE_POLICIES:
-        raise InvalidArgumentError(
-            f"`non_finite_policy` must be one of {NON_FINITE_POLICIES}. "
-            f"Received: non_finite_policy={non_finite_policy!r}"
-        )
-    if not math.isfinite(sync_timeout_s) or sync_timeout_s < 0:
-        raise InvalidArgumentError(
-            "`sync_timeout_s` must be finite and >= 0 (0: the server default). "
-            f"Received: sync_timeout_s={sync_timeout_s}"
-        )
-    if not variables:
-        raise InvalidArgumentError(
-            f"CreateModel for {model_id!r} carried no variables; send the initial value of every variable."
-        )
-    metas = tuple(VariableMeta(name, tuple(a.shape), np.dtype(a.dtype)) for name, a in variables.items())
-    return ModelSpec(
-        model_id=model_id,
-        optimizer_config=optimizer_config,
-        num_workers=int(num_workers),
-        mode=mode,
-        sync_timeout_s=float(sync_timeout_s or default_sync_timeout_s),
-        timeout_policy=timeout_policy,
-        variables=metas,
-        non_finite_policy=non_finite_policy,
-    )
 
 
 # ------------------------------------------------------------------ results
@@ -333,103 +165,10 @@ class ModelSummary:
     usage: Any = None  # optserve.server.usage.ActivitySummary
 
 
-@dataclasses.dataclass(frozen=True)
-class _StepRecord:
-    contributors: tuple[int, ...]
-    missing: tuple[int, ...]
-    aggregated: bool
-
-    def covers(self, worker: int) -> bool:
-        # An aggregated push carries every worker's gradients: the step is done for all of them.
-        return self.aggregated or worker in self.contributors
-
-
-class _PendingStep:
-    """The merge buffer of one synchronous step."""
-
-    def __init__(self, step: int, loop: asyncio.AbstractEventLoop):
-        self.step = step
-        self.contributors: list[int] = []
-        self.sums: dict[str, np.ndarray] = {}
-        self.return_variables = False
-        self.hold = False  # hold for the joint norm (optserve.server.two_phase)
-        self.future: asyncio.Future = loop.create_future()
-        # Waiters may all have hung up; the result must not warn as "never retrieved".
-        self.future.add_done_callback(_retrieve)
-        self.timer: asyncio.TimerHandle | None = None
-
-    def accumulate(self, gradients: Mapping[str, np.ndarray]) -> None:
-        """Sum a validated push into the step (runs on an executor thread).
-
-        The first push's decoded arrays become the step's accumulators: they are
-        fresh, owned copies already, so adopting them saves an allocation and a
-        copy per variable, and later pushes add into them in place.
-        """
-        for name, gradient in gradients.items():
-            total = self.sums.get(name)
-            if total is None:
-                self.sums[name] = gradient
-            else:
-                np.add(total, gradient, out=total)
-
-    def missing(self, num_workers: int) -> tuple[int, ...]:
-        return tuple(w for w in range(num_workers) if w not in self.contributors)
-
-    def cancel_timer(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def fail(self, error: BaseException) -> None:
-        self.cancel_timer()
-        if not self.future.done():
-            self.future.set_exception(error)
-
-
-def _retrieve(future: asyncio.Future) -> None:
-    if not future.cancelled():
-        future.exception()
-
-
-def _done_future(value) -> asyncio.Future:
-    future = asyncio.get_running_loop().create_future()
-    future.set_result(value)
-    return future
-
-
 def _names(names: Iterable[str]) -> str:
     names = list(names)
     shown = ", ".join(repr(n) for n in names[:MAX_LISTED_NAMES])
     return shown + (f" and {len(names) - MAX_LISTED_NAMES} more" if len(names) > MAX_LISTED_NAMES else "")
-
-
-class _RecentSteps:
-    """A bounded set of the steps one worker pushed (async mode duplicate detection)."""
-
-    def __init__(self, size: int = REMEMBERED_STEPS):
-        self._order: collections.deque[int] = collections.deque()
-        self._steps: set[int] = set()
-        self._size = size
-
-    def __contains__(self, step: int) -> bool:
-        return step in self._steps
-
-    def add(self, step: int) -> None:
-        self._order.append(step)
-        self._steps.add(step)
-        if len(self._order) > self._size:
-            self._steps.discard(self._order.popleft())
-
-    def steps(self) -> list[int]:
-        """Oldest first, as ``add`` received them."""
-        return list(self._order)
-
-    @classmethod
-    def of(cls, steps: Iterable[int]) -> _RecentSteps:
-        recent = cls()
-        for step in steps:
-            recent.add(int(step))
-        return recent
 
 
 # -------------------------------------------------------------------- model
@@ -445,9 +184,9 @@ class Model:
         self._variables = {v.name: v for v in spec.variables}
         self._lock = asyncio.Lock()
         self._step = 0
-        self._pending: _PendingStep | None = None
-        self._history: collections.OrderedDict[int, _StepRecord] = collections.OrderedDict()
-        self._recent_async: dict[int, _RecentSteps] = {}
+        self._pending: PendingStep | None = None
+        self._history: collections.OrderedDict[int, StepRecord] = collections.OrderedDict()
+        self._recent_async: dict[int, RecentSteps] = {}
         self._closed: OptserveError | None = None
         # Who created the model, its last call, the calls in flight (optserve.server.usage).
         self.usage = Activity()
@@ -687,7 +426,7 @@ class Model:
             raise self._future_step_error(worker, step)
         held = self.two_phase.answer_push(worker, step)
         if held is not None:
-            return _done_future(held), True
+            return done_future(held), True
         pending = self._pending
         if pending is not None and pending.contributors and pending.hold != hold:
             raise FailedPreconditionError(
@@ -708,7 +447,7 @@ class Model:
                     details={"current_step": self._step},
                 )
             outcome = await self._apply_step(step, gradients, (worker,), (), aggregated, return_variables, hold=hold)
-            return _done_future(outcome), False
+            return done_future(outcome), False
         if pending is None:
             pending = self._open_step(step)
             pending.hold = hold
@@ -731,7 +470,7 @@ class Model:
 
     async def _push_async(self, worker, step, gradients, return_variables, hold=False) -> StepOutcome:
         self._ensure_open()
-        recent = self._recent_async.setdefault(worker, _RecentSteps())
+        recent = self._recent_async.setdefault(worker, RecentSteps())
         if step in recent:
             variables = await self._read_all_variables() if return_variables else None
             outcome = self._outcome((worker,), (), variables, duplicate=True)
@@ -746,7 +485,7 @@ class Model:
 
     def _count_async_push(self, worker: int, step: int) -> None:
         """An ASYNC push applied by its commit (optserve.server.two_phase) counts as seen."""
-        self._recent_async.setdefault(worker, _RecentSteps()).add(step)
+        self._recent_async.setdefault(worker, RecentSteps()).add(step)
 
     async def commit(self, worker: int, step: int, joint, return_variables: bool = False) -> StepOutcome:
         """The second phase of a held step: apply it with ``joint``, every shard's norm terms."""
@@ -781,20 +520,20 @@ class Model:
             if before is not None:
                 self.activity.update_norm = await self._run(update_norm, before, await self._read_all_variables())
         self._step += 1
-        self._remember(step, _StepRecord(tuple(sorted(contributors)), tuple(missing), aggregated))
+        self._remember(step, StepRecord(tuple(sorted(contributors)), tuple(missing), aggregated))
         self._notify(applied=0 if skipped else 1)
         variables = await self._read_all_variables() if return_variables else None
         return dataclasses.replace(self._outcome(contributors, missing, variables), non_finite=skipped)
 
-    def _open_step(self, step: int) -> _PendingStep:
+    def _open_step(self, step: int) -> PendingStep:
         loop = asyncio.get_running_loop()
-        pending = self._pending = _PendingStep(step, loop)
+        pending = self._pending = PendingStep(step, loop)
         timeout = self.spec.sync_timeout_s
         if math.isfinite(timeout):
             pending.timer = loop.call_later(timeout, self._on_timeout, pending)
         return pending
 
-    async def _complete(self, pending: _PendingStep, missing: tuple[int, ...]) -> None:
+    async def _complete(self, pending: PendingStep, missing: tuple[int, ...]) -> None:
         """Holding the lock: apply the merged step once and answer every waiter."""
         pending.cancel_timer()
         self._pending = None
@@ -808,12 +547,12 @@ class Model:
         if not pending.future.done():
             pending.future.set_result(outcome)
 
-    def _on_timeout(self, pending: _PendingStep) -> None:
+    def _on_timeout(self, pending: PendingStep) -> None:
         pending.timer = None
         task = asyncio.ensure_future(self._exclusive(lambda: self._expire(pending)))
         task.add_done_callback(_log_failure)
 
-    async def _expire(self, pending: _PendingStep, lost_worker: int | None = None) -> None:
+    async def _expire(self, pending: PendingStep, lost_worker: int | None = None) -> None:
         """End a step that timed out, or lost ``lost_worker``, as the model's timeout policy says."""
         if self._pending is not pending:
             return  # the step completed (or the model closed) while the timer fired
@@ -876,7 +615,7 @@ class Model:
             )
         variables = await self._read_all_variables() if return_variables else None
         outcome = self._outcome(record.contributors, record.missing, variables)
-        return _done_future(dataclasses.replace(outcome, joint_norm=self.two_phase.applied_norm(worker, step)))
+        return done_future(dataclasses.replace(outcome, joint_norm=self.two_phase.applied_norm(worker, step)))
 
     def _future_step_error(self, worker: int, step: int) -> FailedPreconditionError:
         return FailedPreconditionError(
@@ -885,7 +624,7 @@ class Model:
             details={"current_step": self._step},
         )
 
-    def _remember(self, step: int, record: _StepRecord) -> None:
+    def _remember(self, step: int, record: StepRecord) -> None:
         self._history[step] = record
         while len(self._history) > REMEMBERED_STEPS:
             self._history.popitem(last=False)
@@ -1142,8 +881,8 @@ class Model:
                 f"The checkpoint of model {spec.model_id!r} is at step {model._step}, beyond the bound of {MAX_STEP}."
             )
         for step, contributors, missing, aggregated in state["history"]:
-            model._remember(int(step), _StepRecord(tuple(contributors), tuple(missing), bool(aggregated)))
-        model._recent_async = {int(worker): _RecentSteps.of(steps) for worker, steps in state["recent_async"].items()}
+            model._remember(int(step), StepRecord(tuple(contributors), tuple(missing), bool(aggregated)))
+        model._recent_async = {int(worker): RecentSteps.of(steps) for worker, steps in state["recent_async"].items()}
         model.usage = Activity.restored(state.get("activity"))  # absent from older checkpoints
         return model
 
@@ -1182,37 +921,6 @@ class Model:
     async def _run(self, function, *args):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(function, *args))
-
-
-def spec_state(spec: ModelSpec) -> dict:
-    """A spec as plain values, for a checkpoint."""
-    return {
-        "model_id": spec.model_id,
-        "optimizer_config": spec.optimizer_config,
-        "num_workers": spec.num_workers,
-        "mode": spec.mode,
-        "sync_timeout_s": spec.sync_timeout_s,
-        "timeout_policy": spec.timeout_policy,
-        "variables": [[v.name, list(v.shape), v.dtype.str] for v in spec.variables],
-        "non_finite_policy": spec.non_finite_policy,
-    }
-
-
-def spec_from_state(state: Mapping[str, Any]) -> ModelSpec:
-    return ModelSpec(
-        model_id=check_model_id(state["model_id"]),
-        optimizer_config=state["optimizer_config"],
-        num_workers=int(state["num_workers"]),
-        mode=state["mode"],
-        sync_timeout_s=float(state["sync_timeout_s"]),
-        timeout_policy=state["timeout_policy"],
-        variables=tuple(
-            VariableMeta(name, tuple(int(d) for d in shape), np.dtype(dtype))
-            for name, shape, dtype in state["variables"]
-        ),
-        # Checkpoints from before the policy existed applied whatever arrived.
-        non_finite_policy=state.get("non_finite_policy", ALLOW),
-    )
 
 
 def non_finite_names(gradients: Mapping[str, np.ndarray]) -> list[str]:

@@ -26,7 +26,8 @@ from optserve.server.errors import (
     UnavailableError,
 )
 from optserve.server.limits import Reservation, ServerLimits
-from optserve.server.model import MAX_LISTED_NAMES, Model, ModelSpec, make_spec
+from optserve.server.model import MAX_LISTED_NAMES, Model
+from optserve.server.model_spec import ModelSpec, make_spec
 from optserve.server.restore_budget import RestoreBudget
 from optserve.server.usage import JOIN, Activity
 

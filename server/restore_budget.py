@@ -24,7 +24,7 @@ from typing import Any
 from optserve.server.auth import READER, Principal
 from optserve.server.errors import FailedPreconditionError
 from optserve.server.limits import ServerLimits, state_bytes
-from optserve.server.model import SYNC, spec_from_state
+from optserve.server.model_spec import SYNC, spec_from_state
 from optserve.server.quotas import PrincipalAccount
 
 log = logging.getLogger(__name__)

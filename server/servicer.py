@@ -38,18 +38,8 @@ from optserve.server.errors import (
 )
 from optserve.server.generation import ServerGeneration
 from optserve.server.limits import Reservation, ServerLimits
-from optserve.server.model import (
-    APPLY_PARTIAL,
-    ASYNC,
-    FAIL,
-    SYNC,
-    ModelSummary,
-    OptimizerStatus,
-    StateUpdate,
-    StepOutcome,
-    check_model_id,
-    parse_optimizer_config,
-)
+from optserve.server.model import ModelSummary, OptimizerStatus, StateUpdate, StepOutcome
+from optserve.server.model_spec import APPLY_PARTIAL, ASYNC, FAIL, SYNC, check_model_id, parse_optimizer_config
 from optserve.server.registry import ModelRegistry
 from optserve.server.shared_memory import SharedMemorySessions
 from optserve.server.sparse import densify_gradients

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from optserve.server import text
-from optserve.server.model import make_spec
+from optserve.server.model_spec import make_spec
 
 
 def test_the_formatting_helpers_write_json():
