@@ -219,6 +219,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer cases and rounds (under ~2 minutes)")
     parser.add_argument("--repeats", type=int, default=None, help="ABAB pairs per case (default 2; quick: 1)")
     parser.add_argument("--no-shared-memory", action="store_true", help="optserve over gRPC only (the network path)")
+    parser.add_argument(
+        "--sizes", default=",".join(label for label, _, _ in SIZES), help="cases to run, e.g. 10M,10M/100"
+    )
     args = parser.parse_args(argv)
     try:
         import ray
@@ -233,7 +236,8 @@ def main(argv=None) -> int:
     peer = RaySide()
     rows = []
     try:
-        for label, count, total in SIZES:
+        wanted = args.sizes.split(",")
+        for label, count, total in [size for size in SIZES if size[0] in wanted]:
             shapes = variable_shapes(count, total)
             for workers, mode in setups:
                 rounds = rounds_for(total, args.quick)

@@ -28,6 +28,7 @@ import numpy as np
 
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import tensors
+from optserve.protos.buffers import ArrayPool
 
 log = logging.getLogger("optserve.client")
 
@@ -41,8 +42,9 @@ def enabled_by_default() -> bool:
 class SharedSegment:
     """One mapped session: views of its gradient and value regions, used by one push at a time."""
 
-    def __init__(self, response: pb.OpenSharedMemoryResponse):
+    def __init__(self, response: pb.OpenSharedMemoryResponse, arrays: ArrayPool | None = None):
         self.session_id = response.session_id
+        self._arrays = arrays if arrays is not None else ArrayPool()
         self.lock = threading.Lock()
         self.buffer = _map_verified(response.path, response.size, response.nonce)
         self.gradients: dict[str, np.ndarray] = {}
@@ -75,7 +77,13 @@ class SharedSegment:
         return [name for name, _, _ in gradients]
 
     def read_values(self) -> dict[str, np.ndarray]:
-        return {name: view.copy() for name, view in self.values.items()}
+        """The new values, copied out (the next push overwrites the segment) into arrays the
+        caller owns; they come from a pool, so steady-state round trips allocate nothing."""
+        values = {}
+        for name, view in self.values.items():
+            values[name] = out = self._arrays.empty((self.session_id, name), view.shape, view.dtype)
+            np.copyto(out, view)
+        return values
 
 
 class SegmentUnusable(Exception):
@@ -113,6 +121,7 @@ class SharedMemorySessions:
     def __init__(self, open_session):
         self._open_session = open_session  # (model_id, worker_index) -> pb.OpenSharedMemoryResponse
         self._segments: dict[tuple[str, int], SharedSegment] = {}
+        self._arrays = ArrayPool()  # every segment's copies of the values, by (session, name)
         self._guard = threading.Lock()
         self.available = True
 
@@ -126,7 +135,7 @@ class SharedMemorySessions:
         if segment is not None:
             return segment
         try:
-            segment = SharedSegment(self._open_session(model_id, worker))
+            segment = SharedSegment(self._open_session(model_id, worker), self._arrays)
         except SegmentUnusable as reason:
             log.info("shared memory with the server is not possible (%s); pushes use gRPC", reason)
             self.available = False
@@ -148,12 +157,15 @@ class SharedMemorySessions:
         with self._guard:
             if self._segments.get((model_id, worker)) is segment:
                 del self._segments[(model_id, worker)]
+        self._arrays.forget(lambda key: key[0] == segment.session_id)
 
     def forget_model(self, model_id: str) -> None:
         with self._guard:
             for key in [k for k in self._segments if k[0] == model_id]:
-                del self._segments[key]
+                session = self._segments.pop(key).session_id
+                self._arrays.forget(lambda pooled, session=session: pooled[0] == session)
 
     def close(self) -> None:
         with self._guard:
             self._segments.clear()
+        self._arrays.clear()

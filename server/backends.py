@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -40,6 +40,8 @@ DEFAULT_PARALLEL_THRESHOLD = 1 << 17
 # than MIN_PARALLEL_BLOCK elements, where per-call overhead starts to show).
 BLOCKS_PER_THREAD = 4
 MIN_PARALLEL_BLOCK = 16 * 1024
+# Bytes per block of a parallel copy (copy_many).
+COPY_BLOCK_BYTES = 1 << 20
 
 
 def check_dtype(dtype, what="arrays") -> np.dtype:
@@ -142,6 +144,40 @@ class NumpyBackend:
     def full(self, shape, value, dtype) -> np.ndarray:
         return np.full(shape, value, dtype=dtype)
 
+    def copy_to_host_many(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        """Device arrays copied into host arrays ``(out, array)``: here both are host arrays."""
+        self.copy_many(pairs)
+
+    def copy_many(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        """``np.copyto(dst, src)`` for each pair of C-contiguous arrays of one shape, in blocks
+        shared among the threads as kernels are (one core alone does not reach memory bandwidth)."""
+        total = sum(dst.size for dst, _ in pairs)
+        if total < self.parallel_threshold or self.threads == 1:
+            for dst, src in pairs:
+                np.copyto(dst, src)
+            return
+        block = COPY_BLOCK_BYTES
+        blocks = []
+        for dst, src in pairs:
+            flat_dst, flat_src = dst.reshape(-1).view(np.uint8), src.reshape(-1).view(np.uint8)
+            blocks += [(flat_dst, flat_src, low, low + block) for low in range(0, flat_dst.size, block)]
+        next_blocks = itertools.count()
+
+        def copy_blocks() -> None:
+            for index in next_blocks:
+                if index >= len(blocks):
+                    break
+                dst, src, low, high = blocks[index]
+                dst[low:high] = src[low:high]
+
+        futures = [self._get_pool().submit(copy_blocks) for _ in range(min(self.threads, len(blocks)) - 1)]
+        try:
+            copy_blocks()
+        finally:
+            for future in futures:
+                if not future.cancel():
+                    future.result()
+
     def copy_into(self, dst: np.ndarray, src) -> None:
         src = np.asarray(src)
         if src.shape != dst.shape:
@@ -225,6 +261,66 @@ class NumpyBackend:
                 # nothing left to do: drop it instead of waiting for it.
                 if not future.cancel():
                     future.result()
+
+    def run_many(self, kernel: UpdateKernel, calls: Sequence[Mapping], scalars: Mapping) -> None:
+        """Applies ``kernel`` to several independent sets of arrays (one per variable of a model) as
+        one pass: every call's blocks go to the threads from one counter, so a model of many small
+        variables keeps both cores busy, as one large variable does. Every call is validated before
+        any array is touched."""
+        checked = []
+        for arrays in calls:
+            ordered, dtype, _ = check_kernel_arrays(kernel, arrays, np.ndarray)
+            check_no_overlap(kernel, ordered)
+            checked.append((ordered, dtype))
+        constants = {dtype: kernel.host_constants(scalars, dtype) for dtype in {dtype for _, dtype in checked}}
+        inputs = len(kernel.inputs)
+        program = kernel.numpy_program
+        total = sum(ordered[0].size for ordered, _ in checked)
+        if total == 0:
+            return
+        blocks = []  # (flat arrays, constants, low, high)
+        for ordered, dtype in checked:
+            size = ordered[0].size
+            if size == 0:
+                continue
+            flat = [np.ascontiguousarray(array).reshape(-1) for array in ordered[:inputs]]
+            flat += [array.reshape(-1) for array in ordered[inputs:]]
+            block = self._block_for(program, dtype, total)
+            # Even blocks, up to 1.5 blocks long: a variable just over one block stays one block,
+            # and a longer one is cut into equal parts, never a block and a sliver.
+            count = max(1, round(size / block))
+            even = -(-size // count)
+            blocks += [(flat, constants[dtype], low, min(low + even, size)) for low in range(0, size, even)]
+        workers = 1 if total < self.parallel_threshold else min(self.threads, len(blocks))
+        if workers == 1:
+            self._run_listed(program, blocks, iter(range(len(blocks))))
+            return
+        next_blocks = itertools.count()
+        pool = self._get_pool()
+        futures = [pool.submit(self._run_listed, program, blocks, next_blocks) for _ in range(workers - 1)]
+        try:
+            self._run_listed(program, blocks, next_blocks)
+        finally:
+            for future in futures:
+                if not future.cancel():
+                    future.result()
+
+    def _run_listed(self, program, blocks, block_indices) -> None:
+        """Runs the program on entries of ``blocks`` taken from ``block_indices`` until they run out."""
+        largest = max(high - low for _, _, low, high in blocks)
+        scratch_by_dtype: dict = {}
+        step = program.step
+        with np.errstate(all="ignore"):
+            for index in block_indices:
+                if index >= len(blocks):
+                    break
+                flat, constants, low, high = blocks[index]
+                dtype = flat[0].dtype
+                scratch = scratch_by_dtype.get(dtype)
+                if scratch is None:
+                    scratch = scratch_by_dtype[dtype] = self._scratch_buffers(program, dtype, largest)
+                length = high - low
+                step(*[array[low:high] for array in flat], *[buffer[:length] for buffer in scratch], *constants)
 
     def _block_for(self, program, dtype, size) -> int:
         block = self.block_size(program, dtype)

@@ -10,7 +10,7 @@ once per dtype).
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -68,6 +68,17 @@ class CupyBackend:
 
     def full(self, shape, value, dtype):
         return self.xp.full(shape, value, dtype=dtype)
+
+    def copy_many(self, pairs) -> None:
+        for dst, src in pairs:
+            self.xp.copyto(dst, src)
+
+    def copy_to_host_many(self, pairs) -> None:
+        for out, array in pairs:
+            if isinstance(array, np.ndarray):
+                np.copyto(out, array)
+            else:
+                array.get(out=out)  # straight into the (reused) host array
 
     def copy_into(self, dst, src) -> None:
         src = self.xp.asarray(src)
@@ -132,11 +143,17 @@ class CupyBackend:
 
     def run(self, kernel: UpdateKernel, arrays: Mapping, scalars: Mapping) -> None:
         """Applies ``kernel`` in place; validates everything before touching any array."""
-        ordered, dtype, _ = check_kernel_arrays(kernel, arrays, self.xp.ndarray)
-        constants = kernel.host_constants(scalars, dtype)
-        check_no_overlap(kernel, ordered, self.xp.may_share_memory)
-        if ordered[0].size == 0:
-            return
-        inputs = ordered[: len(kernel.inputs)]
-        state = ordered[len(kernel.inputs) :]
-        self.elementwise_kernel(kernel)(*inputs, *constants, *state)
+        self.run_many(kernel, [arrays], scalars)
+
+    def run_many(self, kernel: UpdateKernel, calls: Sequence[Mapping], scalars: Mapping) -> None:
+        """``run`` for several independent sets of arrays, every one validated before any runs
+        (one launch each: a GPU launch is cheap next to the host loop it replaces)."""
+        checked = []
+        for arrays in calls:
+            ordered, dtype, _ = check_kernel_arrays(kernel, arrays, self.xp.ndarray)
+            check_no_overlap(kernel, ordered, self.xp.may_share_memory)
+            checked.append((ordered, kernel.host_constants(scalars, dtype)))
+        compiled = self.elementwise_kernel(kernel)
+        for ordered, constants in checked:
+            if ordered[0].size:
+                compiled(*ordered[: len(kernel.inputs)], *constants, *ordered[len(kernel.inputs) :])

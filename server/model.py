@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 
+from optserve.protos.buffers import ArrayPool
 from optserve.server import schedules, text
 from optserve.server.activity import ModelActivity, ModelEvents, update_norm
 from optserve.server.activity import nbytes as _nbytes
@@ -198,6 +199,8 @@ class Model:
         # The registry's reservation of this model's state in the server's memory budget.
         self.memory: Any = None  # optserve.server.limits.Reservation, given by the registry
         self.two_phase = TwoPhaseSteps(self)  # updates held for a sharded model's global norm
+        # Snapshots of the variables for step replies, reused once sent (no memory faulted in per step).
+        self._snapshots = ArrayPool()
 
     @classmethod
     async def create(
@@ -348,11 +351,14 @@ class Model:
         aggregated: bool = False,
         return_variables: bool = False,
         hold_for_joint_norm: bool = False,
+        reply_into: Mapping[str, np.ndarray] | None = None,
     ) -> StepOutcome:
         """Contribute one worker's gradients for ``step``; returns once the step is applied.
 
         Takes ownership of the gradient arrays (a sync step sums into them in place).
         ``hold_for_joint_norm``: see optserve.server.two_phase (answered held, applied by ``commit``).
+        ``reply_into``: arrays (a worker's shared-memory value region) that a reply for this push
+        alone is written into, in place of a snapshot; the outcome's variables are then those arrays.
         """
         self.check_push_header(worker, step)
         self.check_gradients(gradients)
@@ -361,19 +367,25 @@ class Model:
             self._refuse_non_finite(worker, step, await self._run(non_finite_names, gradients))
         started = time.perf_counter()
         try:
-            return await self._push(worker, step, gradients, aggregated, return_variables, hold_for_joint_norm)
+            return await self._push(
+                worker, step, gradients, aggregated, return_variables, hold_for_joint_norm, reply_into
+            )
         finally:
             self.activity.pushed(time.perf_counter() - started)
 
-    async def _push(self, worker, step, gradients, aggregated, return_variables, hold=False) -> StepOutcome:
+    async def _push(
+        self, worker, step, gradients, aggregated, return_variables, hold=False, reply_into=None
+    ) -> StepOutcome:
         payload = _nbytes(gradients.values())
         if self.spec.mode == ASYNC:
-            outcome = await self._exclusive(lambda: self._push_async(worker, step, gradients, return_variables, hold))
+            outcome = await self._exclusive(
+                lambda: self._push_async(worker, step, gradients, return_variables, hold, reply_into)
+            )
             self.events.pushed(payload, outcome.duplicate)
             self.events.sent(_nbytes((outcome.variables or {}).values()))
             return outcome
         future, duplicate = await self._exclusive(
-            lambda: self._push_sync(worker, step, gradients, aggregated, return_variables, hold)
+            lambda: self._push_sync(worker, step, gradients, aggregated, return_variables, hold, reply_into)
         )
         self.events.pushed(payload, duplicate)
         waiting_since = time.perf_counter()
@@ -417,11 +429,11 @@ class Model:
                     f"but the variable has {var.describe()}; send gradients of the variable's shape and dtype."
                 )
 
-    async def _push_sync(self, worker, step, gradients, aggregated, return_variables, hold=False):
+    async def _push_sync(self, worker, step, gradients, aggregated, return_variables, hold=False, reply_into=None):
         """Holding the lock: answer, merge or apply one push. Returns (future of the outcome, duplicate)."""
         self._ensure_open()
         if step < self._step:
-            return await self._answer_completed_step(worker, step, return_variables), True
+            return await self._answer_completed_step(worker, step, return_variables, reply_into), True
         if step > self._step:
             raise self._future_step_error(worker, step)
         held = self.two_phase.answer_push(worker, step)
@@ -446,7 +458,9 @@ class Model:
                     "of a model must push the same way (aggregated or not).",
                     details={"current_step": self._step},
                 )
-            outcome = await self._apply_step(step, gradients, (worker,), (), aggregated, return_variables, hold=hold)
+            outcome = await self._apply_step(
+                step, gradients, (worker,), (), aggregated, return_variables, hold=hold, reply_into=reply_into
+            )
             return done_future(outcome), False
         if pending is None:
             pending = self._open_step(step)
@@ -468,17 +482,19 @@ class Model:
             await self._complete(pending, missing=())
         return pending.future, False
 
-    async def _push_async(self, worker, step, gradients, return_variables, hold=False) -> StepOutcome:
+    async def _push_async(self, worker, step, gradients, return_variables, hold=False, reply_into=None) -> StepOutcome:
         self._ensure_open()
         recent = self._recent_async.setdefault(worker, RecentSteps())
         if step in recent:
-            variables = await self._read_all_variables() if return_variables else None
+            variables = await self._reply_variables(reply_into) if return_variables else None
             outcome = self._outcome((worker,), (), variables, duplicate=True)
             return dataclasses.replace(outcome, joint_norm=self.two_phase.applied_norm(worker, step))
         held = self.two_phase.answer_push(worker, step)
         if held is not None:
             return held
-        outcome = await self._apply_step(step, gradients, (worker,), (), False, return_variables, hold=hold)
+        outcome = await self._apply_step(
+            step, gradients, (worker,), (), False, return_variables, hold=hold, reply_into=reply_into
+        )
         if outcome.joint_norm is None:
             recent.add(step)
         return outcome
@@ -493,7 +509,16 @@ class Model:
         return await self._exclusive(lambda: self.two_phase.commit(worker, step, tuple(joint), return_variables))
 
     async def _apply_step(
-        self, step, gradients, contributors, missing, aggregated, return_variables, hold=False, joint=None
+        self,
+        step,
+        gradients,
+        contributors,
+        missing,
+        aggregated,
+        return_variables,
+        hold=False,
+        joint=None,
+        reply_into=None,
     ) -> StepOutcome:
         if hold:
             held = await self.two_phase.hold(
@@ -522,7 +547,7 @@ class Model:
         self._step += 1
         self._remember(step, StepRecord(tuple(sorted(contributors)), tuple(missing), aggregated))
         self._notify(applied=0 if skipped else 1)
-        variables = await self._read_all_variables() if return_variables else None
+        variables = await self._reply_variables(reply_into) if return_variables else None
         return dataclasses.replace(self._outcome(contributors, missing, variables), non_finite=skipped)
 
     def _open_step(self, step: int) -> PendingStep:
@@ -600,7 +625,7 @@ class Model:
             )
         )
 
-    async def _answer_completed_step(self, worker, step, return_variables) -> asyncio.Future:
+    async def _answer_completed_step(self, worker, step, return_variables, reply_into=None) -> asyncio.Future:
         record = self._history.get(step)
         if record is None or not record.covers(worker):
             why = (
@@ -613,7 +638,7 @@ class Model:
                 f"the current step is {self._step}. Pull the variables and push step {self._step}.",
                 details={"current_step": self._step},
             )
-        variables = await self._read_all_variables() if return_variables else None
+        variables = await self._reply_variables(reply_into) if return_variables else None
         outcome = self._outcome(record.contributors, record.missing, variables)
         return done_future(dataclasses.replace(outcome, joint_norm=self.two_phase.applied_norm(worker, step)))
 
@@ -722,6 +747,16 @@ class Model:
 
     async def _read_all_variables(self) -> dict:
         return await self._run(self._engine.read_variables)
+
+    async def _reply_variables(self, into: Mapping[str, np.ndarray] | None = None) -> dict:
+        """A snapshot of every variable for a step's reply: into the arrays ``into`` names (a
+        worker's shared memory), else into arrays reused from earlier replies."""
+        if into is not None:
+            return await self._run(self._engine.read_variables, None, lambda name, shape, dtype: into[name])
+        return await self._run(self._engine.read_variables, None, self._allocate_snapshot)
+
+    def _allocate_snapshot(self, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+        return self._snapshots.empty(name, shape, dtype)
 
     # -------------------------------------------------------------- writes
 

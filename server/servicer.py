@@ -696,6 +696,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                         aggregated=header.aggregated,
                         return_variables=header.return_variables,
                         hold_for_joint_norm=header.hold_for_joint_norm,
+                        reply_into=session.values if session is not None else None,
                     )
                 except asyncio.CancelledError:
                     # Its push arrived whole, so it stays in the step: the worker (or its replacement)

@@ -138,9 +138,14 @@ class Session:
             selected[name] = self.gradients[name]
         return selected
 
-    def write_values(self, values: dict[str, np.ndarray]) -> None:
-        for name, value in values.items():
-            np.copyto(self.values[name], value)
+    def write_values(self, values: dict[str, np.ndarray], copy_many=None) -> None:
+        """Copy ``values`` into the value region (``copy_many``: a backend's parallel copy)."""
+        pairs = [(self.values[name], value) for name, value in values.items()]
+        if copy_many is None:
+            for target, value in pairs:
+                np.copyto(target, value)
+        else:
+            copy_many(pairs)
 
 
 def _create_segment(path: str, size: int) -> mmap.mmap:

@@ -8,6 +8,7 @@ import numpy as np
 
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import tensors as codec
+from optserve.server.backends import get_backend
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError
 from optserve.server.shared_memory import Session, SharedMemorySessions
 
@@ -56,9 +57,12 @@ async def reply_through(
 ) -> pb.ApplyGradientsResponse:
     """The push's reply: the new values written into the session's value region, the result on gRPC."""
     if values:
-        if sum(v.nbytes for v in values.values()) <= _INLINE_WRITE_BYTES:
+        if all(session.values.get(name) is value for name, value in values.items()):
+            pass  # the model wrote them there (Model.push's reply_into)
+        elif sum(v.nbytes for v in values.values()) <= _INLINE_WRITE_BYTES:
             session.write_values(values)
         else:
-            await asyncio.get_running_loop().run_in_executor(executor, session.write_values, values)
+            copy_many = get_backend("cpu").copy_many  # host to host, on the kernel threads
+            await asyncio.get_running_loop().run_in_executor(executor, session.write_values, values, copy_many)
         first.variables_in_shared_memory = True
     return first

@@ -321,7 +321,7 @@ class TwoPhaseSteps:
                 "CommitStep carries; every worker must commit the terms the servers answered with.",
                 details={"current_step": model.step},
             )
-        variables = await model._read_all_variables() if return_variables else None
+        variables = await model._reply_variables() if return_variables else None
         outcome = model._outcome((worker,), (), variables, duplicate=True)
         return dataclasses.replace(outcome, joint_norm=JointNorm(own, held=False))
 

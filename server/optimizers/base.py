@@ -637,6 +637,15 @@ class Optimizer:
     def _run(self, kernel: UpdateKernel, arrays: dict[str, Any], scalars: dict[str, float]) -> None:
         self._backend.run(kernel, arrays, scalars)
 
+    def _run_all(self, kernel: UpdateKernel, calls: list[dict[str, Any]], scalars: dict[str, float]) -> None:
+        """``kernel`` over the arrays of several variables: one pass where the backend can fuse them."""
+        run_many = getattr(self._backend, "run_many", None)
+        if run_many is None:
+            for arrays in calls:
+                self._run(kernel, arrays, scalars)
+        else:
+            run_many(kernel, calls, scalars)
+
     def _loss_scale(self) -> float | None:
         scale = self._config["loss_scale_factor"]
         return self.dynamic_loss_scale if scale is None else scale
@@ -683,6 +692,8 @@ class Optimizer:
         self._apply_weight_decay(gradients, lr)
         self.before_update_step()
         scalars_by_dtype: dict[np.dtype, dict[str, float]] = {}
+        # Kernels of one kind and dtype run as one pass over every variable (_run_all).
+        fused: dict[tuple[Any, np.dtype], list[dict[str, Any]]] = {}
         for variable, grad, _ in gradients:
             scalars = scalars_by_dtype.get(variable.dtype)
             if scalars is None:
@@ -695,7 +706,9 @@ class Optimizer:
                 arrays.update(variable.program_scratch)
                 kernel.run(self._backend, arrays, scalars, variable.dtype.type)
                 continue
-            self._run(kernel, {k: arrays[k] for k in kernel.array_names}, {k: scalars[k] for k in kernel.scalars})
+            fused.setdefault((kernel, variable.dtype), []).append({k: arrays[k] for k in kernel.array_names})
+        for (kernel, dtype), calls in fused.items():
+            self._run_all(kernel, calls, {k: scalars_by_dtype[dtype][k] for k in kernel.scalars})
 
     # ---------------------------------------------------------------- clipping
     def _clipped(self, gradients):
@@ -784,10 +797,16 @@ class Optimizer:
     def _host_copy(self, array) -> np.ndarray:
         return np.asarray(self._backend.to_host(array))  # to_host returns a fresh copy
 
-    def read_variables(self, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+    def read_variables(self, names: Iterable[str] | None = None, allocate: Any = None) -> dict[str, np.ndarray]:
+        """Host copies of the variables; ``allocate(name, shape, dtype)``, when given, provides
+        the arrays they are copied into (reused buffers, so that a read faults in no memory)."""
         self._require_built()
         selected = self._variables.values() if names is None else self._require_variables(names)
-        return {variable.name: self._host_copy(variable.value) for variable in selected}
+        if allocate is None:
+            return {variable.name: self._host_copy(variable.value) for variable in selected}
+        values = {variable.name: allocate(variable.name, variable.shape, variable.dtype) for variable in selected}
+        self._backend.copy_to_host_many([(values[variable.name], variable.value) for variable in selected])
+        return values
 
     @staticmethod
     def _checked_value(what: str, value: Any, variable: _Variable, shape: tuple | None = None) -> np.ndarray:

@@ -1,0 +1,131 @@
+"""One pass over all of a model's variables: NumpyBackend.run_many and copy_many, and the engine using them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from optserve.server import optimizers
+from optserve.server.backends import NumpyBackend
+from optserve.server.errors import InvalidArgumentError
+from optserve.server.optimizers.adam import ADAM
+
+SCALARS = {"alpha": 1e-3, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}
+# Sizes around block edges, empty and single-element variables, and one larger than a block.
+SIZES = [0, 1, 7, 1023, 1024, 40_000, 100_000, 150_001, 300_000]
+
+
+def _arrays(size: int, dtype, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {
+        "grad": rng.standard_normal(size).astype(dtype),
+        "var": rng.standard_normal(size).astype(dtype),
+        "momentum": rng.standard_normal(size).astype(dtype) * 0.1,
+        "velocity": np.abs(rng.standard_normal(size)).astype(dtype) * 0.01,
+    }
+
+
+def _copies(calls):
+    return [{name: array.copy() for name, array in arrays.items()} for arrays in calls]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_run_many_is_bit_identical_to_one_run_per_variable(threads):
+    backend = NumpyBackend(threads=threads, parallel_threshold=1024)
+    calls = [_arrays(size, np.float32 if i % 3 else np.float64, i) for i, size in enumerate(SIZES)]
+    expected = _copies(calls)
+    for arrays in expected:
+        backend.run(ADAM, arrays, SCALARS)
+    backend.run_many(ADAM, calls, SCALARS)
+    for got, want in zip(calls, expected, strict=True):
+        for name in want:
+            np.testing.assert_array_equal(got[name], want[name], strict=True)
+
+
+def test_run_many_checks_every_call_before_touching_any():
+    backend = NumpyBackend(threads=2, parallel_threshold=1024)
+    good = _arrays(50_000, np.float32, 0)
+    before = _copies([good])[0]
+    bad = _arrays(10, np.float32, 1)
+    bad["velocity"] = bad["velocity"][:5]  # shapes disagree
+    with pytest.raises(InvalidArgumentError, match="share one shape"):
+        backend.run_many(ADAM, [good, bad], SCALARS)
+    for name in before:
+        np.testing.assert_array_equal(good[name], before[name])
+    overlapping = _arrays(10, np.float32, 2)
+    overlapping["momentum"] = overlapping["var"]
+    with pytest.raises(InvalidArgumentError, match="overlap"):
+        backend.run_many(ADAM, [good, overlapping], SCALARS)
+    for name in before:
+        np.testing.assert_array_equal(good[name], before[name])
+
+
+def test_run_many_of_nothing_or_empty_arrays_is_a_no_op():
+    backend = NumpyBackend(threads=2)
+    backend.run_many(ADAM, [], SCALARS)
+    backend.run_many(ADAM, [_arrays(0, np.float32, 0)], SCALARS)
+
+
+class _OneAtATime:
+    """The NumPy backend without run_many: the engine falls back to one run per variable."""
+
+    def __init__(self):
+        self._backend = NumpyBackend(threads=2)
+
+    def __getattr__(self, name):
+        if name == "run_many":
+            raise AttributeError(name)
+        return getattr(self._backend, name)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"class_name": "Adam", "config": {"learning_rate": 1e-3}},
+        {"class_name": "Adam", "config": {"learning_rate": 1e-3, "amsgrad": True, "clipnorm": 0.5}},
+        {"class_name": "SGD", "config": {"learning_rate": 0.1, "momentum": 0.9, "nesterov": True}},
+        {"class_name": "RMSprop", "config": {"learning_rate": 1e-3, "centered": True, "global_clipnorm": 1.0}},
+        {"class_name": "Ftrl", "config": {"learning_rate": 1e-2}},
+    ],
+)
+def test_engine_apply_over_many_variables_matches_one_at_a_time(config):
+    rng = np.random.default_rng(5)
+    shapes = {f"v{i}": (size,) for i, size in enumerate(SIZES[1:])} | {"m": (33, 64), "d": (3,)}
+    initial = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    initial["d"] = initial["d"].astype(np.float64)
+    fused = optimizers.deserialize(config, backend=NumpyBackend(threads=2, parallel_threshold=1024))
+    single = optimizers.deserialize(config, backend=_OneAtATime())
+    fused.build(initial)
+    single.build(initial)
+    for _ in range(3):
+        grads = {name: rng.standard_normal(value.shape).astype(value.dtype) for name, value in initial.items()}
+        del grads["v2"]  # a variable without a gradient is left alone
+        fused.apply(grads)
+        single.apply(grads)
+    got, want = fused.read_variables(), single.read_variables()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], strict=True)
+    for name, slots in single.get_slots().items():
+        for slot, value in slots.items():
+            np.testing.assert_array_equal(fused.get_slots()[name][slot], value, strict=True)
+
+
+def test_copy_many_copies_every_pair_whole():
+    backend = NumpyBackend(threads=2, parallel_threshold=1024)
+    sources = [np.arange(size, dtype=np.float32) * 0.5 for size in (0, 5, 300_000, 1 << 20)]
+    sources.append(np.arange(12, dtype=np.float64).reshape(3, 4))
+    targets = [np.zeros_like(source) for source in sources]
+    backend.copy_many(list(zip(targets, sources)))
+    for target, source in zip(targets, sources, strict=True):
+        np.testing.assert_array_equal(target, source, strict=True)
+
+
+def test_read_variables_into_given_arrays():
+    engine = optimizers.deserialize({"class_name": "SGD", "config": {"learning_rate": 0.1}})
+    engine.build({"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float64)})
+    engine.apply({"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float64)})
+    given = {"w": np.empty((2, 3), np.float32), "b": np.empty(3, np.float64)}
+    values = engine.read_variables(allocate=lambda name, shape, dtype: given[name])
+    assert all(values[name] is given[name] for name in given)
+    np.testing.assert_allclose(values["w"], 0.9)
+    np.testing.assert_allclose(values["b"], 0.9)
