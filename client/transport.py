@@ -43,6 +43,7 @@ from optserve.client.types import (
 from optserve.protos import errors, tensors
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
+from optserve.protos.buffers import ArrayPool
 from optserve.protos.errors import OptserveError
 
 __all__ = ["GrpcTransport", "RetryPolicy", "Transport", "error_from_rpc", "open_channel", "optimizer_class_name"]
@@ -287,6 +288,7 @@ class GrpcTransport:
         # Pushes through shared memory when the server is on this host (optserve.client.shared_memory).
         use_shared_memory = shared_memory_client.enabled_by_default() if shared_memory is None else shared_memory
         self.shared_memory = shared_memory_client.SharedMemorySessions(self._open_shared_memory)
+        self._received = ArrayPool()  # replies' tensors (_receive_arrays)
         self.shared_memory.available = bool(use_shared_memory)
         self._unary = True  # False once the server turned out not to know ApplyGradientsUnary
         self._streamed_models: set[str] = set()  # models whose replies are too large for one message
@@ -298,6 +300,7 @@ class GrpcTransport:
         if not self._closed:
             self._closed = True
             self.shared_memory.close()
+            self._received.clear()
             self._channel.close()
 
     def _call(self, attempt: Callable[[float | None], T], timeout: float | None) -> T:
@@ -343,6 +346,7 @@ class GrpcTransport:
         request = pb.DeleteModelRequest(model_id=model_id, if_idle=bool(if_idle))
         response = self._call(lambda deadline: self._stub.DeleteModel(request, timeout=deadline), timeout)
         self.shared_memory.forget_model(model_id)
+        self._received.forget(lambda key: key[0] == model_id)
         return bool(response.deleted)
 
     def checkpoint(self, *, timeout: float | None) -> tuple[str, int]:
@@ -396,7 +400,9 @@ class GrpcTransport:
             # message of memory, not a copy of all its gradients (measured faster, too).
             requests = tensors.serialized_chunk_messages(first, "gradients", tensor_list)
             responses = self._stub.ApplyGradients(requests, timeout=deadline)
-            return read_stream(responses, pb.ApplyGradientsResponse, "result", "variables")
+            return read_stream(
+                responses, pb.ApplyGradientsResponse, "result", "variables", self._receive_arrays(model_id)
+            )
 
         result, values = self._call(attempt, timeout)
         return step_result(result), tensors.variables_only(values)
@@ -408,7 +414,9 @@ class GrpcTransport:
 
         def attempt(deadline: float | None) -> tuple[Any, dict]:
             reply = self._stub.ApplyGradientsUnary(request, timeout=deadline)
-            return read_stream([reply], pb.ApplyGradientsResponse, "result", "variables")
+            return read_stream(
+                [reply], pb.ApplyGradientsResponse, "result", "variables", self._receive_arrays(header.model_id)
+            )
 
         try:
             result, values = self._call(attempt, timeout)
@@ -421,6 +429,15 @@ class GrpcTransport:
                 return None
             raise
         return step_result(result), tensors.variables_only(values)
+
+    def _receive_arrays(self, model_id: str):
+        """Where a reply's tensors are assembled: arrays reused once the caller has dropped them."""
+        pool = self._received
+
+        def allocate(name: str, slot: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
+            return pool.empty((model_id, name, slot), shape, dtype)
+
+        return allocate
 
     def _open_shared_memory(self, model_id: str, worker_index: int) -> pb.OpenSharedMemoryResponse:
         request = pb.OpenSharedMemoryRequest(model_id=model_id, worker_index=worker_index)
@@ -466,7 +483,13 @@ class GrpcTransport:
         request = pb.PullRequest(model_id=model_id, names=list(names))
 
         def attempt(deadline: float | None) -> tuple[Any, dict]:
-            return read_stream(self._stub.Pull(request, timeout=deadline), pb.PullResponse, "state", "variables")
+            return read_stream(
+                self._stub.Pull(request, timeout=deadline),
+                pb.PullResponse,
+                "state",
+                "variables",
+                self._receive_arrays(model_id),
+            )
 
         state, values = self._call(attempt, timeout)
         return step_result(state), tensors.variables_only(values)
@@ -657,11 +680,12 @@ def model_info(message: pb.ModelInfo, *, created: bool | None = None, with_stats
 
 
 def read_stream(
-    responses: Iterable[bytes], message_type: Any, head_field: str, chunk_field: str
+    responses: Iterable[bytes], message_type: Any, head_field: str, chunk_field: str, allocate=None
 ) -> tuple[Any, dict[tuple[str, str], np.ndarray]]:
-    """(first message's ``head_field``, {(name, slot): array}) from a server stream of wire bytes."""
+    """(first message's ``head_field``, {(name, slot): array}) from a server stream of wire bytes;
+    ``allocate``: see TensorAssembler (the transport's reused receive arrays)."""
     head = None
-    assembler = tensors.TensorAssembler()
+    assembler = tensors.TensorAssembler(allocate=allocate)
     try:
         for raw in responses:
             response, chunks = tensors.split_message(raw, message_type, chunk_field)

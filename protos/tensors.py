@@ -340,7 +340,10 @@ class TensorAssembler:
     Arrays are writable, native-endian copies owned by the caller.
     """
 
-    def __init__(self, max_total_bytes: int | None = None):
+    def __init__(self, max_total_bytes: int | None = None, allocate=None):
+        # allocate(name, slot, shape, dtype) -> a writable C-contiguous array to fill (reused buffers,
+        # see optserve.protos.buffers); np.empty when None.
+        self._allocate = allocate
         self._arrays: dict[tuple[str, str], np.ndarray] = {}
         self._bytes: dict[tuple[str, str], memoryview] = {}  # each array's memory, as bytes
         self._filled: dict[tuple[str, str], int] = {}
@@ -386,7 +389,10 @@ class TensorAssembler:
                 f"Request tensors exceed the server's limit of {self._max_total} bytes "
                 f"(at tensor {_label(key)!r}); raise --max-request-bytes or send fewer variables per call."
             )
-        array = np.empty(shape, dtype=dtype.newbyteorder("="))
+        if self._allocate is None:
+            array = np.empty(shape, dtype=dtype.newbyteorder("="))
+        else:
+            array = self._allocate(key[0], key[1], shape, dtype.newbyteorder("="))
         self._arrays[key] = array
         self._bytes[key] = memoryview(array.reshape(-1).view(np.uint8))  # type: ignore[arg-type]  # numpy stubs, see above
         self._filled[key] = 0

@@ -79,6 +79,7 @@ log = logging.getLogger(__name__)
 
 # Elements checked for finiteness at a time: a small temporary instead of one the gradient's size.
 _FINITE_CHECK_BLOCK = 1 << 18
+INLINE_MODEL_BYTES = 64 * 1024
 
 MODEL_STATE_FORMAT = "optserve.model_state/1"
 MAX_LISTED_NAMES = 10
@@ -183,6 +184,9 @@ class Model:
         self._engine = engine
         self._executor = executor
         self._variables = {v.name: v for v in spec.variables}
+        # The engine's work for a model this small runs on the event loop (microseconds); larger ones
+        # go to the executor, so that the loop keeps serving other calls meanwhile.
+        self._inline = sum(math.prod(v.shape) * v.dtype.itemsize for v in spec.variables) <= INLINE_MODEL_BYTES
         self._lock = asyncio.Lock()
         self._step = 0
         self._pending: PendingStep | None = None
@@ -954,6 +958,8 @@ class Model:
         return await asyncio.shield(task)
 
     async def _run(self, function, *args):
+        if self._inline:
+            return function(*args)  # a small model: the hop to the executor would cost more than the work
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(function, *args))
 
