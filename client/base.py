@@ -45,12 +45,23 @@ DEFAULT: Any = object()
 TransportFactory = Callable[[str, RetryPolicy, Sequence[tuple[str, Any]] | None], Transport]
 
 
-def grpc_transport(tls: Any = None, token: Any = None, shared_memory: bool | None = None) -> TransportFactory:
+def grpc_transport(
+    tls: Any = None, token: Any = None, shared_memory: bool | None = None, data_plane: bool | None = None
+) -> TransportFactory:
     """The default factory: gRPC, with this client's TLS settings and token (``optserve.client.security``),
-    and shared memory with a server on this host unless ``shared_memory`` is False."""
+    shared memory with a server on this host unless ``shared_memory`` is False, and the data plane for
+    large pushes unless ``data_plane`` is False."""
 
     def make(address: str, retry: RetryPolicy, options: Sequence[tuple[str, Any]] | None) -> Transport:
-        return GrpcTransport(address, retry=retry, options=options, tls=tls, token=token, shared_memory=shared_memory)
+        return GrpcTransport(
+            address,
+            retry=retry,
+            options=options,
+            tls=tls,
+            token=token,
+            shared_memory=shared_memory,
+            data_plane=data_plane,
+        )
 
     return make
 
@@ -80,6 +91,7 @@ class ClientBase(abc.ABC):
         token: Any = None,
         retry_window_s: float | None = None,
         shared_memory: bool | None = None,
+        data_plane: bool | None = None,
     ):
         addresses = parse_addresses(address)
         check_non_negative("timeout", timeout, allow_none=True)
@@ -100,7 +112,8 @@ class ClientBase(abc.ABC):
         self._closed = False
         check_non_negative("retry_window_s", retry_window_s, allow_none=True)
         retry = RetryPolicy(retries, backoff, self.max_backoff, attempt_timeout, retry_window_s)
-        self._connect(addresses, retry, options, transport_factory or grpc_transport(tls, token, shared_memory))
+        factory = transport_factory or grpc_transport(tls, token, shared_memory, data_plane)
+        self._connect(addresses, retry, options, factory)
 
     @abc.abstractmethod
     def _connect(

@@ -130,6 +130,11 @@ class Client(ClientBase):
             values through shared memory (``optserve.client.shared_memory``);
             False: always gRPC; None (the default): on unless
             ``OPTSERVE_SHARED_MEMORY=0``. Falls back to gRPC by itself.
+        data_plane: pushes larger than one gRPC message (and not through shared
+            memory) send their bytes over a TCP connection beside gRPC
+            (``optserve.client.data_plane``; never with TLS); False: always gRPC
+            messages; None (the default): on unless ``OPTSERVE_DATA_PLANE=0``.
+            Falls back to gRPC by itself.
     """
 
     transport: Transport

@@ -118,6 +118,8 @@ def _view(buffer: mmap.mmap, dtype: np.dtype, shape: tuple, count: int, offset: 
 class SharedMemorySessions:
     """A transport's segments by (model, worker), and whether its server offers shared memory at all."""
 
+    what = "shared memory"
+
     def __init__(self, open_session):
         self._open_session = open_session  # (model_id, worker_index) -> pb.OpenSharedMemoryResponse
         self._segments: dict[tuple[str, int], SharedSegment] = {}
@@ -125,7 +127,7 @@ class SharedMemorySessions:
         self._guard = threading.Lock()
         self.available = True
 
-    def segment(self, model_id: str, worker: int) -> SharedSegment | None:
+    def segment(self, model_id: str, worker: int) -> Any:
         """The segment for pushes of (model, worker), opened on first use; None: push over gRPC."""
         if not self.available:
             return None
@@ -135,37 +137,49 @@ class SharedMemorySessions:
         if segment is not None:
             return segment
         try:
-            segment = SharedSegment(self._open_session(model_id, worker), self._arrays)
+            segment = self._attach(self._open_session(model_id, worker))
         except SegmentUnusable as reason:
-            log.info("shared memory with the server is not possible (%s); pushes use gRPC", reason)
+            log.info("%s with the server is not possible (%s); pushes use gRPC", self.what, reason)
             self.available = False
             return None
         except Exception as error:  # noqa: BLE001 - an older server, disabled, no room: gRPC does the job
             code = getattr(error, "code", "")
             if code in ("UNIMPLEMENTED", "FAILED_PRECONDITION", "PERMISSION_DENIED"):
-                log.info("the server offers no shared memory (%s); pushes use gRPC", error)
+                log.info("the server offers no %s (%s); pushes use gRPC", self.what, error)
                 self.available = False
             else:
-                log.debug("shared memory for model %r not opened (%s); this push uses gRPC", model_id, error)
+                log.debug("%s for model %r not opened (%s); this push uses gRPC", self.what, model_id, error)
             return None
         with self._guard:
             self._segments[key] = segment
         return segment
 
-    def discard(self, model_id: str, worker: int, segment: SharedSegment) -> None:
+    def _attach(self, response: Any) -> Any:
+        """The usable session of the server's answer; SegmentUnusable if it cannot be used from here."""
+        return SharedSegment(response, self._arrays)
+
+    def _closed(self, segment: Any) -> None:
+        """``segment`` will not be used again."""
+
+    def discard(self, model_id: str, worker: int, segment: Any) -> None:
         """Never use ``segment`` again (the server may still read from it); the next push opens a new one."""
         with self._guard:
             if self._segments.get((model_id, worker)) is segment:
                 del self._segments[(model_id, worker)]
+        self._closed(segment)
         self._arrays.forget(lambda key: key[0] == segment.session_id)
 
     def forget_model(self, model_id: str) -> None:
         with self._guard:
             for key in [k for k in self._segments if k[0] == model_id]:
-                session = self._segments.pop(key).session_id
-                self._arrays.forget(lambda pooled, session=session: pooled[0] == session)
+                segment = self._segments.pop(key)
+                self._closed(segment)
+                self._arrays.forget(lambda pooled, session=segment.session_id: pooled[0] == session)
 
     def close(self) -> None:
         with self._guard:
+            segments = list(self._segments.values())
             self._segments.clear()
+        for segment in segments:
+            self._closed(segment)
         self._arrays.clear()

@@ -28,6 +28,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from optserve.client import data_plane as data_plane_client
 from optserve.client import security
 from optserve.client import shared_memory as shared_memory_client
 from optserve.client.activity import activity_from_message
@@ -276,6 +277,7 @@ class GrpcTransport:
         tls: Any = None,
         token: Any = None,
         shared_memory: bool | None = None,
+        data_plane: bool | None = None,
     ):
         self.address = address
         self.retry = retry or RetryPolicy()
@@ -290,6 +292,11 @@ class GrpcTransport:
         self.shared_memory = shared_memory_client.SharedMemorySessions(self._open_shared_memory)
         self._received = ArrayPool()  # replies' tensors (_receive_arrays)
         self.shared_memory.available = bool(use_shared_memory)
+        # Large pushes' bytes over a TCP connection beside gRPC (optserve.client.data_plane).
+        use_data_plane = data_plane_client.enabled_by_default() if data_plane is None else data_plane
+        self.data_plane = data_plane_client.DataPlaneSessions(
+            self._open_data_plane, data_plane_client.host_of(address) if use_data_plane and tls is None else None
+        )
         self._unary = True  # False once the server turned out not to know ApplyGradientsUnary
         self._streamed_models: set[str] = set()  # models whose replies are too large for one message
 
@@ -300,6 +307,7 @@ class GrpcTransport:
         if not self._closed:
             self._closed = True
             self.shared_memory.close()
+            self.data_plane.close()
             self._received.clear()
             self._channel.close()
 
@@ -346,6 +354,7 @@ class GrpcTransport:
         request = pb.DeleteModelRequest(model_id=model_id, if_idle=bool(if_idle))
         response = self._call(lambda deadline: self._stub.DeleteModel(request, timeout=deadline), timeout)
         self.shared_memory.forget_model(model_id)
+        self.data_plane.forget_model(model_id)
         self._received.forget(lambda key: key[0] == model_id)
         return bool(response.deleted)
 
@@ -383,6 +392,8 @@ class GrpcTransport:
         header.num_gradients = len(tensor_list)
         if not sparse:
             pushed = self._push_shared(header, tensor_list, timeout)
+            if pushed is None and self.data_plane.available and _payload_bytes(tensor_list) > tensors.CHUNK_BYTES:
+                pushed = self._push_data_plane(header, tensor_list, timeout)
             if pushed is not None:
                 return pushed
         first = pb.ApplyGradientsRequest(header=header)
@@ -438,6 +449,47 @@ class GrpcTransport:
             return pool.empty((model_id, name, slot), shape, dtype)
 
         return allocate
+
+    def _open_data_plane(self, model_id: str, worker_index: int) -> pb.OpenDataPlaneResponse:
+        request = pb.OpenDataPlaneRequest(model_id=model_id, worker_index=worker_index)
+        return self._call(lambda deadline: self._stub.OpenDataPlane(request, timeout=deadline), _OPEN_TIMEOUT_S)
+
+    def _push_data_plane(
+        self, header: pb.ApplyGradientsHeader, tensor_list: list[Tensor], timeout: float | None
+    ) -> tuple[StepResult, dict[str, np.ndarray]] | None:
+        """A push whose gradients and new values go over the data connection; None: push over gRPC."""
+        sessions, model_id, worker = self.data_plane, header.model_id, header.worker_index
+        connection = sessions.segment(model_id, worker)
+        if connection is None or not connection.fits(tensor_list) or not connection.lock.acquire(blocking=False):
+            return None
+        try:
+            try:
+                planed = pb.ApplyGradientsHeader()
+                planed.CopyFrom(header)
+                planed.num_gradients = 0
+                planed.data_plane_session = connection.session_id
+                planed.data_plane_sequence = connection.send_gradients(tensor_list)
+                request = pb.ApplyGradientsRequest(header=planed).SerializeToString()
+                call = self._stub.ApplyGradientsUnary.future(request, timeout=timeout)
+                values = connection.wait_for_reply(planed.data_plane_sequence, call)
+            except data_plane_client.DataPlaneBroken as why:
+                log.info("data plane push for model %r not possible (%s); it goes over gRPC", model_id, why)
+                sessions.discard(model_id, worker, connection)
+                return None
+            try:
+                response = pb.ApplyGradientsResponse.FromString(call.result())
+            except grpc.RpcError as rpc_error:
+                sessions.discard(model_id, worker, connection)  # a frame may still be on its way
+                error = error_from_rpc(rpc_error)
+                if error.details.get("data_plane") or error.code not in _SERVER_REFUSALS:
+                    return None  # the session is gone, or the server is (restarting): gRPC and its retries
+                raise error from None
+            if response.variables_in_data_plane and values is None:
+                sessions.discard(model_id, worker, connection)
+                raise OptserveError("The server's reply is malformed: its values did not arrive on the data plane.")
+        finally:
+            connection.lock.release()
+        return step_result(response.result), values or {}
 
     def _open_shared_memory(self, model_id: str, worker_index: int) -> pb.OpenSharedMemoryResponse:
         request = pb.OpenSharedMemoryRequest(model_id=model_id, worker_index=worker_index)
@@ -538,6 +590,11 @@ class GrpcTransport:
 
 # Opening a shared-memory session is a control call of its own, bounded apart from the push.
 _OPEN_TIMEOUT_S = 30.0
+
+
+def _payload_bytes(tensor_list: list[Tensor]) -> int:
+    return sum(getattr(array, "nbytes", 0) for _, _, array in tensor_list)
+
 
 # Answers after which the server holds nothing of a push: its shared-memory segment may be reused.
 _SERVER_REFUSALS = frozenset(

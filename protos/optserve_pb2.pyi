@@ -104,7 +104,7 @@ class CreateModelResponse(_message.Message):
     def __init__(self, created: _Optional[bool] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ApplyGradientsHeader(_message.Message):
-    __slots__ = ("model_id", "worker_index", "step", "aggregated", "return_variables", "num_gradients", "hold_for_joint_norm", "shared_memory_session", "shared_memory_gradients")
+    __slots__ = ("model_id", "worker_index", "step", "aggregated", "return_variables", "num_gradients", "hold_for_joint_norm", "shared_memory_session", "shared_memory_gradients", "data_plane_session", "data_plane_sequence")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_INDEX_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,8 @@ class ApplyGradientsHeader(_message.Message):
     HOLD_FOR_JOINT_NORM_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_SESSION_FIELD_NUMBER: _ClassVar[int]
     SHARED_MEMORY_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
+    DATA_PLANE_SESSION_FIELD_NUMBER: _ClassVar[int]
+    DATA_PLANE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     worker_index: int
     step: int
@@ -123,7 +125,9 @@ class ApplyGradientsHeader(_message.Message):
     hold_for_joint_norm: bool
     shared_memory_session: str
     shared_memory_gradients: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ..., step: _Optional[int] = ..., aggregated: _Optional[bool] = ..., return_variables: _Optional[bool] = ..., num_gradients: _Optional[int] = ..., hold_for_joint_norm: _Optional[bool] = ..., shared_memory_session: _Optional[str] = ..., shared_memory_gradients: _Optional[_Iterable[str]] = ...) -> None: ...
+    data_plane_session: str
+    data_plane_sequence: int
+    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ..., step: _Optional[int] = ..., aggregated: _Optional[bool] = ..., return_variables: _Optional[bool] = ..., num_gradients: _Optional[int] = ..., hold_for_joint_norm: _Optional[bool] = ..., shared_memory_session: _Optional[str] = ..., shared_memory_gradients: _Optional[_Iterable[str]] = ..., data_plane_session: _Optional[str] = ..., data_plane_sequence: _Optional[int] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
     __slots__ = ("header", "gradients", "sparse_gradients")
@@ -203,14 +207,16 @@ class ServerGeneration(_message.Message):
     def __init__(self, server_id: _Optional[str] = ..., restored_checkpoint: _Optional[str] = ...) -> None: ...
 
 class ApplyGradientsResponse(_message.Message):
-    __slots__ = ("result", "variables", "variables_in_shared_memory")
+    __slots__ = ("result", "variables", "variables_in_shared_memory", "variables_in_data_plane")
     RESULT_FIELD_NUMBER: _ClassVar[int]
     VARIABLES_FIELD_NUMBER: _ClassVar[int]
     VARIABLES_IN_SHARED_MEMORY_FIELD_NUMBER: _ClassVar[int]
+    VARIABLES_IN_DATA_PLANE_FIELD_NUMBER: _ClassVar[int]
     result: StepResult
     variables: _containers.RepeatedCompositeFieldContainer[TensorChunk]
     variables_in_shared_memory: bool
-    def __init__(self, result: _Optional[_Union[StepResult, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., variables_in_shared_memory: _Optional[bool] = ...) -> None: ...
+    variables_in_data_plane: bool
+    def __init__(self, result: _Optional[_Union[StepResult, _Mapping]] = ..., variables: _Optional[_Iterable[_Union[TensorChunk, _Mapping]]] = ..., variables_in_shared_memory: _Optional[bool] = ..., variables_in_data_plane: _Optional[bool] = ...) -> None: ...
 
 class OpenSharedMemoryRequest(_message.Message):
     __slots__ = ("model_id", "worker_index")
@@ -247,6 +253,26 @@ class OpenSharedMemoryResponse(_message.Message):
     size: int
     tensors: _containers.RepeatedCompositeFieldContainer[SharedTensor]
     def __init__(self, session_id: _Optional[str] = ..., path: _Optional[str] = ..., nonce: _Optional[bytes] = ..., size: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[SharedTensor, _Mapping]]] = ...) -> None: ...
+
+class OpenDataPlaneRequest(_message.Message):
+    __slots__ = ("model_id", "worker_index")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    worker_index: int
+    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ...) -> None: ...
+
+class OpenDataPlaneResponse(_message.Message):
+    __slots__ = ("session_id", "port", "secret", "tensors")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    SECRET_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    port: int
+    secret: bytes
+    tensors: _containers.RepeatedCompositeFieldContainer[SharedTensor]
+    def __init__(self, session_id: _Optional[str] = ..., port: _Optional[int] = ..., secret: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[SharedTensor, _Mapping]]] = ...) -> None: ...
 
 class PullRequest(_message.Message):
     __slots__ = ("model_id", "names")

@@ -89,6 +89,11 @@ class ParameterServerStub:
                 request_serializer=optserve_dot_protos_dot_optserve__pb2.OpenSharedMemoryRequest.SerializeToString,
                 response_deserializer=optserve_dot_protos_dot_optserve__pb2.OpenSharedMemoryResponse.FromString,
                 _registered_method=True)
+        self.OpenDataPlane = channel.unary_unary(
+                '/optserve.v1.ParameterServer/OpenDataPlane',
+                request_serializer=optserve_dot_protos_dot_optserve__pb2.OpenDataPlaneRequest.SerializeToString,
+                response_deserializer=optserve_dot_protos_dot_optserve__pb2.OpenDataPlaneResponse.FromString,
+                _registered_method=True)
 
 
 class ParameterServerServicer:
@@ -163,6 +168,12 @@ class ParameterServerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def OpenDataPlane(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParameterServerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +231,11 @@ def add_ParameterServerServicer_to_server(servicer, server):
                     servicer.OpenSharedMemory,
                     request_deserializer=optserve_dot_protos_dot_optserve__pb2.OpenSharedMemoryRequest.FromString,
                     response_serializer=optserve_dot_protos_dot_optserve__pb2.OpenSharedMemoryResponse.SerializeToString,
+            ),
+            'OpenDataPlane': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenDataPlane,
+                    request_deserializer=optserve_dot_protos_dot_optserve__pb2.OpenDataPlaneRequest.FromString,
+                    response_serializer=optserve_dot_protos_dot_optserve__pb2.OpenDataPlaneResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -519,6 +535,33 @@ class ParameterServer:
             '/optserve.v1.ParameterServer/OpenSharedMemory',
             optserve_dot_protos_dot_optserve__pb2.OpenSharedMemoryRequest.SerializeToString,
             optserve_dot_protos_dot_optserve__pb2.OpenSharedMemoryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenDataPlane(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/optserve.v1.ParameterServer/OpenDataPlane',
+            optserve_dot_protos_dot_optserve__pb2.OpenDataPlaneRequest.SerializeToString,
+            optserve_dot_protos_dot_optserve__pb2.OpenDataPlaneResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -35,6 +35,7 @@ from optserve.server.checkpoint import (
     describe_models,
     parse_checkpoint_every,
 )
+from optserve.server.data_plane import DataPlane
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError, OptserveError
 from optserve.server.expiry import ModelExpiry, check_model_ttl
 from optserve.server.limits import Limits, ServerLimits
@@ -85,6 +86,8 @@ class ParameterServer:
         model_ttl_s: float | None = None,
         limits: Limits | None = None,
         shared_memory_dir: str | None = shared_memory.DEFAULT_DIRECTORY,
+        data_plane: bool = True,
+        data_port: int = 0,
     ):
         _check_options(sync_timeout_s, max_request_bytes, apply_threads)
         # Security (optserve.server.tls, optserve.server.auth): checked here, before anything binds.
@@ -111,6 +114,11 @@ class ParameterServer:
         self.host = host
         # Where segments for workers on this host are made (optserve.server.shared_memory); None: off.
         self.shared_memory_dir = shared_memory_dir
+        # A TCP port beside gRPC for large pushes' bytes (optserve.server.data_plane); never with TLS,
+        # whose bytes stay on gRPC.
+        self.data_plane_enabled = bool(data_plane) and self.tls is None
+        self.requested_data_port = int(data_port)  # 0: an ephemeral port
+        self.data_port: int | None = None
         self.requested_port = port
         self.device = device
         self.sync_timeout_s = float(sync_timeout_s)
@@ -177,8 +185,17 @@ class ParameterServer:
         sessions = None
         if self.shared_memory_dir is not None:
             sessions = shared_memory.SharedMemorySessions(self.shared_memory_dir, server_limits.memory)
+        data = None
+        if self.data_plane_enabled:
+            data = DataPlane(self.host, server_limits.memory, self.requested_data_port)
+            self.data_port = data.start(asyncio.get_running_loop())
         self._servicer = ParameterServerServicer(
-            self._registry, self.max_request_bytes, self._checkpointer, server_limits, shared_memory=sessions
+            self._registry,
+            self.max_request_bytes,
+            self._checkpointer,
+            server_limits,
+            shared_memory=sessions,
+            data_plane=data,
         )
         add_to_server(self._servicer, self._server)
         self._health = health.aio.HealthServicer()
@@ -284,6 +301,8 @@ class ParameterServer:
             await self._checkpointer.close(final=False)
         executor.shutdown(wait=True)
         self._server = None
+        if self._servicer is not None and self._servicer.data_plane is not None:
+            self._servicer.data_plane.close()
 
     async def stop(self, grace: float | None = DEFAULT_GRACE_S, *, final_checkpoint: bool = True) -> None:
         """NOT_SERVING first, then refuse waiting workers, write the final checkpoint (with a
@@ -312,6 +331,8 @@ class ParameterServer:
         self._server = None
         if self._servicer is not None and self._servicer.shared_memory is not None:
             self._servicer.shared_memory.close()
+        if self._servicer is not None and self._servicer.data_plane is not None:
+            self._servicer.data_plane.close()
         if self.metrics is not None:
             self.metrics.stop_http()
         log.info("optserve on %s stopped", self.address)

@@ -340,6 +340,7 @@ RPC_RULES: dict[str, Rule] = {
     "CommitStep": Rule(WORKER, "model", lambda m: m.model_id),
     "ApplyGradientsUnary": Rule(WORKER, "model", lambda m: _field(m, "header", "model_id")),
     "OpenSharedMemory": Rule(WORKER, "model", lambda m: m.model_id),
+    "OpenDataPlane": Rule(WORKER, "model", lambda m: m.model_id),
     "SetWeights": Rule(ADMIN, "model", lambda m: m.model_id, right=SET_WEIGHTS, audited=True),
     "DeleteModel": Rule(ADMIN, "model", lambda m: m.model_id, audited=True),
     "Checkpoint": Rule(ADMIN, "all", audited=True),

@@ -178,6 +178,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="every worker pushes over gRPC, even on this host",
     )
     serve.add_argument(
+        "--no-data-plane",
+        action="store_true",
+        help="no TCP data port beside gRPC: large pushes go as gRPC messages (with TLS there is none anyway)",
+    )
+    serve.add_argument(
+        "--data-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="the TCP port beside gRPC that large pushes' bytes use (default: any free port; fix it to publish "
+        "it from a container, see deploy/README.md)",
+    )
+    serve.add_argument(
         "--log-level",
         default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -350,6 +363,8 @@ def run_serve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             metrics_port=args.metrics_port,
             model_ttl_s=args.model_ttl or None,
             shared_memory_dir=None if args.no_shared_memory else args.shared_memory_dir,
+            data_plane=not args.no_data_plane,
+            data_port=args.data_port,
             limits=limits.from_arguments(args),
             **checkpoint_options,
             **_security_options(args),

@@ -973,6 +973,12 @@ def _all_finite(array: np.ndarray) -> bool:
     if array.dtype.kind != "f":
         return True
     flat = array.reshape(-1)
+    with np.errstate(all="ignore"):
+        # Fast path: a NaN or an infinity makes the sum of squares NaN or infinite, so a finite
+        # one proves every element finite. An infinite one may be an overflow of large finite
+        # values: the exact check decides.
+        if np.isfinite(np.dot(flat, flat)):
+            return True
     return all(
         np.isfinite(flat[start : start + _FINITE_CHECK_BLOCK]).all()
         for start in range(0, flat.size, _FINITE_CHECK_BLOCK)

@@ -26,9 +26,10 @@ from optserve.protos import errors
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors as codec
-from optserve.server import auth, heap, shared_memory_rpc, unary_reply
+from optserve.server import auth, data_plane_rpc, heap, shared_memory_rpc, unary_reply
 from optserve.server import limits as bounds
 from optserve.server import usage as calls
+from optserve.server.data_plane import DataPlane
 from optserve.server.errors import (
     AbortedError,
     FailedPreconditionError,
@@ -285,6 +286,14 @@ class _RequestTensors:
         return codec.variables_only(tensors)
 
 
+def _reply_region(*sessions) -> dict[str, np.ndarray] | None:
+    """The arrays a push's reply is written into: its shared-memory or data-plane session's values."""
+    for session in sessions:
+        if session is not None:
+            return session.values
+    return None
+
+
 def _as_variables(values: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
     return [(name, "", value) for name, value in values.items()]
 
@@ -531,6 +540,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         checkpointer=None,
         limits: ServerLimits | None = None,
         shared_memory: SharedMemorySessions | None = None,
+        data_plane: DataPlane | None = None,
     ):
         self.registry = registry
         self.max_request_bytes = int(max_request_bytes)
@@ -538,6 +548,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         self.limits = limits or registry.limits
         # Segments for workers on this host (optserve.server.shared_memory); None: off.
         self.shared_memory = shared_memory
+        # The data port beside gRPC (optserve.server.data_plane); None: off.
+        self.data_plane = data_plane
         self.generation = ServerGeneration.new()  # the app records the checkpoint it restores
 
     @property
@@ -641,8 +653,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         session = self.shared_memory.open(model, request.worker_index)
         return shared_memory_rpc.open_response(session)
 
+    @_translating_errors
+    async def OpenDataPlane(self, request: pb.OpenDataPlaneRequest, context):
+        if self.data_plane is None:
+            raise FailedPreconditionError(
+                "This server has no data plane (TLS, or --no-data-plane); pushes use gRPC.",
+                details={"data_plane": "off"},
+            )
+        model = self.registry.get(request.model_id)
+        model.check_push_header(request.worker_index, model.step)
+        session = self.data_plane.open(model, request.worker_index)
+        return data_plane_rpc.open_response(session, self.data_plane.port or 0)
+
     async def _push(self, request_iterator: AsyncIterator[pb.ApplyGradientsRequest], context):
-        header = model = tensors = session = None
+        header = model = tensors = session = data_session = None
         sparse_declared: list = []
         try:
             with contextlib.ExitStack() as in_use:
@@ -684,6 +708,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                 if header.shared_memory_session:
                     session = shared_memory_rpc.session_for(self.shared_memory, header, tensors.count)
                     gradients = session.gradients_for(header.shared_memory_gradients)
+                elif header.data_plane_session:
+                    data_session = data_plane_rpc.session_for(self.data_plane, header, tensors.count)
+                    gradients = await data_session.gradients_of(header.data_plane_sequence)
                 elif sparse_declared:
                     gradients = await self._densified(model, tensors.result(), sparse_declared)
                 else:
@@ -696,7 +723,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                         aggregated=header.aggregated,
                         return_variables=header.return_variables,
                         hold_for_joint_norm=header.hold_for_joint_norm,
-                        reply_into=session.values if session is not None else None,
+                        reply_into=_reply_region(session, data_session),
                     )
                 except asyncio.CancelledError:
                     # Its push arrived whole, so it stays in the step: the worker (or its replacement)
@@ -708,11 +735,20 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                         header.step,
                     )
                     raise
+        except BaseException:
+            if data_session is not None and header is not None:
+                data_session.send_values(header.data_plane_sequence, None)  # the worker waits on its connection
+            raise
         finally:
             if tensors is not None:
                 tensors.release()
         first = pb.ApplyGradientsResponse(result=_step_result(outcome, self._generation))
         values = outcome.variables or {}
+        if data_session is not None:
+            yield await data_plane_rpc.reply_through(
+                data_session, header.data_plane_sequence, first, outcome.variables, self.registry.executor
+            )
+            return
         if session is not None:
             yield await shared_memory_rpc.reply_through(session, first, values, self.registry.executor)
             return

@@ -240,7 +240,7 @@ class SharedMemorySessions:
         if previous is not None:
             self._drop(previous)
         layout = Layout((v.name, v.dtype, v.shape) for v in model.spec.variables)
-        reservation = Reservation(self.memory) if self.memory is not None else _NoReservation()
+        reservation = Reservation(self.memory) if self.memory is not None else NoReservation()
         reservation.take(layout.size, what=f"Shared memory for model {model.model_id!r}")
         try:
             session = Session(self.directory, model, worker, layout, reservation)
@@ -293,7 +293,7 @@ class SharedMemorySessions:
         return len(self._sessions)
 
 
-class _NoReservation:
+class NoReservation:
     def take(self, nbytes: int, cap: int | None = None, what: str = "", force: bool = False) -> None:
         pass
 

@@ -13,8 +13,8 @@ MAX_UNARY_REPLY_BYTES = 16 << 20
 
 def check_fits(model, header: pb.ApplyGradientsHeader) -> None:
     """Refuse, before anything is applied, a push whose reply would not fit in one message."""
-    if header.shared_memory_session:
-        return  # the values go through shared memory
+    if header.shared_memory_session or header.data_plane_session:
+        return  # the values go through shared memory, or on the data connection
     nbytes = sum(math.prod(v.shape) * v.dtype.itemsize for v in model.spec.variables)
     if nbytes > MAX_UNARY_REPLY_BYTES:
         raise FailedPreconditionError(

@@ -139,3 +139,15 @@ def test_a_loss_scale_optimizer_lets_non_finite_gradients_through_by_default(add
         with pytest.raises(InvalidArgumentError, match="LossScaleOptimizer"):
             client.create_model("strict", LOSS_SCALED_ADAM, _initial(), non_finite_policy="reject")
         assert [m.model_id for m in client.list_models()] == ["scaled"]
+
+
+def test_the_finiteness_check_is_exact_where_squares_overflow():
+    from optserve.server.model import non_finite_names
+
+    huge = np.full(1000, 3e38, np.float32)  # finite, but their squares overflow
+    nan, negative_infinity = np.ones(1000, np.float32), np.ones(1000, np.float64)
+    nan[999], negative_infinity[0] = np.nan, -np.inf
+    huge_with_infinity = huge.copy()
+    huge_with_infinity[500] = np.inf
+    found = non_finite_names({"huge": huge, "nan": nan, "-inf": negative_infinity, "both": huge_with_infinity})
+    assert found == ["nan", "-inf", "both"]

@@ -207,6 +207,9 @@ def _call_rpc(stub, rpc: str, model_id: str) -> None:
         "OpenSharedMemory": lambda: stub.OpenSharedMemory(
             pb.OpenSharedMemoryRequest(model_id=model_id, worker_index=0), timeout=20
         ),
+        "OpenDataPlane": lambda: stub.OpenDataPlane(
+            pb.OpenDataPlaneRequest(model_id=model_id, worker_index=0), timeout=20
+        ),
         "SetWeights": lambda: rpc_helpers.set_weights(stub, model_id, {("w", ""): np.zeros(4, np.float32)}),
         "DeleteModel": lambda: stub.DeleteModel(pb.DeleteModelRequest(model_id=model_id), timeout=20),
         "Checkpoint": lambda: stub.Checkpoint(pb.CheckpointRequest(), timeout=60),
@@ -228,6 +231,8 @@ EXPECTED = {
     "ApplyGradients": {"reader-a": DENIED, "worker-a": OK, "admin-a": OK, "root": OK},
     "ApplyGradientsUnary": {"reader-a": DENIED, "worker-a": OK, "admin-a": OK, "root": OK},
     "OpenSharedMemory": {"reader-a": DENIED, "worker-a": OK, "admin-a": OK, "root": OK},
+    # Allowed, but a server with TLS has no data plane: its bytes stay on gRPC.
+    "OpenDataPlane": {"reader-a": DENIED, "worker-a": HELD, "admin-a": HELD, "root": HELD},
     "SetWeights": {"reader-a": DENIED, "worker-a": DENIED, "admin-a": OK, "root": OK},
     "DeleteModel": {"reader-a": DENIED, "worker-a": DENIED, "admin-a": OK, "root": OK},
     "Checkpoint": {"reader-a": DENIED, "worker-a": DENIED, "admin-a": DENIED, "root": OK},

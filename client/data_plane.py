@@ -1,0 +1,183 @@
+"""The client's side of the data plane (``optserve.server.data_plane``): a push's bytes over plain TCP.
+
+A push too large for one gRPC message, to a server not on this host (or
+without shared memory), sends its gradients as one frame on the session's
+connection, straight from the arrays, and pushes over gRPC naming the frame;
+the new values come back on the connection, read straight into arrays the
+caller then owns (reused once dropped, see ``optserve.protos.buffers``).
+
+Anything that does not work out (a server with TLS or an older one, a port
+that cannot be reached, a connection that breaks) leaves the push on gRPC; the
+session is then dropped and the next large push opens a new one.
+``OPTSERVE_DATA_PLANE=0`` turns it off for a process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import select
+import socket
+import struct
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from optserve.client.shared_memory import SegmentUnusable, SharedMemorySessions
+from optserve.protos import optserve_pb2 as pb
+from optserve.protos import tensors
+from optserve.protos.buffers import ArrayPool
+
+ENVIRONMENT_SWITCH = "OPTSERVE_DATA_PLANE"
+MAGIC = b"OSDP"
+FRAME = struct.Struct("<4sQQI")  # magic, sequence, payload bytes, flags (protos/optserve.proto)
+NO_VALUES = 1
+ATTACHED = b"\x01"
+CONNECT_TIMEOUT_S = 5.0
+REPLY_TIMEOUT_S = 60.0  # once gRPC has answered, the values are on their way
+SOCKET_BUFFER_BYTES = 4 << 20
+_POLL_S = 0.02
+
+
+def enabled_by_default() -> bool:
+    return os.environ.get(ENVIRONMENT_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class DataPlaneBroken(Exception):
+    """The connection failed mid-push: the push goes over gRPC (where a duplicate step is answered as such)."""
+
+
+def _receive_exactly(connection: socket.socket, view: memoryview) -> None:
+    while view.nbytes:
+        received = connection.recv_into(view)
+        if not received:
+            raise DataPlaneBroken("the server closed the data connection")
+        view = view[received:]
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+
+
+class DataConnection:
+    """One session's connection; one push at a time (``lock``)."""
+
+    def __init__(self, host: str, response: pb.OpenDataPlaneResponse, arrays: ArrayPool):
+        self.session_id = response.session_id
+        self.lock = threading.Lock()
+        self._arrays = arrays
+        self.tensors = [
+            (t.name, tensors.dtype_from_proto(t.dtype), tuple(int(d) for d in t.shape)) for t in response.tensors
+        ]
+        self._names = {name for name, _, _ in self.tensors}
+        self.payload_bytes = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self.tensors)
+        self._sequence = 0
+        try:
+            connection = socket.create_connection((host, response.port), timeout=CONNECT_TIMEOUT_S)
+        except OSError as error:
+            raise SegmentUnusable(f"cannot reach the data port {host}:{response.port} ({error})") from None
+        try:
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                connection.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
+            connection.sendall(response.secret)
+            if connection.recv(1) != ATTACHED:
+                raise OSError("the server did not take the secret")
+            connection.settimeout(None)
+        except OSError as error:
+            connection.close()
+            raise SegmentUnusable(f"the data port did not take the session ({error})") from None
+        self.connection = connection
+
+    def fits(self, gradients: Sequence[tuple[str, str, Any]]) -> bool:
+        """Whether the push is one dense gradient of every variable, of its shape and dtype."""
+        if len(gradients) != len(self.tensors) or {name for name, _, _ in gradients} != self._names:
+            return False
+        expected = {name: (dtype, shape) for name, dtype, shape in self.tensors}
+        return all(
+            not slot and isinstance(array, np.ndarray) and (array.dtype, array.shape) == expected[name]
+            for name, slot, array in gradients
+        )
+
+    def send_gradients(self, gradients: Sequence[tuple[str, str, np.ndarray]]) -> int:
+        """Send the frame of one push; returns its number."""
+        self._sequence += 1
+        by_name = {name: array for name, _, array in gradients}
+        try:
+            self.connection.sendall(FRAME.pack(MAGIC, self._sequence, self.payload_bytes, 0))
+            for name, _, _ in self.tensors:
+                self.connection.sendall(_bytes_of(by_name[name]))
+        except OSError as error:
+            raise DataPlaneBroken(f"the data connection broke while sending ({error})") from None
+        return self._sequence
+
+    def wait_for_reply(self, sequence: int, call) -> dict[str, np.ndarray] | None:
+        """The reply frame of push ``sequence``, read while its gRPC call ``call`` (a future) runs:
+        the server sends the values before answering, and its send waits for this read. None: the
+        frame said no values follow, or the call ended without one (then ``call`` has the error)."""
+        try:
+            while not call.done():
+                readable, _, _ = select.select([self.connection], [], [], _POLL_S)
+                if readable:
+                    return self._read_frame(sequence)
+            if call.exception() is not None:
+                return None
+            self.connection.settimeout(REPLY_TIMEOUT_S)
+            try:
+                return self._read_frame(sequence)
+            finally:
+                self.connection.settimeout(None)
+        except (OSError, ValueError) as error:
+            raise DataPlaneBroken(f"the data connection broke while receiving ({error})") from None
+
+    def _read_frame(self, sequence: int) -> dict[str, np.ndarray] | None:
+        header = bytearray(FRAME.size)
+        _receive_exactly(self.connection, memoryview(header))
+        magic, number, nbytes, flags = FRAME.unpack(header)
+        if magic != MAGIC or number != sequence:
+            raise DataPlaneBroken(f"an unexpected frame {number} (waiting for {sequence})")
+        if flags & NO_VALUES:
+            return None
+        if nbytes != self.payload_bytes:
+            raise DataPlaneBroken(f"a reply of {nbytes} bytes, {self.payload_bytes} expected")
+        values = {}
+        for name, dtype, shape in self.tensors:
+            values[name] = out = self._arrays.empty((self.session_id, name), shape, dtype)
+            _receive_exactly(self.connection, _bytes_of(out))
+        return values
+
+    def close(self) -> None:
+        try:
+            self.connection.close()
+        except OSError:
+            pass
+
+
+class DataPlaneSessions(SharedMemorySessions):
+    """A transport's data connections by (model, worker)."""
+
+    what = "data plane"
+
+    def __init__(self, open_session, host: str | None):
+        super().__init__(open_session)
+        self._host = host
+        self.available = host is not None
+
+    def _attach(self, response: Any) -> DataConnection:
+        assert self._host is not None  # not available otherwise
+        return DataConnection(self._host, response, self._arrays)
+
+    def _closed(self, segment: Any) -> None:
+        segment.close()
+
+
+def host_of(address: str) -> str | None:
+    """The host part of a gRPC target ``host:port`` (``[v6]:port``); None for other kinds of target."""
+    if "://" in address or address.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    return host.strip("[]")

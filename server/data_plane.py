@@ -1,0 +1,335 @@
+"""The data plane: a plain TCP connection beside gRPC for a push's tensor bytes.
+
+gRPC in Python moves a large push as 1 MiB messages, each copied into and out
+of protobuf bytes; a socket moves the same bytes with ``sendall`` from the
+arrays and ``recv_into`` straight into the arrays the update reads, at the
+speed of loopback or the network. Control stays on gRPC exactly as with
+shared memory (``optserve.server.shared_memory``): the worker opens a session
+with ``OpenDataPlane`` (authenticated like every call) and gets a random
+secret, connects to the data port and presents the secret, then per push sends
+one frame of gradient bytes and pushes over gRPC naming the session and the
+frame. The reply's values go back on the connection as the frame of the same
+number, before the gRPC reply. Frames and their header are in ``protos/
+optserve.proto`` (OpenDataPlaneRequest).
+
+A session belongs to one (model, worker), and only its connection writes into
+its arrays; a push naming it must name its model and worker. A connection that
+presents no known secret within ``HANDSHAKE_TIMEOUT_S`` is closed. A session
+ends with its connection, its model, or a newer session of the same worker.
+
+Threads: the accept loop and each connection's reader block in the socket
+calls (which release the GIL); everything they learn reaches the event loop
+through ``call_soon_threadsafe``. Replies are sent from the executor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import math
+import secrets
+import socket
+import struct
+import threading
+from typing import Any
+
+import numpy as np
+
+from optserve.server.errors import AbortedError, FailedPreconditionError, InvalidArgumentError
+from optserve.server.limits import Reservation
+from optserve.server.shared_memory import NoReservation
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"OSDP"
+FRAME = struct.Struct("<4sQQI")  # magic, sequence, payload bytes, flags
+NO_VALUES = 1
+SECRET_BYTES = 32
+ATTACHED = b"\x01"  # the server's answer to a known secret
+HANDSHAKE_TIMEOUT_S = 10.0
+FRAME_TIMEOUT_S = 60.0  # a push's frame must have arrived by then
+MAX_HANDSHAKES = 64
+SOCKET_BUFFER_BYTES = 4 << 20
+
+
+def _receive_exactly(connection: socket.socket, view: memoryview) -> bool:
+    """Fill ``view`` from the socket; False if the peer closed first."""
+    while view.nbytes:
+        received = connection.recv_into(view)
+        if not received:
+            return False
+        view = view[received:]
+    return True
+
+
+def _bytes_of(array: np.ndarray) -> memoryview:
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+
+
+class DataSession:
+    """One worker's session: the arrays its frames land in and its reply values, and its connection."""
+
+    def __init__(self, model, worker: int, reservation: Any, loop: asyncio.AbstractEventLoop):
+        self.id = secrets.token_hex(16)
+        self.secret = secrets.token_bytes(SECRET_BYTES)
+        self.model = model
+        self.model_id = model.model_id
+        self.worker = worker
+        self.reservation = reservation
+        self.tensors = [(v.name, np.dtype(v.dtype), tuple(v.shape)) for v in model.spec.variables]
+        self.gradients = {name: np.empty(shape, dtype) for name, dtype, shape in self.tensors}
+        self.values = {name: np.empty(shape, dtype) for name, dtype, shape in self.tensors}
+        self.payload_bytes = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self.tensors)
+        self.connection: socket.socket | None = None
+        self.closed = False
+        self._loop = loop
+        self._frames: dict[int, asyncio.Future] = {}
+        self._send_lock = threading.Lock()
+
+    # -------------------------------------------------------- reader thread
+
+    def read_frames(self, connection: socket.socket, on_end) -> None:
+        """Receive frames into the gradient arrays until the connection ends (reader thread)."""
+        header = bytearray(FRAME.size)
+        try:
+            while _receive_exactly(connection, memoryview(header)):
+                magic, sequence, nbytes, _ = FRAME.unpack(header)
+                if magic != MAGIC or nbytes != self.payload_bytes:
+                    log.warning(
+                        "data plane session %s...: a frame of %d bytes (expected %d) or a bad header; closed",
+                        self.id[:8],
+                        nbytes,
+                        self.payload_bytes,
+                    )
+                    return
+                for name, _, _ in self.tensors:
+                    if not _receive_exactly(connection, _bytes_of(self.gradients[name])):
+                        return
+                self._loop.call_soon_threadsafe(self._arrived, sequence)
+        except OSError:
+            pass
+        finally:
+            self._loop.call_soon_threadsafe(on_end, self)
+
+    # ----------------------------------------------------------- event loop
+
+    def _frame(self, sequence: int) -> asyncio.Future:
+        future = self._frames.get(sequence)
+        if future is None:
+            future = self._frames[sequence] = self._loop.create_future()
+        return future
+
+    def _arrived(self, sequence: int) -> None:
+        future = self._frame(sequence)
+        if not future.done():
+            future.set_result(None)
+
+    async def gradients_of(self, sequence: int) -> dict[str, np.ndarray]:
+        """The gradients of frame ``sequence``, once it has arrived whole."""
+        future = self._frame(sequence)
+        try:
+            await asyncio.wait_for(asyncio.shield(future), FRAME_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise AbortedError(
+                f"The push names data plane frame {sequence}, which did not arrive within {FRAME_TIMEOUT_S:.0f} s; "
+                "push again (or over gRPC).",
+                details={"data_plane": "no-frame"},
+            ) from None
+        finally:
+            self._frames.pop(sequence, None)
+        if self.closed:
+            raise _unknown_session()
+        return self.gradients
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.reservation.release()
+        for future in self._frames.values():
+            if not future.done():
+                future.set_result(None)  # its waiter sees `closed`
+        if self.connection is not None:
+            try:
+                self.connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.connection.close()
+
+    # ------------------------------------------------------------- executor
+
+    def send_values(self, sequence: int, values: dict[str, np.ndarray] | None) -> None:
+        """The reply frame: the values of every variable, or none (flag NO_VALUES)."""
+        connection = self.connection
+        if connection is None or self.closed:
+            return
+        with self._send_lock:
+            try:
+                if values is None:
+                    connection.sendall(FRAME.pack(MAGIC, sequence, 0, NO_VALUES))
+                    return
+                connection.sendall(FRAME.pack(MAGIC, sequence, self.payload_bytes, 0))
+                for name, _, _ in self.tensors:
+                    connection.sendall(_bytes_of(values[name]))
+            except OSError as error:
+                log.info("data plane session %s...: the reply could not be sent (%s)", self.id[:8], error)
+
+
+def _unknown_session() -> FailedPreconditionError:
+    return FailedPreconditionError(
+        "The push names a data plane session this server does not know (its connection closed, the server "
+        "restarted, or the worker opened a newer one); open a new one or push over gRPC.",
+        details={"data_plane": "unknown-session"},
+    )
+
+
+class DataPlane:
+    """The data port and its sessions: one per (model, worker)."""
+
+    def __init__(self, host: str, memory=None, port: int = 0):
+        self.host = host
+        self.requested_port = port
+        self.memory = memory
+        self.port: int | None = None
+        self._listener: socket.socket | None = None
+        self._sessions: dict[str, DataSession] = {}
+        self._by_worker: dict[tuple[str, int], DataSession] = {}
+        self._by_secret: dict[bytes, DataSession] = {}
+        self._secrets_lock = threading.Lock()  # _by_secret is read by connection threads
+        self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> int:
+        self._loop = loop
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            listener.bind((self.host.strip("[]"), self.requested_port))
+        except OSError as error:
+            listener.close()
+            raise OSError(
+                f"Could not open the data port {self.requested_port} on {self.host} ({error.strerror}); choose "
+                "another --data-port, or 0 for any free port."
+            ) from None
+        listener.listen(64)
+        self._listener = listener
+        self.port = listener.getsockname()[1]
+        threading.Thread(target=self._accept, name="optserve-data-plane", daemon=True).start()
+        return self.port
+
+    def _accept(self) -> None:
+        listener = self._listener
+        while listener is not None:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return  # closed
+            if not self._handshakes.acquire(blocking=False):
+                connection.close()  # too many connections that have not said who they are
+                continue
+            threading.Thread(target=self._serve, args=(connection,), name="optserve-data", daemon=True).start()
+
+    def _serve(self, connection: socket.socket) -> None:
+        try:
+            connection.settimeout(HANDSHAKE_TIMEOUT_S)
+            secret = bytearray(SECRET_BYTES)
+            session = self._attach(connection, secret) if _receive_exactly(connection, memoryview(secret)) else None
+        except OSError:
+            session = None
+        finally:
+            self._handshakes.release()
+        if session is None:
+            connection.close()
+            return
+        try:
+            connection.sendall(ATTACHED)
+        except OSError:
+            self._loop.call_soon_threadsafe(self._connection_ended, session)  # type: ignore[union-attr]
+            return
+        connection.settimeout(None)
+        session.read_frames(connection, self._connection_ended)
+
+    def _attach(self, connection: socket.socket, secret: bytearray) -> DataSession | None:
+        with self._secrets_lock:
+            session = None
+            for known, candidate in self._by_secret.items():
+                if hmac.compare_digest(known, bytes(secret)):
+                    session = candidate
+            if session is None or session.connection is not None or session.closed:
+                return None
+            del self._by_secret[bytes(secret)]  # one connection per session
+            for option, value in ((socket.SO_SNDBUF, SOCKET_BUFFER_BYTES), (socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)):
+                connection.setsockopt(socket.SOL_SOCKET, option, value)
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            session.connection = connection
+            return session
+
+    # ----------------------------------------------------------- event loop
+
+    def open(self, model, worker: int) -> DataSession:
+        if self._loop is None or self.port is None:
+            raise FailedPreconditionError("This server has no data plane; pushes use gRPC.")
+        self._forget_closed_models()
+        previous = self._by_worker.pop((model.model_id, worker), None)
+        if previous is not None:
+            self._drop(previous)
+        reservation = Reservation(self.memory) if self.memory is not None else NoReservation()
+        nbytes = 2 * sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.spec.variables)
+        reservation.take(nbytes, what=f"The data plane for model {model.model_id!r}")
+        session = DataSession(model, worker, reservation, self._loop)
+        self._sessions[session.id] = session
+        self._by_worker[(model.model_id, worker)] = session
+        with self._secrets_lock:
+            self._by_secret[session.secret] = session
+        self._loop.call_later(HANDSHAKE_TIMEOUT_S * 3, self._expire_unattached, session)
+        return session
+
+    def get(self, session_id: str, model_id: str, worker: int) -> DataSession:
+        session = self._sessions.get(session_id)
+        if session is None or session.closed or session.model.closed:
+            raise _unknown_session()
+        if session.model_id != model_id or session.worker != worker:
+            raise InvalidArgumentError(
+                f"Data plane session {session_id[:8]}... belongs to model {session.model_id!r}, worker "
+                f"{session.worker}; the push is for model {model_id!r}, worker {worker}. Push through your own "
+                "session."
+            )
+        return session
+
+    def _expire_unattached(self, session: DataSession) -> None:
+        if session.connection is None and not session.closed:
+            self._by_worker.pop((session.model_id, session.worker), None)
+            self._drop(session)
+
+    def _connection_ended(self, session: DataSession) -> None:
+        if self._by_worker.get((session.model_id, session.worker)) is session:
+            del self._by_worker[(session.model_id, session.worker)]
+        self._drop(session)
+
+    def _forget_closed_models(self) -> None:
+        for session in [s for s in self._sessions.values() if s.model.closed]:
+            self._by_worker.pop((session.model_id, session.worker), None)
+            self._drop(session)
+
+    def _drop(self, session: DataSession) -> None:
+        self._sessions.pop(session.id, None)
+        with self._secrets_lock:
+            self._by_secret.pop(session.secret, None)
+        session.close()
+
+    def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            try:
+                listener.shutdown(socket.SHUT_RDWR)  # wakes the accept thread
+            except OSError:
+                pass
+            listener.close()
+        for session in list(self._sessions.values()):
+            self._drop(session)
+        self._by_worker.clear()
+
+    def __len__(self) -> int:
+        return len(self._sessions)
