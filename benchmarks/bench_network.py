@@ -13,7 +13,9 @@ that all see the same machine:
   one variable and in 100, against ``optserve serve`` in its own process, with
   shared memory off (the default data plane carries the bytes), and the same
   with ``data_plane=False`` (gRPC messages only).
-* ``4 KB``: ``push_pull`` of one 1024-element variable (one unary gRPC call).
+* ``4 KB``: ``push_pull`` of one 1024-element variable (one unary gRPC call),
+  beside the floor gRPC itself sets: a unary call of the same 4 KB to a
+  grpc.aio server in its own process that returns the request (``bare unary``).
 
 Targets: raw / ``10M`` >= 0.6; ``10M/100`` / ``10M`` <= 1.1; 4 KB median <= 0.6 ms.
 """
@@ -60,6 +62,49 @@ _ECHO = textwrap.dedent(
         connection.sendall(outbox)
     """
 )
+
+
+_BARE_UNARY = textwrap.dedent(
+    """
+    import asyncio, grpc
+
+    async def main():
+        server = grpc.aio.server()
+
+        async def echo(request, context):
+            return request
+
+        handler = grpc.method_handlers_generic_handler("bare.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+        server.add_generic_rpc_handlers((handler,))
+        print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(main())
+    """
+)
+
+
+class BareUnary:
+    """One unary gRPC call of ``nbytes`` to a server that answers with the request."""
+
+    def __init__(self, nbytes: int):
+        import grpc
+
+        self.process = subprocess.Popen([sys.executable, "-c", _BARE_UNARY], stdout=subprocess.PIPE, text=True)
+        port = int(self.process.stdout.readline())
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        self.call = self.channel.unary_unary("/bare.Echo/Echo")
+        self.payload = bytes(nbytes)
+        self.call(self.payload)
+
+    def __call__(self) -> None:
+        self.call(self.payload)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.process.kill()
+        self.process.wait(10)
 
 
 class RawRoundTrip:
@@ -120,7 +165,9 @@ def main(argv=None) -> int:
         clients.append(client)
     small, client = push_pull_case(server.address, "4KB", 1, 1024, True)
     clients.append(client)
-    times: dict[str, list[float]] = {label: [] for label in [*cases, "4 KB"]}
+    bare = BareUnary(4 * 1024 + 64)
+    small_cases = {"4 KB push_pull": small, "4 KB bare unary": bare}
+    times: dict[str, list[float]] = {label: [] for label in [*cases, *small_cases]}
     try:
         for _ in range(args.rounds):
             for label, case in cases.items():
@@ -128,11 +175,13 @@ def main(argv=None) -> int:
                     started = time.perf_counter()
                     case()
                     times[label].append(time.perf_counter() - started)
-            for _ in range(50):
-                started = time.perf_counter()
-                small()
-                times["4 KB"].append(time.perf_counter() - started)
+            for label, case in small_cases.items():
+                for _ in range(100):
+                    started = time.perf_counter()
+                    case()
+                    times[label].append(time.perf_counter() - started)
     finally:
+        bare.close()
         for client in clients:
             client.close()
         raw.close()
@@ -143,7 +192,8 @@ def main(argv=None) -> int:
     for label in cases:
         ratio = median["raw"] / median[label]
         print(f"| {label} | {median[label]:.2f} | {ratio:.2f} | {median[label] / median['10M']:.2f} |")
-    print(f"| 4 KB push_pull | {median['4 KB']:.3f} | | |")
+    for label in small_cases:
+        print(f"| {label} | {median[label]:.3f} | | |")
     return 0
 
 

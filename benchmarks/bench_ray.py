@@ -34,6 +34,7 @@ import os
 import pathlib
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -154,6 +155,8 @@ class RaySide:
             log_to_driver=False,
             object_store_memory=2 << 30,
             configure_logging=False,
+            # A fresh session directory: a stale one left by a killed run can keep Ray from starting.
+            _temp_dir=tempfile.mkdtemp(prefix="ray-"),
         )
         self.server_class, worker_class = ray_classes()
         self.workers = [worker_class.remote() for _ in range(2)]

@@ -28,7 +28,7 @@ import numpy as np
 
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import tensors
-from optserve.protos.buffers import ArrayPool
+from optserve.protos.buffers import ArrayPool, copy_in_parallel
 
 log = logging.getLogger("optserve.client")
 
@@ -72,17 +72,17 @@ class SharedSegment:
         return True
 
     def write_gradients(self, gradients: list[tuple[str, str, np.ndarray]]) -> list[str]:
-        for name, _, array in gradients:
-            np.copyto(self.gradients[name], array)
+        copy_in_parallel([(self.gradients[name], np.ascontiguousarray(array)) for name, _, array in gradients])
         return [name for name, _, _ in gradients]
 
     def read_values(self) -> dict[str, np.ndarray]:
         """The new values, copied out (the next push overwrites the segment) into arrays the
         caller owns; they come from a pool, so steady-state round trips allocate nothing."""
-        values = {}
-        for name, view in self.values.items():
-            values[name] = out = self._arrays.empty((self.session_id, name), view.shape, view.dtype)
-            np.copyto(out, view)
+        values = {
+            name: self._arrays.empty((self.session_id, name), view.shape, view.dtype)
+            for name, view in self.values.items()
+        }
+        copy_in_parallel([(values[name], view) for name, view in self.values.items()])
         return values
 
 

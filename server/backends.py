@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from optserve.protos.buffers import copy_arrays
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError
 from optserve.server.kernels import UpdateKernel
 
@@ -40,8 +41,6 @@ DEFAULT_PARALLEL_THRESHOLD = 1 << 17
 # than MIN_PARALLEL_BLOCK elements, where per-call overhead starts to show).
 BLOCKS_PER_THREAD = 4
 MIN_PARALLEL_BLOCK = 16 * 1024
-# Bytes per block of a parallel copy (copy_many).
-COPY_BLOCK_BYTES = 1 << 20
 
 
 def check_dtype(dtype, what="arrays") -> np.dtype:
@@ -150,33 +149,9 @@ class NumpyBackend:
 
     def copy_many(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
         """``np.copyto(dst, src)`` for each pair of C-contiguous arrays of one shape, in blocks
-        shared among the threads as kernels are (one core alone does not reach memory bandwidth)."""
-        total = sum(dst.size for dst, _ in pairs)
-        if total < self.parallel_threshold or self.threads == 1:
-            for dst, src in pairs:
-                np.copyto(dst, src)
-            return
-        block = COPY_BLOCK_BYTES
-        blocks = []
-        for dst, src in pairs:
-            flat_dst, flat_src = dst.reshape(-1).view(np.uint8), src.reshape(-1).view(np.uint8)
-            blocks += [(flat_dst, flat_src, low, low + block) for low in range(0, flat_dst.size, block)]
-        next_blocks = itertools.count()
-
-        def copy_blocks() -> None:
-            for index in next_blocks:
-                if index >= len(blocks):
-                    break
-                dst, src, low, high = blocks[index]
-                dst[low:high] = src[low:high]
-
-        futures = [self._get_pool().submit(copy_blocks) for _ in range(min(self.threads, len(blocks)) - 1)]
-        try:
-            copy_blocks()
-        finally:
-            for future in futures:
-                if not future.cancel():
-                    future.result()
+        shared among the kernel threads (one core alone does not reach memory bandwidth)."""
+        pool = self._get_pool() if self.threads > 1 else None
+        copy_arrays(pairs, pool, self.threads)
 
     def copy_into(self, dst: np.ndarray, src) -> None:
         src = np.asarray(src)

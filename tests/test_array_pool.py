@@ -62,3 +62,15 @@ def test_beyond_keep_arrays_are_made_but_not_kept():
     held = [pool.empty("w", (1024,), np.float32) for _ in range(3)]
     assert len({_address(a) for a in held}) == 3
     assert pool.kept_bytes() == 1024 * 4
+
+
+def test_parallel_copies_copy_every_byte():
+    from optserve.protos.buffers import copy_in_parallel
+
+    rng = np.random.default_rng(0)
+    sources = [rng.standard_normal(size).astype(np.float32) for size in (3, (1 << 20) + 7, 3 * (1 << 20) + 1)]
+    sources.append(rng.standard_normal((513, 1025)))
+    targets = [np.zeros_like(source) for source in sources]
+    copy_in_parallel(list(zip(targets, sources)))
+    for target, source in zip(targets, sources):
+        np.testing.assert_array_equal(target, source, strict=True)
