@@ -235,8 +235,14 @@ def main(argv=None) -> int:
     repeats = args.repeats or (1 if args.quick else 2)
     setups = QUICK_SETUPS if args.quick else SETUPS
     print(f"Ray {ray.__version__}; optserve shared memory {'off' if args.no_shared_memory else 'on'}; Adam")
-    optserve = OptserveSide(shared_memory=not args.no_shared_memory)
+    # Ray first: it starts its processes with fork and exec, which can hang in a process that
+    # already has gRPC's threads (the optserve client).
     peer = RaySide()
+    try:
+        optserve = OptserveSide(shared_memory=not args.no_shared_memory)
+    except BaseException:
+        peer.close()
+        raise
     rows = []
     try:
         wanted = args.sizes.split(",")
