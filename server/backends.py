@@ -201,41 +201,7 @@ class NumpyBackend:
 
     def run(self, kernel: UpdateKernel, arrays: Mapping, scalars: Mapping) -> None:
         """Applies ``kernel`` in place; validates everything before touching any array."""
-        ordered, dtype, _ = check_kernel_arrays(kernel, arrays, np.ndarray)
-        constants = kernel.host_constants(scalars, dtype)
-        check_no_overlap(kernel, ordered)
-        size = ordered[0].size
-        if size == 0:
-            return
-        # State is C-contiguous (checked), so reshape gives a view that writes
-        # through; a strided input is copied once.
-        inputs = len(kernel.inputs)
-        flat = [np.ascontiguousarray(array).reshape(-1) for array in ordered[:inputs]]
-        flat += [array.reshape(-1) for array in ordered[inputs:]]
-        program = kernel.numpy_program
-        block = self._block_for(program, dtype, size)
-        blocks = -(-size // block)
-        workers = 1 if size < self.parallel_threshold else min(self.threads, blocks)
-        if workers == 1:
-            self._run_blocks(program, flat, constants, block, range(blocks))
-            return
-        # Blocks are handed out one at a time from a shared counter (its next()
-        # is atomic under the GIL) rather than split in fixed halves, so a core
-        # that is busy with something else simply takes fewer blocks instead of
-        # holding up the whole update.
-        next_blocks = itertools.count()
-        pool = self._get_pool()
-        futures = [
-            pool.submit(self._run_blocks, program, flat, constants, block, next_blocks) for _ in range(workers - 1)
-        ]
-        try:
-            self._run_blocks(program, flat, constants, block, next_blocks)
-        finally:
-            for future in futures:
-                # A helper still queued (the pool busy with another call) has
-                # nothing left to do: drop it instead of waiting for it.
-                if not future.cancel():
-                    future.result()
+        self.run_many(kernel, [arrays], scalars)
 
     def run_many(self, kernel: UpdateKernel, calls: Sequence[Mapping], scalars: Mapping) -> None:
         """Applies ``kernel`` to several independent sets of arrays (one per variable of a model) as
@@ -258,6 +224,8 @@ class NumpyBackend:
             size = ordered[0].size
             if size == 0:
                 continue
+            # State is C-contiguous (checked), so reshape gives a view that writes
+            # through; a strided input is copied once.
             flat = [np.ascontiguousarray(array).reshape(-1) for array in ordered[:inputs]]
             flat += [array.reshape(-1) for array in ordered[inputs:]]
             block = self._block_for(program, dtype, total)
@@ -270,6 +238,10 @@ class NumpyBackend:
         if workers == 1:
             self._run_listed(program, blocks, iter(range(len(blocks))))
             return
+        # Blocks are handed out one at a time from a shared counter (its next()
+        # is atomic under the GIL) rather than split in fixed halves, so a core
+        # that is busy with something else simply takes fewer blocks instead of
+        # holding up the whole update.
         next_blocks = itertools.count()
         pool = self._get_pool()
         futures = [pool.submit(self._run_listed, program, blocks, next_blocks) for _ in range(workers - 1)]
@@ -277,6 +249,8 @@ class NumpyBackend:
             self._run_listed(program, blocks, next_blocks)
         finally:
             for future in futures:
+                # A helper still queued (the pool busy with another call) has
+                # nothing left to do: drop it instead of waiting for it.
                 if not future.cancel():
                     future.result()
 
@@ -285,7 +259,7 @@ class NumpyBackend:
         largest = max(high - low for _, _, low, high in blocks)
         scratch_by_dtype: dict = {}
         step = program.step
-        with np.errstate(all="ignore"):
+        with np.errstate(all="ignore"):  # inf/nan follow IEEE, as in Keras; no warnings
             for index in block_indices:
                 if index >= len(blocks):
                     break
@@ -346,22 +320,6 @@ class NumpyBackend:
             cache[dtype] = (floats, bools)
         return [buffer[:block] for buffer in floats[: program.float_scratch] + bools[: program.bool_scratch]]
 
-    def _run_blocks(self, program, flat, constants, block, block_indices):
-        """Runs the program on blocks taken from ``block_indices`` until they run out."""
-        scratch = self._scratch_buffers(program, flat[0].dtype, block)
-        step = program.step
-        size = flat[0].size
-        with np.errstate(all="ignore"):  # inf/nan follow IEEE, as in Keras; no warnings
-            for index in block_indices:
-                low = index * block
-                if low >= size:
-                    break
-                high = low + block
-                if high <= size:
-                    step(*[array[low:high] for array in flat], *scratch, *constants)
-                else:
-                    tail = size - low
-                    step(*[array[low:] for array in flat], *[buffer[:tail] for buffer in scratch], *constants)
 
 
 def check_no_overlap(kernel: UpdateKernel, ordered, may_share_memory=np.may_share_memory) -> None:
