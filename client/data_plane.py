@@ -15,26 +15,21 @@ session is then dropped and the next large push opens a new one.
 from __future__ import annotations
 
 import math
-import os
 import select
 import socket
-import struct
 import threading
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from optserve.client.shared_memory import SegmentUnusable, SharedMemorySessions
+from optserve.client.shared_memory import SegmentUnusable, SharedMemorySessions, switched_on
+from optserve.protos import frames, tensors
 from optserve.protos import optserve_pb2 as pb
-from optserve.protos import tensors
 from optserve.protos.buffers import ArrayPool
+from optserve.protos.frames import bytes_of
 
 ENVIRONMENT_SWITCH = "OPTSERVE_DATA_PLANE"
-MAGIC = b"OSDP"
-FRAME = struct.Struct("<4sQQI")  # magic, sequence, payload bytes, flags (protos/optserve.proto)
-NO_VALUES = 1
-ATTACHED = b"\x01"
 CONNECT_TIMEOUT_S = 5.0
 REPLY_TIMEOUT_S = 60.0  # once gRPC has answered, the values are on their way
 SOCKET_BUFFER_BYTES = 4 << 20
@@ -42,7 +37,7 @@ _POLL_S = 0.02
 
 
 def enabled_by_default() -> bool:
-    return os.environ.get(ENVIRONMENT_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on(ENVIRONMENT_SWITCH)
 
 
 class DataPlaneBroken(Exception):
@@ -50,15 +45,8 @@ class DataPlaneBroken(Exception):
 
 
 def _receive_exactly(connection: socket.socket, view: memoryview) -> None:
-    while view.nbytes:
-        received = connection.recv_into(view)
-        if not received:
-            raise DataPlaneBroken("the server closed the data connection")
-        view = view[received:]
-
-
-def _bytes_of(array: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+    if not frames.receive_exactly(connection, view):
+        raise DataPlaneBroken("the server closed the data connection")
 
 
 class DataConnection:
@@ -83,7 +71,7 @@ class DataConnection:
             for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
                 connection.setsockopt(socket.SOL_SOCKET, option, SOCKET_BUFFER_BYTES)
             connection.sendall(response.secret)
-            if connection.recv(1) != ATTACHED:
+            if connection.recv(1) != frames.ATTACHED:
                 raise OSError("the server did not take the secret")
             connection.settimeout(None)
         except OSError as error:
@@ -106,9 +94,9 @@ class DataConnection:
         self._sequence += 1
         by_name = {name: array for name, _, array in gradients}
         try:
-            self.connection.sendall(FRAME.pack(MAGIC, self._sequence, self.payload_bytes, 0))
+            self.connection.sendall(frames.header(self._sequence, self.payload_bytes))
             for name, _, _ in self.tensors:
-                self.connection.sendall(_bytes_of(by_name[name]))
+                self.connection.sendall(bytes_of(by_name[name]))
         except OSError as error:
             raise DataPlaneBroken(f"the data connection broke while sending ({error})") from None
         return self._sequence
@@ -133,19 +121,19 @@ class DataConnection:
             raise DataPlaneBroken(f"the data connection broke while receiving ({error})") from None
 
     def _read_frame(self, sequence: int) -> dict[str, np.ndarray] | None:
-        header = bytearray(FRAME.size)
+        header = bytearray(frames.HEADER.size)
         _receive_exactly(self.connection, memoryview(header))
-        magic, number, nbytes, flags = FRAME.unpack(header)
-        if magic != MAGIC or number != sequence:
+        magic, number, nbytes, flags = frames.HEADER.unpack(header)
+        if magic != frames.MAGIC or number != sequence:
             raise DataPlaneBroken(f"an unexpected frame {number} (waiting for {sequence})")
-        if flags & NO_VALUES:
+        if flags & frames.NO_VALUES:
             return None
         if nbytes != self.payload_bytes:
             raise DataPlaneBroken(f"a reply of {nbytes} bytes, {self.payload_bytes} expected")
         values = {}
         for name, dtype, shape in self.tensors:
             values[name] = out = self._arrays.empty((self.session_id, name), shape, dtype)
-            _receive_exactly(self.connection, _bytes_of(out))
+            _receive_exactly(self.connection, bytes_of(out))
         return values
 
     def close(self) -> None:

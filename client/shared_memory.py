@@ -35,8 +35,13 @@ log = logging.getLogger("optserve.client")
 ENVIRONMENT_SWITCH = "OPTSERVE_SHARED_MEMORY"
 
 
+def switched_on(variable: str) -> bool:
+    """An on-by-default switch of the environment: off only when ``variable`` says 0, false, no or off."""
+    return os.environ.get(variable, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
 def enabled_by_default() -> bool:
-    return os.environ.get(ENVIRONMENT_SWITCH, "1").strip().lower() not in ("0", "false", "no", "off")
+    return switched_on(ENVIRONMENT_SWITCH)
 
 
 class SharedSegment:

@@ -321,7 +321,6 @@ class NumpyBackend:
         return [buffer[:block] for buffer in floats[: program.float_scratch] + bools[: program.bool_scratch]]
 
 
-
 def check_no_overlap(kernel: UpdateKernel, ordered, may_share_memory=np.may_share_memory) -> None:
     """A state array sharing memory with another array would be read after being
     written within one element's update; refuse it."""

@@ -30,41 +30,23 @@ import logging
 import math
 import secrets
 import socket
-import struct
 import threading
 from typing import Any
 
 import numpy as np
 
+from optserve.protos import frames
+from optserve.protos.frames import SECRET_BYTES, bytes_of, receive_exactly
 from optserve.server.errors import AbortedError, FailedPreconditionError, InvalidArgumentError
 from optserve.server.limits import Reservation
 from optserve.server.shared_memory import NoReservation
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"OSDP"
-FRAME = struct.Struct("<4sQQI")  # magic, sequence, payload bytes, flags
-NO_VALUES = 1
-SECRET_BYTES = 32
-ATTACHED = b"\x01"  # the server's answer to a known secret
 HANDSHAKE_TIMEOUT_S = 10.0
 FRAME_TIMEOUT_S = 60.0  # a push's frame must have arrived by then
 MAX_HANDSHAKES = 64
 SOCKET_BUFFER_BYTES = 4 << 20
-
-
-def _receive_exactly(connection: socket.socket, view: memoryview) -> bool:
-    """Fill ``view`` from the socket; False if the peer closed first."""
-    while view.nbytes:
-        received = connection.recv_into(view)
-        if not received:
-            return False
-        view = view[received:]
-    return True
-
-
-def _bytes_of(array: np.ndarray) -> memoryview:
-    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
 
 
 class DataSession:
@@ -91,11 +73,11 @@ class DataSession:
 
     def read_frames(self, connection: socket.socket, on_end) -> None:
         """Receive frames into the gradient arrays until the connection ends (reader thread)."""
-        header = bytearray(FRAME.size)
+        header = bytearray(frames.HEADER.size)
         try:
-            while _receive_exactly(connection, memoryview(header)):
-                magic, sequence, nbytes, _ = FRAME.unpack(header)
-                if magic != MAGIC or nbytes != self.payload_bytes:
+            while receive_exactly(connection, memoryview(header)):
+                magic, sequence, nbytes, _ = frames.HEADER.unpack(header)
+                if magic != frames.MAGIC or nbytes != self.payload_bytes:
                     log.warning(
                         "data plane session %s...: a frame of %d bytes (expected %d) or a bad header; closed",
                         self.id[:8],
@@ -104,7 +86,7 @@ class DataSession:
                     )
                     return
                 for name, _, _ in self.tensors:
-                    if not _receive_exactly(connection, _bytes_of(self.gradients[name])):
+                    if not receive_exactly(connection, bytes_of(self.gradients[name])):
                         return
                 self._loop.call_soon_threadsafe(self._arrived, sequence)
         except OSError:
@@ -167,11 +149,11 @@ class DataSession:
         with self._send_lock:
             try:
                 if values is None:
-                    connection.sendall(FRAME.pack(MAGIC, sequence, 0, NO_VALUES))
+                    connection.sendall(frames.header(sequence, 0, frames.NO_VALUES))
                     return
-                connection.sendall(FRAME.pack(MAGIC, sequence, self.payload_bytes, 0))
+                connection.sendall(frames.header(sequence, self.payload_bytes))
                 for name, _, _ in self.tensors:
-                    connection.sendall(_bytes_of(values[name]))
+                    connection.sendall(bytes_of(values[name]))
             except OSError as error:
                 log.info("data plane session %s...: the reply could not be sent (%s)", self.id[:8], error)
 
@@ -235,7 +217,7 @@ class DataPlane:
         try:
             connection.settimeout(HANDSHAKE_TIMEOUT_S)
             secret = bytearray(SECRET_BYTES)
-            session = self._attach(connection, secret) if _receive_exactly(connection, memoryview(secret)) else None
+            session = self._attach(connection, secret) if receive_exactly(connection, memoryview(secret)) else None
         except OSError:
             session = None
         finally:
@@ -244,7 +226,7 @@ class DataPlane:
             connection.close()
             return
         try:
-            connection.sendall(ATTACHED)
+            connection.sendall(frames.ATTACHED)
         except OSError:
             self._loop.call_soon_threadsafe(self._connection_ended, session)  # type: ignore[union-attr]
             return

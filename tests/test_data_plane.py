@@ -10,8 +10,8 @@ import pytest
 import rpc_helpers
 
 from optserve.client import Client, InvalidArgumentError
+from optserve.protos import frames
 from optserve.protos import optserve_pb2 as pb
-from optserve.server import data_plane
 from optserve.server.app import start_server
 
 ADAM = {"class_name": "Adam", "config": {"learning_rate": 0.01}}
@@ -94,11 +94,11 @@ def test_a_connection_without_the_secret_is_closed_and_a_session_serves_one_work
     with Client(address) as admin:
         admin.create_model("isolated", ADAM, variables(), num_workers=2)
     response = _open(stub, "isolated", 0)
-    intruder = _connect(address, response, secret=bytes(data_plane.SECRET_BYTES))
+    intruder = _connect(address, response, secret=bytes(frames.SECRET_BYTES))
     assert intruder.recv(1) == b""  # closed by the server
     intruder.close()
     owner = _connect(address, response)
-    assert owner.recv(1) == data_plane.ATTACHED
+    assert owner.recv(1) == frames.ATTACHED
     header = pb.ApplyGradientsHeader(
         model_id="isolated", worker_index=1, step=0, data_plane_session=response.session_id, data_plane_sequence=1
     )
@@ -114,8 +114,8 @@ def test_a_bad_frame_ends_the_session_and_its_pushes_are_refused(address, stub):
         admin.create_model("bad-frame", ADAM, variables())
     response = _open(stub, "bad-frame")
     connection = _connect(address, response)
-    assert connection.recv(1) == data_plane.ATTACHED
-    connection.sendall(data_plane.FRAME.pack(data_plane.MAGIC, 1, 12, 0) + bytes(12))  # not the model's size
+    assert connection.recv(1) == frames.ATTACHED
+    connection.sendall(frames.header(1, 12) + bytes(12))  # not the model's size
     assert connection.recv(1) == b""
     header = pb.ApplyGradientsHeader(
         model_id="bad-frame", step=0, data_plane_session=response.session_id, data_plane_sequence=1

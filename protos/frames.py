@@ -1,0 +1,39 @@
+"""The data plane's frames (protos/optserve.proto, OpenDataPlaneRequest), for both sides.
+
+A frame is a header, little-endian ``"OSDP" | sequence u64 | payload bytes u64 |
+flags u32``, followed by the payload: every variable's bytes in the session's
+tensor order. A connection starts with the worker's secret and the server's
+one-byte answer ``ATTACHED``.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+
+import numpy as np
+
+MAGIC = b"OSDP"
+HEADER = struct.Struct("<4sQQI")  # magic, sequence, payload bytes, flags
+NO_VALUES = 1  # flag of a reply frame without payload: no values follow
+SECRET_BYTES = 32
+ATTACHED = b"\x01"  # the server's answer to a known secret
+
+
+def header(sequence: int, payload_bytes: int, flags: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, sequence, payload_bytes, flags)
+
+
+def bytes_of(array: np.ndarray) -> memoryview:
+    """An array's bytes in C order, as sent and received (a C-contiguous array is not copied)."""
+    return memoryview(np.ascontiguousarray(array).reshape(-1).view(np.uint8))  # type: ignore[arg-type]
+
+
+def receive_exactly(connection: socket.socket, view: memoryview) -> bool:
+    """Fill ``view`` from the socket; False if the peer closed first."""
+    while view.nbytes:
+        received = connection.recv_into(view)
+        if not received:
+            return False
+        view = view[received:]
+    return True
