@@ -37,9 +37,10 @@ import numpy as np
 
 from optserve.protos import frames
 from optserve.protos.frames import SECRET_BYTES, bytes_of, receive_exactly
-from optserve.server.errors import AbortedError, FailedPreconditionError, InvalidArgumentError
+from optserve.server.errors import AbortedError, FailedPreconditionError
 from optserve.server.limits import Reservation
 from optserve.server.shared_memory import NoReservation
+from optserve.server.worker_sessions import WorkerSessions
 
 log = logging.getLogger(__name__)
 
@@ -166,17 +167,18 @@ def _unknown_session() -> FailedPreconditionError:
     )
 
 
-class DataPlane:
+class DataPlane(WorkerSessions):
     """The data port and its sessions: one per (model, worker)."""
 
+    what = "Data plane session"
+
     def __init__(self, host: str, memory=None, port: int = 0):
+        super().__init__()
         self.host = host
         self.requested_port = port
         self.memory = memory
         self.port: int | None = None
         self._listener: socket.socket | None = None
-        self._sessions: dict[str, DataSession] = {}
-        self._by_worker: dict[tuple[str, int], DataSession] = {}
         self._by_secret: dict[bytes, DataSession] = {}
         self._secrets_lock = threading.Lock()  # _by_secret is read by connection threads
         self._handshakes = threading.BoundedSemaphore(MAX_HANDSHAKES)
@@ -253,53 +255,34 @@ class DataPlane:
     def open(self, model, worker: int) -> DataSession:
         if self._loop is None or self.port is None:
             raise FailedPreconditionError("This server has no data plane; pushes use gRPC.")
-        self._forget_closed_models()
-        previous = self._by_worker.pop((model.model_id, worker), None)
-        if previous is not None:
-            self._drop(previous)
+        self._make_room(model, worker)
         reservation = Reservation(self.memory) if self.memory is not None else NoReservation()
         nbytes = 2 * sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.spec.variables)
         reservation.take(nbytes, what=f"The data plane for model {model.model_id!r}")
         session = DataSession(model, worker, reservation, self._loop)
-        self._sessions[session.id] = session
-        self._by_worker[(model.model_id, worker)] = session
+        self._add(session)
         with self._secrets_lock:
             self._by_secret[session.secret] = session
         self._loop.call_later(HANDSHAKE_TIMEOUT_S * 3, self._expire_unattached, session)
         return session
 
     def get(self, session_id: str, model_id: str, worker: int) -> DataSession:
-        session = self._sessions.get(session_id)
-        if session is None or session.closed or session.model.closed:
+        session = self._known(session_id, model_id, worker)
+        if session is None:
             raise _unknown_session()
-        if session.model_id != model_id or session.worker != worker:
-            raise InvalidArgumentError(
-                f"Data plane session {session_id[:8]}... belongs to model {session.model_id!r}, worker "
-                f"{session.worker}; the push is for model {model_id!r}, worker {worker}. Push through your own "
-                "session."
-            )
         return session
 
     def _expire_unattached(self, session: DataSession) -> None:
         if session.connection is None and not session.closed:
-            self._by_worker.pop((session.model_id, session.worker), None)
-            self._drop(session)
+            self._forget(session)
 
     def _connection_ended(self, session: DataSession) -> None:
-        if self._by_worker.get((session.model_id, session.worker)) is session:
-            del self._by_worker[(session.model_id, session.worker)]
-        self._drop(session)
-
-    def _forget_closed_models(self) -> None:
-        for session in [s for s in self._sessions.values() if s.model.closed]:
-            self._by_worker.pop((session.model_id, session.worker), None)
-            self._drop(session)
+        self._forget(session)
 
     def _drop(self, session: DataSession) -> None:
-        self._sessions.pop(session.id, None)
         with self._secrets_lock:
             self._by_secret.pop(session.secret, None)
-        session.close()
+        super()._drop(session)
 
     def close(self) -> None:
         listener, self._listener = self._listener, None
@@ -309,9 +292,4 @@ class DataPlane:
             except OSError:
                 pass
             listener.close()
-        for session in list(self._sessions.values()):
-            self._drop(session)
-        self._by_worker.clear()
-
-    def __len__(self) -> int:
-        return len(self._sessions)
+        super().close()

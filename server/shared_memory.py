@@ -40,6 +40,7 @@ import numpy as np
 
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError
 from optserve.server.limits import Reservation
+from optserve.server.worker_sessions import WorkerSessions
 
 log = logging.getLogger(__name__)
 
@@ -211,14 +212,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class SharedMemorySessions:
+class SharedMemorySessions(WorkerSessions):
     """Every session of the server, by id; one per (model, worker)."""
 
+    what = "Shared memory session"
+
     def __init__(self, directory: str | None = DEFAULT_DIRECTORY, memory=None):
+        super().__init__()
         self.directory = directory  # None: shared memory is off
         self.memory = memory  # the server's ByteBudget (segments count against --max-memory), or None
-        self._sessions: dict[str, Session] = {}
-        self._by_worker: dict[tuple[str, int], Session] = {}
         if directory is not None:
             sweep_stale(directory)
 
@@ -235,10 +237,7 @@ class SharedMemorySessions:
             raise FailedPreconditionError(
                 f"The server has no shared-memory directory {self.directory!r}; pushes use gRPC."
             )
-        self._forget_closed_models()
-        previous = self._by_worker.pop((model.model_id, worker), None)
-        if previous is not None:
-            self._drop(previous)
+        self._make_room(model, worker)
         layout = Layout((v.name, v.dtype, v.shape) for v in model.spec.variables)
         reservation = Reservation(self.memory) if self.memory is not None else NoReservation()
         reservation.take(layout.size, what=f"Shared memory for model {model.model_id!r}")
@@ -247,24 +246,17 @@ class SharedMemorySessions:
         except BaseException:
             reservation.release()
             raise
-        self._sessions[session.id] = session
-        self._by_worker[(model.model_id, worker)] = session
+        self._add(session)
         session.expiry = asyncio.get_running_loop().call_later(UNCLAIMED_TTL_S, self._expire, session)
         return session
 
     def get(self, session_id: str, model_id: str, worker: int) -> Session:
-        session = self._sessions.get(session_id)
-        if session is None or session.model.closed:
+        session = self._known(session_id, model_id, worker)
+        if session is None:
             raise FailedPreconditionError(
                 "The push names a shared memory session this server does not know (it restarted, the model "
                 "was deleted, or the worker opened a newer one); open a new one or push over gRPC.",
                 details={"shared_memory": "unknown-session"},
-            )
-        if session.model_id != model_id or session.worker != worker:
-            raise InvalidArgumentError(
-                f"Shared memory session {session_id[:8]}... belongs to model {session.model_id!r}, worker "
-                f"{session.worker}; the push is for model {model_id!r}, worker {worker}. Push through your "
-                "own session.",
             )
         return session
 
@@ -272,25 +264,7 @@ class SharedMemorySessions:
         """No push named the session in time (a worker on another host, or one that died): drop it."""
         session.expiry = None
         if not session.claimed and self._sessions.get(session.id) is session:
-            self._by_worker.pop((session.model_id, session.worker), None)
-            self._drop(session)
-
-    def _forget_closed_models(self) -> None:
-        for session in [s for s in self._sessions.values() if s.model.closed]:
-            self._by_worker.pop((session.model_id, session.worker), None)
-            self._drop(session)
-
-    def _drop(self, session: Session) -> None:
-        self._sessions.pop(session.id, None)
-        session.close()
-
-    def close(self) -> None:
-        for session in list(self._sessions.values()):
-            self._drop(session)
-        self._by_worker.clear()
-
-    def __len__(self) -> int:
-        return len(self._sessions)
+            self._forget(session)
 
 
 class NoReservation:
