@@ -464,9 +464,7 @@ class GrpcTransport:
             return None
         try:
             try:
-                planed = pb.ApplyGradientsHeader()
-                planed.CopyFrom(header)
-                planed.num_gradients = 0
+                planed = _without_chunks(header)
                 planed.data_plane_session = connection.session_id
                 planed.data_plane_sequence = connection.send_gradients(tensor_list)
                 request = pb.ApplyGradientsRequest(header=planed).SerializeToString()
@@ -504,9 +502,7 @@ class GrpcTransport:
             return None  # no segment, gradients the server must word an error about, or another push in it
         try:
             names = segment.write_gradients(tensor_list)
-            shared = pb.ApplyGradientsHeader()
-            shared.CopyFrom(header)
-            shared.num_gradients = 0
+            shared = _without_chunks(header)
             shared.shared_memory_session = segment.session_id
             shared.shared_memory_gradients.extend(names)
             request = pb.ApplyGradientsRequest(header=shared).SerializeToString()
@@ -590,6 +586,14 @@ class GrpcTransport:
 
 # Opening a shared-memory session is a control call of its own, bounded apart from the push.
 _OPEN_TIMEOUT_S = 30.0
+
+
+def _without_chunks(header: pb.ApplyGradientsHeader) -> pb.ApplyGradientsHeader:
+    """A copy of ``header`` for a push whose gradients travel outside the request (no chunks follow)."""
+    copy = pb.ApplyGradientsHeader()
+    copy.CopyFrom(header)
+    copy.num_gradients = 0
+    return copy
 
 
 def _payload_bytes(tensor_list: list[Tensor]) -> int:
