@@ -13,8 +13,9 @@ that all see the same machine:
   one variable and in 100, against ``optserve serve`` in its own process, with
   shared memory off (the default data plane carries the bytes), and the same
   with ``data_plane=False`` (gRPC messages only).
-* ``4 KB``: ``push_pull`` of one 1024-element variable (one unary gRPC call),
-  beside the floor gRPC itself sets: a unary call of the same 4 KB to a
+* ``4 KB``: ``push_pull`` of one 1024-element variable, sent whole as one frame
+  on the data connection, the same with ``data_plane=False`` (one unary gRPC
+  call), and the floor a gRPC call sets: a unary call of the same 4 KB to a
   grpc.aio server in its own process that returns the request (``bare unary``).
 
 Targets: raw / ``10M`` >= 0.6; ``10M/100`` / ``10M`` <= 1.1; 4 KB median <= 0.6 ms.
@@ -165,8 +166,10 @@ def main(argv=None) -> int:
         clients.append(client)
     small, client = push_pull_case(server.address, "4KB", 1, 1024, True)
     clients.append(client)
+    small_grpc, client = push_pull_case(server.address, "4KB-gRPC", 1, 1024, False)
+    clients.append(client)
     bare = BareUnary(4 * 1024 + 64)
-    small_cases = {"4 KB push_pull": small, "4 KB bare unary": bare}
+    small_cases = {"4 KB push_pull": small, "4 KB push_pull, gRPC only": small_grpc, "4 KB bare unary": bare}
     times: dict[str, list[float]] = {label: [] for label in [*cases, *small_cases]}
     try:
         for _ in range(args.rounds):

@@ -4,7 +4,9 @@ A push too large for one gRPC message, to a server not on this host (or
 without shared memory), sends its gradients as one frame on the session's
 connection, straight from the arrays, and pushes over gRPC naming the frame;
 the new values come back on the connection, read straight into arrays the
-caller then owns (reused once dropped, see ``optserve.protos.buffers``).
+caller then owns (reused once dropped, see ``optserve.protos.buffers``). A
+push that fits one gRPC message is sent whole as a request frame instead, and
+its answer read from the connection: no gRPC call at all.
 
 Anything that does not work out (a server with TLS or an older one, a port
 that cannot be reached, a connection that breaks) leaves the push on gRPC; the
@@ -42,6 +44,10 @@ def enabled_by_default() -> bool:
 
 class DataPlaneBroken(Exception):
     """The connection failed mid-push: the push goes over gRPC (where a duplicate step is answered as such)."""
+
+
+class DataPlaneTimeout(Exception):
+    """A request frame got no answer within the call's deadline."""
 
 
 def _receive_exactly(connection: socket.socket, view: memoryview) -> None:
@@ -135,6 +141,33 @@ class DataConnection:
             values[name] = out = self._arrays.empty((self.session_id, name), shape, dtype)
             _receive_exactly(self.connection, bytes_of(out))
         return values
+
+    def request(self, payload: bytes, timeout: float | None) -> tuple[int, bytes]:
+        """Send a whole push (an ApplyGradientsRequest message) as a request frame and return the
+        answer's flags and payload (an ApplyGradientsResponse message, or with flag STATUS a
+        DataPlaneStatus)."""
+        self._sequence += 1
+        header = bytearray(frames.HEADER.size)
+        self.connection.settimeout(timeout)
+        try:
+            frames.send_frame(self.connection, self._sequence, payload, frames.REQUEST)
+            _receive_exactly(self.connection, memoryview(header))
+            magic, number, nbytes, flags = frames.HEADER.unpack(header)
+            if magic != frames.MAGIC or number != self._sequence:
+                raise DataPlaneBroken(f"an unexpected frame {number} (waiting for {self._sequence})")
+            answer = frames.receive_frame_payload(self.connection, nbytes)
+        except TimeoutError:
+            raise DataPlaneTimeout(f"no answer within {timeout:.3g} s") from None
+        except OSError as error:
+            raise DataPlaneBroken(f"the data connection broke ({error})") from None
+        finally:
+            try:
+                self.connection.settimeout(None)
+            except OSError:
+                pass
+        if answer is None:
+            raise DataPlaneBroken("the server closed the data connection")
+        return flags, answer
 
     def close(self) -> None:
         try:

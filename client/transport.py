@@ -41,11 +41,11 @@ from optserve.client.types import (
     StepResult,
     VariableInfo,
 )
-from optserve.protos import errors, tensors
+from optserve.protos import errors, frames, tensors
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos.buffers import ArrayPool
-from optserve.protos.errors import OptserveError
+from optserve.protos.errors import DeadlineExceededError, OptserveError, error_from_status
 
 __all__ = ["GrpcTransport", "RetryPolicy", "Transport", "error_from_rpc", "open_channel", "optimizer_class_name"]
 
@@ -391,8 +391,13 @@ class GrpcTransport:
         # Lets the server tell a push that broke off (a cancelled stream ends like a whole one) from a whole one.
         header.num_gradients = len(tensor_list)
         if not sparse:
-            pushed = self._push_shared(header, tensor_list, timeout)
-            if pushed is None and self.data_plane.available and _payload_bytes(tensor_list) > tensors.CHUNK_BYTES:
+            small = _payload_bytes(tensor_list) <= tensors.CHUNK_BYTES
+            pushed = None
+            if small and self.data_plane.available and self._unary and model_id not in self._streamed_models:
+                pushed = self._push_framed(header, tensor_list, timeout)
+            if pushed is None:
+                pushed = self._push_shared(header, tensor_list, timeout)
+            if pushed is None and self.data_plane.available and not small:
                 pushed = self._push_data_plane(header, tensor_list, timeout)
             if pushed is not None:
                 return pushed
@@ -488,6 +493,47 @@ class GrpcTransport:
         finally:
             connection.lock.release()
         return step_result(response.result), values or {}
+
+    def _push_framed(
+        self, header: pb.ApplyGradientsHeader, tensor_list: list[Tensor], timeout: float | None
+    ) -> tuple[StepResult, dict[str, np.ndarray]] | None:
+        """A push that fits one message, sent whole on the data connection in place of a unary gRPC
+        call (optserve.server.data_plane_requests); None: push over gRPC."""
+        sessions, model_id, worker = self.data_plane, header.model_id, header.worker_index
+        messages = list(
+            tensors.serialized_chunk_messages(pb.ApplyGradientsRequest(header=header), "gradients", tensor_list)
+        )
+        if len(messages) != 1:
+            return None
+        connection = sessions.segment(model_id, worker)
+        if connection is None or not connection.lock.acquire(blocking=False):
+            return None
+        try:
+            try:
+                flags, answer = connection.request(messages[0], timeout)
+            except data_plane_client.DataPlaneBroken as why:
+                log.info("data plane push for model %r not possible (%s); it goes over gRPC", model_id, why)
+                sessions.discard(model_id, worker, connection)
+                return None  # if it was applied, gRPC's push of the same step is answered as a duplicate
+            except data_plane_client.DataPlaneTimeout as why:
+                sessions.discard(model_id, worker, connection)  # its answer may still come
+                raise DeadlineExceededError(f"The push to model {model_id!r} got no answer ({why}).") from None
+        finally:
+            connection.lock.release()
+        if flags & frames.STATUS:
+            status = pb.DataPlaneStatus.FromString(answer)
+            error = error_from_status(status.code, status.message, status.metadata.items())
+            if error.code == "FAILED_PRECONDITION" and error.details.get("unary"):
+                self._streamed_models.add(model_id)
+                return None
+            if error.code in ("UNAVAILABLE", "UNAUTHENTICATED") or error.details.get("data_plane"):
+                sessions.discard(model_id, worker, connection)
+                return None  # gRPC, its retries and its own word on the caller's token
+            raise error
+        result, values = read_stream(
+            [answer], pb.ApplyGradientsResponse, "result", "variables", self._receive_arrays(model_id)
+        )
+        return step_result(result), tensors.variables_only(values)
 
     def _open_shared_memory(self, model_id: str, worker_index: int) -> pb.OpenSharedMemoryResponse:
         request = pb.OpenSharedMemoryRequest(model_id=model_id, worker_index=worker_index)

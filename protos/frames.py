@@ -2,8 +2,10 @@
 
 A frame is a header, little-endian ``"OSDP" | sequence u64 | payload bytes u64 |
 flags u32``, followed by the payload: every variable's bytes in the session's
-tensor order. A connection starts with the worker's secret and the server's
-one-byte answer ``ATTACHED``.
+tensor order, or, with flag ``REQUEST``, a whole ApplyGradientsRequest message
+(answered by the ApplyGradientsResponse message, or with flag ``STATUS`` a
+DataPlaneStatus). A connection starts with the worker's secret and the
+server's one-byte answer ``ATTACHED``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import numpy as np
 MAGIC = b"OSDP"
 HEADER = struct.Struct("<4sQQI")  # magic, sequence, payload bytes, flags
 NO_VALUES = 1  # flag of a reply frame without payload: no values follow
+REQUEST = 2  # flag of a worker's frame holding a whole ApplyGradientsRequest message
+STATUS = 4  # flag of the answer to a request that failed: a DataPlaneStatus message
 SECRET_BYTES = 32
 ATTACHED = b"\x01"  # the server's answer to a known secret
 
@@ -37,3 +41,21 @@ def receive_exactly(connection: socket.socket, view: memoryview) -> bool:
             return False
         view = view[received:]
     return True
+
+
+def send_frame(connection: socket.socket, sequence: int, payload: bytes, flags: int) -> None:
+    """One frame, header and payload in one system call where the socket takes it all."""
+    parts = [memoryview(header(sequence, len(payload), flags)), memoryview(payload)]
+    while parts:
+        sent = connection.sendmsg(parts)
+        while parts and sent >= parts[0].nbytes:
+            sent -= parts[0].nbytes
+            parts.pop(0)
+        if parts:
+            parts[0] = parts[0][sent:]
+
+
+def receive_frame_payload(connection: socket.socket, nbytes: int) -> bytes | None:
+    """The ``nbytes`` of a frame's payload; None if the peer closed first."""
+    payload = bytearray(nbytes)
+    return bytes(payload) if receive_exactly(connection, memoryview(payload)) else None

@@ -274,6 +274,23 @@ class OpenDataPlaneResponse(_message.Message):
     tensors: _containers.RepeatedCompositeFieldContainer[SharedTensor]
     def __init__(self, session_id: _Optional[str] = ..., port: _Optional[int] = ..., secret: _Optional[bytes] = ..., tensors: _Optional[_Iterable[_Union[SharedTensor, _Mapping]]] = ...) -> None: ...
 
+class DataPlaneStatus(_message.Message):
+    __slots__ = ("code", "message", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    code: str
+    message: str
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
 class PullRequest(_message.Message):
     __slots__ = ("model_id", "names")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]

@@ -36,6 +36,7 @@ from optserve.server.checkpoint import (
     parse_checkpoint_every,
 )
 from optserve.server.data_plane import DataPlane
+from optserve.server.data_plane_requests import RequestFrames
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError, OptserveError
 from optserve.server.expiry import ModelExpiry, check_model_ttl
 from optserve.server.limits import Limits, ServerLimits
@@ -161,6 +162,7 @@ class ParameterServer:
             self._registry.on_change = self._checkpointer.note_change
             self._registry.begin_restore()
         interceptors = []
+        metrics_interceptor = None
         if self.requested_metrics_port is not None:
             from optserve.server.metrics import ServerMetrics
 
@@ -168,7 +170,8 @@ class ParameterServer:
             self._registry.observer = self.metrics
             if self._checkpointer is not None:
                 self._checkpointer.observer = self.metrics
-            interceptors.append(self.metrics.interceptor())
+            metrics_interceptor = self.metrics.interceptor()
+            interceptors.append(metrics_interceptor)
         # No SO_REUSEPORT: a second server on a busy port must fail, not silently share it.
         mutual_tls = self.tls is not None and self.tls.mutual
         if self.tokens is not None:
@@ -187,7 +190,7 @@ class ParameterServer:
             sessions = shared_memory.SharedMemorySessions(self.shared_memory_dir, server_limits.memory)
         data = None
         if self.data_plane_enabled:
-            data = DataPlane(self.host, server_limits.memory, self.requested_data_port)
+            data = DataPlane(self.host, server_limits.memory, self.requested_data_port, self.limits.max_message_bytes)
             self.data_port = data.start(asyncio.get_running_loop())
         self._servicer = ParameterServerServicer(
             self._registry,
@@ -197,6 +200,8 @@ class ParameterServer:
             shared_memory=sessions,
             data_plane=data,
         )
+        if data is not None:  # pushes that travel whole on the data plane meet the servicer there
+            data.requests = RequestFrames(self._servicer, self.tokens, metrics_interceptor)
         add_to_server(self._servicer, self._server)
         self._health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self._health, self._server)

@@ -142,6 +142,12 @@ def current_principal() -> Principal | None:
     return _current_principal.get()
 
 
+def act_as(principal: Principal | None) -> None:
+    """Make ``principal`` the caller of the current task (a request that came some other way than
+    a gRPC call: optserve.server.data_plane_requests)."""
+    _current_principal.set(principal)
+
+
 def visible(model_id: str) -> bool:
     """Whether the caller of the current RPC may see ``model_id`` (always, without auth)."""
     principal = _current_principal.get()
@@ -299,6 +305,10 @@ class TokenTable:
             if principal.token_digest is not None and hmac.compare_digest(principal.token_digest, digest):
                 found = principal
         return found
+
+    def holds(self, principal: Principal) -> bool:
+        """Whether ``principal`` is still a line of the file as read last (a reload may have removed it)."""
+        return principal in self._principals
 
     def by_name(self, name: str) -> Principal | None:
         """The principal of ``name=`` (not secret: for quotas of models restored from a checkpoint)."""

@@ -9,8 +9,10 @@ with ``OpenDataPlane`` (authenticated like every call) and gets a random
 secret, connects to the data port and presents the secret, then per push sends
 one frame of gradient bytes and pushes over gRPC naming the session and the
 frame. The reply's values go back on the connection as the frame of the same
-number, before the gRPC reply. Frames and their header are in ``protos/
-optserve.proto`` (OpenDataPlaneRequest).
+number, before the gRPC reply. A push small enough for one gRPC message may
+instead come whole as a request frame, answered on the connection alone
+(``optserve.server.data_plane_requests``). Frames and their header are in
+``protos/optserve.proto`` (OpenDataPlaneRequest).
 
 A session belongs to one (model, worker), and only its connection writes into
 its arrays; a push naming it must name its model and worker. A connection that
@@ -19,7 +21,10 @@ ends with its connection, its model, or a newer session of the same worker.
 
 Threads: the accept loop and each connection's reader block in the socket
 calls (which release the GIL); everything they learn reaches the event loop
-through ``call_soon_threadsafe``. Replies are sent from the executor.
+through ``call_soon_threadsafe``. Large replies are sent from the executor;
+answers to request frames from the event loop, which never waits for a socket
+to drain (``send_soon``), while the reader waits for the answer to be sent
+before it reads the next frame.
 """
 
 from __future__ import annotations
@@ -53,8 +58,9 @@ SOCKET_BUFFER_BYTES = 4 << 20
 class DataSession:
     """One worker's session: the arrays its frames land in and its reply values, and its connection."""
 
-    def __init__(self, model, worker: int, reservation: Any, loop: asyncio.AbstractEventLoop):
+    def __init__(self, model, worker: int, reservation: Any, loop: asyncio.AbstractEventLoop, principal=None):
         self.id = secrets.token_hex(16)
+        self.principal = principal  # who opened it (None without --auth-tokens); its requests act as them
         self.secret = secrets.token_bytes(SECRET_BYTES)
         self.model = model
         self.model_id = model.model_id
@@ -65,19 +71,46 @@ class DataSession:
         self.values = {name: np.empty(shape, dtype) for name, dtype, shape in self.tensors}
         self.payload_bytes = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self.tensors)
         self.connection: socket.socket | None = None
+        self.peer = ""  # the worker's address, once connected
         self.closed = False
         self._loop = loop
         self._frames: dict[int, asyncio.Future] = {}
         self._send_lock = threading.Lock()
+        self._stop_writing: Any = None
 
     # -------------------------------------------------------- reader thread
 
-    def read_frames(self, connection: socket.socket, on_end) -> None:
-        """Receive frames into the gradient arrays until the connection ends (reader thread)."""
+    def read_frames(self, connection: socket.socket, on_end, on_request=None, max_request_bytes: int = 0) -> None:
+        """Receive frames until the connection ends (reader thread): gradient bytes into the
+        arrays, a request frame to ``on_request(session, sequence, payload, answered)`` on the
+        event loop; the next frame is read once ``answered`` (a threading.Event) is set."""
         header = bytearray(frames.HEADER.size)
         try:
             while receive_exactly(connection, memoryview(header)):
-                magic, sequence, nbytes, _ = frames.HEADER.unpack(header)
+                magic, sequence, nbytes, flags = frames.HEADER.unpack(header)
+                if magic == frames.MAGIC and flags & frames.REQUEST and on_request is not None:
+                    if nbytes > max_request_bytes:
+                        log.warning(
+                            "data plane session %s...: a request frame of %d bytes, over --max-message-bytes "
+                            "(%d); closed",
+                            self.id[:8],
+                            nbytes,
+                            max_request_bytes,
+                        )
+                        return
+                    payload = frames.receive_frame_payload(connection, nbytes)
+                    if payload is None:
+                        return
+                    answered = threading.Event()
+                    try:
+                        self._loop.call_soon_threadsafe(on_request, self, sequence, payload, answered)
+                    except RuntimeError:
+                        return  # the server's loop has closed
+                    # One request at a time: a worker cannot pile up answers it does not read.
+                    while not answered.wait(1.0):
+                        if self.closed or self._loop.is_closed():
+                            return
+                    continue
                 if magic != frames.MAGIC or nbytes != self.payload_bytes:
                     log.warning(
                         "data plane session %s...: a frame of %d bytes (expected %d) or a bad header; closed",
@@ -90,10 +123,13 @@ class DataSession:
                     if not receive_exactly(connection, bytes_of(self.gradients[name])):
                         return
                 self._loop.call_soon_threadsafe(self._arrived, sequence)
-        except OSError:
+        except (OSError, RuntimeError):  # the connection ended, or the server's loop closed
             pass
         finally:
-            self._loop.call_soon_threadsafe(on_end, self)
+            try:
+                self._loop.call_soon_threadsafe(on_end, self)
+            except RuntimeError:
+                pass  # the server's loop has already closed: nothing is left to tell
 
     # ----------------------------------------------------------- event loop
 
@@ -133,6 +169,8 @@ class DataSession:
         for future in self._frames.values():
             if not future.done():
                 future.set_result(None)  # its waiter sees `closed`
+        if self._stop_writing is not None:
+            self._stop_writing()
         if self.connection is not None:
             try:
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -158,6 +196,56 @@ class DataSession:
             except OSError as error:
                 log.info("data plane session %s...: the reply could not be sent (%s)", self.id[:8], error)
 
+    # ----------------------------------------------------------- event loop
+
+    def send_soon(self, sequence: int, payload: bytes, flags: int) -> asyncio.Future:
+        """Send one frame from the event loop without ever blocking it: what the socket does not
+        take at once is sent as it drains. Done once sent, or once the connection failed."""
+        done = self._loop.create_future()
+        connection = self.connection
+        if connection is None or self.closed or not self._send_lock.acquire(blocking=False):
+            # No connection, or a values frame still being sent: only a worker that does not wait
+            # for its answers gets here, and its session ends.
+            self.close()
+            done.set_result(None)
+            return done
+        pending = [memoryview(frames.header(sequence, len(payload), flags) + payload)]
+
+        def send_some() -> bool:
+            try:
+                sent = connection.send(pending[0], socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError as error:
+                log.info("data plane session %s...: an answer could not be sent (%s)", self.id[:8], error)
+                pending[0] = pending[0][:0]
+                return True
+            pending[0] = pending[0][sent:]
+            return not pending[0].nbytes
+
+        def finish() -> None:
+            self._send_lock.release()
+            if not done.done():
+                done.set_result(None)
+
+        if send_some():
+            finish()
+            return done
+        descriptor = connection.fileno()
+
+        def stop_writing() -> None:
+            self._loop.remove_writer(descriptor)
+            self._stop_writing = None
+            finish()
+
+        def writable() -> None:
+            if self.closed or send_some():
+                stop_writing()
+
+        self._stop_writing = stop_writing  # close() ends a send still waiting for room
+        self._loop.add_writer(descriptor, writable)
+        return done
+
 
 def _unknown_session() -> FailedPreconditionError:
     return FailedPreconditionError(
@@ -172,8 +260,12 @@ class DataPlane(WorkerSessions):
 
     what = "Data plane session"
 
-    def __init__(self, host: str, memory=None, port: int = 0):
+    def __init__(self, host: str, memory=None, port: int = 0, max_request_bytes: int = 8 << 20):
         super().__init__()
+        # Answers request frames (optserve.server.data_plane_requests); set once the servicer exists.
+        self.requests: Any = None
+        self.max_request_bytes = max_request_bytes
+        self._answering: set[asyncio.Task] = set()
         self.host = host
         self.requested_port = port
         self.memory = memory
@@ -233,7 +325,8 @@ class DataPlane(WorkerSessions):
             self._loop.call_soon_threadsafe(self._connection_ended, session)  # type: ignore[union-attr]
             return
         connection.settimeout(None)
-        session.read_frames(connection, self._connection_ended)
+        on_request = self._on_request if self.requests is not None else None
+        session.read_frames(connection, self._connection_ended, on_request, self.max_request_bytes)
 
     def _attach(self, connection: socket.socket, secret: bytearray) -> DataSession | None:
         with self._secrets_lock:
@@ -248,18 +341,39 @@ class DataPlane(WorkerSessions):
                 connection.setsockopt(socket.SOL_SOCKET, option, value)
             connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             session.connection = connection
+            try:
+                host, port = connection.getpeername()[:2]
+                session.peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            except OSError:
+                pass
             return session
 
     # ----------------------------------------------------------- event loop
 
-    def open(self, model, worker: int) -> DataSession:
+    def _on_request(self, session: DataSession, sequence: int, payload: bytes, answered: threading.Event) -> None:
+        task = asyncio.ensure_future(self._answer(session, sequence, payload, answered))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _answer(self, session: DataSession, sequence: int, payload: bytes, answered: threading.Event) -> None:
+        try:
+            if not session.closed:
+                flags, reply = await self.requests.answer(session, payload)
+                await session.send_soon(sequence, reply, flags)
+        except Exception:  # noqa: BLE001 - the handler answers every refusal itself; this is a bug
+            log.exception("data plane session %s...: a request frame failed; closed", session.id[:8])
+            session.close()
+        finally:
+            answered.set()  # the reader may take the next frame (or see the connection end)
+
+    def open(self, model, worker: int, principal=None) -> DataSession:
         if self._loop is None or self.port is None:
             raise FailedPreconditionError("This server has no data plane; pushes use gRPC.")
         self._make_room(model, worker)
         reservation = Reservation(self.memory) if self.memory is not None else NoReservation()
         nbytes = 2 * sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.spec.variables)
         reservation.take(nbytes, what=f"The data plane for model {model.model_id!r}")
-        session = DataSession(model, worker, reservation, self._loop)
+        session = DataSession(model, worker, reservation, self._loop, principal)
         self._add(session)
         with self._secrets_lock:
             self._by_secret[session.secret] = session
@@ -292,4 +406,6 @@ class DataPlane(WorkerSessions):
             except OSError:
                 pass
             listener.close()
+        for task in list(self._answering):
+            task.cancel()
         super().close()

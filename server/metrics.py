@@ -431,6 +431,25 @@ class RpcMetricsInterceptor(grpc.aio.ServerInterceptor):
         wrapped = (self._streaming if handler.response_streaming else self._unary)(behavior, labels, call_bytes)
         return handler._replace(request_deserializer=deserialize, response_serializer=serialize, **{kind: wrapped})
 
+    def observed_unary(self, full_method: str, behavior, serialize):
+        """``behavior(request, context)`` counted, timed and sized as a unary call of ``full_method``
+        that arrived another way than gRPC (a data plane request frame): the function returned takes
+        ``(request, context, request_bytes)`` and returns the response's bytes."""
+        labels = _split_method(full_method)
+        m = self._m
+        received, sent = m.rpc_received.labels(*labels), m.rpc_sent.labels(*labels)
+
+        async def observed(request, context, request_bytes: int) -> bytes:
+            received.inc(request_bytes)
+            m.in_flight_bytes.inc(request_bytes)
+            call_bytes = _CallBytes()
+            call_bytes.received = request_bytes
+            data = serialize(await self._unary(behavior, labels, call_bytes)(request, context))
+            sent.inc(len(data))
+            return data
+
+        return observed
+
     def _begin(self, labels):
         self._m.rpcs_started.labels(*labels).inc()
         self._m.rpcs_in_flight.labels(*labels).inc()

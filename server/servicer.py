@@ -126,6 +126,11 @@ class _Undecodable:
         self.error = error
 
 
+def is_undecodable(request) -> bool:
+    """Whether the deserializer could not decode the request (its handler answers INVALID_ARGUMENT)."""
+    return isinstance(request, _Undecodable)
+
+
 def _decoded(request, rpc: str):
     if isinstance(request, _Undecodable):
         raise InvalidArgumentError(
@@ -329,7 +334,8 @@ _CHUNKED_REQUEST_FIELDS = {
 }
 
 
-def _request_deserializer(message_type):
+def request_deserializer(message_type):
+    """Bytes to ``message_type``, or an _Undecodable the handler answers INVALID_ARGUMENT for."""
     field = _CHUNKED_REQUEST_FIELDS.get(message_type.DESCRIPTOR.name)
     deserialize = codec.split_deserializer(message_type, field) if field else message_type.FromString
 
@@ -353,7 +359,7 @@ def add_to_server(servicer: ParameterServerServicer, server) -> None:
         factory = _HANDLER_FACTORIES[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = factory(
             getattr(servicer, method.name),
-            request_deserializer=_request_deserializer(getattr(pb, method.input_type.name)),
+            request_deserializer=request_deserializer(getattr(pb, method.input_type.name)),
             response_serializer=_serializer(getattr(pb, method.output_type.name)),
         )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
@@ -662,7 +668,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             )
         model = self.registry.get(request.model_id)
         model.check_push_header(request.worker_index, model.step)
-        session = self.data_plane.open(model, request.worker_index)
+        session = self.data_plane.open(model, request.worker_index, auth.current_principal())
         return data_plane_rpc.open_response(session, self.data_plane.port or 0)
 
     async def _push(self, request_iterator: AsyncIterator[pb.ApplyGradientsRequest], context):

@@ -22,6 +22,14 @@ from optserve.server.app import start_server
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
 
+
+@pytest.fixture(autouse=True)
+def _no_request_frames(monkeypatch):
+    """These models' pushes are small, and small pushes would go whole over the data plane
+    (tests/test_data_plane_requests.py): shared memory is what is tested here."""
+    monkeypatch.setenv("OPTSERVE_DATA_PLANE", "0")
+
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ADAM = {"class_name": "Adam", "config": {"learning_rate": 0.01}}
 
