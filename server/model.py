@@ -948,12 +948,28 @@ class Model:
 
     async def _exclusive(self, body: Callable[[], Any]):
         """Run the coroutine ``body()`` holding the model lock, to completion even if the caller is cancelled."""
+        if self._inline and not self._lock.locked():
+            # A small model's work runs inline, so its body mostly ends without ever waiting, and
+            # what cannot wait cannot be cancelled halfway: it runs here first, without the task
+            # (and the event loop turns) that shields it. A body that does wait goes on shielded.
+            await self._lock.acquire()
+            coroutine = body()
+            try:
+                waiting_for = coroutine.send(None)
+            except StopIteration as finished:
+                self._lock.release()
+                return finished.value
+            except BaseException:
+                self._lock.release()
+                raise
+            task = asyncio.ensure_future(_resumed_holding(self._lock, coroutine, waiting_for))
+        else:
 
-        async def locked():
-            async with self._lock:
-                return await body()
+            async def locked():
+                async with self._lock:
+                    return await body()
 
-        task = asyncio.ensure_future(locked())
+            task = asyncio.ensure_future(locked())
         task.add_done_callback(_retrieve_task)
         return await asyncio.shield(task)
 
@@ -983,6 +999,33 @@ def _all_finite(array: np.ndarray) -> bool:
         np.isfinite(flat[start : start + _FINITE_CHECK_BLOCK]).all()
         for start in range(0, flat.size, _FINITE_CHECK_BLOCK)
     )
+
+
+async def _resumed_holding(lock: asyncio.Lock, coroutine, waiting_for):
+    """Drive a started ``coroutine`` to its end as its task would, then release ``lock`` (held for it).
+
+    ``waiting_for`` is what the coroutine yielded: the future it awaits (or None, a bare yield);
+    it is resumed once that future is done and then reads its result itself."""
+    try:
+        while True:
+            try:
+                if waiting_for is None:
+                    await asyncio.sleep(0)
+                else:
+                    waiting_for._asyncio_future_blocking = False
+                    await asyncio.wait([waiting_for])  # done, whatever its outcome (the coroutine reads it)
+            except asyncio.CancelledError as cancelled:  # the loop shutting down: passed on, as a task does
+                if waiting_for is not None:
+                    waiting_for.cancel()
+                step = functools.partial(coroutine.throw, cancelled)
+            else:
+                step = functools.partial(coroutine.send, None)
+            try:
+                waiting_for = step()
+            except StopIteration as finished:
+                return finished.value
+    finally:
+        lock.release()
 
 
 def _retrieve_task(task: asyncio.Task) -> None:
