@@ -15,6 +15,7 @@ copy), so that :class:`TensorAssembler` copies each payload once, into its array
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -382,7 +383,7 @@ class TensorAssembler:
             raise TensorFormatError(f"Tensor {_label(key)!r} has a negative dimension in shape {list(shape)}.")
         if chunk.offset != 0:
             raise TensorFormatError(f"Tensor {_label(key)!r}: first chunk must start at offset 0, got {chunk.offset}.")
-        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize  # exact: no int64 wrap-around for absurd shapes
         self.total_bytes += nbytes
         if self._max_total is not None and self.total_bytes > self._max_total:
             raise TensorFormatError(

@@ -42,6 +42,7 @@ import numpy as np
 
 from optserve.protos import frames
 from optserve.protos.frames import SECRET_BYTES, bytes_of, receive_exactly
+from optserve.server import eager
 from optserve.server.errors import AbortedError, FailedPreconditionError
 from optserve.server.limits import Reservation
 from optserve.server.shared_memory import NoReservation
@@ -265,7 +266,7 @@ class DataPlane(WorkerSessions):
         # Answers request frames (optserve.server.data_plane_requests); set once the servicer exists.
         self.requests: Any = None
         self.max_request_bytes = max_request_bytes
-        self._answering: set[asyncio.Task] = set()
+        self._answering: set[asyncio.Future] = set()
         self.host = host
         self.requested_port = port
         self.memory = memory
@@ -351,9 +352,11 @@ class DataPlane(WorkerSessions):
     # ----------------------------------------------------------- event loop
 
     def _on_request(self, session: DataSession, sequence: int, payload: bytes, answered: threading.Event) -> None:
-        task = asyncio.ensure_future(self._answer(session, sequence, payload, answered))
-        self._answering.add(task)
-        task.add_done_callback(self._answering.discard)
+        # Answered in this turn of the loop when nothing in it waits (a small model's push).
+        answering = eager.run(self._answer(session, sequence, payload, answered))
+        if not answering.done():
+            self._answering.add(answering)
+            answering.add_done_callback(self._answering.discard)
 
     async def _answer(self, session: DataSession, sequence: int, payload: bytes, answered: threading.Event) -> None:
         try:

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from optserve.protos.buffers import ArrayPool
-from optserve.server import schedules, text
+from optserve.server import eager, schedules, text
 from optserve.server.activity import ModelActivity, ModelEvents, update_norm
 from optserve.server.activity import nbytes as _nbytes
 from optserve.server.errors import (
@@ -955,14 +955,14 @@ class Model:
             await self._lock.acquire()
             coroutine = body()
             try:
-                waiting_for = coroutine.send(None)
-            except StopIteration as finished:
-                self._lock.release()
-                return finished.value
+                result, waiting_for = eager.start(coroutine)
             except BaseException:
                 self._lock.release()
                 raise
-            task = asyncio.ensure_future(_resumed_holding(self._lock, coroutine, waiting_for))
+            if eager.finished(result):
+                self._lock.release()
+                return result
+            task = asyncio.ensure_future(_holding(self._lock, eager.resume(coroutine, waiting_for)))
         else:
 
             async def locked():
@@ -1001,29 +1001,10 @@ def _all_finite(array: np.ndarray) -> bool:
     )
 
 
-async def _resumed_holding(lock: asyncio.Lock, coroutine, waiting_for):
-    """Drive a started ``coroutine`` to its end as its task would, then release ``lock`` (held for it).
-
-    ``waiting_for`` is what the coroutine yielded: the future it awaits (or None, a bare yield);
-    it is resumed once that future is done and then reads its result itself."""
+async def _holding(lock: asyncio.Lock, rest):
+    """Await ``rest`` (the remainder of a body started holding ``lock``), then release the lock."""
     try:
-        while True:
-            try:
-                if waiting_for is None:
-                    await asyncio.sleep(0)
-                else:
-                    waiting_for._asyncio_future_blocking = False
-                    await asyncio.wait([waiting_for])  # done, whatever its outcome (the coroutine reads it)
-            except asyncio.CancelledError as cancelled:  # the loop shutting down: passed on, as a task does
-                if waiting_for is not None:
-                    waiting_for.cancel()
-                step = functools.partial(coroutine.throw, cancelled)
-            else:
-                step = functools.partial(coroutine.send, None)
-            try:
-                waiting_for = step()
-            except StopIteration as finished:
-                return finished.value
+        return await rest
     finally:
         lock.release()
 
