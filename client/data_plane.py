@@ -17,7 +17,6 @@ session is then dropped and the next large push opens a new one.
 from __future__ import annotations
 
 import math
-import select
 import socket
 import threading
 from collections.abc import Sequence
@@ -33,9 +32,7 @@ from optserve.protos.frames import bytes_of
 
 ENVIRONMENT_SWITCH = "OPTSERVE_DATA_PLANE"
 CONNECT_TIMEOUT_S = 5.0
-REPLY_TIMEOUT_S = 60.0  # once gRPC has answered, the values are on their way
 SOCKET_BUFFER_BYTES = 4 << 20
-_POLL_S = 0.02
 
 
 def enabled_by_default() -> bool:
@@ -102,36 +99,14 @@ class DataConnection:
         try:
             self.connection.sendall(frames.header(self._sequence, self.payload_bytes))
             for name, _, _ in self.tensors:
-                self.connection.sendall(bytes_of(by_name[name]))
+                frames.send_bytes(self.connection, bytes_of(by_name[name]))
         except OSError as error:
             raise DataPlaneBroken(f"the data connection broke while sending ({error})") from None
         return self._sequence
 
-    def wait_for_reply(self, sequence: int, call) -> dict[str, np.ndarray] | None:
-        """The reply frame of push ``sequence``, read while its gRPC call ``call`` (a future) runs:
-        the server sends the values before answering, and its send waits for this read. None: the
-        frame said no values follow, or the call ended without one (then ``call`` has the error)."""
-        try:
-            while not call.done():
-                readable, _, _ = select.select([self.connection], [], [], _POLL_S)
-                if readable:
-                    return self._read_frame(sequence)
-            if call.exception() is not None:
-                return None
-            self.connection.settimeout(REPLY_TIMEOUT_S)
-            try:
-                return self._read_frame(sequence)
-            finally:
-                self.connection.settimeout(None)
-        except (OSError, ValueError) as error:
-            raise DataPlaneBroken(f"the data connection broke while receiving ({error})") from None
-
-    def _read_frame(self, sequence: int) -> dict[str, np.ndarray] | None:
-        header = bytearray(frames.HEADER.size)
-        _receive_exactly(self.connection, memoryview(header))
-        magic, number, nbytes, flags = frames.HEADER.unpack(header)
-        if magic != frames.MAGIC or number != sequence:
-            raise DataPlaneBroken(f"an unexpected frame {number} (waiting for {sequence})")
+    def _read_values(self, header: bytearray) -> dict[str, np.ndarray] | None:
+        """The values of a reply frame whose header was read; None: the frame said none follow."""
+        _, _, nbytes, flags = frames.HEADER.unpack(header)
         if flags & frames.NO_VALUES:
             return None
         if nbytes != self.payload_bytes:
@@ -142,19 +117,29 @@ class DataConnection:
             _receive_exactly(self.connection, bytes_of(out))
         return values
 
-    def request(self, payload: bytes, timeout: float | None) -> tuple[int, bytes]:
-        """Send a whole push (an ApplyGradientsRequest message) as a request frame and return the
-        answer's flags and payload (an ApplyGradientsResponse message, or with flag STATUS a
-        DataPlaneStatus)."""
+    def request(
+        self, payload: bytes, timeout: float | None, values_of: int | None = None
+    ) -> tuple[int, bytes, dict[str, np.ndarray] | None]:
+        """Send a push (an ApplyGradientsRequest message) as a request frame; returns the answer's
+        flags and payload (an ApplyGradientsResponse message, or with flag STATUS a DataPlaneStatus)
+        and, for a push naming gradient frame ``values_of``, the values of its reply frame (None:
+        none came), which the server sends before the answer."""
         self._sequence += 1
+        sequence = self._sequence
         header = bytearray(frames.HEADER.size)
+        values = None
         self.connection.settimeout(timeout)
         try:
-            frames.send_frame(self.connection, self._sequence, payload, frames.REQUEST)
-            _receive_exactly(self.connection, memoryview(header))
-            magic, number, nbytes, flags = frames.HEADER.unpack(header)
-            if magic != frames.MAGIC or number != self._sequence:
-                raise DataPlaneBroken(f"an unexpected frame {number} (waiting for {self._sequence})")
+            frames.send_frame(self.connection, sequence, payload, frames.REQUEST)
+            while True:
+                _receive_exactly(self.connection, memoryview(header))
+                magic, number, nbytes, flags = frames.HEADER.unpack(header)
+                if magic == frames.MAGIC and number == sequence:
+                    break
+                if magic != frames.MAGIC or number != values_of or values is not None:
+                    raise DataPlaneBroken(f"an unexpected frame {number} (waiting for {sequence})")
+                values = self._read_values(header)
+                values_of = None  # one reply frame at most
             answer = frames.receive_frame_payload(self.connection, nbytes)
         except TimeoutError:
             raise DataPlaneTimeout(f"no answer within {timeout:.3g} s") from None
@@ -167,7 +152,7 @@ class DataConnection:
                 pass
         if answer is None:
             raise DataPlaneBroken("the server closed the data connection")
-        return flags, answer
+        return flags, answer, values
 
     def close(self) -> None:
         try:

@@ -462,55 +462,47 @@ class GrpcTransport:
     def _push_data_plane(
         self, header: pb.ApplyGradientsHeader, tensor_list: list[Tensor], timeout: float | None
     ) -> tuple[StepResult, dict[str, np.ndarray]] | None:
-        """A push whose gradients and new values go over the data connection; None: push over gRPC."""
-        sessions, model_id, worker = self.data_plane, header.model_id, header.worker_index
-        connection = sessions.segment(model_id, worker)
-        if connection is None or not connection.fits(tensor_list) or not connection.lock.acquire(blocking=False):
+        """A push whose gradients go over the data connection as a frame of bytes, its header as a
+        request frame naming it, and whose values come back on the connection; None: push over gRPC."""
+        connection = self.data_plane.segment(header.model_id, header.worker_index)
+        if connection is None or not connection.fits(tensor_list):
             return None
-        try:
-            try:
-                planed = _without_chunks(header)
-                planed.data_plane_session = connection.session_id
-                planed.data_plane_sequence = connection.send_gradients(tensor_list)
-                request = pb.ApplyGradientsRequest(header=planed).SerializeToString()
-                call = self._stub.ApplyGradientsUnary.future(request, timeout=timeout)
-                values = connection.wait_for_reply(planed.data_plane_sequence, call)
-            except data_plane_client.DataPlaneBroken as why:
-                log.info("data plane push for model %r not possible (%s); it goes over gRPC", model_id, why)
-                sessions.discard(model_id, worker, connection)
-                return None
-            try:
-                response = pb.ApplyGradientsResponse.FromString(call.result())
-            except grpc.RpcError as rpc_error:
-                sessions.discard(model_id, worker, connection)  # a frame may still be on its way
-                error = error_from_rpc(rpc_error)
-                if error.details.get("data_plane") or error.code not in _SERVER_REFUSALS:
-                    return None  # the session is gone, or the server is (restarting): gRPC and its retries
-                raise error from None
-            if response.variables_in_data_plane and values is None:
-                sessions.discard(model_id, worker, connection)
-                raise OptserveError("The server's reply is malformed: its values did not arrive on the data plane.")
-        finally:
-            connection.lock.release()
-        return step_result(response.result), values or {}
+
+        def request(connection) -> tuple[int, bytes, dict | None]:
+            planed = _without_chunks(header)
+            planed.data_plane_session = connection.session_id
+            planed.data_plane_sequence = connection.send_gradients(tensor_list)
+            message = pb.ApplyGradientsRequest(header=planed).SerializeToString()
+            return connection.request(message, timeout, values_of=planed.data_plane_sequence)
+
+        return self._on_data_connection(header, connection, request, values_frame=True)
 
     def _push_framed(
         self, header: pb.ApplyGradientsHeader, tensor_list: list[Tensor], timeout: float | None
     ) -> tuple[StepResult, dict[str, np.ndarray]] | None:
         """A push that fits one message, sent whole on the data connection in place of a unary gRPC
         call (optserve.server.data_plane_requests); None: push over gRPC."""
-        sessions, model_id, worker = self.data_plane, header.model_id, header.worker_index
-        messages = list(
-            tensors.serialized_chunk_messages(pb.ApplyGradientsRequest(header=header), "gradients", tensor_list)
-        )
+        first = pb.ApplyGradientsRequest(header=header)
+        messages = list(tensors.serialized_chunk_messages(first, "gradients", tensor_list))
         if len(messages) != 1:
             return None
-        connection = sessions.segment(model_id, worker)
-        if connection is None or not connection.lock.acquire(blocking=False):
+        connection = self.data_plane.segment(header.model_id, header.worker_index)
+        if connection is None:
             return None
+        return self._on_data_connection(header, connection, lambda c: c.request(messages[0], timeout))
+
+    def _on_data_connection(
+        self, header: pb.ApplyGradientsHeader, connection, request, values_frame: bool = False
+    ) -> tuple[StepResult, dict[str, np.ndarray]] | None:
+        """``request(connection)`` (frames out, answer in) and its answer as a push's outcome (its
+        values in a frame of their own with ``values_frame``); None: the push goes over gRPC (the
+        data connection broke, the server wants it elsewhere)."""
+        sessions, model_id, worker = self.data_plane, header.model_id, header.worker_index
+        if not connection.lock.acquire(blocking=False):
+            return None  # another push of this worker is on the connection
         try:
             try:
-                flags, answer = connection.request(messages[0], timeout)
+                flags, answer, values = request(connection)
             except data_plane_client.DataPlaneBroken as why:
                 log.info("data plane push for model %r not possible (%s); it goes over gRPC", model_id, why)
                 sessions.discard(model_id, worker, connection)
@@ -530,10 +522,16 @@ class GrpcTransport:
                 sessions.discard(model_id, worker, connection)
                 return None  # gRPC, its retries and its own word on the caller's token
             raise error
-        result, values = read_stream(
+        if values_frame:
+            response = pb.ApplyGradientsResponse.FromString(answer)
+            if response.variables_in_data_plane and values is None:
+                sessions.discard(model_id, worker, connection)
+                raise OptserveError("The server's reply is malformed: its values did not arrive on the data plane.")
+            return step_result(response.result), values or {}
+        result, received = read_stream(
             [answer], pb.ApplyGradientsResponse, "result", "variables", self._receive_arrays(model_id)
         )
-        return step_result(result), tensors.variables_only(values)
+        return step_result(result), tensors.variables_only(received)
 
     def _open_shared_memory(self, model_id: str, worker_index: int) -> pb.OpenSharedMemoryResponse:
         request = pb.OpenSharedMemoryRequest(model_id=model_id, worker_index=worker_index)

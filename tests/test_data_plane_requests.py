@@ -41,9 +41,9 @@ class FrameCounter:
         self.frames = 0
         original = data_plane_client.DataConnection.request
 
-        def counted(connection, payload, timeout):
+        def counted(connection, payload, timeout, values_of=None):
             self.frames += 1
-            return original(connection, payload, timeout)
+            return original(connection, payload, timeout, values_of)
 
         monkeypatch.setattr(data_plane_client.DataConnection, "request", counted)
 
@@ -128,7 +128,7 @@ def _request(model_id: str, worker: int, step: int, arrays: dict[str, np.ndarray
     return message
 
 
-def _status(flags: int, answer: bytes) -> pb.DataPlaneStatus:
+def _status(flags: int, answer: bytes, values=None) -> pb.DataPlaneStatus:
     assert flags & frames.STATUS
     return pb.DataPlaneStatus.FromString(answer)
 
@@ -143,7 +143,7 @@ def test_a_session_pushes_only_for_its_own_model_and_worker(address, stub):
         assert status.code == "INVALID_ARGUMENT" and "serves worker 0 of model 'bound'" in status.message
     undecodable = _status(*connection.request(b"\xff\xff\xff", 10))
     assert undecodable.code == "INVALID_ARGUMENT" and "could not be decoded" in undecodable.message
-    flags, answer = connection.request(_request("bound", 0, 0, gradients(0), aggregated=True), 10)
+    flags, answer, _ = connection.request(_request("bound", 0, 0, gradients(0), aggregated=True), 10)
     assert not flags & frames.STATUS
     assert pb.ApplyGradientsResponse.FromString(answer).result.step == 1  # the push completed step 0
     connection.close()
