@@ -44,6 +44,7 @@ from optserve.protos import frames
 from optserve.protos.frames import SECRET_BYTES, bytes_of, receive_exactly
 from optserve.server import eager
 from optserve.server.errors import AbortedError, FailedPreconditionError
+from optserve.server.finite import all_finite
 from optserve.server.limits import Reservation
 from optserve.server.shared_memory import NoReservation
 from optserve.server.worker_sessions import WorkerSessions
@@ -120,10 +121,14 @@ class DataSession:
                         self.payload_bytes,
                     )
                     return
+                non_finite = []
                 for name, _, _ in self.tensors:
-                    if not receive_exactly(connection, bytes_of(self.gradients[name])):
+                    finite = self._receive_checked(connection, self.gradients[name])
+                    if finite is None:
                         return
-                self._loop.call_soon_threadsafe(self._arrived, sequence)
+                    if not finite:
+                        non_finite.append(name)
+                self._loop.call_soon_threadsafe(self._arrived, sequence, non_finite)
         except (OSError, RuntimeError):  # the connection ended, or the server's loop closed
             pass
         finally:
@@ -131,6 +136,20 @@ class DataSession:
                 self._loop.call_soon_threadsafe(on_end, self)
             except RuntimeError:
                 pass  # the server's loop has already closed: nothing is left to tell
+
+    @staticmethod
+    def _receive_checked(connection: socket.socket, array: np.ndarray) -> bool | None:
+        """Receive ``array``'s bytes piece by piece, checking each piece for NaN and infinity while
+        it is in the cache (and while the next one is on its way): whether all were finite; None if
+        the connection ended first."""
+        view, flat = bytes_of(array), array.reshape(-1)
+        finite, per_piece = True, frames.PIECE_BYTES // array.itemsize
+        for index, low in enumerate(range(0, view.nbytes, frames.PIECE_BYTES)):
+            if not receive_exactly(connection, view[low : low + frames.PIECE_BYTES]):
+                return None
+            if finite:
+                finite = all_finite(flat[index * per_piece : (index + 1) * per_piece])
+        return finite
 
     # ----------------------------------------------------------- event loop
 
@@ -140,13 +159,14 @@ class DataSession:
             future = self._frames[sequence] = self._loop.create_future()
         return future
 
-    def _arrived(self, sequence: int) -> None:
+    def _arrived(self, sequence: int, non_finite: list[str]) -> None:
         future = self._frame(sequence)
         if not future.done():
-            future.set_result(None)
+            future.set_result(non_finite)
 
-    async def gradients_of(self, sequence: int) -> dict[str, np.ndarray]:
-        """The gradients of frame ``sequence``, once it has arrived whole."""
+    async def gradients_of(self, sequence: int) -> tuple[dict[str, np.ndarray], list[str]]:
+        """The gradients of frame ``sequence``, once it has arrived whole, and the names of those
+        holding a NaN or an infinity (checked as they arrived)."""
         future = self._frame(sequence)
         try:
             await asyncio.wait_for(asyncio.shield(future), FRAME_TIMEOUT_S)
@@ -160,7 +180,7 @@ class DataSession:
             self._frames.pop(sequence, None)
         if self.closed:
             raise _unknown_session()
-        return self.gradients
+        return self.gradients, future.result()
 
     def close(self) -> None:
         if self.closed:
@@ -193,7 +213,7 @@ class DataSession:
                     return
                 connection.sendall(frames.header(sequence, self.payload_bytes))
                 for name, _, _ in self.tensors:
-                    connection.sendall(bytes_of(values[name]))
+                    frames.send_bytes(connection, bytes_of(values[name]))
             except OSError as error:
                 log.info("data plane session %s...: the reply could not be sent (%s)", self.id[:8], error)
 

@@ -52,6 +52,7 @@ from optserve.server.errors import (
     NotFoundError,
     OptserveError,
 )
+from optserve.server.finite import non_finite_names
 from optserve.server.limits import (
     MAX_STEP,
     REASON_KEY,
@@ -77,8 +78,6 @@ from optserve.server.usage import Activity
 
 log = logging.getLogger(__name__)
 
-# Elements checked for finiteness at a time: a small temporary instead of one the gradient's size.
-_FINITE_CHECK_BLOCK = 1 << 18
 INLINE_MODEL_BYTES = 64 * 1024
 
 MODEL_STATE_FORMAT = "optserve.model_state/1"
@@ -356,6 +355,7 @@ class Model:
         return_variables: bool = False,
         hold_for_joint_norm: bool = False,
         reply_into: Mapping[str, np.ndarray] | None = None,
+        non_finite: list[str] | None = None,
     ) -> StepOutcome:
         """Contribute one worker's gradients for ``step``; returns once the step is applied.
 
@@ -363,12 +363,16 @@ class Model:
         ``hold_for_joint_norm``: see optserve.server.two_phase (answered held, applied by ``commit``).
         ``reply_into``: arrays (a worker's shared-memory value region) that a reply for this push
         alone is written into, in place of a snapshot; the outcome's variables are then those arrays.
+        ``non_finite``: the names of the gradients holding NaN or infinity, when the transport
+        already checked them as they arrived (the data plane); None: they are checked here.
         """
         self.check_push_header(worker, step)
         self.check_gradients(gradients)
         if self.spec.non_finite_policy == REJECT and gradients:
-            # Off the event loop, and outside the lock: pushes of one step are checked in parallel.
-            self._refuse_non_finite(worker, step, await self._run(non_finite_names, gradients))
+            if non_finite is None:
+                # Off the event loop, and outside the lock: pushes of one step are checked in parallel.
+                non_finite = await self._run(non_finite_names, gradients)
+            self._refuse_non_finite(worker, step, non_finite)
         started = time.perf_counter()
         try:
             return await self._push(
@@ -978,27 +982,6 @@ class Model:
             return function(*args)  # a small model: the hop to the executor would cost more than the work
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(function, *args))
-
-
-def non_finite_names(gradients: Mapping[str, np.ndarray]) -> list[str]:
-    """Names of the gradients holding a NaN or an infinity, in order (executor thread)."""
-    return [name for name, gradient in gradients.items() if not _all_finite(gradient)]
-
-
-def _all_finite(array: np.ndarray) -> bool:
-    if array.dtype.kind != "f":
-        return True
-    flat = array.reshape(-1)
-    with np.errstate(all="ignore"):
-        # Fast path: a NaN or an infinity makes the sum of squares NaN or infinite, so a finite
-        # one proves every element finite. An infinite one may be an overflow of large finite
-        # values: the exact check decides.
-        if np.isfinite(np.dot(flat, flat)):
-            return True
-    return all(
-        np.isfinite(flat[start : start + _FINITE_CHECK_BLOCK]).all()
-        for start in range(0, flat.size, _FINITE_CHECK_BLOCK)
-    )
 
 
 async def _holding(lock: asyncio.Lock, rest):

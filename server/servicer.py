@@ -672,7 +672,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         return data_plane_rpc.open_response(session, self.data_plane.port or 0)
 
     async def _push(self, request_iterator: AsyncIterator[pb.ApplyGradientsRequest], context):
-        header = model = tensors = session = data_session = None
+        header = model = tensors = session = data_session = non_finite = None
         sparse_declared: list = []
         try:
             with contextlib.ExitStack() as in_use:
@@ -716,7 +716,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     gradients = session.gradients_for(header.shared_memory_gradients)
                 elif header.data_plane_session:
                     data_session = data_plane_rpc.session_for(self.data_plane, header, tensors.count)
-                    gradients = await data_session.gradients_of(header.data_plane_sequence)
+                    gradients, non_finite = await data_session.gradients_of(header.data_plane_sequence)
                 elif sparse_declared:
                     gradients = await self._densified(model, tensors.result(), sparse_declared)
                 else:
@@ -730,6 +730,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                         return_variables=header.return_variables,
                         hold_for_joint_norm=header.hold_for_joint_norm,
                         reply_into=_reply_region(session, data_session),
+                        non_finite=non_finite,
                     )
                 except asyncio.CancelledError:
                     # Its push arrived whole, so it stays in the step: the worker (or its replacement)

@@ -181,3 +181,18 @@ def test_a_fixed_data_port_is_used_and_a_taken_one_is_named():
             assert _over_data_plane(client, "fixed")
         with pytest.raises(OSError, match="--data-port"):
             start_server(host="127.0.0.1", port=0, device="cpu", data_port=port)
+
+
+def test_a_frame_is_checked_for_nan_as_it_arrives_and_a_non_finite_push_changes_nothing(address):
+    with Client(address, shared_memory=False) as client:
+        client.create_model("checked", ADAM, variables())
+        client.push("checked", gradients(0))
+        bad = gradients(1)
+        bad["w"][-1, -1] = np.inf  # in the last piece of the frame
+        with pytest.raises(InvalidArgumentError, match="NaN or infinite values in 'w'"):
+            client.push("checked", bad)
+        huge = gradients(1)
+        huge["w"][:4] = 3e38  # finite, though their squares overflow: the exact check lets them through
+        assert client.push("checked", huge).step == 2
+        assert _over_data_plane(client, "checked")
+        assert client.list_models("checked")[0].step == 2
