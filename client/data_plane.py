@@ -57,6 +57,7 @@ class DataConnection:
 
     def __init__(self, host: str, response: pb.OpenDataPlaneResponse, arrays: ArrayPool):
         self.session_id = response.session_id
+        self.frames_only = not response.tensors  # the server set nothing aside for gradient frames
         self.lock = threading.Lock()
         self._arrays = arrays
         self.tensors = [
@@ -174,6 +175,10 @@ class DataPlaneSessions(SharedMemorySessions):
     def _attach(self, response: Any) -> DataConnection:
         assert self._host is not None  # not available otherwise
         return DataConnection(self._host, response, self._arrays)
+
+    def _suits(self, segment: Any, **options: Any) -> bool:
+        # A frames-only session takes no gradient frame: a push of gradient frames replaces it.
+        return bool(options.get("frames_only")) or not segment.frames_only
 
     def _closed(self, segment: Any) -> None:
         segment.close()

@@ -132,17 +132,20 @@ class SharedMemorySessions:
         self._guard = threading.Lock()
         self.available = True
 
-    def segment(self, model_id: str, worker: int) -> Any:
-        """The segment for pushes of (model, worker), opened on first use; None: push over gRPC."""
+    def segment(self, model_id: str, worker: int, **options: Any) -> Any:
+        """The segment for pushes of (model, worker), opened on first use (``options`` go to the
+        session's opening); None: push over gRPC."""
         if not self.available:
             return None
         key = (model_id, worker)
         with self._guard:
             segment = self._segments.get(key)
-        if segment is not None:
+        if segment is not None and self._suits(segment, **options):
             return segment
+        if segment is not None:
+            self.discard(model_id, worker, segment)  # a session of another kind replaces it
         try:
-            segment = self._attach(self._open_session(model_id, worker))
+            segment = self._attach(self._open_session(model_id, worker, **options))
         except SegmentUnusable as reason:
             log.info("%s with the server is not possible (%s); pushes use gRPC", self.what, reason)
             self.available = False
@@ -162,6 +165,10 @@ class SharedMemorySessions:
     def _attach(self, response: Any) -> Any:
         """The usable session of the server's answer; SegmentUnusable if it cannot be used from here."""
         return SharedSegment(response, self._arrays)
+
+    def _suits(self, segment: Any, **options: Any) -> bool:
+        """Whether an open ``segment`` serves a push that asks for ``options``."""
+        return True
 
     def _closed(self, segment: Any) -> None:
         """``segment`` will not be used again."""

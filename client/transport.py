@@ -391,13 +391,22 @@ class GrpcTransport:
         # Lets the server tell a push that broke off (a cancelled stream ends like a whole one) from a whole one.
         header.num_gradients = len(tensor_list)
         if not sparse:
-            small = _payload_bytes(tensor_list) <= tensors.CHUNK_BYTES
+            payload = _payload_bytes(tensor_list)
+            framed = (
+                payload <= tensors.CHUNK_BYTES
+                and self.data_plane.available
+                and self._unary
+                and model_id not in self._streamed_models
+            )
             pushed = None
-            if small and self.data_plane.available and self._unary and model_id not in self._streamed_models:
+            if framed and payload <= _FRAMED_BEFORE_SHARED_BYTES:
                 pushed = self._push_framed(header, tensor_list, timeout)
+                framed = False  # tried
             if pushed is None:
                 pushed = self._push_shared(header, tensor_list, timeout)
-            if pushed is None and self.data_plane.available and not small:
+            if pushed is None and framed:
+                pushed = self._push_framed(header, tensor_list, timeout)
+            if pushed is None and self.data_plane.available and payload > tensors.CHUNK_BYTES:
                 pushed = self._push_data_plane(header, tensor_list, timeout)
             if pushed is not None:
                 return pushed
@@ -455,8 +464,8 @@ class GrpcTransport:
 
         return allocate
 
-    def _open_data_plane(self, model_id: str, worker_index: int) -> pb.OpenDataPlaneResponse:
-        request = pb.OpenDataPlaneRequest(model_id=model_id, worker_index=worker_index)
+    def _open_data_plane(self, model_id: str, worker_index: int, frames_only: bool = False) -> pb.OpenDataPlaneResponse:
+        request = pb.OpenDataPlaneRequest(model_id=model_id, worker_index=worker_index, frames_only=frames_only)
         return self._call(lambda deadline: self._stub.OpenDataPlane(request, timeout=deadline), _OPEN_TIMEOUT_S)
 
     def _push_data_plane(
@@ -486,7 +495,7 @@ class GrpcTransport:
         messages = list(tensors.serialized_chunk_messages(first, "gradients", tensor_list))
         if len(messages) != 1:
             return None
-        connection = self.data_plane.segment(header.model_id, header.worker_index)
+        connection = self.data_plane.segment(header.model_id, header.worker_index, frames_only=True)
         if connection is None:
             return None
         return self._on_data_connection(header, connection, lambda c: c.request(messages[0], timeout))
@@ -627,6 +636,11 @@ class GrpcTransport:
 
         return optimizer_state(self._call(attempt, timeout).state)
 
+
+# Up to this many bytes of gradients, one frame each way on the data connection beats shared
+# memory, whose push still takes a gRPC call (measured: 64 KB 0.8 against 1.6 ms); above it,
+# shared memory's copies win (1 MB: 5.4 against 3.2 ms).
+_FRAMED_BEFORE_SHARED_BYTES = 128 * 1024
 
 # Opening a shared-memory session is a control call of its own, bounded apart from the push.
 _OPEN_TIMEOUT_S = 30.0

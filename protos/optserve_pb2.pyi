@@ -255,12 +255,14 @@ class OpenSharedMemoryResponse(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., path: _Optional[str] = ..., nonce: _Optional[bytes] = ..., size: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[SharedTensor, _Mapping]]] = ...) -> None: ...
 
 class OpenDataPlaneRequest(_message.Message):
-    __slots__ = ("model_id", "worker_index")
+    __slots__ = ("model_id", "worker_index", "frames_only")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_INDEX_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_ONLY_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     worker_index: int
-    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ...) -> None: ...
+    frames_only: bool
+    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ..., frames_only: _Optional[bool] = ...) -> None: ...
 
 class OpenDataPlaneResponse(_message.Message):
     __slots__ = ("session_id", "port", "secret", "tensors")

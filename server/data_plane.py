@@ -60,7 +60,9 @@ SOCKET_BUFFER_BYTES = 4 << 20
 class DataSession:
     """One worker's session: the arrays its frames land in and its reply values, and its connection."""
 
-    def __init__(self, model, worker: int, reservation: Any, loop: asyncio.AbstractEventLoop, principal=None):
+    def __init__(
+        self, model, worker: int, reservation: Any, loop: asyncio.AbstractEventLoop, principal=None, frames_only=False
+    ):
         self.id = secrets.token_hex(16)
         self.principal = principal  # who opened it (None without --auth-tokens); its requests act as them
         self.secret = secrets.token_bytes(SECRET_BYTES)
@@ -68,7 +70,10 @@ class DataSession:
         self.model_id = model.model_id
         self.worker = worker
         self.reservation = reservation
-        self.tensors = [(v.name, np.dtype(v.dtype), tuple(v.shape)) for v in model.spec.variables]
+        # A frames-only session carries request frames alone: it holds no arrays for gradient frames.
+        self.frames_only = frames_only
+        variables = () if frames_only else model.spec.variables
+        self.tensors = [(v.name, np.dtype(v.dtype), tuple(v.shape)) for v in variables]
         self.gradients = {name: np.empty(shape, dtype) for name, dtype, shape in self.tensors}
         self.values = {name: np.empty(shape, dtype) for name, dtype, shape in self.tensors}
         self.payload_bytes = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self.tensors)
@@ -113,7 +118,7 @@ class DataSession:
                         if self.closed or self._loop.is_closed():
                             return
                     continue
-                if magic != frames.MAGIC or nbytes != self.payload_bytes:
+                if magic != frames.MAGIC or nbytes != self.payload_bytes or self.frames_only:
                     log.warning(
                         "data plane session %s...: a frame of %d bytes (expected %d) or a bad header; closed",
                         self.id[:8],
@@ -389,14 +394,15 @@ class DataPlane(WorkerSessions):
         finally:
             answered.set()  # the reader may take the next frame (or see the connection end)
 
-    def open(self, model, worker: int, principal=None) -> DataSession:
+    def open(self, model, worker: int, principal=None, frames_only: bool = False) -> DataSession:
         if self._loop is None or self.port is None:
             raise FailedPreconditionError("This server has no data plane; pushes use gRPC.")
         self._make_room(model, worker)
         reservation = Reservation(self.memory) if self.memory is not None else NoReservation()
-        nbytes = 2 * sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.spec.variables)
-        reservation.take(nbytes, what=f"The data plane for model {model.model_id!r}")
-        session = DataSession(model, worker, reservation, self._loop, principal)
+        if not frames_only:  # the gradients and the values of a push, each the size of the model
+            nbytes = 2 * sum(math.prod(v.shape) * np.dtype(v.dtype).itemsize for v in model.spec.variables)
+            reservation.take(nbytes, what=f"The data plane for model {model.model_id!r}")
+        session = DataSession(model, worker, reservation, self._loop, principal, frames_only)
         self._add(session)
         with self._secrets_lock:
             self._by_secret[session.secret] = session

@@ -668,7 +668,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             )
         model = self.registry.get(request.model_id)
         model.check_push_header(request.worker_index, model.step)
-        session = self.data_plane.open(model, request.worker_index, auth.current_principal())
+        session = self.data_plane.open(model, request.worker_index, auth.current_principal(), request.frames_only)
         return data_plane_rpc.open_response(session, self.data_plane.port or 0)
 
     async def _push(self, request_iterator: AsyncIterator[pb.ApplyGradientsRequest], context):

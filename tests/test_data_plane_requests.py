@@ -246,3 +246,26 @@ def test_a_push_whose_connection_died_goes_over_grpc(address):
         assert ("framed-broken", 0) in client.transport.data_plane._segments  # reopened
     for name in SHAPES:
         np.testing.assert_array_equal(values[name], expected[name], strict=True)
+
+
+def test_a_session_for_frames_only_sets_no_memory_aside_and_a_large_push_replaces_it(server, address):
+    plane = server._server._servicer.data_plane
+    shapes = {"kernel": (512, 600), "bias": (600,)}  # 1.2 MB: a whole push is larger than one message
+    start = {name: np.zeros(shape, np.float32) for name, shape in shapes.items()}
+    whole = {name: np.ones(shape, np.float32) for name, shape in shapes.items()}
+    with Client(address, shared_memory=False) as client:
+        client.create_model("partial", "sgd", start)
+
+        def session():
+            (found,) = [s for s in list(plane._sessions.values()) if s.model_id == "partial"]
+            return found
+
+        client.push("partial", {"bias": np.ones(600, np.float32)})  # one small variable: a request frame
+        assert session().frames_only and session().payload_bytes == 0 and not session().gradients
+        client.push("partial", whole)  # a gradient frame: a session with the model's arrays replaces it
+        assert not session().frames_only and session().payload_bytes == sum(a.nbytes for a in whole.values())
+        full = session()
+        _, values = client.push_pull("partial", {"bias": np.ones(600, np.float32)})  # small again: same session
+        assert session() is full
+    np.testing.assert_array_equal(values["bias"], np.full(600, -0.03, np.float32))
+    np.testing.assert_array_equal(values["kernel"], np.full((512, 600), -0.01, np.float32))
