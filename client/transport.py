@@ -546,6 +546,38 @@ class GrpcTransport:
         request = pb.OpenSharedMemoryRequest(model_id=model_id, worker_index=worker_index)
         return self._call(lambda deadline: self._stub.OpenSharedMemory(request, timeout=deadline), _OPEN_TIMEOUT_S)
 
+    def _push_header(
+        self, header: pb.ApplyGradientsHeader, request: bytes, timeout: float | None
+    ) -> pb.ApplyGradientsResponse:
+        """Send ``request``, a push whose tensors travel elsewhere (shared memory), as a request
+        frame on the worker's data connection where it has one, else as a unary gRPC call (also
+        when the connection fails, or the server is unavailable: gRPC's retries take over)."""
+        sessions, model_id, worker = self.data_plane, header.model_id, header.worker_index
+        connection = sessions.segment(model_id, worker, frames_only=True) if sessions.available else None
+        if connection is not None and connection.lock.acquire(blocking=False):
+            try:
+                flags, answer, _ = connection.request(request, timeout)
+            except data_plane_client.DataPlaneBroken:
+                sessions.discard(model_id, worker, connection)
+            except data_plane_client.DataPlaneTimeout as why:
+                sessions.discard(model_id, worker, connection)
+                raise DeadlineExceededError(f"The push to model {model_id!r} got no answer ({why}).") from None
+            else:
+                if not flags & frames.STATUS:
+                    return pb.ApplyGradientsResponse.FromString(answer)
+                status = pb.DataPlaneStatus.FromString(answer)
+                error = error_from_status(status.code, status.message, status.metadata.items())
+                if error.code not in ("UNAVAILABLE", "UNAUTHENTICATED") and not error.details.get("data_plane"):
+                    raise error
+                sessions.discard(model_id, worker, connection)
+            finally:
+                connection.lock.release()
+
+        def attempt(deadline: float | None) -> pb.ApplyGradientsResponse:
+            return pb.ApplyGradientsResponse.FromString(self._stub.ApplyGradientsUnary(request, timeout=deadline))
+
+        return self._call(attempt, timeout)
+
     def _push_shared(
         self, header: pb.ApplyGradientsHeader, tensor_list: list[Tensor], timeout: float | None
     ) -> tuple[StepResult, dict[str, np.ndarray]] | None:
@@ -559,12 +591,8 @@ class GrpcTransport:
             shared.shared_memory_session = segment.session_id
             shared.shared_memory_gradients.extend(names)
             request = pb.ApplyGradientsRequest(header=shared).SerializeToString()
-
-            def attempt(deadline: float | None) -> pb.ApplyGradientsResponse:
-                return pb.ApplyGradientsResponse.FromString(self._stub.ApplyGradientsUnary(request, timeout=deadline))
-
             try:
-                response = self._call(attempt, timeout)
+                response = self._push_header(header, request, timeout)
             except OptserveError as error:
                 if error.code not in _SERVER_REFUSALS or error.details.get("shared_memory"):
                     # The server may still read this segment (a push it holds), or no longer knows it:

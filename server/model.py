@@ -371,7 +371,7 @@ class Model:
         if self.spec.non_finite_policy == REJECT and gradients:
             if non_finite is None:
                 # Off the event loop, and outside the lock: pushes of one step are checked in parallel.
-                non_finite = await self._run(non_finite_names, gradients)
+                non_finite = await self._run(non_finite_names, gradients, self._executor)
             self._refuse_non_finite(worker, step, non_finite)
         started = time.perf_counter()
         try:

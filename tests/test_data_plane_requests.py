@@ -269,3 +269,26 @@ def test_a_session_for_frames_only_sets_no_memory_aside_and_a_large_push_replace
         assert session() is full
     np.testing.assert_array_equal(values["bias"], np.full(600, -0.03, np.float32))
     np.testing.assert_array_equal(values["kernel"], np.full((512, 600), -0.01, np.float32))
+
+
+def test_a_shared_memory_push_sends_its_header_as_a_frame(address, monkeypatch):
+    shapes = {"kernel": (256, 300), "bias": (300,)}  # 300 KB: shared memory's size
+    start = {name: np.full(shape, 0.5, np.float32) for name, shape in shapes.items()}
+    rng = np.random.default_rng(3)
+    steps = [{name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()} for _ in range(3)]
+    results = {}
+    counter = FrameCounter(monkeypatch)
+    for label, options in {"shared": {}, "grpc": {"shared_memory": False, "data_plane": False}}.items():
+        with Client(address, **options) as client:
+            client.create_model(f"header-{label}", ADAM, start)
+            for gradients_of_step in steps:
+                _, results[label] = client.push_pull(f"header-{label}", gradients_of_step)
+            if label == "shared":
+                assert ("header-shared", 0) in client.transport.shared_memory._segments
+                assert counter.frames == 3  # every push's header, none as a gRPC call
+                # The data connection dies: the header goes over gRPC, the push over shared memory.
+                client.transport.data_plane._segments[("header-shared", 0)].connection.shutdown(socket.SHUT_RDWR)
+                assert client.push("header-shared", steps[0]).step == 4
+                assert counter.frames == 4
+    for name in shapes:
+        np.testing.assert_array_equal(results["shared"][name], results["grpc"][name], strict=True)

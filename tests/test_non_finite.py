@@ -151,3 +151,29 @@ def test_the_finiteness_check_is_exact_where_squares_overflow():
     huge_with_infinity[500] = np.inf
     found = non_finite_names({"huge": huge, "nan": nan, "-inf": negative_infinity, "both": huge_with_infinity})
     assert found == ["nan", "-inf", "both"]
+
+
+@pytest.mark.parametrize("helpers", [1, 0])  # a pool with a free thread, and one whose thread never comes
+def test_a_large_push_is_checked_in_parallel_pieces_with_the_same_answer(helpers):
+    import concurrent.futures
+    import threading
+
+    from optserve.server.finite import PARALLEL_CHECK_BYTES, non_finite_names
+
+    size = PARALLEL_CHECK_BYTES // 4
+    clean, late_nan, huge = np.ones(size, np.float32), np.ones(size, np.float32), np.full(size, 3e38, np.float32)
+    late_nan[-1] = np.nan  # in the last piece
+    gradients = {
+        "clean": clean,
+        "late-nan": late_nan,
+        "huge": huge,
+        "ints": np.arange(10),
+        "tiny-inf": np.array([np.inf]),
+    }
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        blocker = threading.Event()
+        if not helpers:
+            pool.submit(blocker.wait)  # the pool's one thread is busy: its helper stays queued
+        found = non_finite_names(gradients, pool)
+        blocker.set()
+    assert found == ["late-nan", "tiny-inf"]
