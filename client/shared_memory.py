@@ -20,6 +20,7 @@ import logging
 import math
 import mmap
 import os
+import sys
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -45,7 +46,15 @@ def enabled_by_default() -> bool:
 
 
 class SharedSegment:
-    """One mapped session: views of its gradient and value regions, used by one push at a time."""
+    """One mapped session: views of its gradient and value regions, used by one push at a time.
+
+    A push's new values are handed out as arrays in one of the segment's two value regions, not
+    copied: the next push has its values written into a region none of whose arrays the caller
+    still holds (each region's arrays are views of a memoryview of their own, whose reference
+    count says whether any is alive). A caller holding the arrays of both gets the values written
+    into the gradient region instead, copied out into arrays it owns. A server from before the
+    second region gets one region, copied out.
+    """
 
     def __init__(self, response: pb.OpenSharedMemoryResponse, arrays: ArrayPool | None = None):
         self.session_id = response.session_id
@@ -60,6 +69,15 @@ class SharedSegment:
             count = math.prod(shape)
             self.gradients[tensor.name] = _view(self.buffer, dtype, shape, count, tensor.gradient_offset)
             self.values[tensor.name] = _view(self.buffer, dtype, shape, count, tensor.value_offset)
+        two_regions = bool(response.tensors) and all(t.second_value_offset for t in response.tensors)
+        # Regions handed out (0 and 1: value_offset, second_value_offset): each a memoryview of the
+        # region's bytes and the variables' arrays in it, which are never given out themselves.
+        self._regions = (
+            [_Region(self.buffer, response.tensors, offset) for offset in ("value_offset", "second_value_offset")]
+            if two_regions
+            else []
+        )
+        self.region = 0  # the region the next push's values go into (shared_memory_values_region)
 
     def fits(self, gradients: Sequence[tuple[str, str, Any]]) -> bool:
         """Whether every gradient is a dense array of its variable's shape and dtype (else the push
@@ -77,18 +95,50 @@ class SharedSegment:
         return True
 
     def write_gradients(self, gradients: list[tuple[str, str, np.ndarray]]) -> list[str]:
+        """Write a push's gradients, and choose where its values go (``region``)."""
         copy_in_parallel([(self.gradients[name], np.ascontiguousarray(array)) for name, _, array in gradients])
+        free = [index for index, region in enumerate(self._regions) if region.free()]
+        self.region = free[0] if free else (GRADIENT_REGION if self._regions else 0)
         return [name for name, _, _ in gradients]
 
     def read_values(self) -> dict[str, np.ndarray]:
-        """The new values, copied out (the next push overwrites the segment) into arrays the
-        caller owns; they come from a pool, so steady-state round trips allocate nothing."""
+        """The new values: arrays in a value region, the caller's until it drops them; else (a
+        region still held, an older server) copied out into arrays from a pool."""
+        if self._regions and self.region != GRADIENT_REGION:
+            return self._regions[self.region].hand_out()
+        written = self.gradients if self.region == GRADIENT_REGION else self.values
         values = {
-            name: self._arrays.empty((self.session_id, name), view.shape, view.dtype)
-            for name, view in self.values.items()
+            name: self._arrays.empty((self.session_id, name), view.shape, view.dtype) for name, view in written.items()
         }
-        copy_in_parallel([(values[name], view) for name, view in self.values.items()])
+        copy_in_parallel([(values[name], view) for name, view in written.items()])
         return values
+
+
+GRADIENT_REGION = 2  # shared_memory_values_region of the segment's gradient region
+
+
+class _Region:
+    """One value region: its arrays, and whether the caller still holds any handed out."""
+
+    def __init__(self, buffer: mmap.mmap, tensors_of: Sequence[pb.SharedTensor], field: str):
+        starts = [getattr(t, field) for t in tensors_of]
+        ends = [getattr(t, field) + math.prod(t.shape) * tensors.dtype_from_proto(t.dtype).itemsize for t in tensors_of]
+        low = min(starts)
+        # The region's bytes: every array of the region, and every view of one, refers to it.
+        self._owner = np.frombuffer(memoryview(buffer)[low : max(ends)], dtype=np.uint8)
+        self._arrays = {
+            tensor.name: self._owner[start - low : end - low]
+            .view(tensors.dtype_from_proto(tensor.dtype))
+            .reshape(tuple(int(d) for d in tensor.shape))
+            for tensor, start, end in zip(tensors_of, starts, ends, strict=True)
+        }
+        self._idle = sys.getrefcount(self._owner)  # what the region's own arrays count
+
+    def free(self) -> bool:
+        return sys.getrefcount(self._owner) == self._idle
+
+    def hand_out(self) -> dict[str, np.ndarray]:
+        return {name: array.view() for name, array in self._arrays.items()}
 
 
 class SegmentUnusable(Exception):

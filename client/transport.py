@@ -590,6 +590,7 @@ class GrpcTransport:
             shared = _without_chunks(header)
             shared.shared_memory_session = segment.session_id
             shared.shared_memory_gradients.extend(names)
+            shared.shared_memory_values_region = segment.region
             request = pb.ApplyGradientsRequest(header=shared).SerializeToString()
             try:
                 response = self._push_header(header, request, timeout)

@@ -104,7 +104,7 @@ class CreateModelResponse(_message.Message):
     def __init__(self, created: _Optional[bool] = ..., model: _Optional[_Union[ModelInfo, _Mapping]] = ...) -> None: ...
 
 class ApplyGradientsHeader(_message.Message):
-    __slots__ = ("model_id", "worker_index", "step", "aggregated", "return_variables", "num_gradients", "hold_for_joint_norm", "shared_memory_session", "shared_memory_gradients", "data_plane_session", "data_plane_sequence")
+    __slots__ = ("model_id", "worker_index", "step", "aggregated", "return_variables", "num_gradients", "hold_for_joint_norm", "shared_memory_session", "shared_memory_gradients", "data_plane_session", "data_plane_sequence", "shared_memory_values_region")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_INDEX_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
@@ -116,6 +116,7 @@ class ApplyGradientsHeader(_message.Message):
     SHARED_MEMORY_GRADIENTS_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_SESSION_FIELD_NUMBER: _ClassVar[int]
     DATA_PLANE_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SHARED_MEMORY_VALUES_REGION_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     worker_index: int
     step: int
@@ -127,7 +128,8 @@ class ApplyGradientsHeader(_message.Message):
     shared_memory_gradients: _containers.RepeatedScalarFieldContainer[str]
     data_plane_session: str
     data_plane_sequence: int
-    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ..., step: _Optional[int] = ..., aggregated: _Optional[bool] = ..., return_variables: _Optional[bool] = ..., num_gradients: _Optional[int] = ..., hold_for_joint_norm: _Optional[bool] = ..., shared_memory_session: _Optional[str] = ..., shared_memory_gradients: _Optional[_Iterable[str]] = ..., data_plane_session: _Optional[str] = ..., data_plane_sequence: _Optional[int] = ...) -> None: ...
+    shared_memory_values_region: int
+    def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ..., step: _Optional[int] = ..., aggregated: _Optional[bool] = ..., return_variables: _Optional[bool] = ..., num_gradients: _Optional[int] = ..., hold_for_joint_norm: _Optional[bool] = ..., shared_memory_session: _Optional[str] = ..., shared_memory_gradients: _Optional[_Iterable[str]] = ..., data_plane_session: _Optional[str] = ..., data_plane_sequence: _Optional[int] = ..., shared_memory_values_region: _Optional[int] = ...) -> None: ...
 
 class ApplyGradientsRequest(_message.Message):
     __slots__ = ("header", "gradients", "sparse_gradients")
@@ -227,18 +229,20 @@ class OpenSharedMemoryRequest(_message.Message):
     def __init__(self, model_id: _Optional[str] = ..., worker_index: _Optional[int] = ...) -> None: ...
 
 class SharedTensor(_message.Message):
-    __slots__ = ("name", "dtype", "shape", "gradient_offset", "value_offset")
+    __slots__ = ("name", "dtype", "shape", "gradient_offset", "value_offset", "second_value_offset")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     GRADIENT_OFFSET_FIELD_NUMBER: _ClassVar[int]
     VALUE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SECOND_VALUE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: DType
     shape: _containers.RepeatedScalarFieldContainer[int]
     gradient_offset: int
     value_offset: int
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., gradient_offset: _Optional[int] = ..., value_offset: _Optional[int] = ...) -> None: ...
+    second_value_offset: int
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[DType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., gradient_offset: _Optional[int] = ..., value_offset: _Optional[int] = ..., second_value_offset: _Optional[int] = ...) -> None: ...
 
 class OpenSharedMemoryResponse(_message.Message):
     __slots__ = ("session_id", "path", "nonce", "size", "tensors")

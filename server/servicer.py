@@ -291,12 +291,12 @@ class _RequestTensors:
         return codec.variables_only(tensors)
 
 
-def _reply_region(*sessions) -> dict[str, np.ndarray] | None:
-    """The arrays a push's reply is written into: its shared-memory or data-plane session's values."""
-    for session in sessions:
-        if session is not None:
-            return session.values
-    return None
+def _reply_region(header: pb.ApplyGradientsHeader, shared, data) -> dict[str, np.ndarray] | None:
+    """The arrays a push's reply is written into: the region of its shared-memory session that it
+    names, or its data-plane session's values."""
+    if shared is not None:
+        return shared.values_in(header.shared_memory_values_region)
+    return None if data is None else data.values
 
 
 def _as_variables(values: dict[str, np.ndarray]) -> list[tuple[str, str, np.ndarray]]:
@@ -729,7 +729,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                         aggregated=header.aggregated,
                         return_variables=header.return_variables,
                         hold_for_joint_norm=header.hold_for_joint_norm,
-                        reply_into=_reply_region(session, data_session),
+                        reply_into=_reply_region(header, session, data_session),
                         non_finite=non_finite,
                     )
                 except asyncio.CancelledError:
@@ -757,7 +757,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             )
             return
         if session is not None:
-            yield await shared_memory_rpc.reply_through(session, first, values, self.registry.executor)
+            region = header.shared_memory_values_region
+            yield await shared_memory_rpc.reply_through(session, region, first, values, self.registry.executor)
             return
         if _payload_bytes(values.values()) <= codec.CHUNK_BYTES:
             for message in codec.chunk_messages(first, "variables", _as_variables(values)):

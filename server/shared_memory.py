@@ -57,20 +57,27 @@ def _aligned(offset: int) -> int:
     return -(-offset // ALIGNMENT) * ALIGNMENT
 
 
+VALUE_REGIONS = 3  # shared_memory_values_region: the two value regions, then the gradient region
+
+
 class Layout:
-    """Where each variable's gradient and value live in a segment."""
+    """Where each variable's gradient and its two values live in a segment: a region of every
+    gradient, then two regions of every value."""
 
     def __init__(self, variables: Iterable[tuple[str, np.dtype, tuple[int, ...]]]):
-        self.entries: list[tuple[str, np.dtype, tuple[int, ...], int, int]] = []
-        specs = list(variables)
+        specs = [(name, np.dtype(dtype), tuple(shape)) for name, dtype, shape in variables]
         offset = HEADER_BYTES
-        gradient_offsets = []
-        for _, dtype, shape in specs:
-            gradient_offsets.append(offset)
-            offset = _aligned(offset + math.prod(shape) * np.dtype(dtype).itemsize)
-        for (name, dtype, shape), gradient_offset in zip(specs, gradient_offsets, strict=True):
-            self.entries.append((name, np.dtype(dtype), tuple(shape), gradient_offset, offset))
-            offset = _aligned(offset + math.prod(shape) * np.dtype(dtype).itemsize)
+        regions = []
+        for _ in range(3):
+            offsets = []
+            for _, dtype, shape in specs:
+                offsets.append(offset)
+                offset = _aligned(offset + math.prod(shape) * dtype.itemsize)
+            regions.append(offsets)
+        # (name, dtype, shape, gradient offset, value offset, second value offset)
+        self.entries: list[tuple[str, np.dtype, tuple[int, ...], int, int, int]] = [
+            (name, dtype, shape, *offsets) for (name, dtype, shape), *offsets in zip(specs, *regions, strict=True)
+        ]
         self.size = max(offset, HEADER_BYTES)
 
 
@@ -90,10 +97,12 @@ class Session:
         self.buffer[:NONCE_BYTES] = self.nonce
         self.gradients: dict[str, np.ndarray] = {}
         self.values: dict[str, np.ndarray] = {}
-        for name, dtype, shape, gradient_offset, value_offset in layout.entries:
+        self.second_values: dict[str, np.ndarray] = {}
+        for name, dtype, shape, gradient_offset, value_offset, second_value_offset in layout.entries:
             count = math.prod(shape)
             self.gradients[name] = _view(self.buffer, dtype, shape, count, gradient_offset)
             self.values[name] = _view(self.buffer, dtype, shape, count, value_offset)
+            self.second_values[name] = _view(self.buffer, dtype, shape, count, second_value_offset)
         self.claimed = False
         self.expiry: asyncio.TimerHandle | None = None
 
@@ -124,7 +133,16 @@ class Session:
         self.cancel_expiry()
         self.unlink()
         self.reservation.release()
-        self.gradients, self.values = {}, {}
+        self.gradients, self.values, self.second_values = {}, {}, {}
+
+    def values_in(self, region: int) -> dict[str, np.ndarray]:
+        """The arrays of ``shared_memory_values_region`` ``region``, which a push's values go into."""
+        if not 0 <= region < VALUE_REGIONS:
+            raise InvalidArgumentError(
+                f"The push asks for its values in shared memory region {region}; a segment has regions 0 and 1 "
+                "(its value regions) and 2 (its gradient region)."
+            )
+        return (self.values, self.second_values, self.gradients)[region]
 
     def gradients_for(self, names: Iterable[str]) -> dict[str, np.ndarray]:
         selected: dict[str, np.ndarray] = {}
@@ -139,9 +157,10 @@ class Session:
             selected[name] = self.gradients[name]
         return selected
 
-    def write_values(self, values: dict[str, np.ndarray], copy_many=None) -> None:
-        """Copy ``values`` into the value region (``copy_many``: a backend's parallel copy)."""
-        pairs = [(self.values[name], value) for name, value in values.items()]
+    def write_values(self, values: dict[str, np.ndarray], region: int = 0, copy_many=None) -> None:
+        """Copy ``values`` into ``region`` (see values_in; ``copy_many``: a backend's parallel copy)."""
+        targets = self.values_in(region)
+        pairs = [(targets[name], value) for name, value in values.items()]
         if copy_many is None:
             for target, value in pairs:
                 np.copyto(target, value)

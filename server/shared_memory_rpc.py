@@ -29,8 +29,9 @@ def open_response(session: Session) -> pb.OpenSharedMemoryResponse:
                 shape=shape,
                 gradient_offset=gradient_offset,
                 value_offset=value_offset,
+                second_value_offset=second_value_offset,
             )
-            for name, dtype, shape, gradient_offset, value_offset in session.layout.entries
+            for name, dtype, shape, gradient_offset, value_offset, second_value_offset in session.layout.entries
         ],
     )
 
@@ -53,16 +54,17 @@ def session_for(sessions: SharedMemorySessions | None, header: pb.ApplyGradients
 
 
 async def reply_through(
-    session: Session, first: pb.ApplyGradientsResponse, values: dict[str, np.ndarray], executor
+    session: Session, region: int, first: pb.ApplyGradientsResponse, values: dict[str, np.ndarray], executor
 ) -> pb.ApplyGradientsResponse:
-    """The push's reply: the new values written into the session's value region, the result on gRPC."""
+    """The push's reply: the new values written into the session's ``region``, the result on gRPC."""
     if values:
-        if all(session.values.get(name) is value for name, value in values.items()):
+        targets = session.values_in(region)
+        if all(targets.get(name) is value for name, value in values.items()):
             pass  # the model wrote them there (Model.push's reply_into)
         elif sum(v.nbytes for v in values.values()) <= _INLINE_WRITE_BYTES:
-            session.write_values(values)
+            session.write_values(values, region)
         else:
             copy_many = get_backend("cpu").copy_many  # host to host, on the kernel threads
-            await asyncio.get_running_loop().run_in_executor(executor, session.write_values, values, copy_many)
+            await asyncio.get_running_loop().run_in_executor(executor, session.write_values, values, region, copy_many)
         first.variables_in_shared_memory = True
     return first

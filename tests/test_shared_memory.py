@@ -70,25 +70,39 @@ def test_push_pull_through_shared_memory_is_bit_identical_to_grpc(address):
         assert shared[name].flags.writeable
 
 
-def test_returned_values_are_the_callers_until_dropped_then_reused(address):
+def test_values_are_handed_out_in_the_segment_and_never_written_while_held(address):
     with Client(address) as client:
         client.create_model("held", ADAM, variables())
-        _, held = client.push_pull("held", gradients(0))
+        _, first = client.push_pull("held", gradients(0))
         assert _uses_shared_memory(client, "held")
-        kept = {name: value.copy() for name, value in held.items()}
         segment = client.transport.shared_memory._segments[("held", 0)]
-        for name, value in held.items():
-            assert not np.shares_memory(value, segment.values[name])  # a copy, not the segment
-        addresses = set()
-        for step in range(1, 4):  # later pushes never write into arrays the caller still holds
-            _, later = client.push_pull("held", gradients(step))
-            addresses |= {value.__array_interface__["data"][0] for value in later.values()}
-            del later  # dropped: its arrays may be handed out again
-        for name in held:
-            np.testing.assert_array_equal(held[name], kept[name])
-        held_addresses = {value.__array_interface__["data"][0] for value in held.values()}
-        assert not addresses & held_addresses
-        assert len(addresses) == len(kept)  # steps 2 and 3 reused step 1's dropped arrays: no new memory
+        whole = np.frombuffer(segment.buffer, np.uint8)
+
+        def in_segment(values) -> bool:
+            return all(np.shares_memory(value, whole) for value in values.values())
+
+        def where(values) -> set[int]:
+            return {value.__array_interface__["data"][0] for value in values.values()}
+
+        assert in_segment(first)  # the values were not copied
+        first_at, kept = where(first), {name: value.copy() for name, value in first.items()}
+        _, second = client.push_pull("held", gradients(1))  # `first` is held: the other region
+        assert in_segment(second) and not where(second) & first_at
+        _, third = client.push_pull("held", gradients(2))  # both held: copied out of the segment
+        assert not in_segment(third)
+        for name in kept:  # no later push wrote into arrays the caller still holds
+            np.testing.assert_array_equal(first[name], kept[name])
+        del first
+        _, fourth = client.push_pull("held", gradients(3))  # `first`'s region is free again
+        assert in_segment(fourth) and where(fourth) == first_at
+        values = {"second": second, "third": third, "fourth": fourth}
+    with Client(address, shared_memory=False, data_plane=False) as wired:
+        wired.create_model("held-grpc", ADAM, variables())
+        for step, label in enumerate(["first", "second", "third", "fourth"]):
+            _, expected = wired.push_pull("held-grpc", gradients(step))
+            if label in values:
+                for name in expected:
+                    np.testing.assert_array_equal(values[label][name], expected[name], strict=True)
 
 
 def test_segment_names_are_gone_once_mapped_and_values_are_the_servers(address):
