@@ -213,10 +213,12 @@ def _passthrough(message) -> bytes:
 
 
 class Worker:
-    """One worker's connection: an optserve ``Client``, used as an application uses it."""
+    """One worker's connection: an optserve ``Client``, used as an application uses it, on gRPC
+    alone (this benchmark measures gRPC's path; bench_ray.py and bench_network.py the others)."""
 
     def __init__(self, address: str, **client_options):
-        self.client = Client(address, timeout=120, **client_options)
+        options = {"shared_memory": False, "data_plane": False, **client_options}
+        self.client = Client(address, timeout=120, **options)
 
     def create_model(self, model_id: str, arrays: dict, num_workers: int) -> None:
         self.client.create_model(model_id, SGD_CONFIG, arrays, num_workers=num_workers)
