@@ -35,6 +35,7 @@ of each and its ratio to plaintext in the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -476,6 +477,9 @@ def main(argv=None) -> int:
         action="store_true",
         help="build requests as generated messages (as batch_chunks callers do)",
     )
+    parser.add_argument(
+        "--data-plane", action="store_true", help="workers use the data plane beside gRPC (the default path off-host)"
+    )
     parser.add_argument("--tls", action="store_true", help="the cost of TLS and tokens against plaintext")
     parser.add_argument("--bare-grpc-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -485,10 +489,15 @@ def main(argv=None) -> int:
     if args.tls:
         return tls_cost(args.quick)
     worker_type = ProtobufWorker if args.protobuf_requests else Worker
+    if args.data_plane:
+        if args.protobuf_requests:
+            parser.error("--data-plane is a path of optserve's Client, not of generated-message workers")
+        worker_type = functools.partial(worker_type, data_plane=True)
     sizes = [1 * MB, 64 * MB] if args.quick else [1 * MB, 16 * MB, 64 * MB]
     repeats = 5 if args.quick else 9
     server = ServerProcess()
     encoding = "generated-message" if args.protobuf_requests else "optserve Client"
+    encoding += ", data plane" if args.data_plane else ", gRPC alone"
     print(
         f"optserve bench_rpc: server {server.address} (separate process), {os.cpu_count()} cores, "
         f"float32, SGD, {encoding} workers"
