@@ -33,8 +33,9 @@ from optserve.client.arguments import (
     weight_tensors,
 )
 from optserve.client.base import DEFAULT, ClientBase, TransportFactory
+from optserve.client.messages import optimizer_class_name
 from optserve.client.steps import StepTracker
-from optserve.client.transport import RetryPolicy, Transport, error_from_rpc, optimizer_class_name
+from optserve.client.transport import RetryPolicy, Transport, error_from_rpc
 from optserve.client.types import (
     ModelInfo,
     ModelSpec,

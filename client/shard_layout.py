@@ -16,8 +16,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from optserve.client.arguments import Gradient, optimizer_config_json
+from optserve.client.messages import optimizer_class_name
 from optserve.client.sharding import PART_SEPARATOR, ShardPlan, plan_placement
-from optserve.client.transport import optimizer_class_name
 from optserve.client.types import ModelInfo, OptimizerState, ServerGeneration, StepResult
 from optserve.protos.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from optserve.protos.tensors import SparseGradient

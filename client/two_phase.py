@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from optserve.client.transport import read_stream, step_result
+from optserve.client.messages import read_stream, step_result
 from optserve.client.types import StepResult
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import tensors
