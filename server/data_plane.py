@@ -206,16 +206,14 @@ class DataSession:
 
     # ------------------------------------------------------------- executor
 
-    def send_values(self, sequence: int, values: dict[str, np.ndarray] | None) -> None:
-        """The reply frame: the values of every variable, or none (flag NO_VALUES)."""
+    def send_values(self, sequence: int, values: dict[str, np.ndarray]) -> None:
+        """The reply frame of the values of every variable (a frame saying none follow is sent
+        with ``send_soon``, from the event loop)."""
         connection = self.connection
         if connection is None or self.closed:
             return
         with self._send_lock:
             try:
-                if values is None:
-                    connection.sendall(frames.header(sequence, 0, frames.NO_VALUES))
-                    return
                 connection.sendall(frames.header(sequence, self.payload_bytes))
                 for name, _, _ in self.tensors:
                     frames.send_bytes(connection, bytes_of(values[name]))

@@ -6,13 +6,11 @@ import asyncio
 
 import numpy as np
 
+from optserve.protos import frames
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import tensors as codec
 from optserve.server.data_plane import DataPlane, DataSession
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError
-
-# Below this, sending the reply on the event loop costs less than a hop to the executor.
-_INLINE_SEND_BYTES = 256 * 1024
 
 
 def open_response(session: DataSession, port: int) -> pb.OpenDataPlaneResponse:
@@ -49,10 +47,10 @@ async def reply_through(
     values: dict[str, np.ndarray] | None,
     executor,
 ) -> pb.ApplyGradientsResponse:
-    """Send the reply frame (the new values, or none), then the result on gRPC."""
-    if values and session.payload_bytes > _INLINE_SEND_BYTES:
+    """Send the reply frame (the new values, or a frame saying none follow), then the result."""
+    if values:
         await asyncio.get_running_loop().run_in_executor(executor, session.send_values, sequence, values)
     else:
-        session.send_values(sequence, values or None)
+        await session.send_soon(sequence, b"", frames.NO_VALUES)
     first.variables_in_data_plane = bool(values)
     return first

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Iterable
 import grpc
 import numpy as np
 
-from optserve.protos import errors
+from optserve.protos import errors, frames
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors as codec
@@ -744,7 +744,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     raise
         except BaseException:
             if data_session is not None and header is not None:
-                data_session.send_values(header.data_plane_sequence, None)  # the worker waits on its connection
+                # The worker waits on its connection: tell it no values follow (never blocking the loop).
+                data_session.send_soon(header.data_plane_sequence, b"", frames.NO_VALUES)
             raise
         finally:
             if tensors is not None:

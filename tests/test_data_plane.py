@@ -12,6 +12,7 @@ import rpc_helpers
 from optserve.client import Client, InvalidArgumentError
 from optserve.protos import frames
 from optserve.protos import optserve_pb2 as pb
+from optserve.protos.errors import OptserveError
 from optserve.server.app import start_server
 
 ADAM = {"class_name": "Adam", "config": {"learning_rate": 0.01}}
@@ -196,3 +197,16 @@ def test_a_frame_is_checked_for_nan_as_it_arrives_and_a_non_finite_push_changes_
         assert client.push("checked", huge).step == 2
         assert _over_data_plane(client, "checked")
         assert client.list_models("checked")[0].step == 2
+
+
+def test_a_refused_large_push_keeps_its_connection_for_the_next(address):
+    with Client(address, shared_memory=False) as client:
+        client.create_model("refused-large", ADAM, variables())
+        client.push("refused-large", gradients(0))
+        connection = client.transport.data_plane._segments[("refused-large", 0)]
+        with pytest.raises(OptserveError) as ahead:
+            client.push("refused-large", gradients(1), step=7)  # its frame arrived; its step is refused
+        assert ahead.value.code == "FAILED_PRECONDITION" and ahead.value.details["current_step"] == "1"
+        _, values = client.push_pull("refused-large", gradients(1))
+        assert client.transport.data_plane._segments[("refused-large", 0)] is connection  # the same connection
+        assert set(values) == set(SHAPES) and client.list_models("refused-large")[0].step == 2
