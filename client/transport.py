@@ -510,41 +510,56 @@ class GrpcTransport:
         """``request(connection)`` (frames out, answer in) and its answer as a push's outcome (its
         values in a frame of their own with ``values_frame``); None: the push goes over gRPC (the
         data connection broke, the server wants it elsewhere)."""
-        sessions, model_id, worker = self.data_plane, header.model_id, header.worker_index
-        if not connection.lock.acquire(blocking=False):
-            return None  # another push of this worker is on the connection
-        try:
-            try:
-                flags, answer, values = request(connection)
-            except data_plane_client.DataPlaneBroken as why:
-                log.info("data plane push for model %r not possible (%s); it goes over gRPC", model_id, why)
-                sessions.discard(model_id, worker, connection)
-                return None  # if it was applied, gRPC's push of the same step is answered as a duplicate
-            except data_plane_client.DataPlaneTimeout as why:
-                sessions.discard(model_id, worker, connection)  # its answer may still come
-                raise DeadlineExceededError(f"The push to model {model_id!r} got no answer ({why}).") from None
-        finally:
-            connection.lock.release()
+        exchanged = self._exchange_frames(header, connection, request)
+        if exchanged is None:
+            return None
+        flags, answer, values = exchanged
         if flags & frames.STATUS:
-            status = pb.DataPlaneStatus.FromString(answer)
-            error = error_from_status(status.code, status.message, status.metadata.items())
-            if error.code == "FAILED_PRECONDITION" and error.details.get("unary"):
-                self._streamed_models.add(model_id)
-                return None
-            if error.code in ("UNAVAILABLE", "UNAUTHENTICATED") or error.details.get("data_plane"):
-                sessions.discard(model_id, worker, connection)
-                return None  # gRPC, its retries and its own word on the caller's token
-            raise error
+            self._refused_on_frames(header, connection, answer)
+            return None
         if values_frame:
             response = pb.ApplyGradientsResponse.FromString(answer)
             if response.variables_in_data_plane and values is None:
-                sessions.discard(model_id, worker, connection)
+                self.data_plane.discard(header.model_id, header.worker_index, connection)
                 raise OptserveError("The server's reply is malformed: its values did not arrive on the data plane.")
             return step_result(response.result), values or {}
         result, received = read_stream(
-            [answer], pb.ApplyGradientsResponse, "result", "variables", self._receive_arrays(model_id)
+            [answer], pb.ApplyGradientsResponse, "result", "variables", self._receive_arrays(header.model_id)
         )
         return step_result(result), tensors.variables_only(received)
+
+    def _exchange_frames(self, header: pb.ApplyGradientsHeader, connection, request) -> tuple | None:
+        """``request(connection)`` holding the connection: (flags, answer, values); None: another push
+        holds it, or it broke (then it is dropped; if the push was applied, gRPC's push of the same
+        step is answered as a duplicate)."""
+        model_id, worker = header.model_id, header.worker_index
+        if not connection.lock.acquire(blocking=False):
+            return None
+        try:
+            return request(connection)
+        except data_plane_client.DataPlaneBroken as why:
+            log.info("data plane push for model %r not possible (%s); it goes over gRPC", model_id, why)
+            self.data_plane.discard(model_id, worker, connection)
+            return None
+        except data_plane_client.DataPlaneTimeout as why:
+            self.data_plane.discard(model_id, worker, connection)  # its answer may still come
+            raise DeadlineExceededError(f"The push to model {model_id!r} got no answer ({why}).") from None
+        finally:
+            connection.lock.release()
+
+    def _refused_on_frames(self, header: pb.ApplyGradientsHeader, connection, answer: bytes) -> None:
+        """Raise the error of a DataPlaneStatus answer, or return when gRPC should carry the push: the
+        model's replies are too large for one message, or the server is unavailable, refuses the
+        caller's token (gRPC words that itself) or no longer knows the session."""
+        status = pb.DataPlaneStatus.FromString(answer)
+        error = error_from_status(status.code, status.message, status.metadata.items())
+        if error.code == "FAILED_PRECONDITION" and error.details.get("unary"):
+            self._streamed_models.add(header.model_id)
+            return
+        if error.code in ("UNAVAILABLE", "UNAUTHENTICATED") or error.details.get("data_plane"):
+            self.data_plane.discard(header.model_id, header.worker_index, connection)
+            return
+        raise error
 
     def _open_shared_memory(self, model_id: str, worker_index: int) -> pb.OpenSharedMemoryResponse:
         request = pb.OpenSharedMemoryRequest(model_id=model_id, worker_index=worker_index)
@@ -556,26 +571,17 @@ class GrpcTransport:
         """Send ``request``, a push whose tensors travel elsewhere (shared memory), as a request
         frame on the worker's data connection where it has one, else as a unary gRPC call (also
         when the connection fails, or the server is unavailable: gRPC's retries take over)."""
-        sessions, model_id, worker = self.data_plane, header.model_id, header.worker_index
-        connection = sessions.segment(model_id, worker, frames_only=True) if sessions.available else None
-        if connection is not None and connection.lock.acquire(blocking=False):
-            try:
-                flags, answer, _ = connection.request(request, timeout)
-            except data_plane_client.DataPlaneBroken:
-                sessions.discard(model_id, worker, connection)
-            except data_plane_client.DataPlaneTimeout as why:
-                sessions.discard(model_id, worker, connection)
-                raise DeadlineExceededError(f"The push to model {model_id!r} got no answer ({why}).") from None
-            else:
+        sessions = self.data_plane
+        if sessions.available:
+            connection = sessions.segment(header.model_id, header.worker_index, frames_only=True)
+            exchanged = None
+            if connection is not None:
+                exchanged = self._exchange_frames(header, connection, lambda c: c.request(request, timeout))
+            if exchanged is not None:
+                flags, answer, _ = exchanged
                 if not flags & frames.STATUS:
                     return pb.ApplyGradientsResponse.FromString(answer)
-                status = pb.DataPlaneStatus.FromString(answer)
-                error = error_from_status(status.code, status.message, status.metadata.items())
-                if error.code not in ("UNAVAILABLE", "UNAUTHENTICATED") and not error.details.get("data_plane"):
-                    raise error
-                sessions.discard(model_id, worker, connection)
-            finally:
-                connection.lock.release()
+                self._refused_on_frames(header, connection, answer)
 
         def attempt(deadline: float | None) -> pb.ApplyGradientsResponse:
             return pb.ApplyGradientsResponse.FromString(self._stub.ApplyGradientsUnary(request, timeout=deadline))
