@@ -22,6 +22,7 @@ Every time is the median of several repeats after warm-up.
     python benchmarks/bench_apply.py                 # 1M, 10M, 50M parameters
     python benchmarks/bench_apply.py --sizes 10M     # one size
     python benchmarks/bench_apply.py --quick         # a smoke run (seconds)
+    python benchmarks/bench_apply.py --no-native     # the NumPy programs instead of compiled kernels
     python benchmarks/bench_apply.py --optimizers Adafactor,Muon --matrix 4096x4096
 """
 
@@ -312,6 +313,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-keras", action="store_true", help="skip the Keras/JAX baseline")
     parser.add_argument("--threads", type=int, default=None, help="NumPy backend threads (default: usable cores)")
     parser.add_argument("--working-set-kib", type=int, default=None, help="NumPy backend block working set, KiB")
+    parser.add_argument(
+        "--no-native", action="store_true", help="run the NumPy programs, not the kernels compiled for this CPU"
+    )
     parser.add_argument("--keras-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -331,7 +335,7 @@ def main(argv=None) -> int:
 
     from optserve.server.backends import DEFAULT_WORKING_SET_BYTES, NumpyBackend, get_backend
 
-    if args.threads is None and args.working_set_kib is None:
+    if args.threads is None and args.working_set_kib is None and not args.no_native:
         backend = get_backend("cpu")  # what the server uses
     else:
         backend = NumpyBackend(
@@ -339,6 +343,7 @@ def main(argv=None) -> int:
             working_set_bytes=DEFAULT_WORKING_SET_BYTES
             if args.working_set_kib is None
             else args.working_set_kib * 1024,
+            native=not args.no_native,
         )
     print(
         f"# {cpu_name()}, {os.cpu_count()} cores; numpy {np.__version__}; "

@@ -24,6 +24,7 @@ import numpy as np
 from optserve.protos.buffers import copy_arrays
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError
 from optserve.server.kernels import UpdateKernel
+from optserve.server.native_kernels import NativeKernel, NativeKernels, shared_native_kernels
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 DEVICES = ("auto", "cpu", "gpu")
@@ -41,6 +42,8 @@ DEFAULT_PARALLEL_THRESHOLD = 1 << 17
 # than MIN_PARALLEL_BLOCK elements, where per-call overhead starts to show).
 BLOCKS_PER_THREAD = 4
 MIN_PARALLEL_BLOCK = 16 * 1024
+# Elements per block of a native kernel (one call through ctypes costs a few microseconds).
+NATIVE_BLOCK = 1 << 18
 
 
 def check_dtype(dtype, what="arrays") -> np.dtype:
@@ -112,6 +115,7 @@ class NumpyBackend:
         threads: int | None = None,
         working_set_bytes: int = DEFAULT_WORKING_SET_BYTES,
         parallel_threshold: int = DEFAULT_PARALLEL_THRESHOLD,
+        native: NativeKernels | bool | None = None,
     ):
         self.threads = max(1, min(_usable_cores(), 8) if threads is None else int(threads))
         self.working_set_bytes = int(working_set_bytes)
@@ -120,6 +124,10 @@ class NumpyBackend:
         self._pool_lock = threading.Lock()
         self._scratch = threading.local()
         self._block_sizes: dict = {}
+        # Compiled kernels (optserve.server.native_kernels); None: every kernel runs its NumPy program.
+        if native is None or native is True:
+            native = shared_native_kernels()
+        self.native: NativeKernels | None = native or None
         if hasattr(os, "register_at_fork"):
             # A forked child has none of the parent's threads: start a new pool there.
             os.register_at_fork(after_in_child=self._forget_pool)
@@ -129,7 +137,7 @@ class NumpyBackend:
         self._pool_lock = threading.Lock()
 
     def __repr__(self):
-        return f"NumpyBackend(threads={self.threads})"
+        return f"NumpyBackend(threads={self.threads}, native={self.native is not None})"
 
     # ------------------------------------------------------------ storage
 
@@ -216,24 +224,30 @@ class NumpyBackend:
         constants = {dtype: kernel.host_constants(scalars, dtype) for dtype in {dtype for _, dtype in checked}}
         inputs = len(kernel.inputs)
         program = kernel.numpy_program
+        keep_alive: list = []  # contiguous copies of strided inputs, while a native kernel reads them
         total = sum(ordered[0].size for ordered, _ in checked)
         if total == 0:
             return
-        blocks = []  # (flat arrays, constants, low, high)
+        natives = {dtype: self._native(kernel, dtype) for dtype in constants}
+        blocks = []  # (flat arrays, or their addresses for a native kernel; constants, low, high, native)
         for ordered, dtype in checked:
             size = ordered[0].size
             if size == 0:
                 continue
             # State is C-contiguous (checked), so reshape gives a view that writes
             # through; a strided input is copied once.
-            flat = [np.ascontiguousarray(array).reshape(-1) for array in ordered[:inputs]]
+            flat: list = [np.ascontiguousarray(array).reshape(-1) for array in ordered[:inputs]]
             flat += [array.reshape(-1) for array in ordered[inputs:]]
-            block = self._block_for(program, dtype, total)
+            native = natives[dtype]
+            if native is not None:
+                keep_alive.append(flat)
+                flat = [array.ctypes.data for array in flat]
+            block = self._block_for(program, dtype, total, native is not None)
             # Even blocks, up to 1.5 blocks long: a variable just over one block stays one block,
             # and a longer one is cut into equal parts, never a block and a sliver.
             count = max(1, round(size / block))
             even = -(-size // count)
-            blocks += [(flat, constants[dtype], low, min(low + even, size)) for low in range(0, size, even)]
+            blocks += [(flat, constants[dtype], low, min(low + even, size), native) for low in range(0, size, even)]
         workers = 1 if total < self.parallel_threshold else min(self.threads, len(blocks))
         if workers == 1:
             self._run_listed(program, blocks, iter(range(len(blocks))))
@@ -254,16 +268,22 @@ class NumpyBackend:
                 if not future.cancel():
                     future.result()
 
+    def _native(self, kernel: UpdateKernel, dtype) -> NativeKernel | None:
+        return None if self.native is None else self.native.get(kernel, dtype)
+
     def _run_listed(self, program, blocks, block_indices) -> None:
         """Runs the program on entries of ``blocks`` taken from ``block_indices`` until they run out."""
-        largest = max(high - low for _, _, low, high in blocks)
+        largest = max(high - low for _, _, low, high, _ in blocks)
         scratch_by_dtype: dict = {}
         step = program.step
         with np.errstate(all="ignore"):  # inf/nan follow IEEE, as in Keras; no warnings
             for index in block_indices:
                 if index >= len(blocks):
                     break
-                flat, constants, low, high = blocks[index]
+                flat, constants, low, high, native = blocks[index]
+                if native is not None:
+                    native.run(flat, constants, low, high)
+                    continue
                 dtype = flat[0].dtype
                 scratch = scratch_by_dtype.get(dtype)
                 if scratch is None:
@@ -271,8 +291,9 @@ class NumpyBackend:
                 length = high - low
                 step(*[array[low:high] for array in flat], *[buffer[:length] for buffer in scratch], *constants)
 
-    def _block_for(self, program, dtype, size) -> int:
-        block = self.block_size(program, dtype)
+    def _block_for(self, program, dtype, size, native=False) -> int:
+        # A native kernel keeps no scratch and makes one pass: its blocks only share the work out.
+        block = NATIVE_BLOCK if native else self.block_size(program, dtype)
         if self.threads > 1 and size >= self.parallel_threshold:
             # Several blocks per thread, so that no thread is left alone with a
             # long last block while the others idle.

@@ -21,6 +21,9 @@ It is compiled, at construction, into two equivalent implementations:
 * the source of one fused CuPy ``ElementwiseKernel`` (``cuda_source()``), built by
   ``optserve.server.cupy_backend`` on first use. Generating it never imports CuPy.
 
+The same element code (``c_operation()``) is also compiled for the host CPU by
+``optserve.server.native_kernels``, where every operation is exactly rounded.
+
 Semantics: statements run in order, elementwise. Assigning a ``state`` name
 writes that array in place (later statements see the new value); assigning any
 other name defines an elementwise temporary; reading a state name before it is
@@ -124,18 +127,21 @@ _C_FUNCTIONS = {
 # fmax/fmin drop NaNs while np.maximum/np.minimum propagate them (and return
 # the second argument on a tie, which decides the sign of a zero), and np.sign
 # maps NaN to NaN and -0.0 to 0.0.
-CUDA_PREAMBLE = """\
-template <typename T> __device__ __forceinline__ T os_square(T x) { return x * x; }
-template <typename T> __device__ __forceinline__ T os_sign(T x) {
+_C_HELPERS = """\
+template <typename T> {qualifier} T os_square(T x) {{ return x * x; }}
+template <typename T> {qualifier} T os_sign(T x) {{
     return x > T(0) ? T(1) : (x < T(0) ? T(-1) : (x == T(0) ? T(0) : x));
-}
-template <typename T> __device__ __forceinline__ T os_maximum(T a, T b) {
+}}
+template <typename T> {qualifier} T os_maximum(T a, T b) {{
     return (a > b || a != a) ? a : b;
-}
-template <typename T> __device__ __forceinline__ T os_minimum(T a, T b) {
+}}
+template <typename T> {qualifier} T os_minimum(T a, T b) {{
     return (a < b || a != a) ? a : b;
-}
+}}
 """
+CUDA_PREAMBLE = _C_HELPERS.format(qualifier="__device__ __forceinline__")
+# The same helpers for host code (optserve.server.native_kernels).
+HOST_PREAMBLE = _C_HELPERS.format(qualifier="static inline")
 
 # Keep the device arithmetic rounding like NumPy's: no fused multiply-add contraction.
 CUDA_OPTIONS = ("--fmad=false",)
@@ -778,6 +784,18 @@ class UpdateKernel:
         in_params = [f"T in_{name}" for name in self.inputs]
         in_params += [f"T c{index}" for index in range(len(self.host_values))]
         out_params = [f"T s_{name}" for name in self.state]
+        return CudaSource(
+            name=f"optserve_{self.name}",
+            in_params=", ".join(in_params),
+            out_params=", ".join(out_params),
+            operation=self.c_operation(),
+            preamble=CUDA_PREAMBLE,
+            options=CUDA_OPTIONS,
+        )
+
+    def c_operation(self) -> str:
+        """One element's update in C++ (CUDA's and the host's): reads ``in_<input>``, the
+        constants ``c<i>`` and the state references ``s_<state>``, all of type ``T``."""
         # State is loaded into registers once and stored once: reading a state
         # before its assignment sees the old value, after it the new one.
         read_state = set()
@@ -800,14 +818,14 @@ class UpdateKernel:
                 lines.append(f"const T t{statement.target} = {expression};")
         for name in self.assigned_state:
             lines.append(f"s_{name} = v_{name};")
-        return CudaSource(
-            name=f"optserve_{self.name}",
-            in_params=", ".join(in_params),
-            out_params=", ".join(out_params),
-            operation="\n".join(lines),
-            preamble=CUDA_PREAMBLE,
-            options=CUDA_OPTIONS,
-        )
+        return "\n".join(lines)
+
+    def functions(self) -> frozenset:
+        """The operations the body uses (``add``, ``sqrt``, ``less``, ...)."""
+        found: set = set()
+        for statement in self.statements:
+            _collect_functions(statement.value, found)
+        return frozenset(found)
 
 
 def _real_number(kernel_name, name, value) -> float:
@@ -832,6 +850,13 @@ def _collect_state_reads(node, found: set):
     elif isinstance(node, Apply):
         for arg in node.args:
             _collect_state_reads(arg, found)
+
+
+def _collect_functions(node, found: set):
+    if isinstance(node, Apply):
+        found.add(node.function)
+        for arg in node.args:
+            _collect_functions(arg, found)
 
 
 def _rename_state(node):

@@ -376,3 +376,12 @@ def test_health_main_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
         health_main(argv)
     assert info.value.code == 2
+
+
+def test_the_runtime_image_has_a_compiler_for_the_native_kernels_unless_left_out():
+    instructions = dockerfile_instructions()
+    runtime = [index for index, (i, a) in enumerate(instructions) if i == "FROM" and a.endswith("AS runtime")][0]
+    after = instructions[runtime:]
+    assert ("ARG", "WITH_COMPILER=1") in after
+    run_steps = " ".join(a for i, a in after if i == "RUN")
+    assert 'if [ "$WITH_COMPILER" = "1" ]' in run_steps and "g++" in run_steps

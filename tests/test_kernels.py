@@ -638,7 +638,7 @@ def test_generated_cuda_source_compiles_as_cpp(tmp_path):
     _compile_as_cpp(kernels, tmp_path)
 
 
-def _optimizer_kernels():
+def optimizer_kernels():
     """Every UpdateKernel the optimizers run: module-level kernels and those of staged programs."""
     import importlib
     import pkgutil
@@ -666,7 +666,7 @@ def _optimizer_kernels():
 
 
 def test_every_optimizer_kernel_compiles_as_cpp(tmp_path):
-    kernels = _optimizer_kernels()
+    kernels = optimizer_kernels()
     names = {kernel.name for kernel in kernels}
     # The staged optimizers' kernels are among them.
     assert {
