@@ -141,6 +141,8 @@ class StepOutcome:
     contributors: tuple[int, ...]
     missing: tuple[int, ...] = ()  # workers left out of a step applied under APPLY_PARTIAL
     variables: dict | None = None  # {name: array} after the update, when asked for
+    # A sync step's reply written into waiters' own shared-memory regions: {worker: {name: array}}.
+    replies: Mapping[int, Mapping[str, np.ndarray]] = dataclasses.field(default_factory=dict, compare=False, repr=False)
     non_finite: tuple[str, ...] = ()  # skip_step: the step was skipped; these variables were not finite
     joint_norm: Any = None  # optserve.server.two_phase.JointNorm: a two-phase step's terms
     scalars: dict = dataclasses.field(default_factory=dict)  # the optimizer-wide scalars after the update
@@ -403,7 +405,10 @@ class Model:
         finally:
             if not duplicate:
                 self.events.waited(time.perf_counter() - waiting_since)
-        variables = outcome.variables if return_variables else None
+        variables = None
+        if return_variables:
+            region = outcome.replies.get(worker)
+            variables = region if region is not None and region is reply_into else outcome.variables
         self.events.sent(_nbytes((variables or {}).values()))
         return dataclasses.replace(outcome, duplicate=duplicate, variables=variables)
 
@@ -457,6 +462,8 @@ class Model:
             )
         if pending is not None and worker in pending.contributors:
             pending.return_variables |= return_variables
+            if return_variables:
+                pending.add_reply_region(worker, reply_into)
             return pending.future, True
         if aggregated or (pending is None and self.spec.num_workers == 1):
             if pending is not None:
@@ -474,7 +481,7 @@ class Model:
             pending = self._open_step(step)
             pending.hold = hold
         try:
-            await self._run(pending.accumulate, gradients)
+            await self._run(pending.accumulate, gradients, self._engine.add_host_arrays)
         except BaseException as exc:
             # A half-summed buffer is useless: end the step for everyone, apply nothing.
             self._pending = None
@@ -486,6 +493,8 @@ class Model:
             return pending.future, False
         pending.contributors.append(worker)
         pending.return_variables |= return_variables
+        if return_variables:
+            pending.add_reply_region(worker, reply_into)
         if len(pending.contributors) == self.spec.num_workers:
             await self._complete(pending, missing=())
         return pending.future, False
@@ -527,7 +536,9 @@ class Model:
         hold=False,
         joint=None,
         reply_into=None,
+        waiting: PendingStep | None = None,
     ) -> StepOutcome:
+        """``waiting``: a sync step's merge buffer, whose waiters' reply regions get the new values."""
         if hold:
             held = await self.two_phase.hold(
                 step, contributors[0], gradients, contributors, missing, aggregated, return_variables
@@ -555,8 +566,13 @@ class Model:
         self._step += 1
         self._remember(step, StepRecord(tuple(sorted(contributors)), tuple(missing), aggregated))
         self._notify(applied=0 if skipped else 1)
-        variables = await self._reply_variables(reply_into) if return_variables else None
-        return dataclasses.replace(self._outcome(contributors, missing, variables), non_finite=skipped)
+        replies: Mapping[int, Mapping[str, np.ndarray]] = {}
+        if return_variables and waiting is not None and waiting.reply_regions:
+            variables, replies = await self._reply_to_regions(waiting.reply_regions, waiting.needs_snapshot)
+        else:
+            variables = await self._reply_variables(reply_into) if return_variables else None
+        outcome = self._outcome(contributors, missing, variables)
+        return dataclasses.replace(outcome, non_finite=skipped, replies=replies)
 
     def _open_step(self, step: int) -> PendingStep:
         loop = asyncio.get_running_loop()
@@ -572,7 +588,14 @@ class Model:
         self._pending = None
         try:
             outcome = await self._apply_step(
-                pending.step, pending.sums, pending.contributors, missing, False, pending.return_variables, pending.hold
+                pending.step,
+                pending.sums,
+                pending.contributors,
+                missing,
+                False,
+                pending.return_variables,
+                pending.hold,
+                waiting=pending,
             )
         except BaseException as exc:
             pending.fail(exc)
@@ -762,6 +785,16 @@ class Model:
         if into is not None:
             return await self._run(self._engine.read_variables, None, lambda name, shape, dtype: into[name])
         return await self._run(self._engine.read_variables, None, self._allocate_snapshot)
+
+    async def _reply_to_regions(self, regions: Mapping[int, Mapping], snapshot: bool) -> tuple[dict | None, dict]:
+        """A sync step's new values written straight into each waiting worker's region, in one copy
+        (and into a snapshot, for waiters without a region): (the snapshot or None, {worker: region})."""
+        workers = list(regions)
+        allocators: list = [lambda name, shape, dtype, into=regions[w]: into[name] for w in workers]
+        if snapshot:
+            allocators.append(self._allocate_snapshot)
+        written = await self._run(self._engine.read_variables_into_each, allocators)
+        return (written[-1] if snapshot else None), {worker: regions[worker] for worker in workers}
 
     def _allocate_snapshot(self, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
         return self._snapshots.empty(name, shape, dtype)

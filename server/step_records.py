@@ -39,25 +39,43 @@ class PendingStep:
         self.contributors: list[int] = []
         self.sums: dict[str, np.ndarray] = {}
         self.return_variables = False
+        # Where each contributor's reply goes: its shared-memory value region, written once the step
+        # is applied; a waiter without one needs a snapshot of the variables.
+        self.reply_regions: dict[int, Mapping[str, np.ndarray]] = {}
+        self.needs_snapshot = False
         self.hold = False  # hold for the joint norm (optserve.server.two_phase)
         self.future: asyncio.Future = loop.create_future()
         # Waiters may all have hung up; the result must not warn as "never retrieved".
         self.future.add_done_callback(_retrieve)
         self.timer: asyncio.TimerHandle | None = None
 
-    def accumulate(self, gradients: Mapping[str, np.ndarray]) -> None:
+    def accumulate(self, gradients: Mapping[str, np.ndarray], add_many=None) -> None:
         """Sum a validated push into the step (runs on an executor thread).
 
         The first push's decoded arrays become the step's accumulators: they are
         fresh, owned copies already, so adopting them saves an allocation and a
         copy per variable, and later pushes add into them in place.
+        ``add_many([(total, gradient), ...])``, when given, does the adding (on the kernel threads).
         """
+        additions = []
         for name, gradient in gradients.items():
             total = self.sums.get(name)
             if total is None:
                 self.sums[name] = gradient
             else:
-                np.add(total, gradient, out=total)
+                additions.append((total, gradient))
+        if add_many is not None:
+            add_many(additions)
+            return
+        for total, gradient in additions:
+            np.add(total, gradient, out=total)
+
+    def add_reply_region(self, worker: int, region: Mapping[str, np.ndarray] | None) -> None:
+        """``worker`` wants the step's variables, in ``region`` (None: in a snapshot)."""
+        if region is None or self.reply_regions.get(worker, region) is not region:
+            self.needs_snapshot = True
+        if region is not None:
+            self.reply_regions[worker] = region
 
     def missing(self, num_workers: int) -> tuple[int, ...]:
         return tuple(w for w in range(num_workers) if w not in self.contributors)

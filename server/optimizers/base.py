@@ -646,6 +646,15 @@ class Optimizer:
         else:
             run_many(kernel, calls, scalars)
 
+    def add_host_arrays(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        """``total += addend`` for each pair of host arrays (a sync step's sum): on the CPU backend
+        as one kernel pass on its threads, elsewhere with NumPy."""
+        if getattr(self._backend, "xp", None) is np and pairs:
+            self._run_all(ACCUMULATE, [{"grad": addend, "accumulator": total} for total, addend in pairs], {})
+            return
+        for total, addend in pairs:
+            np.add(total, addend, out=total)
+
     def _loss_scale(self) -> float | None:
         scale = self._config["loss_scale_factor"]
         return self.dynamic_loss_scale if scale is None else scale
@@ -804,9 +813,18 @@ class Optimizer:
         selected = self._variables.values() if names is None else self._require_variables(names)
         if allocate is None:
             return {variable.name: self._host_copy(variable.value) for variable in selected}
-        values = {variable.name: allocate(variable.name, variable.shape, variable.dtype) for variable in selected}
-        self._backend.copy_to_host_many([(values[variable.name], variable.value) for variable in selected])
-        return values
+        return self._read_into(list(selected), [allocate])[0]
+
+    def read_variables_into_each(self, allocators: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+        """Every variable copied into the arrays of each of ``allocators`` (as ``read_variables``'s
+        ``allocate``), all in one parallel copy: one step's reply for several workers at once."""
+        self._require_built()
+        return self._read_into(list(self._variables.values()), allocators)
+
+    def _read_into(self, selected: list[_Variable], allocators: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+        targets = [{v.name: allocate(v.name, v.shape, v.dtype) for v in selected} for allocate in allocators]
+        self._backend.copy_to_host_many([(values[v.name], v.value) for v in selected for values in targets])
+        return targets
 
     @staticmethod
     def _checked_value(what: str, value: Any, variable: _Variable, shape: tuple | None = None) -> np.ndarray:
