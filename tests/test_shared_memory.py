@@ -17,8 +17,9 @@ import rpc_helpers
 
 from optserve.client import Client, InvalidArgumentError
 from optserve.protos import optserve_pb2 as pb
-from optserve.server import shared_memory
+from optserve.server import optimizers, shared_memory
 from optserve.server.app import start_server
+from optserve.server.backends import NumpyBackend
 
 pytestmark = pytest.mark.skipif(not os.path.isdir("/dev/shm"), reason="needs /dev/shm")
 
@@ -247,6 +248,44 @@ def test_sync_with_two_workers_through_shared_memory_matches_grpc(address):
     shared, wired = run(True, "sync-shm"), run(False, "sync-grpc")
     for name in wired:
         np.testing.assert_array_equal(shared[name], wired[name])
+
+
+@pytest.mark.parametrize("rows", [64, 9000], ids=["small", "large"])
+@pytest.mark.parametrize("shared", [(True, True), (True, False)], ids=["both-shared", "one-over-grpc"])
+def test_each_sync_worker_gets_the_step_values_in_its_own_region_or_a_snapshot(address, rows, shared):
+    """A sync step writes its values into every waiting worker's region at once; a worker on gRPC in
+    the same step gets a snapshot. Both get the values a local apply of the summed gradients gives."""
+    rng = np.random.default_rng(rows)
+    start = {"w": rng.standard_normal((rows, 33)).astype(np.float32), "b": rng.standard_normal(7).astype(np.float32)}
+    pushed = [[{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()} for _ in range(2)]]
+    pushed += [[{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in start.items()} for _ in range(2)]]
+    model_id = f"sync-regions-{rows}-{shared[1]}"
+    clients = [Client(address, shared_memory=flag) for flag in shared]
+    clients[0].create_model(model_id, ADAM, start, num_workers=2, mode="sync")
+    results: dict[int, list] = {0: [], 1: []}
+
+    def work(worker: int) -> None:
+        for grads in pushed:
+            _, values = clients[worker].push_pull(model_id, grads[worker], worker_index=worker)
+            results[worker].append({k: np.array(v) for k, v in values.items()})
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    engine = optimizers.deserialize(ADAM, backend=NumpyBackend(native=False))
+    engine.build({k: v.copy() for k, v in start.items()})
+    for step, grads in enumerate(pushed):
+        engine.apply({k: grads[0][k] + grads[1][k] for k in start})
+        expected = engine.read_variables()
+        for worker in range(2):
+            for name in start:
+                np.testing.assert_array_equal(results[worker][step][name], expected[name])
+    for worker, flag in enumerate(shared):
+        assert _uses_shared_memory(clients[worker], model_id, worker) == flag
+    for client in clients:
+        client.close()
 
 
 def test_a_restarted_server_is_pushed_to_over_grpc_then_a_new_segment():
