@@ -216,32 +216,45 @@ class NumpyBackend:
         one pass: every call's blocks go to the threads from one counter, so a model of many small
         variables keeps both cores busy, as one large variable does. Every call is validated before
         any array is touched."""
-        checked = []
+        natives: dict = {}
+        checked: list = []  # (arrays in kernel order, dtype, their data addresses for a native kernel)
         for arrays in calls:
             ordered, dtype, _ = check_kernel_arrays(kernel, arrays, np.ndarray)
-            check_no_overlap(kernel, ordered)
-            checked.append((ordered, dtype))
-        constants = {dtype: kernel.host_constants(scalars, dtype) for dtype in {dtype for _, dtype in checked}}
+            if dtype not in natives:
+                natives[dtype] = self._native(kernel, dtype)
+            if natives[dtype] is None:
+                check_no_overlap(kernel, ordered)
+                checked.append((ordered, dtype, None))
+            else:
+                addresses = [array.ctypes.data for array in ordered]
+                check_no_overlap_at(kernel, ordered, addresses)
+                checked.append((ordered, dtype, addresses))
+        constants = {dtype: kernel.host_constants(scalars, dtype) for dtype in natives}
         inputs = len(kernel.inputs)
         program = kernel.numpy_program
         keep_alive: list = []  # contiguous copies of strided inputs, while a native kernel reads them
-        total = sum(ordered[0].size for ordered, _ in checked)
+        total = sum(ordered[0].size for ordered, _, _ in checked)
         if total == 0:
             return
-        natives = {dtype: self._native(kernel, dtype) for dtype in constants}
         blocks = []  # (flat arrays, or their addresses for a native kernel; constants, low, high, native)
-        for ordered, dtype in checked:
+        for ordered, dtype, addresses in checked:
             size = ordered[0].size
             if size == 0:
                 continue
-            # State is C-contiguous (checked), so reshape gives a view that writes
-            # through; a strided input is copied once.
-            flat: list = [np.ascontiguousarray(array).reshape(-1) for array in ordered[:inputs]]
-            flat += [array.reshape(-1) for array in ordered[inputs:]]
             native = natives[dtype]
-            if native is not None:
-                keep_alive.append(flat)
-                flat = [array.ctypes.data for array in flat]
+            flat: list
+            if addresses is None:
+                # State is C-contiguous (checked), so reshape gives a view that writes
+                # through; a strided input is copied once.
+                flat = [np.ascontiguousarray(array).reshape(-1) for array in ordered[:inputs]]
+                flat += [array.reshape(-1) for array in ordered[inputs:]]
+            else:
+                flat = list(addresses)
+                for index, array in enumerate(ordered[:inputs]):
+                    if not array.flags.c_contiguous:
+                        copy = np.ascontiguousarray(array)
+                        keep_alive.append(copy)
+                        flat[index] = copy.ctypes.data
             block = self._block_for(program, dtype, total, native is not None)
             # Even blocks, up to 1.5 blocks long: a variable just over one block stays one block,
             # and a longer one is cut into equal parts, never a block and a sliver.
@@ -356,6 +369,30 @@ def check_no_overlap(kernel: UpdateKernel, ordered, may_share_memory=np.may_shar
                 # Two arrays that each own their buffer cannot overlap: skip the memory check.
                 (state.base is not None or other.base is not None) and may_share_memory(state, other)
             ):
+                raise InvalidArgumentError(
+                    f"Kernel `{kernel.name}`: arrays `{names[min(i, j)]}` and `{names[max(i, j)]}` overlap "
+                    "in memory; a state array must not share memory with any other array."
+                )
+
+
+def check_no_overlap_at(kernel: UpdateKernel, ordered, addresses) -> None:
+    """``check_no_overlap`` where each array's data address is known: C-contiguous arrays overlap
+    exactly when their byte ranges do (a strided input is left to ``np.may_share_memory``)."""
+    names = kernel.array_names
+    inputs = len(kernel.inputs)
+    spans = [(address, address + array.nbytes) for array, address in zip(ordered, addresses)]
+    strided = [index for index in range(inputs) if not ordered[index].flags.c_contiguous]
+    for i in range(inputs, len(names)):
+        low, high = spans[i]
+        for j in range(len(names)):
+            if j == i or (j > inputs - 1 and j < i):
+                continue  # each pair once; inputs may overlap one another
+            if j in strided:
+                overlap = bool(np.may_share_memory(ordered[i], ordered[j]))
+            else:
+                other_low, other_high = spans[j]
+                overlap = ordered[j] is ordered[i] or (low < other_high and other_low < high)
+            if overlap:
                 raise InvalidArgumentError(
                     f"Kernel `{kernel.name}`: arrays `{names[min(i, j)]}` and `{names[max(i, j)]}` overlap "
                     "in memory; a state array must not share memory with any other array."

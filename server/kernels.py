@@ -717,6 +717,7 @@ class UpdateKernel:
         self._host_function = self._compile_host_function()
         self.numpy_program = self._compile_numpy_program()
         self._cuda_source: CudaSource | None = None
+        self._copying: dict[tuple[str, int], UpdateKernel] = {}
 
     def __repr__(self):
         return f"UpdateKernel(name={self.name!r}, inputs={self.inputs}, state={self.state}, scalars={self.scalars})"
@@ -819,6 +820,20 @@ class UpdateKernel:
         for name in self.assigned_state:
             lines.append(f"s_{name} = v_{name};")
         return "\n".join(lines)
+
+    def copying(self, state: str, count: int) -> UpdateKernel:
+        """This kernel, also writing the new ``state`` into ``count`` more arrays ``copy_0``, ...,
+        in the same pass (a step's reply written while the values are in registers)."""
+        key = (state, count)
+        copies = self._copying.get(key)
+        if copies is None:
+            if state not in self.state:
+                raise InvalidArgumentError(f"Kernel `{self.name}` has no state `{state}` to copy.")
+            names = tuple(f"copy_{index}" for index in range(count))
+            body = textwrap.dedent(self.body) + "".join(f"\n{name} = {state}" for name in names) + "\n"
+            copies = UpdateKernel(f"{self.name}_copy{count}", self.inputs, self.state + names, self.scalars, body)
+            self._copying[key] = copies
+        return copies
 
     def functions(self) -> frozenset:
         """The operations the body uses (``add``, ``sqrt``, ``less``, ...)."""

@@ -539,6 +539,8 @@ class Model:
         waiting: PendingStep | None = None,
     ) -> StepOutcome:
         """``waiting``: a sync step's merge buffer, whose waiters' reply regions get the new values."""
+        allocators = self._reply_allocators(return_variables, reply_into, waiting)
+        written = None
         if hold:
             held = await self.two_phase.hold(
                 step, contributors[0], gradients, contributors, missing, aggregated, return_variables
@@ -557,7 +559,8 @@ class Model:
             before = await self._read_all_variables() if self.activity.tracking else None
             started = time.perf_counter()
             if joint is None:
-                await self._run(functools.partial(self._engine.apply, dict(gradients), count_empty_step=True))
+                apply = functools.partial(self._engine.apply, count_empty_step=True, reply_into=allocators)
+                written = await self._run(apply, dict(gradients))
             else:
                 await self._run(apply_with_joint_norm, self._engine, dict(gradients), joint)
             self.events.applied(time.perf_counter() - started, partial=bool(missing))
@@ -566,13 +569,21 @@ class Model:
         self._step += 1
         self._remember(step, StepRecord(tuple(sorted(contributors)), tuple(missing), aggregated))
         self._notify(applied=0 if skipped else 1)
-        replies: Mapping[int, Mapping[str, np.ndarray]] = {}
-        if return_variables and waiting is not None and waiting.reply_regions:
-            variables, replies = await self._reply_to_regions(waiting.reply_regions, waiting.needs_snapshot)
-        else:
-            variables = await self._reply_variables(reply_into) if return_variables else None
+        if allocators is not None and written is None:
+            written = await self._run(self._engine.read_variables_into_each, allocators)
+        variables, replies = _replies(written, waiting)
         outcome = self._outcome(contributors, missing, variables)
         return dataclasses.replace(outcome, non_finite=skipped, replies=replies)
+
+    def _reply_allocators(self, return_variables: bool, reply_into, waiting: PendingStep | None) -> list | None:
+        """Where a step's new values go, if its reply carries them: each sync waiter's own region
+        (and a snapshot for waiters without one), the push's region, or else a snapshot."""
+        if not return_variables:
+            return None
+        if waiting is not None and waiting.reply_regions:
+            allocators = [_into(region) for region in waiting.reply_regions.values()]
+            return allocators + [self._allocate_snapshot] if waiting.needs_snapshot else allocators
+        return [_into(reply_into) if reply_into is not None else self._allocate_snapshot]
 
     def _open_step(self, step: int) -> PendingStep:
         loop = asyncio.get_running_loop()
@@ -785,16 +796,6 @@ class Model:
         if into is not None:
             return await self._run(self._engine.read_variables, None, lambda name, shape, dtype: into[name])
         return await self._run(self._engine.read_variables, None, self._allocate_snapshot)
-
-    async def _reply_to_regions(self, regions: Mapping[int, Mapping], snapshot: bool) -> tuple[dict | None, dict]:
-        """A sync step's new values written straight into each waiting worker's region, in one copy
-        (and into a snapshot, for waiters without a region): (the snapshot or None, {worker: region})."""
-        workers = list(regions)
-        allocators: list = [lambda name, shape, dtype, into=regions[w]: into[name] for w in workers]
-        if snapshot:
-            allocators.append(self._allocate_snapshot)
-        written = await self._run(self._engine.read_variables_into_each, allocators)
-        return (written[-1] if snapshot else None), {worker: regions[worker] for worker in workers}
 
     def _allocate_snapshot(self, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
         return self._snapshots.empty(name, shape, dtype)
@@ -1015,6 +1016,20 @@ class Model:
             return function(*args)  # a small model: the hop to the executor would cost more than the work
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(function, *args))
+
+
+def _into(region: Mapping[str, np.ndarray]):
+    """An allocator (as ``read_variables`` takes) handing out the arrays of ``region``."""
+    return lambda name, shape, dtype: region[name]
+
+
+def _replies(written: list | None, waiting: PendingStep | None) -> tuple[dict | None, dict]:
+    """(the reply's variables, {worker: its region}) from what ``_reply_allocators`` had filled."""
+    if written is None:
+        return None, {}
+    if waiting is not None and waiting.reply_regions:
+        return (written[-1] if waiting.needs_snapshot else None), dict(waiting.reply_regions)
+    return written[0], {}
 
 
 async def _holding(lock: asyncio.Lock, rest):

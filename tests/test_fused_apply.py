@@ -129,3 +129,61 @@ def test_read_variables_into_given_arrays():
     assert all(values[name] is given[name] for name in given)
     np.testing.assert_allclose(values["w"], 0.9)
     np.testing.assert_allclose(values["b"], 0.9)
+
+
+REPLY_CONFIGS = [
+    {"class_name": "Adam", "config": {"learning_rate": 1e-3}},
+    {"class_name": "Adam", "config": {"learning_rate": 1e-3, "weight_decay": 0.01, "clipnorm": 0.5}},
+    {"class_name": "SGD", "config": {"learning_rate": 0.1, "momentum": 0.9, "use_ema": True}},
+    {"class_name": "RMSprop", "config": {"learning_rate": 1e-3, "gradient_accumulation_steps": 2}},
+    {"class_name": "Ftrl", "config": {"learning_rate": 1e-2}},
+    {"class_name": "Muon", "config": {"learning_rate": 1e-2}},
+    {"class_name": "LossScaleOptimizer", "config": {"inner_optimizer": {"class_name": "Adam", "config": {}}}},
+]
+
+
+@pytest.mark.parametrize("config", REPLY_CONFIGS, ids=lambda config: config["class_name"])
+def test_apply_writes_the_new_values_into_reply_arrays_bit_for_bit(config):
+    """``apply(reply_into=...)``: the values after the step land in every reply array (by the update
+    kernel where it can), identical to reading them after an apply without replies."""
+    rng = np.random.default_rng(11)
+    shapes = {"v0": (300_001,), "v1": (7,), "m": (33, 64), "none": (5,)}
+    initial = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    engines = []
+    for _ in range(2):
+        engine = optimizers.deserialize(config, backend=NumpyBackend(threads=2, parallel_threshold=1024))
+        engine.build({name: value.copy() for name, value in initial.items()})
+        engines.append(engine)
+    replying, plain = engines
+    for step in range(4):
+        grads = {name: rng.standard_normal(value.shape).astype(np.float32) for name, value in initial.items()}
+        del grads["none"]  # no gradient: its value still goes into the reply
+        if step == 2 and config["class_name"] == "LossScaleOptimizer":
+            grads["v1"][0] = np.inf  # a skipped step replies the unchanged values
+        regions = [{name: np.full(shape, np.nan, np.float32) for name, shape in shapes.items()} for _ in range(2)]
+        allocators = [lambda name, shape, dtype, region=region: region[name] for region in regions]
+        allocators.append(lambda name, shape, dtype: np.empty(shape, dtype))
+        written = replying.apply(grads, reply_into=allocators)
+        assert plain.apply(grads) is None
+        expected = plain.read_variables()
+        assert written is not None and len(written) == 3
+        for index, values in enumerate(written):
+            for name in shapes:
+                if index < 2:
+                    assert values[name] is regions[index][name]
+                np.testing.assert_array_equal(values[name], expected[name], strict=True)
+        for name, value in replying.read_variables().items():
+            np.testing.assert_array_equal(value, expected[name], strict=True)
+    if config["class_name"] == "Adam":
+        assert ("var", 3) in ADAM._copying  # the update kernel itself wrote the replies
+
+
+def test_reply_arrays_sharing_memory_with_a_gradient_are_written_after_the_update():
+    engine = optimizers.deserialize({"class_name": "SGD", "config": {"learning_rate": 0.5}})
+    engine.build({"w": np.ones(8, np.float32)})
+    buffer = np.ones(8, np.float32)
+    # The reply goes into the gradient's own memory: the kernel must not write it while reading it.
+    written = engine.apply({"w": buffer}, reply_into=[lambda name, shape, dtype: buffer])
+    assert written is not None and written[0]["w"] is buffer
+    np.testing.assert_array_equal(buffer, np.full(8, 0.5, np.float32))
+    np.testing.assert_array_equal(engine.read_variables()["w"], np.full(8, 0.5, np.float32))

@@ -562,7 +562,9 @@ class Optimizer:
         return cached
 
     # ----------------------------------------------------------------- apply
-    def apply(self, grads: Mapping[str, Any], *, count_empty_step: bool = False) -> None:
+    def apply(
+        self, grads: Mapping[str, Any], *, count_empty_step: bool = False, reply_into: Sequence[Any] | None = None
+    ) -> list[dict[str, np.ndarray]] | None:
         """One Keras ``optimizer.apply``: checked as a whole first, then applied.
 
         Like Keras, a call without any gradient is an error, unless ``count_empty_step``:
@@ -573,21 +575,38 @@ class Optimizer:
         accumulators are reset at the end of an accumulation cycle, and the EMA of the
         variables is taken. A sharded model's server gets such a step when none of its
         variables got a gradient, so that every shard's state stays in step.
+
+        ``reply_into``: allocators as ``read_variables_into_each`` takes; the variables after the
+        step are written into each one's arrays, where the backend can by the update kernel itself
+        (the values are in registers then), and the filled ``{name: array}`` are returned.
         """
         self._require_built()
         gradients = self._validated_gradients(grads, allow_empty=count_empty_step)
         lr = self._learning_rate_for_step()
+        replies = None if reply_into is None else self._reply_arrays(reply_into)
+        # With an EMA, a step may still overwrite the variables after their update.
+        fused_replies = None if self._config["use_ema"] else replies
+        written: set[str] = set()
         steps = self._config["gradient_accumulation_steps"]
         if steps and (self._raw_iterations + 1) % steps != 0:
             self._accumulate(gradients)
         elif steps:
-            self._update(self._accumulated_means(gradients, steps), lr)
+            self._update(self._accumulated_means(gradients, steps), lr, fused_replies, written)
             self._reset_accumulators()
         else:
-            self._update(self._unscaled(gradients), lr)
+            self._update(self._unscaled(gradients), lr, fused_replies, written)
         if self._config["use_ema"]:
             self._update_moving_averages()
         self._raw_iterations += 1
+        if replies is None:
+            return None
+        rest = [variable for variable in self._variables.values() if variable.name not in written]
+        self._backend.copy_to_host_many([(values[v.name], v.value) for v in rest for values in replies])
+        return replies
+
+    def _reply_arrays(self, allocators: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+        variables = self._variables.values()
+        return [{v.name: allocate(v.name, v.shape, v.dtype) for v in variables} for allocate in allocators]
 
     def _validated_gradients(self, grads: Mapping[str, Any], allow_empty: bool = False) -> list[tuple[_Variable, Any]]:
         if not isinstance(grads, Mapping):
@@ -696,7 +715,9 @@ class Optimizer:
         for variable in self._variables.values():
             self._run(RESET, {"buffer": variable.slots[ACCUMULATOR_SLOT]}, {})
 
-    def _update(self, gradients, lr: float) -> None:
+    def _update(self, gradients, lr: float, replies=None, written: set[str] | None = None) -> None:
+        """``replies``: host arrays ``[{name: array}, ...]`` each variable's new value is also written
+        into by its update kernel where it can; the names so written are added to ``written``."""
         gradients = self._clipped(gradients)
         self._apply_weight_decay(gradients, lr)
         self.before_update_step()
@@ -715,9 +736,22 @@ class Optimizer:
                 arrays.update(variable.program_scratch)
                 kernel.run(self._backend, arrays, scalars, variable.dtype.type)
                 continue
+            if replies and written is not None and self._writes_replies(kernel, grad, variable.name, replies):
+                kernel = kernel.copying("var", len(replies))
+                arrays.update({f"copy_{index}": values[variable.name] for index, values in enumerate(replies)})
+                written.add(variable.name)
             fused.setdefault((kernel, variable.dtype), []).append({k: arrays[k] for k in kernel.array_names})
         for (kernel, dtype), calls in fused.items():
             self._run_all(kernel, calls, {k: scalars_by_dtype[dtype][k] for k in kernel.scalars})
+
+    def _writes_replies(self, kernel: UpdateKernel, grad, name: str, replies) -> bool:
+        """Whether ``kernel`` can write the variable's reply arrays too: host arrays on the host
+        backend, none of them sharing memory with the gradient (a state array must not)."""
+        return (
+            getattr(self._backend, "xp", None) is np
+            and "var" in kernel.state
+            and not any(np.may_share_memory(values[name], grad) for values in replies)
+        )
 
     # ---------------------------------------------------------------- clipping
     def _clipped(self, gradients):

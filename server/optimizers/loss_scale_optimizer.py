@@ -19,7 +19,7 @@ optimizer's; the two scalars join the inner optimizer's optimizer-wide scalars
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -144,21 +144,25 @@ class LossScaleOptimizer:
         return self._step_counter
 
     # ------------------------------------------------------------------- apply
-    def apply(self, grads: Mapping[str, Any], *, count_empty_step: bool = False) -> None:
-        """One Keras LossScaleOptimizer.apply: skip and shrink on non-finite gradients."""
+    def apply(
+        self, grads: Mapping[str, Any], *, count_empty_step: bool = False, reply_into: Sequence[Any] | None = None
+    ) -> list[dict[str, np.ndarray]] | None:
+        """One Keras LossScaleOptimizer.apply: skip and shrink on non-finite gradients.
+        ``reply_into``: as the inner optimizer's ``apply`` takes it."""
         inner = self.inner_optimizer
         inner._require_built()
         checked = inner._validated_gradients(grads, allow_empty=count_empty_step)
         if not self._all_finite(grad for _, grad in checked):
             self._set_scale(self.dynamic_scale * 0.5)
             self._step_counter = 0
-            return
-        inner.apply(grads, count_empty_step=count_empty_step)
+            return None if reply_into is None else inner.read_variables_into_each(reply_into)
+        replies = inner.apply(grads, count_empty_step=count_empty_step, reply_into=reply_into)
         if self._step_counter == self.dynamic_growth_steps - 1:
             self._set_scale(self.dynamic_scale * 2.0)
             self._step_counter = 0
         else:
             self._step_counter += 1
+        return replies
 
     def _all_finite(self, gradients) -> bool:
         # max and min propagate NaN and show an infinity: two reads, no temporary array.
