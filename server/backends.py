@@ -137,7 +137,8 @@ class NumpyBackend:
         self._pool_lock = threading.Lock()
 
     def __repr__(self):
-        return f"NumpyBackend(threads={self.threads}, native={self.native is not None})"
+        kernels = "NumPy programs" if self.native is None else self.native.describe()
+        return f"NumpyBackend(threads={self.threads}, kernels: {kernels})"
 
     # ------------------------------------------------------------ storage
 

@@ -137,8 +137,21 @@ class NativeKernels:
         self._directory_checked: Path | None = None
         self._built: dict = {}
         self._lock = threading.Lock()
+        if hasattr(os, "register_at_fork"):
+            # A fork taken while another thread compiles must not leave the child's lock held.
+            os.register_at_fork(after_in_child=self._new_lock)
         self._identity: str | None = None
         self.compiled = 0  # libraries compiled by this process (the rest came from the cache)
+
+    def describe(self) -> str:
+        """For the server's start-up line: how kernels run on the CPU."""
+        if not self.enabled:
+            return f"NumPy programs ({ENABLE_ENV}=0)"
+        compiler = self._find_compiler()
+        return f"compiled by {compiler}" if compiler else "NumPy programs (no C++ compiler)"
+
+    def _new_lock(self) -> None:
+        self._lock = threading.Lock()
 
     def get(self, kernel: UpdateKernel, dtype) -> NativeKernel | None:
         if not self.enabled:
