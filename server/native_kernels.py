@@ -177,7 +177,15 @@ class NativeKernels:
             library = self._library(compiler, source)
             native = NativeKernel(getattr(ctypes.CDLL(str(library)), symbol(kernel)), kernel, dtype)
         except (OSError, subprocess.SubprocessError, AttributeError) as exc:
-            log.warning("kernel %s (%s) runs its NumPy program: compiling it failed: %s", kernel.name, dtype, exc)
+            said = getattr(exc, "stderr", None)
+            said = said.decode(errors="replace").strip()[-2000:] if isinstance(said, bytes) else ""
+            log.warning(
+                "kernel %s (%s) runs its NumPy program: compiling it failed: %s%s",
+                kernel.name,
+                dtype,
+                exc,
+                f"\n{said}" if said else "",
+            )
             return None
         mismatch = probe_mismatch(kernel, native)
         if mismatch:

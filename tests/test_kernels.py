@@ -716,6 +716,55 @@ def _compile_as_cpp(kernels, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+def _nvrtc():
+    """CuPy's NVRTC bindings with the NVRTC library loaded; skips where either is missing."""
+    nvrtc = pytest.importorskip("cupy_backends.cuda.libs.nvrtc", reason="CuPy is not installed")
+    try:
+        nvrtc.getVersion()
+    except Exception as exc:  # the library is not there (CuPy without nvidia-cuda-nvrtc)
+        pytest.skip(f"NVRTC is not available: {exc}")
+    return nvrtc
+
+
+def _device_code(kernel, c_type: str) -> str:
+    """The generated element code as one CUDA kernel over raw pointers: what the ElementwiseKernel
+    that optserve.server.cupy_backend builds compiles, without a GPU to launch it on."""
+    source = kernel.cuda_source()
+    parameters = [f"const T* __restrict__ p_{name}" for name in kernel.inputs]
+    parameters += [f"T* __restrict__ p_{name}" for name in kernel.state]
+    parameters += [f"const T c{index}" for index in range(len(kernel.host_values))]
+    loads = [f"const T in_{name} = p_{name}[i];" for name in kernel.inputs]
+    loads += [f"T& s_{name} = p_{name}[i];" for name in kernel.state]
+    return (
+        f"typedef {c_type} T;\n{source.preamble}"
+        f'extern "C" __global__ void {source.name}({", ".join(parameters)}, long long n) {{\n'
+        "    long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x;\n"
+        "    if (i >= n) return;\n" + "\n".join(loads) + "\n" + source.operation + "\n}\n"
+    )
+
+
+def test_every_optimizer_kernel_compiles_to_ptx_with_nvrtc_and_no_fused_multiply_add():
+    """The CUDA compiler itself, without a GPU: every kernel's device code compiles for float and
+    double, and ``--fmad=false`` keeps every multiply and add rounded on its own, as NumPy does."""
+    from optserve.server.native_kernels import EXACT_FUNCTIONS
+
+    nvrtc = _nvrtc()
+    kernels = optimizer_kernels()
+    for kernel in kernels + [kernel.copying("var", 2) for kernel in kernels if "var" in kernel.state]:
+        for c_type in ("float", "double"):
+            program = nvrtc.createProgram(_device_code(kernel, c_type), f"{kernel.name}.cu", [], [])
+            try:
+                nvrtc.compileProgram(program, [*kernel.cuda_source().options, "--gpu-architecture=compute_70"])
+            except Exception:
+                pytest.fail(f"{kernel.name} ({c_type}) does not compile:\n{nvrtc.getProgramLog(program)}")
+            ptx = nvrtc.getPTX(program)
+            ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+            assert ".entry" in ptx, (kernel.name, c_type)
+            # CUDA's own pow, exp and log use fused multiply-adds inside; the kernel's arithmetic never does.
+            if kernel.functions() <= EXACT_FUNCTIONS:
+                assert "fma." not in ptx, (kernel.name, c_type)
+
+
 # ------------------------------------------------------------------ CuPy
 
 
