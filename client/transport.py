@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import logging
 import random
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol, TypeVar
@@ -303,6 +304,9 @@ class GrpcTransport:
         )
         self._unary = True  # False once the server turned out not to know ApplyGradientsUnary
         self._streamed_models: set[str] = set()  # models whose replies are too large for one message
+        # Per pushing thread: the UNAVAILABLE a server answered on the data connection (shutting down,
+        # say), for when gRPC then finds it gone as well.
+        self._heard = threading.local()
 
     def __repr__(self) -> str:
         return f"GrpcTransport({self.address!r})"
@@ -383,6 +387,21 @@ class GrpcTransport:
         aggregated: bool,
         return_variables: bool,
         timeout: float | None,
+    ) -> tuple[StepResult, dict[str, np.ndarray]]:
+        self._heard.unavailable = None
+        try:
+            return self._apply_gradients(model_id, gradients, worker_index, step, aggregated, return_variables, timeout)
+        except OptserveError as failure:
+            said = self._heard.unavailable
+            if said is not None and failure.code == "UNAVAILABLE" and failure is not said:
+                # gRPC found the server gone too: what the server itself said is the better reason.
+                raise said from None
+            raise
+        finally:
+            self._heard.unavailable = None
+
+    def _apply_gradients(
+        self, model_id, gradients, worker_index, step, aggregated, return_variables, timeout
     ) -> tuple[StepResult, dict[str, np.ndarray]]:
         header = pb.ApplyGradientsHeader(
             model_id=model_id,
@@ -549,8 +568,9 @@ class GrpcTransport:
 
     def _refused_on_frames(self, header: pb.ApplyGradientsHeader, connection, answer: bytes) -> None:
         """Raise the error of a DataPlaneStatus answer, or return when gRPC should carry the push: the
-        model's replies are too large for one message, or the server is unavailable, refuses the
-        caller's token (gRPC words that itself) or no longer knows the session."""
+        model's replies are too large for one message, or the server is unavailable (kept for
+        ``apply_gradients``), refuses the caller's token (gRPC words that itself) or no longer knows
+        the session."""
         status = pb.DataPlaneStatus.FromString(answer)
         error = error_from_status(status.code, status.message, status.metadata.items())
         if error.code == "FAILED_PRECONDITION" and error.details.get("unary"):
@@ -558,6 +578,8 @@ class GrpcTransport:
             return
         if error.code in ("UNAVAILABLE", "UNAUTHENTICATED") or error.details.get("data_plane"):
             self.data_plane.discard(header.model_id, header.worker_index, connection)
+            if error.code == "UNAVAILABLE":
+                self._heard.unavailable = error
             return
         raise error
 

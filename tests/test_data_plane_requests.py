@@ -290,3 +290,38 @@ def test_a_shared_memory_push_sends_its_header_as_a_frame(address, monkeypatch):
                 assert counter.frames == 4
     for name in shapes:
         np.testing.assert_array_equal(results["shared"][name], results["grpc"][name], strict=True)
+
+
+def test_a_worker_parked_in_a_step_hears_the_server_shut_down_even_when_grpc_is_gone_first(monkeypatch):
+    """The server answers a parked push's frame with UNAVAILABLE as it stops. The push then tries
+    gRPC (whose retries may find a restarted server); if gRPC finds the server gone too, the error is
+    what the server said, not gRPC's "failed to connect"."""
+    from optserve.client import UnavailableError
+
+    running = start_server(host="127.0.0.1", port=0, device="cpu")
+    try:
+        with Client(running.address) as one, Client(running.address, retries=0) as two:
+            one.create_model("parked", ADAM, variables(), num_workers=2)
+            # Step 0 together (it opens worker 1's data connection), then worker 1 alone in step 1.
+            first = threading.Thread(target=two.push, args=("parked", gradients(0, 1)), kwargs={"worker_index": 1})
+            first.start()
+            one.push("parked", gradients(0, 0), worker_index=0, step=0)
+            first.join(15)
+
+            def gone(*args, **kwargs):
+                raise UnavailableError("failed to connect to all addresses; Connection refused")
+
+            failures: list = []
+            parked = threading.Thread(
+                target=lambda: failures.append(
+                    pytest.raises(UnavailableError, two.push, "parked", gradients(1, 1), worker_index=1, step=1)
+                )
+            )
+            parked.start()
+            rpc_helpers.wait_until(lambda: one.list_models("parked")[0].waiting_workers == [1])
+            monkeypatch.setattr(two.transport, "_call", gone)  # gRPC is gone before the answer arrives
+            running.stop()
+            parked.join(15)
+    finally:
+        running.stop()
+    assert failures and "shutting down" in str(failures[0].value)
