@@ -751,9 +751,8 @@ class Model:
     async def _reply_variables(self, into: Mapping[str, np.ndarray] | None = None) -> dict:
         """A snapshot of every variable for a step's reply: into the arrays ``into`` names (a
         worker's shared memory), else into arrays reused from earlier replies."""
-        if into is not None:
-            return await self._run(self._engine.read_variables, None, lambda name, shape, dtype: into[name])
-        return await self._run(self._engine.read_variables, None, self._allocate_snapshot)
+        allocate = _into(into) if into is not None else self._allocate_snapshot
+        return await self._run(self._engine.read_variables, None, allocate)
 
     def _allocate_snapshot(self, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
         return self._snapshots.empty(name, shape, dtype)

@@ -49,13 +49,13 @@ class PendingStep:
         self.future.add_done_callback(_retrieve)
         self.timer: asyncio.TimerHandle | None = None
 
-    def accumulate(self, gradients: Mapping[str, np.ndarray], add_many=None) -> None:
+    def accumulate(self, gradients: Mapping[str, np.ndarray], add_many) -> None:
         """Sum a validated push into the step (runs on an executor thread).
 
         The first push's decoded arrays become the step's accumulators: they are
         fresh, owned copies already, so adopting them saves an allocation and a
-        copy per variable, and later pushes add into them in place.
-        ``add_many([(total, gradient), ...])``, when given, does the adding (on the kernel threads).
+        copy per variable, and later pushes add into them in place, by
+        ``add_many([(total, gradient), ...])`` (the engine's ``add_host_arrays``).
         """
         additions = []
         for name, gradient in gradients.items():
@@ -64,11 +64,7 @@ class PendingStep:
                 self.sums[name] = gradient
             else:
                 additions.append((total, gradient))
-        if add_many is not None:
-            add_many(additions)
-            return
-        for total, gradient in additions:
-            np.add(total, gradient, out=total)
+        add_many(additions)
 
     def add_reply_region(self, worker: int, region: Mapping[str, np.ndarray] | None) -> None:
         """``worker`` wants the step's variables, in ``region`` (None: in a snapshot)."""

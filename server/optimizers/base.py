@@ -583,7 +583,8 @@ class Optimizer:
         self._require_built()
         gradients = self._validated_gradients(grads, allow_empty=count_empty_step)
         lr = self._learning_rate_for_step()
-        replies = None if reply_into is None else self._reply_arrays(reply_into)
+        variables = list(self._variables.values())
+        replies = None if reply_into is None else self._allocated(variables, reply_into)
         # With an EMA, a step may still overwrite the variables after their update.
         fused_replies = None if self._config["use_ema"] else replies
         written: set[str] = set()
@@ -600,13 +601,8 @@ class Optimizer:
         self._raw_iterations += 1
         if replies is None:
             return None
-        rest = [variable for variable in self._variables.values() if variable.name not in written]
-        self._backend.copy_to_host_many([(values[v.name], v.value) for v in rest for values in replies])
+        self._copy_out([variable for variable in variables if variable.name not in written], replies)
         return replies
-
-    def _reply_arrays(self, allocators: Sequence[Any]) -> list[dict[str, np.ndarray]]:
-        variables = self._variables.values()
-        return [{v.name: allocate(v.name, v.shape, v.dtype) for v in variables} for allocate in allocators]
 
     def _validated_gradients(self, grads: Mapping[str, Any], allow_empty: bool = False) -> list[tuple[_Variable, Any]]:
         if not isinstance(grads, Mapping):
@@ -637,10 +633,15 @@ class Optimizer:
             raise InvalidArgumentError("No gradients provided for any variable.")
         return [(variable, self._device_array(grad)) for variable, grad in checked]
 
+    @property
+    def _on_host(self) -> bool:
+        """Whether the backend's arrays are NumPy arrays in host memory (the CPU backend)."""
+        return getattr(self._backend, "xp", None) is np
+
     def _device_array(self, grad):
         # On the host backend the incoming array is read as is: kernels never
         # write their inputs, so no per-step copy is needed.
-        if getattr(self._backend, "xp", None) is np:
+        if self._on_host:
             return np.asarray(grad)
         return self._backend.asarray(grad)
 
@@ -668,7 +669,7 @@ class Optimizer:
     def add_host_arrays(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
         """``total += addend`` for each pair of host arrays (a sync step's sum): on the CPU backend
         as one kernel pass on its threads, elsewhere with NumPy."""
-        if getattr(self._backend, "xp", None) is np and pairs:
+        if self._on_host and pairs:
             self._run_all(ACCUMULATE, [{"grad": addend, "accumulator": total} for total, addend in pairs], {})
             return
         for total, addend in pairs:
@@ -748,7 +749,7 @@ class Optimizer:
         """Whether ``kernel`` can write the variable's reply arrays too: host arrays on the host
         backend, none of them sharing memory with the gradient (a state array must not)."""
         return (
-            getattr(self._backend, "xp", None) is np
+            self._on_host
             and "var" in kernel.state
             and not any(np.may_share_memory(values[name], grad) for values in replies)
         )
@@ -856,9 +857,18 @@ class Optimizer:
         return self._read_into(list(self._variables.values()), allocators)
 
     def _read_into(self, selected: list[_Variable], allocators: Sequence[Any]) -> list[dict[str, np.ndarray]]:
-        targets = [{v.name: allocate(v.name, v.shape, v.dtype) for v in selected} for allocate in allocators]
-        self._backend.copy_to_host_many([(values[v.name], v.value) for v in selected for values in targets])
+        targets = self._allocated(selected, allocators)
+        self._copy_out(selected, targets)
         return targets
+
+    @staticmethod
+    def _allocated(selected: list[_Variable], allocators: Sequence[Any]) -> list[dict[str, np.ndarray]]:
+        """``{name: allocate(name, shape, dtype)}`` over ``selected``, for each of ``allocators``."""
+        return [{v.name: allocate(v.name, v.shape, v.dtype) for v in selected} for allocate in allocators]
+
+    def _copy_out(self, selected: list[_Variable], targets: list[dict[str, np.ndarray]]) -> None:
+        """The values of ``selected`` copied into each of ``targets``, in one parallel copy."""
+        self._backend.copy_to_host_many([(values[v.name], v.value) for v in selected for values in targets])
 
     @staticmethod
     def _checked_value(what: str, value: Any, variable: _Variable, shape: tuple | None = None) -> np.ndarray:
