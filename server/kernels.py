@@ -718,6 +718,7 @@ class UpdateKernel:
         self.numpy_program = self._compile_numpy_program()
         self._cuda_source: CudaSource | None = None
         self._copying: dict[tuple[str, int], UpdateKernel] = {}
+        self._summing: UpdateKernel | None = None
 
     def __repr__(self):
         return f"UpdateKernel(name={self.name!r}, inputs={self.inputs}, state={self.state}, scalars={self.scalars})"
@@ -835,12 +836,37 @@ class UpdateKernel:
             self._copying[key] = copies
         return copies
 
+    def summing(self) -> UpdateKernel:
+        """This kernel, its gradient first summed with one more input ``grad_addend`` in the same pass
+        (a sync step's last push added to the others' by the update itself). The sum is one rounded
+        addition of ``grad`` and ``grad_addend``, as ``np.add`` makes it: the same bits as adding first."""
+        if self._summing is None:
+            body = ast.parse(textwrap.dedent(self.body))
+            names = {node.id for node in ast.walk(body) if isinstance(node, ast.Name)}
+            if GRADIENT not in self.inputs or ADDEND in self.array_names or SUMMED in names:
+                raise InvalidArgumentError(
+                    f"Kernel `{self.name}` cannot sum its gradient: it needs an input `{GRADIENT}` and no name "
+                    f"`{ADDEND}` or `{SUMMED}`."
+                )
+            for node in ast.walk(body):
+                if isinstance(node, ast.Name) and node.id == GRADIENT:
+                    node.id = SUMMED
+            source = f"{SUMMED} = {GRADIENT} + {ADDEND}\n{ast.unparse(body)}\n"
+            self._summing = UpdateKernel(
+                f"{self.name}_summing", self.inputs + (ADDEND,), self.state, self.scalars, source
+            )
+        return self._summing
+
     def functions(self) -> frozenset:
         """The operations the body uses (``add``, ``sqrt``, ``less``, ...)."""
         found: set = set()
         for statement in self.statements:
             _collect_functions(statement.value, found)
         return frozenset(found)
+
+
+# The gradient input of every optimizer's kernel, and what UpdateKernel.summing adds to it.
+GRADIENT, ADDEND, SUMMED = "grad", "grad_addend", "summed_grad"
 
 
 def _real_number(kernel_name, name, value) -> float:

@@ -438,6 +438,15 @@ class Model:
         if pending is None:
             pending = self._open_step(step)
             pending.hold = hold
+        if len(pending.contributors) == self.spec.num_workers - 1 and self._sums_in_update(hold):
+            # The step's last push: the update adds its gradients to the others' sum as it reads
+            # them, a pass over memory less than summing first (the same bits).
+            pending.contributors.append(worker)
+            pending.return_variables |= return_variables
+            if return_variables:
+                pending.add_reply_region(worker, reply_into)
+            await self._complete(pending, missing=(), addends=gradients)
+            return pending.future, False
         try:
             await self._run(pending.accumulate, gradients, self._engine.add_host_arrays)
         except BaseException as exc:
@@ -456,6 +465,11 @@ class Model:
         if len(pending.contributors) == self.spec.num_workers:
             await self._complete(pending, missing=())
         return pending.future, False
+
+    def _sums_in_update(self, hold: bool) -> bool:
+        """Whether a sync step's last push may be summed by the update itself: not when the sum is
+        looked at first (for the joint norm of a held step, or for non-finite values to skip)."""
+        return not hold and self.spec.non_finite_policy != SKIP_STEP
 
     async def _push_async(self, worker, step, gradients, return_variables, hold=False, reply_into=None) -> StepOutcome:
         self._ensure_open()
@@ -495,8 +509,10 @@ class Model:
         joint=None,
         reply_into=None,
         waiting: PendingStep | None = None,
+        addends=None,
     ) -> StepOutcome:
-        """``waiting``: a sync step's merge buffer, whose waiters' reply regions get the new values."""
+        """``waiting``: a sync step's merge buffer, whose waiters' reply regions get the new values;
+        ``addends``: its last push's gradients, which the update adds to ``gradients``."""
         allocators = self._reply_allocators(return_variables, reply_into, waiting)
         written = None
         if hold:
@@ -517,7 +533,9 @@ class Model:
             before = await self._read_all_variables() if self.activity.tracking else None
             started = time.perf_counter()
             if joint is None:
-                apply = functools.partial(self._engine.apply, count_empty_step=True, reply_into=allocators)
+                apply = functools.partial(
+                    self._engine.apply, count_empty_step=True, reply_into=allocators, addends=addends
+                )
                 written = await self._run(apply, dict(gradients))
             else:
                 await self._run(apply_with_joint_norm, self._engine, dict(gradients), joint)
@@ -551,8 +569,9 @@ class Model:
             pending.timer = loop.call_later(timeout, self._on_timeout, pending)
         return pending
 
-    async def _complete(self, pending: PendingStep, missing: tuple[int, ...]) -> None:
-        """Holding the lock: apply the merged step once and answer every waiter."""
+    async def _complete(self, pending: PendingStep, missing: tuple[int, ...], addends=None) -> None:
+        """Holding the lock: apply the merged step once (``addends``: the last push's gradients, not
+        yet in the sum) and answer every waiter."""
         pending.cancel_timer()
         self._pending = None
         try:
@@ -565,6 +584,7 @@ class Model:
                 pending.return_variables,
                 pending.hold,
                 waiting=pending,
+                addends=addends,
             )
         except BaseException as exc:
             pending.fail(exc)

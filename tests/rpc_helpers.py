@@ -51,6 +51,7 @@ def create_model(
     mode=pb.SYNC,
     sync_timeout_s: float = 0.0,
     timeout_policy=pb.FAIL,
+    non_finite_policy=pb.NON_FINITE_POLICY_UNSPECIFIED,
 ) -> pb.CreateModelResponse:
     config = optimizer if optimizer is not None else sgd()
     spec = pb.ModelSpec(
@@ -60,6 +61,7 @@ def create_model(
         mode=mode,
         sync_timeout_s=sync_timeout_s,
         timeout_policy=timeout_policy,
+        non_finite_policy=non_finite_policy,
     )
 
     def requests():

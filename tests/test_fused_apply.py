@@ -187,3 +187,78 @@ def test_reply_arrays_sharing_memory_with_a_gradient_are_written_after_the_updat
     assert written is not None and written[0]["w"] is buffer
     np.testing.assert_array_equal(buffer, np.full(8, 0.5, np.float32))
     np.testing.assert_array_equal(engine.read_variables()["w"], np.full(8, 0.5, np.float32))
+
+
+ADDEND_CONFIGS = REPLY_CONFIGS + [
+    {"class_name": "Adam", "config": {"learning_rate": 1e-3, "clipvalue": 0.1}},
+    {"class_name": "Nadam", "config": {"learning_rate": 1e-3, "loss_scale_factor": 8.0}},
+]
+
+
+@pytest.mark.parametrize("config", ADDEND_CONFIGS, ids=lambda config: str(sorted(config["config"])))
+def test_apply_with_addends_is_bit_identical_to_summing_first(config):
+    """``apply(grads, addends=...)`` (a sync step's last push): the update kernel adds the addend
+    where it can, and the step is the one of the gradients summed with np.add first."""
+    rng = np.random.default_rng(17)
+    shapes = {"v0": (300_001,), "v1": (7,), "m": (33, 64), "only_addend": (5,), "none": (4,)}
+    initial = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+    engines = []
+    for _ in range(2):
+        engine = optimizers.deserialize(config, backend=NumpyBackend(threads=2, parallel_threshold=1024))
+        engine.build({name: value.copy() for name, value in initial.items()})
+        engines.append(engine)
+    summing, plain = engines
+    for step in range(4):
+        grads = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+        addends = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
+        del grads["only_addend"], grads["none"], addends["none"]
+        if step == 2:
+            addends["v1"][0] = np.inf  # non-finite sums behave as summed first (a loss scale skips)
+        totals = {name: np.add(grads.get(name, 0), addend) for name, addend in addends.items()}
+        totals |= {name: grads[name] for name in grads if name not in addends}
+        kept = {name: addend.copy() for name, addend in addends.items()}
+        region = {name: np.empty(shape, np.float32) for name, shape in shapes.items()}
+        written = summing.apply(grads, addends=addends, reply_into=[lambda n, s, d, region=region: region[n]])
+        plain.apply(totals)
+        expected = plain.read_variables()
+        for name, value in summing.read_variables().items():
+            np.testing.assert_array_equal(value, expected[name], strict=True)
+            np.testing.assert_array_equal(written[0][name], expected[name], strict=True)
+        for name, slots in plain.get_slots().items():
+            for slot, value in slots.items():
+                np.testing.assert_array_equal(summing.get_slots()[name][slot], value, strict=True)
+        for name, addend in addends.items():
+            np.testing.assert_array_equal(addend, kept[name], strict=True)  # addends are only read
+    if config == REPLY_CONFIGS[0]:
+        assert ADAM._summing is not None and ("var", 1) in ADAM._summing._copying  # one pass did it all
+
+
+def test_addends_are_checked_like_gradients_before_anything_changes():
+    engine = optimizers.deserialize({"class_name": "Adam", "config": {"learning_rate": 0.1}})
+    engine.build({"w": np.ones(8, np.float32)})
+    before = engine.get_weights()
+    grads = {"w": np.ones(8, np.float32)}
+    with pytest.raises(InvalidArgumentError, match="shape"):
+        engine.apply(grads, addends={"w": np.ones(9, np.float32)})
+    with pytest.raises(InvalidArgumentError, match="dtype"):
+        engine.apply(grads, addends={"w": np.ones(8, np.float64)})
+    with pytest.raises(optimizers.base.NotFoundError, match="unknown"):
+        engine.apply(grads, addends={"x": np.ones(8, np.float32)})
+    for now, then in zip(engine.get_weights(), before, strict=True):
+        np.testing.assert_array_equal(now, then, strict=True)
+    np.testing.assert_array_equal(grads["w"], np.ones(8, np.float32))
+
+
+def test_a_summing_kernel_adds_with_one_rounding_as_numpy_does():
+    kernel = ADAM.summing()
+    assert kernel.inputs == ("grad", "grad_addend") and kernel.state == ADAM.state
+    assert ADAM.summing() is kernel and "summed_grad" in kernel.body
+    rng = np.random.default_rng(3)
+    grad, addend = (rng.standard_normal(5000).astype(np.float32) * 1e30 for _ in range(2))
+    state = {name: np.abs(rng.standard_normal(5000)).astype(np.float32) for name in ADAM.state}
+    scalars = dict(SCALARS)
+    summed = {name: value.copy() for name, value in state.items()}
+    NumpyBackend(threads=1).run(kernel, {"grad": grad, "grad_addend": addend, **summed}, scalars)
+    NumpyBackend(threads=1).run(ADAM, {"grad": np.add(grad, addend), **state}, scalars)
+    for name in state:
+        np.testing.assert_array_equal(summed[name], state[name], strict=True)

@@ -750,7 +750,10 @@ def test_every_optimizer_kernel_compiles_to_ptx_with_nvrtc_and_no_fused_multiply
 
     nvrtc = _nvrtc()
     kernels = optimizer_kernels()
-    for kernel in kernels + [kernel.copying("var", 2) for kernel in kernels if "var" in kernel.state]:
+    summing = [kernel.summing() for kernel in kernels if "grad" in kernel.inputs]
+    variants = [kernel.copying("var", 2) for kernel in kernels + summing if "var" in kernel.state]
+    assert len(summing) > 20
+    for kernel in kernels + summing + variants:
         for c_type in ("float", "double"):
             program = nvrtc.createProgram(_device_code(kernel, c_type), f"{kernel.name}.cu", [], [])
             try:

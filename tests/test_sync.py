@@ -283,3 +283,41 @@ def test_a_worker_that_hung_up_while_parked_can_retry_its_push(stub):
     assert retry.error is None and retry.result.duplicate and retry.result.iterations == 1
     expected = _reference(ADAM, _initial(), [[g0, g1]])
     np.testing.assert_array_equal(retry.values["kernel"], expected["kernel"])
+
+
+def test_the_last_push_of_a_step_is_summed_by_the_update_itself(stub, monkeypatch):
+    """The step's last push goes to the update as addends (no separate summing pass) and the
+    result is still the arrival-order sum; with skip_step the sum is looked at first, so the
+    pushes are summed before the update."""
+    from optserve.server.optimizers.base import Optimizer
+
+    calls = []
+    apply = Optimizer.apply
+
+    def spy(self, grads, **options):
+        calls.append(sorted(options.get("addends") or ()))
+        return apply(self, grads, **options)
+
+    monkeypatch.setattr(Optimizer, "apply", spy)
+    rpc.create_model(stub, "job", _initial(), ADAM, num_workers=3)
+    steps = [[_gradients(40 + worker) for worker in range(3)]]
+    threads = []
+    for worker, grads in enumerate(steps[0]):
+        threads.append(Push(stub, "job", worker, 0, grads, return_variables=True))
+        if worker < 2:
+            rpc.wait_until(lambda worker=worker: rpc.waiting_workers(stub, "job") == list(range(worker + 1)))
+    outcomes = [t.outcome() for t in threads]
+    assert all(o.error is None for o in outcomes), [o.error for o in outcomes]
+    assert calls == [["bias", "kernel"]]
+    expected = _reference(ADAM, _initial(), steps)
+    for o in outcomes:
+        for name in expected:
+            np.testing.assert_array_equal(o.values[name], expected[name])
+
+    calls.clear()
+    rpc.create_model(stub, "skipping", _initial(), ADAM, num_workers=2, non_finite_policy=pb.NON_FINITE_SKIP_STEP)
+    threads = [Push(stub, "skipping", 0, 0, _gradients(1))]
+    rpc.wait_until(lambda: rpc.waiting_workers(stub, "skipping") == [0])
+    threads.append(Push(stub, "skipping", 1, 0, _gradients(2)))
+    assert all(t.outcome().error is None for t in threads)
+    assert calls == [[]]

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from ..kernels import UpdateKernel
+from ..kernels import ADDEND, UpdateKernel
 from ..programs import UpdateProgram
 from . import validation as check
 from .validation import Hyperparameter
@@ -563,7 +563,12 @@ class Optimizer:
 
     # ----------------------------------------------------------------- apply
     def apply(
-        self, grads: Mapping[str, Any], *, count_empty_step: bool = False, reply_into: Sequence[Any] | None = None
+        self,
+        grads: Mapping[str, Any],
+        *,
+        count_empty_step: bool = False,
+        reply_into: Sequence[Any] | None = None,
+        addends: Mapping[str, Any] | None = None,
     ) -> list[dict[str, np.ndarray]] | None:
         """One Keras ``optimizer.apply``: checked as a whole first, then applied.
 
@@ -579,9 +584,15 @@ class Optimizer:
         ``reply_into``: allocators as ``read_variables_into_each`` takes; the variables after the
         step are written into each one's arrays, where the backend can by the update kernel itself
         (the values are in registers then), and the filled ``{name: array}`` are returned.
+
+        ``addends``: more gradients ``{name: array}`` added to ``grads`` (a sync step's last push,
+        summed into the others'): by the update kernel itself where it can, which saves a pass over
+        memory, else first (``sum_into``); the bits are the same either way.
         """
         self._require_built()
+        grads, left = self._kernel_addends(grads, addends)
         gradients = self._validated_gradients(grads, allow_empty=count_empty_step)
+        kernel_addends = {v: self._device_array(a) for v, a in self._checked_gradients(left)} if left else None
         lr = self._learning_rate_for_step()
         variables = list(self._variables.values())
         replies = None if reply_into is None else self._allocated(variables, reply_into)
@@ -595,7 +606,7 @@ class Optimizer:
             self._update(self._accumulated_means(gradients, steps), lr, fused_replies, written)
             self._reset_accumulators()
         else:
-            self._update(self._unscaled(gradients), lr, fused_replies, written)
+            self._update(self._unscaled(gradients), lr, fused_replies, written, kernel_addends)
         if self._config["use_ema"]:
             self._update_moving_averages()
         self._raw_iterations += 1
@@ -604,7 +615,64 @@ class Optimizer:
         self._copy_out([variable for variable in variables if variable.name not in written], replies)
         return replies
 
+    def sum_into(self, grads: Mapping[str, Any], addends: Mapping[str, Any] | None) -> Mapping[str, Any]:
+        """``grads`` with ``addends`` added now, into the arrays of ``grads`` where they are writable
+        host arrays (else into copies); an addend of a variable without a gradient is its gradient."""
+        if not addends:
+            return grads
+        grads, addends = self._split_addends(grads, addends)
+        totals = dict(self._checked_gradients(grads))
+        pairs = []
+        for variable, addend in self._checked_gradients(addends):
+            total = totals[variable]
+            if not (isinstance(total, np.ndarray) and total.flags.writeable and total.flags.c_contiguous):
+                total = grads[variable.name] = np.array(total, dtype=variable.dtype)
+            pairs.append((total, np.asarray(addend)))
+        self.add_host_arrays(pairs)
+        return grads
+
+    def _split_addends(self, grads: Mapping[str, Any], addends: Mapping[str, Any]) -> tuple[dict, dict]:
+        """(``grads`` and the addends of variables without a gradient, the other addends)."""
+        if not isinstance(grads, Mapping) or not isinstance(addends, Mapping):
+            raise InvalidArgumentError("Gradients and addends must be {name: array} mappings.")
+        grads, left = dict(grads), {}
+        for name, addend in addends.items():
+            if grads.get(name) is None:
+                grads[name] = addend
+            else:
+                left[name] = addend
+        return grads, left
+
+    def _kernel_addends(self, grads: Mapping[str, Any], addends: Mapping[str, Any] | None) -> tuple[Mapping, dict]:
+        """(the gradients, the addends the update kernels add): those added first (``sum_into``) are
+        of variables updated by a staged program, or of a step whose gradients are transformed before
+        the update (clipped, unscaled, accumulated), or of a backend off the host."""
+        if not addends:
+            return grads, {}
+        config = self._config
+        in_kernels = (
+            self._on_host
+            and not config["gradient_accumulation_steps"]
+            and self._loss_scale() is None
+            and all(config[name] is None for name in ("clipnorm", "global_clipnorm", "clipvalue"))
+        )
+        grads, addends = self._split_addends(grads, addends)
+        self._checked_gradients(grads)
+        self._checked_gradients(addends)  # all of them, before any sum is written
+        first: dict = {}
+        kept: dict = {}
+        for name, addend in addends.items():
+            variable = self._variables.get(name)
+            summed_by_kernel = in_kernels and variable is not None and isinstance(variable.update, UpdateKernel)
+            (kept if summed_by_kernel else first)[name] = addend
+        return self.sum_into(grads, first), kept
+
     def _validated_gradients(self, grads: Mapping[str, Any], allow_empty: bool = False) -> list[tuple[_Variable, Any]]:
+        checked = self._checked_gradients(grads, allow_empty)
+        return [(variable, self._device_array(grad)) for variable, grad in checked]
+
+    def _checked_gradients(self, grads: Mapping[str, Any], allow_empty: bool = True) -> list[tuple[_Variable, Any]]:
+        """The gradients of known variables, of their shapes and dtypes, as given (host arrays)."""
         if not isinstance(grads, Mapping):
             raise InvalidArgumentError(f"Gradients must be a {{name: array}} mapping. Received: {type(grads).__name__}")
         unknown = [name for name in grads if name not in self._variables]
@@ -631,7 +699,7 @@ class Optimizer:
             checked.append((variable, grad))
         if not checked and not allow_empty:
             raise InvalidArgumentError("No gradients provided for any variable.")
-        return [(variable, self._device_array(grad)) for variable, grad in checked]
+        return checked
 
     @property
     def _on_host(self) -> bool:
@@ -716,9 +784,10 @@ class Optimizer:
         for variable in self._variables.values():
             self._run(RESET, {"buffer": variable.slots[ACCUMULATOR_SLOT]}, {})
 
-    def _update(self, gradients, lr: float, replies=None, written: set[str] | None = None) -> None:
+    def _update(self, gradients, lr: float, replies=None, written: set[str] | None = None, addends=None) -> None:
         """``replies``: host arrays ``[{name: array}, ...]`` each variable's new value is also written
-        into by its update kernel where it can; the names so written are added to ``written``."""
+        into by its update kernel where it can; the names so written are added to ``written``.
+        ``addends``: ``{variable: array}`` the update kernel adds to the variable's gradient."""
         gradients = self._clipped(gradients)
         self._apply_weight_decay(gradients, lr)
         self.before_update_step()
@@ -737,7 +806,11 @@ class Optimizer:
                 arrays.update(variable.program_scratch)
                 kernel.run(self._backend, arrays, scalars, variable.dtype.type)
                 continue
-            if replies and written is not None and self._writes_replies(kernel, grad, variable.name, replies):
+            addend = addends.get(variable) if addends else None
+            if addend is not None:
+                kernel = kernel.summing()
+                arrays[ADDEND] = addend
+            if replies and written is not None and self._writes_replies(kernel, (grad, addend), variable.name, replies):
                 kernel = kernel.copying("var", len(replies))
                 arrays.update({f"copy_{index}": values[variable.name] for index, values in enumerate(replies)})
                 written.add(variable.name)
@@ -745,13 +818,15 @@ class Optimizer:
         for (kernel, dtype), calls in fused.items():
             self._run_all(kernel, calls, {k: scalars_by_dtype[dtype][k] for k in kernel.scalars})
 
-    def _writes_replies(self, kernel: UpdateKernel, grad, name: str, replies) -> bool:
+    def _writes_replies(self, kernel: UpdateKernel, inputs, name: str, replies) -> bool:
         """Whether ``kernel`` can write the variable's reply arrays too: host arrays on the host
-        backend, none of them sharing memory with the gradient (a state array must not)."""
+        backend, none of them sharing memory with the gradient or its addend (a state array must not)."""
         return (
             self._on_host
             and "var" in kernel.state
-            and not any(np.may_share_memory(values[name], grad) for values in replies)
+            and not any(
+                np.may_share_memory(values[name], array) for values in replies for array in inputs if array is not None
+            )
         )
 
     # ---------------------------------------------------------------- clipping

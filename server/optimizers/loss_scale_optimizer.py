@@ -145,12 +145,19 @@ class LossScaleOptimizer:
 
     # ------------------------------------------------------------------- apply
     def apply(
-        self, grads: Mapping[str, Any], *, count_empty_step: bool = False, reply_into: Sequence[Any] | None = None
+        self,
+        grads: Mapping[str, Any],
+        *,
+        count_empty_step: bool = False,
+        reply_into: Sequence[Any] | None = None,
+        addends: Mapping[str, Any] | None = None,
     ) -> list[dict[str, np.ndarray]] | None:
         """One Keras LossScaleOptimizer.apply: skip and shrink on non-finite gradients.
-        ``reply_into``: as the inner optimizer's ``apply`` takes it."""
+        ``reply_into``, ``addends``: as the inner optimizer's ``apply`` takes them (the addends are
+        added first: the finiteness test is of the sums)."""
         inner = self.inner_optimizer
         inner._require_built()
+        grads = inner.sum_into(grads, addends)
         checked = inner._validated_gradients(grads, allow_empty=count_empty_step)
         if not self._all_finite(grad for _, grad in checked):
             self._set_scale(self.dynamic_scale * 0.5)
