@@ -279,7 +279,8 @@ class NumpyBackend:
                     future.result()
 
     def _native(self, kernel: UpdateKernel, dtype) -> NativeKernel | None:
-        return None if self.native is None else self.native.get(kernel, dtype)
+        # Never waits for the compiler: until a kernel's library is ready its NumPy program runs.
+        return None if self.native is None else self.native.get_ready(kernel, dtype)
 
     def _run_listed(self, program, blocks, block_indices) -> None:
         """Runs the program on entries of ``blocks`` taken from ``block_indices`` until they run out."""

@@ -21,7 +21,9 @@ The results are NumPy's bit for bit, and that is checked rather than assumed:
 Compiled libraries are kept in a private cache directory (``OPTSERVE_KERNEL_CACHE``,
 else ``$XDG_CACHE_HOME/optserve/kernels``, else ``~/.cache/optserve/kernels``),
 keyed by the source, the compiler, its flags and the CPU, so a process compiles a
-kernel only the first time the machine sees it (about half a second). Without a
+kernel only the first time the machine sees it (about half a second). That compile
+runs on a background thread (``get_ready``): a step never waits for the compiler;
+the kernel runs its NumPy program, with the same bits, until its library is ready. Without a
 C++ compiler (``OPTSERVE_CXX``, ``CXX``, else ``c++``/``g++``/``clang++`` on the
 path) or with ``OPTSERVE_NATIVE_KERNELS=0``, every kernel runs its NumPy program.
 """
@@ -137,6 +139,9 @@ class NativeKernels:
         self._directory_checked: Path | None = None
         self._built: dict = {}
         self._lock = threading.Lock()
+        self._queued: list = []  # (kernel, dtype) waiting for the background compiler, oldest first
+        self._compiling: set = set()  # those queued or being compiled
+        self._idle = threading.Condition(self._lock)
         if hasattr(os, "register_at_fork"):
             # A fork taken while another thread compiles must not leave the child's lock held.
             os.register_at_fork(after_in_child=self._new_lock)
@@ -151,9 +156,13 @@ class NativeKernels:
         return f"compiled by {compiler}" if compiler else "NumPy programs (no C++ compiler)"
 
     def _new_lock(self) -> None:
+        # The child has none of the parent's threads: no compile is under way there.
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._queued, self._compiling = [], set()
 
     def get(self, kernel: UpdateKernel, dtype) -> NativeKernel | None:
+        """The compiled kernel (compiling it now if need be), or None where NumPy must do."""
         if not self.enabled:
             return None
         key = (kernel, np.dtype(dtype))
@@ -162,9 +171,58 @@ class NativeKernels:
         except KeyError:
             pass
         with self._lock:
+            while key in self._compiling:
+                self._idle.wait()
             if key not in self._built:
                 self._built[key] = self._build(kernel, key[1])
             return self._built[key]
+
+    def get_ready(self, kernel: UpdateKernel, dtype) -> NativeKernel | None:
+        """The compiled kernel if it is at hand (built, or in the cache), else None, after queueing its
+        compile on the background thread: the caller runs the NumPy program meanwhile."""
+        if not self.enabled:
+            return None
+        key = (kernel, np.dtype(dtype))
+        try:
+            return self._built[key]
+        except KeyError:
+            pass
+        with self._lock:
+            if key in self._built or key in self._compiling:
+                return self._built.get(key)
+            if not self._needs_compiling(kernel, key[1]):
+                self._built[key] = self._build(kernel, key[1])  # loaded from the cache, or None: milliseconds
+                return self._built[key]
+            self._compiling.add(key)
+            self._queued.append(key)
+            if len(self._queued) == 1 and len(self._compiling) == 1:
+                threading.Thread(target=self._compile_queued, name="optserve-kernel-compiler", daemon=True).start()
+            return None
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """Wait until no compile is queued or under way; False if ``timeout`` passed first."""
+        with self._lock:
+            return self._idle.wait_for(lambda: not self._compiling, timeout)
+
+    def _compile_queued(self) -> None:
+        """The background compiler: one compile at a time (they share the cores with the steps)."""
+        while True:
+            with self._lock:
+                if not self._queued:
+                    return
+                key = self._queued[0]
+            built = self._build(*key)  # outside the lock: get_ready never waits for the compiler
+            with self._lock:
+                self._built[key] = built
+                self._queued.remove(key)
+                self._compiling.discard(key)
+                self._idle.notify_all()
+
+    def _needs_compiling(self, kernel: UpdateKernel, dtype: np.dtype) -> bool:
+        """Whether building the kernel means running the compiler (its library is not in the cache)."""
+        source = native_source(kernel, dtype)
+        compiler = self._find_compiler() if source is not None else None
+        return source is not None and compiler is not None and not self._library_path(compiler, source).exists()
 
     def _build(self, kernel: UpdateKernel, dtype: np.dtype) -> NativeKernel | None:
         source = native_source(kernel, dtype)
@@ -208,10 +266,13 @@ class NativeKernels:
             self._compiler = found or ""
         return self._compiler or None
 
+    def _library_path(self, compiler: str, source: str) -> Path:
+        digest = hashlib.sha256("\0".join([self._machine(compiler), *FLAGS, source]).encode()).hexdigest()[:32]
+        return self._directory() / f"kernel-{digest}.so"
+
     def _library(self, compiler: str, source: str) -> Path:
         directory = self._directory()
-        digest = hashlib.sha256("\0".join([self._machine(compiler), *FLAGS, source]).encode()).hexdigest()[:32]
-        library = directory / f"kernel-{digest}.so"
+        library = self._library_path(compiler, source)
         if library.exists():
             return library
         with tempfile.TemporaryDirectory(dir=directory) as scratch:

@@ -108,6 +108,35 @@ def test_a_library_is_compiled_once_per_machine_and_kept_in_a_private_directory(
     assert [path.suffix for path in cache.iterdir()] == [".so"]
 
 
+@needs_compiler
+def test_a_step_never_waits_for_the_compiler(tmp_path):
+    """A kernel not yet compiled runs its NumPy program while the background thread compiles it
+    (here a compiler that does nothing until the test lets it go); then the library is used."""
+    go = tmp_path / "go"
+    slow = tmp_path / "slow-c++"
+    real = shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    slow.write_text(
+        f'#!/bin/sh\n[ "$1" = --version ] || while [ ! -e "{go}" ]; do sleep 0.05; done\nexec "{real}" "$@"\n'
+    )
+    slow.chmod(0o755)
+    natives = NativeKernels(compiler=str(slow), cache_dir=tmp_path / "cache", enabled=True)
+    arrays = probe_arrays(ADAM, np.float32, seed=4)
+    expected = {name: array.copy() for name, array in arrays.items()}
+    backend = NumpyBackend(threads=1, native=natives)
+    scalars = {"alpha": 1e-3, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}
+    backend.run(ADAM, arrays, scalars)  # returns with the compiler still held back
+    assert natives.get_ready(ADAM, np.float32) is None and not natives.wait_idle(timeout=0.2)
+    native_kernels.run_numpy_program(ADAM, expected, ADAM.host_constants(scalars, np.float32))
+    for name in ADAM.state:
+        assert bits_differ(expected[name], arrays[name]) == "", name
+    go.touch()
+    assert natives.wait_idle(timeout=120)
+    assert natives.get_ready(ADAM, np.float32) is not None and natives.compiled == 1
+    # Another process finds the library in the cache and uses it at once.
+    again = NativeKernels(compiler=str(slow), cache_dir=tmp_path / "cache", enabled=True)
+    assert again.get_ready(ADAM, np.float32) is not None and again.compiled == 0
+
+
 def test_a_cache_directory_others_can_write_is_not_used(tmp_path, monkeypatch):
     shared = tmp_path / "shared"
     shared.mkdir()
@@ -139,6 +168,8 @@ def test_a_model_of_many_variables_trains_bit_identically_with_and_without_nativ
         gradients["v0"][:] = np.nan if step == 2 else gradients["v0"]
         for engine in engines:
             engine.apply(gradients)
+        assert natives.wait_idle(timeout=120)  # later steps run the compiled kernels
+    assert any(native is not None for native in natives._built.values())
     native_values, numpy_values = (engine.read_variables() for engine in engines)
     for key in weights:
         assert bits_differ(numpy_values[key], native_values[key]) == "", key
