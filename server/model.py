@@ -438,32 +438,29 @@ class Model:
         if pending is None:
             pending = self._open_step(step)
             pending.hold = hold
+        addends = None
         if len(pending.contributors) == self.spec.num_workers - 1 and self._sums_in_update(hold):
             # The step's last push: the update adds its gradients to the others' sum as it reads
             # them, a pass over memory less than summing first (the same bits).
-            pending.contributors.append(worker)
-            pending.return_variables |= return_variables
-            if return_variables:
-                pending.add_reply_region(worker, reply_into)
-            await self._complete(pending, missing=(), addends=gradients)
-            return pending.future, False
-        try:
-            await self._run(pending.accumulate, gradients, self._engine.add_host_arrays)
-        except BaseException as exc:
-            # A half-summed buffer is useless: end the step for everyone, apply nothing.
-            self._pending = None
-            pending.fail(exc)
-            raise
-        if pending is not self._pending:
-            # The model was closed (shutdown, delete) while this push was being summed: the
-            # step has failed for every waiter and nothing of it may be applied any more.
-            return pending.future, False
+            addends = gradients
+        else:
+            try:
+                await self._run(pending.accumulate, gradients, self._engine.add_host_arrays)
+            except BaseException as exc:
+                # A half-summed buffer is useless: end the step for everyone, apply nothing.
+                self._pending = None
+                pending.fail(exc)
+                raise
+            if pending is not self._pending:
+                # The model was closed (shutdown, delete) while this push was being summed: the
+                # step has failed for every waiter and nothing of it may be applied any more.
+                return pending.future, False
         pending.contributors.append(worker)
         pending.return_variables |= return_variables
         if return_variables:
             pending.add_reply_region(worker, reply_into)
         if len(pending.contributors) == self.spec.num_workers:
-            await self._complete(pending, missing=())
+            await self._complete(pending, missing=(), addends=addends)
         return pending.future, False
 
     def _sums_in_update(self, hold: bool) -> bool:

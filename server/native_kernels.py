@@ -162,20 +162,14 @@ class NativeKernels:
         self._queued, self._compiling = [], set()
 
     def get(self, kernel: UpdateKernel, dtype) -> NativeKernel | None:
-        """The compiled kernel (compiling it now if need be), or None where NumPy must do."""
-        if not self.enabled:
-            return None
+        """The compiled kernel (waiting for its compile if need be), or None where NumPy must do."""
+        native = self.get_ready(kernel, dtype)
+        if native is not None:
+            return native
         key = (kernel, np.dtype(dtype))
-        try:
-            return self._built[key]
-        except KeyError:
-            pass
         with self._lock:
-            while key in self._compiling:
-                self._idle.wait()
-            if key not in self._built:
-                self._built[key] = self._build(kernel, key[1])
-            return self._built[key]
+            self._idle.wait_for(lambda: key not in self._compiling)
+            return self._built.get(key)
 
     def get_ready(self, kernel: UpdateKernel, dtype) -> NativeKernel | None:
         """The compiled kernel if it is at hand (built, or in the cache), else None, after queueing its

@@ -131,6 +131,16 @@ def test_read_variables_into_given_arrays():
     np.testing.assert_allclose(values["b"], 0.9)
 
 
+def _twin_engines(config, initial):
+    """Two engines of ``config`` built from copies of the same ``initial`` values."""
+    engines = []
+    for _ in range(2):
+        engine = optimizers.deserialize(config, backend=NumpyBackend(threads=2, parallel_threshold=1024))
+        engine.build({name: value.copy() for name, value in initial.items()})
+        engines.append(engine)
+    return engines
+
+
 REPLY_CONFIGS = [
     {"class_name": "Adam", "config": {"learning_rate": 1e-3}},
     {"class_name": "Adam", "config": {"learning_rate": 1e-3, "weight_decay": 0.01, "clipnorm": 0.5}},
@@ -149,12 +159,7 @@ def test_apply_writes_the_new_values_into_reply_arrays_bit_for_bit(config):
     rng = np.random.default_rng(11)
     shapes = {"v0": (300_001,), "v1": (7,), "m": (33, 64), "none": (5,)}
     initial = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
-    engines = []
-    for _ in range(2):
-        engine = optimizers.deserialize(config, backend=NumpyBackend(threads=2, parallel_threshold=1024))
-        engine.build({name: value.copy() for name, value in initial.items()})
-        engines.append(engine)
-    replying, plain = engines
+    replying, plain = _twin_engines(config, initial)
     for step in range(4):
         grads = {name: rng.standard_normal(value.shape).astype(np.float32) for name, value in initial.items()}
         del grads["none"]  # no gradient: its value still goes into the reply
@@ -202,12 +207,7 @@ def test_apply_with_addends_is_bit_identical_to_summing_first(config):
     rng = np.random.default_rng(17)
     shapes = {"v0": (300_001,), "v1": (7,), "m": (33, 64), "only_addend": (5,), "none": (4,)}
     initial = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
-    engines = []
-    for _ in range(2):
-        engine = optimizers.deserialize(config, backend=NumpyBackend(threads=2, parallel_threshold=1024))
-        engine.build({name: value.copy() for name, value in initial.items()})
-        engines.append(engine)
-    summing, plain = engines
+    summing, plain = _twin_engines(config, initial)
     for step in range(4):
         grads = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
         addends = {name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}

@@ -592,7 +592,7 @@ class Optimizer:
         self._require_built()
         grads, left = self._kernel_addends(grads, addends)
         gradients = self._validated_gradients(grads, allow_empty=count_empty_step)
-        kernel_addends = {v: self._device_array(a) for v, a in self._checked_gradients(left)} if left else None
+        kernel_addends = {variable: self._device_array(addend) for variable, addend in left} if left else None
         lr = self._learning_rate_for_step()
         variables = list(self._variables.values())
         replies = None if reply_into is None else self._allocated(variables, reply_into)
@@ -621,10 +621,14 @@ class Optimizer:
         if not addends:
             return grads
         grads, addends = self._split_addends(grads, addends)
-        totals = dict(self._checked_gradients(grads))
+        self._checked_gradients(grads)
+        return self._added(grads, self._checked_gradients(addends))
+
+    def _added(self, grads: dict, addends: list[tuple[_Variable, Any]]) -> dict:
+        """``grads`` (checked) with the checked ``addends``, each of a variable with a gradient, added."""
         pairs = []
-        for variable, addend in self._checked_gradients(addends):
-            total = totals[variable]
+        for variable, addend in addends:
+            total = grads[variable.name]
             if not (isinstance(total, np.ndarray) and total.flags.writeable and total.flags.c_contiguous):
                 total = grads[variable.name] = np.array(total, dtype=variable.dtype)
             pairs.append((total, np.asarray(addend)))
@@ -643,12 +647,14 @@ class Optimizer:
                 left[name] = addend
         return grads, left
 
-    def _kernel_addends(self, grads: Mapping[str, Any], addends: Mapping[str, Any] | None) -> tuple[Mapping, dict]:
-        """(the gradients, the addends the update kernels add): those added first (``sum_into``) are
-        of variables updated by a staged program, or of a step whose gradients are transformed before
+    def _kernel_addends(
+        self, grads: Mapping[str, Any], addends: Mapping[str, Any] | None
+    ) -> tuple[Mapping, list[tuple[_Variable, Any]]]:
+        """(the gradients, the checked addends the update kernels add): those added first are of
+        variables updated by a staged program, or of a step whose gradients are transformed before
         the update (clipped, unscaled, accumulated), or of a backend off the host."""
         if not addends:
-            return grads, {}
+            return grads, []
         config = self._config
         in_kernels = (
             self._on_host
@@ -658,14 +664,13 @@ class Optimizer:
         )
         grads, addends = self._split_addends(grads, addends)
         self._checked_gradients(grads)
-        self._checked_gradients(addends)  # all of them, before any sum is written
-        first: dict = {}
-        kept: dict = {}
-        for name, addend in addends.items():
-            variable = self._variables.get(name)
-            summed_by_kernel = in_kernels and variable is not None and isinstance(variable.update, UpdateKernel)
-            (kept if summed_by_kernel else first)[name] = addend
-        return self.sum_into(grads, first), kept
+        checked = self._checked_gradients(addends)  # all of them, before any sum is written
+        first: list[tuple[_Variable, Any]] = []
+        kept: list[tuple[_Variable, Any]] = []
+        for variable, addend in checked:
+            summed_by_kernel = in_kernels and isinstance(variable.update, UpdateKernel)
+            (kept if summed_by_kernel else first).append((variable, addend))
+        return self._added(grads, first), kept
 
     def _validated_gradients(self, grads: Mapping[str, Any], allow_empty: bool = False) -> list[tuple[_Variable, Any]]:
         checked = self._checked_gradients(grads, allow_empty)
