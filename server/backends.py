@@ -22,6 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from optserve.protos.buffers import copy_arrays
+from optserve.server import bound_state
+from optserve.server.bound_state import BoundCall
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError
 from optserve.server.kernels import UpdateKernel
 from optserve.server.native_kernels import NativeKernel, NativeKernels, shared_native_kernels
@@ -212,14 +214,30 @@ class NumpyBackend:
         """Applies ``kernel`` in place; validates everything before touching any array."""
         self.run_many(kernel, [arrays], scalars)
 
+    def bind_state(self, arrays: Mapping[str, np.ndarray]) -> bound_state.BoundState | None:
+        """``arrays`` (a variable's value and slots, never reallocated) checked once as kernel state:
+        a ``BoundCall`` of them brings only the arrays new in each call (None: they cannot be bound)."""
+        return bound_state.bind(arrays)
+
     def run_many(self, kernel: UpdateKernel, calls: Sequence[Mapping], scalars: Mapping) -> None:
         """Applies ``kernel`` to several independent sets of arrays (one per variable of a model) as
         one pass: every call's blocks go to the threads from one counter, so a model of many small
         variables keeps both cores busy, as one large variable does. Every call is validated before
-        any array is touched."""
+        any array is touched; of a ``BoundCall`` (``bind_state``), only the arrays new in it are."""
         natives: dict = {}
         checked: list = []  # (arrays in kernel order, dtype, their data addresses for a native kernel)
         for arrays in calls:
+            quick = None
+            if isinstance(arrays, BoundCall):
+                dtype = arrays.state.dtype
+                if dtype not in natives:
+                    natives[dtype] = self._native(kernel, dtype)
+                quick = bound_state.checked(kernel, arrays, natives[dtype] is not None)
+                if quick is None:
+                    arrays = arrays.state.full_arrays(kernel, arrays.arrays)  # the full check names the fault
+            if quick is not None:
+                checked.append(quick)
+                continue
             ordered, dtype, _ = check_kernel_arrays(kernel, arrays, np.ndarray)
             if dtype not in natives:
                 natives[dtype] = self._native(kernel, dtype)
@@ -234,6 +252,7 @@ class NumpyBackend:
         if total == 0:
             return
         blocks = []  # (flat arrays, or their addresses for a native kernel; constants, low, high, native)
+        block_by_dtype: dict = {}
         for ordered, dtype, addresses in checked:
             size = ordered[0].size
             if size == 0:
@@ -248,11 +267,16 @@ class NumpyBackend:
             else:
                 flat = list(addresses)
                 for index, array in enumerate(ordered[:inputs]):
-                    if not array.flags.c_contiguous:
+                    if flat[index] is None or not array.flags.c_contiguous:
                         copy = np.ascontiguousarray(array)
                         keep_alive.append(copy)
                         flat[index] = copy.ctypes.data
-            block = self._block_for(program, dtype, total, native is not None)
+            block = block_by_dtype.get(dtype)
+            if block is None:
+                block = block_by_dtype[dtype] = self._block_for(program, dtype, total, native is not None)
+            if size * 2 < block * 3:  # round(size / block) <= 1: one block
+                blocks.append((flat, constants[dtype], 0, size, native))
+                continue
             # Even blocks, up to 1.5 blocks long: a variable just over one block stays one block,
             # and a longer one is cut into equal parts, never a block and a sliver.
             count = max(1, round(size / block))
@@ -284,10 +308,10 @@ class NumpyBackend:
 
     def _run_listed(self, program, blocks, block_indices) -> None:
         """Runs the program on entries of ``blocks`` taken from ``block_indices`` until they run out."""
-        largest = max(high - low for _, _, low, high, _ in blocks)
         scratch_by_dtype: dict = {}
         step = program.step
-        with np.errstate(all="ignore"):  # inf/nan follow IEEE, as in Keras; no warnings
+        errors = None  # NumPy's error state, set aside while a NumPy program runs
+        try:
             for index in block_indices:
                 if index >= len(blocks):
                     break
@@ -295,12 +319,18 @@ class NumpyBackend:
                 if native is not None:
                     native.run(flat, constants, low, high)
                     continue
+                if errors is None:
+                    errors = np.seterr(all="ignore")  # inf/nan follow IEEE, as in Keras; no warnings
+                    largest = max(high - low for _, _, low, high, _ in blocks)
                 dtype = flat[0].dtype
                 scratch = scratch_by_dtype.get(dtype)
                 if scratch is None:
                     scratch = scratch_by_dtype[dtype] = self._scratch_buffers(program, dtype, largest)
                 length = high - low
                 step(*[array[low:high] for array in flat], *[buffer[:length] for buffer in scratch], *constants)
+        finally:
+            if errors is not None:
+                np.seterr(**errors)
 
     def _block_for(self, program, dtype, size, native=False) -> int:
         # A native kernel keeps no scratch and makes one pass: its blocks only share the work out.

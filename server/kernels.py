@@ -830,7 +830,7 @@ class UpdateKernel:
         if copies is None:
             if state not in self.state:
                 raise InvalidArgumentError(f"Kernel `{self.name}` has no state `{state}` to copy.")
-            names = tuple(f"copy_{index}" for index in range(count))
+            names = tuple(copy_name(index) for index in range(count))
             body = textwrap.dedent(self.body) + "".join(f"\n{name} = {state}" for name in names) + "\n"
             copies = UpdateKernel(f"{self.name}_copy{count}", self.inputs, self.state + names, self.scalars, body)
             self._copying[key] = copies
@@ -867,6 +867,14 @@ class UpdateKernel:
 
 # The gradient input of every optimizer's kernel, and what UpdateKernel.summing adds to it.
 GRADIENT, ADDEND, SUMMED = "grad", "grad_addend", "summed_grad"
+
+
+_COPY_NAMES = tuple(f"copy_{index}" for index in range(16))
+
+
+def copy_name(index: int) -> str:
+    """The name of the ``index``-th array a copying kernel (``UpdateKernel.copying``) writes."""
+    return _COPY_NAMES[index] if index < len(_COPY_NAMES) else f"copy_{index}"
 
 
 def _real_number(kernel_name, name, value) -> float:

@@ -267,7 +267,7 @@ class TwoPhaseSteps:
 
     def _answer(self, held: _Held, duplicate: bool):
         outcome = self._model._outcome(held.contributors, held.missing, None, duplicate=duplicate)
-        return dataclasses.replace(outcome, joint_norm=JointNorm(held.terms, held=True))
+        return outcome.replaced(joint_norm=JointNorm(held.terms, held=True))
 
     async def commit(self, worker: int, step: int, joint: tuple[NormTerm, ...], return_variables: bool):
         """Holding the model lock: apply the held step with the joint terms (or answer a repeat)."""
@@ -302,7 +302,7 @@ class TwoPhaseSteps:
         self._applied[(key, step)] = (held.terms, joint)
         while len(self._applied) > REMEMBERED_TERMS:
             self._applied.popitem(last=False)
-        return dataclasses.replace(outcome, joint_norm=JointNorm(held.terms, held=False))
+        return outcome.replaced(joint_norm=JointNorm(held.terms, held=False))
 
     async def _answer_applied(self, worker, step, joint, return_variables):
         model = self._model
@@ -323,7 +323,7 @@ class TwoPhaseSteps:
             )
         variables = await model._reply_variables() if return_variables else None
         outcome = model._outcome((worker,), (), variables, duplicate=True)
-        return dataclasses.replace(outcome, joint_norm=JointNorm(own, held=False))
+        return outcome.replaced(joint_norm=JointNorm(own, held=False))
 
     def _on_timeout(self, held: _Held) -> None:
         held.timer = None

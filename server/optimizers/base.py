@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from ..bound_state import BoundCall
 from ..errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from ..kernels import ADDEND, UpdateKernel
+from ..kernels import ADDEND, UpdateKernel, copy_name
 from ..programs import UpdateProgram
 from . import validation as check
 from .validation import Hyperparameter
@@ -184,7 +185,7 @@ def _adoptable(array: Any) -> bool:
 class _Variable:
     """One model variable, its slots (Keras order) and its scratch buffer."""
 
-    __slots__ = ("name", "shape", "dtype", "value", "slots", "scratch", "update", "program_scratch")
+    __slots__ = ("name", "shape", "dtype", "value", "slots", "scratch", "update", "program_scratch", "bound")
 
     def __init__(self, name: str, value: Any, shape: tuple, dtype: np.dtype):
         self.name = name
@@ -195,6 +196,8 @@ class _Variable:
         self.scratch = None
         self.update: UpdateKernel | UpdateProgram | None = None  # this variable's update
         self.program_scratch: dict[str, Any] = {}  # a staged program's arrays, kept across steps
+        # Its value and slots checked once as kernel state (backend.bind_state); False: not bindable.
+        self.bound: Any = None
 
 
 class Optimizer:
@@ -612,7 +615,9 @@ class Optimizer:
         self._raw_iterations += 1
         if replies is None:
             return None
-        self._copy_out([variable for variable in variables if variable.name not in written], replies)
+        unwritten = [variable for variable in variables if variable.name not in written]
+        if unwritten:
+            self._copy_out(unwritten, replies)
         return replies
 
     def sum_into(self, grads: Mapping[str, Any], addends: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -806,33 +811,48 @@ class Optimizer:
                     scalars = self.update_scalars(variable.dtype.type, variable.dtype.type(lr))
                 scalars_by_dtype[variable.dtype] = scalars
             kernel = variable.update
-            arrays = {"grad": grad, "var": variable.value, **variable.slots}
             if isinstance(kernel, UpdateProgram):
-                arrays.update(variable.program_scratch)
+                arrays = {"grad": grad, "var": variable.value, **variable.slots, **variable.program_scratch}
                 kernel.run(self._backend, arrays, scalars, variable.dtype.type)
                 continue
+            brought = {"grad": grad}  # the arrays of this call that are not the variable's own
             addend = addends.get(variable) if addends else None
             if addend is not None:
                 kernel = kernel.summing()
-                arrays[ADDEND] = addend
-            if replies and written is not None and self._writes_replies(kernel, (grad, addend), variable.name, replies):
+                brought[ADDEND] = addend
+            if replies and written is not None and self._writes_replies(kernel, grad, addend, variable.name, replies):
                 kernel = kernel.copying("var", len(replies))
-                arrays.update({f"copy_{index}": values[variable.name] for index, values in enumerate(replies)})
+                for index, values in enumerate(replies):
+                    brought[copy_name(index)] = values[variable.name]
                 written.add(variable.name)
-            fused.setdefault((kernel, variable.dtype), []).append({k: arrays[k] for k in kernel.array_names})
+            fused.setdefault((kernel, variable.dtype), []).append(self._kernel_call(variable, kernel, brought))
         for (kernel, dtype), calls in fused.items():
             self._run_all(kernel, calls, {k: scalars_by_dtype[dtype][k] for k in kernel.scalars})
 
-    def _writes_replies(self, kernel: UpdateKernel, inputs, name: str, replies) -> bool:
+    def _kernel_call(self, variable: _Variable, kernel: UpdateKernel, brought: dict[str, Any]):
+        """The arrays of ``kernel``'s call for ``variable`` (``brought``: the gradient and the other
+        arrays that are not the variable's own): where the backend binds state, its value and slots
+        bound once (only ``brought`` is checked per call), else all of them."""
+        bound = variable.bound
+        if bound is None:
+            bind_state = getattr(self._backend, "bind_state", None)
+            bound = bind_state({"var": variable.value, **variable.slots}) if bind_state is not None else None
+            bound = variable.bound = bound or False
+        if bound is False:
+            arrays = {"var": variable.value, **variable.slots, **brought}
+            return {k: arrays[k] for k in kernel.array_names}
+        return BoundCall(bound, brought)
+
+    def _writes_replies(self, kernel: UpdateKernel, grad, addend, name: str, replies) -> bool:
         """Whether ``kernel`` can write the variable's reply arrays too: host arrays on the host
         backend, none of them sharing memory with the gradient or its addend (a state array must not)."""
-        return (
-            self._on_host
-            and "var" in kernel.state
-            and not any(
-                np.may_share_memory(values[name], array) for values in replies for array in inputs if array is not None
-            )
-        )
+        if not self._on_host or "var" not in kernel.state:
+            return False
+        for values in replies:
+            reply = values[name]
+            if np.may_share_memory(reply, grad) or (addend is not None and np.may_share_memory(reply, addend)):
+                return False
+        return True
 
     # ---------------------------------------------------------------- clipping
     def _clipped(self, gradients):
