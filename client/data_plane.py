@@ -98,9 +98,9 @@ class DataConnection:
         self._sequence += 1
         by_name = {name: array for name, _, array in gradients}
         try:
-            self.connection.sendall(frames.header(self._sequence, self.payload_bytes))
-            for name, _, _ in self.tensors:
-                frames.send_bytes(self.connection, bytes_of(by_name[name]))
+            views = [memoryview(frames.header(self._sequence, self.payload_bytes))]
+            views += [bytes_of(by_name[name]) for name, _, _ in self.tensors]
+            frames.send_views(self.connection, views)
         except OSError as error:
             raise DataPlaneBroken(f"the data connection broke while sending ({error})") from None
         return self._sequence

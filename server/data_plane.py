@@ -21,10 +21,11 @@ ends with its connection, its model, or a newer session of the same worker.
 
 Threads: the accept loop and each connection's reader block in the socket
 calls (which release the GIL); everything they learn reaches the event loop
-through ``call_soon_threadsafe``. Large replies are sent from the executor;
-answers to request frames from the event loop, which never waits for a socket
-to drain (``send_soon``), while the reader waits for the answer to be sent
-before it reads the next frame.
+through ``call_soon_threadsafe``. A frames-only session's connection is read by
+the event loop itself once attached (``optserve.server.frame_reader``). Large
+replies are sent from the executor; answers to request frames from the event
+loop, which never waits for a socket to drain (``send_soon``), while the reader
+waits for the answer to be sent before it reads the next frame.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ from optserve.protos import frames
 from optserve.protos.frames import SECRET_BYTES, bytes_of, receive_exactly
 from optserve.server import eager
 from optserve.server.errors import AbortedError, FailedPreconditionError
-from optserve.server.finite import all_finite
+from optserve.server.frame_payload import FramePayload
+from optserve.server.frame_reader import LoopFrameReader
 from optserve.server.limits import Reservation
 from optserve.server.shared_memory import NoReservation
 from optserve.server.worker_sessions import WorkerSessions
@@ -74,9 +76,12 @@ class DataSession:
         self.frames_only = frames_only
         variables = () if frames_only else model.spec.variables
         self.tensors = [(v.name, np.dtype(v.dtype), tuple(v.shape)) for v in variables]
-        self.gradients = {name: np.empty(shape, dtype) for name, dtype, shape in self.tensors}
-        self.values = {name: np.empty(shape, dtype) for name, dtype, shape in self.tensors}
-        self.payload_bytes = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self.tensors)
+        # Each frame's payload is one buffer (optserve.server.frame_payload): received and sent whole.
+        self._gradient_payload = FramePayload(self.tensors)
+        self._value_payload = FramePayload(self.tensors)
+        self.gradients = self._gradient_payload.arrays
+        self.values = self._value_payload.arrays
+        self.payload_bytes = self._gradient_payload.nbytes
         self.connection: socket.socket | None = None
         self.peer = ""  # the worker's address, once connected
         self.closed = False
@@ -84,6 +89,8 @@ class DataSession:
         self._frames: dict[int, asyncio.Future] = {}
         self._send_lock = threading.Lock()
         self._stop_writing: Any = None
+        # Set by a reader on the event loop (optserve.server.frame_reader): stops it before the socket closes.
+        self.stop_reading: Any = None
 
     # -------------------------------------------------------- reader thread
 
@@ -126,13 +133,9 @@ class DataSession:
                         self.payload_bytes,
                     )
                     return
-                non_finite = []
-                for name, _, _ in self.tensors:
-                    finite = self._receive_checked(connection, self.gradients[name])
-                    if finite is None:
-                        return
-                    if not finite:
-                        non_finite.append(name)
+                non_finite = self._gradient_payload.receive_checked(connection)
+                if non_finite is None:
+                    return
                 self._loop.call_soon_threadsafe(self._arrived, sequence, non_finite)
         except (OSError, RuntimeError):  # the connection ended, or the server's loop closed
             pass
@@ -141,20 +144,6 @@ class DataSession:
                 self._loop.call_soon_threadsafe(on_end, self)
             except RuntimeError:
                 pass  # the server's loop has already closed: nothing is left to tell
-
-    @staticmethod
-    def _receive_checked(connection: socket.socket, array: np.ndarray) -> bool | None:
-        """Receive ``array``'s bytes piece by piece, checking each piece for NaN and infinity while
-        it is in the cache (and while the next one is on its way): whether all were finite; None if
-        the connection ended first."""
-        view, flat = bytes_of(array), array.reshape(-1)
-        finite, per_piece = True, frames.PIECE_BYTES // array.itemsize
-        for index, low in enumerate(range(0, view.nbytes, frames.PIECE_BYTES)):
-            if not receive_exactly(connection, view[low : low + frames.PIECE_BYTES]):
-                return None
-            if finite:
-                finite = all_finite(flat[index * per_piece : (index + 1) * per_piece])
-        return finite
 
     # ----------------------------------------------------------- event loop
 
@@ -197,6 +186,8 @@ class DataSession:
                 future.set_result(None)  # its waiter sees `closed`
         if self._stop_writing is not None:
             self._stop_writing()
+        if self.stop_reading is not None:
+            self.stop_reading()
         if self.connection is not None:
             try:
                 self.connection.shutdown(socket.SHUT_RDWR)
@@ -214,9 +205,11 @@ class DataSession:
             return
         with self._send_lock:
             try:
-                connection.sendall(frames.header(sequence, self.payload_bytes))
-                for name, _, _ in self.tensors:
-                    frames.send_bytes(connection, bytes_of(values[name]))
+                if self._value_payload.owns(values):
+                    views = self._value_payload.views()  # the session's own values: one run of bytes
+                else:
+                    views = [bytes_of(values[name]) for name, _, _ in self.tensors]
+                frames.send_views(connection, [memoryview(frames.header(sequence, self.payload_bytes)), *views])
             except OSError as error:
                 log.info("data plane session %s...: the reply could not be sent (%s)", self.id[:8], error)
 
@@ -350,7 +343,22 @@ class DataPlane(WorkerSessions):
             return
         connection.settimeout(None)
         on_request = self._on_request if self.requests is not None else None
+        if session.frames_only and on_request is not None:
+            # Request frames alone: the event loop reads them itself, one thread hop less per push.
+            try:
+                self._loop.call_soon_threadsafe(self._read_on_loop, session, connection)  # type: ignore[union-attr]
+            except RuntimeError:
+                connection.close()  # the server's loop has closed
+            return
         session.read_frames(connection, self._connection_ended, on_request, self.max_request_bytes)
+
+    def _read_on_loop(self, session: DataSession, connection: socket.socket) -> None:
+        if session.closed or self._loop is None:
+            return  # closed while it was handed over: its socket is closed with it
+        reader = LoopFrameReader(
+            session, connection, self._loop, self._on_request, self._connection_ended, self.max_request_bytes
+        )
+        reader.start()
 
     def _attach(self, connection: socket.socket, secret: bytearray) -> DataSession | None:
         with self._secrets_lock:
@@ -374,14 +382,16 @@ class DataPlane(WorkerSessions):
 
     # ----------------------------------------------------------- event loop
 
-    def _on_request(self, session: DataSession, sequence: int, payload: bytes, answered: threading.Event) -> None:
+    def _on_request(self, session: DataSession, sequence: int, payload: bytes, answered) -> None:
         # Answered in this turn of the loop when nothing in it waits (a small model's push).
         answering = eager.run(self._answer(session, sequence, payload, answered))
         if not answering.done():
             self._answering.add(answering)
             answering.add_done_callback(self._answering.discard)
 
-    async def _answer(self, session: DataSession, sequence: int, payload: bytes, answered: threading.Event) -> None:
+    async def _answer(self, session: DataSession, sequence: int, payload: bytes, answered) -> None:
+        """``answered``: set once the answer is sent (a threading.Event the reader thread waits on,
+        or the LoopFrameReader), so that the next frame is read."""
         try:
             if not session.closed:
                 flags, reply = await self.requests.answer(session, payload)

@@ -113,8 +113,10 @@ def test_sync_workers_meet_through_frames(address, monkeypatch):
         np.testing.assert_array_equal(returned[0][name], pulled[name])
 
 
-def _session(address: str, stub, model_id: str, worker: int = 0):
-    response = stub.OpenDataPlane(pb.OpenDataPlaneRequest(model_id=model_id, worker_index=worker), timeout=10)
+def _session(address: str, stub, model_id: str, worker: int = 0, frames_only: bool = False):
+    """A data connection: with ``frames_only`` read by the server's event loop, else by a reader thread."""
+    request = pb.OpenDataPlaneRequest(model_id=model_id, worker_index=worker, frames_only=frames_only)
+    response = stub.OpenDataPlane(request, timeout=10)
     return data_plane_client.DataConnection(address.rsplit(":", 1)[0], response, None)
 
 
@@ -132,42 +134,50 @@ def _status(flags: int, answer: bytes, values=None) -> pb.DataPlaneStatus:
     return pb.DataPlaneStatus.FromString(answer)
 
 
-def test_a_session_pushes_only_for_its_own_model_and_worker(address, stub):
+READERS = pytest.mark.parametrize("frames_only", [False, True], ids=["reader-thread", "event-loop"])
+
+
+@READERS
+def test_a_session_pushes_only_for_its_own_model_and_worker(address, stub, frames_only):
     with Client(address, shared_memory=False) as admin:
-        admin.create_model("bound", ADAM, variables(), num_workers=2)
-        admin.create_model("other", ADAM, variables())
-    connection = _session(address, stub, "bound", worker=0)
-    for model_id, worker in (("bound", 1), ("other", 0)):
+        admin.create_model(f"bound-{frames_only}", ADAM, variables(), num_workers=2)
+        admin.create_model(f"other-{frames_only}", ADAM, variables())
+    bound, other = f"bound-{frames_only}", f"other-{frames_only}"
+    connection = _session(address, stub, bound, worker=0, frames_only=frames_only)
+    for model_id, worker in ((bound, 1), (other, 0)):
         status = _status(*connection.request(_request(model_id, worker, 0, gradients(0)), 10))
-        assert status.code == "INVALID_ARGUMENT" and "serves worker 0 of model 'bound'" in status.message
+        assert status.code == "INVALID_ARGUMENT" and f"serves worker 0 of model '{bound}'" in status.message
     undecodable = _status(*connection.request(b"\xff\xff\xff", 10))
     assert undecodable.code == "INVALID_ARGUMENT" and "could not be decoded" in undecodable.message
-    flags, answer, _ = connection.request(_request("bound", 0, 0, gradients(0), aggregated=True), 10)
+    flags, answer, _ = connection.request(_request(bound, 0, 0, gradients(0), aggregated=True), 10)
     assert not flags & frames.STATUS
     assert pb.ApplyGradientsResponse.FromString(answer).result.step == 1  # the push completed step 0
     connection.close()
 
 
-def test_a_request_frame_over_the_message_limit_ends_the_session():
+@READERS
+def test_a_request_frame_over_the_message_limit_ends_the_session(frames_only):
     with start_server(host="127.0.0.1", port=0, device="cpu", limits=Limits(max_message_bytes=64 * 1024)) as running:
         with Client(running.address, shared_memory=False) as admin:
             admin.create_model("limited", ADAM, variables())
         _, stub = rpc_helpers.connect(running.address)
-        connection = _session(running.address, stub, "limited")
+        connection = _session(running.address, stub, "limited", frames_only=frames_only)
         frames.send_frame(connection.connection, 1, bytes(64 * 1024 + 1), frames.REQUEST)
         assert connection.connection.recv(1) == b""  # closed, nothing read into the model
         connection.close()
 
 
-def test_a_worker_that_never_reads_its_answers_blocks_nobody(address, stub):
+@READERS
+def test_a_worker_that_never_reads_its_answers_blocks_nobody(address, stub, frames_only):
     big = {"w": np.zeros(200_000, np.float32)}  # 800 KB: one message, and an answer as large
+    unread, bystander = f"unread-{frames_only}", f"bystander-{frames_only}"
     with Client(address, shared_memory=False) as admin:
-        admin.create_model("unread", "sgd", big)
-        admin.create_model("bystander", ADAM, variables())
-    connection = _session(address, stub, "unread")
+        admin.create_model(unread, "sgd", big)
+        admin.create_model(bystander, ADAM, variables())
+    connection = _session(address, stub, unread, frames_only=frames_only)
     connection.connection.settimeout(2)  # the server stops reading once its answers pile up unread
     for step in range(40):  # far more than the socket buffers hold; no answer is read
-        header = pb.ApplyGradientsHeader(model_id="unread", step=step, return_variables=True, num_gradients=1)
+        header = pb.ApplyGradientsHeader(model_id=unread, step=step, return_variables=True, num_gradients=1)
         (message,) = tensors.serialized_chunk_messages(
             pb.ApplyGradientsRequest(header=header), "gradients", [("w", "", big["w"])]
         )
@@ -178,8 +188,77 @@ def test_a_worker_that_never_reads_its_answers_blocks_nobody(address, stub):
     # A blocked event loop would leave these pushes unanswered: their deadline would raise.
     with Client(address, shared_memory=False, timeout=20, retries=0) as client:
         for step in range(3):
-            assert client.push_pull("bystander", gradients(step))[0].step == step + 1
+            assert client.push_pull(bystander, gradients(step))[0].step == step + 1
     connection.close()
+
+
+def _answers(connection, count: int) -> list[tuple[int, int, bytes]]:
+    """(sequence, flags, payload) of the next ``count`` frames on a data connection."""
+    received = []
+    for _ in range(count):
+        header = bytearray(frames.HEADER.size)
+        assert frames.receive_exactly(connection, memoryview(header))
+        _, sequence, nbytes, flags = frames.HEADER.unpack(header)
+        received.append((sequence, flags, frames.receive_frame_payload(connection, nbytes)))
+    return received
+
+
+@READERS
+def test_request_frames_sent_ahead_or_in_pieces_are_answered_in_order(address, stub, frames_only):
+    model_id = f"pieces-{frames_only}"
+    with Client(address, shared_memory=False) as admin:
+        admin.create_model(model_id, ADAM, variables())
+    connection = _session(address, stub, model_id, frames_only=frames_only)
+    raw = connection.connection
+    raw.settimeout(10)
+    messages = [_request(model_id, 0, step, gradients(step), aggregated=True) for step in range(4)]
+    wire = b"".join(frames.header(n + 1, len(message), frames.REQUEST) + message for n, message in enumerate(messages))
+    # Three frames at once, then the fourth one byte at a time: each is answered, in order.
+    cut = len(wire) * 3 // 4
+    cut = wire.index(frames.MAGIC, cut - 1)
+    raw.sendall(wire[:cut])
+    for byte in wire[cut:]:
+        raw.sendall(bytes([byte]))
+    answers = _answers(raw, 4)
+    assert [sequence for sequence, _, _ in answers] == [1, 2, 3, 4]
+    assert [pb.ApplyGradientsResponse.FromString(payload).result.step for _, _, payload in answers] == [1, 2, 3, 4]
+    connection.close()
+    with Client(address, shared_memory=False, data_plane=False) as client:
+        _, pulled = client.pull(model_id)
+    with Client(address, shared_memory=False, data_plane=False) as reference:
+        reference.create_model(f"{model_id}-ref", ADAM, variables())
+        for step in range(4):
+            reference.push(f"{model_id}-ref", gradients(step), aggregated=True)
+        _, expected = reference.pull(f"{model_id}-ref")
+    for name, value in expected.items():
+        np.testing.assert_array_equal(pulled[name], value)
+
+
+def test_a_frame_that_is_not_a_request_ends_a_frames_only_session(address, stub):
+    with Client(address, shared_memory=False) as admin:
+        admin.create_model("not-a-request", ADAM, variables())
+    connection = _session(address, stub, "not-a-request", frames_only=True)
+    connection.connection.settimeout(10)
+    connection.connection.sendall(frames.header(1, 8) + bytes(8))  # a gradient frame: this session has none
+    assert connection.connection.recv(1) == b""
+    connection.close()
+    with Client(address, shared_memory=False) as client:  # the worker opens a new session and goes on
+        assert client.push_pull("not-a-request", gradients(0))[0].step == 1
+
+
+def test_a_frames_only_session_read_by_the_event_loop_ends_when_a_newer_one_opens(address, stub):
+    with Client(address, shared_memory=False) as admin:
+        admin.create_model("replaced", ADAM, variables())
+    old = _session(address, stub, "replaced", frames_only=True)
+    flags, _, _ = old.request(_request("replaced", 0, 0, gradients(0)), 10)
+    assert not flags & frames.STATUS
+    new = _session(address, stub, "replaced", frames_only=True)  # the same worker again
+    old.connection.settimeout(10)
+    assert old.connection.recv(1) == b""  # the server stopped reading it and closed it
+    flags, answer, _ = new.request(_request("replaced", 0, 1, gradients(1)), 10)
+    assert pb.ApplyGradientsResponse.FromString(answer).result.step == 2
+    old.close()
+    new.close()
 
 
 def _token_server(tmp_path, names: dict[str, tuple[str, str, str]]):
