@@ -29,11 +29,26 @@ async def one(request):
 
 
 async def merged(responses, message_type):
-    """The messages of a streamed reply as one message."""
-    reply = message_type()
+    """The messages of a streamed reply as one message. A reply of one message is that message as
+    it is (a message, or its bytes; the response serializer passes bytes through): a small push's
+    reply is not copied into a new message and parsed or serialized again. Messages are only read,
+    never merged into, since one may be shared by the replies of a step's workers."""
+    lone = reply = None
     async for response in responses:
-        if isinstance(response, bytes):
-            reply.MergeFromString(response)
-        else:
-            reply.MergeFrom(response)
-    return reply
+        if reply is None and lone is None:
+            lone = response
+            continue
+        if reply is None:
+            reply = message_type()
+            _merge(reply, lone)
+        _merge(reply, response)
+    if reply is not None:
+        return reply
+    return message_type() if lone is None else lone
+
+
+def _merge(reply, response) -> None:
+    if isinstance(response, bytes):
+        reply.MergeFromString(response)
+    else:
+        reply.MergeFrom(response)

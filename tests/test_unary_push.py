@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import numpy as np
 import pytest
@@ -46,3 +48,22 @@ def test_a_reply_too_large_for_one_message_is_refused_before_applying_and_then_s
         assert result.step == 1 and values["big"].shape == (big,)  # streamed instead, applied once
         np.testing.assert_array_equal(values["b"], np.full(4, 0.5, np.float32))
         assert "large-reply" in client.transport._streamed_models
+
+
+def test_a_reply_of_one_message_is_that_message_and_more_are_merged_without_touching_them():
+    async def merged(*responses):
+        async def stream():
+            for response in responses:
+                yield response
+
+        return await unary_reply.merged(stream(), pb.ApplyGradientsResponse)
+
+    first = pb.ApplyGradientsResponse(result=pb.StepResult(step=3))
+    assert asyncio.run(merged(first)) is first  # not copied
+    as_bytes = first.SerializeToString()
+    assert asyncio.run(merged(as_bytes)) is as_bytes  # passed through to the serializer
+    assert asyncio.run(merged()) == pb.ApplyGradientsResponse()
+    second = pb.ApplyGradientsResponse(variables=[pb.TensorChunk(name="w", data=b"1234")])
+    both = asyncio.run(merged(first, second.SerializeToString()))
+    assert both.result.step == 3 and both.variables[0].name == "w"
+    assert not first.variables and not second.HasField("result")  # the parts are read, never merged into
