@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError
-from optserve.server.optimizers.base import (
+from optserve.server.optimizers.gradient_stages import (
     ACCUMULATED_MEAN,
     ACCUMULATED_MEAN_UNSCALED,
     ACCUMULATOR_SLOT,

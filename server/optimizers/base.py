@@ -20,6 +20,10 @@ then the optimizer's own slots (e.g. RMSprop: ``velocity``, ``momentum``,
 ``[iterations, *slots variable by variable]``, so EMA averages and gradient
 accumulators are part of it; optimizer-wide scalars (Nadam's ``u_product``) are
 in ``get_scalars()``, and ``state_dict()`` holds everything, raw counter included.
+
+``Optimizer`` is split by topic: the stages around the update (loss scale,
+accumulation, clipping, weight decay, EMA) are in ``gradient_stages.py``, reading
+and writing the state (weights, slots, checkpoints) in ``state_access.py``.
 """
 
 from __future__ import annotations
@@ -36,13 +40,14 @@ from ..errors import FailedPreconditionError, InvalidArgumentError, NotFoundErro
 from ..kernels import ADDEND, UpdateKernel, copy_name
 from ..programs import UpdateProgram
 from . import validation as check
-from .validation import Hyperparameter
+from .gradient_stages import ACCUMULATE, ACCUMULATOR_SLOT, EMA_SLOT, GradientStages
+from .state_access import StateAccess
+from .validation import Hyperparameter, describe_names
 
 SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # Keras keeps a float learning rate in a float32 variable and evaluates its
 # schedules in float32: every rate the updates see is a float32 value.
 LEARNING_RATE_DTYPE = np.float32
-STATE_FORMAT = "optserve.optimizer_state/1"
 
 COMMON_HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     Hyperparameter("weight_decay", None, check.optional_non_negative),
@@ -56,87 +61,8 @@ COMMON_HYPERPARAMETERS: tuple[Hyperparameter, ...] = (
     Hyperparameter("gradient_accumulation_steps", None, check.accumulation_steps),
 )
 
-EMA_SLOT = "average"
-ACCUMULATOR_SLOT = "gradient_accumulator"
 # A slot's initial value that is a copy of its variable (ScheduleFreeAdamW's momentum).
 VARIABLE_VALUE = "variable value"
-
-
-def _pipeline_kernels(name: str, expression: str, scalars: tuple[str, ...]):
-    """The same gradient transform twice: into an owned buffer, and in place."""
-    copying = UpdateKernel(
-        name=f"{name}_into",
-        inputs=("grad",),
-        state=("out",),
-        scalars=scalars,
-        body=f"out = {expression}\n",
-    )
-    in_place = UpdateKernel(
-        name=f"{name}_in_place",
-        inputs=(),
-        state=("grad",),
-        scalars=scalars,
-        body=f"grad = {expression}\n",
-    )
-    return copying, in_place
-
-
-# Keras divides (`g / scale`), it does not multiply by the reciprocal.
-UNSCALE = UpdateKernel(
-    name="loss_unscale",
-    inputs=("grad",),
-    state=("out",),
-    scalars=("loss_scale",),
-    body="out = grad / loss_scale\n",
-)
-ACCUMULATE = UpdateKernel(
-    name="accumulate_gradient",
-    inputs=("grad",),
-    state=("accumulator",),
-    scalars=(),
-    body="accumulator = accumulator + grad\n",
-)
-ACCUMULATE_UNSCALED = UpdateKernel(
-    name="accumulate_unscaled_gradient",
-    inputs=("grad",),
-    state=("accumulator",),
-    scalars=("loss_scale",),
-    body="accumulator = accumulator + grad / loss_scale\n",
-)
-# On the k-th call the accumulator becomes the gradient the update uses.
-ACCUMULATED_MEAN = UpdateKernel(
-    name="accumulated_mean",
-    inputs=("grad",),
-    state=("accumulator",),
-    scalars=("steps",),
-    body="accumulator = (grad + accumulator) / steps\n",
-)
-ACCUMULATED_MEAN_UNSCALED = UpdateKernel(
-    name="accumulated_mean_unscaled",
-    inputs=("grad",),
-    state=("accumulator",),
-    scalars=("steps", "loss_scale"),
-    body="accumulator = (grad / loss_scale + accumulator) / steps\n",
-)
-RESET = UpdateKernel(name="reset_to_zero", inputs=(), state=("buffer",), scalars=(), body="buffer = 0\n")
-# Keras: values * clipnorm / maximum(l2norm, clipnorm), with the norm on the host.
-CLIP_BY_NORM = _pipeline_kernels("clip_by_norm", "grad * clipnorm / norm_or_clipnorm", ("clipnorm", "norm_or_clipnorm"))
-SCALE_BY_GLOBAL_NORM = _pipeline_kernels("clip_by_global_norm", "grad * scale", ("scale",))
-CLIP_BY_VALUE = _pipeline_kernels("clip_by_value", "clip(grad, -clipvalue, clipvalue)", ("clipvalue",))
-WEIGHT_DECAY = UpdateKernel(
-    name="decoupled_weight_decay",
-    inputs=(),
-    state=("var",),
-    scalars=("weight_decay", "lr"),
-    body="var = var - var * weight_decay * lr\n",
-)
-EMA = UpdateKernel(
-    name="exponential_moving_average",
-    inputs=("var",),
-    state=("average",),
-    scalars=("ema_momentum",),
-    body="average = ema_momentum * average + (1 - ema_momentum) * var\n",
-)
 
 
 def _resolve_backend(backend: Any) -> Any:
@@ -148,28 +74,11 @@ def _resolve_backend(backend: Any) -> Any:
     return get_backend(backend or "cpu")
 
 
-def _finite_float(value: Any) -> float | None:
-    """``value`` as a float when it is a finite real number, else None."""
-    if isinstance(value, (bool, np.bool_)):
-        return None
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return None
-    return number if math.isfinite(number) else None
-
-
 def snake_case(class_name: str) -> str:
     """Keras's default optimizer name (``keras.src.utils.naming.to_snake_case``)."""
     name = re.sub(r"\W+", "", class_name)
     name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
     return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
-
-
-def _describe(names: Sequence[str], limit: int = 10) -> str:
-    shown = ", ".join(repr(n) for n in list(names)[:limit])
-    more = len(names) - limit
-    return f"{shown}, ... ({more} more)" if more > 0 else shown
 
 
 def _adoptable(array: Any) -> bool:
@@ -200,7 +109,7 @@ class _Variable:
         self.bound: Any = None
 
 
-class Optimizer:
+class Optimizer(GradientStages, StateAccess):
     """Base class: the Keras apply pipeline; subclasses add slots and one update kernel.
 
     Subclasses set ``class_name`` (Keras's), ``default_learning_rate`` and
@@ -533,7 +442,9 @@ class Optimizer:
         self._require_built()
         variable = self._variables.get(name)
         if variable is None:
-            raise NotFoundError(f"Unknown variable {name!r}. This optimizer holds: {_describe(list(self._variables))}")
+            raise NotFoundError(
+                f"Unknown variable {name!r}. This optimizer holds: {describe_names(list(self._variables))}"
+            )
         return variable
 
     def _require_variables(self, names: Iterable[str]) -> list[_Variable]:
@@ -688,8 +599,8 @@ class Optimizer:
         unknown = [name for name in grads if name not in self._variables]
         if unknown:
             raise NotFoundError(
-                f"Gradient(s) for unknown variable(s) {_describe(unknown)}. "
-                f"This optimizer holds: {_describe(list(self._variables))}"
+                f"Gradient(s) for unknown variable(s) {describe_names(unknown)}. "
+                f"This optimizer holds: {describe_names(list(self._variables))}"
             )
         checked = []
         for name, variable in self._variables.items():
@@ -753,47 +664,6 @@ class Optimizer:
         for total, addend in pairs:
             np.add(total, addend, out=total)
 
-    def _loss_scale(self) -> float | None:
-        scale = self._config["loss_scale_factor"]
-        return self.dynamic_loss_scale if scale is None else scale
-
-    # Each gradient travels as (variable, array, owned): `owned` says the array
-    # is a buffer of this optimizer that later stages may overwrite.
-    def _unscaled(self, gradients):
-        scale = self._loss_scale()
-        if scale is None:
-            return [(variable, grad, False) for variable, grad in gradients]
-        for variable, grad in gradients:
-            self._run(UNSCALE, {"grad": grad, "out": variable.scratch}, {"loss_scale": scale})
-        return [(variable, variable.scratch, True) for variable, _ in gradients]
-
-    def _accumulate(self, gradients) -> None:
-        scale = self._loss_scale()
-        for variable, grad in gradients:
-            arrays = {"grad": grad, "accumulator": variable.slots[ACCUMULATOR_SLOT]}
-            if scale is None:
-                self._run(ACCUMULATE, arrays, {})
-            else:
-                self._run(ACCUMULATE_UNSCALED, arrays, {"loss_scale": scale})
-
-    def _accumulated_means(self, gradients, steps: int):
-        scale = self._loss_scale()
-        means = []
-        for variable, grad in gradients:
-            accumulator = variable.slots[ACCUMULATOR_SLOT]
-            arrays = {"grad": grad, "accumulator": accumulator}
-            if scale is None:
-                self._run(ACCUMULATED_MEAN, arrays, {"steps": steps})
-            else:
-                self._run(ACCUMULATED_MEAN_UNSCALED, arrays, {"steps": steps, "loss_scale": scale})
-            means.append((variable, accumulator, True))
-        return means
-
-    def _reset_accumulators(self) -> None:
-        # Keras zeroes every accumulator, also those of variables without a gradient now.
-        for variable in self._variables.values():
-            self._run(RESET, {"buffer": variable.slots[ACCUMULATOR_SLOT]}, {})
-
     def _update(self, gradients, lr: float, replies=None, written: set[str] | None = None, addends=None) -> None:
         """``replies``: host arrays ``[{name: array}, ...]`` each variable's new value is also written
         into by its update kernel where it can; the names so written are added to ``written``.
@@ -853,344 +723,6 @@ class Optimizer:
             if np.may_share_memory(reply, grad) or (addend is not None and np.may_share_memory(reply, addend)):
                 return False
         return True
-
-    # ---------------------------------------------------------------- clipping
-    def _clipped(self, gradients):
-        config = self._config
-        if not gradients:
-            return gradients  # an empty step: no norm to take
-        if config["clipnorm"] is not None:
-            return [self._clip_by_norm(variable, grad, owned) for variable, grad, owned in gradients]
-        if config["global_clipnorm"] is not None:
-            return self._clip_by_global_norm(gradients)
-        if config["clipvalue"] is not None:
-            limit = {"clipvalue": config["clipvalue"]}
-            return [self._transform(CLIP_BY_VALUE, variable, grad, owned, limit) for variable, grad, owned in gradients]
-        return gradients
-
-    def _transform(self, kernels, variable: _Variable, grad, owned: bool, scalars: dict[str, float]):
-        copying, in_place = kernels
-        if owned:
-            self._run(in_place, {"grad": grad}, scalars)
-            return variable, grad, True
-        self._run(copying, {"grad": grad, "out": variable.scratch}, scalars)
-        return variable, variable.scratch, True
-
-    def _clip_by_norm(self, variable: _Variable, grad, owned: bool):
-        # Keras: l2norm = sqrt(sum(g^2)) when the sum is > 0, else the sum itself
-        # (0, or NaN that then propagates); g * clipnorm / maximum(l2norm, clipnorm).
-        dtype = variable.dtype.type
-        clipnorm = dtype(self._config["clipnorm"])
-        with np.errstate(all="ignore"):
-            l2sum = dtype(self._backend.sum_squares(grad))
-            l2norm = np.sqrt(l2sum) if l2sum > 0 else l2sum
-            denominator = np.maximum(l2norm, clipnorm)
-        scalars = {"clipnorm": float(clipnorm), "norm_or_clipnorm": float(denominator)}
-        return self._transform(CLIP_BY_NORM, variable, grad, owned, scalars)
-
-    def _clip_by_global_norm(self, gradients):
-        # Keras: scale = clip * minimum(1 / norm, 1 / clip) + (norm - norm), in
-        # the gradients' common dtype; a non-finite norm makes every gradient NaN.
-        # A shard of a sharded model gets every shard's sums (optserve.server.two_phase).
-        joint = self.joint_norm_terms
-        if joint is None:
-            dtype = np.result_type(*(variable.dtype for variable, _, _ in gradients)).type
-            sums = [self._backend.sum_squares(grad) for _, grad, _ in gradients]
-        else:
-            dtype, sums = joint
-        clip_norm = self._config["global_clipnorm"]
-        with np.errstate(all="ignore"):
-            # np.sum over the stacked per-tensor sums, as Keras adds them.
-            squared = np.sum(np.array(sums, dtype=dtype))
-            norm = np.sqrt(squared)
-            scale = dtype(clip_norm) * np.minimum(dtype(1.0) / norm, dtype(1.0 / clip_norm)) + (norm - norm)
-        scalars = {"scale": float(scale)}
-        return [
-            self._transform(SCALE_BY_GLOBAL_NORM, variable, grad, owned, scalars) for variable, grad, owned in gradients
-        ]
-
-    # ------------------------------------------------------------- decay, EMA
-    def _apply_weight_decay(self, gradients, lr: float) -> None:
-        for variable, _, _ in gradients:
-            weight_decay = self.weight_decay_for(variable.name, variable.shape)
-            if weight_decay is not None and self._uses_weight_decay(variable.name):
-                self._run(WEIGHT_DECAY, {"var": variable.value}, {"weight_decay": weight_decay, "lr": lr})
-
-    def _update_moving_averages(self) -> None:
-        # Keras averages every variable, also those without a gradient this call;
-        # the first average (public iterations == 0) is the variable itself.
-        first_step = self.iterations == 0
-        for variable in self._variables.values():
-            dtype = variable.dtype.type
-            momentum = dtype(0.0) if first_step else dtype(self._config["ema_momentum"])
-            arrays = {"var": variable.value, "average": variable.slots[EMA_SLOT]}
-            self._run(EMA, arrays, {"ema_momentum": float(momentum)})
-        frequency = self._config["ema_overwrite_frequency"]
-        if frequency and (self.iterations + 1) % frequency == 0:
-            for variable in self._variables.values():
-                self._backend.copy_into(variable.value, variable.slots[EMA_SLOT])
-
-    def finalize_variable_values(self) -> None:
-        """Keras's end-of-training step: with ``use_ema``, variables take their averages."""
-        self._require_built()
-        if self._config["use_ema"]:
-            for variable in self._variables.values():
-                self._backend.copy_into(variable.value, variable.slots[EMA_SLOT])
-
-    # ---------------------------------------------------------- state access
-    def _host_copy(self, array) -> np.ndarray:
-        return np.asarray(self._backend.to_host(array))  # to_host returns a fresh copy
-
-    def read_variables(self, names: Iterable[str] | None = None, allocate: Any = None) -> dict[str, np.ndarray]:
-        """Host copies of the variables; ``allocate(name, shape, dtype)``, when given, provides
-        the arrays they are copied into (reused buffers, so that a read faults in no memory)."""
-        self._require_built()
-        selected = self._variables.values() if names is None else self._require_variables(names)
-        if allocate is None:
-            return {variable.name: self._host_copy(variable.value) for variable in selected}
-        return self._read_into(list(selected), [allocate])[0]
-
-    def read_variables_into_each(self, allocators: Sequence[Any]) -> list[dict[str, np.ndarray]]:
-        """Every variable copied into the arrays of each of ``allocators`` (as ``read_variables``'s
-        ``allocate``), all in one parallel copy: one step's reply for several workers at once."""
-        self._require_built()
-        return self._read_into(list(self._variables.values()), allocators)
-
-    def _read_into(self, selected: list[_Variable], allocators: Sequence[Any]) -> list[dict[str, np.ndarray]]:
-        targets = self._allocated(selected, allocators)
-        self._copy_out(selected, targets)
-        return targets
-
-    @staticmethod
-    def _allocated(selected: list[_Variable], allocators: Sequence[Any]) -> list[dict[str, np.ndarray]]:
-        """``{name: allocate(name, shape, dtype)}`` over ``selected``, for each of ``allocators``."""
-        return [{v.name: allocate(v.name, v.shape, v.dtype) for v in selected} for allocate in allocators]
-
-    def _copy_out(self, selected: list[_Variable], targets: list[dict[str, np.ndarray]]) -> None:
-        """The values of ``selected`` copied into each of ``targets``, in one parallel copy."""
-        self._backend.copy_to_host_many([(values[v.name], v.value) for v in selected for values in targets])
-
-    @staticmethod
-    def _checked_value(what: str, value: Any, variable: _Variable, shape: tuple | None = None) -> np.ndarray:
-        """A host array of the variable's (or the given slot) shape, cast to its dtype as Keras's assign does."""
-        shape, dtype = (variable.shape if shape is None else tuple(shape)), variable.dtype
-        try:
-            host = np.asarray(value)
-        except Exception as error:  # noqa: BLE001 - any unconvertible value is the caller's error
-            raise InvalidArgumentError(f"{what}: not an array ({error}).") from None
-        if host.dtype.kind not in "fiu" or host.dtype == np.bool_:
-            raise InvalidArgumentError(f"{what} has dtype {host.dtype}; expected a real number array ({dtype}).")
-        if tuple(host.shape) != tuple(shape):
-            raise InvalidArgumentError(f"{what} has shape {tuple(host.shape)}; expected {tuple(shape)}.")
-        return np.ascontiguousarray(host, dtype=dtype).reshape(shape)  # (ascontiguousarray makes 0-d 1-d)
-
-    def assign_variables(self, values: Mapping[str, Any]) -> None:
-        """Overwrite variables (any subset); every value is checked before any is written."""
-        self._require_built()
-        checked = []
-        for name, value in self._mapping("values", values).items():
-            variable = self._require_variable(name)
-            checked.append((variable, self._checked_value(f"Value for variable '{name}'", value, variable)))
-        for variable, host in checked:
-            self._backend.copy_into(variable.value, host)
-
-    @staticmethod
-    def _mapping(what: str, value: Any) -> Mapping:
-        if not isinstance(value, Mapping):
-            raise InvalidArgumentError(f"`{what}` must be a mapping. Received: {type(value).__name__}")
-        return value
-
-    def get_slots(self, names: Iterable[str] | None = None) -> dict[str, dict[str, np.ndarray]]:
-        """``{variable: {slot: host copy}}``, slots in Keras order."""
-        self._require_built()
-        selected = self._variables.values() if names is None else self._require_variables(names)
-        return {v.name: {slot: self._host_copy(array) for slot, array in v.slots.items()} for v in selected}
-
-    def set_slots(self, values: Mapping[str, Mapping[str, Any]]) -> None:
-        """Overwrite slots (any subset of variables and slots), all checked first."""
-        self._require_built()
-        checked = []
-        for name, slots in self._mapping("values", values).items():
-            variable = self._require_variable(name)
-            for slot, value in self._mapping(f"values[{name!r}]", slots).items():
-                if slot not in variable.slots:
-                    raise NotFoundError(
-                        f"Variable '{name}' has no slot {slot!r}. Its slots: {_describe(list(variable.slots))}"
-                    )
-                what = f"Slot '{slot}' of variable '{name}'"
-                array = variable.slots[slot]
-                checked.append((array, self._checked_value(what, value, variable, array.shape)))
-        for array, host in checked:
-            self._backend.copy_into(array, host)
-
-    def get_scalars(self) -> dict[str, float]:
-        return {name: value for name, (value, _) in self.optimizer_scalars().items()}
-
-    def set_scalars(self, values: Mapping[str, Any]) -> None:
-        known = self.optimizer_scalars()
-        values = dict(self._mapping("values", values))
-        for name, value in values.items():
-            if name not in known:
-                allowed = ", ".join(known) or "none"
-                raise NotFoundError(f"{self.class_name} has no optimizer-wide scalar {name!r}. Known: {allowed}")
-            if _finite_float(value) is None:
-                raise InvalidArgumentError(f"Scalar {name!r} must be a finite number. Received: {name}={value!r}")
-        self.assign_optimizer_scalars({name: float(value) for name, value in values.items()})
-
-    def set_iterations(self, raw_iterations: int) -> None:
-        """Set the raw iteration counter (the public one follows from it)."""
-        self._raw_iterations = self._checked_iterations("raw_iterations", raw_iterations)
-
-    @staticmethod
-    def _checked_iterations(what: str, value: Any) -> int:
-        host = np.asarray(value)
-        is_count = host.shape == () and host.dtype.kind in "iuf" and np.isfinite(host) and host >= 0
-        if not (is_count and host == np.floor(host)):
-            raise InvalidArgumentError(f"{what} must be an integer >= 0. Received: {value!r}")
-        return int(host)
-
-    def get_weights(self) -> list[np.ndarray]:
-        """tf.keras's layout: ``[iterations, *slots]``, variable by variable, each
-        variable's slots in Keras order (see ``weights_description()``)."""
-        self._require_built()
-        weights = [np.array(self.iterations, dtype=np.int64)]
-        weights += [self._host_copy(self._variables[name].slots[slot]) for name, slot in self._weights_layout()]
-        return weights
-
-    def weights_description(self) -> list[str]:
-        """What each ``get_weights()`` entry is, e.g. ``"dense/kernel:velocity"``."""
-        self._require_built()
-        return ["iterations"] + [f"{name}:{slot}" for name, slot in self._weights_layout()]
-
-    def set_weights(self, weights: Sequence[Any]) -> None:
-        """Inverse of ``get_weights``; checked entry by entry before anything is assigned.
-
-        Entry 0 is the public iteration counter; under gradient accumulation the
-        position inside the current accumulation cycle is kept.
-        """
-        self._require_built()
-        layout = self._weights_layout()
-        expected = 1 + len(layout)
-        if isinstance(weights, (str, bytes, Mapping)) or not isinstance(weights, Sequence):
-            raise InvalidArgumentError(f"`weights` must be a list of {expected} arrays.")
-        if len(weights) != expected:
-            raise InvalidArgumentError(
-                f"`weights` has {len(weights)} entries; expected {expected}: {', '.join(self.weights_description())}."
-            )
-        iterations = self._checked_iterations("Entry 0 (iterations)", weights[0])
-        slot_values = []
-        for index, (name, slot) in enumerate(layout, start=1):
-            variable = self._variables[name]
-            what = f"Entry {index} (slot '{slot}' of variable '{name}')"
-            array = variable.slots[slot]
-            slot_values.append((array, self._checked_value(what, weights[index], variable, array.shape)))
-        for array, host in slot_values:
-            self._backend.copy_into(array, host)
-        steps = self._config["gradient_accumulation_steps"]
-        self._raw_iterations = iterations * steps + self._raw_iterations % steps if steps else iterations
-
-    # ----------------------------------------------------------- checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume, as plain NumPy arrays and Python values."""
-        self._require_built()
-        return {
-            "format": STATE_FORMAT,
-            "config": self.get_config(),
-            "raw_iterations": self._raw_iterations,
-            "learning_rate": self._learning_rate,
-            "scalars": self.get_scalars(),
-            "weight_decay_exclusions": list(self._weight_decay_names) if self._weight_decay_names else None,
-            "variables": self.read_variables(),
-            "slots": self.get_slots(),
-        }
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore ``state_dict()`` output; builds the optimizer first when it is not built.
-
-        The optimizer must be of the same class; the variables (names, shapes)
-        must match when it is already built. Everything is checked first.
-        """
-        state = self._mapping("state", state)
-        if state.get("format") != STATE_FORMAT:
-            raise InvalidArgumentError(
-                f"Unknown optimizer state format {state.get('format')!r}; expected {STATE_FORMAT!r}."
-            )
-        saved_class = (state.get("config") or {}).get("class_name")
-        if saved_class != self.class_name:
-            raise InvalidArgumentError(f"State was saved by a {saved_class} optimizer; this one is {self.class_name}.")
-        variables = self._mapping("state['variables']", state.get("variables"))
-        slots = self._mapping("state['slots']", state.get("slots"))
-        if self._built:
-            if list(variables) != list(self._variables):
-                raise InvalidArgumentError(
-                    f"State holds variables {_describe(list(variables))}; this optimizer holds "
-                    f"{_describe(list(self._variables))}."
-                )
-            self._checked_slot_sets(slots)
-            self._load_built_state(state, variables, slots)
-            return
-        self.build(variables)
-        try:
-            self._checked_slot_sets(slots)
-            self._load_built_state(state, {}, slots)
-        except Exception:
-            self._variables, self._built = {}, False  # a failed load leaves it unbuilt
-            raise
-
-    def _checked_slot_sets(self, slots: Mapping[str, Any]) -> None:
-        for name in self._variables:
-            expected = self._slot_names(name)
-            saved = list(self._mapping(f"state['slots'][{name!r}]", slots.get(name, {})))
-            if saved != expected:
-                raise InvalidArgumentError(f"State has slots {saved} for variable '{name}'; expected {expected}.")
-
-    def _load_built_state(self, state, variables, slots) -> None:
-        raw_iterations = self._checked_iterations("state['raw_iterations']", state.get("raw_iterations"))
-        exclusions = state.get("weight_decay_exclusions")
-        if exclusions is not None and not isinstance(exclusions, (list, tuple)):
-            raise InvalidArgumentError(
-                f"state['weight_decay_exclusions'] must be a list or None. Received: {exclusions!r}"
-            )
-        learning_rate = state.get("learning_rate")
-        # A schedule set after creation (set_learning_rate) is only in the saved config.
-        saved_rate = ((state.get("config") or {}).get("config") or {}).get("learning_rate")
-        schedule = self._validated_learning_rate(saved_rate) if isinstance(saved_rate, Mapping) else None
-        if schedule is None and self._schedule is None and learning_rate is not None:
-            learning_rate = self._validated_learning_rate(learning_rate)
-        # Check everything, then write.
-        scalars = dict(self._mapping("state['scalars']", state.get("scalars", {})))
-        for name in scalars:
-            if name not in self.optimizer_scalars():
-                raise InvalidArgumentError(f"State has unknown optimizer-wide scalar {name!r}.")
-        checked_variables = {
-            name: self._checked_value(f"State value of variable '{name}'", value, self._variables[name])
-            for name, value in variables.items()
-        }
-        checked_slots = {
-            (name, slot): self._checked_value(
-                f"State slot '{slot}' of variable '{name}'",
-                value,
-                self._variables[name],
-                self._variables[name].slots[slot].shape,
-            )
-            for name, variable_slots in slots.items()
-            for slot, value in variable_slots.items()
-        }
-        for name, value in scalars.items():
-            if _finite_float(value) is None:
-                raise InvalidArgumentError(f"State scalar {name!r} must be a finite number. Received: {value!r}")
-        if exclusions is not None:
-            self.exclude_from_weight_decay(exclusions)
-        for name, host in checked_variables.items():
-            self._backend.copy_into(self._variables[name].value, host)
-        for (name, slot), host in checked_slots.items():
-            self._backend.copy_into(self._variables[name].slots[slot], host)
-        self.assign_optimizer_scalars({name: float(value) for name, value in scalars.items()})
-        if schedule is not None:
-            self._set_learning_rate_config(schedule)
-        elif self._schedule is None and learning_rate is not None:
-            self._learning_rate = learning_rate
-        self._raw_iterations = raw_iterations
 
     def __repr__(self) -> str:
         lr = "schedule" if self._schedule is not None else self._learning_rate

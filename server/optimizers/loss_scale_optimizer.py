@@ -26,7 +26,8 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from . import validation as check
-from .base import STATE_FORMAT, Optimizer, _resolve_backend
+from .base import Optimizer, _resolve_backend
+from .state_access import STATE_FORMAT
 
 STEP_COUNTER = "step_counter"
 DYNAMIC_SCALE = "dynamic_scale"

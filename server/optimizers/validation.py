@@ -10,9 +10,11 @@ checks for values Keras would accept but that cannot produce a sensible update.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
 
 from ..errors import InvalidArgumentError
 
@@ -189,3 +191,21 @@ def finite_number(name: str, value: Any) -> Any:
     if not is_finite_number(value):
         raise InvalidArgumentError(f"`{name}` must be a finite number. {received(name, value)}")
     return value
+
+
+def finite_float(value: Any) -> float | None:
+    """``value`` as a float when it is a finite real number, else None."""
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if math.isfinite(number) else None
+
+
+def describe_names(names: Sequence[str], limit: int = 10) -> str:
+    """Up to ``limit`` names, quoted, then how many more there are (for error messages)."""
+    shown = ", ".join(repr(n) for n in list(names)[:limit])
+    more = len(names) - limit
+    return f"{shown}, ... ({more} more)" if more > 0 else shown
