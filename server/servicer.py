@@ -13,9 +13,7 @@ import asyncio
 import contextlib
 import functools
 import inspect
-import json
 import logging
-import math
 import traceback
 from collections.abc import AsyncIterator, Iterable
 
@@ -26,7 +24,7 @@ from optserve.protos import errors, frames
 from optserve.protos import optserve_pb2 as pb
 from optserve.protos import optserve_pb2_grpc as pb_grpc
 from optserve.protos import tensors as codec
-from optserve.server import auth, data_plane_rpc, heap, shared_memory_rpc, unary_reply
+from optserve.server import auth, data_plane_rpc, heap, messages, shared_memory_rpc, unary_reply
 from optserve.server import limits as bounds
 from optserve.server import usage as calls
 from optserve.server.data_plane import DataPlane
@@ -35,13 +33,12 @@ from optserve.server.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     OptserveError,
-    ResourceExhaustedError,
 )
 from optserve.server.generation import ServerGeneration
 from optserve.server.limits import Reservation, ServerLimits
-from optserve.server.model import ModelSummary, OptimizerStatus, StateUpdate, StepOutcome
-from optserve.server.model_spec import APPLY_PARTIAL, ASYNC, FAIL, SYNC, check_model_id, parse_optimizer_config
+from optserve.server.model_spec import SYNC, check_model_id, parse_optimizer_config
 from optserve.server.registry import ModelRegistry
+from optserve.server.request_tensors import RequestTensors
 from optserve.server.shared_memory import SharedMemorySessions
 from optserve.server.sparse import densify_gradients
 from optserve.server.two_phase import terms_from_messages
@@ -51,23 +48,6 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ParameterServer"].full_name
 DEFAULT_MAX_REQUEST_BYTES = 4 << 30
 METADATA_PREFIX = errors.METADATA_PREFIX  # error details travel as trailing metadata under this prefix
-
-_MODE_FROM_PROTO = {pb.SYNC_MODE_UNSPECIFIED: SYNC, pb.SYNC: SYNC, pb.ASYNC: ASYNC}
-_MODE_TO_PROTO = {SYNC: pb.SYNC, ASYNC: pb.ASYNC}
-_POLICY_FROM_PROTO = {pb.TIMEOUT_POLICY_UNSPECIFIED: FAIL, pb.FAIL: FAIL, pb.APPLY_PARTIAL: APPLY_PARTIAL}
-_POLICY_TO_PROTO = {FAIL: pb.FAIL, APPLY_PARTIAL: pb.APPLY_PARTIAL}
-# Unspecified: the server's default (reject; allow for a LossScaleOptimizer), see make_spec.
-_NON_FINITE_FROM_PROTO = {
-    pb.NON_FINITE_POLICY_UNSPECIFIED: None,
-    pb.NON_FINITE_REJECT: "reject",
-    pb.NON_FINITE_ALLOW: "allow",
-    pb.NON_FINITE_SKIP_STEP: "skip_step",
-}
-_NON_FINITE_TO_PROTO = {
-    "reject": pb.NON_FINITE_REJECT,
-    "allow": pb.NON_FINITE_ALLOW,
-    "skip_step": pb.NON_FINITE_SKIP_STEP,
-}
 
 
 # ------------------------------------------------------------------ errors
@@ -208,89 +188,6 @@ def _translating_errors(method):
 # ---------------------------------------------------------------- tensors
 
 
-class _RequestTensors:
-    """Reassembles a request's tensors, refusing one over a limit before allocating it.
-
-    Each new tensor's first chunk (name, dtype, shape) is checked against the bounds,
-    then ``admit(chunk, nbytes)`` (the RPC's own checks and reservations), then its
-    bytes are taken from the in-flight budget; only then is its array allocated.
-    ``release()`` gives the in-flight bytes back once the request is done with.
-    """
-
-    def __init__(self, max_bytes: int, limits: ServerLimits, admit=None):
-        self._assembler = codec.TensorAssembler()
-        self._max_bytes = max_bytes
-        self._limits = limits
-        self._admit = admit
-        self._seen: set[tuple[str, str]] = set()
-        self._names: set[str] = set()
-        self.inflight = Reservation(limits.inflight)
-
-    async def add_all(self, chunks: Iterable[pb.TensorChunk]) -> None:
-        for chunk in chunks:
-            key = (chunk.name, chunk.slot)
-            if key not in self._seen:
-                await self._admit_tensor(chunk)
-                self._seen.add(key)
-            self._assembler.add(chunk)
-
-    def release(self) -> None:
-        self.inflight.release()
-
-    @property
-    def count(self) -> int:
-        return len(self._seen)
-
-    def broken_off(self, header) -> bool:
-        """Whether the stream ended before the push was whole: a tensor short of its bytes,
-        or fewer tensors than the header's ``num_gradients`` (when the client declared it)."""
-        if header.HasField("num_gradients") and len(self._seen) < header.num_gradients:
-            return True
-        try:
-            self._assembler.result()
-        except codec.TensorFormatError:
-            return True
-        return False
-
-    async def _admit_tensor(self, chunk) -> None:
-        limits = self._limits.limits
-        bounds.check_name(chunk.name, "variable", limits)
-        bounds.check_name(chunk.slot, "slot", limits)
-        self._names.add(chunk.name)
-        if len(self._names) > limits.max_variables:
-            raise InvalidArgumentError(
-                f"A request may carry at most {limits.max_variables} variables (a server started with a "
-                "larger --max-variables takes more)."
-            )
-        shape = bounds.check_shape(chunk.name, chunk.shape, limits)
-        nbytes = self._check_room(chunk, shape)
-        if self._admit is not None:
-            self._admit(chunk.name, chunk.slot, codec.dtype_from_proto(chunk.dtype), shape, nbytes)
-        await self.inflight.wait_take(nbytes, limits.stream_idle_timeout_s)
-
-    def _check_room(self, chunk, shape) -> int:
-        # Python integers: an absurd shape must not wrap around to a small size.
-        nbytes = math.prod(shape) * codec.dtype_from_proto(chunk.dtype).itemsize
-        if self.inflight.nbytes + nbytes > self._max_bytes:
-            raise ResourceExhaustedError(
-                f"The request's tensors exceed the server's limit of {self._max_bytes} bytes (at tensor "
-                f"{chunk.name!r}). Start the server with a larger --max-request-bytes, or send fewer "
-                "variables per call."
-            )
-        return nbytes
-
-    def result(self) -> dict[tuple[str, str], np.ndarray]:
-        return self._assembler.result()
-
-    def variables(self, what: str) -> dict[str, np.ndarray]:
-        """The tensors as ``{name: array}``; every one must be a variable (slot "")."""
-        tensors = self.result()
-        slotted = [f"{name}/{slot}" for name, slot in tensors if slot]
-        if slotted:
-            raise InvalidArgumentError(f"{what} tensors must have an empty slot; received slot tensors {slotted[:10]}.")
-        return codec.variables_only(tensors)
-
-
 def _reply_region(header: pb.ApplyGradientsHeader, shared, data) -> dict[str, np.ndarray] | None:
     """The arrays a push's reply is written into: the region of its shared-memory session that it
     names, or its data-plane session's values."""
@@ -366,173 +263,6 @@ def add_to_server(servicer: ParameterServerServicer, server) -> None:
     server.add_registered_method_handlers(service.full_name, handlers)
 
 
-# -------------------------------------------------------------- messages
-
-
-def _generation_message(generation: ServerGeneration) -> pb.ServerGeneration:
-    return pb.ServerGeneration(server_id=generation.server_id, restored_checkpoint=generation.restored_checkpoint)
-
-
-def _state_message(status: OptimizerStatus, generation: pb.ServerGeneration | None = None) -> pb.OptimizerState:
-    schedule = json.dumps(status.schedule, sort_keys=True) if status.schedule is not None else ""
-    return pb.OptimizerState(
-        iterations=status.iterations,
-        raw_iterations=status.raw_iterations,
-        learning_rate=status.learning_rate,
-        step=status.step,
-        scalars=status.scalars,
-        learning_rate_schedule_json=schedule,
-        generation=generation,
-    )
-
-
-STATE_FIELDS = ("iterations", "raw_iterations", "learning_rate", "learning_rate_schedule_json", "step", "scalars")
-
-
-def _state_update(state: pb.OptimizerState, state_fields) -> StateUpdate:
-    """The part of a SetWeights state to write: the fields named in ``state_fields``, or all of them.
-
-    Without ``state_fields`` (as from clients that predate it) an absent learning rate
-    (proto3 sends 0 as absent) and an empty schedule keep the current ones.
-    """
-    named = list(state_fields)
-    unknown = sorted(set(named) - set(STATE_FIELDS))
-    if unknown:
-        raise InvalidArgumentError(
-            f"`state_fields` names unknown OptimizerState fields {unknown}; the fields are {list(STATE_FIELDS)}."
-        )
-    fields = set(named or STATE_FIELDS)
-    rate = None
-    if "learning_rate" in fields and (named or state.HasField("learning_rate")):
-        rate = state.learning_rate
-    schedule = None
-    if "learning_rate_schedule_json" in fields and (named or state.learning_rate_schedule_json):
-        schedule = _parse_schedule(state.learning_rate_schedule_json)
-    return StateUpdate(
-        iterations=state.iterations if "iterations" in fields else None,
-        raw_iterations=state.raw_iterations if "raw_iterations" in fields else None,
-        step=state.step if "step" in fields else None,
-        learning_rate=rate,
-        schedule=schedule,
-        scalars=dict(state.scalars) if "scalars" in fields else {},
-    )
-
-
-def _parse_schedule(text: str) -> dict:
-    if not text.strip():
-        raise InvalidArgumentError(
-            "`learning_rate_schedule_json` is empty; send keras.optimizers.schedules.serialize(schedule) as JSON."
-        )
-    try:
-        schedule = json.loads(text)
-    except ValueError as exc:
-        raise InvalidArgumentError(
-            f"`learning_rate_schedule_json` is not valid JSON ({exc}). Received: {text[:200]!r}"
-        ) from None
-    if not isinstance(schedule, dict):
-        raise InvalidArgumentError(
-            "`learning_rate_schedule_json` must be a JSON object, a serialized schedule with 'class_name' and "
-            f"'config' (keras.optimizers.schedules.serialize). Received: {text[:200]!r}"
-        )
-    return schedule
-
-
-def _step_result(outcome: StepOutcome, generation: pb.ServerGeneration | None = None) -> pb.StepResult:
-    return pb.StepResult(
-        step=outcome.step,
-        iterations=outcome.iterations,
-        learning_rate=outcome.learning_rate,
-        duplicate=outcome.duplicate,
-        contributors=outcome.contributors,
-        missing_workers=outcome.missing,
-        generation=generation,
-        skipped_non_finite=bool(outcome.non_finite),
-        non_finite_variables=outcome.non_finite,
-        joint_norm=_joint_norm(outcome.joint_norm),
-        scalars=outcome.scalars,
-    )
-
-
-def _joint_norm(joint) -> pb.JointNormTerms | None:
-    if joint is None:
-        return None
-    terms = [
-        pb.NormTerm(name=t.name, dtype=codec.dtype_to_proto(t.dtype), sum_squares=t.sum_squares) for t in joint.terms
-    ]
-    return pb.JointNormTerms(terms=terms, held=joint.held)
-
-
-def _model_info(
-    summary: ModelSummary, generation: pb.ServerGeneration | None = None, memory: Reservation | None = None
-) -> pb.ModelInfo:
-    spec = summary.spec
-    return pb.ModelInfo(
-        owner=memory.owner_name if memory is not None else "",
-        state_bytes=memory.nbytes if memory is not None else 0,
-        spec=pb.ModelSpec(
-            model_id=spec.model_id,
-            optimizer_config_json=spec.optimizer_config_json,
-            num_workers=spec.num_workers,
-            mode=_MODE_TO_PROTO[spec.mode],
-            sync_timeout_s=spec.sync_timeout_s,
-            timeout_policy=_POLICY_TO_PROTO[spec.timeout_policy],
-            non_finite_policy=_NON_FINITE_TO_PROTO[spec.non_finite_policy],
-        ),
-        state=_state_message(summary.status, generation),
-        variables=[_variable_info(v) for v in summary.variables],
-        waiting_workers=summary.waiting_workers,
-        **_activity_fields(summary.activity),
-        activity=_activity_message(summary.usage),
-    )
-
-
-def _activity_fields(activity) -> dict:
-    if activity is None:
-        return {}
-    fields = {"pushes": activity.pushes, "push_seconds": activity.push_seconds}
-    if activity.update_norm is not None:
-        fields["update_norm"] = activity.update_norm
-    return fields
-
-
-def _activity_message(summary) -> pb.ModelActivity | None:
-    if summary is None:
-        return None
-    record = summary.record
-    message = pb.ModelActivity(
-        created_unix_s=record.created_unix_s,
-        creator_peer=record.creator_peer,
-        last_activity_unix_s=record.last_unix_s,
-        last_activity=record.last_kind,
-        calls_in_flight=summary.calls_in_flight,
-        idle_s=summary.idle_s,
-    )
-    if record.creator_worker is not None:
-        message.creator_worker = record.creator_worker
-    if record.last_worker is not None:
-        message.last_worker = record.last_worker
-    return message
-
-
-def _variable_info(summary) -> pb.VariableInfo:
-    info = pb.VariableInfo(
-        name=summary.meta.name,
-        dtype=codec.dtype_to_proto(summary.meta.dtype),
-        shape=summary.meta.shape,
-        slots=summary.slots,
-    )
-    if summary.norm is not None:  # only when asked for (with_stats)
-        info.norm = summary.norm
-    return info
-
-
-def _enum(value: int, table: dict, field: str):
-    try:
-        return table[value]
-    except KeyError:
-        raise InvalidArgumentError(f"Unknown `{field}` value {value}.") from None
-
-
 # -------------------------------------------------------------- servicer
 
 
@@ -566,7 +296,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
     @generation.setter
     def generation(self, value: ServerGeneration) -> None:
         self._generation_value = value
-        self._generation = _generation_message(value)  # built once, not per reply
+        self._generation = messages.generation_message(value)  # built once, not per reply
 
     @_translating_errors
     async def CreateModel(self, request_iterator: AsyncIterator[pb.CreateModelRequest], context):
@@ -583,7 +313,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                     worker = request.worker_index if request.HasField("worker_index") else None
                     # Refuse a bad spec before its (possibly large) variables are read.
                     fields = self._spec_fields(spec)
-                    tensors = _RequestTensors(self.max_request_bytes, self.limits, self._state_admission(fields, state))
+                    tensors = RequestTensors(self.max_request_bytes, self.limits, self._state_admission(fields, state))
                 await tensors.add_all(request.variables)
             if tensors is None or fields is None:
                 raise InvalidArgumentError("CreateModel received no messages; send the spec, then the variables.")
@@ -601,7 +331,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         finally:
             if tensors is not None:
                 tensors.release()
-        info = _model_info(await model.summary(), self._generation, model.memory)
+        info = messages.model_info(await model.summary(), self._generation, model.memory)
         return pb.CreateModelResponse(created=created, model=info)
 
     def _spec_fields(self, spec: pb.ModelSpec) -> dict:
@@ -613,10 +343,8 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             model_id=spec.model_id,
             optimizer_config=parse_optimizer_config(spec.optimizer_config_json),
             num_workers=bounds.check_num_workers(spec.num_workers, limits),
-            mode=_enum(spec.mode, _MODE_FROM_PROTO, "mode"),
+            **messages.spec_choices(spec),
             sync_timeout_s=bounds.check_sync_timeout(spec.sync_timeout_s, limits),
-            timeout_policy=_enum(spec.timeout_policy, _POLICY_FROM_PROTO, "timeout_policy"),
-            non_finite_policy=_enum(spec.non_finite_policy, _NON_FINITE_FROM_PROTO, "non_finite_policy"),
         )
 
     def _state_admission(self, fields: dict, state: Reservation):
@@ -689,7 +417,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                             in_use.enter_context(model.usage.call(calls.PUSH, header.worker_index))
                             # Sparse gradients arrive as index and row tensors, checked when densified.
                             check_chunk = None if sparse_declared else model.check_gradient_chunk
-                            tensors = _RequestTensors(self.max_request_bytes, self.limits, check_chunk)
+                            tensors = RequestTensors(self.max_request_bytes, self.limits, check_chunk)
                         await tensors.add_all(request.gradients)
                 except (asyncio.CancelledError, AbortedError):
                     # The worker hung up (or stalled) mid-upload: its partial push is dropped here, and
@@ -750,7 +478,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         finally:
             if tensors is not None:
                 tensors.release()
-        first = pb.ApplyGradientsResponse(result=_step_result(outcome, self._generation))
+        first = pb.ApplyGradientsResponse(result=messages.step_result(outcome, self._generation))
         values = outcome.variables or {}
         if data_session is not None:
             yield await data_plane_rpc.reply_through(
@@ -783,7 +511,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         joint = terms_from_messages(request.terms, codec.dtype_from_proto)
         with model.usage.call(calls.PUSH, request.worker_index):
             outcome = await model.commit(request.worker_index, request.step, joint, request.return_variables)
-        first = pb.ApplyGradientsResponse(result=_step_result(outcome, self._generation))
+        first = pb.ApplyGradientsResponse(result=messages.step_result(outcome, self._generation))
         for message in await self._encode(first, "variables", _as_variables(outcome.variables or {})):
             yield message
 
@@ -814,7 +542,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         model = self.registry.get(request.model_id)
         with model.usage.call(calls.GET_WEIGHTS):
             status, tensors = await model.get_weights(request.names, request.include_variables)
-        first = pb.GetWeightsResponse(state=_state_message(status, self._generation))
+        first = pb.GetWeightsResponse(state=messages.state_message(status, self._generation))
         for message in await self._encode(first, "tensors", tensors):
             yield message
 
@@ -841,9 +569,9 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
                         if has_state:
                             for field in ("step", "iterations", "raw_iterations"):
                                 bounds.check_counter(field, getattr(request.state, field), self.limits.limits)
-                        state = _state_update(request.state, request.state_fields) if has_state else None
+                        state = messages.state_update(request.state, request.state_fields) if has_state else None
                         in_use.enter_context(model.usage.call(calls.SET_WEIGHTS))
-                        tensors = _RequestTensors(self.max_request_bytes, self.limits, model.check_weight_chunk)
+                        tensors = RequestTensors(self.max_request_bytes, self.limits, model.check_weight_chunk)
                     await tensors.add_all(request.tensors)
                 if first is None or tensors is None:
                     raise InvalidArgumentError("SetWeights received no messages; send the model_id first.")
@@ -852,7 +580,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
         finally:
             if tensors is not None:
                 tensors.release()
-        return pb.SetWeightsResponse(state=_state_message(status, self._generation))
+        return pb.SetWeightsResponse(state=messages.state_message(status, self._generation))
 
     @_translating_errors
     async def ListModels(self, request: pb.ListModelsRequest, context):
@@ -868,7 +596,7 @@ class ParameterServerServicer(pb_grpc.ParameterServerServicer):
             if request.track_updates:
                 model.activity.track_updates()
             try:
-                info = _model_info(await model.summary(request.with_stats), self._generation, model.memory)
+                info = messages.model_info(await model.summary(request.with_stats), self._generation, model.memory)
             except OptserveError:
                 if request.model_id or not model.closed:
                     raise  # a model deleted while listing everything is simply left out
