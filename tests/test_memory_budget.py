@@ -3,6 +3,7 @@ give memory back, and health and the other models keep answering."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import subprocess
@@ -105,8 +106,8 @@ def _rss(pid: int, key: str = "VmRSS") -> int:
     raise AssertionError(f"no {key} for {pid}")
 
 
-@pytest.fixture(scope="module")
-def server_process():
+@contextlib.contextmanager
+def _server_process():
     command = [
         sys.executable,
         "-m",
@@ -132,6 +133,20 @@ def server_process():
     finally:
         process.terminate()
         process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def server_process():
+    with _server_process() as served:
+        yield served
+
+
+@pytest.fixture
+def fresh_server_process():
+    """A server process no other test has used: what earlier calls left in its heap (freed memory
+    reused, fragments) would blur a peak measured in it."""
+    with _server_process() as served:
+        yield served
 
 
 def _settled_rss(pid: int) -> int:
@@ -167,8 +182,8 @@ def reset_peak_rss(pid: int) -> None:
         clear_refs.write("5")  # VmHWM := VmRSS
 
 
-def test_accepting_a_model_peaks_near_its_state_size(server_process):
-    process, address, stub = server_process
+def test_accepting_a_model_peaks_near_its_state_size(fresh_server_process):
+    process, address, stub = fresh_server_process
     variables = 32 * MiB
     state = 3 * variables  # Adam: the variables and two slots
     before = _settled_rss(process.pid)
