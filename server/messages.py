@@ -13,8 +13,10 @@ from optserve.protos import tensors as codec
 from optserve.server.errors import InvalidArgumentError
 from optserve.server.generation import ServerGeneration
 from optserve.server.limits import Reservation
-from optserve.server.model import ModelSummary, OptimizerStatus, StateUpdate, StepOutcome
+from optserve.server.model import StepOutcome
+from optserve.server.model_access import ModelSummary
 from optserve.server.model_spec import APPLY_PARTIAL, ASYNC, FAIL, SYNC
+from optserve.server.optimizer_state import OptimizerStatus, StateUpdate
 
 MODE_FROM_PROTO = {pb.SYNC_MODE_UNSPECIFIED: SYNC, pb.SYNC: SYNC, pb.ASYNC: ASYNC}
 _MODE_TO_PROTO = {SYNC: pb.SYNC, ASYNC: pb.ASYNC}

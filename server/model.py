@@ -35,14 +35,14 @@ import functools
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
 
 from optserve.protos.buffers import ArrayPool
-from optserve.server import eager, schedules, text
+from optserve.server import eager, text
 from optserve.server.activity import ModelActivity, ModelEvents, update_norm
 from optserve.server.activity import nbytes as _nbytes
 from optserve.server.errors import (
@@ -61,6 +61,7 @@ from optserve.server.limits import (
     state_bytes,
     worker_list,
 )
+from optserve.server.model_access import MAX_LISTED_NAMES, ModelAccess, listed
 from optserve.server.model_spec import (
     APPLY_PARTIAL,
     ASYNC,
@@ -68,11 +69,9 @@ from optserve.server.model_spec import (
     SKIP_STEP,
     SYNC,
     ModelSpec,
-    VariableMeta,
     spec_from_state,
     spec_state,
 )
-from optserve.server.optimizer_state import OptimizerStatus, StateUpdate, check_state_update, write_weights
 from optserve.server.step_records import REMEMBERED_STEPS, PendingStep, RecentSteps, StepRecord, done_future
 from optserve.server.two_phase import TwoPhaseSteps, apply_with_joint_norm, non_finite_terms
 from optserve.server.usage import Activity
@@ -82,7 +81,6 @@ log = logging.getLogger(__name__)
 INLINE_MODEL_BYTES = 64 * 1024
 
 MODEL_STATE_FORMAT = "optserve.model_state/1"
-MAX_LISTED_NAMES = 10
 
 
 # ------------------------------------------------------------------ results
@@ -120,33 +118,10 @@ class StepOutcome:
         return outcome
 
 
-@dataclasses.dataclass(frozen=True)
-class VariableSummary:
-    meta: VariableMeta
-    slots: tuple[str, ...]
-    norm: float | None
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSummary:
-    spec: ModelSpec
-    status: OptimizerStatus
-    variables: tuple[VariableSummary, ...]
-    waiting_workers: tuple[int, ...]
-    activity: ModelActivity | None = None
-    usage: Any = None  # optserve.server.usage.ActivitySummary
-
-
-def _names(names: Iterable[str]) -> str:
-    names = list(names)
-    shown = ", ".join(repr(n) for n in names[:MAX_LISTED_NAMES])
-    return shown + (f" and {len(names) - MAX_LISTED_NAMES} more" if len(names) > MAX_LISTED_NAMES else "")
-
-
 # -------------------------------------------------------------------- model
 
 
-class Model:
+class Model(ModelAccess):
     """A training job: variables, optimizer state and the step protocol. Use on one event loop."""
 
     def __init__(self, spec: ModelSpec, engine, executor: Executor | None = None):
@@ -271,7 +246,7 @@ class Model:
             )
         if var is None:
             raise NotFoundError(
-                f"Model {self.model_id!r} has no variable {name[:200]!r}; its variables are {_names(self._variables)}."
+                f"Model {self.model_id!r} has no variable {name[:200]!r}; its variables are {listed(self._variables)}."
             )
         if shape != var.shape or dtype != var.dtype:
             raise InvalidArgumentError(
@@ -284,7 +259,7 @@ class Model:
         var = self._variables.get(name)
         if var is None:
             raise NotFoundError(
-                f"Model {self.model_id!r} has no variable {name[:200]!r}; its variables are {_names(self._variables)}."
+                f"Model {self.model_id!r} has no variable {name[:200]!r}; its variables are {listed(self._variables)}."
             )
         if slot and slot not in self._engine.slot_names(name):
             raise NotFoundError(
@@ -385,7 +360,7 @@ class Model:
         if names:
             raise InvalidArgumentError(
                 f"Worker {worker}'s push for step {step} of model {self.model_id!r} holds NaN or infinite values "
-                f"in {_names(names)}; nothing of it was applied. Push finite gradients for step {step} (a lower "
+                f"in {listed(names)}; nothing of it was applied. Push finite gradients for step {step} (a lower "
                 "learning rate or loss scaling may help), or create the model with non_finite_policy "
                 "skip_step (skip such steps) or allow.",
                 details={"worker": worker, "non_finite_variables": ",".join(names[:MAX_LISTED_NAMES])},
@@ -400,8 +375,8 @@ class Model:
         unknown = [name for name in gradients if name not in self._variables]
         if unknown:
             raise NotFoundError(
-                f"Model {self.model_id!r} has no variable {_names(unknown)}; "
-                f"its variables are {_names(self._variables)}."
+                f"Model {self.model_id!r} has no variable {listed(unknown)}; "
+                f"its variables are {listed(self._variables)}."
             )
         for name, gradient in gradients.items():
             var = self._variables[name]
@@ -535,7 +510,7 @@ class Model:
         if self.spec.non_finite_policy == SKIP_STEP and joint and not skipped:
             skipped = non_finite_terms(joint)  # another shard's gradient was not finite: skip everywhere
         if skipped:
-            log.warning("model %r step %d skipped: non-finite gradients in %s", self.model_id, step, _names(skipped))
+            log.warning("model %r step %d skipped: non-finite gradients in %s", self.model_id, step, listed(skipped))
         else:
             # Gradients for none of the variables (every push of the step was empty) still make a step.
             before = await self._read_all_variables() if self.activity.tracking else None
@@ -694,84 +669,7 @@ class Model:
             scalars={k: float(v) for k, v in self._engine.get_scalars().items()},
         )
 
-    # --------------------------------------------------------------- reads
-
-    def select_names(self, names: Iterable[str] | None) -> list[str]:
-        """Validate a name filter; empty or None selects every variable, in build order."""
-        names = list(names or ())
-        if not names:
-            return list(self._variables)
-        unknown = [n for n in names if n not in self._variables]
-        if unknown:
-            raise NotFoundError(
-                f"Model {self.model_id!r} has no variable {_names(unknown)}; "
-                f"its variables are {_names(self._variables)}."
-            )
-        return list(dict.fromkeys(names))
-
-    async def pull(self, names: Iterable[str] | None = None) -> tuple[OptimizerStatus, dict]:
-        selected = self.select_names(names)
-
-        async def read():
-            self._ensure_open()
-            values = await self._run(self._engine.read_variables, selected)
-            self.events.sent(_nbytes(values.values()))
-            return self._status(), values
-
-        return await self._exclusive(read)
-
-    async def get_weights(
-        self, names: Iterable[str] | None = None, include_variables: bool = False
-    ) -> tuple[OptimizerStatus, list[tuple[str, str, np.ndarray]]]:
-        """Optimizer state, then ``(variable, slot, value)`` in Keras order, variable by variable."""
-        selected = self.select_names(names)
-
-        def read_tensors():
-            slots = self._engine.get_slots(selected)
-            values = self._engine.read_variables(selected) if include_variables else {}
-            tensors = []
-            for name in selected:
-                if include_variables:
-                    tensors.append((name, "", values[name]))
-                tensors.extend((name, slot, value) for slot, value in slots.get(name, {}).items())
-            return tensors
-
-        async def read():
-            self._ensure_open()
-            tensors = await self._run(read_tensors)
-            self.events.sent(_nbytes(value for _, _, value in tensors))
-            return self._status(), tensors
-
-        return await self._exclusive(read)
-
-    async def summary(self, with_stats: bool = False) -> ModelSummary:
-        def norms() -> dict[str, float]:
-            values = self._engine.read_variables()
-            return {name: float(np.linalg.norm(value.reshape(-1))) for name, value in values.items()}
-
-        async def read():
-            self._ensure_open()
-            norm_by_name = await self._run(norms) if with_stats else {}
-            variables = tuple(
-                VariableSummary(meta, tuple(self._engine.slot_names(meta.name)), norm_by_name.get(meta.name))
-                for meta in self.spec.variables
-            )
-            return ModelSummary(
-                self.spec, self._status(), variables, self.waiting_workers(), self.activity, self.usage.summary()
-            )
-
-        return await self._exclusive(read)
-
-    def _status(self) -> OptimizerStatus:
-        schedule = self._engine.learning_rate_schedule
-        return OptimizerStatus(
-            iterations=int(self._engine.iterations),
-            raw_iterations=int(self._engine.raw_iterations),
-            learning_rate=float(self._engine.current_learning_rate()),
-            step=self._step,
-            scalars={k: float(v) for k, v in self._engine.get_scalars().items()},
-            schedule=schedules.serialize(schedule) if schedule is not None else None,
-        )
+    # ------------------------------------------------------------ replies
 
     async def _read_all_variables(self) -> dict:
         return await self._run(self._engine.read_variables)
@@ -784,70 +682,6 @@ class Model:
 
     def _allocate_snapshot(self, name: str, shape: tuple, dtype: np.dtype) -> np.ndarray:
         return self._snapshots.empty(name, shape, dtype)
-
-    # -------------------------------------------------------------- writes
-
-    async def set_weights(
-        self, tensors: Mapping[tuple[str, str], np.ndarray], state: OptimizerStatus | StateUpdate | None = None
-    ) -> OptimizerStatus:
-        """Overwrite variables (slot ""), slots and/or the optimizer state: all of it, or nothing.
-
-        A new learning rate or schedule is used from the next update on.
-        """
-        update = StateUpdate.of(state) if state is not None else None
-
-        async def write():
-            self._ensure_open()
-            self.events.received(_nbytes(tensors.values()))
-            variables, slots = self._split_weights(tensors)
-            self._check_state(update)
-            await self._run(write_weights, self._engine, variables, slots, update)
-            if update is not None and update.step is not None and update.step != self._step:
-                self._step = int(update.step)
-                # Step numbers may be reused now (a restore rewinds them): forget which pushes were seen.
-                self._history.clear()
-                self._recent_async.clear()
-            self._notify(applied=0)
-            return self._status()
-
-        return await self._exclusive(write)
-
-    def _split_weights(self, tensors) -> tuple[dict, dict]:
-        variables: dict[str, np.ndarray] = {}
-        slots: dict[str, dict[str, np.ndarray]] = {}
-        for (name, slot), value in tensors.items():
-            if name not in self._variables:
-                raise NotFoundError(
-                    f"Model {self.model_id!r} has no variable {name!r}; its variables are {_names(self._variables)}."
-                )
-            if slot:
-                allowed = list(self._engine.slot_names(name))
-                if slot not in allowed:
-                    raise NotFoundError(
-                        f"Variable {name!r} of model {self.model_id!r} has no slot {slot!r}; "
-                        f"its slots are {allowed or 'none'} (slot '' is the variable itself)."
-                    )
-                slots.setdefault(name, {})[slot] = value
-            else:
-                var = self._variables[name]
-                if tuple(value.shape) != var.shape or value.dtype != var.dtype:
-                    raise InvalidArgumentError(
-                        f"New value for {name!r} has {text.tensor(value.shape, value.dtype)}, "
-                        f"but the variable has {var.describe()}."
-                    )
-                variables[name] = value
-        return variables, slots
-
-    def _check_state(self, state: StateUpdate | None) -> None:
-        if state is None:
-            return
-        check_state_update(self.model_id, self._engine, state)
-        if state.step is not None and state.step != self._step and self._pending is not None:
-            raise FailedPreconditionError(
-                f"Step {self._step} of model {self.model_id!r} is in progress (workers "
-                f"{sorted(self._pending.contributors)} pushed it); set `step` between steps.",
-                details={"current_step": self._step},
-            )
 
     # ---------------------------------------------------------- checkpoints
 
@@ -893,7 +727,7 @@ class Model:
         if list(engine.variable_names) != [v.name for v in spec.variables]:
             raise InvalidArgumentError(
                 f"The checkpoint of model {spec.model_id!r} is inconsistent: its optimizer holds variables "
-                f"{_names(engine.variable_names)}, its spec {_names(v.name for v in spec.variables)}."
+                f"{listed(engine.variable_names)}, its spec {listed(v.name for v in spec.variables)}."
             )
         model = cls(spec, engine, executor)
         model._step = int(state["step"])
