@@ -25,10 +25,9 @@ from optserve.protos.buffers import copy_arrays
 from optserve.server import bound_state
 from optserve.server.bound_state import BoundCall
 from optserve.server.errors import FailedPreconditionError, InvalidArgumentError
-from optserve.server.kernels import UpdateKernel
+from optserve.server.kernels import SUPPORTED_DTYPES, UpdateKernel
 from optserve.server.native_kernels import NativeKernel, NativeKernels, shared_native_kernels
 
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 DEVICES = ("auto", "cpu", "gpu")
 
 # Bytes of one block's working set (all arrays' slices plus scratch), per
@@ -226,23 +225,22 @@ class NumpyBackend:
         any array is touched; of a ``BoundCall`` (``bind_state``), only the arrays new in it are."""
         natives: dict = {}
         checked: list = []  # (arrays in kernel order, dtype, their data addresses for a native kernel)
-        for arrays in calls:
-            quick = None
-            if isinstance(arrays, BoundCall):
-                dtype = arrays.state.dtype
-                if dtype not in natives:
-                    natives[dtype] = self._native(kernel, dtype)
-                quick = bound_state.checked(kernel, arrays, natives[dtype] is not None)
-                if quick is None:
-                    arrays = arrays.state.full_arrays(kernel, arrays.arrays)  # the full check names the fault
-            if quick is not None:
-                checked.append(quick)
-                continue
-            ordered, dtype, _ = check_kernel_arrays(kernel, arrays, np.ndarray)
+
+        def native_for(dtype):
             if dtype not in natives:
                 natives[dtype] = self._native(kernel, dtype)
+            return natives[dtype]
+
+        for arrays in calls:
+            if isinstance(arrays, BoundCall):
+                quick = bound_state.checked(kernel, arrays, native_for(arrays.state.dtype) is not None)
+                if quick is not None:
+                    checked.append(quick)
+                    continue
+                arrays = arrays.state.full_arrays(kernel, arrays.arrays)  # the full check names the fault
+            ordered, dtype, _ = check_kernel_arrays(kernel, arrays, np.ndarray)
             check_no_overlap(kernel, ordered)
-            addresses = None if natives[dtype] is None else [array.ctypes.data for array in ordered]
+            addresses = None if native_for(dtype) is None else [array.ctypes.data for array in ordered]
             checked.append((ordered, dtype, addresses))
         constants = {dtype: kernel.host_constants(scalars, dtype) for dtype in natives}
         inputs = len(kernel.inputs)

@@ -21,12 +21,12 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from optserve.server.kernels import SUPPORTED_DTYPES
+
 try:
     from numpy.lib.array_utils import byte_bounds
 except ImportError:  # NumPy < 2
     byte_bounds = np.byte_bounds  # type: ignore[attr-defined]
-
-SUPPORTED = (np.dtype(np.float32), np.dtype(np.float64))
 
 # id(array) -> (a weak reference to it, its data address); an entry goes with its array.
 _ADDRESSES: dict[int, tuple[weakref.ref, int]] = {}
@@ -126,7 +126,7 @@ def bind(arrays: Mapping[str, Any]) -> BoundState | None:
     if not arrays:
         return None
     first = next(iter(arrays.values()))
-    if not isinstance(first, np.ndarray) or first.dtype not in SUPPORTED or first.size == 0:
+    if not isinstance(first, np.ndarray) or first.dtype not in SUPPORTED_DTYPES or first.size == 0:
         return None
     addresses = {}
     for name, array in arrays.items():

@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from optserve.protos import frames
-from optserve.protos.frames import SECRET_BYTES, bytes_of, receive_exactly
+from optserve.protos.frames import SECRET_BYTES, receive_exactly
 from optserve.server import eager
 from optserve.server.errors import AbortedError, FailedPreconditionError
 from optserve.server.frame_payload import FramePayload
@@ -205,10 +205,7 @@ class DataSession:
             return
         with self._send_lock:
             try:
-                if self._value_payload.owns(values):
-                    views = self._value_payload.views()  # the session's own values: one run of bytes
-                else:
-                    views = [bytes_of(values[name]) for name, _, _ in self.tensors]
+                views = self._value_payload.views(values)  # the session's own values: one run of bytes
                 frames.send_views(connection, [memoryview(frames.header(sequence, self.payload_bytes)), *views])
             except OSError as error:
                 log.info("data plane session %s...: the reply could not be sent (%s)", self.id[:8], error)

@@ -88,11 +88,15 @@ class FramePayload:
             failed.update(name for name, part in piece.members if not all_finite(part))
         return [name for name in self.names if name in failed]
 
-    def views(self) -> list[memoryview]:
-        """The payload's bytes in frame order, for ``frames.send_views``: one view of the buffer."""
-        if self._buffer is not None:
+    def views(self, values: dict[str, np.ndarray] | None = None) -> list[memoryview]:
+        """The bytes of ``values`` (by default this payload's own arrays; else arrays of the same
+        tensors) in frame order, for ``frames.send_views``: one view of the buffer where they are
+        its own arrays, else a view per tensor."""
+        if values is None:
+            values = self.arrays
+        if self._buffer is not None and self.owns(values):
             return [memoryview(self._buffer)]  # type: ignore[arg-type]
-        return [bytes_of(self.arrays[name]) for name in self.names]
+        return [bytes_of(values[name]) for name in self.names]
 
     def _receive_each(self, connection: socket.socket) -> list[str] | None:
         failed = []

@@ -867,6 +867,8 @@ class UpdateKernel:
 
 # The gradient input of every optimizer's kernel, and what UpdateKernel.summing adds to it.
 GRADIENT, ADDEND, SUMMED = "grad", "grad_addend", "summed_grad"
+# The dtypes every kernel runs in (a C float or double, as the NumPy programs compute them).
+SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 _COPY_NAMES = tuple(f"copy_{index}" for index in range(16))

@@ -112,6 +112,8 @@ def test_a_payload_is_sent_in_frame_order(layout):
         payload.arrays[name][...] = value
     assert payload.owns(payload.arrays) and not payload.owns(dict(values))
     assert _sent(lambda connection: frames.send_views(connection, payload.views())) == _wire(tensors, values)
+    # Arrays of the same tensors that are not the payload's own (a reply's snapshot) go out alike.
+    assert _sent(lambda connection: frames.send_views(connection, payload.views(values))) == _wire(tensors, values)
 
 
 def test_views_are_sent_gathered_in_order_whatever_their_sizes():

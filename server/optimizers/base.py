@@ -37,14 +37,13 @@ import numpy as np
 
 from ..bound_state import BoundCall
 from ..errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
-from ..kernels import ADDEND, UpdateKernel, copy_name
+from ..kernels import ADDEND, SUPPORTED_DTYPES, UpdateKernel, copy_name
 from ..programs import UpdateProgram
 from . import validation as check
 from .gradient_stages import ACCUMULATE, ACCUMULATOR_SLOT, EMA_SLOT, GradientStages
 from .state_access import StateAccess
 from .validation import Hyperparameter, describe_names
 
-SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 # Keras keeps a float learning rate in a float32 variable and evaluates its
 # schedules in float32: every rate the updates see is a float32 value.
 LEARNING_RATE_DTYPE = np.float32
